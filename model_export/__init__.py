@@ -1,0 +1,1 @@
+"""Training, evaluation and ONNX export of word-level LSTM/GRU language models."""
