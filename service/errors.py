@@ -1,0 +1,65 @@
+"""The errors of the service, raised where they arise and translated once, at the edge.
+
+    NextwordError            code, status (HTTP), ws_close (None: answered in-band)
+    ├── BadInput             422  bad_input        text too long, k out of range, wrong fields
+    ├── UnknownModel         404  unknown_model
+    ├── UnknownSession       404  unknown_session  (WebSocket close 4404 on connect)
+    ├── Overloaded           503  overloaded       queue full
+    ├── StoreUnavailable     503  store_unavailable  session store (Redis) unreachable
+    └── StepFailed           500  step_failed      the model run failed; sessions keep their state
+"""
+
+from __future__ import annotations
+
+
+class NextwordError(Exception):
+    """Base class: a machine-readable `code`, an HTTP `status` and a message."""
+
+    code = "error"
+    status = 500
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class BadInput(NextwordError):
+    """The request is well-formed JSON but its content is not acceptable."""
+
+    code = "bad_input"
+    status = 422
+
+
+class UnknownModel(NextwordError):
+    """No model of that name is loaded."""
+
+    code = "unknown_model"
+    status = 404
+
+
+class UnknownSession(NextwordError):
+    """No live session with that id (never created, deleted or expired)."""
+
+    code = "unknown_session"
+    status = 404
+
+
+class Overloaded(NextwordError):
+    """Too many steps are waiting; the client should retry later."""
+
+    code = "overloaded"
+    status = 503
+
+
+class StoreUnavailable(NextwordError):
+    """The session store cannot be reached."""
+
+    code = "store_unavailable"
+    status = 503
+
+
+class StepFailed(NextwordError):
+    """The model run of a batch failed; no session state was changed."""
+
+    code = "step_failed"
+    status = 500
