@@ -60,11 +60,15 @@ class RNNLM(nn.Module):
         zeros = torch.zeros(c.layers, batch, c.hidden_size, device=device)
         return (zeros, zeros.clone()) if c.cell == "lstm" else (zeros,)
 
-    def forward(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
-        """tokens (B, T) int64 -> logits (B, T, V), new state."""
+    def features(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        """tokens (B, T) int64 -> output features (B, T, E) before the tied decoder, new state."""
         x = self.drop(self.embedding(tokens))  # (B, T, E)
         rnn_state = state if self.config.cell == "lstm" else state[0]
         y, new_state = self.rnn(x, rnn_state)  # (B, T, H)
         y = self.projection(self.drop(y))  # (B, T, E)
-        logits = self.decoder(y)  # (B, T, V)
-        return logits, (tuple(new_state) if self.config.cell == "lstm" else (new_state,))
+        return y, (tuple(new_state) if self.config.cell == "lstm" else (new_state,))
+
+    def forward(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        """tokens (B, T) int64 -> logits (B, T, V), new state."""
+        y, new_state = self.features(tokens, state)
+        return self.decoder(y), new_state  # (B, T, V)
