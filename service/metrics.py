@@ -50,3 +50,45 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 def render() -> bytes:
     """The default registry in the Prometheus text format."""
     return _generate_latest(REGISTRY)
+
+# --- engine, batcher and session store (core) ---------------------------------------
+
+STEPS = Counter(
+    "nextword_steps",
+    "Steps answered (one per request: a single word or a prefill), by model and outcome.",
+    ["model", "outcome"],
+)
+TOKENS = Counter(
+    "nextword_tokens",
+    "Tokens run through a model (prefill and streaming steps).",
+    ["model"],
+)
+BATCH_SIZE = Histogram(
+    "nextword_batch_size",
+    "Steps gathered into one batch, by model.",
+    ["model"],
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
+)
+BATCH_SECONDS = Histogram(
+    "nextword_batch_run_duration_seconds",
+    "ONNX Runtime time of one batch (all its runs), by model.",
+    ["model"],
+    buckets=LATENCY_BUCKETS,
+)
+QUEUE_DEPTH = Gauge(
+    "nextword_queue_depth",
+    "Steps waiting for a batch, by model.",
+    ["model"],
+)
+ACTIVE_SESSIONS = Gauge(
+    "nextword_active_sessions",
+    "Live sessions in the session store.",
+)
+SESSION_EVICTIONS = Counter(
+    "nextword_session_evictions",
+    "Sessions dropped because the store was full (least recently used first).",
+)
+SESSION_EXPIRATIONS = Counter(
+    "nextword_session_expirations",
+    "Sessions dropped after their idle TTL.",
+)
