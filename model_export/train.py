@@ -137,6 +137,13 @@ def train(cfg: TrainConfig) -> dict:
         torch.set_num_threads(cfg.threads)
 
     streams = load_splits(cfg.corpora, cfg.nltk_data)
+    if len(streams["valid"]) < 20 * 16:
+        # Too few documents for a split by document (a single small file): hold out
+        # the tail of the training stream instead, so validation is never empty.
+        cut = len(streams["train"]) * 19 // 20
+        streams["valid"] = streams["train"][cut:]
+        streams["train"] = streams["train"][:cut]
+        print(f"validation split too small; holding out the last {len(streams['valid'])} training tokens")
     vocab = build_vocab(streams["train"], cfg.vocab_size, cfg.min_count)
     vocab.save(out / "vocab.txt")
     train_data = batchify(vocab.encode_tokens(streams["train"]), cfg.batch_size)
@@ -189,6 +196,7 @@ def train(cfg: TrainConfig) -> dict:
         plot_history(history, out / "curve.png")
         model.train()
 
+    log_every = max(1, min(50, total_steps // 20))
     model.train()
     bar = tqdm(total=total_steps, initial=step, desc=f"train {cfg.cell}", unit="step", dynamic_ncols=True)
     running, t0 = None, time.time()
@@ -212,7 +220,7 @@ def train(cfg: TrainConfig) -> dict:
         bar.update(1)
         bar.set_postfix(refresh=False, loss=f"{running:.3f}", ppl=f"{math.exp(running):.1f}",
                         tok_s=f"{(bar.n - bar.initial) * x.numel() / (time.time() - t0):.0f}")
-        if step % 50 == 0:
+        if step % log_every == 0:
             history.append({"kind": "train", "step": step, "tokens": step * cfg.batch_size * cfg.bptt,
                             "loss": running, "ppl": math.exp(running)})
         end_of_epoch = step % steps_per_epoch == 0

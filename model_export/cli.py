@@ -1,0 +1,151 @@
+"""`nextword train`, `nextword evaluate`, `nextword export` (need the `train` extra: torch)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+from model_export.corpora import NLTK_CORPORA
+
+TRAIN_HELP = {
+    "corpora": f"corpora to train on: NLTK names ({', '.join(NLTK_CORPORA)}) or text files/folders "
+               "(one paragraph per line)",
+    "out": "run directory: best.pt, last.pt, config.json, vocab.txt, history.json, curve.png",
+    "nltk_data": "folder holding nltk_data (default: $NLTK_DATA, then NLTK's own search path)",
+    "cell": "recurrent cell: lstm or gru",
+    "vocab_size": "vocabulary cap, specials included",
+    "min_count": "least training count of a word kept in the vocabulary",
+    "embedding_size": "embedding size (input and tied output embeddings)",
+    "hidden_size": "hidden size of each recurrent layer (projected to the embedding size)",
+    "layers": "number of recurrent layers",
+    "dropout": "dropout on embeddings, between layers and before the output layer",
+    "batch_size": "parallel rows of the training stream",
+    "bptt": "truncated backpropagation length (tokens); state is carried across batches",
+    "epochs": "passes over the training stream",
+    "lr": "peak learning rate of AdamW",
+    "min_lr_ratio": "final learning rate as a fraction of the peak (cosine decay)",
+    "warmup_steps": "linear warm-up steps",
+    "weight_decay": "AdamW weight decay (not applied to embeddings and biases)",
+    "clip": "gradient norm clipping",
+    "eval_interval": "steps between validations (0: once per epoch)",
+    "checkpoint_interval": "steps between resumable checkpoints (last.pt)",
+    "max_steps": "stop after this many steps (0: no limit)",
+    "seed": "random seed (runs are reproducible on the same machine)",
+    "threads": "torch intra-op threads (0: torch's default)",
+}
+
+
+def _add_train(sub) -> None:
+    from model_export.train import TrainConfig  # noqa: PLC0415
+
+    p = sub.add_parser("train", help="train an LSTM/GRU language model (resumes if the run exists)",
+                       description="Train a word-level LSTM/GRU language model with truncated BPTT. "
+                       "Re-running with the same --out resumes from last.pt.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(TrainConfig):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        flag = "--" + f.name.replace("_", "-")
+        if f.name == "corpora":
+            p.add_argument(flag, nargs="+", default=default, help=TRAIN_HELP[f.name])
+        elif f.name == "cell":
+            p.add_argument(flag, choices=["lstm", "gru"], default=default, help=TRAIN_HELP[f.name])
+        else:
+            kind = type(default) if default is not None else str
+            p.add_argument(flag, type=kind, default=default, help=TRAIN_HELP[f.name])
+    p.set_defaults(handler=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from model_export.train import TrainConfig, train  # noqa: PLC0415
+
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    t0 = time.time()
+    train(TrainConfig(**{k: v for k, v in vars(args).items() if k in names}))
+    print(f"training took {time.time() - t0:.0f} s")
+    return 0
+
+
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="perplexity and top-1/3/5 accuracy of a checkpoint or artifact",
+                       description="Step a checkpoint (torch) or an exported artifact (ONNX Runtime) "
+                       "through held-out text and report perplexity and top-k next-word accuracy. "
+                       "Out-of-vocabulary targets always count as misses.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--checkpoint", help="training run directory (best.pt, config.json, vocab.txt)")
+    which.add_argument("--artifact", help="exported model directory (model.onnx, manifest.json, vocab.txt)")
+    p.add_argument("--text", action="append", default=[],
+                   help="held-out text file (repeatable); WikiText files are recognised by name")
+    p.add_argument("--corpora", nargs="*", default=[], help="NLTK corpora or paths whose --split to use")
+    p.add_argument("--split", choices=["train", "valid", "test"], default="test",
+                   help="which deterministic split of --corpora")
+    p.add_argument("--nltk-data", default=None, help="folder holding nltk_data")
+    p.add_argument("--rows", type=int, default=64, help="parallel rows the stream is cut into")
+    p.add_argument("--max-tokens", type=int, default=0, help="evaluate only the first N tokens (0: all)")
+    p.add_argument("--record", action="store_true",
+                   help="store the metrics in the artifact's manifest.json under 'metrics'")
+    p.add_argument("--json", dest="json_out", default=None, help="also write the metrics to this file")
+    p.set_defaults(handler=_run_evaluate)
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from model_export.evaluate import evaluate  # noqa: PLC0415
+
+    if not args.text and not args.corpora:
+        print("nothing to evaluate: give --text and/or --corpora", file=sys.stderr)
+        return 2
+    results = evaluate(args.checkpoint, args.artifact, args.text, args.corpora, args.split,
+                       args.nltk_data, args.rows, args.max_tokens, args.record)
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="export a checkpoint to a servable ONNX artifact",
+                       description="Export the best checkpoint of a run to ONNX (named inputs/outputs, "
+                       "dynamic batch and seq, top-k inside the graph), check parity with torch at "
+                       "several shapes (max abs diff <= 1e-4) and write model.onnx, manifest.json "
+                       "and vocab.txt. Nothing is written if a check fails.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="training run directory")
+    p.add_argument("--out", required=True, help="artifact directory to write (its name is the model name)")
+    p.add_argument("--int8", action="store_true",
+                   help="store weights as int8 (per-channel); ~4x smaller, served at float32 speed")
+    p.add_argument("--max-k", type=int, default=50, help="top-k computed inside the graph")
+    p.set_defaults(handler=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from model_export.checkpoint import load_checkpoint  # noqa: PLC0415
+    from model_export.corpora import NLTK_CORPORA  # noqa: PLC0415
+    from model_export.export import export_artifact  # noqa: PLC0415
+
+    model, vocab, config = load_checkpoint(args.checkpoint)
+    run = Path(args.checkpoint)
+    history = json.loads((run / "history.json").read_text()) if (run / "history.json").exists() else []
+    valid = [h for h in history if h["kind"] == "valid"]
+    train_cfg = config.get("train", {})
+    extra = {"training": {
+        "corpora": [{"name": c, "licence": NLTK_CORPORA.get(c, "see source")}
+                    for c in train_cfg.get("corpora", [])],
+        "config": train_cfg,
+        "best_valid_ppl": min((h["ppl"] for h in valid), default=None),
+        "steps": max((h["step"] for h in history), default=0),
+    }}
+    manifest = export_artifact(model, vocab, Path(args.out), int8=args.int8, extra=extra, max_k=args.max_k)
+    print(json.dumps({"out": args.out, "parity_max_abs_diff": manifest["parity_max_abs_diff"],
+                      "bytes": manifest["files"]["model.onnx"]["bytes"],
+                      "quantization": manifest["quantization"]}, indent=2))
+    return 0
+
+
+def add_subcommands(sub) -> None:
+    """Add train/evaluate/export to the `nextword` argument parser's subparsers."""
+    _add_train(sub)
+    _add_evaluate(sub)
+    _add_export(sub)

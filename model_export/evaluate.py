@@ -1,0 +1,141 @@
+"""Perplexity and top-k next-word accuracy of a checkpoint or an exported artifact.
+
+Both are stepped one token at a time through the serving graph (top-k over
+suggestible words, the full distribution for perplexity), exactly as the service
+runs them. The held-out stream is cut into `rows` parallel rows.
+
+- perplexity: exp of the mean negative log-likelihood over every target token
+  (words, punctuation and end-of-sentence; out-of-vocabulary targets as `<unk>`);
+- top-k accuracy: over word targets only (what a keyboard suggests); a target
+  outside the vocabulary is always a miss, so accuracy compares across vocabularies.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from service.tokenizer import is_word
+from service.vocab import Vocabulary
+
+# step(tokens (B, 1), state) -> (probs (B, V), topk_ids (B, K), new state)
+Step = Callable[[np.ndarray, Any], tuple[np.ndarray, np.ndarray, Any]]
+KS = (1, 3, 5)
+
+
+def torch_stepper(model, vocab: Vocabulary) -> tuple[Step, Any]:
+    """Step function and zero state for a torch model, through the serving graph."""
+    import torch  # noqa: PLC0415
+
+    from model_export.export import ServingGraph  # noqa: PLC0415
+
+    graph = ServingGraph(model.eval(), vocab.suggestible).eval()
+    n_state = 2 if model.config.cell == "lstm" else 1
+
+    def step(tokens: np.ndarray, state):
+        with torch.inference_mode():
+            out = graph(torch.from_numpy(tokens), *state)
+        return out[-1].numpy(), out[-2].numpy(), tuple(out[:n_state])
+
+    def zero(batch: int):
+        return model.init_state(batch)
+
+    return step, zero
+
+
+def ort_stepper(artifact_dir: Path) -> tuple[Step, Any, Vocabulary]:
+    """Step function and zero state for an exported artifact, through ONNX Runtime."""
+    import onnxruntime as ort  # noqa: PLC0415
+
+    from service.artifact import ModelArtifact, state_inputs, state_outputs  # noqa: PLC0415
+
+    artifact = ModelArtifact.load(artifact_dir)
+    options = ort.SessionOptions()
+    for key, value in artifact.manifest.get("session_config", {}).items():
+        options.add_session_config_entry(key, value)
+    session = ort.InferenceSession(str(artifact.onnx_path), options, providers=["CPUExecutionProvider"])
+    ins, outs = state_inputs(artifact.cell), state_outputs(artifact.cell)
+
+    def step(tokens: np.ndarray, state):
+        result = session.run([*outs, "topk_ids", "probs"], {"tokens": tokens, **dict(zip(ins, state))})
+        return result[-1], result[-2], tuple(result[: len(outs)])
+
+    def zero(batch: int):
+        return tuple(np.zeros((artifact.layers, batch, artifact.hidden_size), np.float32) for _ in ins)
+
+    return step, zero, artifact.vocab
+
+
+def evaluate_stream(step: Step, zero, vocab: Vocabulary, tokens: list[str], rows: int = 64,
+                    max_tokens: int = 0, desc: str = "evaluate") -> dict[str, float]:
+    """Metrics over a token stream (see the module docstring)."""
+    if max_tokens:
+        tokens = tokens[: max_tokens + 1]
+    rows = max(1, min(rows, (len(tokens) - 1) // 2))
+    length = (len(tokens) - 1) // rows
+    ids = np.array(vocab.encode_tokens(tokens), dtype=np.int64)
+    word = np.array([is_word(t) for t in tokens])
+    known = ids != vocab.unk_id
+    starts = np.arange(rows) * length
+    state = zero(rows)
+    nll, count, words, oov_words = 0.0, 0, 0, 0
+    hits = dict.fromkeys(KS, 0)
+    for t in tqdm(range(length), desc=desc, unit="step", leave=False):
+        x = ids[starts + t][:, None]
+        target = starts + t + 1
+        probs, topk, state = step(x, state)
+        y = ids[target]
+        nll -= float(np.log(np.maximum(probs[np.arange(rows), y], 1e-30)).sum())
+        count += rows
+        is_target_word = word[target]
+        scorable = is_target_word & known[target]
+        words += int(is_target_word.sum())
+        oov_words += int((is_target_word & ~known[target]).sum())
+        for k in KS:
+            hits[k] += int(((topk[:, :k] == y[:, None]).any(1) & scorable).sum())
+    result = {"tokens": count, "perplexity": math.exp(nll / max(count, 1)), "word_targets": words,
+              "oov_rate": oov_words / max(words, 1)}
+    result.update({f"top{k}": hits[k] / max(words, 1) for k in KS})
+    return result
+
+
+def held_out_streams(texts: list[str], corpora: list[str], split: str,
+                     nltk_data: str | None) -> dict[str, list[str]]:
+    """Named token streams: text files by path, and a split of named corpora."""
+    from model_export.corpora import load_splits, text_tokens  # noqa: PLC0415
+
+    streams = {Path(t).name: text_tokens(Path(t)) for t in texts}
+    if corpora:
+        streams[f"{'+'.join(corpora)}:{split}"] = load_splits(corpora, nltk_data)[split]
+    return streams
+
+
+def evaluate(checkpoint: str | None, artifact: str | None, texts: list[str], corpora: list[str],
+             split: str = "test", nltk_data: str | None = None, rows: int = 64,
+             max_tokens: int = 0, record: bool = False) -> dict[str, dict[str, float]]:
+    """Evaluate one checkpoint or artifact on every stream; optionally record in the manifest."""
+    if (checkpoint is None) == (artifact is None):
+        raise ValueError("give exactly one of a checkpoint (run directory) or an artifact directory")
+    if checkpoint:
+        from model_export.checkpoint import load_checkpoint  # noqa: PLC0415
+
+        model, vocab, _ = load_checkpoint(checkpoint)
+        step, zero = torch_stepper(model, vocab)
+    else:
+        step, zero, vocab = ort_stepper(Path(artifact))  # type: ignore[arg-type]
+    results = {}
+    for name, stream in held_out_streams(texts, corpora, split, nltk_data).items():
+        results[name] = evaluate_stream(step, zero, vocab, stream, rows, max_tokens, desc=name)
+        print(f"{name}: " + ", ".join(f"{k} {v:.4g}" for k, v in results[name].items()))
+    if record and artifact:
+        path = Path(artifact) / "manifest.json"
+        manifest = json.loads(path.read_text())
+        manifest.setdefault("metrics", {}).update(results)
+        path.write_text(json.dumps(manifest, indent=2) + "\n")
+    return results

@@ -1,0 +1,55 @@
+"""Evaluation: checkpoint and exported artifact agree; out-of-vocabulary targets are misses."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from model_export.evaluate import evaluate_stream, ort_stepper, torch_stepper
+from model_export.export import export_artifact
+from model_export.model import ModelConfig, RNNLM
+from service.tokenizer import tokenize
+from service.vocab import Vocabulary
+from tests.conftest import tiny_vocab_tokens
+
+TEXT = "i am coming home. the cat and the dog are good. you are very good, and she is not." * 8
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_checkpoint_and_artifact_give_the_same_metrics(tmp_path: Path, cell: str) -> None:
+    vocab = Vocabulary(tiny_vocab_tokens())
+    model = RNNLM(ModelConfig(len(vocab), cell, 16, 24, 1, 0.0)).eval()
+    export_artifact(model, vocab, tmp_path / cell)
+    stream = ["</s>", *tokenize(TEXT)]
+    a = evaluate_stream(*torch_stepper(model, vocab), vocab, stream, rows=4)
+    step, zero, art_vocab = ort_stepper(tmp_path / cell)
+    b = evaluate_stream(step, zero, art_vocab, stream, rows=4)
+    assert a["tokens"] == b["tokens"] and a["word_targets"] == b["word_targets"]
+    assert a["perplexity"] == pytest.approx(b["perplexity"], rel=1e-4)
+    for k in ("top1", "top3", "top5"):
+        assert a[k] == pytest.approx(b[k], abs=0.01)
+
+
+def test_oracle_scores_every_known_word_and_misses_unknown_ones() -> None:
+    vocab = Vocabulary(tiny_vocab_tokens())
+    stream = ["</s>", *tokenize("the cat zebra and the dog quux home.")]
+    ids = vocab.encode_tokens(stream)
+    position = {"t": 0}
+
+    def oracle(tokens: np.ndarray, state):
+        # One row: knows the next token; puts all mass (and top-1) on it.
+        nxt = ids[position["t"] + 1]
+        position["t"] += 1
+        probs = np.full((1, len(vocab)), 1e-9, np.float32)
+        probs[0, nxt] = 1.0
+        return probs, np.array([[nxt, 3, 4, 5, 6]]), state
+
+    result = evaluate_stream(oracle, lambda b: None, vocab, stream, rows=1)
+    words = [t for t in stream[1:] if t not in ("</s>", ",")]
+    assert result["word_targets"] == len(words)
+    unknown = sum(vocab.index.get(w) is None for w in words)  # zebra, quux
+    assert unknown == 2
+    assert result["top1"] == pytest.approx((len(words) - unknown) / len(words))
+    assert result["oov_rate"] == pytest.approx(unknown / len(words))
