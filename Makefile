@@ -1,0 +1,55 @@
+# Quick start: `make serve` (serve the bundled models on 127.0.0.1:8000), `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+# The CPU build of torch; only training, evaluation, export and the test suite need it.
+TORCH_SPEC ?= torch==2.13.0
+NLTK_DATA ?= $(abspath ../shared/data/nltk_data)
+WIKITEXT ?= $(abspath ../shared/data/wikitext-2-valid.txt)
+CORPORA := brown movie_reviews abc state_union webtext inaugural
+
+.PHONY: serve test lint bench train-bundled evaluate-bundled clean
+
+$(VENV)/.runtime: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip
+	$(PIP) install -e .
+	touch $@
+
+$(VENV)/.dev: $(VENV)/.runtime
+	$(PIP) install "$(TORCH_SPEC)"
+	$(PIP) install -e ".[train,dev]"
+	touch $@
+
+serve: $(VENV)/.runtime  ## serve the bundled models on 127.0.0.1:8000
+	$(VENV)/bin/nextword serve
+
+test: $(VENV)/.dev  ## run the test suite
+	$(PY) -m pytest -q
+
+lint: $(VENV)/.dev
+	$(VENV)/bin/ruff check service model_export tests benchmarks
+	$(VENV)/bin/mypy
+	$(VENV)/bin/hadolint docker/Dockerfile docker/Dockerfile.gpu
+
+bench: $(VENV)/.dev  ## engine, end-to-end and store benchmarks (print tables)
+	NLTK_DATA=$(NLTK_DATA) $(PY) benchmarks/bench_engine.py
+	$(PY) benchmarks/bench_e2e.py
+	$(PY) benchmarks/bench_memory.py
+
+# How the bundled models were trained (see service/models/*/MODEL_CARD.md).
+train-bundled: $(VENV)/.dev
+	$(VENV)/bin/nextword train --corpora $(CORPORA) --nltk-data $(NLTK_DATA) --out runs/lstm \
+	  --cell lstm --layers 2 --epochs 2 --batch-size 64 --eval-interval 850 --checkpoint-interval 100 --threads 1
+	$(VENV)/bin/nextword train --corpora $(CORPORA) --nltk-data $(NLTK_DATA) --out runs/gru \
+	  --cell gru --layers 1 --epochs 2 --batch-size 64 --eval-interval 850 --checkpoint-interval 100 --threads 1
+	$(VENV)/bin/nextword export --checkpoint runs/lstm --out service/models/lstm --int8
+	$(VENV)/bin/nextword export --checkpoint runs/gru --out service/models/gru --int8
+
+evaluate-bundled: $(VENV)/.dev
+	for m in lstm gru; do $(VENV)/bin/nextword evaluate --artifact service/models/$$m \
+	  --text $(WIKITEXT) --corpora $(CORPORA) --nltk-data $(NLTK_DATA) --split test --record; done
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache dist build *.egg-info
