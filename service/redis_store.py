@@ -1,0 +1,302 @@
+"""Sessions in Redis, so that any replica (or uvicorn worker) can continue any session.
+
+`RedisSessionStore` implements the `SessionStore` protocol of `service.sessions` over
+redis-py's asyncio client. Chosen by `NEXTWORD_SESSION_STORE=redis://host:port/db`.
+
+Round trips. The batcher reads a whole batch with `get_many` (one MGET) and writes
+it back with `put_many` (one EVALSHA of a Lua script). The script compares each
+key's stored version with the expected one and writes the records that match, so
+two replicas stepping the same session at once cannot both win: the loser's step is
+retried on the new state (no lost update). Redis runs a script atomically.
+
+Record. One binary string per session, key `nextword:session:<id>`:
+
+    offset  size  field
+    0       4     magic b"NWS" + format version (1)
+    4       8     version        u64   (the CAS compares bytes 0..11)
+    12      4     tokens         u32
+    16      8     created_at     f64   Unix time
+    24      8     last_used_at   f64   Unix time
+    32      3     dtype          numpy dtype string, b"<f4"
+    35      1     arrays         1 (GRU: h) or 2 (LSTM: h, c)
+    36      2     layers         u16
+    38      4     hidden         u32
+    42      1     len(model)     u8
+    43      n     model name     UTF-8
+    43+n          state          arrays * layers * hidden * 4 bytes, raw little-endian float32
+
+Expiry. Every write sets the key's TTL to `ttl_s` (SET ... PX), so Redis drops idle
+sessions itself. Reading does not refresh it; every step writes.
+
+Memory sizing. Bytes per session = 43 + len(model) + arrays * layers * hidden * 4,
+plus Redis's per-key overhead (key string, dict and expiry entries, allocator
+rounding; about 100-200 bytes). Arrays is 2 for an LSTM, 1 for a GRU. The
+2 x 512 LSTM: 43 + 4 + 2*2*512*4 = 8,239 bytes of value; `MEMORY USAGE` reports
+about 10 KB per key (jemalloc rounds 8,239 up to its 10,240 size class), so
+100,000 live sessions take about 1 GB. A 1 x 512 GRU: 2,095 bytes (~2.3 KB a key).
+Bound it with Redis's own `maxmemory` and `maxmemory-policy volatile-lru` (the
+store's `cap` is not enforced here: Redis evicts, and counts evictions and
+expirations in `INFO stats`, `evicted_keys` and `expired_keys`).
+`count()` is `DBSIZE`: give the sessions a database of their own.
+
+Faults. Connection errors and timeouts become `StoreUnavailable` (HTTP 503). The
+client keeps no broken state: a failed connection is dropped from the pool and the
+next call reconnects, so the service recovers by itself when Redis returns. A write
+whose reply was lost may be retried: the script treats a key that already holds the
+exact record being written as written, so a retry never applies a step twice.
+Redis without persistence loses its sessions when restarted (clients get 404 and
+start afresh); enable RDB or AOF where that matters.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import redis.asyncio as redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ReadOnlyError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from service import metrics
+from service.errors import StoreUnavailable, UnknownSession
+from service.sessions import SessionRecord
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+MAGIC = b"NWS" + bytes([FORMAT])
+# magic+format, version, tokens, created_at, last_used_at, dtype, arrays, layers, hidden, len(model)
+_HEAD = struct.Struct("<4sQIdd3sBHIB")
+_VERSION = struct.Struct("<Q")
+_DTYPE = np.dtype("<f4")
+_UNREACHABLE = (RedisConnectionError, RedisTimeoutError, ReadOnlyError, OSError)
+
+# KEYS: session keys. ARGV[1]: TTL in ms; then per key the expected first 12 bytes
+# (magic + version; "" = must not exist) and the new record.
+_CAS_SCRIPT = """
+local ttl = ARGV[1]
+local written = {}
+for i, key in ipairs(KEYS) do
+  local expect, record = ARGV[2 * i], ARGV[2 * i + 1]
+  local ok
+  if expect == '' then
+    ok = redis.call('EXISTS', key) == 0
+  else
+    ok = redis.call('GETRANGE', key, 0, 11) == expect
+  end
+  if ok then
+    redis.call('SET', key, record, 'PX', ttl)
+    written[i] = 1
+  elseif redis.call('GET', key) == record then
+    written[i] = 1  -- our own write, replayed after its reply was lost
+  else
+    written[i] = 0
+  end
+end
+return written
+"""
+
+
+def encode_record(record: SessionRecord, version: int) -> bytes:
+    """The binary form of `record`, stamped with `version`."""
+    state = np.ascontiguousarray(np.stack(record.state), dtype=_DTYPE)  # (S, L, H)
+    arrays, layers, hidden = state.shape
+    name = record.model.encode()
+    if len(name) > 255:
+        raise ValueError(f"model name too long for the record format: {record.model!r}")
+    head = _HEAD.pack(
+        MAGIC,
+        version,
+        record.tokens,
+        record.created_at,
+        record.last_used_at,
+        _DTYPE.str.encode(),
+        arrays,
+        layers,
+        hidden,
+        len(name),
+    )
+    return b"".join((head, name, state.tobytes()))
+
+
+def decode_record(session_id: str, data: bytes) -> SessionRecord:
+    """The record stored as `data`; raises ValueError when it is not one of ours."""
+    if data[:4] != MAGIC:
+        raise ValueError(f"unknown record format {data[:4]!r}")
+    (_, version, tokens, created_at, last_used_at, dtype, arrays, layers, hidden, name_len) = (
+        _HEAD.unpack_from(data)
+    )
+    start = _HEAD.size + name_len
+    model = data[_HEAD.size : start].decode()
+    dt = np.dtype(dtype.decode())
+    count = arrays * layers * hidden
+    if len(data) != start + count * dt.itemsize:
+        raise ValueError(f"record of {len(data)} bytes does not match its header")
+    state = np.frombuffer(data, dtype=dt, count=count, offset=start).reshape(arrays, layers, hidden)
+    return SessionRecord(
+        session_id=session_id,
+        model=model,
+        state=tuple(state.astype(np.float32, copy=False)),
+        tokens=tokens,
+        created_at=created_at,
+        last_used_at=last_used_at,
+        version=version,
+    )
+
+
+class RedisSessionStore:
+    """Sessions in Redis: binary records, TTL by key expiry, batched CAS writes."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        ttl_s: float = 1800.0,
+        cap: int | None = None,
+        prefix: str = "nextword:session:",
+    ) -> None:
+        self._redis = client
+        self.ttl_s = ttl_s
+        self.cap = cap  # informational: Redis's maxmemory policy bounds memory
+        self.prefix = prefix
+        self._ttl_ms = max(1, round(ttl_s * 1000))
+        self._cas = client.register_script(_CAS_SCRIPT)
+        self._where = _describe(client)
+        # Redis expires and evicts keys itself and counts them (INFO stats); a
+        # replica cannot attribute them, so these stay at zero.
+        self.evictions = 0
+        self.expirations = 0
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        *,
+        ttl_s: float = 1800.0,
+        cap: int | None = None,
+        timeout_s: float = 2.0,
+        prefix: str = "nextword:session:",
+    ) -> RedisSessionStore:
+        """A store on `redis://host:port/db` (or rediss://, unix://); connects lazily."""
+        client = redis.Redis.from_url(
+            url,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            socket_keepalive=True,
+            # A short retry rides over a dropped idle connection (Redis restarted)
+            # without failing the request; writes are idempotent (see the script).
+            # Retried: ConnectionError and TimeoutError.
+            retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), retries=2),
+            health_check_interval=30,
+        )
+        return cls(client, ttl_s=ttl_s, cap=cap, prefix=prefix)
+
+    @contextmanager
+    def _reachable(self) -> Iterator[None]:
+        try:
+            yield
+        except _UNREACHABLE as exc:
+            raise StoreUnavailable(
+                f"session store unreachable (Redis at {self._where}): {exc}"
+            ) from exc
+        except ResponseError as exc:
+            if str(exc).startswith("OOM"):
+                raise StoreUnavailable(
+                    f"session store full (Redis at {self._where} is at maxmemory)"
+                ) from exc
+            raise
+
+    def _key(self, session_id: str) -> str:
+        return self.prefix + session_id
+
+    def new_id(self) -> str:
+        """A fresh unguessable, URL-safe id (128 random bits)."""
+        return secrets.token_urlsafe(16)
+
+    def _decode(self, session_id: str, data: bytes | str | None) -> SessionRecord | None:
+        if data is None:
+            return None
+        if not isinstance(data, bytes):  # the client never decodes responses
+            raise TypeError("the Redis client must not decode responses")
+        try:
+            return decode_record(session_id, data)
+        except ValueError as exc:
+            log.warning("unreadable session record %s: %s", self._key(session_id), exc)
+            return None
+
+    async def get_many(self, ids: list[str]) -> list[SessionRecord | None]:
+        """The live records of `ids` (None where unknown or expired): one MGET."""
+        if not ids:
+            return []
+        with self._reachable():
+            values = await self._redis.mget([self._key(i) for i in ids])
+        return [self._decode(i, v) for i, v in zip(ids, values, strict=True)]
+
+    async def put_many(
+        self, records: list[SessionRecord], expected: list[int | None]
+    ) -> list[bool]:
+        """Compare-and-set each record on its version, all in one script call.
+
+        True where written; the stored version is then `(expected or 0) + 1`.
+        """
+        if len(records) != len(expected):
+            raise ValueError("one expected version per record")
+        if not records:
+            return []
+        keys: list[str] = []
+        args: list[Any] = [self._ttl_ms]
+        for record, version in zip(records, expected, strict=True):
+            keys.append(self._key(record.session_id))
+            args.append(b"" if version is None else MAGIC + _VERSION.pack(version))
+            args.append(encode_record(record, (version or 0) + 1))
+        with self._reachable():
+            written = await self._cas(keys=keys, args=args)
+        return [bool(w) for w in written]
+
+    async def get(self, session_id: str) -> SessionRecord:
+        """One live record; raises `UnknownSession`."""
+        with self._reachable():
+            data = await self._redis.get(self._key(session_id))
+        record = self._decode(session_id, data)
+        if record is None:
+            raise UnknownSession(f"no session {session_id!r} (never created, deleted or expired)")
+        return record
+
+    async def delete(self, session_id: str) -> None:
+        """Forget a session; raises `UnknownSession`."""
+        with self._reachable():
+            deleted = await self._redis.delete(self._key(session_id))
+        if not deleted:
+            raise UnknownSession(f"no session {session_id!r} (never created, deleted or expired)")
+
+    async def count(self) -> int:
+        """Live sessions: the keys of the store's database (DBSIZE)."""
+        with self._reachable():
+            n = int(await self._redis.dbsize())
+        metrics.ACTIVE_SESSIONS.set(n)
+        return n
+
+    async def ping(self) -> None:
+        """Raise `StoreUnavailable` unless Redis answers."""
+        with self._reachable():
+            await self._redis.ping()
+
+    async def close(self) -> None:
+        """Close the connection pool (sessions stay in Redis)."""
+        await self._redis.aclose()
+
+
+def _describe(client: redis.Redis) -> str:
+    """host:port/db (or the socket path) of a client, without credentials."""
+    kw = client.connection_pool.connection_kwargs
+    if "path" in kw:
+        return f"{kw['path']} db {kw.get('db', 0)}"
+    return f"{kw.get('host', 'localhost')}:{kw.get('port', 6379)}/{kw.get('db', 0)}"

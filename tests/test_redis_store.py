@@ -1,0 +1,181 @@
+"""RedisSessionStore against a real redis-server started on a free loopback port."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import AsyncIterator, Iterator
+
+import numpy as np
+import pytest
+
+from service.errors import StoreUnavailable, UnknownSession
+from service.sessions import SessionRecord, SessionStore
+from tests.redis_server import RedisServer, needs_redis, running_redis
+
+pytestmark = [needs_redis, pytest.mark.redis]
+_seeds = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def redis_server() -> Iterator[RedisServer]:
+    yield from running_redis()
+
+
+@pytest.fixture
+async def store(redis_server: RedisServer) -> AsyncIterator[object]:
+    from service.redis_store import RedisSessionStore
+
+    s = RedisSessionStore.from_url(redis_server.url, ttl_s=60, timeout_s=1.0)
+    await s._redis.flushdb()
+    yield s
+    await s.close()
+
+
+def record(session_id: str, cell: str = "lstm", layers: int = 2, hidden: int = 8) -> SessionRecord:
+    """A record with a fresh random state: no two calls give the same bytes."""
+    rng = np.random.default_rng(next(_seeds))
+    arrays = 2 if cell == "lstm" else 1
+    state = tuple(rng.standard_normal((layers, hidden)).astype(np.float32) for _ in range(arrays))
+    now = time.time()
+    return SessionRecord(session_id, cell, state, tokens=3, created_at=now, last_used_at=now)
+
+
+def test_protocol(store: object) -> None:
+    assert isinstance(store, SessionStore)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+async def test_round_trip_is_bit_exact(store, cell: str) -> None:
+    rec = record(store.new_id(), cell)
+    for s in rec.state:  # odd values survive too
+        s.ravel()[-2:] = np.float32(np.nan), np.float32(-0.0)
+    assert await store.put_many([rec], [None]) == [True]
+    (got,) = await store.get_many([rec.session_id])
+    assert got is not None
+    assert (got.model, got.tokens, got.version) == (cell, 3, 1)
+    assert (got.created_at, got.last_used_at) == (rec.created_at, rec.last_used_at)
+    assert len(got.state) == len(rec.state)
+    for a, b in zip(got.state, rec.state, strict=True):
+        assert a.dtype == np.float32 and a.shape == b.shape
+        assert a.tobytes() == b.tobytes()
+    single = await store.get(rec.session_id)
+    assert single.version == 1 and single.state[0].tobytes() == rec.state[0].tobytes()
+
+
+async def test_versions_and_batches(store) -> None:
+    recs = [record(f"s{i}") for i in range(5)]
+    assert await store.put_many(recs, [None] * 5) == [True] * 5
+    # Wrong expected versions fail alone; the rest of the batch is written.
+    steps = [record(f"s{i}") for i in range(5)]
+    assert await store.put_many(steps, [1, 0, None, 1, 2]) == [True, False, False, True, False]
+    got = await store.get_many([r.session_id for r in recs])
+    assert [g.version for g in got] == [2, 1, 1, 2, 1]
+    assert await store.count() == 5
+    assert await store.get_many([]) == [] and await store.put_many([], []) == []
+
+
+async def test_get_many_of_missing_ids(store) -> None:
+    rec = record("present")
+    await store.put_many([rec], [None])
+    got = await store.get_many(["absent", "present", store.new_id()])
+    assert got[0] is None and got[2] is None
+    assert got[1] is not None and got[1].session_id == "present"
+    with pytest.raises(UnknownSession):
+        await store.get("absent")
+    with pytest.raises(UnknownSession):
+        await store.delete("absent")
+    await store.delete("present")
+    assert await store.get_many(["present"]) == [None]
+
+
+async def test_cas_conflict_exactly_one_wins(store, redis_server: RedisServer) -> None:
+    """Two stores (two replicas) write with the same expected version: exactly one wins."""
+    from service.redis_store import RedisSessionStore
+
+    await store.put_many([record("contended")], [None])
+    other = RedisSessionStore.from_url(redis_server.url, ttl_s=60)
+    try:
+        for round_ in range(20):
+            current = (await store.get_many(["contended"]))[0]
+            a, b = record("contended"), record("contended")
+            a.tokens, b.tokens = 100 + round_, 200 + round_
+            results = await asyncio.gather(
+                store.put_many([a], [current.version]), other.put_many([b], [current.version])
+            )
+            assert sorted(r[0] for r in results) == [False, True]
+            after = (await store.get_many(["contended"]))[0]
+            assert after.version == current.version + 1
+            assert after.tokens == (a.tokens if results[0][0] else b.tokens)
+        # Creating an existing session conflicts too.
+        assert await other.put_many([record("contended")], [None]) == [False]
+    finally:
+        await other.close()
+
+
+async def test_replayed_write_counts_as_written(store) -> None:
+    """A write retried after a lost reply finds its own record and reports success."""
+    rec = record("replayed")
+    assert await store.put_many([rec], [None]) == [True]
+    assert await store.put_many([rec], [None]) == [True]  # the identical record: a replay
+    assert await store.put_many([record("replayed")], [None]) == [False]
+    assert (await store.get("replayed")).version == 1
+
+
+async def test_ttl_expiry_refreshed_on_write(redis_server: RedisServer) -> None:
+    from service.redis_store import RedisSessionStore
+
+    store = RedisSessionStore.from_url(redis_server.url, ttl_s=0.4)
+    try:
+        rec = record("short")
+        await store.put_many([rec], [None])
+        ttl_ms = await store._redis.pttl(store._key("short"))
+        assert 0 < ttl_ms <= 400
+        await asyncio.sleep(0.25)
+        assert await store.put_many([rec], [1]) == [True]  # a step refreshes the TTL
+        await asyncio.sleep(0.25)
+        assert (await store.get_many(["short"]))[0] is not None
+        await asyncio.sleep(0.3)
+        assert await store.get_many(["short"]) == [None]
+        with pytest.raises(UnknownSession):
+            await store.get("short")
+    finally:
+        await store.close()
+
+
+async def test_unreadable_record_is_absent(store) -> None:
+    await store._redis.set(store._key("junk"), b"not a record")
+    assert await store.get_many(["junk"]) == [None]
+
+
+async def test_redis_down_then_back(redis_server: RedisServer) -> None:
+    """Stopped: every call raises StoreUnavailable. Restarted: the same store works again."""
+    from service.redis_store import RedisSessionStore
+
+    store = RedisSessionStore.from_url(redis_server.url, ttl_s=60, timeout_s=1.0)
+    try:
+        await store.put_many([record("before")], [None])
+        await store.ping()
+        redis_server.stop()
+        calls = [
+            store.ping(),
+            store.get_many(["before"]),
+            store.put_many([record("x")], [None]),
+            store.get("before"),
+            store.delete("before"),
+            store.count(),
+        ]
+        for call in calls:
+            with pytest.raises(StoreUnavailable, match="unreachable"):
+                await call
+        redis_server.start()  # same port, empty (no persistence)
+        await store.ping()
+        assert await store.get_many(["before"]) == [None]
+        rec = record("after")
+        assert await store.put_many([rec], [None]) == [True]  # the script is loaded again
+        assert (await store.get("after")).state[1].tobytes() == rec.state[1].tobytes()
+    finally:
+        if redis_server.proc is None:
+            redis_server.start()
+        await store.close()
