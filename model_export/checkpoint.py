@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from model_export.model import ModelConfig, RNNLM
+from model_export.model import RNNLM, ModelConfig
 from service.vocab import Vocabulary
 
 

@@ -13,7 +13,7 @@ from model_export.corpora import NLTK_CORPORA
 
 TRAIN_HELP = {
     "corpora": f"corpora to train on: NLTK names ({', '.join(NLTK_CORPORA)}) or text files/folders "
-               "(one paragraph per line)",
+    "(one paragraph per line)",
     "out": "run directory: best.pt, last.pt, config.json, vocab.txt, history.json, curve.png",
     "nltk_data": "folder holding nltk_data (default: $NLTK_DATA, then NLTK's own search path)",
     "cell": "recurrent cell: lstm or gru",
@@ -42,10 +42,13 @@ TRAIN_HELP = {
 def _add_train(sub) -> None:
     from model_export.train import TrainConfig  # noqa: PLC0415
 
-    p = sub.add_parser("train", help="train an LSTM/GRU language model (resumes if the run exists)",
-                       description="Train a word-level LSTM/GRU language model with truncated BPTT. "
-                       "Re-running with the same --out resumes from last.pt.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = sub.add_parser(
+        "train",
+        help="train an LSTM/GRU language model (resumes if the run exists)",
+        description="Train a word-level LSTM/GRU language model with truncated BPTT. "
+        "Re-running with the same --out resumes from last.pt.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     for f in dataclasses.fields(TrainConfig):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         flag = "--" + f.name.replace("_", "-")
@@ -70,25 +73,49 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _add_evaluate(sub) -> None:
-    p = sub.add_parser("evaluate", help="perplexity and top-1/3/5 accuracy of a checkpoint or artifact",
-                       description="Step a checkpoint (torch) or an exported artifact (ONNX Runtime) "
-                       "through held-out text and report perplexity and top-k next-word accuracy. "
-                       "Out-of-vocabulary targets always count as misses.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = sub.add_parser(
+        "evaluate",
+        help="perplexity and top-1/3/5 accuracy of a checkpoint or artifact",
+        description="Step a checkpoint (torch) or an exported artifact (ONNX Runtime) "
+        "through held-out text and report perplexity and top-k next-word accuracy. "
+        "Out-of-vocabulary targets always count as misses.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--checkpoint", help="training run directory (best.pt, config.json, vocab.txt)")
-    which.add_argument("--artifact", help="exported model directory (model.onnx, manifest.json, vocab.txt)")
-    p.add_argument("--text", action="append", default=[],
-                   help="held-out text file (repeatable); WikiText files are recognised by name")
-    p.add_argument("--corpora", nargs="*", default=[], help="NLTK corpora or paths whose --split to use")
-    p.add_argument("--split", choices=["train", "valid", "test"], default="test",
-                   help="which deterministic split of --corpora")
+    which.add_argument(
+        "--checkpoint", help="training run directory (best.pt, config.json, vocab.txt)"
+    )
+    which.add_argument(
+        "--artifact", help="exported model directory (model.onnx, manifest.json, vocab.txt)"
+    )
+    p.add_argument(
+        "--text",
+        action="append",
+        default=[],
+        help="held-out text file (repeatable); WikiText files are recognised by name",
+    )
+    p.add_argument(
+        "--corpora", nargs="*", default=[], help="NLTK corpora or paths whose --split to use"
+    )
+    p.add_argument(
+        "--split",
+        choices=["train", "valid", "test"],
+        default="test",
+        help="which deterministic split of --corpora",
+    )
     p.add_argument("--nltk-data", default=None, help="folder holding nltk_data")
     p.add_argument("--rows", type=int, default=64, help="parallel rows the stream is cut into")
-    p.add_argument("--max-tokens", type=int, default=0, help="evaluate only the first N tokens (0: all)")
-    p.add_argument("--record", action="store_true",
-                   help="store the metrics in the artifact's manifest.json under 'metrics'")
-    p.add_argument("--json", dest="json_out", default=None, help="also write the metrics to this file")
+    p.add_argument(
+        "--max-tokens", type=int, default=0, help="evaluate only the first N tokens (0: all)"
+    )
+    p.add_argument(
+        "--record",
+        action="store_true",
+        help="store the metrics in the artifact's manifest.json under 'metrics'",
+    )
+    p.add_argument(
+        "--json", dest="json_out", default=None, help="also write the metrics to this file"
+    )
     p.set_defaults(handler=_run_evaluate)
 
 
@@ -98,25 +125,47 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     if not args.text and not args.corpora:
         print("nothing to evaluate: give --text and/or --corpora", file=sys.stderr)
         return 2
-    results = evaluate(args.checkpoint, args.artifact, args.text, args.corpora, args.split,
-                       args.nltk_data, args.rows, args.max_tokens, args.record)
+    results = evaluate(
+        args.checkpoint,
+        args.artifact,
+        args.text,
+        args.corpora,
+        args.split,
+        args.nltk_data,
+        args.rows,
+        args.max_tokens,
+        args.record,
+    )
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(results, indent=2))
     return 0
 
 
 def _add_export(sub) -> None:
-    p = sub.add_parser("export", help="export a checkpoint to a servable ONNX artifact",
-                       description="Export the best checkpoint of a run to ONNX (named inputs/outputs, "
-                       "dynamic batch and seq, top-k inside the graph), check parity with torch at "
-                       "several shapes (max abs diff <= 1e-4) and write model.onnx, manifest.json "
-                       "and vocab.txt. Nothing is written if a check fails.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = sub.add_parser(
+        "export",
+        help="export a checkpoint to a servable ONNX artifact",
+        description="Export the best checkpoint of a run to ONNX (named inputs/outputs, "
+        "dynamic batch and seq, top-k inside the graph), check parity with torch at "
+        "several shapes (max abs diff <= 1e-4) and write model.onnx, manifest.json "
+        "and vocab.txt. Nothing is written if a check fails.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("--checkpoint", required=True, help="training run directory")
-    p.add_argument("--out", required=True, help="artifact directory to write (its name is the model name)")
-    p.add_argument("--int8", action="store_true",
-                   help="store weights as int8 (per-channel); ~4x smaller, served at float32 speed")
+    p.add_argument(
+        "--out", required=True, help="artifact directory to write (its name is the model name)"
+    )
+    p.add_argument(
+        "--int8",
+        action="store_true",
+        help="store weights as int8 (per-channel); ~4x smaller, served at float32 speed",
+    )
     p.add_argument("--max-k", type=int, default=50, help="top-k computed inside the graph")
+    p.add_argument(
+        "--no-display-forms",
+        action="store_true",
+        help="do not derive display forms ('i' -> 'I') from the cased training corpora",
+    )
     p.set_defaults(handler=_run_export)
 
 
@@ -127,20 +176,50 @@ def _run_export(args: argparse.Namespace) -> int:
 
     model, vocab, config = load_checkpoint(args.checkpoint)
     run = Path(args.checkpoint)
-    history = json.loads((run / "history.json").read_text()) if (run / "history.json").exists() else []
+    history = (
+        json.loads((run / "history.json").read_text()) if (run / "history.json").exists() else []
+    )
     valid = [h for h in history if h["kind"] == "valid"]
     train_cfg = config.get("train", {})
-    extra = {"training": {
-        "corpora": [{"name": c, "licence": NLTK_CORPORA.get(c, "see source")}
-                    for c in train_cfg.get("corpora", [])],
-        "config": train_cfg,
-        "best_valid_ppl": min((h["ppl"] for h in valid), default=None),
-        "steps": max((h["step"] for h in history), default=0),
-    }}
-    manifest = export_artifact(model, vocab, Path(args.out), int8=args.int8, extra=extra, max_k=args.max_k)
-    print(json.dumps({"out": args.out, "parity_max_abs_diff": manifest["parity_max_abs_diff"],
-                      "bytes": manifest["files"]["model.onnx"]["bytes"],
-                      "quantization": manifest["quantization"]}, indent=2))
+    extra = {
+        "training": {
+            "corpora": [
+                {"name": c, "licence": NLTK_CORPORA.get(c, "see source")}
+                for c in train_cfg.get("corpora", [])
+            ],
+            "config": train_cfg,
+            "best_valid_ppl": min((h["ppl"] for h in valid), default=None),
+            "steps": max((h["step"] for h in history), default=0),
+        }
+    }
+    forms = None
+    if not args.no_display_forms:
+        from model_export.casing import display_forms  # noqa: PLC0415
+
+        try:
+            forms = display_forms(train_cfg.get("corpora", []), vocab, train_cfg.get("nltk_data"))
+        except (FileNotFoundError, LookupError) as exc:
+            print(f"display forms skipped: training corpora not readable ({exc})", file=sys.stderr)
+    manifest = export_artifact(
+        model,
+        vocab,
+        Path(args.out),
+        int8=args.int8,
+        extra=extra,
+        max_k=args.max_k,
+        display_forms=forms,
+    )
+    print(
+        json.dumps(
+            {
+                "out": args.out,
+                "parity_max_abs_diff": manifest["parity_max_abs_diff"],
+                "bytes": manifest["files"]["model.onnx"]["bytes"],
+                "quantization": manifest["quantization"],
+            },
+            indent=2,
+        )
+    )
     return 0
 
 

@@ -58,7 +58,9 @@ def line_tokens(line: str) -> list[str]:
 def _blocks(name: str, text: str) -> Iterator[Document]:
     lines = [ln for ln in text.splitlines() if ln.strip()]
     for start in range(0, len(lines), LINES_PER_DOCUMENT):
-        yield Document(f"{name}#{start // LINES_PER_DOCUMENT}", lines[start : start + LINES_PER_DOCUMENT])
+        yield Document(
+            f"{name}#{start // LINES_PER_DOCUMENT}", lines[start : start + LINES_PER_DOCUMENT]
+        )
 
 
 def _nltk_documents(corpus: str, nltk_data: str | None) -> Iterator[Document]:
@@ -79,8 +81,10 @@ def _nltk_documents(corpus: str, nltk_data: str | None) -> Iterator[Document]:
 def _path_documents(path: Path) -> Iterator[Document]:
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     for file in files:
-        yield from _blocks(f"{path.name}/{file.relative_to(path) if path.is_dir() else file.name}",
-                           file.read_text(encoding="utf-8", errors="replace"))
+        yield from _blocks(
+            f"{path.name}/{file.relative_to(path) if path.is_dir() else file.name}",
+            file.read_text(encoding="utf-8", errors="replace"),
+        )
 
 
 def documents(spec: str, nltk_data: str | None = None) -> Iterator[Document]:
@@ -121,8 +125,11 @@ def wikitext_lines(path: Path) -> Iterator[str]:
 
 def text_tokens(path: Path) -> list[str]:
     """Token stream of a held-out text file (WikiText format recognised by name)."""
-    lines = wikitext_lines(path) if "wikitext" in path.name else (
-        ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip())
+    lines = (
+        wikitext_lines(path)
+        if "wikitext" in path.name
+        else (ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip())
+    )
     stream = [EOS]
     for line in lines:
         stream.extend(line_tokens(line))

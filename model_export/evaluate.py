@@ -59,21 +59,34 @@ def ort_stepper(artifact_dir: Path) -> tuple[Step, Any, Vocabulary]:
     options = ort.SessionOptions()
     for key, value in artifact.manifest.get("session_config", {}).items():
         options.add_session_config_entry(key, value)
-    session = ort.InferenceSession(str(artifact.onnx_path), options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        str(artifact.onnx_path), options, providers=["CPUExecutionProvider"]
+    )
     ins, outs = state_inputs(artifact.cell), state_outputs(artifact.cell)
 
     def step(tokens: np.ndarray, state):
-        result = session.run([*outs, "topk_ids", "probs"], {"tokens": tokens, **dict(zip(ins, state))})
+        result = session.run(
+            [*outs, "topk_ids", "probs"], {"tokens": tokens, **dict(zip(ins, state))}
+        )
         return result[-1], result[-2], tuple(result[: len(outs)])
 
     def zero(batch: int):
-        return tuple(np.zeros((artifact.layers, batch, artifact.hidden_size), np.float32) for _ in ins)
+        return tuple(
+            np.zeros((artifact.layers, batch, artifact.hidden_size), np.float32) for _ in ins
+        )
 
     return step, zero, artifact.vocab
 
 
-def evaluate_stream(step: Step, zero, vocab: Vocabulary, tokens: list[str], rows: int = 64,
-                    max_tokens: int = 0, desc: str = "evaluate") -> dict[str, float]:
+def evaluate_stream(
+    step: Step,
+    zero,
+    vocab: Vocabulary,
+    tokens: list[str],
+    rows: int = 64,
+    max_tokens: int = 0,
+    desc: str = "evaluate",
+) -> dict[str, float]:
     """Metrics over a token stream (see the module docstring)."""
     if max_tokens:
         tokens = tokens[: max_tokens + 1]
@@ -99,14 +112,19 @@ def evaluate_stream(step: Step, zero, vocab: Vocabulary, tokens: list[str], rows
         oov_words += int((is_target_word & ~known[target]).sum())
         for k in KS:
             hits[k] += int(((topk[:, :k] == y[:, None]).any(1) & scorable).sum())
-    result = {"tokens": count, "perplexity": math.exp(nll / max(count, 1)), "word_targets": words,
-              "oov_rate": oov_words / max(words, 1)}
+    result = {
+        "tokens": count,
+        "perplexity": math.exp(nll / max(count, 1)),
+        "word_targets": words,
+        "oov_rate": oov_words / max(words, 1),
+    }
     result.update({f"top{k}": hits[k] / max(words, 1) for k in KS})
     return result
 
 
-def held_out_streams(texts: list[str], corpora: list[str], split: str,
-                     nltk_data: str | None) -> dict[str, list[str]]:
+def held_out_streams(
+    texts: list[str], corpora: list[str], split: str, nltk_data: str | None
+) -> dict[str, list[str]]:
     """Named token streams: text files by path, and a split of named corpora."""
     from model_export.corpora import load_splits, text_tokens  # noqa: PLC0415
 
@@ -116,12 +134,22 @@ def held_out_streams(texts: list[str], corpora: list[str], split: str,
     return streams
 
 
-def evaluate(checkpoint: str | None, artifact: str | None, texts: list[str], corpora: list[str],
-             split: str = "test", nltk_data: str | None = None, rows: int = 64,
-             max_tokens: int = 0, record: bool = False) -> dict[str, dict[str, float]]:
+def evaluate(
+    checkpoint: str | None,
+    artifact: str | None,
+    texts: list[str],
+    corpora: list[str],
+    split: str = "test",
+    nltk_data: str | None = None,
+    rows: int = 64,
+    max_tokens: int = 0,
+    record: bool = False,
+) -> dict[str, dict[str, float]]:
     """Evaluate one checkpoint or artifact on every stream; optionally record in the manifest."""
     if (checkpoint is None) == (artifact is None):
-        raise ValueError("give exactly one of a checkpoint (run directory) or an artifact directory")
+        raise ValueError(
+            "give exactly one of a checkpoint (run directory) or an artifact directory"
+        )
     if checkpoint:
         from model_export.checkpoint import load_checkpoint  # noqa: PLC0415
 

@@ -25,8 +25,18 @@ from tqdm import tqdm
 
 from model_export.model import RNNLM
 from service.artifact import (
-    FORMAT_VERSION, MODEL_FILE, PROBS, TOKENS, TOPK_IDS, TOPK_PROBS, VOCAB_FILE,
-    state_inputs, state_outputs, write_manifest,
+    DISPLAY_FILE,
+    FORMAT_VERSION,
+    MODEL_FILE,
+    PROBS,
+    TOKENS,
+    TOPK_IDS,
+    TOPK_PROBS,
+    VOCAB_FILE,
+    state_inputs,
+    state_outputs,
+    write_display_forms,
+    write_manifest,
 )
 from service.vocab import Vocabulary
 
@@ -65,12 +75,16 @@ def output_names(cell: str) -> list[str]:
     return [*state_outputs(cell), TOPK_PROBS, TOPK_IDS, PROBS]
 
 
-def _example(graph: ServingGraph, batch: int, seq: int, vocab_size: int) -> tuple[torch.Tensor, ...]:
+def _example(
+    graph: ServingGraph, batch: int, seq: int, vocab_size: int
+) -> tuple[torch.Tensor, ...]:
     cfg = graph.model.config
     g = torch.Generator().manual_seed(batch * 1000 + seq)
     tokens = torch.randint(0, vocab_size, (batch, seq), generator=g)
-    states = [torch.randn(cfg.layers, batch, cfg.hidden_size, generator=g) * 0.5
-              for _ in state_inputs(cfg.cell)]
+    states = [
+        torch.randn(cfg.layers, batch, cfg.hidden_size, generator=g) * 0.5
+        for _ in state_inputs(cfg.cell)
+    ]
     return (tokens, *states)
 
 
@@ -86,14 +100,25 @@ def export_onnx(graph: ServingGraph, path: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            graph, example, str(path), input_names=inputs, output_names=outputs,
-            dynamic_axes=axes, opset_version=OPSET, do_constant_folding=True, dynamo=False,
+            graph,
+            example,
+            str(path),
+            input_names=inputs,
+            output_names=outputs,
+            dynamic_axes=axes,
+            opset_version=OPSET,
+            do_constant_folding=True,
+            dynamo=False,
         )
 
 
-def check_parity(graph: ServingGraph, path: Path, shapes=PARITY_SHAPES,
-                 tolerance: float = PARITY_TOLERANCE,
-                 session_config: dict[str, str] | None = None) -> dict[str, float]:
+def check_parity(
+    graph: ServingGraph,
+    path: Path,
+    shapes=PARITY_SHAPES,
+    tolerance: float = PARITY_TOLERANCE,
+    session_config: dict[str, str] | None = None,
+) -> dict[str, float]:
     """Run torch and ONNX Runtime at several (batch, seq) shapes; max abs difference per shape."""
     import onnxruntime as ort  # noqa: PLC0415
 
@@ -111,15 +136,19 @@ def check_parity(graph: ServingGraph, path: Path, shapes=PARITY_SHAPES,
         diff = 0.0
         for name, want, have in zip(output_names(graph.cell), expected, got):
             if want.shape != have.shape:
-                raise ExportError(f"{path}: output {name} has shape {have.shape} at (batch={batch}, "
-                                  f"seq={seq}), torch gives {want.shape}")
+                raise ExportError(
+                    f"{path}: output {name} has shape {have.shape} at (batch={batch}, "
+                    f"seq={seq}), torch gives {want.shape}"
+                )
             if name == TOPK_IDS:
                 continue  # ids may swap on ties; their probabilities are compared instead
             diff = max(diff, float(np.abs(want.astype(np.float64) - have).max()))
         report[f"{batch}x{seq}"] = diff
         if diff > tolerance:
-            raise ExportError(f"{path}: max abs difference {diff:.2e} > {tolerance:.0e} "
-                              f"at (batch={batch}, seq={seq})")
+            raise ExportError(
+                f"{path}: max abs difference {diff:.2e} > {tolerance:.0e} "
+                f"at (batch={batch}, seq={seq})"
+            )
     return report
 
 
@@ -157,11 +186,19 @@ def quantize_int8(src: Path, dst: Path, min_elements: int = 4096) -> dict[str, i
         shape = [1] * w.ndim
         shape[axis] = -1
         q = np.clip(np.round(w / scale.reshape(shape)), -127, 127).astype(np.int8)
-        kept += [numpy_helper.from_array(q, f"{init.name}_int8"),
-                 numpy_helper.from_array(scale, f"{init.name}_scale")]
-        dequantize.append(helper.make_node(
-            "DequantizeLinear", [f"{init.name}_int8", f"{init.name}_scale"], [init.name],
-            axis=axis, name=f"{init.name}_dequantize"))
+        kept += [
+            numpy_helper.from_array(q, f"{init.name}_int8"),
+            numpy_helper.from_array(scale, f"{init.name}_scale"),
+        ]
+        dequantize.append(
+            helper.make_node(
+                "DequantizeLinear",
+                [f"{init.name}_int8", f"{init.name}_scale"],
+                [init.name],
+                axis=axis,
+                name=f"{init.name}_dequantize",
+            )
+        )
         counts["quantized_weights"] += 1
         counts["quantized_elements"] += int(w.size)
     del graph.initializer[:]
@@ -174,9 +211,17 @@ def quantize_int8(src: Path, dst: Path, min_elements: int = 4096) -> dict[str, i
     return counts
 
 
-def export_artifact(model: RNNLM, vocab: Vocabulary, out: Path | str, *, name: str | None = None,
-                    int8: bool = False, extra: dict[str, Any] | None = None,
-                    max_k: int = MAX_K) -> dict[str, Any]:
+def export_artifact(
+    model: RNNLM,
+    vocab: Vocabulary,
+    out: Path | str,
+    *,
+    name: str | None = None,
+    int8: bool = False,
+    extra: dict[str, Any] | None = None,
+    max_k: int = MAX_K,
+    display_forms: dict[str, str] | None = None,
+) -> dict[str, Any]:
     """Export, verify and write an artifact directory; returns its manifest.
 
     The directory is assembled in a temporary place and moved into `out` only after
@@ -204,15 +249,24 @@ def export_artifact(model: RNNLM, vocab: Vocabulary, out: Path | str, *, name: s
             counts = quantize_int8(fp32, stage / MODEL_FILE)
             # int8 cannot meet the float tolerance: check shapes and a loose bound here;
             # what it costs in accuracy is measured by `nextword evaluate`.
-            loose = check_parity(graph, stage / MODEL_FILE, tolerance=0.05,
-                                 session_config=INT8_SESSION_CONFIG)
-            quant = {"type": "int8-weights", "scheme": "symmetric per-channel, DequantizeLinear "
-                     "folded to float32 at load", **counts, "max_abs_diff": loose,
-                     "fp32_bytes": fp32.stat().st_size}
+            loose = check_parity(
+                graph, stage / MODEL_FILE, tolerance=0.05, session_config=INT8_SESSION_CONFIG
+            )
+            quant = {
+                "type": "int8-weights",
+                "scheme": "symmetric per-channel, DequantizeLinear folded to float32 at load",
+                **counts,
+                "max_abs_diff": loose,
+                "fp32_bytes": fp32.stat().st_size,
+            }
             steps.update(1)
         else:
             shutil.copyfile(fp32, stage / MODEL_FILE)
         vocab.save(stage / VOCAB_FILE)
+        files: dict[str, Any] = {MODEL_FILE: {}, VOCAB_FILE: {}}
+        if display_forms:
+            write_display_forms(stage / DISPLAY_FILE, display_forms)
+            files[DISPLAY_FILE] = {}
         cfg = model.config
         manifest: dict[str, Any] = {
             "format_version": FORMAT_VERSION,
@@ -227,17 +281,25 @@ def export_artifact(model: RNNLM, vocab: Vocabulary, out: Path | str, *, name: s
             "inputs": [TOKENS, *state_inputs(cfg.cell)],
             "outputs": output_names(cfg.cell),
             "tokenizer": {
-                "name": "nextword-words", "version": 1, "lowercase": True, "normalization": "NFKC",
-                "sentence_end": ".!?… -> </s>", "start_token": "</s>",
+                "name": "nextword-words",
+                "version": 1,
+                "lowercase": True,
+                "normalization": "NFKC",
+                "sentence_end": ".!?… -> </s>",
+                "start_token": "</s>",
                 "specials": {"pad": "<pad>", "unk": "<unk>", "eos": "</s>"},
             },
             "quantization": quant,
             "session_config": INT8_SESSION_CONFIG if int8 else {},
             "parity_max_abs_diff": parity,
-            "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "opset": OPSET,
-                         "onnxruntime": onnxruntime.__version__},
+            "versions": {
+                "torch": torch.__version__,
+                "onnx": onnx.__version__,
+                "opset": OPSET,
+                "onnxruntime": onnxruntime.__version__,
+            },
             **(extra or {}),
-            "files": {MODEL_FILE: {}, VOCAB_FILE: {}},
+            "files": files,
         }
         write_manifest(stage, manifest)
         steps.update(1)

@@ -41,12 +41,16 @@ class RNNLM(nn.Module):
         self.embedding = nn.Embedding(c.vocab_size, c.embedding_size)
         rnn_cls = nn.LSTM if c.cell == "lstm" else nn.GRU
         self.rnn = rnn_cls(
-            c.embedding_size, c.hidden_size, c.layers,
-            dropout=c.dropout if c.layers > 1 else 0.0, batch_first=True,
+            c.embedding_size,
+            c.hidden_size,
+            c.layers,
+            dropout=c.dropout if c.layers > 1 else 0.0,
+            batch_first=True,
         )
         self.projection = (
             nn.Linear(c.hidden_size, c.embedding_size, bias=False)
-            if c.hidden_size != c.embedding_size else nn.Identity()
+            if c.hidden_size != c.embedding_size
+            else nn.Identity()
         )
         self.decoder = nn.Linear(c.embedding_size, c.vocab_size)
         self.decoder.weight = self.embedding.weight  # tied input/output embeddings

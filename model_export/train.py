@@ -21,7 +21,7 @@ from torch import nn
 from tqdm import tqdm
 
 from model_export.corpora import load_splits
-from model_export.model import ModelConfig, RNNLM
+from model_export.model import RNNLM, ModelConfig
 from service.tokenizer import SPECIALS
 from service.vocab import Vocabulary
 
@@ -84,7 +84,9 @@ def stream_loss(model: RNNLM, data: torch.Tensor, bptt: int) -> float:
         x, y = data[:, i : i + bptt], data[:, i + 1 : i + 1 + bptt]
         x = x[:, : y.size(1)]
         logits, state = model(x, state)
-        total += nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").item()
+        total += nn.functional.cross_entropy(
+            logits.flatten(0, 1), y.flatten(), reduction="sum"
+        ).item()
         count += y.numel()
     return total / max(count, 1)
 
@@ -94,7 +96,9 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+    return cfg.lr * (
+        cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    )
 
 
 def save_checkpoint_files(out: Path, model: RNNLM, cfg: TrainConfig, vocab: Vocabulary) -> None:
@@ -143,27 +147,38 @@ def train(cfg: TrainConfig) -> dict:
         cut = len(streams["train"]) * 19 // 20
         streams["valid"] = streams["train"][cut:]
         streams["train"] = streams["train"][:cut]
-        print(f"validation split too small; holding out the last {len(streams['valid'])} training tokens")
+        print(
+            f"validation split too small; holding out the last {len(streams['valid'])} training tokens"
+        )
     vocab = build_vocab(streams["train"], cfg.vocab_size, cfg.min_count)
     vocab.save(out / "vocab.txt")
     train_data = batchify(vocab.encode_tokens(streams["train"]), cfg.batch_size)
     valid_data = batchify(vocab.encode_tokens(streams["valid"]), 16)
-    mcfg = ModelConfig(len(vocab), cfg.cell, cfg.embedding_size, cfg.hidden_size, cfg.layers, cfg.dropout)
-    (out / "config.json").write_text(json.dumps({"model": mcfg.to_dict(), "train": asdict(cfg)}, indent=2))
+    mcfg = ModelConfig(
+        len(vocab), cfg.cell, cfg.embedding_size, cfg.hidden_size, cfg.layers, cfg.dropout
+    )
+    (out / "config.json").write_text(
+        json.dumps({"model": mcfg.to_dict(), "train": asdict(cfg)}, indent=2)
+    )
 
     model = RNNLM(mcfg)
     decay = [p for n, p in model.named_parameters() if p.dim() > 1 and "embedding" not in n]
     no_decay = [p for n, p in model.named_parameters() if p.dim() <= 1 or "embedding" in n]
     optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        [
+            {"params": decay, "weight_decay": cfg.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
         lr=cfg.lr,
     )
     steps_per_epoch = (train_data.size(1) - 1 + cfg.bptt - 1) // cfg.bptt
     total_steps = steps_per_epoch * cfg.epochs
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
-    print(f"{sum(p.numel() for p in model.parameters()):,} parameters; vocabulary {len(vocab):,}; "
-          f"{train_data.numel():,} training tokens; {steps_per_epoch} steps/epoch; {total_steps} steps")
+    print(
+        f"{sum(p.numel() for p in model.parameters()):,} parameters; vocabulary {len(vocab):,}; "
+        f"{train_data.numel():,} training tokens; {steps_per_epoch} steps/epoch; {total_steps} steps"
+    )
 
     step, best_val, history = 0, float("inf"), []
     state = model.init_state(cfg.batch_size)
@@ -178,17 +193,33 @@ def train(cfg: TrainConfig) -> dict:
         print(f"resumed from {last} at step {step}")
 
     def checkpoint() -> None:
-        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                    "best_val": best_val, "history": history, "state": state,
-                    "torch_rng": torch.get_rng_state()}, out / "last.pt.tmp")
+        torch.save(
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "step": step,
+                "best_val": best_val,
+                "history": history,
+                "state": state,
+                "torch_rng": torch.get_rng_state(),
+            },
+            out / "last.pt.tmp",
+        )
         (out / "last.pt.tmp").replace(last)
         (out / "history.json").write_text(json.dumps(history, indent=1))
 
     def validate() -> None:
         nonlocal best_val
         val = stream_loss(model, valid_data, cfg.bptt)
-        history.append({"kind": "valid", "step": step, "tokens": step * cfg.batch_size * cfg.bptt,
-                        "loss": val, "ppl": math.exp(val)})
+        history.append(
+            {
+                "kind": "valid",
+                "step": step,
+                "tokens": step * cfg.batch_size * cfg.bptt,
+                "loss": val,
+                "ppl": math.exp(val),
+            }
+        )
         tqdm.write(f"step {step}: validation loss {val:.4f}, perplexity {math.exp(val):.2f}")
         if val < best_val:
             best_val = val
@@ -198,7 +229,9 @@ def train(cfg: TrainConfig) -> dict:
 
     log_every = max(1, min(50, total_steps // 20))
     model.train()
-    bar = tqdm(total=total_steps, initial=step, desc=f"train {cfg.cell}", unit="step", dynamic_ncols=True)
+    bar = tqdm(
+        total=total_steps, initial=step, desc=f"train {cfg.cell}", unit="step", dynamic_ncols=True
+    )
     running, t0 = None, time.time()
     while step < total_steps:
         i = (step % steps_per_epoch) * cfg.bptt
@@ -218,13 +251,28 @@ def train(cfg: TrainConfig) -> dict:
         step += 1
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         bar.update(1)
-        bar.set_postfix(refresh=False, loss=f"{running:.3f}", ppl=f"{math.exp(running):.1f}",
-                        tok_s=f"{(bar.n - bar.initial) * x.numel() / (time.time() - t0):.0f}")
+        bar.set_postfix(
+            refresh=False,
+            loss=f"{running:.3f}",
+            ppl=f"{math.exp(running):.1f}",
+            tok_s=f"{(bar.n - bar.initial) * x.numel() / (time.time() - t0):.0f}",
+        )
         if step % log_every == 0:
-            history.append({"kind": "train", "step": step, "tokens": step * cfg.batch_size * cfg.bptt,
-                            "loss": running, "ppl": math.exp(running)})
+            history.append(
+                {
+                    "kind": "train",
+                    "step": step,
+                    "tokens": step * cfg.batch_size * cfg.bptt,
+                    "loss": running,
+                    "ppl": math.exp(running),
+                }
+            )
         end_of_epoch = step % steps_per_epoch == 0
-        if end_of_epoch or (cfg.eval_interval and step % cfg.eval_interval == 0) or step == total_steps:
+        if (
+            end_of_epoch
+            or (cfg.eval_interval and step % cfg.eval_interval == 0)
+            or step == total_steps
+        ):
             validate()
         if step % cfg.checkpoint_interval == 0 or step == total_steps:
             checkpoint()

@@ -20,9 +20,20 @@ FORMAT_VERSION = 1
 MODEL_FILE = "model.onnx"
 MANIFEST_FILE = "manifest.json"
 VOCAB_FILE = "vocab.txt"
+DISPLAY_FILE = "display.tsv"  # optional: "token<TAB>display form" per line
 CELLS = {"lstm": ("h", "c"), "gru": ("h",)}
-REQUIRED_KEYS = ("format_version", "name", "cell", "vocab_size", "embedding_size",
-                 "hidden_size", "layers", "max_k", "tokenizer", "files")
+REQUIRED_KEYS = (
+    "format_version",
+    "name",
+    "cell",
+    "vocab_size",
+    "embedding_size",
+    "hidden_size",
+    "layers",
+    "max_k",
+    "tokenizer",
+    "files",
+)
 
 # Graph names (inputs: tokens, h0[, c0]; outputs: hn[, cn], topk_probs, topk_ids, probs).
 TOKENS = "tokens"
@@ -130,7 +141,25 @@ class ModelArtifact:
             raise ArtifactError(
                 f"{path / VOCAB_FILE}: {len(vocab)} tokens, manifest says {manifest['vocab_size']}"
             )
+        if DISPLAY_FILE in files:
+            vocab.set_display_forms(read_display_forms(path / DISPLAY_FILE))
         return cls(path, manifest, vocab)
+
+
+def read_display_forms(path: Path) -> dict[str, str]:
+    """Parse display.tsv into {token: display form}."""
+    forms = {}
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        token, sep, form = line.partition("\t")
+        if not sep:
+            raise ArtifactError(f"{path}: line {number} is not 'token<TAB>form'")
+        forms[token] = form
+    return forms
+
+
+def write_display_forms(path: Path, forms: dict[str, str]) -> None:
+    """Write display.tsv, sorted by token."""
+    path.write_text("".join(f"{t}\t{f}\n" for t, f in sorted(forms.items())), encoding="utf-8")
 
 
 def write_manifest(path: Path, manifest: dict[str, Any]) -> None:

@@ -1,12 +1,12 @@
 """The errors of the service, raised where they arise and translated once, at the edge.
 
-    NextwordError            code, status (HTTP), ws_close (None: answered in-band)
-    ├── BadInput             422  bad_input        text too long, k out of range, wrong fields
-    ├── UnknownModel         404  unknown_model
-    ├── UnknownSession       404  unknown_session  (WebSocket close 4404 on connect)
-    ├── Overloaded           503  overloaded       queue full
-    ├── StoreUnavailable     503  store_unavailable  session store (Redis) unreachable
-    └── StepFailed           500  step_failed      the model run failed; sessions keep their state
+NextwordError            code, status (HTTP), ws_close (None: answered in-band)
+├── BadInput             422  bad_input        text too long, k out of range, wrong fields
+├── UnknownModel         404  unknown_model
+├── UnknownSession       404  unknown_session  (WebSocket close 4404 on connect)
+├── Overloaded           503  overloaded       queue full
+├── StoreUnavailable     503  store_unavailable  session store (Redis) unreachable
+└── StepFailed           500  step_failed      the model run failed; sessions keep their state
 """
 
 from __future__ import annotations

@@ -31,6 +31,14 @@ class Vocabulary:
         self._sorted_ids = np.array([i for _, i in words], dtype=np.int64)
         self.suggestible = np.zeros(len(self.tokens), dtype=bool)
         self.suggestible[self._sorted_ids] = True
+        # How each word is shown to a user ("i" -> "I"); the token itself by default.
+        self.display: list[str] = list(self.tokens)
+
+    def set_display_forms(self, forms: dict[str, str]) -> None:
+        """Show these tokens as given (each form must lower-case to its token)."""
+        for token, form in forms.items():
+            if token in self.index and normalize(form) == token:
+                self.display[self.index[token]] = form
 
     def __len__(self) -> int:
         return len(self.tokens)

@@ -6,17 +6,158 @@ from pathlib import Path
 
 import pytest
 
-WORDS = (
-    "i am you are he she it we they is was be have has had do does did not no yes "
-    "the a an and or but if then so of to in on at for with from by about as into "
-    "home coming going go went come time day night year people man woman child world "
-    "good new first last long great little own other old right big high small large "
-    "this that these those what which who when where why how all any some many much "
-    "can will would should could may might must say said get got make made know think "
-    "see look want give use find tell ask work seem feel try leave call there here now "
-    "just like well very really also only even back still way thing life hand part "
-    "don't it's i'm well-known hello world cat dog house car tree water food love"
-).split()
+WORDS = [
+    "i",
+    "am",
+    "you",
+    "are",
+    "he",
+    "she",
+    "it",
+    "we",
+    "they",
+    "is",
+    "was",
+    "be",
+    "have",
+    "has",
+    "had",
+    "do",
+    "does",
+    "did",
+    "not",
+    "no",
+    "yes",
+    "the",
+    "a",
+    "an",
+    "and",
+    "or",
+    "but",
+    "if",
+    "then",
+    "so",
+    "of",
+    "to",
+    "in",
+    "on",
+    "at",
+    "for",
+    "with",
+    "from",
+    "by",
+    "about",
+    "as",
+    "into",
+    "home",
+    "coming",
+    "going",
+    "go",
+    "went",
+    "come",
+    "time",
+    "day",
+    "night",
+    "year",
+    "people",
+    "man",
+    "woman",
+    "child",
+    "world",
+    "good",
+    "new",
+    "first",
+    "last",
+    "long",
+    "great",
+    "little",
+    "own",
+    "other",
+    "old",
+    "right",
+    "big",
+    "high",
+    "small",
+    "large",
+    "this",
+    "that",
+    "these",
+    "those",
+    "what",
+    "which",
+    "who",
+    "when",
+    "where",
+    "why",
+    "how",
+    "all",
+    "any",
+    "some",
+    "many",
+    "much",
+    "can",
+    "will",
+    "would",
+    "should",
+    "could",
+    "may",
+    "might",
+    "must",
+    "say",
+    "said",
+    "get",
+    "got",
+    "make",
+    "made",
+    "know",
+    "think",
+    "see",
+    "look",
+    "want",
+    "give",
+    "use",
+    "find",
+    "tell",
+    "ask",
+    "work",
+    "seem",
+    "feel",
+    "try",
+    "leave",
+    "call",
+    "there",
+    "here",
+    "now",
+    "just",
+    "like",
+    "well",
+    "very",
+    "really",
+    "also",
+    "only",
+    "even",
+    "back",
+    "still",
+    "way",
+    "thing",
+    "life",
+    "hand",
+    "part",
+    "don't",
+    "it's",
+    "i'm",
+    "well-known",
+    "hello",
+    "world",
+    "cat",
+    "dog",
+    "house",
+    "car",
+    "tree",
+    "water",
+    "food",
+    "love",
+]
 
 
 def tiny_vocab_tokens() -> list[str]:
@@ -33,7 +174,7 @@ def make_models_dir(root: Path, *, int8: bool = False, hidden: int = 32) -> Path
     import torch
 
     from model_export.export import export_artifact
-    from model_export.model import ModelConfig, RNNLM
+    from model_export.model import RNNLM, ModelConfig
     from service.vocab import Vocabulary
 
     vocab = Vocabulary(tiny_vocab_tokens())
@@ -42,8 +183,13 @@ def make_models_dir(root: Path, *, int8: bool = False, hidden: int = 32) -> Path
         model = RNNLM(ModelConfig(len(vocab), cell, 16, hidden, layers, 0.0))
         with torch.no_grad():  # sharper distributions than the default init
             model.embedding.weight.mul_(20)
-        export_artifact(model, vocab, root / cell, int8=int8,
-                        extra={"training": {"corpora": [], "note": "random weights for tests"}})
+        export_artifact(
+            model,
+            vocab,
+            root / cell,
+            int8=int8,
+            extra={"training": {"corpora": [], "note": "random weights for tests"}},
+        )
     return root
 
 

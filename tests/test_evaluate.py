@@ -9,7 +9,7 @@ import pytest
 
 from model_export.evaluate import evaluate_stream, ort_stepper, torch_stepper
 from model_export.export import export_artifact
-from model_export.model import ModelConfig, RNNLM
+from model_export.model import RNNLM, ModelConfig
 from service.tokenizer import tokenize
 from service.vocab import Vocabulary
 from tests.conftest import tiny_vocab_tokens

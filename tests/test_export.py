@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from model_export.export import ServingGraph, check_parity, export_artifact
-from model_export.model import ModelConfig, RNNLM
+from model_export.model import RNNLM, ModelConfig
 from service.artifact import ArtifactError, ModelArtifact, sha256_of
 from service.vocab import Vocabulary
 from tests.conftest import make_models_dir, tiny_vocab_tokens
@@ -41,7 +41,9 @@ def test_graph_accepts_other_shapes_than_the_example(tiny_artifacts: Path, cell:
         # top-k holds only suggestible words, with their unrenormalised probabilities
         ids = out["topk_ids"]
         assert artifact.vocab.suggestible[ids].all()
-        np.testing.assert_allclose(np.take_along_axis(out["probs"], ids, 1), out["topk_probs"], atol=1e-6)
+        np.testing.assert_allclose(
+            np.take_along_axis(out["probs"], ids, 1), out["topk_probs"], atol=1e-6
+        )
         np.testing.assert_allclose(out["probs"].sum(1), 1.0, atol=1e-4)
 
 
@@ -79,7 +81,9 @@ def _copy(src: Path, dst: Path) -> Path:
     return dst
 
 
-def test_corrupt_model_file_is_refused_naming_the_file(tiny_artifacts: Path, tmp_path: Path) -> None:
+def test_corrupt_model_file_is_refused_naming_the_file(
+    tiny_artifacts: Path, tmp_path: Path
+) -> None:
     art = _copy(tiny_artifacts / "lstm", tmp_path / "lstm")
     data = bytearray((art / "model.onnx").read_bytes())
     data[len(data) // 2] ^= 0xFF
@@ -132,3 +136,18 @@ def test_export_writes_nothing_when_parity_fails(tmp_path: Path, monkeypatch) ->
     with pytest.raises(export.ExportError):
         export_artifact(model, vocab, tmp_path / "gru")
     assert not (tmp_path / "gru").exists()
+
+
+def test_display_forms_travel_with_the_artifact(tmp_path: Path) -> None:
+    vocab = Vocabulary(tiny_vocab_tokens())
+    model = RNNLM(ModelConfig(len(vocab), "gru", 8, 8, 1, 0.0))
+    manifest = export_artifact(
+        model, vocab, tmp_path / "gru", display_forms={"i": "I", "i'm": "I'm"}
+    )
+    assert "display.tsv" in manifest["files"]
+    artifact = ModelArtifact.load(tmp_path / "gru")
+    assert artifact.vocab.display[artifact.vocab.index["i"]] == "I"
+    assert artifact.vocab.display[artifact.vocab.index["home"]] == "home"
+    (tmp_path / "gru" / "display.tsv").write_text("i\tYou\n")
+    with pytest.raises(ArtifactError, match=r"display\.tsv"):
+        ModelArtifact.load(tmp_path / "gru")

@@ -21,7 +21,16 @@ TEXTS = [
 
 def test_basic_tokens() -> None:
     assert tokenize("I am coming home. Don't!") == ["i", "am", "coming", "home", EOS, "don't", EOS]
-    assert tokenize("well-known, yes; no: maybe?") == ["well-known", ",", "yes", ";", "no", ":", "maybe", EOS]
+    assert tokenize("well-known, yes; no: maybe?") == [
+        "well-known",
+        ",",
+        "yes",
+        ";",
+        "no",
+        ":",
+        "maybe",
+        EOS,
+    ]
     assert tokenize("It\u2019s") == ["it's"]
 
 
@@ -48,11 +57,23 @@ def test_random_chunkings_give_the_same_tokens() -> None:
         assert [t for c in chunks for t in tokenize(c)] == tokenize(" ".join(words))
 
 
-@pytest.mark.parametrize("text", [
-    "", " ", "\x00\x01\x02\x7f", "\u200b\u200d", "\U0001f600\U0001f44d\U0001f3fd", "a\U0001f600b",
-    "x" * 10_000, ("word " * 2000), "\ud800".encode("utf-8", "surrogatepass").decode("utf-8", "replace"),
-    "\u0301\u0301", "\uffff\ufffe", "Ⅻ ﬁ ＡＢＣ",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        " ",
+        "\x00\x01\x02\x7f",
+        "\u200b\u200d",
+        "\U0001f600\U0001f44d\U0001f3fd",
+        "a\U0001f600b",
+        "x" * 10_000,
+        ("word " * 2000),
+        "\ud800".encode("utf-8", "surrogatepass").decode("utf-8", "replace"),
+        "\u0301\u0301",
+        "\uffff\ufffe",
+        "Ⅻ ﬁ ＡＢＣ",
+    ],
+)
 def test_odd_inputs_never_raise(text: str) -> None:
     tokens = tokenize(text)
     assert all(len(t) <= MAX_WORD_CHARS for t in tokens)

@@ -12,9 +12,15 @@ import model_export.train as train_module
 from model_export.train import TrainConfig, build_vocab, train
 
 SENTENCES = [
-    "the cat sat on the mat.", "the dog sat on the log.", "i am coming home now.",
-    "we are going home today.", "the cat and the dog are friends.", "you are very good.",
-    "she is coming home soon.", "they went home early!", "is the dog at home?",
+    "the cat sat on the mat.",
+    "the dog sat on the log.",
+    "i am coming home now.",
+    "we are going home today.",
+    "the cat and the dog are friends.",
+    "you are very good.",
+    "she is coming home soon.",
+    "they went home early!",
+    "is the dog at home?",
 ]
 
 
@@ -27,9 +33,24 @@ def corpus(tmp_path: Path) -> Path:
 
 
 def _config(corpus: Path, out: Path, **kw) -> TrainConfig:
-    base = dict(corpora=[str(corpus)], out=str(out), vocab_size=100, min_count=1, embedding_size=16,
-                hidden_size=24, layers=1, dropout=0.0, batch_size=8, bptt=10, epochs=1,
-                lr=1e-2, warmup_steps=5, checkpoint_interval=10, eval_interval=20, threads=1)
+    base = dict(
+        corpora=[str(corpus)],
+        out=str(out),
+        vocab_size=100,
+        min_count=1,
+        embedding_size=16,
+        hidden_size=24,
+        layers=1,
+        dropout=0.0,
+        batch_size=8,
+        bptt=10,
+        epochs=1,
+        lr=1e-2,
+        warmup_steps=5,
+        checkpoint_interval=10,
+        eval_interval=20,
+        threads=1,
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -49,7 +70,9 @@ def test_loss_falls_and_artifacts_are_written(corpus: Path, tmp_path: Path) -> N
     assert "embedding.weight" in state
 
 
-def test_interrupted_run_resumes_where_it_stopped(corpus: Path, tmp_path: Path, monkeypatch) -> None:
+def test_interrupted_run_resumes_where_it_stopped(
+    corpus: Path, tmp_path: Path, monkeypatch
+) -> None:
     cfg = _config(corpus, tmp_path / "ref", max_steps=40)
     train(cfg)
     reference = torch.load(tmp_path / "ref" / "last.pt", weights_only=False)["model"]
