@@ -1,0 +1,1 @@
+"""nextword service: ONNX Runtime engine, session state, batching and the FastAPI app."""
