@@ -1,0 +1,211 @@
+"""The `nextword` command: serve the API, predict from the shell, and (with the `train`
+extra installed) train, evaluate and export models.
+
+    nextword serve [--host H] [--port P] [--models DIR] [--workers N] [--log-level L]
+    nextword predict TEXT [--model NAME] [-k K] [--prefix P] [--models DIR]
+    nextword train|evaluate|export ...        (model_export.cli; needs torch)
+
+Every option of `serve` has a `NEXTWORD_*` variable (see service/config.py); an
+option given on the command line wins. Options reach the app through those same
+variables, because uvicorn's workers build the app themselves by calling
+`service.api:create_app()`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import copy
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from pydantic import ValidationError
+
+from service.config import Settings
+from service.errors import NextwordError
+
+SERVICE_COMMANDS = ("serve", "predict")
+TRAINING_COMMANDS = ("train", "evaluate", "export")
+# `serve` option -> the Settings field it overrides.
+SERVE_OPTIONS = {"host": "host", "port": "port", "models": "models_dir",
+                 "workers": "workers", "log_level": "log_level"}
+SHUTDOWN_GRACE_S = 30  # longest wait for open connections to finish on SIGTERM
+
+
+def env_name(field: str) -> str:
+    """The environment variable of a Settings field."""
+    return f"{Settings.model_config.get('env_prefix', '')}{field}".upper()
+
+
+def load_settings() -> Settings:
+    """Settings from the environment, or exit with what is wrong in it."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        raise SystemExit(f"nextword: bad configuration:\n{exc}") from exc
+
+
+# --- serve -----------------------------------------------------------------------
+
+
+def uvicorn_log_config(level: str) -> dict[str, Any]:
+    """uvicorn's logging, with the service's own loggers printed the same way."""
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    py_level = "DEBUG" if level == "trace" else level.upper()
+    config["loggers"]["service"] = {"handlers": ["default"], "level": py_level,
+                                    "propagate": False}
+    return config
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Run uvicorn on `service.api:create_app` with the settings plus the given options."""
+    import uvicorn
+
+    for option, field in SERVE_OPTIONS.items():
+        value = getattr(args, option)
+        if value is not None:
+            os.environ[env_name(field)] = str(value)
+    settings = load_settings()
+    if settings.workers > 1 and settings.session_store == "memory":
+        print("nextword: warning: with --workers > 1 and the in-process session store, a "
+              "session lives in one worker; use NEXTWORD_SESSION_STORE=redis://... so that "
+              "REST calls of a session may reach any worker", file=sys.stderr)
+    uvicorn.run(
+        "service.api:create_app",
+        factory=True,
+        host=settings.host,
+        port=settings.port,
+        workers=settings.workers,
+        log_level=settings.log_level,
+        log_config=uvicorn_log_config(settings.log_level),
+        ws_max_size=settings.max_ws_message_bytes,
+        timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
+    )
+    return 0
+
+
+# --- predict ---------------------------------------------------------------------
+
+
+def prediction_table(answer: dict[str, Any]) -> str:
+    """The predictions of an answer as a small aligned table."""
+    rows = [(str(i), p["word"], f"{p['probability']:.4f}")
+            for i, p in enumerate(answer["predictions"], 1)]
+    header = ("#", "word", "probability")
+    widths = [max(len(r[c]) for r in [header, *rows]) for c in range(3)]
+    lines = [f"model {answer['model']}, {answer['tokens']} tokens of context"]
+    for row in [header, *rows]:
+        lines.append(f"{row[0]:>{widths[0]}}  {row[1]:<{widths[1]}}  {row[2]:>{widths[2]}}")
+    return "\n".join(lines)
+
+
+async def predict_once(settings: Settings, text: str, k: int, model: str | None,
+                       prefix: str | None) -> dict[str, Any]:
+    """Start a predictor in this process, answer one request, close it."""
+    from service.predictor import Predictor
+
+    predictor = await Predictor.start(settings)
+    try:
+        return await predictor.predict(text, k=k, model=model, prefix=prefix)
+    finally:
+        await predictor.close()
+
+
+def predict(args: argparse.Namespace) -> int:
+    """Print the next-word predictions for a text."""
+    if args.models is not None:
+        os.environ[env_name("models_dir")] = args.models
+    settings = load_settings()
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        answer = asyncio.run(predict_once(settings, args.text, args.k, args.model, args.prefix))
+    except NextwordError as exc:
+        print(f"nextword: {exc.code}: {exc.message}", file=sys.stderr)
+        return 1
+    print(prediction_table(answer))
+    return 0
+
+
+# --- the parser ------------------------------------------------------------------
+
+
+def add_training_commands(commands: argparse._SubParsersAction) -> None:
+    """train/evaluate/export from model_export, or stubs that say what is missing."""
+    try:
+        from model_export.cli import add_subcommands
+
+        add_subcommands(commands)
+    except ImportError as exc:  # the serving image has no torch (nor model_export)
+        reason = f"{exc}; install the training extra: pip install 'nextword[train]'"
+
+        def unavailable(args: argparse.Namespace) -> int:
+            print(f"nextword {args.command}: unavailable ({reason})", file=sys.stderr)
+            return 2
+
+        for name in TRAINING_COMMANDS:
+            if name not in commands.choices:
+                stub = commands.add_parser(name, help=f"unavailable: {exc}")
+                stub.add_argument("rest", nargs=argparse.REMAINDER)
+                stub.set_defaults(handler=unavailable)
+
+
+def build_parser(with_training: bool = True) -> argparse.ArgumentParser:
+    """The `nextword` parser; training commands only when asked (importing them loads torch)."""
+    parser = argparse.ArgumentParser(
+        prog="nextword", description="Next-word prediction with recurrent language models."
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    serve_p = commands.add_parser(
+        "serve", help="serve the HTTP and WebSocket API",
+        description="Serve API v1 with uvicorn. Each option defaults to its NEXTWORD_* "
+        "variable, then to the built-in default.",
+    )
+    serve_p.add_argument("--host", help="address to bind (NEXTWORD_HOST; default 127.0.0.1)")
+    serve_p.add_argument("--port", type=int, help="port (NEXTWORD_PORT; default 8000)")
+    serve_p.add_argument("--models", metavar="DIR",
+                         help="directory of model artifacts (NEXTWORD_MODELS_DIR; "
+                         "default: the bundled models)")
+    serve_p.add_argument("--workers", type=int,
+                         help="worker processes (NEXTWORD_WORKERS; default 1)")
+    serve_p.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug",
+                                                 "trace"],
+                         help="log level (NEXTWORD_LOG_LEVEL; default info)")
+    serve_p.set_defaults(handler=serve)
+
+    predict_p = commands.add_parser(
+        "predict", help="print the most likely next words of a text",
+        description="Load the models in this process and print the top next words.",
+    )
+    predict_p.add_argument("text", help='whole words typed so far, e.g. "I am coming"')
+    predict_p.add_argument("--model", help="model name (default: NEXTWORD_DEFAULT_MODEL)")
+    predict_p.add_argument("-k", type=int, default=5, help="how many words (1..50; default 5)")
+    predict_p.add_argument("--prefix", help="the partly typed next word")
+    predict_p.add_argument("--models", metavar="DIR", help="directory of model artifacts")
+    predict_p.set_defaults(handler=predict)
+
+    if with_training:
+        add_training_commands(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `nextword` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # `serve` and `predict` never need torch: skip importing the training commands.
+    with_training = not (argv and argv[0] in SERVICE_COMMANDS)
+    parser = build_parser(with_training)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    return int(args.handler(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
