@@ -1,0 +1,197 @@
+"""ONNX Runtime engine: one InferenceSession per model artifact, run through IOBinding.
+
+A run takes a batch of token rows (`(B, T)`: one step when T == 1, a prefill when
+T > 1) and the batch's recurrent state, and returns the top `max_k` suggestible words
+of the last position, optionally the full distribution (only for prefix completion),
+and the new state. States cross the host/device boundary once per batch: inputs are
+bound from host arrays, outputs are bound on the session's device and copied back once.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnxruntime as ort
+
+from service.artifact import (
+    PROBS,
+    TOKENS,
+    TOPK_IDS,
+    TOPK_PROBS,
+    ArtifactError,
+    ModelArtifact,
+    state_inputs,
+    state_outputs,
+)
+
+log = logging.getLogger(__name__)
+
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+_SHORT_NAMES = {"cuda": CUDA, "cpu": CPU, "tensorrt": "TensorrtExecutionProvider"}
+
+State = tuple[np.ndarray, ...]  # (h,) or (h, c); each float32 (L, B, H)
+
+# Set once a CUDA session silently fell back to CPU, so that later models skip the attempt.
+_cuda_failed = False
+_lock = threading.Lock()
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """What one run returns, for the last position of each row."""
+
+    topk_probs: np.ndarray  # (B, K) float32, best first, suggestible words only
+    topk_ids: np.ndarray  # (B, K) int64
+    probs: np.ndarray | None  # (B, V) float32 full distribution, only when asked for
+    state: State  # each (L, B, H) float32
+
+    def __len__(self) -> int:
+        return int(self.topk_ids.shape[0])
+
+
+def choose_providers(setting: str = "auto") -> list[str]:
+    """Execution providers to request: "auto" is CUDA then CPU when CUDA is installed.
+
+    "auto" may still end on CPU (onnxruntime-gpu falls back silently when CUDA libraries
+    or a GPU are missing): `OrtModel.providers` is what a session really uses.
+    """
+    available = ort.get_available_providers()
+    if setting.strip().lower() == "auto":
+        with _lock:
+            cuda = CUDA in available and not _cuda_failed
+        return [CUDA, CPU] if cuda else [CPU]
+    chosen = []
+    for name in (part.strip() for part in setting.split(",")):
+        if not name:
+            continue
+        full = _SHORT_NAMES.get(name.lower(), name)
+        if full not in available:
+            raise ValueError(f"execution provider {name!r} is not available (have {available})")
+        chosen.append(full)
+    if not chosen:
+        raise ValueError("no execution provider given")
+    return chosen
+
+
+class OrtModel:
+    """One model artifact served by one ONNX Runtime InferenceSession."""
+
+    def __init__(
+        self, artifact: ModelArtifact, providers: Sequence[str], intra_op_threads: int = 0
+    ) -> None:
+        global _cuda_failed
+        self.artifact = artifact
+        self.name = artifact.name
+        self.cell = artifact.cell
+        self.vocab = artifact.vocab
+        self.eos_id = artifact.vocab.eos_id
+        self.layers = artifact.layers
+        self.hidden_size = artifact.hidden_size
+        self.state_inputs = state_inputs(self.cell)
+        self.state_outputs = state_outputs(self.cell)
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if intra_op_threads:
+            options.intra_op_num_threads = intra_op_threads
+        for key, value in (artifact.manifest.get("session_config") or {}).items():
+            options.add_session_config_entry(str(key), str(value))
+        requested = list(providers)
+        if CUDA in requested:
+            # A failed CUDA load is logged by ORT at error level on every attempt; the
+            # fallback is reported below, once, in words.
+            ort.set_default_logger_severity(4)
+        try:
+            self.session = ort.InferenceSession(
+                str(artifact.onnx_path), options, providers=requested
+            )
+        finally:
+            ort.set_default_logger_severity(2)
+        self.providers: list[str] = self.session.get_providers()
+        self.on_cuda = self.providers[0] == CUDA
+        if CUDA in requested and not self.on_cuda:
+            with _lock:
+                first = not _cuda_failed
+                _cuda_failed = True
+            if first:
+                log.warning("CUDA requested but not usable here: ONNX Runtime fell back to CPU")
+        log.info("model %s (%s): providers in use %s", self.name, self.cell, self.providers)
+        have = {i.name for i in self.session.get_inputs()} | {
+            o.name for o in self.session.get_outputs()
+        }
+        want = {TOKENS, *self.state_inputs, *self.state_outputs, TOPK_PROBS, TOPK_IDS, PROBS}
+        if want - have:
+            raise ArtifactError(f"{artifact.onnx_path}: graph lacks {sorted(want - have)}")
+
+        self.max_k = artifact.max_k
+        # The context of every text starts after an implicit end of sentence.
+        self.start = self.run(
+            np.array([[self.vocab.eos_id]], dtype=np.int64), self.zero_state(1), want_probs=True
+        )
+
+    def zero_state(self, batch: int) -> State:
+        """An all-zero state for `batch` rows."""
+        shape = (self.layers, batch, self.hidden_size)
+        return tuple(np.zeros(shape, dtype=np.float32) for _ in self.state_inputs)
+
+    def run(self, tokens: np.ndarray, state: State, want_probs: bool = False) -> StepOutput:
+        """Run `tokens` (B, T) int64 from `state` (each (L, B, H)); B >= 1, T >= 1."""
+        batch = tokens.shape[0]
+        if tokens.ndim != 2 or batch == 0 or tokens.shape[1] == 0:
+            raise ValueError(f"tokens must be a non-empty (B, T) array, got {tokens.shape}")
+        for array in state:
+            if array.shape != (self.layers, batch, self.hidden_size):
+                raise ValueError(f"state of shape {array.shape} for a batch of {batch}")
+        binding = self.session.io_binding()
+        inputs = [(TOKENS, np.ascontiguousarray(tokens, dtype=np.int64))]
+        inputs += [
+            (name, np.ascontiguousarray(array, dtype=np.float32))
+            for name, array in zip(self.state_inputs, state)
+        ]
+        device = "cuda" if self.on_cuda else "cpu"
+        for name, array in inputs:
+            if self.on_cuda:
+                # One host-to-device copy per input and batch.
+                binding.bind_ortvalue_input(
+                    name, ort.OrtValue.ortvalue_from_numpy(array, "cuda", 0)
+                )
+            else:
+                binding.bind_cpu_input(name, array)
+        outputs = [*self.state_outputs, TOPK_PROBS, TOPK_IDS] + ([PROBS] if want_probs else [])
+        for name in outputs:
+            binding.bind_output(name, device)
+        self.session.run_with_iobinding(binding)
+        values = dict(zip(outputs, binding.copy_outputs_to_cpu()))
+        return StepOutput(
+            topk_probs=values[TOPK_PROBS],
+            topk_ids=values[TOPK_IDS],
+            probs=values.get(PROBS),
+            state=tuple(values[name] for name in self.state_outputs),
+        )
+
+
+def top_words(
+    output: StepOutput, row: int, k: int, candidates: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The best `k` (ids, probabilities) of one row, best first.
+
+    Without `candidates` they come from the graph's top-k; with them (the sorted ids of
+    the words matching a prefix) from the full distribution restricted to those ids.
+    """
+    if candidates is None:
+        return output.topk_ids[row, :k], output.topk_probs[row, :k]
+    if output.probs is None:
+        raise ValueError("prefix completion needs a run with want_probs=True")
+    scores = output.probs[row, candidates]
+    if k < len(candidates):
+        best = np.argpartition(-scores, k - 1)[:k]
+    else:
+        best = np.arange(len(candidates))
+    # Stable on ties: equal probabilities keep the vocabulary's id order.
+    best = best[np.lexsort((candidates[best], -scores[best]))]
+    return candidates[best], scores[best]
