@@ -23,7 +23,7 @@ from service.errors import UnknownSession
 State = tuple[np.ndarray, ...]  # (h,) or (h, c); each float32 (L, H)
 
 
-@dataclass
+@dataclass(eq=False)  # states are arrays: compare fields explicitly
 class SessionRecord:
     """One session as the batcher sees it.
 
