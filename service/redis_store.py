@@ -4,10 +4,16 @@
 redis-py's asyncio client. Chosen by `NEXTWORD_SESSION_STORE=redis://host:port/db`.
 
 Round trips. The batcher reads a whole batch with `get_many` (one MGET) and writes
-it back with `put_many` (one EVALSHA of a Lua script). The script compares each
-key's stored version with the expected one and writes the records that match, so
-two replicas stepping the same session at once cannot both win: the loser's step is
-retried on the new state (no lost update). Redis runs a script atomically.
+it back with `put_many`: one MULTI/EXEC transaction, sent as one round trip, that
+MSETs the new records under staging keys and runs a Lua script which, for each
+session, compares the stored version with the expected one and RENAMEs the staged
+record onto the session key where they match. Two replicas stepping the same
+session at once cannot both win: the loser's step is retried on the new state (no
+lost update). The records never pass through Lua: a script's arguments are copied
+into Lua strings, which for 8 KB records costs Redis ~2x the time of the whole
+staged transaction (measured with `benchmarks/bench_store.py`). Keys of one batch
+may live anywhere: this needs a single Redis (or a Sentinel-managed primary), not
+Redis Cluster.
 
 Record. One binary string per session, key `nextword:session:<id>`:
 
@@ -25,7 +31,7 @@ Record. One binary string per session, key `nextword:session:<id>`:
     43      n     model name     UTF-8
     43+n          state          arrays * layers * hidden * 4 bytes, raw little-endian float32
 
-Expiry. Every write sets the key's TTL to `ttl_s` (SET ... PX), so Redis drops idle
+Expiry. Every write sets the key's TTL to `ttl_s` (PEXPIRE), so Redis drops idle
 sessions itself. Reading does not refresh it; every step writes.
 
 Memory sizing. Bytes per session = 43 + len(model) + arrays * layers * hidden * 4,
@@ -33,7 +39,7 @@ plus Redis's per-key overhead (key string, dict and expiry entries, allocator
 rounding; about 100-200 bytes). Arrays is 2 for an LSTM, 1 for a GRU. The
 2 x 512 LSTM: 43 + 4 + 2*2*512*4 = 8,239 bytes of value; `MEMORY USAGE` reports
 about 10 KB per key (jemalloc rounds 8,239 up to its 10,240 size class), so
-100,000 live sessions take about 1 GB. A 1 x 512 GRU: 2,095 bytes (~2.3 KB a key).
+100,000 live sessions take about 1 GB. A 1 x 512 GRU: 2,094 bytes of value.
 Bound it with Redis's own `maxmemory` and `maxmemory-policy volatile-lru` (the
 store's `cap` is not enforced here: Redis evicts, and counts evictions and
 expirations in `INFO stats`, `evicted_keys` and `expired_keys`).
@@ -79,25 +85,31 @@ _VERSION = struct.Struct("<Q")
 _DTYPE = np.dtype("<f4")
 _UNREACHABLE = (RedisConnectionError, RedisTimeoutError, ReadOnlyError, OSError)
 
-# KEYS: session keys. ARGV[1]: TTL in ms; then per key the expected first 12 bytes
-# (magic + version; "" = must not exist) and the new record.
+# Runs inside MULTI, right after an MSET of the new records under staging keys (see
+# the module docstring for why the records do not go through the script's ARGV).
+# KEYS[1..n]: session keys; KEYS[n+1..2n]: their staged records. ARGV[1]: TTL in ms;
+# ARGV[1+i]: the expected first 12 bytes of key i (magic + version; "" = must not exist).
 _CAS_SCRIPT = """
+local n = #KEYS / 2
 local ttl = ARGV[1]
 local written = {}
-for i, key in ipairs(KEYS) do
-  local expect, record = ARGV[2 * i], ARGV[2 * i + 1]
+for i = 1, n do
+  local key, staged, expect = KEYS[i], KEYS[n + i], ARGV[1 + i]
   local ok
   if expect == '' then
     ok = redis.call('EXISTS', key) == 0
   else
     ok = redis.call('GETRANGE', key, 0, 11) == expect
   end
+  if not ok and redis.call('GET', key) == redis.call('GET', staged) then
+    ok = true  -- our own write, replayed after its reply was lost
+  end
   if ok then
-    redis.call('SET', key, record, 'PX', ttl)
+    redis.call('RENAME', staged, key)
+    redis.call('PEXPIRE', key, ttl)
     written[i] = 1
-  elseif redis.call('GET', key) == record then
-    written[i] = 1  -- our own write, replayed after its reply was lost
   else
+    redis.call('DEL', staged)
     written[i] = 0
   end
 end
@@ -162,13 +174,14 @@ class RedisSessionStore:
         ttl_s: float = 1800.0,
         cap: int | None = None,
         prefix: str = "nextword:session:",
+        stage_prefix: str = "nextword:stage:",
     ) -> None:
         self._redis = client
         self.ttl_s = ttl_s
         self.cap = cap  # informational: Redis's maxmemory policy bounds memory
         self.prefix = prefix
+        self.stage_prefix = stage_prefix
         self._ttl_ms = max(1, round(ttl_s * 1000))
-        self._cas = client.register_script(_CAS_SCRIPT)
         self._where = _describe(client)
         # Redis expires and evicts keys itself and counts them (INFO stats); a
         # replica cannot attribute them, so these stay at zero.
@@ -243,7 +256,7 @@ class RedisSessionStore:
     async def put_many(
         self, records: list[SessionRecord], expected: list[int | None]
     ) -> list[bool]:
-        """Compare-and-set each record on its version, all in one script call.
+        """Compare-and-set each record on its version: one transaction, one round trip.
 
         True where written; the stored version is then `(expected or 0) + 1`.
         """
@@ -251,14 +264,25 @@ class RedisSessionStore:
             raise ValueError("one expected version per record")
         if not records:
             return []
-        keys: list[str] = []
-        args: list[Any] = [self._ttl_ms]
-        for record, version in zip(records, expected, strict=True):
-            keys.append(self._key(record.session_id))
-            args.append(b"" if version is None else MAGIC + _VERSION.pack(version))
-            args.append(encode_record(record, (version or 0) + 1))
+        # Staging keys are unique to this call and live only inside its transaction:
+        # MULTI makes the MSET and the script one atomic unit (nothing runs if the
+        # connection drops before EXEC), so no other client ever sees them.
+        stage = f"{self.stage_prefix}{secrets.token_hex(8)}:"
+        keys = [self._key(r.session_id) for r in records]
+        staged = [f"{stage}{i}" for i in range(len(records))]
+        expect: list[Any] = [b"" if v is None else MAGIC + _VERSION.pack(v) for v in expected]
+        values = {
+            name: encode_record(record, (version or 0) + 1)
+            for name, record, version in zip(staged, records, expected, strict=True)
+        }
         with self._reachable():
-            written = await self._cas(keys=keys, args=args)
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.mset(values)
+                # EVAL, not EVALSHA: Redis caches the compiled script by its hash, and
+                # EVAL never fails with NOSCRIPT after a restart (which would leave
+                # the staged records behind); the script text is ~800 bytes.
+                pipe.eval(_CAS_SCRIPT, len(keys) * 2, *keys, *staged, self._ttl_ms, *expect)
+                _, written = await pipe.execute()
         return [bool(w) for w in written]
 
     async def get(self, session_id: str) -> SessionRecord:
