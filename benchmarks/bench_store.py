@@ -69,7 +69,7 @@ def local_redis() -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
 
 def make_records(n: int, cell: str, layers: int, hidden: int) -> list[SessionRecord]:
     rng = np.random.default_rng(0)
-    arrays = 2 if cell == "lstm" else 1
+    arrays = 4 if cell == "lstm" else 2  # current and previous (h, c) / h
     now = time.time()
     return [
         SessionRecord(

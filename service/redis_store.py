@@ -21,28 +21,29 @@ Record. One binary string per session, key `nextword:session:<id>`:
     0       4     magic b"NWS" + format version (1)
     4       8     version        u64   (the CAS compares bytes 0..11)
     12      4     tokens         u32
-    16      8     created_at     f64   Unix time
-    24      8     last_used_at   f64   Unix time
-    32      3     dtype          numpy dtype string, b"<f4"
-    35      1     arrays         1 (GRU: h) or 2 (LSTM: h, c)
-    36      2     layers         u16
-    38      4     hidden         u32
-    42      1     len(model)     u8
-    43      n     model name     UTF-8
-    43+n          state          arrays * layers * hidden * 4 bytes, raw little-endian float32
+    16      4     last_token     i32   id of the last token run (-1: none yet)
+    20      8     created_at     f64   Unix time
+    28      8     last_used_at   f64   Unix time
+    36      3     dtype          numpy dtype string, b"<f4"
+    39      1     arrays         state arrays: (h, h_prev) GRU, (h, c, h_prev, c_prev) LSTM
+    40      2     layers         u16
+    42      4     hidden         u32
+    46      1     len(model)     u8
+    47      n     model name     UTF-8
+    47+n          state          arrays * layers * hidden * 4 bytes, raw little-endian float32
 
 Expiry. Every write sets the key's TTL to `ttl_s` (PEXPIRE), so Redis drops idle
 sessions itself. Reading does not refresh it; every step writes.
 
-Memory sizing. Bytes per session = 43 + len(model) + arrays * layers * hidden * 4,
-plus Redis's per-key overhead (key string, dict and expiry entries, allocator
-rounding; about 100-200 bytes). Arrays is 2 for an LSTM, 1 for a GRU. The
-2 x 512 LSTM: 43 + 4 + 2*2*512*4 = 8,239 bytes of value; `MEMORY USAGE` reports
-about 10 KB per key (jemalloc rounds 8,239 up to its 10,240 size class), so
-100,000 live sessions take about 1 GB. A 1 x 512 GRU: 2,094 bytes of value.
-Bound it with Redis's own `maxmemory` and `maxmemory-policy volatile-lru` (the
-store's `cap` is not enforced here: Redis evicts, and counts evictions and
-expirations in `INFO stats`, `evicted_keys` and `expired_keys`).
+Memory sizing. Bytes per session = 47 + len(model) + arrays * layers * hidden * 4,
+plus Redis's per-key overhead (key, dict and expiry entries, allocator rounding).
+Arrays is 4 for an LSTM (h and c, now and one token back), 2 for a GRU. The 2 x 512
+LSTM: 47 + 4 + 4*2*512*4 = 16,435 bytes of value; `MEMORY USAGE` reports ~20.5 KB
+per key (jemalloc rounds the value up to its 20,480-byte size class), so 100,000
+live sessions take about 2 GB. A 1 x 512 GRU: 47 + 3 + 2*1*512*4 = 4,146 bytes of
+value (~5 KB a key). Bound it with Redis's own `maxmemory` and `maxmemory-policy
+volatile-lru` (the store's `cap` is not enforced here: Redis evicts, and counts
+evictions and expirations in `INFO stats`, `evicted_keys` and `expired_keys`).
 `count()` is `DBSIZE`: give the sessions a database of their own.
 
 Faults. Connection errors and timeouts become `StoreUnavailable` (HTTP 503). The
@@ -79,8 +80,9 @@ log = logging.getLogger(__name__)
 
 FORMAT = 1
 MAGIC = b"NWS" + bytes([FORMAT])
-# magic+format, version, tokens, created_at, last_used_at, dtype, arrays, layers, hidden, len(model)
-_HEAD = struct.Struct("<4sQIdd3sBHIB")
+# magic+format, version, tokens, last_token, created_at, last_used_at, dtype, arrays,
+# layers, hidden, len(model)
+_HEAD = struct.Struct("<4sQIidd3sBHIB")
 _VERSION = struct.Struct("<Q")
 _DTYPE = np.dtype("<f4")
 _UNREACHABLE = (RedisConnectionError, RedisTimeoutError, ReadOnlyError, OSError)
@@ -128,6 +130,7 @@ def encode_record(record: SessionRecord, version: int) -> bytes:
         MAGIC,
         version,
         record.tokens,
+        record.last_token,
         record.created_at,
         record.last_used_at,
         _DTYPE.str.encode(),
@@ -143,9 +146,19 @@ def decode_record(session_id: str, data: bytes) -> SessionRecord:
     """The record stored as `data`; raises ValueError when it is not one of ours."""
     if data[:4] != MAGIC:
         raise ValueError(f"unknown record format {data[:4]!r}")
-    (_, version, tokens, created_at, last_used_at, dtype, arrays, layers, hidden, name_len) = (
-        _HEAD.unpack_from(data)
-    )
+    (
+        _,
+        version,
+        tokens,
+        last_token,
+        created_at,
+        last_used_at,
+        dtype,
+        arrays,
+        layers,
+        hidden,
+        name_len,
+    ) = _HEAD.unpack_from(data)
     start = _HEAD.size + name_len
     model = data[_HEAD.size : start].decode()
     dt = np.dtype(dtype.decode())
@@ -161,6 +174,7 @@ def decode_record(session_id: str, data: bytes) -> SessionRecord:
         created_at=created_at,
         last_used_at=last_used_at,
         version=version,
+        last_token=last_token,
     )
 
 

@@ -36,10 +36,12 @@ async def store(redis_server: RedisServer) -> AsyncIterator[object]:
 def record(session_id: str, cell: str = "lstm", layers: int = 2, hidden: int = 8) -> SessionRecord:
     """A record with a fresh random state: no two calls give the same bytes."""
     rng = np.random.default_rng(next(_seeds))
-    arrays = 2 if cell == "lstm" else 1
+    arrays = 4 if cell == "lstm" else 2  # current and previous (h, c) / h
     state = tuple(rng.standard_normal((layers, hidden)).astype(np.float32) for _ in range(arrays))
     now = time.time()
-    return SessionRecord(session_id, cell, state, tokens=3, created_at=now, last_used_at=now)
+    return SessionRecord(
+        session_id, cell, state, tokens=3, created_at=now, last_used_at=now, last_token=7
+    )
 
 
 def test_protocol(store: object) -> None:
@@ -54,7 +56,7 @@ async def test_round_trip_is_bit_exact(store, cell: str) -> None:
     assert await store.put_many([rec], [None]) == [True]
     (got,) = await store.get_many([rec.session_id])
     assert got is not None
-    assert (got.model, got.tokens, got.version) == (cell, 3, 1)
+    assert (got.model, got.tokens, got.version, got.last_token) == (cell, 3, 1, 7)
     assert (got.created_at, got.last_used_at) == (rec.created_at, rec.last_used_at)
     assert len(got.state) == len(rec.state)
     for a, b in zip(got.state, rec.state, strict=True):
