@@ -139,6 +139,7 @@ class StepBatcher:
         self._waiter: asyncio.Future[None] | None = None
         self._wake_at = 1
         self._executor: ThreadPoolExecutor | None = None
+        self._in_flight: list[Step] = []
         self._start_current: State = tuple(a[:, 0, :] for a in runner.start.state)
         self._zeros: State = tuple(np.zeros_like(a) for a in self._start_current)
         if runner.start.probs is None:
@@ -168,12 +169,13 @@ class StepBatcher:
                 self._task.cancel()
             await asyncio.wait([self._task])  # never cancels the loop if this wait is
             self._task = None
-        while self._pending:
-            step = self._pending.popleft()
-            _resolve(step.future, Overloaded(f"model {self.name!r} is shutting down"))
+        # Left only when not draining: the batch cut short and the queue.
+        self._fail(self._in_flight, StepFailed(f"model {self.name!r} stopped during this step"))
+        self._fail(list(self._pending), Overloaded(f"model {self.name!r} is shutting down"))
+        self._pending.clear()
         self._queue_depth.set(0)
         if self._executor is not None:
-            self._executor.shutdown(wait=True)
+            await asyncio.to_thread(self._executor.shutdown, True)  # a cut-short run ends
             self._executor = None
 
     @property
@@ -233,11 +235,13 @@ class StepBatcher:
             batch = self._take()
             self._queue_depth.set(len(self._pending))
             if batch:
+                self._in_flight = batch  # what stop(drain=False) must fail if it cuts in
                 try:
                     await self._process(batch)
                 except Exception as exc:  # a bug: fail the batch, keep serving
                     log.exception("batch of model %s failed", self.name)
                     self._fail(batch, StepFailed(f"the step failed ({type(exc).__name__})"))
+                self._in_flight = []
 
     def _take(self) -> list[Step]:
         """Up to `max_batch` steps, one per session; later steps of a session wait, in order."""

@@ -1,0 +1,424 @@
+"""StepBatcher with a fake runner (numpy, no ONNX Runtime, no HTTP)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import numpy as np
+import pytest
+
+from service.batcher import Step, StepBatcher, StepResult
+from service.engine import State, StepOutput
+from service.errors import Overloaded, StepFailed, StoreUnavailable, UnknownSession
+from service.sessions import MemorySessionStore, SessionRecord
+
+EOS = 2
+VOCAB = 12
+
+
+class FakeRunner:
+    """A small recurrent "model" in numpy with the engine's run contract.
+
+    Each layer: h <- tanh(0.5 h + x) (and c likewise, shifted); the output is a softmax
+    of the top layer. Rows never mix, so a row in a batch equals the row alone.
+    """
+
+    name = "fake"
+    eos_id = EOS
+
+    def __init__(self, layers: int = 2, hidden: int = 6, cells: int = 2) -> None:
+        rng = np.random.default_rng(0)
+        self.layers, self.hidden, self.cells = layers, hidden, cells
+        self.embedding = rng.standard_normal((VOCAB, hidden)).astype(np.float32)
+        self.decoder = (rng.standard_normal((hidden, VOCAB)) * 3).astype(np.float32)
+        self.suggest = np.ones(VOCAB, dtype=bool)
+        self.suggest[:3] = False  # <pad> <unk> </s>
+        self.max_k = int(self.suggest.sum())
+        self.calls: list[tuple[int, int, bool]] = []  # (batch, seq, want_probs)
+        self.fail: Callable[[np.ndarray], bool] = lambda tokens: False
+        self.wrong_rows = False
+        self.gate: threading.Event | None = None  # when set, runs wait for it
+        self.entered = threading.Event()
+        zeros = tuple(np.zeros((layers, 1, hidden), np.float32) for _ in range(cells))
+        self.start = self.run(np.array([[EOS]]), zeros, want_probs=True)
+        self.calls.clear()
+        self.entered.clear()
+
+    def run(self, tokens: np.ndarray, state: State, want_probs: bool = False) -> StepOutput:
+        self.entered.set()
+        if self.gate is not None:
+            assert self.gate.wait(10), "test gate never opened"
+        batch, seq = tokens.shape
+        self.calls.append((batch, seq, want_probs))
+        if self.fail(tokens):
+            raise RuntimeError("the fake model failed")
+        h = [s.copy() for s in state]
+        for t in range(seq):
+            x = self.embedding[tokens[:, t]]  # (B, H)
+            for layer in range(self.layers):
+                for c in range(self.cells):
+                    h[c][layer] = np.tanh(0.5 * h[c][layer] + x + 0.1 * c)
+                x = h[0][layer]
+        logits = h[0][-1] @ self.decoder  # (B, V)
+        probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+        probs /= probs.sum(axis=1, keepdims=True)
+        scores = probs * self.suggest
+        ids = np.argsort(-scores, axis=1, kind="stable")[:, : self.max_k]
+        if self.wrong_rows:
+            ids, probs, h = ids[:-1], probs[:-1], [a[:, :-1] for a in h]
+        return StepOutput(
+            np.take_along_axis(scores, ids, axis=1).astype(np.float32),
+            ids.astype(np.int64),
+            probs.astype(np.float32) if want_probs else None,
+            tuple(h),
+        )
+
+
+class CountingStore(MemorySessionStore):
+    """The memory store, counting round trips and able to fail or interfere."""
+
+    def __init__(self) -> None:
+        super().__init__(ttl_s=3600.0, cap=1000)
+        self.reads: list[list[str]] = []
+        self.writes: list[list[str]] = []
+        self.unavailable = False
+        self.before_put: Callable[[list[SessionRecord]], Any] | None = None
+
+    async def get_many(self, ids: list[str]) -> list[SessionRecord | None]:
+        self.reads.append(list(ids))
+        if self.unavailable:
+            raise StoreUnavailable("store down (test)")
+        return await super().get_many(ids)
+
+    async def put_many(
+        self, records: list[SessionRecord], expected: list[int | None]
+    ) -> list[bool]:
+        self.writes.append([r.session_id for r in records])
+        if self.before_put is not None:
+            await self.before_put(records)
+        return await super().put_many(records, expected)
+
+
+@pytest.fixture
+def runner() -> FakeRunner:
+    return FakeRunner()
+
+
+@pytest.fixture
+def store() -> CountingStore:
+    return CountingStore()
+
+
+@pytest.fixture
+async def batcher(runner: FakeRunner, store: CountingStore) -> AsyncIterator[StepBatcher]:
+    b = StepBatcher(runner, store, max_batch=64, max_wait_ms=5.0, max_queue=1000)
+    await b.start()
+    yield b
+    await b.stop()
+
+
+def alone(runner: FakeRunner, tokens: list[int], k: int = 5) -> tuple[list[int], np.ndarray]:
+    """What the fake gives for [eos] + tokens run from a zero state in one go."""
+    zeros = tuple(np.zeros((runner.layers, 1, runner.hidden), np.float32) for _ in range(2))
+    out = runner.run(np.array([[EOS, *tokens]]), zeros)
+    return out.topk_ids[0, :k].tolist(), out.topk_probs[0, :k]
+
+
+def same(result: StepResult, want: tuple[list[int], np.ndarray]) -> None:
+    assert result.ids.tolist() == want[0]
+    np.testing.assert_allclose(result.probs, want[1], atol=1e-5)
+
+
+async def new_session(b: StepBatcher, session_id: str, tokens: list[int] | None = None) -> None:
+    await b.step(Step(tokens or [], session_id=session_id, create=True))
+
+
+def texts(n: int, seed: int = 0) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(3, VOCAB, size=rng.integers(1, 9)).tolist() for _ in range(n)]
+
+
+async def test_stateless_steps_are_batched_and_equal_each_alone(
+    batcher: StepBatcher, runner: FakeRunner
+) -> None:
+    inputs = texts(64)
+    results = await asyncio.gather(*(batcher.step(Step(t)) for t in inputs))
+    assert max(b for b, _, _ in runner.calls) > 1  # really batched
+    for tokens, result in zip(inputs, results):
+        assert result.tokens == len(tokens) and result.record is None
+        same(result, alone(runner, tokens))
+
+
+async def test_sessions_fed_in_chunks_equal_the_whole_text(
+    batcher: StepBatcher, runner: FakeRunner
+) -> None:
+    inputs = texts(32, seed=1)
+    ids = [f"s{i}" for i in range(len(inputs))]
+    await asyncio.gather(*(new_session(batcher, i) for i in ids))
+
+    async def feed(session_id: str, tokens: list[int], seed: int) -> StepResult:
+        rng = np.random.default_rng(seed)
+        result = None
+        i = 0
+        while i < len(tokens):
+            n = int(rng.integers(1, 4))
+            result = await batcher.step(Step(tokens[i : i + n], session_id=session_id))
+            i += n
+        assert result is not None
+        return result
+
+    results = await asyncio.gather(*(feed(s, t, n) for n, (s, t) in enumerate(zip(ids, inputs))))
+    for tokens, result in zip(inputs, results):
+        assert result.tokens == len(tokens)
+        same(result, alone(runner, tokens))
+
+
+async def test_one_store_read_and_write_per_batch(
+    batcher: StepBatcher, store: CountingStore, runner: FakeRunner
+) -> None:
+    ids = [f"s{i}" for i in range(40)]
+    await asyncio.gather(*(new_session(batcher, i) for i in ids))
+    store.reads.clear()
+    store.writes.clear()
+    runner.calls.clear()
+    await asyncio.gather(*(batcher.step(Step([5], session_id=i)) for i in ids))
+    assert len(store.reads) == len(store.writes)
+    assert sorted(sum(store.reads, [])) == sorted(ids)
+    assert len(store.reads) < len(ids)  # batches, not one read per step
+    assert sum(b for b, _, _ in runner.calls) == len(ids)  # one-token steps: one run per row
+
+
+async def test_same_session_never_twice_in_a_batch_and_in_order(
+    batcher: StepBatcher, store: CountingStore, runner: FakeRunner
+) -> None:
+    await asyncio.gather(new_session(batcher, "a"), new_session(batcher, "b"))
+    store.reads.clear()
+    steps = [Step([3 + i % 5], session_id=s) for i in range(10) for s in ("a", "b")]
+    results = await asyncio.gather(*(batcher.step(s) for s in steps))
+    for read in store.reads:
+        assert len(read) == len(set(read))
+    a_tokens = [r.tokens for s, r in zip(steps, results) if s.session_id == "a"]
+    assert a_tokens == list(range(1, 11))  # applied in the order submitted
+    a_text = [s.tokens[0] for s in steps if s.session_id == "a"]
+    same(results[-2], alone(runner, a_text))
+
+
+async def test_prefix_only_step_reruns_the_last_token(
+    batcher: StepBatcher, runner: FakeRunner
+) -> None:
+    await new_session(batcher, "a", [4, 5, 6])
+    candidates = np.array([3, 7, 9, 11])
+    result = await batcher.step(Step([], session_id="a", k=3, prefix_ids=candidates))
+    zeros = tuple(np.zeros((runner.layers, 1, runner.hidden), np.float32) for _ in range(2))
+    full = runner.run(np.array([[EOS, 4, 5, 6]]), zeros, want_probs=True).probs
+    assert full is not None
+    best = candidates[np.argsort(-full[0, candidates], kind="stable")[:3]]
+    assert result.ids.tolist() == best.tolist()
+    np.testing.assert_allclose(result.probs, full[0, best], atol=1e-6)
+    assert result.tokens == 3  # a prefix is not consumed
+    assert runner.calls[-1][2]  # the full distribution was fetched for this batch
+    # ... and the context is unchanged: feeding the next word gives the whole text's answer.
+    same(await batcher.step(Step([7], session_id="a")), alone(runner, [4, 5, 6, 7]))
+
+
+async def test_probs_fetched_only_when_a_prefix_is_asked(
+    batcher: StepBatcher, runner: FakeRunner
+) -> None:
+    await batcher.step(Step([4, 5]))
+    assert runner.calls and not any(want for _, _, want in runner.calls)
+
+
+async def test_reset_and_empty_steps_use_the_start_output(
+    batcher: StepBatcher, runner: FakeRunner
+) -> None:
+    await new_session(batcher, "a", [4, 5])
+    runner.calls.clear()
+    reset = await batcher.step(Step([], session_id="a", fresh=True))
+    empty = await batcher.step(Step([]))
+    assert runner.calls == []  # no run needed for an empty context
+    start = alone(runner, [])
+    same(reset, start)
+    same(empty, start)
+    assert reset.tokens == 0
+    same(await batcher.step(Step([6], session_id="a")), alone(runner, [6]))
+
+
+async def test_failed_run_fails_every_step_and_keeps_states(
+    batcher: StepBatcher, runner: FakeRunner, store: CountingStore
+) -> None:
+    await asyncio.gather(new_session(batcher, "a", [4]), new_session(batcher, "b", [5]))
+    before = {s: (await store.get(s)) for s in ("a", "b")}
+    runner.fail = lambda tokens: True
+    results = await asyncio.gather(
+        batcher.step(Step([6], session_id="a")),
+        batcher.step(Step([7], session_id="b")),
+        batcher.step(Step([8])),
+        return_exceptions=True,
+    )
+    assert all(isinstance(r, StepFailed) for r in results)
+    for s, old in before.items():
+        now = await store.get(s)
+        assert (now.version, now.tokens) == (old.version, old.tokens)
+        for x, y in zip(now.state, old.state):
+            np.testing.assert_array_equal(x, y)
+    runner.fail = lambda tokens: False
+    same(await batcher.step(Step([6], session_id="a")), alone(runner, [4, 6]))
+
+
+async def test_wrong_number_of_rows_fails_the_batch(
+    batcher: StepBatcher, runner: FakeRunner
+) -> None:
+    runner.wrong_rows = True
+    with pytest.raises(StepFailed):
+        await batcher.step(Step([4]))
+
+
+async def test_cancelled_steps_are_dropped(
+    batcher: StepBatcher, runner: FakeRunner, store: CountingStore
+) -> None:
+    await new_session(batcher, "a", [4])
+    runner.gate = threading.Event()
+    runner.entered.clear()
+    blocker = asyncio.ensure_future(batcher.step(Step([5])))
+    assert await asyncio.to_thread(runner.entered.wait, 10)  # the loop is busy running
+    gone = asyncio.ensure_future(batcher.step(Step([6], session_id="a")))
+    kept = asyncio.ensure_future(batcher.step(Step([7])))
+    await asyncio.sleep(0)
+    gone.cancel()
+    runner.calls.clear()
+    runner.gate.set()
+    await blocker
+    result = await kept
+    assert sum(b for b, _, _ in runner.calls) == 2  # the blocker and kept, not gone
+    assert gone.cancelled()
+    same(result, alone(runner, [7]))
+    assert (await store.get("a")).tokens == 1
+
+
+async def test_unknown_session_fails_only_its_step(
+    batcher: StepBatcher, runner: FakeRunner
+) -> None:
+    await new_session(batcher, "a")
+    results = await asyncio.gather(
+        batcher.step(Step([4], session_id="nope")),
+        batcher.step(Step([4], session_id="a")),
+        batcher.step(Step([], session_id="gone", fresh=True)),
+        return_exceptions=True,
+    )
+    assert isinstance(results[0], UnknownSession)
+    assert isinstance(results[1], StepResult) and results[1].tokens == 1
+    assert isinstance(results[2], UnknownSession)
+
+
+async def test_session_of_another_model_is_unknown(
+    batcher: StepBatcher, store: CountingStore
+) -> None:
+    await new_session(batcher, "a")
+    rec = await store.get("a")
+    rec.model = "other"
+    assert await store.put_many([rec], [rec.version]) == [True]
+    with pytest.raises(UnknownSession):
+        await batcher.step(Step([4], session_id="a"))
+
+
+async def test_store_unavailable_fails_the_batch(
+    batcher: StepBatcher, store: CountingStore
+) -> None:
+    await new_session(batcher, "a")
+    store.unavailable = True
+    with pytest.raises(StoreUnavailable):
+        await batcher.step(Step([4], session_id="a"))
+    store.unavailable = False
+    assert (await batcher.step(Step([4], session_id="a"))).tokens == 1
+
+
+async def test_conflicting_write_is_retried_on_the_new_state(
+    batcher: StepBatcher, store: CountingStore, runner: FakeRunner
+) -> None:
+    await new_session(batcher, "a", [4])
+    other = StepBatcher(runner, store, max_wait_ms=0)  # another replica, same store
+    await other.start()
+    interfered = False
+
+    async def other_replica(records: list[SessionRecord]) -> None:
+        # Between this batch's read and its write, the other replica feeds 9 to "a".
+        nonlocal interfered
+        if not interfered:
+            interfered = True
+            await other.step(Step([9], session_id="a"))
+
+    store.before_put = other_replica
+    result = await batcher.step(Step([5], session_id="a"))
+    assert interfered and result.tokens == 3
+    same(result, alone(runner, [4, 9, 5]))  # no lost update: 5 applied after 9
+    await other.stop()
+
+
+async def test_conflicts_give_up_after_max_retries(
+    runner: FakeRunner, store: CountingStore
+) -> None:
+    b = StepBatcher(runner, store, max_retries=2, max_wait_ms=0)
+    await b.start()
+    await new_session(b, "a")
+
+    async def always_bump(records: list[SessionRecord]) -> None:
+        rec = await MemorySessionStore.get(store, "a")
+        await MemorySessionStore.put_many(store, [rec], [rec.version])
+
+    store.before_put = always_bump
+    with pytest.raises(StepFailed):
+        await b.step(Step([4], session_id="a"))
+    assert len(store.writes) == 1 + 3  # the create, then the first try and two retries
+    await b.stop()
+
+
+async def test_full_queue_is_overloaded(runner: FakeRunner, store: CountingStore) -> None:
+    b = StepBatcher(runner, store, max_batch=1, max_wait_ms=0, max_queue=2)
+    await b.start()
+    runner.gate = threading.Event()
+    first = asyncio.ensure_future(b.step(Step([4])))
+    assert await asyncio.to_thread(runner.entered.wait, 10)
+    queued = [asyncio.ensure_future(b.step(Step([5]))) for _ in range(2)]
+    await asyncio.sleep(0)
+    with pytest.raises(Overloaded):
+        b.submit(Step([6]))
+    assert b.queue_depth == 2
+    runner.gate.set()
+    await asyncio.gather(first, *queued)
+    await b.stop()
+
+
+async def test_stop_drains_in_flight_steps(runner: FakeRunner, store: CountingStore) -> None:
+    b = StepBatcher(runner, store, max_batch=4, max_wait_ms=1.0)
+    await b.start()
+    runner.gate = threading.Event()
+    futures = [b.submit(Step(t)) for t in texts(12, seed=3)]
+    assert await asyncio.to_thread(runner.entered.wait, 10)
+    stopping = asyncio.ensure_future(b.stop(drain=True))
+    await asyncio.sleep(0)
+    with pytest.raises(Overloaded):
+        b.submit(Step([4]))  # no new steps once stopping
+    runner.gate.set()
+    await stopping
+    assert all(f.done() and not f.cancelled() and f.exception() is None for f in futures)
+
+
+async def test_stop_without_drain_fails_queued_steps(
+    runner: FakeRunner, store: CountingStore
+) -> None:
+    b = StepBatcher(runner, store, max_batch=1, max_wait_ms=0)
+    await b.start()
+    runner.gate = threading.Event()
+    futures = [b.submit(Step([4])) for _ in range(3)]
+    assert await asyncio.to_thread(runner.entered.wait, 10)
+    stopping = asyncio.ensure_future(b.stop(drain=False))
+    await asyncio.sleep(0.01)
+    runner.gate.set()
+    await stopping
+    assert all(f.done() for f in futures)
+    errors = [f.exception() for f in futures]
+    assert isinstance(errors[0], StepFailed)  # the step cut short
+    assert all(isinstance(e, Overloaded) for e in errors[1:])  # the queued ones
