@@ -297,9 +297,29 @@ def check_service(url: str) -> None:
         assert json.loads(ws.recv(timeout=10))["tokens"] == 0
 
 
+def healthcheck_command(dockerfile: Path) -> list[str]:
+    """The exec-form command of a Dockerfile's HEALTHCHECK."""
+    text = re.sub(r"\\\n\s*", " ", dockerfile.read_text())  # join continued lines
+    match = re.search(r"^HEALTHCHECK .*?CMD (\[.*\])$", text, re.M)
+    assert match, f"no exec-form HEALTHCHECK in {dockerfile.name}"
+    return json.loads(match.group(1))
+
+
+def run_healthcheck(venv: Path, dockerfile: Path, port: int) -> int:
+    command = healthcheck_command(dockerfile)
+    assert command[0] == "python"
+    env = server_env(NEXTWORD_PORT=str(port))
+    args = [venv / "bin" / "python", *command[1:]]
+    return subprocess.run(args, env=env, capture_output=True, timeout=30).returncode
+
+
 @pytest.mark.slow
-def test_served_from_the_wheel_with_test_models(serve, tiny_artifacts: Path) -> None:
-    check_service(serve(NEXTWORD_MODELS_DIR=str(tiny_artifacts)))
+def test_served_from_the_wheel_with_test_models(serve, venv: Path, tiny_artifacts: Path) -> None:
+    url = serve(NEXTWORD_MODELS_DIR=str(tiny_artifacts))
+    check_service(url)
+    for name in DOCKERFILES:  # the images' health checks pass on a ready server, fail on none
+        assert run_healthcheck(venv, DOCKER / name, int(url.rsplit(":", 1)[1])) == 0, name
+        assert run_healthcheck(venv, DOCKER / name, free_port()) != 0, name
 
 
 @pytest.mark.slow
