@@ -29,7 +29,7 @@ test: $(VENV)/.dev  ## run the test suite
 	$(PY) -m pytest -q
 
 lint: $(VENV)/.dev
-	$(VENV)/bin/ruff check service model_export tests benchmarks
+	$(VENV)/bin/ruff check service model_export tests benchmarks docker
 	$(VENV)/bin/mypy
 	$(VENV)/bin/hadolint docker/Dockerfile docker/Dockerfile.gpu
 
