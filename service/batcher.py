@@ -287,14 +287,11 @@ class StepBatcher:
             if step.future.done():  # cancelled during the read
                 continue
             record = found.get(id(step))
-            if id(step) in found and not self._usable(record):
-                self._fail(
-                    [step],
-                    UnknownSession(
-                        f"no session {step.session_id!r} (never created, deleted or expired)"
-                    ),
-                )
-                continue
+            if id(step) in found:
+                problem = self._problem(step, record)
+                if problem is not None:
+                    self._fail([step], problem)
+                    continue
             rows.append(_Row(step, record))
         if not rows:
             return
@@ -316,13 +313,21 @@ class StepBatcher:
         self._batch_seconds.observe(time.perf_counter() - started)
         await self._write([r for r in rows if not r.step.future.done()])
 
-    def _usable(self, record: SessionRecord | None) -> bool:
-        return (
-            record is not None
-            and record.model == self.name
-            and len(record.state) == 2 * len(self._start_current)
-            and 0 <= record.last_token < self._vocab_size
-        )
+    def _problem(self, step: Step, record: SessionRecord | None) -> NextwordError | None:
+        """Why a step cannot run on the record read for it, if it cannot."""
+        if (
+            record is None
+            or record.model != self.name
+            or len(record.state) != 2 * len(self._start_current)
+            or record.last_token >= self._vocab_size
+        ):
+            return UnknownSession(
+                f"no session {step.session_id!r} (never created, deleted or expired)"
+            )
+        if record.last_token < 0 and not step.tokens and not step.fresh and record.tokens > 0:
+            # A store that does not keep `last_token` can serve every step but this one.
+            return StepFailed("this session store cannot answer a step without new words")
+        return None
 
     async def _write(self, rows: list[_Row]) -> None:
         """One compare-and-set write of the batch's sessions; answer, or retry conflicts."""

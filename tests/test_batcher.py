@@ -324,6 +324,20 @@ async def test_session_of_another_model_is_unknown(
         await batcher.step(Step([4], session_id="a"))
 
 
+async def test_record_without_last_token(
+    batcher: StepBatcher, store: CountingStore, runner: FakeRunner
+) -> None:
+    # A store that drops `last_token` can serve every step except one without new words.
+    await new_session(batcher, "a", [4])
+    rec = await store.get("a")
+    rec.last_token = -1
+    assert await store.put_many([rec], [rec.version]) == [True]
+    with pytest.raises(StepFailed):
+        await batcher.step(Step([], session_id="a"))
+    same(await batcher.step(Step([5], session_id="a")), alone(runner, [4, 5]))
+    assert (await batcher.step(Step([], session_id="a"))).tokens == 2
+
+
 async def test_store_unavailable_fails_the_batch(
     batcher: StepBatcher, store: CountingStore
 ) -> None:
