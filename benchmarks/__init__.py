@@ -1,0 +1,1 @@
+"""Benchmark scripts: each prints a table with the machine and versions that produced it."""

@@ -1,0 +1,105 @@
+"""Trigram baseline on hand-made corpora: ranking, backoff, words only, OOV targets are misses."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from benchmarks.trigram_baseline import (
+    NO_TOKEN,
+    KneserNey,
+    StupidBackoff,
+    TrigramCounts,
+    frequent_vocabulary,
+    ngram_stepper,
+)
+from model_export.evaluate import evaluate_stream
+from service.tokenizer import EOS, SPECIALS, is_word, tokenize
+from service.vocab import Vocabulary
+
+TRAIN = "the cat sat on the mat. the cat sat down. the dog ran home. a dog sat. my dog ran."
+RANKERS = {"kneser_ney": KneserNey, "stupid_backoff": StupidBackoff}
+
+
+def fit(text: str, ranker: str, vocab: Vocabulary | None = None):
+    stream = [EOS, *tokenize(text)]  # as load_splits builds a stream
+    vocab = vocab or frequent_vocabulary(stream, 100, 1)
+    counts = TrigramCounts(np.array(vocab.encode_tokens(stream)), len(vocab))
+    return RANKERS[ranker](counts), vocab
+
+
+def predict(model, vocab: Vocabulary, text: str, k: int = 5) -> list[str]:
+    """Top-k words after a text, stepping from a fresh context like the engine does."""
+    step, zero = ngram_stepper(model, vocab, k)
+    state = zero(1)
+    for token_id in [vocab.eos_id, *vocab.encode(text)]:
+        _, top, state = step(np.array([[token_id]]), state)
+    return [vocab.tokens[i] for i in top[0]]
+
+
+@pytest.mark.parametrize("ranker", RANKERS)
+def test_the_only_continuation_seen_ranks_first(ranker: str) -> None:
+    model, vocab = fit(TRAIN, ranker)
+    assert predict(model, vocab, "the cat")[0] == "sat"
+    assert predict(model, vocab, "the")[0] == "cat"
+    assert predict(model, vocab, "my dog")[0] == "ran"
+
+
+@pytest.mark.parametrize("ranker", RANKERS)
+def test_an_unseen_trigram_backs_off_to_the_bigram(ranker: str) -> None:
+    model, vocab = fit(TRAIN, ranker)
+    assert predict(model, vocab, "a cat")[0] == "sat"  # "a cat" never seen, "cat sat" twice
+
+
+def test_an_unseen_context_backs_off_to_the_unigram() -> None:
+    # An unknown word was never a context: stupid backoff ranks by frequency ("the", 4x),
+    # Kneser-Ney by how many different words precede ("dog" follows the/a/my).
+    sb, vocab = fit(TRAIN, "stupid_backoff")
+    assert predict(sb, vocab, "zebra")[0] == "the"
+    kn, vocab = fit(TRAIN, "kneser_ney")
+    assert predict(kn, vocab, "zebra")[0] == "dog"
+
+
+@pytest.mark.parametrize("ranker", RANKERS)
+def test_predictions_are_distinct_words(ranker: str) -> None:
+    model, vocab = fit(TRAIN, ranker)
+    for text in ("", "sat down", "zebra", "the"):
+        words = predict(model, vocab, text)
+        assert len(set(words)) == 5
+        assert all(is_word(w) and w not in SPECIALS for w in words), words
+
+
+def test_kneser_ney_is_a_distribution_over_the_vocabulary() -> None:
+    model, vocab = fit(TRAIN, "kneser_ney")
+    ids = vocab.encode("the cat zebra dog")
+    prev = np.array([NO_TOKEN, ids[0], ids[1], vocab.unk_id, vocab.eos_id])
+    cur = np.array([ids[0], ids[1], vocab.unk_id, ids[3], ids[0]])
+    probs = model.distribution(prev, cur)
+    assert probs.shape == (5, len(vocab))
+    assert (probs > 0).all()
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-9)
+
+
+def test_an_out_of_vocabulary_target_is_a_miss() -> None:
+    # "zebra" is outside the vocabulary: after "the cat" <unk> is the likeliest token,
+    # yet only words are suggested, and the zebra target counts as a miss.
+    vocab = Vocabulary([*SPECIALS, "the", "cat", "sat"])
+    model, _ = fit("the cat zebra. the cat zebra. the cat sat.", "kneser_ney", vocab)
+    prev, cur = np.array(vocab.encode("the")), np.array(vocab.encode("cat"))
+    assert model.distribution(prev, cur).argmax() == vocab.unk_id
+    assert predict(model, vocab, "the cat")[0] == "sat"
+    stream = [EOS, *tokenize("the cat zebra. the cat sat.")]
+    result = evaluate_stream(*ngram_stepper(model, vocab), vocab, stream, rows=1)
+    assert result["word_targets"] == 6
+    assert result["oov_rate"] == pytest.approx(1 / 6)
+    assert result["top1"] == pytest.approx(5 / 6)  # every known word right, zebra missed
+
+
+def test_the_built_vocabulary_follows_the_training_rule() -> None:
+    pytest.importorskip("torch")
+    from model_export.train import build_vocab
+
+    tokens = [EOS, *tokenize(TRAIN * 3 + " rare words once")]
+    for size, min_count in ((100, 1), (8, 1), (100, 2)):
+        assert frequent_vocabulary(tokens, size, min_count).tokens == \
+            build_vocab(tokens, size, min_count).tokens
