@@ -12,19 +12,20 @@ open. Close codes: 4404 for an unknown session (after an error message), 1009 fo
 frame over `max_ws_message_bytes`, 4000 + the HTTP status for other refusals on
 connect, 1013 (try again later) when overloaded, 1011 on an internal error.
 
-Reading and answering are separate tasks so that a client that leaves while its
-step waits in a batch is noticed at once and the step is cancelled.
+Reading and answering are two tasks of one task group, so that a client that leaves
+while its step waits in a batch is noticed at once and the step is cancelled.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
 from typing import Annotated, Any
 
+import anyio
 import pydantic_core
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from pydantic import Field, ValidationError
 from starlette.types import Message
@@ -150,45 +151,46 @@ class StreamConnection:
 
     async def exchange(self) -> None:
         """Read and answer until either side ends the connection."""
-        inbox: asyncio.Queue[tuple[float, Message]] = asyncio.Queue(READ_AHEAD)
-        reader = asyncio.create_task(self.read(inbox))
-        answerer = asyncio.create_task(self.answer(inbox))
-        try:
-            await asyncio.wait({reader, answerer}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            # A client gone: its pending step is cancelled. An answerer done (it closed
-            # the connection): nothing more to read.
-            reader.cancel()
-            answerer.cancel()
-            for outcome in await asyncio.gather(reader, answerer, return_exceptions=True):
-                if isinstance(outcome, Exception) and not isinstance(outcome, WebSocketDisconnect):
-                    log.error("stream %s failed", self.session_id, exc_info=outcome)
+        to_answer, inbox = anyio.create_memory_object_stream[tuple[float, Message]](READ_AHEAD)
+        async with anyio.create_task_group() as tasks:
 
-    async def read(self, inbox: asyncio.Queue[tuple[float, Message]]) -> None:
+            async def read_then_stop() -> None:
+                await self.read(to_answer)
+                tasks.cancel_scope.cancel()  # the client left: cancel its pending step
+
+            async def answer_then_stop() -> None:
+                await self.answer(inbox)
+                tasks.cancel_scope.cancel()  # we closed the connection: stop reading
+
+            tasks.start_soon(read_then_stop)
+            tasks.start_soon(answer_then_stop)
+
+    async def read(self, to_answer: MemoryObjectSendStream[tuple[float, Message]]) -> None:
         """Queue each frame with the time it arrived, until the client disconnects."""
-        while True:
-            message = await self.websocket.receive()
-            if message["type"] == "websocket.disconnect":
-                return
-            await inbox.put((time.perf_counter(), message))
+        async with to_answer:
+            while True:
+                message = await self.websocket.receive()
+                if message["type"] == "websocket.disconnect":
+                    return
+                await to_answer.send((time.perf_counter(), message))
 
-    async def answer(self, inbox: asyncio.Queue[tuple[float, Message]]) -> None:
-        """Answer queued frames in order, until one ends the connection."""
-        while True:
-            received_at, message = await inbox.get()
-            try:
-                keep_open = await self.answer_one(message)
-            except WebSocketDisconnect:
-                raise
-            except Exception:
-                log.exception("stream %s: message failed", self.session_id)
-                await self.send({"type": "error", "id": None,
-                                 "error": {"code": "internal", "message": "internal error"}})
-                await self.websocket.close(CLOSE_INTERNAL, reason="internal")
-                return
-            metrics.WS_MESSAGE_SECONDS.observe(time.perf_counter() - received_at)
-            if not keep_open:
-                return
+    async def answer(self, inbox: MemoryObjectReceiveStream[tuple[float, Message]]) -> None:
+        """Answer queued frames in order, until one ends the connection or the client leaves."""
+        async with inbox:
+            async for received_at, message in inbox:
+                try:
+                    keep_open = await self.answer_one(message)
+                except WebSocketDisconnect:
+                    return  # the client left while we were answering
+                except Exception:
+                    log.exception("stream %s: message failed", self.session_id)
+                    await self.send({"type": "error", "id": None,
+                                     "error": {"code": "internal", "message": "internal error"}})
+                    await self.websocket.close(CLOSE_INTERNAL, reason="internal")
+                    return
+                metrics.WS_MESSAGE_SECONDS.observe(time.perf_counter() - received_at)
+                if not keep_open:
+                    return
 
     async def answer_one(self, message: Message) -> bool:
         """Answer one frame; False when the connection was closed."""
