@@ -149,6 +149,10 @@ class StepBatcher:
         self._batch_size = metrics.BATCH_SIZE.labels(self.name)
         self._batch_seconds = metrics.BATCH_SECONDS.labels(self.name)
         self._tokens_run = metrics.TOKENS.labels(self.name)
+        self._steps = {
+            outcome: metrics.STEPS.labels(self.name, outcome)
+            for outcome in ("ok", "error", "failed", "cancelled")
+        }
 
     # --- lifecycle ---------------------------------------------------------------
 
@@ -251,7 +255,7 @@ class StepBatcher:
         while self._pending and len(batch) < self.max_batch and len(held) < self.max_batch:
             step = self._pending.popleft()
             if step.future.done():  # cancelled while queued
-                metrics.STEPS.labels(self.name, "cancelled").inc()
+                self._steps["cancelled"].inc()
                 continue
             if step.session_id is not None:
                 if step.session_id in sessions:
@@ -263,10 +267,9 @@ class StepBatcher:
         return batch
 
     def _fail(self, steps: list[Step], error: NextwordError) -> None:
-        outcome = "failed" if isinstance(error, StepFailed) else "error"
-        for step in steps:
-            if _resolve(step.future, error):
-                metrics.STEPS.labels(self.name, outcome).inc()
+        failed = sum(_resolve(step.future, error) for step in steps)
+        if failed:
+            self._steps["failed" if isinstance(error, StepFailed) else "error"].inc(failed)
 
     # --- one batch ---------------------------------------------------------------
 
@@ -361,9 +364,7 @@ class StepBatcher:
                 self._wake()
             lost = {id(s) for s in retry}
             rows = [r for r in rows if id(r.step) not in lost]
-        for row in rows:
-            if _resolve(row.step.future, row.result):
-                metrics.STEPS.labels(self.name, "ok").inc()
+        self._steps["ok"].inc(sum(_resolve(row.step.future, row.result) for row in rows))
 
     # --- the runs (in the executor thread) -----------------------------------------
 

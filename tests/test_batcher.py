@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from prometheus_client import REGISTRY
 
 from service.batcher import Step, StepBatcher, StepResult
 from service.engine import State, StepOutput
@@ -436,3 +437,19 @@ async def test_stop_without_drain_fails_queued_steps(
     errors = [f.exception() for f in futures]
     assert isinstance(errors[0], StepFailed)  # the step cut short
     assert all(isinstance(e, Overloaded) for e in errors[1:])  # the queued ones
+
+
+async def test_metrics_count_steps_and_batches(batcher: StepBatcher) -> None:
+    def value(name: str, **labels: str) -> float:
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    ok = value("nextword_steps_total", model="fake", outcome="ok")
+    errors = value("nextword_steps_total", model="fake", outcome="error")
+    batches = value("nextword_batch_size_count", model="fake")
+    await asyncio.gather(*(batcher.step(Step([4, 5])) for _ in range(5)))
+    with pytest.raises(UnknownSession):
+        await batcher.step(Step([4], session_id="nope"))
+    assert value("nextword_steps_total", model="fake", outcome="ok") == ok + 5
+    assert value("nextword_steps_total", model="fake", outcome="error") == errors + 1
+    assert value("nextword_batch_size_count", model="fake") > batches
+    assert value("nextword_queue_depth", model="fake") == 0
