@@ -132,3 +132,26 @@ def test_bad_shapes_are_refused_before_ort(model: OrtModel) -> None:
         model.run(np.zeros((1, 0), dtype=np.int64), model.zero_state(1))
     with pytest.raises(ValueError):
         model.run(np.zeros((2, 1), dtype=np.int64), model.zero_state(1))
+
+
+@pytest.fixture(scope="module")
+def int8_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.conftest import make_models_dir
+
+    return make_models_dir(tmp_path_factory.mktemp("int8"), int8=True)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_int8_artifacts_are_served(int8_models: Path, cell: str) -> None:
+    # The bundled models are int8: the engine applies the manifest's session config.
+    artifact = ModelArtifact.load(int8_models / cell)
+    assert artifact.manifest["quantization"]["type"] == "int8-weights"
+    model = OrtModel(artifact, [CPU])
+    tokens = ids(model, "i am coming home")
+    whole = model.run(np.array([tokens]), model.zero_state(1), want_probs=True)
+    state = model.zero_state(1)
+    for token in tokens:
+        step = model.run(np.array([[token]]), state, want_probs=True)
+        state = step.state
+    assert step.probs is not None and whole.probs is not None
+    np.testing.assert_allclose(step.probs, whole.probs, atol=1e-5)
