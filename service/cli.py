@@ -149,8 +149,10 @@ def add_training_commands(commands: argparse._SubParsersAction) -> None:
 
         for name in TRAINING_COMMANDS:
             if name not in commands.choices:
-                stub = commands.add_parser(name, help=f"unavailable: {exc}")
-                stub.add_argument("rest", nargs=argparse.REMAINDER)
+                # No option prefix: whatever follows (--help included) is taken as is.
+                stub = commands.add_parser(name, help=f"unavailable: {exc}", prefix_chars="\0",
+                                           add_help=False)
+                stub.add_argument("args", nargs="*")
                 stub.set_defaults(handler=unavailable)
 
 
