@@ -50,7 +50,7 @@ def _add_train(sub) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     for f in dataclasses.fields(TrainConfig):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
         flag = "--" + f.name.replace("_", "-")
         if f.name == "corpora":
             p.add_argument(flag, nargs="+", default=default, help=TRAIN_HELP[f.name])

@@ -58,10 +58,11 @@ class ServingGraph(nn.Module):
         self.model = model
         self.cell = model.config.cell
         self.max_k = min(max_k, int(suggestible.sum()))
+        self.suggest: torch.Tensor
         self.register_buffer("suggest", torch.tensor(suggestible, dtype=torch.float32))
 
     def forward(self, tokens: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor | None = None):
-        state = (h0, c0) if self.cell == "lstm" else (h0,)
+        state: tuple[torch.Tensor, ...] = (h0, c0) if c0 is not None else (h0,)
         y, new_state = self.model.features(tokens, state)  # (B, T, E)
         logits = self.model.decoder(y[:, -1, :])  # (B, V): only the last position is needed
         probs = torch.softmax(logits, dim=-1)
