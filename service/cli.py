@@ -20,6 +20,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
@@ -71,6 +72,8 @@ def serve(args: argparse.Namespace) -> int:
         if value is not None:
             os.environ[env_name(field)] = str(value)
     settings = load_settings()
+    if not Path(settings.models_dir).is_dir():
+        raise SystemExit(f"nextword: models directory {settings.models_dir} not found")
     if settings.workers > 1 and settings.session_store == "memory":
         print("nextword: warning: with --workers > 1 and the in-process session store, a "
               "session lives in one worker; use NEXTWORD_SESSION_STORE=redis://... so that "

@@ -64,11 +64,14 @@ def test_serve_options_win_over_the_environment_and_reach_the_workers(
 
 
 def test_serve_refuses_bad_configuration(
-    clean_env: pytest.MonkeyPatch, uvicorn_calls: list[dict[str, Any]]
+    clean_env: pytest.MonkeyPatch, uvicorn_calls: list[dict[str, Any]], tmp_path: Path
 ) -> None:
     clean_env.setenv("NEXTWORD_PORT", "not-a-port")
     with pytest.raises(SystemExit, match="bad configuration"):
         cli.main(["serve"])
+    clean_env.delenv("NEXTWORD_PORT")
+    with pytest.raises(SystemExit, match="not found"):
+        cli.main(["serve", "--models", str(tmp_path / "missing")])
     assert uvicorn_calls == []
 
 
