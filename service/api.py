@@ -338,8 +338,6 @@ def create_app(
         app.state.predictor = None
         predictor = await start(settings)
         app.state.predictor = predictor
-        log.info("ready: models %s (default %s)",
-                 [m["name"] for m in predictor.models()], predictor.default_model)
         try:
             yield
         finally:
