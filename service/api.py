@@ -91,9 +91,7 @@ def v1_router(settings: Settings) -> APIRouter:
         """Predict the next word of a whole text (stateless)."""
         return await predictor.predict(body.text, k=body.k, model=body.model, prefix=body.prefix)
 
-    @router.post(
-        "/sessions", response_model=SessionResponse, status_code=201, tags=["sessions"]
-    )
+    @router.post("/sessions", response_model=SessionResponse, status_code=201, tags=["sessions"])
     async def create_session(
         predictor: PredictorDep, response: Response, body: SessionRequest | None = None
     ) -> dict[str, Any]:
@@ -105,9 +103,7 @@ def v1_router(settings: Settings) -> APIRouter:
         response.headers["Location"] = f"/v1/sessions/{answer['session_id']}"
         return answer
 
-    @router.post(
-        "/sessions/{session_id}/feed", response_model=SessionResponse, tags=["sessions"]
-    )
+    @router.post("/sessions/{session_id}/feed", response_model=SessionResponse, tags=["sessions"])
     async def feed(
         session_id: SessionId, body: FeedRequest, predictor: PredictorDep
     ) -> dict[str, Any]:
@@ -179,8 +175,9 @@ def describe_validation_errors(errors: Any) -> tuple[str, list[dict[str, Any]]]:
         msg = err["msg"]
         if err["type"] == "json_invalid":
             msg = f"body is not valid JSON ({err.get('ctx', {}).get('error', 'decode error')})"
-        details.append({"loc": [str(part) for part in err.get("loc", ())], "msg": msg,
-                        "type": err["type"]})
+        details.append(
+            {"loc": [str(part) for part in err.get("loc", ())], "msg": msg, "type": err["type"]}
+        )
     message = "; ".join(
         f"{'.'.join(d['loc'])}: {d['msg']}" if d["loc"] else d["msg"] for d in details
     )
@@ -268,9 +265,7 @@ class BodySizeLimit:
         await self.app(scope, receive_within_limit, send)
 
     def too_large(self) -> JSONResponse:
-        return error_response(
-            413, "too_large", f"request body over the {self.limit}-byte limit"
-        )
+        return error_response(413, "too_large", f"request body over the {self.limit}-byte limit")
 
 
 # --- metrics -----------------------------------------------------------------------
@@ -304,9 +299,7 @@ class RequestMetrics:
             # (bounded cardinality), never by the raw path.
             route = getattr(scope.get("route"), "path", "<unmatched>")
             method = scope["method"] if scope["method"] in KNOWN_METHODS else "OTHER"
-            metrics.HTTP_REQUEST_SECONDS.labels(method, route).observe(
-                time.perf_counter() - start
-            )
+            metrics.HTTP_REQUEST_SECONDS.labels(method, route).observe(time.perf_counter() - start)
             metrics.HTTP_REQUESTS.labels(method, route, str(status)).inc()
 
 

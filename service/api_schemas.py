@@ -135,10 +135,22 @@ class ModelsResponse(BaseModel):
                 {
                     "default": "lstm",
                     "models": [
-                        {"name": "lstm", "cell": "lstm", "vocab_size": 20000, "layers": 2,
-                         "hidden_size": 512, "embedding_size": 256},
-                        {"name": "gru", "cell": "gru", "vocab_size": 20000, "layers": 2,
-                         "hidden_size": 512, "embedding_size": 256},
+                        {
+                            "name": "lstm",
+                            "cell": "lstm",
+                            "vocab_size": 20000,
+                            "layers": 2,
+                            "hidden_size": 512,
+                            "embedding_size": 256,
+                        },
+                        {
+                            "name": "gru",
+                            "cell": "gru",
+                            "vocab_size": 20000,
+                            "layers": 2,
+                            "hidden_size": 512,
+                            "embedding_size": 256,
+                        },
                     ],
                 }
             ]

@@ -133,20 +133,23 @@ class StreamConnection:
             else:
                 answer = await self.predictor.feed(session_id, "", k=self.k)
                 if model is not None and answer["model"] != model:
-                    raise BadInput(f"session {session_id!r} uses model {answer['model']!r}, "
-                                   f"not {model!r}")
+                    raise BadInput(
+                        f"session {session_id!r} uses model {answer['model']!r}, not {model!r}"
+                    )
         except NextwordError as exc:
             await self.send_error(exc, None)
             await self.websocket.close(close_code(exc), reason=exc.code)
             return False
         self.session_id = answer["session_id"]
-        await self.send({
-            "type": "ready",
-            "session_id": self.session_id,
-            "model": answer["model"],
-            "tokens": answer["tokens"],
-            "predictions": answer["predictions"],
-        })
+        await self.send(
+            {
+                "type": "ready",
+                "session_id": self.session_id,
+                "model": answer["model"],
+                "tokens": answer["tokens"],
+                "predictions": answer["predictions"],
+            }
+        )
         return True
 
     async def exchange(self) -> None:
@@ -184,8 +187,13 @@ class StreamConnection:
                     return  # the client left while we were answering
                 except Exception:
                     log.exception("stream %s: message failed", self.session_id)
-                    await self.send({"type": "error", "id": None,
-                                     "error": {"code": "internal", "message": "internal error"}})
+                    await self.send(
+                        {
+                            "type": "error",
+                            "id": None,
+                            "error": {"code": "internal", "message": "internal error"},
+                        }
+                    )
                     await self.websocket.close(CLOSE_INTERNAL, reason="internal")
                     return
                 metrics.WS_MESSAGE_SECONDS.observe(time.perf_counter() - received_at)
@@ -224,22 +232,26 @@ class StreamConnection:
         except NextwordError as exc:
             await self.send_error(exc, request.id)
             return True
-        await self.send({
-            "type": "predictions",
-            "session_id": self.session_id,
-            "tokens": answer["tokens"],
-            "predictions": answer["predictions"],
-            "id": request.id,
-        })
+        await self.send(
+            {
+                "type": "predictions",
+                "session_id": self.session_id,
+                "tokens": answer["tokens"],
+                "predictions": answer["predictions"],
+                "id": request.id,
+            }
+        )
         return True
 
     async def send_error(self, error: NextwordError, message_id: Any) -> None:
         """An in-band error answer."""
-        await self.send({
-            "type": "error",
-            "error": {"code": error.code, "message": error.message},
-            "id": message_id,
-        })
+        await self.send(
+            {
+                "type": "error",
+                "error": {"code": error.code, "message": error.message},
+                "id": message_id,
+            }
+        )
 
     async def send(self, payload: dict[str, Any]) -> None:
         """Send one JSON message and count it by type."""

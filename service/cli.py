@@ -31,8 +31,13 @@ from service.errors import NextwordError
 SERVICE_COMMANDS = ("serve", "predict")
 TRAINING_COMMANDS = ("train", "evaluate", "export")
 # `serve` option -> the Settings field it overrides.
-SERVE_OPTIONS = {"host": "host", "port": "port", "models": "models_dir",
-                 "workers": "workers", "log_level": "log_level"}
+SERVE_OPTIONS = {
+    "host": "host",
+    "port": "port",
+    "models": "models_dir",
+    "workers": "workers",
+    "log_level": "log_level",
+}
 SHUTDOWN_GRACE_S = 30  # longest wait for open connections to finish on SIGTERM
 
 
@@ -58,8 +63,7 @@ def uvicorn_log_config(level: str) -> dict[str, Any]:
 
     config = copy.deepcopy(LOGGING_CONFIG)
     py_level = "DEBUG" if level == "trace" else level.upper()
-    config["loggers"]["service"] = {"handlers": ["default"], "level": py_level,
-                                    "propagate": False}
+    config["loggers"]["service"] = {"handlers": ["default"], "level": py_level, "propagate": False}
     return config
 
 
@@ -75,9 +79,12 @@ def serve(args: argparse.Namespace) -> int:
     if not Path(settings.models_dir).is_dir():
         raise SystemExit(f"nextword: models directory {settings.models_dir} not found")
     if settings.workers > 1 and settings.session_store == "memory":
-        print("nextword: warning: with --workers > 1 and the in-process session store, a "
-              "session lives in one worker; use NEXTWORD_SESSION_STORE=redis://... so that "
-              "REST calls of a session may reach any worker", file=sys.stderr)
+        print(
+            "nextword: warning: with --workers > 1 and the in-process session store, a "
+            "session lives in one worker; use NEXTWORD_SESSION_STORE=redis://... so that "
+            "REST calls of a session may reach any worker",
+            file=sys.stderr,
+        )
     uvicorn.run(
         "service.api:create_app",
         factory=True,
@@ -97,8 +104,10 @@ def serve(args: argparse.Namespace) -> int:
 
 def prediction_table(answer: dict[str, Any]) -> str:
     """The predictions of an answer as a small aligned table."""
-    rows = [(str(i), p["word"], f"{p['probability']:.4f}")
-            for i, p in enumerate(answer["predictions"], 1)]
+    rows = [
+        (str(i), p["word"], f"{p['probability']:.4f}")
+        for i, p in enumerate(answer["predictions"], 1)
+    ]
     header = ("#", "word", "probability")
     widths = [max(len(r[c]) for r in [header, *rows]) for c in range(3)]
     lines = [f"model {answer['model']}, {answer['tokens']} tokens of context"]
@@ -107,8 +116,9 @@ def prediction_table(answer: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-async def predict_once(settings: Settings, text: str, k: int, model: str | None,
-                       prefix: str | None) -> dict[str, Any]:
+async def predict_once(
+    settings: Settings, text: str, k: int, model: str | None, prefix: str | None
+) -> dict[str, Any]:
     """Start a predictor in this process, answer one request, close it."""
     from service.predictor import Predictor
 
@@ -153,8 +163,9 @@ def add_training_commands(commands: argparse._SubParsersAction) -> None:
         for name in TRAINING_COMMANDS:
             if name not in commands.choices:
                 # No option prefix: whatever follows (--help included) is taken as is.
-                stub = commands.add_parser(name, help=f"unavailable: {exc}", prefix_chars="\0",
-                                           add_help=False)
+                stub = commands.add_parser(
+                    name, help=f"unavailable: {exc}", prefix_chars="\0", add_help=False
+                )
                 stub.add_argument("args", nargs="*")
                 stub.set_defaults(handler=unavailable)
 
@@ -167,24 +178,31 @@ def build_parser(with_training: bool = True) -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     serve_p = commands.add_parser(
-        "serve", help="serve the HTTP and WebSocket API",
+        "serve",
+        help="serve the HTTP and WebSocket API",
         description="Serve API v1 with uvicorn. Each option defaults to its NEXTWORD_* "
         "variable, then to the built-in default.",
     )
     serve_p.add_argument("--host", help="address to bind (NEXTWORD_HOST; default 127.0.0.1)")
     serve_p.add_argument("--port", type=int, help="port (NEXTWORD_PORT; default 8000)")
-    serve_p.add_argument("--models", metavar="DIR",
-                         help="directory of model artifacts (NEXTWORD_MODELS_DIR; "
-                         "default: the bundled models)")
-    serve_p.add_argument("--workers", type=int,
-                         help="worker processes (NEXTWORD_WORKERS; default 1)")
-    serve_p.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug",
-                                                 "trace"],
-                         help="log level (NEXTWORD_LOG_LEVEL; default info)")
+    serve_p.add_argument(
+        "--models",
+        metavar="DIR",
+        help="directory of model artifacts (NEXTWORD_MODELS_DIR; default: the bundled models)",
+    )
+    serve_p.add_argument(
+        "--workers", type=int, help="worker processes (NEXTWORD_WORKERS; default 1)"
+    )
+    serve_p.add_argument(
+        "--log-level",
+        choices=["critical", "error", "warning", "info", "debug", "trace"],
+        help="log level (NEXTWORD_LOG_LEVEL; default info)",
+    )
     serve_p.set_defaults(handler=serve)
 
     predict_p = commands.add_parser(
-        "predict", help="print the most likely next words of a text",
+        "predict",
+        help="print the most likely next words of a text",
         description="Load the models in this process and print the top next words.",
     )
     predict_p.add_argument("text", help='whole words typed so far, e.g. "I am coming"')

@@ -13,7 +13,19 @@ from prometheus_client import generate_latest as _generate_latest
 
 # Request latency spans a cached start-of-text answer (~0.1 ms) to a long prefill.
 LATENCY_BUCKETS = (
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
 )
 
 # --- API edge -------------------------------------------------------------------
@@ -50,6 +62,7 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 def render() -> bytes:
     """The default registry in the Prometheus text format."""
     return _generate_latest(REGISTRY)
+
 
 # --- engine, batcher and session store (core) ---------------------------------------
 

@@ -25,15 +25,17 @@ def client(tiny_artifacts: Path) -> Any:
         yield client
 
 
-def predict(client: TestClient, text: str, model: str | None = None, k: int = 5,
-            prefix: str | None = None) -> dict[str, Any]:
+def predict(
+    client: TestClient, text: str, model: str | None = None, k: int = 5, prefix: str | None = None
+) -> dict[str, Any]:
     r = client.post("/v1/predict", json={"text": text, "k": k, "model": model, "prefix": prefix})
     assert r.status_code == 200, r.text
     return r.json()
 
 
-def new_session(client: TestClient, text: str = "", model: str | None = None,
-                k: int = 5) -> dict[str, Any]:
+def new_session(
+    client: TestClient, text: str = "", model: str | None = None, k: int = 5
+) -> dict[str, Any]:
     r = client.post("/v1/sessions", json={"text": text, "model": model, "k": k})
     assert r.status_code == 201, r.text
     return r.json()
@@ -87,17 +89,31 @@ def test_metrics_exposes_latency_per_route_and_engine_metrics(client: TestClient
     client.get("/v1/sessions/no-such-session")
     text = client.get("/metrics").text
     assert 'nextword_http_request_duration_seconds_count{method="POST",route="/v1/predict"}' in text
-    assert ('nextword_http_requests_total{method="GET",route="/v1/sessions/{session_id}",'
-            'status="404"}') in text
-    for name in ("nextword_ws_messages_total", "nextword_ws_connections",
-                 "nextword_batch_size", "nextword_steps_total", "nextword_active_sessions"):
+    assert (
+        'nextword_http_requests_total{method="GET",route="/v1/sessions/{session_id}",status="404"}'
+    ) in text
+    for name in (
+        "nextword_ws_messages_total",
+        "nextword_ws_connections",
+        "nextword_batch_size",
+        "nextword_steps_total",
+        "nextword_active_sessions",
+    ):
         assert name in text
 
 
 def test_openapi_documents_limits_and_examples(client: TestClient) -> None:
     schema = client.get("/openapi.json").json()
-    for path in ("/v1/predict", "/v1/sessions", "/v1/sessions/{session_id}/feed",
-                 "/v1/sessions/{session_id}", "/v1/models", "/healthz", "/readyz", "/metrics"):
+    for path in (
+        "/v1/predict",
+        "/v1/sessions",
+        "/v1/sessions/{session_id}/feed",
+        "/v1/sessions/{session_id}",
+        "/v1/models",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+    ):
         assert path in schema["paths"], path
     body = schema["components"]["schemas"]["PredictRequest"]
     assert body["properties"]["text"]["maxLength"] == 10_000  # Settings.max_text_chars
@@ -142,7 +158,9 @@ def test_predict_with_prefix(client: TestClient) -> None:
     body = predict(client, "i am", k=50, prefix="T")
     words = [p["word"] for p in body["predictions"]]
     assert words and all(w.startswith("t") for w in words)
-    unrestricted = {p["word"]: p["probability"] for p in predict(client, "i am", k=50)["predictions"]}
+    unrestricted = {
+        p["word"]: p["probability"] for p in predict(client, "i am", k=50)["predictions"]
+    }
     for p in body["predictions"]:  # not renormalised
         if p["word"] in unrestricted:
             assert abs(p["probability"] - unrestricted[p["word"]]) <= 1e-6
@@ -189,8 +207,9 @@ def test_session_lifecycle(client: TestClient) -> None:
 
     assert client.delete(f"/v1/sessions/{sid}").status_code == 204
     assert_error(client.get(f"/v1/sessions/{sid}"), 404, "unknown_session")
-    assert_error(client.post(f"/v1/sessions/{sid}/feed", json={"text": "a"}), 404,
-                 "unknown_session")
+    assert_error(
+        client.post(f"/v1/sessions/{sid}/feed", json={"text": "a"}), 404, "unknown_session"
+    )
     assert_error(client.delete(f"/v1/sessions/{sid}"), 404, "unknown_session")
 
 
@@ -294,7 +313,8 @@ BAD_PREDICT_BODIES: list[tuple[str, Any, int]] = [
 
 
 @pytest.mark.parametrize(
-    ("body", "status"), [(b, s) for _, b, s in BAD_PREDICT_BODIES],
+    ("body", "status"),
+    [(b, s) for _, b, s in BAD_PREDICT_BODIES],
     ids=[name for name, _, _ in BAD_PREDICT_BODIES],
 )
 def test_bad_predict_body_is_a_json_4xx(client: TestClient, body: Any, status: int) -> None:
@@ -331,8 +351,13 @@ def test_body_over_the_limit_without_content_length_is_413(client: TestClient) -
 
 @pytest.mark.parametrize(
     "body",
-    [{"text": 1}, {"text": "a", "k": 0}, {"text": "a", "k": 1000}, {"text": "a", "model": "x"},
-     {"text": "x" * 20_000}],
+    [
+        {"text": 1},
+        {"text": "a", "k": 0},
+        {"text": "a", "k": 1000},
+        {"text": "a", "model": "x"},
+        {"text": "x" * 20_000},
+    ],
 )
 def test_bad_session_bodies_are_4xx(client: TestClient, body: dict[str, Any]) -> None:
     r = client.post("/v1/sessions", json=body)
@@ -376,9 +401,11 @@ def test_unknown_path_and_method_are_json(client: TestClient) -> None:
 
 @pytest.mark.parametrize(
     ("error", "status", "code"),
-    [(Overloaded("queue full"), 503, "overloaded"),
-     (StoreUnavailable("redis down"), 503, "store_unavailable"),
-     (StepFailed("run failed"), 500, "step_failed")],
+    [
+        (Overloaded("queue full"), 503, "overloaded"),
+        (StoreUnavailable("redis down"), 503, "store_unavailable"),
+        (StepFailed("run failed"), 500, "step_failed"),
+    ],
 )
 def test_predictor_errors_map_to_their_status(
     client: TestClient, monkeypatch: pytest.MonkeyPatch, error: Exception, status: int, code: str

@@ -12,8 +12,15 @@ import pytest
 from service import cli
 
 ROOT = Path(__file__).resolve().parents[1]
-SERVE_ENV = ("NEXTWORD_HOST", "NEXTWORD_PORT", "NEXTWORD_MODELS_DIR", "NEXTWORD_WORKERS",
-             "NEXTWORD_LOG_LEVEL", "NEXTWORD_SESSION_STORE", "NEXTWORD_PROVIDERS")
+SERVE_ENV = (
+    "NEXTWORD_HOST",
+    "NEXTWORD_PORT",
+    "NEXTWORD_MODELS_DIR",
+    "NEXTWORD_WORKERS",
+    "NEXTWORD_LOG_LEVEL",
+    "NEXTWORD_SESSION_STORE",
+    "NEXTWORD_PROVIDERS",
+)
 
 
 @pytest.fixture
@@ -51,8 +58,22 @@ def test_serve_options_win_over_the_environment_and_reach_the_workers(
 ) -> None:
     clean_env.setenv("NEXTWORD_PORT", "9000")
     clean_env.setenv("NEXTWORD_HOST", "0.0.0.0")
-    assert cli.main(["serve", "--port", "9123", "--models", str(tmp_path), "--workers", "3",
-                     "--log-level", "debug"]) == 0
+    assert (
+        cli.main(
+            [
+                "serve",
+                "--port",
+                "9123",
+                "--models",
+                str(tmp_path),
+                "--workers",
+                "3",
+                "--log-level",
+                "debug",
+            ]
+        )
+        == 0
+    )
     (call,) = uvicorn_calls
     assert (call["host"], call["port"], call["workers"]) == ("0.0.0.0", 9123, 3)
     assert call["log_level"] == "debug"
@@ -79,8 +100,18 @@ def test_predict_prints_a_table(
     clean_env: pytest.MonkeyPatch, tiny_artifacts: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     clean_env.setenv("NEXTWORD_PROVIDERS", "CPUExecutionProvider")
-    code = cli.main(["predict", "I am coming home", "--models", str(tiny_artifacts), "-k", "3",
-                     "--model", "gru"])
+    code = cli.main(
+        [
+            "predict",
+            "I am coming home",
+            "--models",
+            str(tiny_artifacts),
+            "-k",
+            "3",
+            "--model",
+            "gru",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0, out
     lines = out.strip().splitlines()
@@ -132,8 +163,13 @@ def test_service_commands_work_without_the_training_package(
 
 
 def test_python_m_service_is_nextword_serve() -> None:
-    out = subprocess.run([sys.executable, "-m", "service", "--help"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "service", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     for option in ("--host", "--port", "--models", "--workers"):
         assert option in out.stdout

@@ -35,13 +35,19 @@ def free_port() -> int:
 def server(tiny_artifacts: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real server over the tiny models; stopped with SIGTERM (graceful) at the end."""
     port = free_port()
-    env = {**os.environ, "NEXTWORD_MODELS_DIR": str(tiny_artifacts),
-           "NEXTWORD_PROVIDERS": "CPUExecutionProvider"}
+    env = {
+        **os.environ,
+        "NEXTWORD_MODELS_DIR": str(tiny_artifacts),
+        "NEXTWORD_PROVIDERS": "CPUExecutionProvider",
+    }
     log_path = tmp_path_factory.mktemp("server") / "server.log"
     with log_path.open("w") as log:  # a file, not a pipe: a full pipe would block the server
         proc = subprocess.Popen(
             [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port)],
-            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
     base = f"127.0.0.1:{port}"
     try:
@@ -79,21 +85,25 @@ def test_rest(server: str) -> None:
         r = http.post("/v1/sessions", json={"text": " ".join(TEXTS[0].split()[:2])})
         assert r.status_code == 201
         sid = r.json()["session_id"]
-        fed = http.post(f"/v1/sessions/{sid}/feed",
-                        json={"text": " ".join(TEXTS[0].split()[2:])}).json()
+        fed = http.post(
+            f"/v1/sessions/{sid}/feed", json={"text": " ".join(TEXTS[0].split()[2:])}
+        ).json()
         assert fed["tokens"] == whole["tokens"]
         assert_same_predictions(fed["predictions"], whole["predictions"])
         assert http.get(f"/v1/sessions/{sid}").json()["tokens"] == whole["tokens"]
         assert http.delete(f"/v1/sessions/{sid}").status_code == 204
         assert http.get(f"/v1/sessions/{sid}").status_code == 404
-        r = http.post("/v1/predict", content=b"not json",
-                      headers={"content-type": "application/json"})
+        r = http.post(
+            "/v1/predict", content=b"not json", headers={"content-type": "application/json"}
+        )
         assert r.status_code == 400 and r.json()["error"]["code"] == "bad_input"
         r = http.post("/v1/predict", json={"text": "x" * 2_000_000})
         assert r.status_code == 413 and r.json()["error"]["code"] == "too_large"
         metrics = http.get("/metrics").text
-        assert 'nextword_http_requests_total{method="POST",route="/v1/predict",status="200"}' \
+        assert (
+            'nextword_http_requests_total{method="POST",route="/v1/predict",status="200"}'
             in metrics
+        )
 
 
 async def predict(http: httpx.AsyncClient, text: str, model: str = "lstm") -> dict[str, Any]:
@@ -110,8 +120,10 @@ async def receive(ws: Any) -> dict[str, Any]:
 
 async def test_stream_word_by_word(server: str) -> None:
     words = TEXTS[2].split()
-    async with httpx.AsyncClient(base_url=f"http://{server}", timeout=10) as http, \
-            connect(f"ws://{server}/v1/stream?model=gru") as ws:
+    async with (
+        httpx.AsyncClient(base_url=f"http://{server}", timeout=10) as http,
+        connect(f"ws://{server}/v1/stream?model=gru") as ws,
+    ):
         ready = await receive(ws)
         assert ready["type"] == "ready" and ready["model"] == "gru"
         for n, word in enumerate(words):
@@ -154,8 +166,9 @@ async def test_stream_unknown_session_gets_an_error_then_4404(server: str) -> No
 
 async def test_64_concurrent_streams_equal_each_alone(server: str) -> None:
     """64 sessions streaming at once (batched together) == each text predicted alone."""
-    jobs = [("lstm" if i % 2 else "gru", TEXTS[i % len(TEXTS)].split()[: 2 + i % 6])
-            for i in range(64)]
+    jobs = [
+        ("lstm" if i % 2 else "gru", TEXTS[i % len(TEXTS)].split()[: 2 + i % 6]) for i in range(64)
+    ]
 
     async def stream(model: str, words: list[str]) -> list[dict[str, Any]]:
         async with connect(f"ws://{server}/v1/stream?model={model}") as ws:

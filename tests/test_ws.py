@@ -80,8 +80,9 @@ def test_resume_a_session_by_id(client: TestClient) -> None:
         answer = ask(ws, {"text": "dog"})
     assert answer["tokens"] == 5
     assert client.get(f"/v1/sessions/{sid}").json()["tokens"] == 5
-    assert_same_predictions(answer["predictions"],
-                            predict(client, "the cat and the dog")["predictions"])
+    assert_same_predictions(
+        answer["predictions"], predict(client, "the cat and the dog")["predictions"]
+    )
 
 
 def test_unknown_session_gets_an_error_then_4404(client: TestClient) -> None:
@@ -109,8 +110,12 @@ def test_session_deleted_while_connected_gets_an_error_then_4404(client: TestCli
 
 @pytest.mark.parametrize(
     ("query", "code", "close"),
-    [("model=transformer", "unknown_model", 4404), ("k=0", "bad_input", 4422),
-     ("k=1000", "bad_input", 4422), ("k=five", "bad_input", 4422)],
+    [
+        ("model=transformer", "unknown_model", 4404),
+        ("k=0", "bad_input", 4422),
+        ("k=1000", "bad_input", 4422),
+        ("k=five", "bad_input", 4422),
+    ],
 )
 def test_bad_connect_parameters_get_an_error_then_close(
     client: TestClient, query: str, code: str, close: int
@@ -186,10 +191,14 @@ def test_reset_starts_the_text_afresh(client: TestClient) -> None:
         ask(ws, {"text": "the cat and the dog"})
         answer = ask(ws, {"type": "reset", "id": "r"})
         assert answer["type"] == "predictions" and answer["id"] == "r" and answer["tokens"] == 0
-        assert_same_predictions(answer["predictions"], predict(client, "", model="gru")["predictions"])
+        assert_same_predictions(
+            answer["predictions"], predict(client, "", model="gru")["predictions"]
+        )
         after = ask(ws, {"text": "i am"})
     assert after["tokens"] == 2
-    assert_same_predictions(after["predictions"], predict(client, "i am", model="gru")["predictions"])
+    assert_same_predictions(
+        after["predictions"], predict(client, "i am", model="gru")["predictions"]
+    )
     assert client.get(f"/v1/sessions/{sid}").json()["tokens"] == 2
 
 
@@ -199,7 +208,9 @@ def test_empty_emoji_and_control_characters_are_valid_text(client: TestClient) -
         assert ask(ws, {"text": ""})["tokens"] == 0
         answer = ask(ws, {"text": "\x00i 😀 am\x07 \u202ecoming\x1b home 🏠\r\n"})
     assert answer["tokens"] == 4
-    assert_same_predictions(answer["predictions"], predict(client, "i am coming home")["predictions"])
+    assert_same_predictions(
+        answer["predictions"], predict(client, "i am coming home")["predictions"]
+    )
 
 
 # --- bad messages ----------------------------------------------------------------
@@ -228,8 +239,10 @@ BAD_MESSAGES: list[tuple[str, str, Any]] = [
 def test_bad_messages_get_in_band_errors_and_the_connection_stays_open(
     client: TestClient,
 ) -> None:
-    with client.websocket_connect("/v1/stream") as other, \
-            client.websocket_connect("/v1/stream") as ws:
+    with (
+        client.websocket_connect("/v1/stream") as other,
+        client.websocket_connect("/v1/stream") as ws,
+    ):
         other_sid = other.receive_json()["session_id"]
         ask(other, {"text": "we can"})
         ws.receive_json()
@@ -244,13 +257,15 @@ def test_bad_messages_get_in_band_errors_and_the_connection_stays_open(
         # Nothing was applied: the session holds "the cat" and goes on from there.
         answer = ask(ws, {"text": "and the dog", "id": "after"})
         assert answer["id"] == "after" and answer["tokens"] == 5
-        assert_same_predictions(answer["predictions"],
-                                predict(client, "the cat and the dog")["predictions"])
+        assert_same_predictions(
+            answer["predictions"], predict(client, "the cat and the dog")["predictions"]
+        )
         # The other session is untouched.
         other_answer = ask(other, {"text": "make it"})
         assert other_answer["tokens"] == 4
-        assert_same_predictions(other_answer["predictions"],
-                                predict(client, "we can make it")["predictions"])
+        assert_same_predictions(
+            other_answer["predictions"], predict(client, "we can make it")["predictions"]
+        )
     assert client.get(f"/v1/sessions/{other_sid}").json()["tokens"] == 4
 
 
@@ -275,10 +290,12 @@ def test_websocket_metrics(client: TestClient) -> None:
         ws.receive_json()
         text = client.get("/metrics").text
         assert "nextword_ws_connections 1.0" in text
-    for line in ('nextword_ws_messages_total{type="ready"}',
-                 'nextword_ws_messages_total{type="predictions"}',
-                 'nextword_ws_messages_total{type="error"}',
-                 "nextword_ws_message_duration_seconds_count"):
+    for line in (
+        'nextword_ws_messages_total{type="ready"}',
+        'nextword_ws_messages_total{type="predictions"}',
+        'nextword_ws_messages_total{type="error"}',
+        "nextword_ws_message_duration_seconds_count",
+    ):
         assert line in text
 
 
