@@ -233,50 +233,52 @@ def train(cfg: TrainConfig) -> dict:
         total=total_steps, initial=step, desc=f"train {cfg.cell}", unit="step", dynamic_ncols=True
     )
     running, t0 = None, time.time()
-    while step < total_steps:
-        i = (step % steps_per_epoch) * cfg.bptt
-        if i == 0 and step > 0:
-            state = model.init_state(cfg.batch_size)
-        x, y = train_data[:, i : i + cfg.bptt], train_data[:, i + 1 : i + 1 + cfg.bptt]
-        x = x[:, : y.size(1)]
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, total_steps, cfg)
-        logits, state = model(x, detach(state))
-        loss = nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
-        optimizer.step()
-        state = detach(state)
-        step += 1
-        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
-        bar.update(1)
-        bar.set_postfix(
-            refresh=False,
-            loss=f"{running:.3f}",
-            ppl=f"{math.exp(running):.1f}",
-            tok_s=f"{(bar.n - bar.initial) * x.numel() / (time.time() - t0):.0f}",
-        )
-        if step % log_every == 0:
-            history.append(
-                {
-                    "kind": "train",
-                    "step": step,
-                    "tokens": step * cfg.batch_size * cfg.bptt,
-                    "loss": running,
-                    "ppl": math.exp(running),
-                }
+    try:
+        while step < total_steps:
+            i = (step % steps_per_epoch) * cfg.bptt
+            if i == 0 and step > 0:
+                state = model.init_state(cfg.batch_size)
+            x, y = train_data[:, i : i + cfg.bptt], train_data[:, i + 1 : i + 1 + cfg.bptt]
+            x = x[:, : y.size(1)]
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, total_steps, cfg)
+            logits, state = model(x, detach(state))
+            loss = nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+            optimizer.step()
+            state = detach(state)
+            step += 1
+            running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+            bar.update(1)
+            bar.set_postfix(
+                refresh=False,
+                loss=f"{running:.3f}",
+                ppl=f"{math.exp(running):.1f}",
+                tok_s=f"{(bar.n - bar.initial) * x.numel() / (time.time() - t0):.0f}",
             )
-        end_of_epoch = step % steps_per_epoch == 0
-        if (
-            end_of_epoch
-            or (cfg.eval_interval and step % cfg.eval_interval == 0)
-            or step == total_steps
-        ):
-            validate()
-        if step % cfg.checkpoint_interval == 0 or step == total_steps:
-            checkpoint()
-    bar.close()
+            if step % log_every == 0:
+                history.append(
+                    {
+                        "kind": "train",
+                        "step": step,
+                        "tokens": step * cfg.batch_size * cfg.bptt,
+                        "loss": running,
+                        "ppl": math.exp(running),
+                    }
+                )
+            end_of_epoch = step % steps_per_epoch == 0
+            if (
+                end_of_epoch
+                or (cfg.eval_interval and step % cfg.eval_interval == 0)
+                or step == total_steps
+            ):
+                validate()
+            if step % cfg.checkpoint_interval == 0 or step == total_steps:
+                checkpoint()
+    finally:
+        bar.close()
     if not (out / "best.pt").exists():
         validate()
         checkpoint()
