@@ -211,9 +211,9 @@ class Predictor:
 
     @staticmethod
     def _predictions(model: OrtModel, ids: np.ndarray, probs: np.ndarray) -> list[dict[str, Any]]:
-        tokens = model.vocab.tokens
+        words = model.vocab.display  # how each word is shown ("I", not "i")
         return [
-            {"word": tokens[i], "probability": float(p)}
+            {"word": words[i], "probability": float(p)}
             for i, p in zip(ids.tolist(), probs.tolist())
         ]
 

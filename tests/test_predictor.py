@@ -307,3 +307,27 @@ async def test_start_refuses_a_missing_default_model(tiny_artifacts: Path, tmp_p
         await Predictor.start(settings(tmp_path))  # no artifacts at all
     with pytest.raises(ArtifactError):
         await Predictor.start(settings(tmp_path / "missing"))
+
+
+async def test_words_are_returned_in_their_display_form(tmp_path: Path) -> None:
+    import torch
+
+    from model_export.export import export_artifact
+    from model_export.model import RNNLM, ModelConfig
+    from service.vocab import Vocabulary
+    from tests.conftest import tiny_vocab_tokens
+
+    vocab = Vocabulary(tiny_vocab_tokens())
+    torch.manual_seed(3)
+    model = RNNLM(ModelConfig(len(vocab), "gru", 8, 8, 1, 0.0))
+    export_artifact(model, vocab, tmp_path / "lstm", display_forms={"i": "I", "i'm": "I'm"})
+    p = await Predictor.start(settings(tmp_path))
+    try:
+        result = await p.predict("well", k=50, prefix="i")
+        words = {w["word"] for w in result["predictions"]}
+        assert {"I", "I'm", "if", "in", "is", "it"} <= words
+        assert "i" not in words
+        prefixed = await p.predict("well", k=50, prefix="I'")
+        assert [w["word"] for w in prefixed["predictions"]] == ["I'm"]
+    finally:
+        await p.close()
