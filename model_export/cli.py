@@ -40,7 +40,7 @@ TRAIN_HELP = {
 
 
 def _add_train(sub) -> None:
-    from model_export.train import TrainConfig  # noqa: PLC0415
+    from model_export.train_config import TrainConfig  # noqa: PLC0415
 
     p = sub.add_parser(
         "train",
@@ -63,7 +63,8 @@ def _add_train(sub) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from model_export.train import TrainConfig, train  # noqa: PLC0415
+    from model_export.train import train  # noqa: PLC0415
+    from model_export.train_config import TrainConfig  # noqa: PLC0415
 
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     t0 = time.time()

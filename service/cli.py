@@ -227,7 +227,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
-    return int(args.handler(args) or 0)
+    try:
+        return int(args.handler(args) or 0)
+    except ModuleNotFoundError as exc:  # training needs the `train` extra (torch, onnx, nltk)
+        if exc.name is None or exc.name.split(".")[0] in ("service", "model_export"):
+            raise
+        print(
+            f"nextword {args.command}: needs {exc.name!r}; install the training extra: "
+            "pip install 'nextword[train]'",
+            file=sys.stderr,
+        )
+        return 2
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import model_export.train as train_module
-from model_export.train import TrainConfig, build_vocab, train
+from model_export.train import build_vocab, train
+from model_export.train_config import TrainConfig
 
 SENTENCES = [
     "the cat sat on the mat.",
