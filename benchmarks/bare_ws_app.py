@@ -1,0 +1,68 @@
+"""The baseline of the end-to-end benchmark: a bare WebSocket app with /v1/stream's framing.
+
+Same framework (FastAPI on uvicorn) and same messages as the service, and no model:
+on connect it sends a `ready` message; each client message is parsed as JSON and
+answered with a fixed five-prediction `predictions` message (the `id` echoed). What
+the service adds on top of this (validation, the batcher, the model, the store) is
+what `bench_e2e.py` measures as "ours / bare".
+
+    uvicorn benchmarks.bare_ws_app:app --port 8001
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+
+from fastapi import FastAPI, WebSocket, WebSocketDisconnect
+
+PREDICTIONS = [
+    {"word": "the", "probability": 0.0521},
+    {"word": "to", "probability": 0.0312},
+    {"word": "a", "probability": 0.0287},
+    {"word": "and", "probability": 0.0203},
+    {"word": "of", "probability": 0.0158},
+]
+
+app = FastAPI(title="bare WebSocket baseline")
+
+
+def dumps(payload: dict[str, object]) -> str:
+    """JSON as the service writes it."""
+    return json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+
+
+@app.websocket("/v1/stream")
+async def stream(websocket: WebSocket) -> None:
+    """Answer every message with the same five predictions."""
+    await websocket.accept()
+    session_id = secrets.token_urlsafe(16)
+    tokens = 0
+    await websocket.send_text(
+        dumps(
+            {
+                "type": "ready",
+                "session_id": session_id,
+                "model": "bare",
+                "tokens": tokens,
+                "predictions": PREDICTIONS,
+            }
+        )
+    )
+    try:
+        while True:
+            message = json.loads(await websocket.receive_text())
+            tokens += 1
+            await websocket.send_text(
+                dumps(
+                    {
+                        "type": "predictions",
+                        "session_id": session_id,
+                        "tokens": tokens,
+                        "predictions": PREDICTIONS,
+                        "id": message.get("id"),
+                    }
+                )
+            )
+    except WebSocketDisconnect:
+        pass
