@@ -118,12 +118,14 @@ def render(
     if fp32_metrics:
         lines += _metrics_rows(fp32_metrics, f"{m['name']} (float32 checkpoint)")
     if baseline:
-        for dataset, b in baseline.get("results", {}).items():
-            ppl = f"{b['perplexity']:.1f}" if b.get("perplexity") else "-"
-            lines.append(
-                f"| trigram baseline | {dataset} | {ppl} | {100 * b['top1']:.2f}% | {100 * b['top3']:.2f}% | "
-                f"{100 * b['top5']:.2f}% | {100 * b.get('oov_rate', 0):.1f}% | {b.get('tokens', 0):,} |"
-            )
+        for dataset, rankers in baseline.get("results", {}).items():
+            for ranker, b in rankers.items():
+                ppl = f"{b['perplexity']:.1f}" if b.get("perplexity") else "-"
+                lines.append(
+                    f"| trigram ({ranker.replace('_', ' ')}) | {dataset} | {ppl} | "
+                    f"{100 * b['top1']:.2f}% | {100 * b['top3']:.2f}% | {100 * b['top5']:.2f}% | "
+                    f"{100 * b.get('oov_rate', 0):.1f}% | {b.get('tokens', 0):,} |"
+                )
     lines += [
         "",
         "## Intended use and limits",
