@@ -41,9 +41,9 @@ bench: $(VENV)/.dev  ## engine, end-to-end and store benchmarks (print tables)
 # How the bundled models were trained (see service/models/*/MODEL_CARD.md).
 train-bundled: $(VENV)/.dev
 	$(VENV)/bin/nextword train --corpora $(CORPORA) --nltk-data $(NLTK_DATA) --out runs/lstm \
-	  --cell lstm --layers 2 --epochs 2 --batch-size 64 --eval-interval 850 --checkpoint-interval 100 --threads 1
+	  --cell lstm --layers 2 --epochs 2 --max-steps 2500 --batch-size 64 --eval-interval 850 --checkpoint-interval 100 --threads 1
 	$(VENV)/bin/nextword train --corpora $(CORPORA) --nltk-data $(NLTK_DATA) --out runs/gru \
-	  --cell gru --layers 1 --epochs 2 --batch-size 64 --eval-interval 850 --checkpoint-interval 100 --threads 1
+	  --cell gru --layers 1 --epochs 2 --max-steps 3000 --batch-size 64 --eval-interval 850 --checkpoint-interval 100 --threads 1
 	$(VENV)/bin/nextword export --checkpoint runs/lstm --out service/models/lstm --int8
 	$(VENV)/bin/nextword export --checkpoint runs/gru --out service/models/gru --int8
 
