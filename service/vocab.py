@@ -10,6 +10,17 @@ import numpy as np
 
 from service.tokenizer import EOS, PAD, SPECIALS, UNK, is_word, normalize, tokenize
 
+BLOCKLIST_FILE = Path(__file__).with_name("blocklist.txt")
+
+
+def _read_blocklist(path: Path = BLOCKLIST_FILE) -> frozenset[str]:
+    lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
+    return frozenset(ln.strip() for ln in lines if ln.strip() and not ln.startswith("#"))
+
+
+# Offensive words a keyboard must not suggest (the model still reads them as context).
+BLOCKED = _read_blocklist()
+
 
 class Vocabulary:
     """Token list whose index is the id; specials first (`<pad>`, `<unk>`, `</s>`)."""
@@ -26,7 +37,9 @@ class Vocabulary:
         self.eos_id = self.index[EOS]
         # Prefix completion: suggestible words in sorted order, so the words that
         # start with a prefix are one contiguous slice found by two bisections.
-        words = sorted((tok, i) for i, tok in enumerate(self.tokens) if is_word(tok))
+        words = sorted(
+            (tok, i) for i, tok in enumerate(self.tokens) if is_word(tok) and tok not in BLOCKED
+        )
         self._sorted_words = [w for w, _ in words]
         self._sorted_ids = np.array([i for _, i in words], dtype=np.int64)
         self.suggestible = np.zeros(len(self.tokens), dtype=bool)

@@ -98,3 +98,11 @@ def test_prefix_index() -> None:
     assert [vocab.tokens[i] for i in vocab.ids_with_prefix("HOM")] == ["home"]
     assert len(vocab.ids_with_prefix("zzz")) == 0
     assert len(vocab.ids_with_prefix("")) == int(vocab.suggestible.sum())
+
+
+def test_offensive_words_are_never_suggestible() -> None:
+    vocab = Vocabulary([*tiny_vocab_tokens(), "fuck", "fucking", "full"])
+    assert not vocab.suggestible[vocab.index["fucking"]]
+    assert vocab.suggestible[vocab.index["full"]]
+    assert [vocab.tokens[i] for i in vocab.ids_with_prefix("fu")] == ["full"]
+    assert vocab.encode("fucking hell")[0] == vocab.index["fucking"]  # still read as context
