@@ -111,12 +111,17 @@ def render(
         "out-of-vocabulary target always a miss (`nextword evaluate`). WikiText-2 validation "
         "is out of domain (Wikipedia), typed through the same tokenizer.",
         "",
+        "The trigram rows are the count-based baseline (`benchmarks/trigram_baseline.py`), "
+        "trained on the same split with the same tokenizer and vocabulary and scored by the "
+        "same code. The float32 rows step an ONNX export of the same weights without int8: "
+        "the difference to the int8 rows is what int8 costs.",
+        "",
         "| model | text | perplexity | top-1 | top-3 | top-5 | OOV words | tokens |",
         "|---|---|---|---|---|---|---|---|",
     ]
     lines += _metrics_rows(m.get("metrics", {}), f"{m['name']} ({'int8' if quant else 'float32'})")
     if fp32_metrics:
-        lines += _metrics_rows(fp32_metrics, f"{m['name']} (float32 checkpoint)")
+        lines += _metrics_rows(fp32_metrics, f"{m['name']} (float32, same weights)")
     if baseline:
         for dataset, rankers in baseline.get("results", {}).items():
             for ranker, b in rankers.items():
