@@ -74,8 +74,13 @@ print(json.dumps({"gflops_by_size": sizes, "peak_gflops": max(sizes.values()),
 def gemm_peak(seconds: float) -> dict:
     """Peak float32 GEMM GFLOP/s of numpy, measured in a subprocess free of BLAS overrides."""
     env = {k: v for k, v in os.environ.items() if k not in BLAS_OVERRIDES}
-    out = subprocess.run([sys.executable, "-c", GEMM_SCRIPT, str(seconds)], env=env,
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", GEMM_SCRIPT, str(seconds)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     result = json.loads(out.stdout.strip().splitlines()[-1])
     result["removed_from_env"] = {k: os.environ[k] for k in BLAS_OVERRIDES if k in os.environ}
     return result
@@ -105,14 +110,24 @@ def load_model(run_dir: Path):
         model, vocab, _ = load_checkpoint(run_dir)
         return model, vocab, f"{run_dir.name}: trained weights ({run_dir / 'best.pt'})"
     config_path = run_dir / "config.json"
-    config = (ModelConfig(**json.loads(config_path.read_text())["model"]) if config_path.is_file()
-              else ModelConfig(vocab_size=12_000, cell=run_dir.name if run_dir.name == "gru" else "lstm"))
+    config = (
+        ModelConfig(**json.loads(config_path.read_text())["model"])
+        if config_path.is_file()
+        else ModelConfig(vocab_size=12_000, cell=run_dir.name if run_dir.name == "gru" else "lstm")
+    )
     vocab_path = run_dir / "vocab.txt"
-    vocab = (Vocabulary.load(vocab_path) if vocab_path.is_file() else
-             Vocabulary([*SPECIALS, *(f"w{i}" for i in range(config.vocab_size - len(SPECIALS)))]))
+    vocab = (
+        Vocabulary.load(vocab_path)
+        if vocab_path.is_file()
+        else Vocabulary([*SPECIALS, *(f"w{i}" for i in range(config.vocab_size - len(SPECIALS)))])
+    )
     torch.manual_seed(0)
     model = RNNLM(config).eval()
-    return model, vocab, f"{run_dir.name}: RANDOM weights (no {run_dir / 'best.pt'} yet; same config)"
+    return (
+        model,
+        vocab,
+        f"{run_dir.name}: RANDOM weights (no {run_dir / 'best.pt'} yet; same config)",
+    )
 
 
 def measure(step: Callable[[], None], seconds: float, min_runs: int = 20) -> np.ndarray:
@@ -159,8 +174,9 @@ def ort_session(artifact, threads: int):
     options.intra_op_num_threads = threads
     for key, value in (artifact.manifest.get("session_config") or {}).items():
         options.add_session_config_entry(str(key), str(value))
-    return ort.InferenceSession(str(artifact.onnx_path), options,
-                                providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(
+        str(artifact.onnx_path), options, providers=["CPUExecutionProvider"]
+    )
 
 
 def ort_step(session, artifact, batch: int) -> Callable[[], None]:
@@ -204,8 +220,13 @@ def bench_run(run_dir: Path, seconds: float, threads: int, int8: bool) -> dict:
     print(f"weights: {source}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         artifact_dir = Path(tmp) / run_dir.name
-        export_artifact(model, vocab, artifact_dir, int8=int8,
-                        extra={"training": {"note": "temporary artifact for bench_engine"}})
+        export_artifact(
+            model,
+            vocab,
+            artifact_dir,
+            int8=int8,
+            extra={"training": {"note": "temporary artifact for bench_engine"}},
+        )
         artifact = ModelArtifact.load(artifact_dir)
         session = ort_session(artifact, threads)
         paths: dict[str, Callable[[int], Callable[[], None]]] = {
@@ -227,18 +248,27 @@ def bench_run(run_dir: Path, seconds: float, threads: int, int8: bool) -> dict:
             for batch in BATCHES:
                 t = measure(make(batch), seconds)
                 timings[name][str(batch)] = {
-                    "p50_ms": float(np.median(t) * 1e3), "p99_ms": float(np.quantile(t, 0.99) * 1e3),
-                    "mean_ms": float(t.mean() * 1e3), "runs": len(t),
+                    "p50_ms": float(np.median(t) * 1e3),
+                    "p99_ms": float(np.quantile(t, 0.99) * 1e3),
+                    "mean_ms": float(t.mean() * 1e3),
+                    "runs": len(t),
                     "steps_per_s": float(batch / np.median(t)),
                 }
-                print(f"  {name:20s} batch {batch:3d}: p50 {timings[name][str(batch)]['p50_ms']:.3f} ms",
-                      flush=True)
+                print(
+                    f"  {name:20s} batch {batch:3d}: p50 {timings[name][str(batch)]['p50_ms']:.3f} ms",
+                    flush=True,
+                )
     cfg = model.config
     return {
-        "weights": source, "engine_note": engine_note, "int8": int8,
-        "config": cfg.to_dict(), "parameters": sum(p.numel() for p in model.parameters()),
-        "flops_per_step": step_flops(cfg), "ort_providers": session.get_providers(),
-        "ort_version": ort.__version__, "timings": timings,
+        "weights": source,
+        "engine_note": engine_note,
+        "int8": int8,
+        "config": cfg.to_dict(),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "flops_per_step": step_flops(cfg),
+        "ort_providers": session.get_providers(),
+        "ort_version": ort.__version__,
+        "timings": timings,
     }
 
 
@@ -249,21 +279,36 @@ def machine(threads: int) -> dict:
 
     cpu = platform.machine()
     with contextlib.suppress(OSError, StopIteration):
-        cpu = next(line.split(":", 1)[1].strip() for line in
-                   Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name"))
-    return {"cpu": cpu, "cores": os.cpu_count(), "threads": threads,
-            "python": platform.python_version(), "numpy": np.__version__,
-            "torch": torch.__version__, "onnxruntime": ort.__version__,
-            "platform": platform.platform(),
-            "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "threads": threads,
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "torch": torch.__version__,
+        "onnxruntime": ort.__version__,
+        "platform": platform.platform(),
+        "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+    }
 
 
 def table(report: dict) -> str:
     """The figures as markdown, headed by the machine, with the two targets checked."""
     m, peak = report["machine"], report["gemm"]["peak_gflops"]
     arch = report["gemm"]["threadpools"]
-    arch_text = (", ".join(f"{p['internal_api']} {p['version']} {p['architecture']} x{p['num_threads']}"
-                           for p in arch) if isinstance(arch, list) else arch)
+    arch_text = (
+        ", ".join(
+            f"{p['internal_api']} {p['version']} {p['architecture']} x{p['num_threads']}"
+            for p in arch
+        )
+        if isinstance(arch, list)
+        else arch
+    )
     lines = [
         f"machine: {m['cpu']}, {m['cores']} cores (threads used: {m['threads']}); load average "
         f"{m['load_average_1m']:.2f} at start; Python {m['python']}, numpy {m['numpy']}, "
@@ -293,7 +338,8 @@ def table(report: dict) -> str:
             lines.append(
                 f"| {path} | {b1['p50_ms']:.3f} ms ({b1['p99_ms']:.3f}) | {b64['p50_ms']:.2f} ms | "
                 f"{b64['steps_per_s']:,.0f} | {b256['p50_ms']:.2f} ms | {b256['steps_per_s']:,.0f} | "
-                f"{b256['steps_per_s'] / limit:.0%} |")
+                f"{b256['steps_per_s'] / limit:.0%} |"
+            )
         ort_path = "engine OrtModel.run" if "engine OrtModel.run" in t else "ORT session.run"
         speedup = t["torch eager"]["1"]["p50_ms"] / t[ort_path]["1"]["p50_ms"]
         best = max(t[ort_path][b]["steps_per_s"] for b in ("64", "256"))
@@ -309,26 +355,53 @@ def table(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--checkpoint", nargs="+", type=Path, default=DEFAULT_RUNS,
-                   help="training run directories (best.pt + config.json + vocab.txt)")
-    p.add_argument("--seconds", type=float, default=2.0,
-                   help="time spent measuring each path at each batch size")
-    p.add_argument("--gemm-seconds", type=float, default=1.0,
-                   help="time spent measuring GEMM at each matrix size")
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
-                   help="intra-op threads for ONNX Runtime and torch")
-    p.add_argument("--int8", action="store_true",
-                   help="export int8-weight artifacts (as bundled) instead of float32")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument(
+        "--checkpoint",
+        nargs="+",
+        type=Path,
+        default=DEFAULT_RUNS,
+        help="training run directories (best.pt + config.json + vocab.txt)",
+    )
+    p.add_argument(
+        "--seconds",
+        type=float,
+        default=2.0,
+        help="time spent measuring each path at each batch size",
+    )
+    p.add_argument(
+        "--gemm-seconds",
+        type=float,
+        default=1.0,
+        help="time spent measuring GEMM at each matrix size",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="intra-op threads for ONNX Runtime and torch",
+    )
+    p.add_argument(
+        "--int8",
+        action="store_true",
+        help="export int8-weight artifacts (as bundled) instead of float32",
+    )
     p.add_argument("--json", type=Path, help="also write the figures as JSON to this path")
     args = p.parse_args(argv)
     report = {"machine": machine(args.threads), "gemm": gemm_peak(args.gemm_seconds), "models": {}}
     print(f"GEMM peak {report['gemm']['peak_gflops']:.0f} GFLOP/s", flush=True)
     for run_dir in args.checkpoint:
         report["models"][run_dir.name] = bench_run(run_dir, args.seconds, args.threads, args.int8)
-    report["command"] = " ".join([Path(sys.executable).name, "-m", "benchmarks.bench_engine",
-                                  *(argv if argv is not None else sys.argv[1:])])
+    report["command"] = " ".join(
+        [
+            Path(sys.executable).name,
+            "-m",
+            "benchmarks.bench_engine",
+            *(argv if argv is not None else sys.argv[1:]),
+        ]
+    )
     print()
     print(table(report))
     if args.json:

@@ -67,8 +67,9 @@ class Grouped:
 
     @classmethod
     def of(cls, keys: np.ndarray, counts: np.ndarray, vocab_size: int) -> Grouped:
-        contexts, starts, lengths = np.unique(keys // vocab_size, return_index=True,
-                                              return_counts=True)
+        contexts, starts, lengths = np.unique(
+            keys // vocab_size, return_index=True, return_counts=True
+        )
         totals = np.add.reduceat(counts, starts) if len(keys) else np.zeros(0, np.int64)
         return cls(keys, counts, keys % vocab_size, contexts, starts, lengths, totals)
 
@@ -98,8 +99,9 @@ def discounts(counts: np.ndarray) -> np.ndarray:
     return np.array([0.0, *np.clip(d, 0.0, [1.0, 2.0, 3.0])])
 
 
-def _slices(group: Grouped, rows_contexts: np.ndarray, seen: np.ndarray,
-            values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _slices(
+    group: Grouped, rows_contexts: np.ndarray, seen: np.ndarray, values: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(row, word, value) of every type under each row's context (unseen rows: none)."""
     lengths = np.where(seen, group.lengths[rows_contexts], 0)
     starts = np.where(seen, group.starts[rows_contexts], 0)
@@ -187,8 +189,9 @@ class StupidBackoff:
         """Scores (B, V) for each row (not normalised: a ranking only)."""
         v = self.counts.vocab_size
         p = np.repeat(self.unigram[None, :], len(cur), axis=0)
-        rows, words, values = _slices(self.counts.bigrams, self.row2[cur], self.seen2[cur],
-                                      self.score2)
+        rows, words, values = _slices(
+            self.counts.bigrams, self.row2[cur], self.seen2[cur], self.score2
+        )
         p[rows, words] = values  # a seen higher order replaces the lower one
         j, seen = self.counts.trigrams.find_contexts(np.where(prev >= 0, prev * v + cur, -1))
         rows, words, values = _slices(self.counts.trigrams, j, seen, self.score3)
@@ -237,12 +240,26 @@ def machine() -> dict[str, str]:
                 break
     except OSError:
         pass
-    return {"cpu": cpu, "cores": str(os.cpu_count()), "python": platform.python_version(),
-            "numpy": np.__version__, "nltk": nltk.__version__, "platform": platform.platform()}
+    return {
+        "cpu": cpu,
+        "cores": str(os.cpu_count()),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "nltk": nltk.__version__,
+        "platform": platform.platform(),
+    }
 
 
-def run(corpora: list[str], nltk_data: str, texts: list[Path], vocab_path: Path | None,
-        vocab_size: int, min_count: int, rows: int, max_tokens: int) -> dict:
+def run(
+    corpora: list[str],
+    nltk_data: str,
+    texts: list[Path],
+    vocab_path: Path | None,
+    vocab_size: int,
+    min_count: int,
+    rows: int,
+    max_tokens: int,
+) -> dict:
     """Train on the train split, evaluate on the test split and on each text."""
     started = time.perf_counter()
     splits = load_splits(corpora, nltk_data)
@@ -251,7 +268,9 @@ def run(corpora: list[str], nltk_data: str, texts: list[Path], vocab_path: Path 
     if vocab_path is not None and vocab_path.is_file():
         vocab = Vocabulary.load(vocab_path)
         resolved = vocab_path.resolve()
-        vocab_source = str(resolved.relative_to(ROOT) if resolved.is_relative_to(ROOT) else resolved)
+        vocab_source = str(
+            resolved.relative_to(ROOT) if resolved.is_relative_to(ROOT) else resolved
+        )
     else:
         vocab = frequent_vocabulary(splits["train"], vocab_size, min_count)
         vocab_source = f"{vocab_size} most frequent training tokens (count >= {min_count})"
@@ -264,19 +283,29 @@ def run(corpora: list[str], nltk_data: str, texts: list[Path], vocab_path: Path 
         results[name] = {}
         for ranker, model in rankers.items():
             step, zero = ngram_stepper(model, vocab)
-            metrics: dict = evaluate_stream(step, zero, vocab, stream, rows, max_tokens,
-                                            desc=f"{ranker} {name[:24]}")
+            metrics: dict = evaluate_stream(
+                step, zero, vocab, stream, rows, max_tokens, desc=f"{ranker} {name[:24]}"
+            )
             if ranker == "stupid_backoff":
                 metrics["perplexity"] = None  # scores are not a distribution
             results[name][ranker] = metrics
     return {
         "machine": machine(),
-        "config": {"corpora": corpora, "train_tokens": len(splits["train"]), "vocab": vocab_source,
-                   "vocab_size": len(vocab), "rows": rows, "max_tokens": max_tokens,
-                   "trigram_types": len(counts.trigrams.keys),
-                   "bigram_types": len(counts.bigrams.keys)},
-        "seconds": {"load": round(loaded - started, 1), "count": round(trained - loaded, 1),
-                    "evaluate": round(time.perf_counter() - trained, 1)},
+        "config": {
+            "corpora": corpora,
+            "train_tokens": len(splits["train"]),
+            "vocab": vocab_source,
+            "vocab_size": len(vocab),
+            "rows": rows,
+            "max_tokens": max_tokens,
+            "trigram_types": len(counts.trigrams.keys),
+            "bigram_types": len(counts.bigrams.keys),
+        },
+        "seconds": {
+            "load": round(loaded - started, 1),
+            "count": round(trained - loaded, 1),
+            "evaluate": round(time.perf_counter() - trained, 1),
+        },
         "results": results,
     }
 
@@ -296,33 +325,66 @@ def table(report: dict) -> str:
     for name, by_ranker in report["results"].items():
         for ranker, r in by_ranker.items():
             ppl = f"{r['perplexity']:.1f}" if r["perplexity"] is not None else "-"
-            lines.append(f"| {name} | {ranker.replace('_', ' ')} | {ppl} | {r['top1']:.2%} | "
-                         f"{r['top3']:.2%} | {r['top5']:.2%} | {r['word_targets']:,} | "
-                         f"{r['oov_rate']:.2%} |")
+            lines.append(
+                f"| {name} | {ranker.replace('_', ' ')} | {ppl} | {r['top1']:.2%} | "
+                f"{r['top3']:.2%} | {r['top5']:.2%} | {r['word_targets']:,} | "
+                f"{r['oov_rate']:.2%} |"
+            )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--corpora", nargs="+", default=DEFAULT_CORPORA,
-                   help="training corpora (NLTK names or paths); their test split is evaluated")
-    p.add_argument("--nltk-data", default=os.environ.get("NLTK_DATA", str(DEFAULT_NLTK_DATA)),
-                   help="NLTK data directory")
-    p.add_argument("--texts", nargs="*", type=Path, default=DEFAULT_TEXTS,
-                   help="held-out text files (WikiText format recognised by name)")
-    p.add_argument("--vocab", type=Path, default=DEFAULT_VOCAB,
-                   help="vocab.txt of the neural model to compare with; if missing, the "
-                        "vocabulary is built from the train split like `nextword train` does")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument(
+        "--corpora",
+        nargs="+",
+        default=DEFAULT_CORPORA,
+        help="training corpora (NLTK names or paths); their test split is evaluated",
+    )
+    p.add_argument(
+        "--nltk-data",
+        default=os.environ.get("NLTK_DATA", str(DEFAULT_NLTK_DATA)),
+        help="NLTK data directory",
+    )
+    p.add_argument(
+        "--texts",
+        nargs="*",
+        type=Path,
+        default=DEFAULT_TEXTS,
+        help="held-out text files (WikiText format recognised by name)",
+    )
+    p.add_argument(
+        "--vocab",
+        type=Path,
+        default=DEFAULT_VOCAB,
+        help="vocab.txt of the neural model to compare with; if missing, the "
+        "vocabulary is built from the train split like `nextword train` does",
+    )
     p.add_argument("--vocab-size", type=int, default=12_000, help="size of a built vocabulary")
     p.add_argument("--min-count", type=int, default=2, help="minimum count in a built vocabulary")
-    p.add_argument("--rows", type=int, default=64,
-                   help="parallel rows each stream is cut into (as `nextword evaluate`)")
-    p.add_argument("--max-tokens", type=int, default=0, help="evaluate only the first N tokens (0: all)")
+    p.add_argument(
+        "--rows",
+        type=int,
+        default=64,
+        help="parallel rows each stream is cut into (as `nextword evaluate`)",
+    )
+    p.add_argument(
+        "--max-tokens", type=int, default=0, help="evaluate only the first N tokens (0: all)"
+    )
     p.add_argument("--json", type=Path, help="also write the results as JSON to this path")
     args = p.parse_args(argv)
-    report = run(args.corpora, args.nltk_data, args.texts, args.vocab, args.vocab_size,
-                 args.min_count, args.rows, args.max_tokens)
+    report = run(
+        args.corpora,
+        args.nltk_data,
+        args.texts,
+        args.vocab,
+        args.vocab_size,
+        args.min_count,
+        args.rows,
+        args.max_tokens,
+    )
     print(table(report))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -27,7 +27,9 @@ class Settings(BaseSettings):
         default="auto",
         description='"auto" (CUDA when usable, else CPU) or a comma list of providers',
     )
-    intra_op_threads: int = Field(default=0, ge=0, description="ORT threads per run; 0 = one per core")
+    intra_op_threads: int = Field(
+        default=0, ge=0, description="ORT threads per run; 0 = one per core"
+    )
 
     # HTTP server.
     host: str = "127.0.0.1"

@@ -101,5 +101,7 @@ def test_the_built_vocabulary_follows_the_training_rule() -> None:
 
     tokens = [EOS, *tokenize(TRAIN * 3 + " rare words once")]
     for size, min_count in ((100, 1), (8, 1), (100, 2)):
-        assert frequent_vocabulary(tokens, size, min_count).tokens == \
-            build_vocab(tokens, size, min_count).tokens
+        assert (
+            frequent_vocabulary(tokens, size, min_count).tokens
+            == build_vocab(tokens, size, min_count).tokens
+        )
