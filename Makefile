@@ -9,7 +9,7 @@ NLTK_DATA ?= $(abspath ../shared/data/nltk_data)
 WIKITEXT ?= $(abspath ../shared/data/wikitext-2-valid.txt)
 CORPORA := brown movie_reviews abc state_union webtext inaugural
 
-.PHONY: serve test lint bench train-bundled evaluate-bundled clean
+.PHONY: serve test lint bench baseline train-bundled evaluate-bundled clean
 
 $(VENV)/.runtime: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,10 +33,14 @@ lint: $(VENV)/.dev
 	$(VENV)/bin/mypy
 	$(VENV)/bin/hadolint docker/Dockerfile docker/Dockerfile.gpu
 
-bench: $(VENV)/.dev  ## engine, end-to-end and store benchmarks (print tables)
-	NLTK_DATA=$(NLTK_DATA) $(PY) benchmarks/bench_engine.py
-	$(PY) benchmarks/bench_e2e.py
+bench: $(VENV)/.dev  ## engine, end-to-end, memory and store benchmarks (print tables)
+	$(PY) -m benchmarks.bench_engine --checkpoint runs/lstm runs/gru --int8
+	$(PY) benchmarks/bench_e2e.py --seconds 10 --rounds 2
 	$(PY) benchmarks/bench_memory.py
+	$(PY) benchmarks/bench_store.py
+
+baseline: $(VENV)/.dev  ## the count-based trigram baseline on the same split and metric
+	NLTK_DATA=$(NLTK_DATA) $(PY) -m benchmarks.trigram_baseline --vocab service/models/lstm/vocab.txt --json benchmarks/results/trigram.json
 
 # How the bundled models were trained (see service/models/*/MODEL_CARD.md).
 train-bundled: $(VENV)/.dev
