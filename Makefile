@@ -51,9 +51,19 @@ train-bundled: $(VENV)/.dev
 	$(VENV)/bin/nextword export --checkpoint runs/lstm --out service/models/lstm --int8
 	$(VENV)/bin/nextword export --checkpoint runs/gru --out service/models/gru --int8
 
+# Held-out figures into each manifest; the float32 export of the same weights is
+# recorded beside them (metrics_float32): the difference is what int8 costs.
 evaluate-bundled: $(VENV)/.dev
-	for m in lstm gru; do $(VENV)/bin/nextword evaluate --artifact service/models/$$m \
-	  --text $(WIKITEXT) --corpora $(CORPORA) --nltk-data $(NLTK_DATA) --split test --record; done
+	for m in lstm gru; do \
+	  $(VENV)/bin/nextword evaluate --artifact service/models/$$m --text $(WIKITEXT) \
+	    --corpora $(CORPORA) --nltk-data $(NLTK_DATA) --split test --record && \
+	  $(VENV)/bin/nextword export --checkpoint runs/$$m --out runs/$$m-float32 --no-display-forms && \
+	  $(VENV)/bin/nextword evaluate --artifact runs/$$m-float32 --text $(WIKITEXT) \
+	    --corpora $(CORPORA) --nltk-data $(NLTK_DATA) --split test \
+	    --record-in service/models/$$m --record-key metrics_float32 && \
+	  $(PY) -m model_export.model_card service/models/$$m \
+	    --baseline benchmarks/results/trigram.json > /dev/null || exit 1; \
+	done
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache dist build *.egg-info

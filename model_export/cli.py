@@ -112,7 +112,18 @@ def _add_evaluate(sub) -> None:
     p.add_argument(
         "--record",
         action="store_true",
-        help="store the metrics in the artifact's manifest.json under 'metrics'",
+        help="store the metrics in the artifact's manifest.json (under --record-key)",
+    )
+    p.add_argument(
+        "--record-in",
+        default=None,
+        help="store the metrics in this artifact's manifest instead (e.g. the figures of a "
+        "float32 export or checkpoint beside its int8 artifact's)",
+    )
+    p.add_argument(
+        "--record-key",
+        default="metrics",
+        help="manifest key for recorded metrics (e.g. metrics_float32)",
     )
     p.add_argument(
         "--json", dest="json_out", default=None, help="also write the metrics to this file"
@@ -136,6 +147,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         args.rows,
         args.max_tokens,
         args.record,
+        args.record_in,
+        args.record_key,
     )
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(results, indent=2))

@@ -144,8 +144,15 @@ def evaluate(
     rows: int = 64,
     max_tokens: int = 0,
     record: bool = False,
+    record_in: str | None = None,
+    record_key: str = "metrics",
 ) -> dict[str, dict[str, float]]:
-    """Evaluate one checkpoint or artifact on every stream; optionally record in the manifest."""
+    """Evaluate one checkpoint or artifact on every stream.
+
+    With `record`, the metrics go into the manifest of the evaluated artifact, or of
+    `record_in` (e.g. a float32 export's figures beside its int8 artifact's, under
+    `record_key`, so the manifest records what int8 costs).
+    """
     if (checkpoint is None) == (artifact is None):
         raise ValueError(
             "give exactly one of a checkpoint (run directory) or an artifact directory"
@@ -161,9 +168,15 @@ def evaluate(
     for name, stream in held_out_streams(texts, corpora, split, nltk_data).items():
         results[name] = evaluate_stream(step, zero, vocab, stream, rows, max_tokens, desc=name)
         print(f"{name}: " + ", ".join(f"{k} {v:.4g}" for k, v in results[name].items()))
-    if record and artifact:
-        path = Path(artifact) / "manifest.json"
-        manifest = json.loads(path.read_text())
-        manifest.setdefault("metrics", {}).update(results)
-        path.write_text(json.dumps(manifest, indent=2) + "\n")
+    target = record_in or (artifact if record else None)
+    if target:
+        record_metrics(Path(target), record_key, results)
     return results
+
+
+def record_metrics(artifact_dir: Path, key: str, results: dict[str, dict[str, float]]) -> None:
+    """Merge metrics into an artifact's manifest.json under `key`."""
+    path = artifact_dir / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest.setdefault(key, {}).update(results)
+    path.write_text(json.dumps(manifest, indent=2) + "\n")

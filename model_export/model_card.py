@@ -32,6 +32,8 @@ def render(
     """The model card text."""
     m = json.loads((artifact / "manifest.json").read_text())
     training = m.get("training", {})
+    train_seconds = train_seconds or training.get("wall_seconds")
+    command = command or training.get("command")
     cfg = training.get("config", {})
     size = m["files"]["model.onnx"]["bytes"]
     quant = m.get("quantization") or {}
@@ -120,6 +122,7 @@ def render(
         "|---|---|---|---|---|---|---|---|",
     ]
     lines += _metrics_rows(m.get("metrics", {}), f"{m['name']} ({'int8' if quant else 'float32'})")
+    fp32_metrics = fp32_metrics or m.get("metrics_float32")
     if fp32_metrics:
         lines += _metrics_rows(fp32_metrics, f"{m['name']} (float32, same weights)")
     if baseline:

@@ -53,3 +53,31 @@ def test_oracle_scores_every_known_word_and_misses_unknown_ones() -> None:
     assert unknown == 2
     assert result["top1"] == pytest.approx((len(words) - unknown) / len(words))
     assert result["oov_rate"] == pytest.approx(unknown / len(words))
+
+
+def test_metrics_can_be_recorded_in_another_artifacts_manifest(tmp_path: Path) -> None:
+    import json
+
+    from model_export.evaluate import evaluate
+
+    vocab = Vocabulary(tiny_vocab_tokens())
+    model = RNNLM(ModelConfig(len(vocab), "gru", 8, 8, 1, 0.0)).eval()
+    export_artifact(model, vocab, tmp_path / "float32")
+    export_artifact(model, vocab, tmp_path / "int8", int8=True)
+    text = tmp_path / "held_out.txt"
+    text.write_text(TEXT)
+    evaluate(None, str(tmp_path / "int8"), [str(text)], [], record=True)
+    evaluate(
+        None,
+        str(tmp_path / "float32"),
+        [str(text)],
+        [],
+        record_in=str(tmp_path / "int8"),
+        record_key="metrics_float32",
+    )
+    manifest = json.loads((tmp_path / "int8" / "manifest.json").read_text())
+    assert set(manifest["metrics"]) == set(manifest["metrics_float32"]) == {"held_out.txt"}
+    assert "metrics_float32" not in json.loads((tmp_path / "float32" / "manifest.json").read_text())
+    from service.artifact import ModelArtifact
+
+    ModelArtifact.load(tmp_path / "int8")  # recording metrics keeps the artifact valid
