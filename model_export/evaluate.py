@@ -50,32 +50,17 @@ def torch_stepper(model, vocab: Vocabulary) -> tuple[Step, Any]:
 
 
 def ort_stepper(artifact_dir: Path) -> tuple[Step, Any, Vocabulary]:
-    """Step function and zero state for an exported artifact, through ONNX Runtime."""
-    import onnxruntime as ort  # noqa: PLC0415
+    """Step function and zero state for an exported artifact, through the service's engine."""
+    from service.artifact import ModelArtifact  # noqa: PLC0415
+    from service.engine import OrtModel  # noqa: PLC0415
 
-    from service.artifact import ModelArtifact, state_inputs, state_outputs  # noqa: PLC0415
-
-    artifact = ModelArtifact.load(artifact_dir)
-    options = ort.SessionOptions()
-    for key, value in artifact.manifest.get("session_config", {}).items():
-        options.add_session_config_entry(key, value)
-    session = ort.InferenceSession(
-        str(artifact.onnx_path), options, providers=["CPUExecutionProvider"]
-    )
-    ins, outs = state_inputs(artifact.cell), state_outputs(artifact.cell)
+    model = OrtModel(ModelArtifact.load(artifact_dir), ["CPUExecutionProvider"])
 
     def step(tokens: np.ndarray, state):
-        result = session.run(
-            [*outs, "topk_ids", "probs"], {"tokens": tokens, **dict(zip(ins, state))}
-        )
-        return result[-1], result[-2], tuple(result[: len(outs)])
+        out = model.run(tokens, state, want_probs=True)
+        return out.probs, out.topk_ids, out.state
 
-    def zero(batch: int):
-        return tuple(
-            np.zeros((artifact.layers, batch, artifact.hidden_size), np.float32) for _ in ins
-        )
-
-    return step, zero, artifact.vocab
+    return step, model.zero_state, model.vocab
 
 
 def evaluate_stream(

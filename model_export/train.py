@@ -73,8 +73,8 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
     )
 
 
-def save_checkpoint_files(out: Path, model: RNNLM, cfg: TrainConfig, vocab: Vocabulary) -> None:
-    """The artifact of a run: state_dict + config JSON + vocabulary (never a pickled module)."""
+def save_best(out: Path, model: RNNLM) -> None:
+    """best.pt: a plain state_dict (never a pickled module); config.json and vocab.txt sit beside it."""
     torch.save(model.state_dict(), out / "best.pt.tmp")
     (out / "best.pt.tmp").replace(out / "best.pt")
 
@@ -195,7 +195,7 @@ def train(cfg: TrainConfig) -> dict:
         tqdm.write(f"step {step}: validation loss {val:.4f}, perplexity {math.exp(val):.2f}")
         if val < best_val:
             best_val = val
-            save_checkpoint_files(out, model, cfg, vocab)
+            save_best(out, model)
         plot_history(history, out / "curve.png")
         model.train()
 
