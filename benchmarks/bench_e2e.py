@@ -60,7 +60,7 @@ from websockets.exceptions import ConnectionClosed
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.testbed import FALLBACKS, ROOT, machine, machine_lines, models_dir  # noqa: E402
-from service.tokenizer import is_word  # noqa: E402
+from service.contract.tokenizer import is_word  # noqa: E402
 
 MODULES = ("onnxruntime", "uvicorn", "websockets", "fastapi", "starlette", "uvloop", "numpy")
 TICKS = os.sysconf("SC_CLK_TCK")

@@ -12,7 +12,7 @@ of the previous one back in:
 - ORT session.run: the artifact's graph, hot-path outputs only (state + top-k),
   SessionOptions as the engine sets them (all graph optimisations, intra-op threads =
   cores, the manifest's session config);
-- engine: `service.engine.OrtModel.run` (IOBinding, checks, output copies).
+- engine: `service.engine.runtime.OrtModel.run` (IOBinding, checks, output copies).
 
 The compute limit is the float32 GEMM peak measured with numpy on this machine (in a
 subprocess without OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE, so OpenBLAS picks its own
@@ -103,8 +103,8 @@ def load_model(run_dir: Path):
 
     from model_export.checkpoint import load_checkpoint  # noqa: PLC0415
     from model_export.model import RNNLM, ModelConfig  # noqa: PLC0415
-    from service.tokenizer import SPECIALS  # noqa: PLC0415
-    from service.vocab import Vocabulary  # noqa: PLC0415
+    from service.contract.tokenizer import SPECIALS  # noqa: PLC0415
+    from service.contract.vocab import Vocabulary  # noqa: PLC0415
 
     if (run_dir / "best.pt").is_file():
         model, vocab, _ = load_checkpoint(run_dir)
@@ -181,7 +181,7 @@ def ort_session(artifact, threads: int):
 
 def ort_step(session, artifact, batch: int) -> Callable[[], None]:
     """One session.run of the hot path (state + top-k, never the full distribution)."""
-    from service.artifact import TOPK_IDS, TOPK_PROBS, state_inputs, state_outputs  # noqa: PLC0415
+    from service.contract.artifact import TOPK_IDS, TOPK_PROBS, state_inputs, state_outputs  # noqa: PLC0415
 
     ins, outs = state_inputs(artifact.cell), state_outputs(artifact.cell)
     rng = np.random.default_rng(batch)
@@ -214,7 +214,7 @@ def bench_run(run_dir: Path, seconds: float, threads: int, int8: bool) -> dict:
     import onnxruntime as ort  # noqa: PLC0415
 
     from model_export.export import export_artifact  # noqa: PLC0415
-    from service.artifact import ModelArtifact  # noqa: PLC0415
+    from service.contract.artifact import ModelArtifact  # noqa: PLC0415
 
     model, vocab, source = load_model(run_dir)
     print(f"weights: {source}", flush=True)
@@ -235,7 +235,7 @@ def bench_run(run_dir: Path, seconds: float, threads: int, int8: bool) -> dict:
         }
         engine_note = None
         try:
-            from service.engine import OrtModel  # noqa: PLC0415
+            from service.engine.runtime import OrtModel  # noqa: PLC0415
 
             engine = OrtModel(artifact, ["CPUExecutionProvider"], intra_op_threads=threads)
             paths["engine OrtModel.run"] = lambda b: engine_step(engine, b)

@@ -47,8 +47,8 @@ def state_bytes(manifest: dict[str, Any]) -> int:
 
 async def measure(models: Path, model: str, sessions: int, text: str) -> dict[str, Any]:
     """RSS growth for `sessions` idle sessions of one model (run in a fresh process)."""
+    from service.api.predictor import Predictor  # noqa: PLC0415
     from service.config import Settings  # noqa: PLC0415
-    from service.predictor import Predictor  # noqa: PLC0415
 
     settings = Settings(
         models_dir=models,

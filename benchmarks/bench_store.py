@@ -34,8 +34,8 @@ from redis.utils import HIREDIS_AVAILABLE
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from service.redis_store import RedisSessionStore  # noqa: E402
-from service.sessions import MemorySessionStore, SessionRecord, SessionStore  # noqa: E402
+from service.store import MemorySessionStore, SessionRecord, SessionStore  # noqa: E402
+from service.store.redis import RedisSessionStore  # noqa: E402
 
 
 @contextmanager

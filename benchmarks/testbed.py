@@ -85,8 +85,8 @@ def export_full_models(root: Path) -> Path:
 
     from model_export.export import export_artifact  # noqa: PLC0415
     from model_export.model import RNNLM, ModelConfig  # noqa: PLC0415
-    from service.tokenizer import SPECIALS  # noqa: PLC0415
-    from service.vocab import Vocabulary  # noqa: PLC0415
+    from service.contract.tokenizer import SPECIALS  # noqa: PLC0415
+    from service.contract.vocab import Vocabulary  # noqa: PLC0415
 
     for seed, (cell, sizes) in enumerate(FULL_SIZES.items()):
         n_words = sizes["vocab_size"] - len(SPECIALS)

@@ -32,8 +32,8 @@ import numpy as np
 
 from model_export.corpora import NLTK_CORPORA, load_splits, text_tokens
 from model_export.evaluate import Step, evaluate_stream
-from service.tokenizer import SPECIALS
-from service.vocab import Vocabulary
+from service.contract.tokenizer import SPECIALS
+from service.contract.vocab import Vocabulary
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CORPORA = list(NLTK_CORPORA)

@@ -13,8 +13,8 @@ from collections import Counter, defaultdict
 from tqdm import tqdm
 
 from model_export.corpora import documents
-from service.tokenizer import _TOKEN
-from service.vocab import Vocabulary
+from service.contract.tokenizer import _TOKEN
+from service.contract.vocab import Vocabulary
 
 # Published lower-cased: they say nothing about case.
 LOWER_CASED_CORPORA = {"movie_reviews"}

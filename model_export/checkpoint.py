@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from model_export.model import RNNLM, ModelConfig
-from service.vocab import Vocabulary
+from service.contract.vocab import Vocabulary
 
 
 def load_checkpoint(run_dir: Path | str) -> tuple[RNNLM, Vocabulary, dict]:

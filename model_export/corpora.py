@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from service.tokenizer import EOS, tokenize
+from service.contract.tokenizer import EOS, tokenize
 
 NLTK_CORPORA = {
     # name: licence as stated by NLTK's package index

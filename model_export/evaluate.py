@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from service.tokenizer import is_word
-from service.vocab import Vocabulary
+from service.contract.tokenizer import is_word
+from service.contract.vocab import Vocabulary
 
 # step(tokens (B, 1), state) -> (probs (B, V), topk_ids (B, K), new state)
 Step = Callable[[np.ndarray, Any], tuple[np.ndarray, np.ndarray, Any]]
@@ -51,8 +51,8 @@ def torch_stepper(model, vocab: Vocabulary) -> tuple[Step, Any]:
 
 def ort_stepper(artifact_dir: Path) -> tuple[Step, Any, Vocabulary]:
     """Step function and zero state for an exported artifact, through the service's engine."""
-    from service.artifact import ModelArtifact  # noqa: PLC0415
-    from service.engine import OrtModel  # noqa: PLC0415
+    from service.contract.artifact import ModelArtifact  # noqa: PLC0415
+    from service.engine.runtime import OrtModel  # noqa: PLC0415
 
     model = OrtModel(ModelArtifact.load(artifact_dir), ["CPUExecutionProvider"])
 

@@ -24,7 +24,7 @@ from torch import nn
 from tqdm import tqdm
 
 from model_export.model import RNNLM
-from service.artifact import (
+from service.contract.artifact import (
     DISPLAY_FILE,
     FORMAT_VERSION,
     MODEL_FILE,
@@ -38,7 +38,7 @@ from service.artifact import (
     write_display_forms,
     write_manifest,
 )
-from service.vocab import Vocabulary
+from service.contract.vocab import Vocabulary
 
 OPSET = 17
 MAX_K = 50

@@ -23,8 +23,8 @@ from tqdm import tqdm
 from model_export.corpora import load_splits
 from model_export.model import RNNLM, ModelConfig
 from model_export.train_config import TrainConfig
-from service.tokenizer import SPECIALS
-from service.vocab import Vocabulary
+from service.contract.tokenizer import SPECIALS
+from service.contract.vocab import Vocabulary
 
 
 def build_vocab(tokens: list[str], max_size: int, min_count: int) -> Vocabulary:

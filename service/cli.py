@@ -120,7 +120,7 @@ async def predict_once(
     settings: Settings, text: str, k: int, model: str | None, prefix: str | None
 ) -> dict[str, Any]:
     """Start a predictor in this process, answer one request, close it."""
-    from service.predictor import Predictor
+    from service.api.predictor import Predictor
 
     predictor = await Predictor.start(settings)
     try:

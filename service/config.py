@@ -6,6 +6,7 @@ configuration as arguments.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -30,11 +31,22 @@ class Settings(BaseSettings):
     intra_op_threads: int = Field(
         default=0, ge=0, description="ORT threads per run; 0 = one per core"
     )
+    cuda_tf32: bool = Field(
+        default=False,
+        description="let ORT's CUDA provider use TF32 (faster; breaks the 1e-4 invariant)",
+    )
 
     # HTTP server.
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
-    workers: int = Field(default=1, ge=1)
+    workers: int = Field(
+        default=0, ge=0, description="API processes; 0 = one per two cores, 1 to 8"
+    )
+    engine_address: str = Field(
+        default="",
+        description="ZeroMQ address prefix of the engine process (set by `nextword serve` "
+        'for its API processes); "" = run the engine inside this process',
+    )
     log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = "info"
 
     # Sessions.
@@ -51,6 +63,10 @@ class Settings(BaseSettings):
     max_text_chars: int = Field(default=10_000, ge=1)
     max_tokens_per_request: int = Field(default=2_048, ge=1)
     max_ws_message_bytes: int = Field(default=65_536, ge=1)
+
+    def api_processes(self) -> int:
+        """How many API processes `nextword serve` starts."""
+        return self.workers or max(1, min(8, (os.cpu_count() or 1) // 2))
 
     @field_validator("log_level", mode="before")
     @classmethod

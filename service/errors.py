@@ -6,7 +6,12 @@ NextwordError            code, status (HTTP), ws_close (None: answered in-band)
 ├── UnknownSession       404  unknown_session  (WebSocket close 4404 on connect)
 ├── Overloaded           503  overloaded       queue full
 ├── StoreUnavailable     503  store_unavailable  session store (Redis) unreachable
+├── NotReady             503  not_ready        starting, shutting down, or the engine is away
 └── StepFailed           500  step_failed      the model run failed; sessions keep their state
+
+The engine sends only the `code` and the message over the wire (`error_from_code` rebuilds
+the error in the API process); the API maps each type to an HTTP status and a WebSocket
+close code in one place (`service.api.errors`).
 """
 
 from __future__ import annotations
@@ -63,3 +68,22 @@ class StepFailed(NextwordError):
 
     code = "step_failed"
     status = 500
+
+
+class NotReady(NextwordError):
+    """The service is starting or shutting down, or the engine process does not answer."""
+
+    code = "not_ready"
+    status = 503
+
+
+ERRORS_BY_CODE: dict[str, type[NextwordError]] = {
+    cls.code: cls
+    for cls in (BadInput, UnknownModel, UnknownSession, Overloaded, StoreUnavailable, NotReady)
+}
+ERRORS_BY_CODE[StepFailed.code] = StepFailed
+
+
+def error_from_code(code: str, message: str) -> NextwordError:
+    """The typed error of a code received from the engine (StepFailed when unknown)."""
+    return ERRORS_BY_CODE.get(code, StepFailed)(message)

@@ -34,7 +34,7 @@ def make_models_dir(root: Path, *, int8: bool = False, hidden: int = 32) -> Path
 
     from model_export.export import export_artifact
     from model_export.model import RNNLM, ModelConfig
-    from service.vocab import Vocabulary
+    from service.contract.vocab import Vocabulary
 
     vocab = Vocabulary(tiny_vocab_tokens())
     for seed, (cell, layers) in enumerate((("lstm", 2), ("gru", 1))):

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from prometheus_client import REGISTRY
 
-from service.batcher import Step, StepBatcher, StepResult
-from service.engine import State, StepOutput
+from service.engine.runtime import State, StepOutput
+from service.engine.scheduler import Step, StepBatcher, StepResult
 from service.errors import Overloaded, StepFailed, StoreUnavailable, UnknownSession
-from service.sessions import MemorySessionStore, SessionRecord
+from service.store import MemorySessionStore, SessionRecord
 
 EOS = 2
 VOCAB = 12

@@ -14,8 +14,8 @@ from benchmarks.trigram_baseline import (
     ngram_stepper,
 )
 from model_export.evaluate import evaluate_stream
-from service.tokenizer import EOS, SPECIALS, is_word, tokenize
-from service.vocab import Vocabulary
+from service.contract.tokenizer import EOS, SPECIALS, is_word, tokenize
+from service.contract.vocab import Vocabulary
 
 TRAIN = "the cat sat on the mat. the cat sat down. the dog ran home. a dog sat. my dog ran."
 RANKERS = {"kneser_ney": KneserNey, "stupid_backoff": StupidBackoff}

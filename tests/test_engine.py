@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.artifact import ModelArtifact
-from service.engine import CPU, OrtModel, StepOutput, choose_providers, top_words
+from service.contract.artifact import ModelArtifact
+from service.engine.runtime import CPU, OrtModel, StepOutput, choose_providers, top_words
 
 
 @pytest.fixture(scope="module", params=["lstm", "gru"])

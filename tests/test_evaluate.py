@@ -10,8 +10,8 @@ import pytest
 from model_export.evaluate import evaluate_stream, ort_stepper, torch_stepper
 from model_export.export import export_artifact
 from model_export.model import RNNLM, ModelConfig
-from service.tokenizer import tokenize
-from service.vocab import Vocabulary
+from service.contract.tokenizer import tokenize
+from service.contract.vocab import Vocabulary
 from tests.conftest import tiny_vocab_tokens
 
 TEXT = "i am coming home. the cat and the dog are good. you are very good, and she is not." * 8
@@ -78,6 +78,6 @@ def test_metrics_can_be_recorded_in_another_artifacts_manifest(tmp_path: Path) -
     manifest = json.loads((tmp_path / "int8" / "manifest.json").read_text())
     assert set(manifest["metrics"]) == set(manifest["metrics_float32"]) == {"held_out.txt"}
     assert "metrics_float32" not in json.loads((tmp_path / "float32" / "manifest.json").read_text())
-    from service.artifact import ModelArtifact
+    from service.contract.artifact import ModelArtifact
 
     ModelArtifact.load(tmp_path / "int8")  # recording metrics keeps the artifact valid

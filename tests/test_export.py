@@ -13,8 +13,8 @@ import torch
 
 from model_export.export import ServingGraph, check_parity, export_artifact
 from model_export.model import RNNLM, ModelConfig
-from service.artifact import ArtifactError, ModelArtifact, sha256_of
-from service.vocab import Vocabulary
+from service.contract.artifact import ArtifactError, ModelArtifact, sha256_of
+from service.contract.vocab import Vocabulary
 from tests.conftest import make_models_dir, tiny_vocab_tokens
 
 

@@ -12,11 +12,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from service.artifact import ArtifactError
+from service.api.predictor import Predictor
 from service.config import Settings
+from service.contract.artifact import ArtifactError
 from service.errors import BadInput, UnknownModel, UnknownSession
-from service.predictor import Predictor
-from service.sessions import MemorySessionStore
+from service.store import MemorySessionStore
 
 TEXTS = [
     "I am coming home.",
@@ -112,7 +112,7 @@ async def test_prefix_without_new_words_equals_predict(predictor: Predictor, mod
 
 async def test_64_concurrent_sessions_equal_each_alone(predictor: Predictor) -> None:
     rng = random.Random(1)
-    vocab = [w for w in predictor._models["lstm"].vocab.tokens[3:] if w.isalpha()]
+    vocab = [w for w in predictor.vocabularies["lstm"].tokens[3:] if w.isalpha()]
     texts = [" ".join(rng.choice(vocab) for _ in range(rng.randint(1, 12))) for _ in range(64)]
     alone = [await predictor.predict(t, k=5) for t in texts]
 
@@ -138,7 +138,7 @@ async def test_answers_shapes(predictor: Predictor) -> None:
     assert answer["model"] == predictor.default_model == "lstm"
     assert answer["tokens"] == 4
     assert len(answer["predictions"]) == 3
-    vocab = predictor._models["lstm"].vocab
+    vocab = predictor.vocabularies["lstm"]
     for p in answer["predictions"]:
         assert set(p) == {"word", "probability"}
         assert isinstance(p["probability"], float) and 0 < p["probability"] <= 1
@@ -264,7 +264,7 @@ async def test_k_above_the_model_limit_returns_what_there_is(predictor: Predicto
 async def test_idle_sessions_expire_and_lru_cap(tiny_artifacts: Path) -> None:
     p = await Predictor.start(settings(tiny_artifacts, session_ttl_s=60, session_cap=2))
     try:
-        store = p.store
+        store = p.engine.core.store
         assert isinstance(store, MemorySessionStore)
         now = [100.0]
         store.clock = lambda: now[0]
@@ -314,7 +314,7 @@ async def test_words_are_returned_in_their_display_form(tmp_path: Path) -> None:
 
     from model_export.export import export_artifact
     from model_export.model import RNNLM, ModelConfig
-    from service.vocab import Vocabulary
+    from service.contract.vocab import Vocabulary
     from tests.conftest import tiny_vocab_tokens
 
     vocab = Vocabulary(tiny_vocab_tokens())

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from service.errors import StoreUnavailable, UnknownSession
-from service.sessions import SessionRecord, SessionStore
+from service.store import SessionRecord, SessionStore
 from tests.redis_server import RedisServer, needs_redis, running_redis
 
 pytestmark = [needs_redis, pytest.mark.redis]
@@ -25,7 +25,7 @@ def redis_server() -> Iterator[RedisServer]:
 
 @pytest.fixture
 async def store(redis_server: RedisServer) -> AsyncIterator[object]:
-    from service.redis_store import RedisSessionStore
+    from service.store.redis import RedisSessionStore
 
     s = RedisSessionStore.from_url(redis_server.url, ttl_s=60, timeout_s=1.0)
     await s._redis.flushdb()
@@ -94,7 +94,7 @@ async def test_get_many_of_missing_ids(store) -> None:
 
 async def test_cas_conflict_exactly_one_wins(store, redis_server: RedisServer) -> None:
     """Two stores (two replicas) write with the same expected version: exactly one wins."""
-    from service.redis_store import RedisSessionStore
+    from service.store.redis import RedisSessionStore
 
     await store.put_many([record("contended")], [None])
     other = RedisSessionStore.from_url(redis_server.url, ttl_s=60)
@@ -126,7 +126,7 @@ async def test_replayed_write_counts_as_written(store) -> None:
 
 
 async def test_ttl_expiry_refreshed_on_write(redis_server: RedisServer) -> None:
-    from service.redis_store import RedisSessionStore
+    from service.store.redis import RedisSessionStore
 
     store = RedisSessionStore.from_url(redis_server.url, ttl_s=0.4)
     try:
@@ -153,7 +153,7 @@ async def test_unreadable_record_is_absent(store) -> None:
 
 async def test_redis_down_then_back(redis_server: RedisServer) -> None:
     """Stopped: every call raises StoreUnavailable. Restarted: the same store works again."""
-    from service.redis_store import RedisSessionStore
+    from service.store.redis import RedisSessionStore
 
     store = RedisSessionStore.from_url(redis_server.url, ttl_s=60, timeout_s=1.0)
     try:

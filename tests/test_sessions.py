@@ -7,7 +7,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from service.errors import UnknownSession
-from service.sessions import MemorySessionStore, SessionRecord, SessionStore, open_store
+from service.store import MemorySessionStore, SessionRecord, SessionStore, open_store
 
 LAYERS, HIDDEN = 2, 8
 

@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from service.tokenizer import EOS, MAX_WORD_CHARS, is_word, tokenize
-from service.vocab import Vocabulary
+from service.contract.tokenizer import EOS, MAX_WORD_CHARS, is_word, tokenize
+from service.contract.vocab import Vocabulary
 from tests.conftest import tiny_vocab_tokens
 
 TEXTS = [

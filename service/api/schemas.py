@@ -11,9 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, model_validator
 
-MAX_K = 50
-MAX_NAME_CHARS = 64
-MAX_PREFIX_CHARS = 64
+from service.contract.limits import MAX_K, MAX_NAME_CHARS, MAX_PREFIX_CHARS
 
 TEXT_DOC = "Whole words typed so far (may be empty: predictions for the start of a text)."
 K = Annotated[int, Field(ge=1, le=MAX_K, description="How many predictions to return.")]

@@ -35,9 +35,9 @@ from typing import Any, Protocol
 import numpy as np
 
 from service import metrics
-from service.engine import State, StepOutput, top_words
+from service.engine.runtime import State, StepOutput, top_words
 from service.errors import NextwordError, Overloaded, StepFailed, StoreUnavailable, UnknownSession
-from service.sessions import SessionRecord, SessionStore
+from service.store import SessionRecord, SessionStore
 
 log = logging.getLogger(__name__)
 

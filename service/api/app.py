@@ -1,7 +1,7 @@
 """The HTTP edge of the service: FastAPI app factory, REST routes of API v1, error mapping.
 
-The API knows one thing, the predictor (`EngineClient`), which the lifespan starts
-and closes. Errors are raised as typed `NextwordError`s below and translated here,
+The API knows one thing, the `Predictor` (which reaches the engine through an
+`EngineClient`); the lifespan starts and closes it. Errors are raised as typed `NextwordError`s below and translated here,
 once: every error answer is JSON `{"error": {"code", "message"}}` with a 4xx status
 for bad input (never a 5xx). The WebSocket protocol lives in `service/api_stream.py`.
 
@@ -12,13 +12,12 @@ Run it with `nextword serve`, or `uvicorn --factory service.api:create_app`.
 # classes that `v1_router` defines locally, which string annotations would hide.
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from http import HTTPStatus
 from typing import Annotated, Any
 
 from fastapi import APIRouter, FastAPI, Path, Request, Response
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import Field
 from starlette.datastructures import Headers
@@ -26,14 +25,10 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import metrics
-from service.api_deps import (
-    NotReady,
-    PredictorDep,
-    PredictorFactory,
-    get_predictor,
-    start_predictor,
-)
-from service.api_schemas import (
+from service.api.deps import PredictorDep, PredictorFactory, get_predictor
+from service.api.errors import BODY_TOO_LARGE, error_response, install_error_handlers
+from service.api.predictor import Predictor
+from service.api.schemas import (
     TEXT_DOC,
     ErrorResponse,
     FeedRequestBase,
@@ -45,14 +40,14 @@ from service.api_schemas import (
     SessionResponse,
     Status,
 )
-from service.api_stream import stream_router
+from service.api.stream import stream_router
 from service.config import Settings
-from service.errors import NextwordError, Overloaded, StoreUnavailable
+from service.contract.limits import MAX_SESSION_ID_CHARS
+from service.errors import NotReady
 
 log = logging.getLogger(__name__)
 
 VERSION = "1"
-MAX_SESSION_ID_CHARS = 128
 
 
 SessionId = Annotated[str, Path(max_length=MAX_SESSION_ID_CHARS, description="A session's id.")]
@@ -152,80 +147,7 @@ def ops_router() -> APIRouter:
     return router
 
 
-# --- errors ------------------------------------------------------------------------
-
-
-def error_response(
-    status: int,
-    code: str,
-    message: str,
-    headers: Mapping[str, str] | None = None,
-    **extra: Any,
-) -> JSONResponse:
-    """The one shape of every error answer."""
-    return JSONResponse(
-        {"error": {"code": code, "message": message, **extra}}, status_code=status, headers=headers
-    )
-
-
-def describe_validation_errors(errors: Any) -> tuple[str, list[dict[str, Any]]]:
-    """A one-line message and JSON-safe details (never echoing the input) of pydantic errors."""
-    details = []
-    for err in errors:
-        msg = err["msg"]
-        if err["type"] == "json_invalid":
-            msg = f"body is not valid JSON ({err.get('ctx', {}).get('error', 'decode error')})"
-        details.append(
-            {"loc": [str(part) for part in err.get("loc", ())], "msg": msg, "type": err["type"]}
-        )
-    message = "; ".join(
-        f"{'.'.join(d['loc'])}: {d['msg']}" if d["loc"] else d["msg"] for d in details
-    )
-    return message, details
-
-
-def install_error_handlers(app: FastAPI) -> None:
-    """Map every failure to `{"error": {"code", "message"}}` with its status."""
-
-    async def nextword_error(request: Request, exc: Exception) -> JSONResponse:
-        assert isinstance(exc, NextwordError)
-        retry = {"Retry-After": "1"} if isinstance(exc, Overloaded | StoreUnavailable) else None
-        if exc.status >= 500:
-            log.warning("%s %s: %s (%s)", request.method, request.url.path, exc.code, exc.message)
-        return error_response(exc.status, exc.code, exc.message, retry)
-
-    async def validation_error(request: Request, exc: Exception) -> JSONResponse:
-        assert isinstance(exc, RequestValidationError)
-        errors = exc.errors()
-        # A body that is not JSON at all is a bad request; a JSON body with wrong
-        # fields is unprocessable.
-        status = 400 if any(err["type"] == "json_invalid" for err in errors) else 422
-        message, details = describe_validation_errors(errors)
-        return error_response(status, "bad_input", message, details=details)
-
-    async def http_error(request: Request, exc: Exception) -> JSONResponse:
-        assert isinstance(exc, HTTPException)
-        if request.scope.get(BODY_TOO_LARGE):
-            return error_response(413, "too_large", "request body too large")
-        if exc.status_code == 400:
-            code = "bad_input"  # e.g. a body FastAPI cannot parse
-        else:
-            code = HTTPStatus(exc.status_code).phrase.lower().replace(" ", "_").replace("-", "_")
-        return error_response(exc.status_code, code, str(exc.detail), exc.headers)
-
-    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("%s %s failed", request.method, request.url.path, exc_info=exc)
-        return error_response(500, "internal", "internal error")
-
-    app.add_exception_handler(NextwordError, nextword_error)
-    app.add_exception_handler(RequestValidationError, validation_error)
-    app.add_exception_handler(HTTPException, http_error)
-    app.add_exception_handler(Exception, internal_error)
-
-
 # --- request size -----------------------------------------------------------------
-
-BODY_TOO_LARGE = "nextword.body_too_large"
 
 
 def body_limit(settings: Settings) -> int:
@@ -322,9 +244,9 @@ on connect closes with 4404, an over-size frame with 1009.
 def create_app(
     settings: Settings | None = None, predictor_factory: PredictorFactory | None = None
 ) -> FastAPI:
-    """Build the app; its lifespan starts the predictor (`start_predictor` by default)."""
+    """Build the app; its lifespan starts the predictor (`Predictor.start` by default)."""
     settings = settings or Settings()
-    start = predictor_factory or start_predictor
+    start = predictor_factory or Predictor.start
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from service.vocab import Vocabulary
+from service.contract.vocab import Vocabulary
 
 FORMAT_VERSION = 1
 MODEL_FILE = "model.onnx"

@@ -1,6 +1,6 @@
 """Sessions in Redis, so that any replica (or uvicorn worker) can continue any session.
 
-`RedisSessionStore` implements the `SessionStore` protocol of `service.sessions` over
+`RedisSessionStore` implements the `SessionStore` protocol of `service.store` over
 redis-py's asyncio client. Chosen by `NEXTWORD_SESSION_STORE=redis://host:port/db`.
 
 Round trips. The batcher reads a whole batch with `get_many` (one MGET) and writes
@@ -74,7 +74,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from service import metrics
 from service.errors import StoreUnavailable, UnknownSession
-from service.sessions import SessionRecord
+from service.store.base import SessionRecord
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from service.tokenizer import EOS, PAD, SPECIALS, UNK, is_word, normalize, tokenize
+from service.contract.tokenizer import EOS, PAD, SPECIALS, UNK, is_word, normalize, tokenize
 
 BLOCKLIST_FILE = Path(__file__).with_name("blocklist.txt")
 

@@ -1,0 +1,273 @@
+"""The API side of a prediction: text in, words out; the engine does the rest.
+
+`Predictor` is the one object the routes know. It validates a request against the limits
+(`service.contract.limits`), tokenizes the text and turns a prefix into candidate ids with
+the model's vocabulary, sends token ids to the engine through an `EngineClient`, and turns
+the ids and probabilities it gets back into words in their display form. It raises only
+`service.errors` types; the API maps them to HTTP and WebSocket answers.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from service.config import Settings
+from service.contract.artifact import ArtifactError, ModelArtifact
+from service.contract.limits import MAX_K, MAX_PREFIX_CHARS, MAX_SESSION_ID_CHARS
+from service.contract.protocol import DeleteRequest, EngineOutput, InfoRequest, StepRequest
+from service.contract.vocab import Vocabulary
+from service.engine.client import EngineClient, InprocClient, connect_engine
+from service.errors import BadInput, UnknownModel, UnknownSession, error_from_code
+from service.store import new_session_id
+
+log = logging.getLogger(__name__)
+
+SESSION_MODELS_CACHED = 100_000  # session -> model entries kept per API process
+
+
+def _iso(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, tz=timezone.utc).isoformat()
+
+
+def load_vocabularies(settings: Settings, engine: EngineClient) -> dict[str, Vocabulary]:
+    """The vocabulary of every model the engine serves (read here: no onnxruntime)."""
+    if isinstance(engine, InprocClient):
+        return {name: model.vocab for name, model in engine.core.models.items()}
+    root = Path(settings.models_dir)
+    return {m["name"]: ModelArtifact.load(root / m["name"]).vocab for m in engine.models}
+
+
+class Predictor:
+    """Texts to token ids to the engine, and its answers to words."""
+
+    def __init__(
+        self, settings: Settings, engine: EngineClient, vocabularies: dict[str, Vocabulary]
+    ) -> None:
+        if settings.default_model not in vocabularies:
+            raise ArtifactError(
+                f"default model {settings.default_model!r} is not in {settings.models_dir} "
+                f"(found {sorted(vocabularies)})"
+            )
+        self.settings = settings
+        self.engine = engine
+        self.default_model = settings.default_model
+        self.vocabularies = vocabularies
+        self._single_model = next(iter(vocabularies)) if len(vocabularies) == 1 else None
+        # Which model a session belongs to, so a feed is tokenized with the right
+        # vocabulary without asking the engine first; a miss asks it once.
+        self._session_models: OrderedDict[str, str] = OrderedDict()
+        self.ready = False
+
+    @classmethod
+    async def start(cls, settings: Settings | None = None) -> Predictor:
+        """Connect to the engine (or start one in this process when no address is set)."""
+        settings = settings or Settings()
+        engine = await connect_engine(settings)
+        try:
+            predictor = cls(settings, engine, load_vocabularies(settings, engine))
+        except BaseException:
+            await engine.close()
+            raise
+        predictor.ready = True
+        return predictor
+
+    async def close(self) -> None:
+        """Stop taking requests; an in-process engine answers what it holds, then stops."""
+        self.ready = False
+        await self.engine.close()
+
+    # --- models --------------------------------------------------------------------
+
+    def models(self) -> list[dict[str, Any]]:
+        """The loaded models, as listed by `GET /v1/models`."""
+        return self.engine.models
+
+    def _vocabulary(self, name: str | None) -> tuple[str, Vocabulary]:
+        if name is None:
+            name = self.default_model
+        if not isinstance(name, str) or name not in self.vocabularies:
+            raise UnknownModel(f"no model {name!r}; loaded: {sorted(self.vocabularies)}")
+        return name, self.vocabularies[name]
+
+    async def _model_of(self, session_id: str) -> str:
+        """The model of a session (the engine is asked only when this process never saw it)."""
+        if self._single_model is not None:
+            return self._single_model
+        name = self._session_models.get(session_id)
+        if name is None:
+            name = (await self._call(InfoRequest(self.engine.next_id(), session_id))).model
+            self._remember(session_id, name)
+        if name not in self.vocabularies:
+            raise UnknownSession(f"session {session_id!r} belongs to model {name!r}, not loaded")
+        return name
+
+    def _remember(self, session_id: str, model: str) -> None:
+        if self._single_model is not None:
+            return
+        self._session_models[session_id] = model
+        self._session_models.move_to_end(session_id)
+        while len(self._session_models) > SESSION_MODELS_CACHED:
+            self._session_models.popitem(last=False)
+
+    # --- validation ------------------------------------------------------------------
+
+    def _tokens(self, vocab: Vocabulary, text: Any) -> list[int]:
+        if not isinstance(text, str):
+            raise BadInput("text must be a string")
+        limit = self.settings.max_text_chars
+        if len(text) > limit:
+            raise BadInput(f"text has {len(text)} characters; the limit is {limit}")
+        ids = vocab.encode(text)
+        if len(ids) > self.settings.max_tokens_per_request:
+            raise BadInput(
+                f"text has {len(ids)} tokens; the limit is {self.settings.max_tokens_per_request}"
+            )
+        return ids
+
+    @staticmethod
+    def _check_k(k: Any) -> int:
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
+            raise BadInput(f"k must be an integer from 1 to {MAX_K}, not {k!r}")
+        return k
+
+    @staticmethod
+    def _prefix_ids(vocab: Vocabulary, prefix: Any) -> bytes | None:
+        if prefix is None or prefix == "":
+            return None
+        if not isinstance(prefix, str):
+            raise BadInput("prefix must be a string")
+        if len(prefix) > MAX_PREFIX_CHARS:
+            raise BadInput(f"prefix has {len(prefix)} characters; the limit is {MAX_PREFIX_CHARS}")
+        return np.ascontiguousarray(vocab.ids_with_prefix(prefix), dtype=np.int64).tobytes()
+
+    @staticmethod
+    def _check_session_id(session_id: Any) -> str:
+        if not isinstance(session_id, str) or not 0 < len(session_id) <= MAX_SESSION_ID_CHARS:
+            raise UnknownSession(f"no session {session_id!r}")
+        return session_id
+
+    @staticmethod
+    def _predictions(vocab: Vocabulary, output: EngineOutput) -> list[dict[str, Any]]:
+        words = vocab.display  # how each word is shown ("I", not "i")
+        return [{"word": words[i], "probability": p} for i, p in zip(output.ids, output.probs)]
+
+    # --- requests ------------------------------------------------------------------
+
+    async def _call(self, request: Any) -> EngineOutput:
+        output = await self.engine.call(request)
+        if output.error is not None:
+            raise error_from_code(output.error, output.message)
+        return output
+
+    async def _step(
+        self,
+        model: str,
+        tokens: list[int],
+        k: int,
+        prefix_ids: bytes | None,
+        session_id: str | None = None,
+        create: bool = False,
+        fresh: bool = False,
+    ) -> EngineOutput:
+        request = StepRequest(
+            self.engine.next_id(),
+            model,
+            tokens,
+            k,
+            session_id=session_id,
+            create=create,
+            fresh=fresh,
+            prefix_ids=prefix_ids,
+        )
+        return await self._call(request)
+
+    async def predict(
+        self, text: str, k: int = 5, model: str | None = None, prefix: str | None = None
+    ) -> dict[str, Any]:
+        """Top k next words after `text` (stateless)."""
+        name, vocab = self._vocabulary(model)
+        k = self._check_k(k)
+        prefix_ids = self._prefix_ids(vocab, prefix)
+        tokens = self._tokens(vocab, text)
+        output = await self._step(name, tokens, k, prefix_ids)
+        return {
+            "model": name,
+            "tokens": len(tokens),
+            "predictions": self._predictions(vocab, output),
+        }
+
+    async def create_session(
+        self, text: str = "", k: int = 5, model: str | None = None, prefix: str | None = None
+    ) -> dict[str, Any]:
+        """A new session holding `text`, and its top k next words."""
+        name, vocab = self._vocabulary(model)
+        k = self._check_k(k)
+        prefix_ids = self._prefix_ids(vocab, prefix)
+        tokens = self._tokens(vocab, text)
+        session_id = new_session_id()
+        output = await self._step(name, tokens, k, prefix_ids, session_id, create=True)
+        self._remember(session_id, name)
+        return self._session_answer(name, vocab, session_id, output)
+
+    async def feed(
+        self, session_id: str, text: str, k: int = 5, prefix: str | None = None
+    ) -> dict[str, Any]:
+        """Append `text` to a session's context; its top k next words."""
+        session_id = self._check_session_id(session_id)
+        k = self._check_k(k)
+        if not isinstance(text, str):
+            raise BadInput("text must be a string")
+        name = await self._model_of(session_id)
+        vocab = self.vocabularies[name]
+        prefix_ids = self._prefix_ids(vocab, prefix)
+        tokens = self._tokens(vocab, text)
+        output = await self._step(name, tokens, k, prefix_ids, session_id)
+        return self._session_answer(name, vocab, session_id, output)
+
+    async def reset(self, session_id: str, k: int = 5, prefix: str | None = None) -> dict[str, Any]:
+        """Start a session's text afresh; the predictions for an empty text."""
+        session_id = self._check_session_id(session_id)
+        k = self._check_k(k)
+        name = await self._model_of(session_id)
+        vocab = self.vocabularies[name]
+        prefix_ids = self._prefix_ids(vocab, prefix)
+        output = await self._step(name, [], k, prefix_ids, session_id, fresh=True)
+        return self._session_answer(name, vocab, session_id, output)
+
+    def _session_answer(
+        self, name: str, vocab: Vocabulary, session_id: str, output: EngineOutput
+    ) -> dict[str, Any]:
+        return {
+            "session_id": session_id,
+            "model": name,
+            "tokens": output.tokens,
+            "predictions": self._predictions(vocab, output),
+        }
+
+    async def session_info(self, session_id: str) -> dict[str, Any]:
+        """Model, token count and times (ISO 8601, UTC) of a session."""
+        session_id = self._check_session_id(session_id)
+        output = await self._call(InfoRequest(self.engine.next_id(), session_id))
+        return {
+            "session_id": session_id,
+            "model": output.model,
+            "tokens": output.tokens,
+            "created_at": _iso(output.created_at),
+            "last_used_at": _iso(output.last_used_at),
+        }
+
+    async def delete_session(self, session_id: str) -> None:
+        """Forget a session."""
+        session_id = self._check_session_id(session_id)
+        await self._call(DeleteRequest(self.engine.next_id(), session_id))
+        self._session_models.pop(session_id, None)
+
+    async def check_ready(self) -> None:
+        """Raise `NotReady` or `StoreUnavailable` when the engine cannot serve."""
+        await self.engine.ping()

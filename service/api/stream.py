@@ -1,0 +1,339 @@
+"""The WebSocket `/v1/stream?model=&session_id=&k=`: one session per connection.
+
+    server, on connect    {"type": "ready", "session_id", "model", "tokens", "predictions"}
+    client                {"text": str, "k"?: int, "prefix"?: str, "id"?: any}
+                          {"type": "reset", "k"?: int, "prefix"?: str, "id"?: any}
+    server, per message   {"type": "predictions", "session_id", "tokens", "predictions", "id"}
+                          {"type": "error", "error": {"code", "message"}, "id"}
+
+Messages are answered one at a time, in the order received. A bad message (binary,
+not JSON, wrong fields, text too long) is answered in-band and the connection stays
+open. Close codes (`service.api.errors.close_code`): 4404 for an unknown session (after an
+error message), 1009 for a frame over `max_ws_message_bytes`, 4000 + the HTTP status for
+other refusals on connect, 1013 (try again later) when overloaded, 1011 on an internal
+error, 1001 when the server drains on shutdown (after answering what it had received).
+
+The hot path is per message: one msgspec decode into a Struct, one `Predictor.feed`, one
+msgspec encode. A connection has two tasks for its whole life (not one per message): the
+answering loop, and a reader that queues frames; when the client leaves, the reader
+cancels the answering loop, which aborts the pending step in the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Annotated, Any, Literal, Optional
+
+import msgspec
+from fastapi import APIRouter, WebSocket, WebSocketDisconnect
+from starlette.types import Message
+
+from service import metrics
+from service.api.errors import close_code
+from service.api.predictor import Predictor
+from service.api.schemas import TEXT_DOC
+from service.config import Settings
+from service.contract.limits import DEFAULT_K, MAX_K, MAX_PREFIX_CHARS
+from service.errors import BadInput, NextwordError, UnknownSession
+
+log = logging.getLogger(__name__)
+
+CLOSE_GOING_AWAY = 1001
+CLOSE_TOO_BIG = 1009
+CLOSE_INTERNAL = 1011
+CLOSE_TRY_AGAIN = 1013
+# Messages read ahead of the one being answered; past this the reader waits, and
+# TCP flow control slows the client down.
+READ_AHEAD = 32
+_END = object()  # queued by the reader when it stops: answer what came before, then end
+
+# The open connections of this process, so that a shutdown can drain them.
+OPEN_STREAMS: set[StreamConnection] = set()
+
+_encode = msgspec.json.Encoder().encode
+_loose = msgspec.json.Decoder()
+
+
+def parse_k(raw: str | None) -> int:
+    """The `k` query parameter: an integer in 1..50, 5 when absent."""
+    if raw is None or raw == "":
+        return DEFAULT_K
+    if not raw.isascii() or not raw.isdigit() or not 1 <= int(raw) <= MAX_K:
+        raise BadInput(f"k must be an integer in 1..{MAX_K}, got {raw[:20]!r}")
+    return int(raw)
+
+
+def over_size(text: str, limit: int) -> bool:
+    """Whether `text` takes more than `limit` bytes as UTF-8 (encoding only when unclear)."""
+    if len(text) > limit:
+        return True  # at least one byte per character
+    if 4 * len(text) <= limit:
+        return False  # at most four bytes per character
+    return len(text.encode("utf-8", "surrogatepass")) > limit
+
+
+def message_id(text: str) -> Any:
+    """The `id` of a message that failed validation, if it has one, to echo it."""
+    try:
+        value = _loose.decode(text)
+    except (msgspec.DecodeError, RecursionError):
+        return None
+    return value.get("id") if isinstance(value, dict) else None
+
+
+def message_decoder(max_text_chars: int) -> msgspec.json.Decoder[Any]:
+    """A strict decoder of client messages whose `text` holds at most `max_text_chars`."""
+    Text = Annotated[str, msgspec.Meta(max_length=max_text_chars, description=TEXT_DOC)]
+    K = Annotated[int, msgspec.Meta(ge=1, le=MAX_K)]
+    Prefix = Annotated[str, msgspec.Meta(max_length=MAX_PREFIX_CHARS)]
+
+    message = msgspec.defstruct(
+        "StreamMessage",
+        [
+            ("type", Literal["text", "reset"], "text"),
+            ("text", Optional[Text], None),  # noqa: UP045 (built at run time)
+            ("k", Optional[K], None),  # noqa: UP045
+            ("prefix", Optional[Prefix], None),  # noqa: UP045
+            ("id", Any, None),
+        ],
+        forbid_unknown_fields=True,
+        gc=False,
+    )
+    return msgspec.json.Decoder(message)
+
+
+def has_lone_surrogate(text: str) -> bool:
+    """Whether a decoded string holds a UTF-16 surrogate (not a character: not text)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+class StreamConnection:
+    """One client of `/v1/stream`: opens or resumes its session, then answers messages."""
+
+    def __init__(
+        self,
+        websocket: WebSocket,
+        predictor: Predictor,
+        decoder: msgspec.json.Decoder[Any],
+        max_message_bytes: int,
+    ) -> None:
+        self.websocket = websocket
+        self.predictor = predictor
+        self.decoder = decoder
+        self.max_message_bytes = max_message_bytes
+        self.session_id = ""
+        self.k = DEFAULT_K
+        self.gone = False  # the client left: the answering loop was cancelled for it
+        self._draining = False  # the server shuts down: no more reading
+        self._inbox: asyncio.Queue[Any] = asyncio.Queue(READ_AHEAD)
+        self._reader: asyncio.Task[None] | None = None
+        self._answering: asyncio.Task[Any] | None = None
+
+    async def serve(self) -> None:
+        """The whole life of the connection."""
+        await self.websocket.accept()
+        metrics.WS_CONNECTIONS.inc()
+        OPEN_STREAMS.add(self)
+        try:
+            if await self.open_session():
+                await self.exchange()
+        except WebSocketDisconnect:
+            pass  # the client left while we were sending
+        finally:
+            OPEN_STREAMS.discard(self)
+            metrics.WS_CONNECTIONS.dec()
+
+    async def open_session(self) -> bool:
+        """Create or resume the session and send `ready`; False if the connection was closed."""
+        params = self.websocket.query_params
+        model = params.get("model") or None
+        session_id = params.get("session_id") or None
+        try:
+            self.k = parse_k(params.get("k"))
+            if session_id is None:
+                answer = await self.predictor.create_session("", k=self.k, model=model)
+            else:
+                answer = await self.predictor.feed(session_id, "", k=self.k)
+                if model is not None and answer["model"] != model:
+                    raise BadInput(
+                        f"session {session_id!r} uses model {answer['model']!r}, not {model!r}"
+                    )
+        except NextwordError as exc:
+            await self.send_error(exc, None)
+            await self.websocket.close(close_code(exc), reason=exc.code)
+            return False
+        self.session_id = answer["session_id"]
+        answer["type"] = "ready"
+        await self.send(answer)
+        return True
+
+    async def exchange(self) -> None:
+        """Read and answer until either side ends the connection."""
+        self._answering = asyncio.current_task()
+        self._reader = asyncio.get_running_loop().create_task(self.read())
+        try:
+            await self.answer()
+        except asyncio.CancelledError:
+            if not self.gone:
+                raise
+            assert self._answering is not None
+            self._answering.uncancel()  # cancelled for the client that left: done
+        finally:
+            self._reader.cancel()
+
+    async def read(self) -> None:
+        """Queue each frame with the time it arrived, until the client disconnects."""
+        try:
+            while True:
+                message = await self.websocket.receive()
+                if message["type"] == "websocket.disconnect":
+                    self.gone = True
+                    if self._answering is not None:
+                        self._answering.cancel()  # aborts its pending step
+                    return
+                await self._inbox.put((time.perf_counter(), message))
+        except asyncio.CancelledError:  # draining: answer what was queued, then close
+            self._draining = True
+            if not self._inbox.full():
+                self._inbox.put_nowait(_END)
+            raise
+
+    def drain(self) -> None:
+        """Stop reading: answer the messages already received, then close with 1001."""
+        if self._reader is not None:
+            self._reader.cancel()
+
+    async def answer(self) -> None:
+        """Answer queued frames in order, until one ends the connection or the client leaves."""
+        while True:
+            item = await self._inbox.get()
+            if item is _END:
+                await self.websocket.close(CLOSE_GOING_AWAY, reason="server shutting down")
+                return
+            received_at, message = item
+            try:
+                keep_open = await self.answer_one(message)
+            except WebSocketDisconnect:
+                return  # the client left while we were answering
+            except Exception:
+                log.exception("stream: message failed")
+                await self.send(
+                    {
+                        "type": "error",
+                        "id": None,
+                        "error": {"code": "internal", "message": "internal error"},
+                    }
+                )
+                await self.websocket.close(CLOSE_INTERNAL, reason="internal")
+                return
+            metrics.WS_MESSAGE_SECONDS.observe(time.perf_counter() - received_at)
+            if not keep_open:
+                return
+            if self._draining and self._inbox.empty():
+                await self.websocket.close(CLOSE_GOING_AWAY, reason="server shutting down")
+                return
+
+    async def answer_one(self, message: Message) -> bool:
+        """Answer one frame; False when the connection was closed."""
+        text = message.get("text")
+        if text is None:
+            await self.send_error(BadInput("binary frames are not accepted: send JSON text"), None)
+            return True
+        if over_size(text, self.max_message_bytes):
+            error = BadInput(f"message over the {self.max_message_bytes}-byte limit")
+            await self.send_error(error, None)
+            await self.websocket.close(CLOSE_TOO_BIG, reason="message too big")
+            return False
+        try:
+            request = self.decoder.decode(text)
+        except (msgspec.ValidationError, msgspec.DecodeError, RecursionError) as exc:
+            await self.send_error(BadInput(str(exc)), message_id(text))
+            return True
+        problem = self.problem(request)
+        if problem is not None:
+            await self.send_error(BadInput(problem), request.id)
+            return True
+        k = self.k if request.k is None else request.k
+        try:
+            if request.type == "reset":
+                answer = await self.predictor.reset(self.session_id, k=k, prefix=request.prefix)
+            else:
+                answer = await self.predictor.feed(
+                    self.session_id, request.text, k=k, prefix=request.prefix
+                )
+        except UnknownSession as exc:  # expired or deleted while connected
+            await self.send_error(exc, request.id)
+            await self.websocket.close(close_code(exc), reason=exc.code)
+            return False
+        except NextwordError as exc:
+            await self.send_error(exc, request.id)
+            return True
+        answer["type"] = "predictions"
+        answer["id"] = request.id
+        del answer["model"]
+        await self.send(answer)
+        return True
+
+    @staticmethod
+    def problem(request: Any) -> str | None:
+        """What is wrong with a decoded message beyond its field types, if anything."""
+        if request.type == "text" and request.text is None:
+            return 'a message needs "text" (or "type": "reset")'
+        if request.type == "reset" and request.text is not None:
+            return 'a "reset" message takes no "text"'
+        for name in ("text", "prefix"):
+            value = getattr(request, name)
+            if value is not None and has_lone_surrogate(value):
+                return f"{name} holds an unpaired UTF-16 surrogate"
+        return None
+
+    async def send_error(self, error: NextwordError, message_id: Any) -> None:
+        """An in-band error answer."""
+        await self.send(
+            {
+                "type": "error",
+                "error": {"code": error.code, "message": error.message},
+                "id": message_id,
+            }
+        )
+
+    async def send(self, payload: dict[str, Any]) -> None:
+        """Send one JSON message and count it by type."""
+        await self.websocket.send({"type": "websocket.send", "text": _encode(payload).decode()})
+        metrics.WS_MESSAGES.labels(payload["type"]).inc()
+
+
+async def drain_streams(timeout: float) -> None:
+    """Answer what every open stream has received, close each with 1001 (shutdown)."""
+    streams = list(OPEN_STREAMS)
+    for stream in streams:
+        stream.drain()
+    deadline = time.monotonic() + timeout
+    while OPEN_STREAMS and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    if streams:
+        log.info("drained %d WebSocket streams (%d left)", len(streams), len(OPEN_STREAMS))
+
+
+def stream_router(settings: Settings) -> APIRouter:
+    """The `/v1/stream` route; message texts hold at most `settings.max_text_chars`."""
+    decoder = message_decoder(settings.max_text_chars)
+    router = APIRouter()
+
+    @router.websocket("/v1/stream")
+    async def stream(websocket: WebSocket) -> None:
+        """Stream words, get predictions: see the module docstring for the protocol."""
+        predictor: Predictor | None = getattr(websocket.app.state, "predictor", None)
+        if predictor is None:
+            await websocket.close(CLOSE_TRY_AGAIN, reason="not ready")
+            return
+        connection = StreamConnection(websocket, predictor, decoder, settings.max_ws_message_bytes)
+        await connection.serve()
+
+    return router

@@ -1,0 +1,76 @@
+"""The wire protocol between API processes and the engine: msgspec Structs, batched per tick.
+
+Every frame is a list: an API process sends `list[EngineRequest]` gathered during one tick
+of its event loop, the engine answers with `list[EngineOutput]` gathered the same way, so the
+per-send cost (syscall, ZeroMQ, encoding setup) is paid per batch, not per message. Structs
+are `array_like` (no field names on the wire) and `gc=False` (they hold no cycles).
+
+API processes send token ids, never text; the engine answers ids and probabilities, never
+words: tokenizing and display forms are the API side's work.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class StepRequest(msgspec.Struct, array_like=True, gc=False, tag=1):
+    """Add `tokens` to a context (a session's, or a stateless one) and answer its top `k`."""
+
+    request_id: int
+    model: str
+    tokens: list[int]
+    k: int
+    session_id: str | None = None  # None: stateless (predict)
+    create: bool = False  # a new session: it must not exist yet
+    fresh: bool = False  # start the session's context afresh (reset)
+    prefix_ids: bytes | None = None  # sorted int64 ids of the words matching a prefix
+
+
+class InfoRequest(msgspec.Struct, array_like=True, gc=False, tag=2):
+    """A session's model, token count and timestamps."""
+
+    request_id: int
+    session_id: str
+
+
+class DeleteRequest(msgspec.Struct, array_like=True, gc=False, tag=3):
+    """Forget a session."""
+
+    request_id: int
+    session_id: str
+
+
+class PingRequest(msgspec.Struct, array_like=True, gc=False, tag=4):
+    """Is the engine up, and does its session store answer?"""
+
+    request_id: int
+
+
+class AbortRequest(msgspec.Struct, array_like=True, gc=False, tag=5):
+    """The clients of these requests went away: drop them if they have not run yet."""
+
+    request_ids: list[int]
+
+
+EngineRequest = StepRequest | InfoRequest | DeleteRequest | PingRequest | AbortRequest
+
+
+class EngineOutput(msgspec.Struct, array_like=True, gc=False):
+    """The answer to one request; `error` is a `NextwordError` code, or None on success."""
+
+    request_id: int
+    error: str | None = None
+    message: str = ""
+    ids: list[int] = []  # best first
+    probs: list[float] = []
+    tokens: int = 0  # tokens in the context now
+    model: str = ""
+    created_at: float = 0.0
+    last_used_at: float = 0.0
+
+
+request_encoder = msgspec.msgpack.Encoder()
+request_decoder = msgspec.msgpack.Decoder(list[EngineRequest])
+output_encoder = msgspec.msgpack.Encoder()
+output_decoder = msgspec.msgpack.Decoder(list[EngineOutput])

@@ -1,0 +1,260 @@
+"""The engine core: the models, one step scheduler per model and the session store.
+
+`EngineCore` answers `EngineRequest`s (token ids in, ids and probabilities out) and is the
+only writer of session state. It runs inside the engine process (`service.engine.proc`), or
+inside an API process for tests and single-process use (`service.engine.client.InprocClient`):
+the same object either way. It never sees text; the API side tokenizes and validates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Callable, Hashable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from service.config import Settings
+from service.contract.artifact import MANIFEST_FILE, ArtifactError, ModelArtifact
+from service.contract.protocol import (
+    AbortRequest,
+    DeleteRequest,
+    EngineOutput,
+    EngineRequest,
+    InfoRequest,
+    PingRequest,
+    StepRequest,
+)
+from service.engine.runtime import OrtModel, choose_providers
+from service.engine.scheduler import Step, StepBatcher, StepResult
+from service.errors import NextwordError, StepFailed, UnknownModel
+from service.store import SessionStore, open_store
+
+log = logging.getLogger(__name__)
+
+Reply = Callable[[EngineOutput], None]
+
+
+def artifact_dirs(models_dir: Path) -> list[Path]:
+    """The artifact directories under `models_dir`, sorted; raises ArtifactError when none."""
+    if not models_dir.is_dir():
+        raise ArtifactError(f"{models_dir}: models directory not found")
+    found = [p for p in sorted(models_dir.iterdir()) if (p / MANIFEST_FILE).is_file()]
+    if not found:
+        raise ArtifactError(f"{models_dir}: no model artifacts (directories with {MANIFEST_FILE})")
+    return found
+
+
+def load_models(settings: Settings) -> dict[str, OrtModel]:
+    """Every artifact directory of the settings' models directory (verified), by name."""
+    chosen = choose_providers(settings.providers)
+    return {
+        path.name: OrtModel(
+            ModelArtifact.load(path),
+            chosen,
+            settings.intra_op_threads,
+            allow_tf32=settings.cuda_tf32,
+        )
+        for path in artifact_dirs(Path(settings.models_dir))
+    }
+
+
+def describe_model(model: OrtModel) -> dict[str, Any]:
+    """One model as `GET /v1/models` lists it."""
+    manifest = model.artifact.manifest
+    return {
+        "name": model.name,
+        "cell": model.cell,
+        "vocab_size": len(model.vocab),
+        "layers": model.layers,
+        "hidden_size": model.hidden_size,
+        "embedding_size": int(manifest["embedding_size"]),
+        "quantization": (manifest.get("quantization") or {}).get("type", "none"),
+        "providers": list(model.providers),
+        "metrics": manifest.get("metrics", {}),
+    }
+
+
+def _failure(request_id: int, error: BaseException) -> EngineOutput:
+    if not isinstance(error, NextwordError):
+        log.error("request %d failed", request_id, exc_info=error)
+        error = StepFailed(f"the step failed ({type(error).__name__})")
+    return EngineOutput(request_id, error=error.code, message=error.message)
+
+
+class EngineCore:
+    """Models, schedulers and sessions behind one entry point, `handle`."""
+
+    def __init__(
+        self, settings: Settings, models: dict[str, OrtModel], store: SessionStore
+    ) -> None:
+        if settings.default_model not in models:
+            raise ArtifactError(
+                f"default model {settings.default_model!r} is not in {settings.models_dir} "
+                f"(found {sorted(models)})"
+            )
+        self.settings = settings
+        self.models = models
+        self.store = store
+        self.schedulers = {
+            name: StepBatcher(
+                model,
+                store,
+                max_batch=settings.max_batch,
+                max_wait_ms=settings.max_wait_ms,
+                max_queue=settings.max_queue,
+            )
+            for name, model in models.items()
+        }
+        # Steps not answered yet, by (origin, request id): an abort cancels them.
+        self._pending: dict[tuple[Hashable, int], asyncio.Future[StepResult]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._housekeeping: asyncio.Task[None] | None = None
+
+    @classmethod
+    async def start(cls, settings: Settings) -> EngineCore:
+        """Load every model, open the store and start the schedulers."""
+        models = await asyncio.to_thread(load_models, settings)
+        store = open_store(settings.session_store, settings.session_ttl_s, settings.session_cap)
+        core = cls(settings, models, store)
+        for scheduler in core.schedulers.values():
+            await scheduler.start()
+        core._housekeeping = asyncio.get_running_loop().create_task(
+            core._keep_house(), name="session-housekeeping"
+        )
+        log.info(
+            "engine: models %s (default %s); session store %s",
+            sorted(models),
+            settings.default_model,
+            settings.session_store.split("@")[-1],
+        )
+        return core
+
+    async def close(self) -> None:
+        """Answer every queued step, stop the schedulers and close the store."""
+        if self._housekeeping is not None:
+            self._housekeeping.cancel()
+            await asyncio.wait([self._housekeeping])
+            self._housekeeping = None
+        await asyncio.gather(*(s.stop(drain=True) for s in self.schedulers.values()))
+        if self._tasks:
+            await asyncio.wait(list(self._tasks))
+        await self.store.close()
+
+    def describe(self) -> list[dict[str, Any]]:
+        """The loaded models, as `GET /v1/models` lists them."""
+        return [describe_model(model) for model in self.models.values()]
+
+    async def _keep_house(self) -> None:
+        """Drop expired sessions and refresh the active-sessions gauge now and then."""
+        interval = min(5.0, max(0.05, self.settings.session_ttl_s / 10))
+        while True:
+            await asyncio.sleep(interval)
+            with contextlib.suppress(Exception):  # a store outage is reported by /readyz
+                await self.store.count()
+
+    # --- requests ----------------------------------------------------------------
+
+    def handle(self, requests: list[EngineRequest], reply: Reply, origin: Hashable = None) -> None:
+        """Take a frame of requests from `origin`; each answer is passed to `reply` once.
+
+        Runs on the engine's event loop; it never blocks: steps are queued for their
+        model's scheduler, and the rare session queries run as tasks.
+        """
+        for request in requests:
+            if isinstance(request, StepRequest):
+                self._step(request, reply, origin)
+            elif isinstance(request, AbortRequest):
+                for request_id in request.request_ids:
+                    future = self._pending.pop((origin, request_id), None)
+                    if future is not None:
+                        future.cancel()  # dropped before its run, never written after it
+            else:
+                self._spawn(self._query(request), reply, request.request_id)
+
+    def _step(self, request: StepRequest, reply: Reply, origin: Hashable) -> None:
+        request_id = request.request_id
+        scheduler = self.schedulers.get(request.model)
+        try:
+            if scheduler is None:
+                raise UnknownModel(f"no model {request.model!r}; loaded: {sorted(self.models)}")
+            prefix_ids = (
+                None
+                if request.prefix_ids is None
+                else np.frombuffer(request.prefix_ids, dtype=np.int64)
+            )
+            future = scheduler.submit(
+                Step(
+                    request.tokens,
+                    session_id=request.session_id,
+                    fresh=request.fresh,
+                    create=request.create,
+                    k=request.k,
+                    prefix_ids=prefix_ids,
+                )
+            )
+        except NextwordError as exc:
+            reply(_failure(request_id, exc))
+            return
+        key = (origin, request_id)
+        self._pending[key] = future
+        model = request.model
+
+        def answer(done: asyncio.Future[StepResult]) -> None:
+            self._pending.pop(key, None)
+            if done.cancelled():
+                return  # aborted: its client is gone
+            error = done.exception()
+            if error is not None:
+                reply(_failure(request_id, error))
+                return
+            result = done.result()
+            reply(
+                EngineOutput(
+                    request_id,
+                    ids=result.ids.tolist(),
+                    probs=result.probs.tolist(),
+                    tokens=result.tokens,
+                    model=model,
+                )
+            )
+
+        future.add_done_callback(answer)
+
+    def _spawn(self, coroutine: Any, reply: Reply, request_id: int) -> None:
+        async def run() -> None:
+            try:
+                output = await coroutine
+            except Exception as exc:
+                output = _failure(request_id, exc)
+            reply(output)
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _query(self, request: InfoRequest | DeleteRequest | PingRequest) -> EngineOutput:
+        if isinstance(request, InfoRequest):
+            record = await self.store.get(request.session_id)
+            return EngineOutput(
+                request.request_id,
+                tokens=record.tokens,
+                model=record.model,
+                created_at=record.created_at,
+                last_used_at=record.last_used_at,
+            )
+        if isinstance(request, DeleteRequest):
+            await self.store.delete(request.session_id)
+            return EngineOutput(request.request_id)
+        await self.store.ping()
+        # The answer to a ping describes the models: what an API process lists.
+        return EngineOutput(request.request_id, message=json.dumps(self.describe()))
+
+    @property
+    def queue_depth(self) -> int:
+        """Steps waiting for a batch, all models together."""
+        return sum(s.queue_depth for s in self.schedulers.values())

@@ -1,0 +1,162 @@
+"""The engine process: an `EngineCore` on its event loop, fed by two I/O threads.
+
+    input thread    ROUTER <address>-in: receive a frame, decode it (msgpack), hand the
+                    requests to the loop in one call
+    event loop      the schedulers: gather a batch, run it (ORT, in the scheduler's executor
+                    thread), write the sessions, answer; answers of one tick form one frame
+    output thread   encode each frame and send it on ROUTER <address>-out to its API process
+
+Decoding, encoding and socket calls happen off the event loop, so the next batch gathers
+while a model runs (ORT and ZeroMQ release the GIL). SIGTERM or SIGINT: stop taking frames,
+answer every step already received, then exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import signal
+import threading
+from collections.abc import Hashable
+from multiprocessing.connection import Connection
+
+import zmq
+
+from service.config import Settings
+from service.contract.protocol import (
+    EngineOutput,
+    output_encoder,
+    request_decoder,
+)
+from service.engine.client import socket_addresses
+from service.engine.core import EngineCore
+
+log = logging.getLogger(__name__)
+
+
+class EngineCoreProc:
+    """One engine core served over ZeroMQ."""
+
+    def __init__(self, settings: Settings, address: str) -> None:
+        self.settings = settings
+        self.address = address
+        self.context = zmq.Context()
+        self._outputs: queue.SimpleQueue[tuple[bytes, list[EngineOutput]] | None] = (
+            queue.SimpleQueue()
+        )
+        self._frames: dict[bytes, list[EngineOutput]] = {}
+        self._flush_scheduled = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.core: EngineCore | None = None
+        self._taking = True
+
+    async def serve(self, ready: Connection | None = None) -> None:
+        """Load the models, bind the sockets, serve until SIGTERM, then drain."""
+        loop = self._loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        self.core = await EngineCore.start(self.settings)
+        requests_at, outputs_at = socket_addresses(self.address)
+        inbound = self.context.socket(zmq.ROUTER)
+        inbound.setsockopt(zmq.RCVHWM, 0)
+        inbound.bind(requests_at)
+        outbound = self.context.socket(zmq.ROUTER)
+        outbound.setsockopt(zmq.SNDHWM, 0)
+        outbound.setsockopt(zmq.ROUTER_MANDATORY, 1)  # an unknown peer raises, not drops
+        outbound.bind(outputs_at)
+        reader = threading.Thread(
+            target=self._receive, args=(inbound,), name="engine-input", daemon=True
+        )
+        writer = threading.Thread(
+            target=self._send, args=(outbound,), name="engine-output", daemon=True
+        )
+        reader.start()
+        writer.start()
+        log.info("engine ready at %s", self.address)
+        if ready is not None:
+            ready.send(self.core.describe())
+            ready.close()
+        await stop.wait()
+        log.info("engine: stopping (answering the steps already received)")
+        self._taking = False
+        await self.core.close()
+        self._flush()
+        self._outputs.put(None)
+        await asyncio.to_thread(writer.join)
+        self.context.term()  # ends the input thread's blocking receive
+        await asyncio.to_thread(reader.join, 5.0)
+        log.info("engine stopped")
+
+    # --- input thread ----------------------------------------------------------------
+
+    def _receive(self, socket: zmq.Socket[bytes]) -> None:
+        loop = self._loop
+        assert loop is not None
+        try:
+            while True:
+                identity, frame = socket.recv_multipart(copy=False)
+                try:
+                    requests = request_decoder.decode(frame.buffer)
+                except Exception as exc:  # a peer that speaks another protocol
+                    log.warning("engine: undecodable frame dropped (%s)", exc)
+                    continue
+                loop.call_soon_threadsafe(self._accept, identity.bytes, requests)
+        except zmq.ContextTerminated:
+            pass
+        finally:
+            socket.close(linger=0)
+
+    def _accept(self, identity: bytes, requests: list) -> None:  # type: ignore[type-arg]
+        assert self.core is not None
+        if not self._taking:
+            return  # stopping: the API processes were stopped first; nothing new arrives
+        self.core.handle(requests, lambda output: self._reply(identity, output), identity)
+
+    # --- answers, one frame per API process and tick ----------------------------------
+
+    def _reply(self, identity: Hashable, output: EngineOutput) -> None:
+        assert isinstance(identity, bytes)
+        self._frames.setdefault(identity, []).append(output)
+        if not self._flush_scheduled and self._loop is not None:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        frames, self._frames = self._frames, {}
+        for identity, outputs in frames.items():
+            self._outputs.put((identity, outputs))
+
+    # --- output thread ---------------------------------------------------------------
+
+    def _send(self, socket: zmq.Socket[bytes]) -> None:
+        try:
+            while True:
+                item = self._outputs.get()
+                if item is None:
+                    return
+                identity, outputs = item
+                try:
+                    socket.send_multipart([identity, output_encoder.encode(outputs)], copy=False)
+                except zmq.ZMQError as exc:  # that API process is gone
+                    log.debug(
+                        "engine: %d answers for a departed peer dropped (%s)", len(outputs), exc
+                    )
+        finally:
+            socket.close(linger=1000)
+
+
+def run_engine(settings: Settings, address: str, ready: Connection | None = None) -> None:
+    """Entry point of the engine process."""
+    from service.logs import configure_logging
+
+    configure_logging(settings.log_level, "engine")
+    serve = EngineCoreProc(settings, address).serve(ready)
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvicorn[standard] brings it on Linux
+        asyncio.run(serve)
+    else:
+        uvloop.run(serve)

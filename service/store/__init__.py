@@ -1,0 +1,24 @@
+"""Where sessions live: the record and protocol (`base`), in this process (`memory`), Redis."""
+
+from __future__ import annotations
+
+from service.store.base import SessionRecord, SessionStore, State, new_session_id
+from service.store.memory import MemorySessionStore
+
+__all__ = [
+    "MemorySessionStore",
+    "SessionRecord",
+    "SessionStore",
+    "State",
+    "new_session_id",
+    "open_store",
+]
+
+
+def open_store(url: str, ttl_s: float, cap: int) -> SessionStore:
+    """The store a `session_store` setting names: "memory" or a redis:// URL."""
+    if url == "memory":
+        return MemorySessionStore(ttl_s=ttl_s, cap=cap)
+    from service.store.redis import RedisSessionStore  # noqa: PLC0415 (redis only when asked)
+
+    return RedisSessionStore.from_url(url, ttl_s=ttl_s, cap=cap)

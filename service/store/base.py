@@ -1,0 +1,87 @@
+"""Session state: the record and the store protocol, shared by every store.
+
+A session is (model, recurrent state, token count, timestamps, version). Stores are
+async and batch-shaped: the batcher reads all sessions of a batch with one
+`get_many` and writes them back with one `put_many`, a compare-and-set on `version`,
+so that a store over the network (Redis) costs one round trip each way per batch.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+State = tuple[np.ndarray, ...]  # (h,) or (h, c); each float32 (L, H)
+
+
+@dataclass(eq=False)  # states are arrays: compare fields explicitly
+class SessionRecord:
+    """One session as the batcher sees it.
+
+    `state` holds the recurrent state after the last token, then the state before it:
+    (h, h_prev) for a GRU, (h, c, h_prev, c_prev) for an LSTM. With the previous state
+    and `last_token`, a request that adds no word (only a new `prefix`) is answered by
+    re-running the last token: the model's distribution is only produced by a run.
+    """
+
+    session_id: str
+    model: str
+    state: State  # each (L, H) float32: current arrays, then previous arrays
+    tokens: int  # text tokens in the context (the implicit start token not counted)
+    created_at: float  # Unix time
+    last_used_at: float  # Unix time
+    version: int = 0  # bumped by every successful write
+    last_token: int = -1  # id of the last token run (the implicit start token at first)
+
+
+def new_session_id() -> str:
+    """An unguessable, URL-safe session id (128 random bits)."""
+    return secrets.token_urlsafe(16)
+
+
+@runtime_checkable
+class SessionStore(Protocol):
+    """Where sessions live; every method may raise `StoreUnavailable`."""
+
+    evictions: int  # sessions dropped by the cap (least recently used first)
+    expirations: int  # sessions dropped after `ttl_s` idle seconds
+
+    def new_id(self) -> str:
+        """A fresh unguessable id."""
+        ...
+
+    async def get_many(self, ids: list[str]) -> list[SessionRecord | None]:
+        """The live records of `ids` (None where unknown or expired), in one round trip."""
+        ...
+
+    async def put_many(
+        self, records: list[SessionRecord], expected: list[int | None]
+    ) -> list[bool]:
+        """Compare-and-set each record on its version (None: must not exist yet).
+
+        True where written; the stored version is then `(expected or 0) + 1`.
+        """
+        ...
+
+    async def get(self, session_id: str) -> SessionRecord:
+        """One live record; raises `UnknownSession`."""
+        ...
+
+    async def delete(self, session_id: str) -> None:
+        """Forget a session; raises `UnknownSession`."""
+        ...
+
+    async def count(self) -> int:
+        """Live sessions."""
+        ...
+
+    async def ping(self) -> None:
+        """Raise `StoreUnavailable` when the store cannot be reached."""
+        ...
+
+    async def close(self) -> None:
+        """Release connections."""
+        ...
