@@ -6,9 +6,9 @@ extra installed) train, evaluate and export models.
     nextword train|evaluate|export ...        (model_export.cli; needs torch)
 
 Every option of `serve` has a `NEXTWORD_*` variable (see service/config.py); an
-option given on the command line wins. Options reach the app through those same
-variables, because uvicorn's workers build the app themselves by calling
-`service.api:create_app()`.
+option given on the command line wins. Options reach the processes through those same
+variables: the API processes build the app themselves by calling
+`service.api:create_app()` (see service/supervisor.py for the process model).
 """
 
 from __future__ import annotations
@@ -68,8 +68,9 @@ def uvicorn_log_config(level: str) -> dict[str, Any]:
 
 
 def serve(args: argparse.Namespace) -> int:
-    """Run uvicorn on `service.api:create_app` with the settings plus the given options."""
-    import uvicorn
+    """Run the engine and the API processes (service.supervisor) with the given options."""
+    from service.logs import configure_logging
+    from service.supervisor import serve as run_service
 
     for option, field in SERVE_OPTIONS.items():
         value = getattr(args, option)
@@ -78,25 +79,15 @@ def serve(args: argparse.Namespace) -> int:
     settings = load_settings()
     if not Path(settings.models_dir).is_dir():
         raise SystemExit(f"nextword: models directory {settings.models_dir} not found")
-    if settings.workers > 1 and settings.session_store == "memory":
-        print(
-            "nextword: warning: with --workers > 1 and the in-process session store, a "
-            "session lives in one worker; use NEXTWORD_SESSION_STORE=redis://... so that "
-            "REST calls of a session may reach any worker",
-            file=sys.stderr,
-        )
-    uvicorn.run(
-        "service.api:create_app",
-        factory=True,
-        host=settings.host,
-        port=settings.port,
-        workers=settings.workers,
+    configure_logging(settings.log_level, "supervisor")
+    return run_service(
+        settings,
         log_level=settings.log_level,
         log_config=uvicorn_log_config(settings.log_level),
         ws_max_size=settings.max_ws_message_bytes,
+        ws_per_message_deflate=settings.ws_per_message_deflate,
         timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
     )
-    return 0
 
 
 # --- predict ---------------------------------------------------------------------
@@ -122,7 +113,7 @@ async def predict_once(
     """Start a predictor in this process, answer one request, close it."""
     from service.api.predictor import Predictor
 
-    predictor = await Predictor.start(settings)
+    predictor = await Predictor.start(settings.model_copy(update={"engine_address": ""}))
     try:
         return await predictor.predict(text, k=k, model=model, prefix=prefix)
     finally:
@@ -191,7 +182,9 @@ def build_parser(with_training: bool = True) -> argparse.ArgumentParser:
         help="directory of model artifacts (NEXTWORD_MODELS_DIR; default: the bundled models)",
     )
     serve_p.add_argument(
-        "--workers", type=int, help="worker processes (NEXTWORD_WORKERS; default 1)"
+        "--workers",
+        type=int,
+        help="API processes (NEXTWORD_WORKERS; default 0: one per two cores, 1 to 8)",
     )
     serve_p.add_argument(
         "--log-level",

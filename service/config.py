@@ -47,6 +47,15 @@ class Settings(BaseSettings):
         description="ZeroMQ address prefix of the engine process (set by `nextword serve` "
         'for its API processes); "" = run the engine inside this process',
     )
+    metrics_dir: str = Field(
+        default="",
+        validation_alias="PROMETHEUS_MULTIPROC_DIR",
+        description="prometheus_client's multiprocess directory (set by `nextword serve`)",
+    )
+    ws_per_message_deflate: bool = Field(
+        default=False,
+        description="offer WebSocket per-message compression (costs CPU on small messages)",
+    )
     log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = "info"
 
     # Sessions.

@@ -8,8 +8,16 @@ one (dashboards and alerts depend on the names).
 
 from __future__ import annotations
 
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Gauge, Histogram
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+)
 from prometheus_client import generate_latest as _generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 # Request latency spans a cached start-of-text answer (~0.1 ms) to a long prefill.
 LATENCY_BUCKETS = (
@@ -44,6 +52,7 @@ HTTP_REQUESTS = Counter(
 WS_CONNECTIONS = Gauge(
     "nextword_ws_connections",
     "Open WebSocket connections on /v1/stream.",
+    multiprocess_mode="livesum",
 )
 WS_MESSAGES = Counter(
     "nextword_ws_messages",
@@ -59,9 +68,14 @@ WS_MESSAGE_SECONDS = Histogram(
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
-def render() -> bytes:
-    """The default registry in the Prometheus text format."""
-    return _generate_latest(REGISTRY)
+def render(multiprocess_dir: str = "") -> bytes:
+    """The metrics in the Prometheus text format: of this process, or, with the directory
+    that every process of `nextword serve` writes into, of all of them together."""
+    if not multiprocess_dir:
+        return _generate_latest(REGISTRY)
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=multiprocess_dir)
+    return _generate_latest(registry)
 
 
 # --- engine, batcher and session store (core) ---------------------------------------
@@ -92,10 +106,12 @@ QUEUE_DEPTH = Gauge(
     "nextword_queue_depth",
     "Steps waiting for a batch, by model.",
     ["model"],
+    multiprocess_mode="livesum",
 )
 ACTIVE_SESSIONS = Gauge(
     "nextword_active_sessions",
     "Live sessions in the session store.",
+    multiprocess_mode="livesum",
 )
 SESSION_EVICTIONS = Counter(
     "nextword_session_evictions",

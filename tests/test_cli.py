@@ -34,12 +34,36 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
 
 @pytest.fixture
 def uvicorn_calls(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
-    """Record uvicorn.run instead of serving."""
-    import uvicorn
+    """Record what the supervisor would start instead of serving."""
+    from service.supervisor import Supervisor
 
     calls: list[dict[str, Any]] = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: calls.append({"app": app, **kwargs}))
+
+    def record(self: Supervisor) -> int:
+        config = self.config
+        calls.append(
+            {
+                "app": config.app,
+                "factory": config.factory,
+                "host": config.host,
+                "port": config.port,
+                "workers": self.settings.api_processes(),
+                "ws_max_size": config.ws_max_size,
+                "log_level": config.log_level,
+                "log_config": config.log_config,
+            }
+        )
+        return 0
+
+    monkeypatch.setattr(Supervisor, "run", record)
     return calls
+
+
+def default_api_processes() -> int:
+    """One API process per two cores, 1 to 8."""
+    import os
+
+    return max(1, min(8, (os.cpu_count() or 1) // 2))
 
 
 def test_serve_runs_the_app_factory_with_the_defaults(
@@ -48,7 +72,8 @@ def test_serve_runs_the_app_factory_with_the_defaults(
     assert cli.main(["serve"]) == 0
     (call,) = uvicorn_calls
     assert call["app"] == "service.api:create_app" and call["factory"] is True
-    assert (call["host"], call["port"], call["workers"]) == ("127.0.0.1", 8000, 1)
+    assert (call["host"], call["port"]) == ("127.0.0.1", 8000)
+    assert call["workers"] == default_api_processes()
     assert call["ws_max_size"] == 65_536
     assert call["log_config"]["loggers"]["service"]["level"] == "INFO"
 

@@ -44,6 +44,7 @@ from service.api.stream import stream_router
 from service.config import Settings
 from service.contract.limits import MAX_SESSION_ID_CHARS
 from service.errors import NotReady
+from service.supervisor import all_processes_up, report_up
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +122,7 @@ def v1_router(settings: Settings) -> APIRouter:
     return router
 
 
-def ops_router() -> APIRouter:
+def ops_router(settings: Settings) -> APIRouter:
     """Liveness, readiness and metrics: for orchestrators and Prometheus."""
     router = APIRouter(tags=["operations"])
 
@@ -136,13 +137,15 @@ def ops_router() -> APIRouter:
         predictor = get_predictor(request)
         if not predictor.ready:
             raise NotReady("models are loading")
+        if not all_processes_up():
+            raise NotReady("not every process of the service is up")
         await predictor.check_ready()
         return {"status": "ok"}
 
     @router.get("/metrics", response_class=Response)
     async def prometheus_metrics() -> Response:
         """Prometheus text format."""
-        return Response(metrics.render(), media_type=metrics.CONTENT_TYPE)
+        return Response(metrics.render(settings.metrics_dir), media_type=metrics.CONTENT_TYPE)
 
     return router
 
@@ -253,6 +256,7 @@ def create_app(
         app.state.predictor = None
         predictor = await start(settings)
         app.state.predictor = predictor
+        report_up()  # to the supervisor, when this is one of its API processes
         try:
             yield
         finally:
@@ -270,7 +274,7 @@ def create_app(
     app.add_middleware(BodySizeLimit, limit=body_limit(settings))
     app.add_middleware(RequestMetrics)
     install_error_handlers(app)
-    app.include_router(ops_router())
+    app.include_router(ops_router(settings))
     app.include_router(v1_router(settings))
     app.include_router(stream_router(settings))
     return app

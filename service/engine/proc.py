@@ -7,8 +7,9 @@
     output thread   encode each frame and send it on ROUTER <address>-out to its API process
 
 Decoding, encoding and socket calls happen off the event loop, so the next batch gathers
-while a model runs (ORT and ZeroMQ release the GIL). SIGTERM or SIGINT: stop taking frames,
-answer every step already received, then exit.
+while a model runs (ORT and ZeroMQ release the GIL). Stopping (SIGTERM or SIGINT, or
+"stop" on the supervisor's control pipe, or that pipe closing): stop taking frames, answer
+every step already received, then exit.
 """
 
 from __future__ import annotations
@@ -51,12 +52,18 @@ class EngineCoreProc:
         self.core: EngineCore | None = None
         self._taking = True
 
-    async def serve(self, ready: Connection | None = None) -> None:
-        """Load the models, bind the sockets, serve until SIGTERM, then drain."""
+    async def serve(self, control: Connection | None = None) -> None:
+        """Load the models, bind the sockets, serve until told to stop, then drain.
+
+        With a `control` pipe (a supervised engine) the models' description is sent on it
+        once serving, and "stop" or its closing stops the engine; without one, SIGTERM or
+        SIGINT does.
+        """
         loop = self._loop = asyncio.get_running_loop()
         stop = asyncio.Event()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stop.set)
+        if control is None:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(signum, stop.set)
         self.core = await EngineCore.start(self.settings)
         requests_at, outputs_at = socket_addresses(self.address)
         inbound = self.context.socket(zmq.ROUTER)
@@ -75,9 +82,11 @@ class EngineCoreProc:
         reader.start()
         writer.start()
         log.info("engine ready at %s", self.address)
-        if ready is not None:
-            ready.send(self.core.describe())
-            ready.close()
+        if control is not None:
+            control.send(self.core.describe())
+            threading.Thread(
+                target=self._watch, args=(control, stop), name="engine-control", daemon=True
+            ).start()
         await stop.wait()
         log.info("engine: stopping (answering the steps already received)")
         self._taking = False
@@ -88,6 +97,16 @@ class EngineCoreProc:
         self.context.term()  # ends the input thread's blocking receive
         await asyncio.to_thread(reader.join, 5.0)
         log.info("engine stopped")
+
+    def _watch(self, control: Connection, stop: asyncio.Event) -> None:
+        """Until the supervisor says stop, or its pipe closes (it is gone)."""
+        try:
+            while control.recv() != "stop":
+                pass
+        except (EOFError, OSError):
+            pass
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(stop.set)
 
     # --- input thread ----------------------------------------------------------------
 
@@ -148,12 +167,12 @@ class EngineCoreProc:
             socket.close(linger=1000)
 
 
-def run_engine(settings: Settings, address: str, ready: Connection | None = None) -> None:
-    """Entry point of the engine process."""
+def run_engine(settings: Settings, address: str, control: Connection | None = None) -> None:
+    """Entry point of the engine process (`control`: the supervisor's pipe, if supervised)."""
     from service.logs import configure_logging
 
     configure_logging(settings.log_level, "engine")
-    serve = EngineCoreProc(settings, address).serve(ready)
+    serve = EngineCoreProc(settings, address).serve(control)
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvicorn[standard] brings it on Linux

@@ -1,0 +1,326 @@
+"""`nextword serve`: one engine process, N API processes, and this process watching them.
+
+    supervisor (this process)    binds the port, starts and watches the others; ready only
+       │                         when all are up; SIGTERM/SIGINT: drain, then exit
+       ├── engine process        models, schedulers, every session's state (service.engine.proc)
+       └── API process x N       uvicorn + FastAPI on the shared listening socket (service.api)
+
+Control. Each child has a pipe to the supervisor and ignores SIGINT and SIGTERM itself, so a
+signal to the whole process group (Ctrl-C, `kill -TERM -PGID`) stops the service once, in
+order: the API processes first (each stops accepting, answers every message it has received,
+closes its WebSockets with 1001 and waits for its HTTP requests), then the engine (which
+answers every step it has received). A child whose pipe closes (the supervisor was killed)
+stops by itself.
+
+Failures. An API process that dies is replaced (readiness is false until its replacement is
+up); one that keeps dying at start stops the service. The engine dying stops the service with
+exit status 1 and an error naming it: the sessions it held are gone unless the store is Redis,
+and an orchestrator restarts the whole (no silent half-service).
+
+Metrics. Every process writes prometheus_client's multiprocess files into one directory, so
+`/metrics` on any API process shows all of them (engine batches and queue, every API
+process's requests).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from multiprocessing.context import SpawnProcess
+from multiprocessing.synchronize import Event
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+
+from service.config import Settings
+
+log = logging.getLogger(__name__)
+
+ENGINE_START_TIMEOUT_S = 300.0  # loading and verifying every model (and a CUDA context)
+API_START_TIMEOUT_S = 120.0
+STOP_TIMEOUT_S = 30.0  # longest drain of an API process, then of the engine
+CRASH_LOOP = (5, 60.0)  # this many API process deaths within this many seconds: give up
+STOP = "stop"
+UP = "up"
+
+
+# --- the API process side -------------------------------------------------------------
+
+
+@dataclass
+class ApiLink:
+    """What an API process shares with its supervisor."""
+
+    control: Connection  # sends "up" once serving; receives "stop" (EOF: supervisor gone)
+    all_up: Event  # set while every process of the service is up
+
+
+_link: ApiLink | None = None
+
+
+def api_link() -> ApiLink | None:
+    """The link of this API process to its supervisor (None when not supervised)."""
+    return _link
+
+
+def report_up() -> None:
+    """Tell the supervisor this API process serves (called once its lifespan started)."""
+    if _link is not None:
+        _link.control.send(UP)
+
+
+def all_processes_up() -> bool:
+    """Whether every process of the service is up (True when not supervised)."""
+    return _link is None or _link.all_up.is_set()
+
+
+class ApiServer(uvicorn.Server):
+    """uvicorn's server, stopped by the supervisor's pipe, draining streams first."""
+
+    @contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        # The supervisor decides when to stop: a group-wide signal must not stop this
+        # process twice over (uvicorn takes a second SIGTERM as "exit now").
+        yield
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        from service.api.stream import drain_streams
+
+        for server in self.servers:
+            server.close()  # no new connections while the streams drain
+        await drain_streams(self.config.timeout_graceful_shutdown or STOP_TIMEOUT_S)
+        await super().shutdown(sockets)
+
+
+def run_api(config: uvicorn.Config, sockets: list[socket.socket], link: ApiLink) -> None:
+    """Entry point of an API process."""
+    global _link
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
+    _link = link
+    config.configure_logging()
+    server = ApiServer(config)
+
+    def watch() -> None:
+        try:
+            while link.control.recv() != STOP:
+                pass
+        except (EOFError, OSError):
+            pass  # the supervisor is gone: stop too
+        server.should_exit = True
+
+    threading.Thread(target=watch, name="supervisor-link", daemon=True).start()
+    server.run(sockets=sockets)
+
+
+# --- the engine process side -----------------------------------------------------------
+
+
+def run_engine_process(settings: Settings, address: str, control: Connection) -> None:
+    """Entry point of the engine process: serve until the supervisor says stop."""
+    from service.engine.proc import run_engine
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
+    run_engine(settings, address, control)
+
+
+# --- the supervisor --------------------------------------------------------------------
+
+
+@dataclass
+class Child:
+    """A process started by the supervisor, with its control pipe."""
+
+    name: str
+    process: SpawnProcess
+    control: Connection
+    started_at: float
+    up: bool = False
+
+    def stop(self) -> None:
+        """Ask the child to stop (it drains first)."""
+        with suppress(OSError, ValueError):
+            self.control.send(STOP)
+
+
+class Supervisor:
+    """Starts, watches and stops the engine and API processes of one `nextword serve`."""
+
+    def __init__(self, settings: Settings, config: uvicorn.Config) -> None:
+        self.settings = settings
+        self.config = config
+        self.context = multiprocessing.get_context("spawn")
+        self.run_dir = Path()
+        self.address = ""
+        self.all_up = self.context.Event()
+        self.stopping = threading.Event()
+        self.engine: Child | None = None
+        self.apis: list[Child] = []
+        self.deaths: list[float] = []
+        self.socket: socket.socket | None = None
+
+    def run(self) -> int:
+        """Serve until SIGINT/SIGTERM (0) or a failure that stops the service (1)."""
+        self.run_dir = Path(tempfile.mkdtemp(prefix="nextword-"))
+        self.address = f"ipc://{self.run_dir}/engine"
+        metrics_dir = self.run_dir / "metrics"
+        metrics_dir.mkdir()
+        # Read by prometheus_client when each child imports it, and by /metrics.
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
+        os.environ["NEXTWORD_ENGINE_ADDRESS"] = self.address
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, lambda signum, frame: self.stopping.set())
+        try:
+            return self._run()
+        finally:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    def _run(self) -> int:
+        self.engine = self._start_engine()
+        if not self._wait_engine():
+            return 1
+        self.socket = self.config.bind_socket()
+        count = self.settings.api_processes()
+        self.apis = [self._start_api(i) for i in range(count)]
+        log.info("supervisor: engine and %d API processes starting", count)
+        status = self._watch()
+        self._stop_all()
+        return status
+
+    def _start_engine(self) -> Child:
+        ours, theirs = self.context.Pipe()
+        process = self.context.Process(
+            target=run_engine_process,
+            args=(self.settings, self.address, theirs),
+            name="nextword-engine",
+        )
+        process.start()
+        theirs.close()
+        return Child("engine", process, ours, time.monotonic())
+
+    def _wait_engine(self) -> bool:
+        assert self.engine is not None
+        deadline = time.monotonic() + ENGINE_START_TIMEOUT_S
+        while not self.engine.control.poll(0.1):
+            if not self.engine.process.is_alive():
+                log.error(
+                    "the engine process failed to start (exit code %s): see its log above",
+                    self.engine.process.exitcode,
+                )
+                return False
+            if self.stopping.is_set() or time.monotonic() > deadline:
+                log.error("the engine process did not start; stopping")
+                self._stop(self.engine)
+                return False
+        try:
+            models = self.engine.control.recv()
+        except EOFError:
+            return False
+        self.engine.up = True
+        log.info("engine process %d up: %s", self.engine.process.pid, [m["name"] for m in models])
+        return True
+
+    def _start_api(self, index: int) -> Child:
+        ours, theirs = self.context.Pipe()
+        link = ApiLink(theirs, self.all_up)
+        process = self.context.Process(
+            target=run_api,
+            args=(self.config, [self.socket], link),
+            name=f"nextword-api-{index}",
+        )
+        process.start()
+        theirs.close()
+        return Child(f"API process {index}", process, ours, time.monotonic())
+
+    def _watch(self) -> int:
+        """Watch the children until asked to stop (0) or the service cannot go on (1)."""
+        from prometheus_client import multiprocess
+
+        assert self.engine is not None
+        while not self.stopping.wait(0.1):
+            if not self.engine.process.is_alive():
+                log.error(
+                    "the engine process died (exit code %s): stopping the service; "
+                    "the sessions it held are lost unless the store is Redis",
+                    self.engine.process.exitcode,
+                )
+                return 1
+            for index, child in enumerate(self.apis):
+                if not child.up and child.control.poll():
+                    with suppress(EOFError):
+                        child.up = child.control.recv() == UP
+                if child.process.is_alive():
+                    if not child.up and time.monotonic() - child.started_at > API_START_TIMEOUT_S:
+                        log.error("%s did not start in time; replacing it", child.name)
+                        child.process.kill()
+                    continue
+                multiprocess.mark_process_dead(child.process.pid)
+                self.all_up.clear()
+                now = time.monotonic()
+                self.deaths = [t for t in self.deaths if now - t < CRASH_LOOP[1]] + [now]
+                if len(self.deaths) >= CRASH_LOOP[0]:
+                    log.error(
+                        "API processes died %d times within %.0f s (last exit code %s): "
+                        "stopping the service",
+                        len(self.deaths),
+                        CRASH_LOOP[1],
+                        child.process.exitcode,
+                    )
+                    return 1
+                log.error(
+                    "%s (pid %s) died with exit code %s; starting another",
+                    child.name,
+                    child.process.pid,
+                    child.process.exitcode,
+                )
+                self.apis[index] = self._start_api(index)
+            if not self.all_up.is_set() and all(c.up for c in self.apis):
+                self.all_up.set()
+                log.info("all %d API processes and the engine are up", len(self.apis))
+        log.info("supervisor: stopping (draining the API processes, then the engine)")
+        return 0
+
+    def _stop(self, child: Child) -> None:
+        child.stop()
+        child.process.join(STOP_TIMEOUT_S + 5)
+        if child.process.is_alive():
+            log.error("%s did not stop in time; killing it", child.name)
+            child.process.kill()
+            child.process.join()
+
+    def _stop_all(self) -> None:
+        self.all_up.clear()
+        for child in self.apis:
+            child.stop()
+        for child in self.apis:
+            self._stop(child)
+        if self.socket is not None:
+            self.socket.close()
+        if self.engine is not None and self.engine.process.is_alive():
+            self._stop(self.engine)
+        log.info("supervisor: every process stopped")
+
+
+def serve(settings: Settings, **uvicorn_options: Any) -> int:
+    """Run the engine and the API processes until stopped; the exit status."""
+    config = uvicorn.Config(
+        "service.api:create_app",
+        factory=True,
+        host=settings.host,
+        port=settings.port,
+        **uvicorn_options,
+    )
+    return Supervisor(settings, config).run()
