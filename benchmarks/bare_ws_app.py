@@ -4,15 +4,24 @@ Same framework (FastAPI on uvicorn) and same messages as the service, and no mod
 on connect it sends a `ready` message; each client message is parsed as JSON and
 answered with a fixed five-prediction `predictions` message (the `id` echoed). What
 the service adds on top of this (validation, the batcher, the model, the store) is
-what `bench_e2e.py` measures as "ours / bare".
+what `benchmarks.bench_e2e` measures as "ours / bare". Run it with as many processes as
+the service has API processes (uvicorn shares one listening socket among them, as
+`nextword serve` does):
 
-    uvicorn benchmarks.bare_ws_app:app --port 8001
+    uvicorn benchmarks.bare_ws_app:app --port 8001 --workers 2
+
+`GET /readyz` answers 200 once a process serves; with `BARE_WS_READY_DIR` set, each process
+also writes a file named by its pid there at start, so that a harness can wait for all.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import secrets
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI, WebSocket, WebSocketDisconnect
 
@@ -24,7 +33,24 @@ PREDICTIONS = [
     {"word": "of", "probability": 0.0158},
 ]
 
-app = FastAPI(title="bare WebSocket baseline")
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Mark this process as serving (see the module docstring)."""
+    ready_dir = os.environ.get("BARE_WS_READY_DIR")
+    if ready_dir:
+        (Path(ready_dir) / str(os.getpid())).touch()
+    yield
+
+
+app = FastAPI(title="bare WebSocket baseline", lifespan=lifespan)
+
+
+@app.get("/readyz")
+async def readyz() -> dict[str, str]:
+    """200 while this process serves."""
+    return {"status": "ready"}
 
 
 def dumps(payload: dict[str, object]) -> str:

@@ -78,10 +78,10 @@ async def test_state_is_one_compact_copy(store: MemorySessionStore) -> None:
     expected = [v.copy() for v in views]
     rec = SessionRecord("a", "gru", views, 3, 1.0, 1.0)
     assert await store.put_many([rec], [None]) == [True]
-    slot = store._slots["a"]
-    # One contiguous array of exactly the raw state size, not a view of the batch.
-    assert slot.state.base is None and slot.state.flags.c_contiguous
-    assert slot.state.nbytes == 4 * LAYERS * HIDDEN * 4
+    stored = store._stored_state("a")  # the session's row in its pool
+    # One contiguous row of exactly the raw state size, not a view of the batch.
+    assert not np.shares_memory(stored, batch) and stored.flags.c_contiguous
+    assert stored.nbytes == 4 * LAYERS * HIDDEN * 4
     batch[:] = 0  # the batch buffer is reused: the stored state must not change
     got = await store.get("a")
     for have, want in zip(got.state, expected):

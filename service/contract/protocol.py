@@ -53,7 +53,8 @@ class AbortRequest(msgspec.Struct, array_like=True, gc=False, tag=5):
     request_ids: list[int]
 
 
-EngineRequest = StepRequest | InfoRequest | DeleteRequest | PingRequest | AbortRequest
+EngineCall = StepRequest | InfoRequest | DeleteRequest | PingRequest  # each gets one output
+EngineRequest = EngineCall | AbortRequest
 
 
 class EngineOutput(msgspec.Struct, array_like=True, gc=False):

@@ -31,6 +31,7 @@ import zmq.asyncio
 from service.config import Settings
 from service.contract.protocol import (
     AbortRequest,
+    EngineCall,
     EngineOutput,
     EngineRequest,
     PingRequest,
@@ -55,7 +56,7 @@ class EngineClient(Protocol):
 
     models: list[dict[str, Any]]  # the engine's description of its models
 
-    async def call(self, request: EngineRequest) -> EngineOutput:
+    async def call(self, request: EngineCall) -> EngineOutput:
         """Send one request (its `request_id` is set here) and wait for the answer."""
         ...
 
@@ -93,7 +94,7 @@ class InprocClient:
     def next_id(self) -> int:
         return next(self._ids)
 
-    async def call(self, request: EngineRequest) -> EngineOutput:
+    async def call(self, request: EngineCall) -> EngineOutput:
         future: asyncio.Future[EngineOutput] = asyncio.get_running_loop().create_future()
 
         def reply(output: EngineOutput) -> None:
@@ -182,10 +183,10 @@ class ZmqClient:
             raise error_from_code(output.error, output.message)
         self.models = json.loads(output.message)
 
-    async def call(self, request: EngineRequest) -> EngineOutput:
+    async def call(self, request: EngineCall) -> EngineOutput:
         loop = self._loop or asyncio.get_running_loop()
         future: asyncio.Future[EngineOutput] = loop.create_future()
-        request_id: int = request.request_id  # type: ignore[union-attr]
+        request_id = request.request_id
         self._waiting[request_id] = future
         self._outbox.append(request)
         self._schedule_flush(loop)

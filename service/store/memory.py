@@ -1,11 +1,36 @@
-"""The in-process session store: idle TTL and an LRU cap (the default store)."""
+"""The in-process session store: a slot pool per state shape, idle TTL and an LRU cap.
+
+Where a session's state lives (the only place that decides it). A session's state
+(current + previous arrays, packed (S, L, H) float32) is one row of the `_StatePool` of
+its shape: one pool per shape, so per model (the bundled LSTM is (4, 2, 512), the GRU
+(2, 1, 512)), in host memory. A pool is a list of chunks that grows geometrically
+(each new chunk as large as all the earlier ones together, so a pool of n rows took
+about log2(n / first) allocations) and never moves a row: growing by a copy would stall
+the engine for the length of the copy (1.4 s for 2 GiB -> 4 GiB here). Freed rows go on
+a free list and are reused first; a pool never shrinks (`close` drops them all). A row's
+metadata (model, tokens, timestamps, version, last token, TTL stamp) lies beside it in a
+packed numpy record, so the per-session Python objects are only the session id and an
+int handle (row and pool) in one ordered dict.
+
+What an idle session costs besides its state (1,000,000 sessions; measured by
+`benchmarks/bench_memory.py`, see `benchmarks/results/memory.json`): its id (80 B), the
+ordered dict's entry and the handle (~112 B) and the metadata record (50 B): ~250 B,
+against 4,096 B of GRU state (2 x 1 x 512 float32) and 16,384 B of LSTM state. The
+previous store kept one numpy array and one Python object per session: ~610-680 B over
+the state. A pool's unused rows are reserved but, on Linux, not resident until first
+written; `memory_bytes` counts them.
+
+`get`/`get_many` return copies (read-only arrays): a batch may hold its records while
+another batch writes the same rows. `put_many` writes rows in place.
+"""
 
 from __future__ import annotations
 
+import sys
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -13,87 +38,257 @@ from service import metrics
 from service.errors import UnknownSession
 from service.store.base import SessionRecord, State, new_session_id
 
+Shape = tuple[int, int, int]  # (S, L, H): arrays per session, layers, hidden
 
-@dataclass(slots=True)
-class _Slot:
-    """A stored session: the state packed into one read-only (S, L, H) array."""
-
-    model: str
-    state: np.ndarray
-    tokens: int
-    created_at: float
-    last_used_at: float
-    version: int
-    last_token: int
-    touched: float  # store clock at the last write; drives the TTL
-
-
-def _pack(state: State) -> np.ndarray:
-    # One new contiguous array: never a view that would keep a whole batch's output alive.
-    packed = np.stack(state).astype(np.float32, copy=False)
-    packed.flags.writeable = False
-    return packed
+# A session's metadata, one packed record per row (50 bytes).
+_META = np.dtype(
+    [
+        ("model", "<u2"),  # index into the store's model names
+        ("tokens", "<i8"),
+        ("created_at", "<f8"),
+        ("last_used_at", "<f8"),
+        ("version", "<i8"),
+        ("last_token", "<i8"),
+        ("touched", "<f8"),  # store clock at the last write; drives the TTL
+    ]
+)
+_POOL_BITS = 8  # a handle is row << _POOL_BITS | pool: 256 shapes per store
+_POOL_MASK = (1 << _POOL_BITS) - 1
+_HANDLE_BYTES = 32  # an int object up to 2**60 (rows < 2**52)
 
 
-@dataclass
-class MemorySessionStore:
-    """Sessions in this process: idle TTL and an LRU cap.
+class PoolUsage(NamedTuple):
+    """One pool's rows: in use, allocated, and the bytes allocated for them."""
 
-    The ordered dict is kept in write order, which is both LRU order and TTL order
-    (every write stamps `touched`), so expiry and eviction pop from its front.
-    Reading a session (`get`, `get_many`) does not count as using it: a step writes.
+    shape: Shape
+    used: int
+    capacity: int
+    nbytes: int
+
+
+class _StatePool:
+    """Rows of one state shape: float32 state and metadata chunks, and a free list.
+
+    Chunk 0 has `first` rows; chunk k >= 1 has first * 2**(k - 1), so after k + 1 chunks
+    the capacity is first * 2**k and a row's chunk is found by a bit length.
     """
 
-    ttl_s: float = 1800.0
-    cap: int = 100_000
-    clock: Callable[[], float] = time.monotonic
-    evictions: int = 0
-    expirations: int = 0
-    _slots: OrderedDict[str, _Slot] = field(default_factory=OrderedDict, repr=False)
+    def __init__(self, shape: Shape, first: int) -> None:
+        self.shape = shape
+        self.first = first
+        self.states: list[np.ndarray] = []  # each (rows, S, L, H) float32
+        self.metas: list[np.ndarray] = []  # each (rows,) of _META
+        self.capacity = 0
+        self._high = 0  # rows below this were handed out at least once
+        self._free = np.empty(0, dtype=np.int64)  # a stack of freed rows
+        self._nfree = 0
+
+    @property
+    def used(self) -> int:
+        """Rows holding a session."""
+        return self._high - self._nfree
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes allocated: state and metadata chunks, the free list."""
+        return (
+            sum(a.nbytes for a in self.states)
+            + sum(a.nbytes for a in self.metas)
+            + (self._free.nbytes)
+        )
+
+    def locate(self, row: int) -> tuple[int, int]:
+        """(chunk, offset) of a row."""
+        if row < self.first:
+            return 0, row
+        chunk = (row // self.first).bit_length()
+        return chunk, row - (self.first << (chunk - 1))
+
+    def alloc(self) -> int:
+        """A free row (the most recently freed first; a new chunk when none is left)."""
+        if self._nfree:
+            self._nfree -= 1
+            return int(self._free[self._nfree])
+        if self._high == self.capacity:
+            rows = self.capacity or self.first
+            self.states.append(np.empty((rows, *self.shape), dtype=np.float32))
+            self.metas.append(np.zeros(rows, dtype=_META))
+            self.capacity += rows
+        self._high += 1
+        return self._high - 1
+
+    def release(self, row: int) -> None:
+        """Give a row back."""
+        if self._nfree == len(self._free):
+            grown = np.empty(max(64, 2 * len(self._free)), dtype=np.int64)
+            grown[: self._nfree] = self._free
+            self._free = grown
+        self._free[self._nfree] = row
+        self._nfree += 1
+
+    def row(self, row: int) -> np.ndarray:
+        """The stored (S, L, H) state of a row: a view, valid until the row is written."""
+        chunk, offset = self.locate(row)
+        return self.states[chunk][offset]  # type: ignore[no-any-return]
+
+    def touched(self, row: int) -> float:
+        """The store clock at a row's last write."""
+        chunk, offset = self.locate(row)
+        return float(self.metas[chunk]["touched"][offset])
+
+    def version(self, row: int) -> int:
+        """A row's version."""
+        chunk, offset = self.locate(row)
+        return int(self.metas[chunk]["version"][offset])
+
+    def read(self, row: int) -> tuple[np.ndarray, tuple[int, int, float, float, int, int, float]]:
+        """A read-only copy of a row's state, and its metadata as Python values."""
+        chunk, offset = self.locate(row)
+        state = self.states[chunk][offset].copy()
+        state.flags.writeable = False
+        return state, self.metas[chunk][offset].item()
+
+    def write(
+        self, row: int, state: State, meta: tuple[int, int, float, float, int, int, float]
+    ) -> None:
+        """Copy a state (arrays of this pool's (L, H)) and its metadata into a row."""
+        chunk, offset = self.locate(row)
+        dst = self.states[chunk][offset]
+        for i, array in enumerate(state):
+            dst[i] = array  # cast to float32 in the copy
+        self.metas[chunk][offset] = meta
+
+
+def _shape_of(state: State) -> Shape:
+    """The pool shape of a state; ValueError unless it is S arrays of one (L, H)."""
+    if not state:
+        raise ValueError("a session state needs at least one array")
+    first = np.shape(state[0])
+    if len(first) != 2 or any(np.shape(a) != first for a in state):
+        raise ValueError(f"state arrays must all be (L, H); got {[np.shape(a) for a in state]}")
+    return (len(state), int(first[0]), int(first[1]))
+
+
+def _block(nbytes: int) -> int:
+    return (nbytes + 15) & ~15  # pymalloc hands out 16-byte aligned blocks
+
+
+class MemorySessionStore:
+    """Sessions in this process: state rows in pools, idle TTL and an LRU cap.
+
+    The ordered dict (id -> handle) is kept in write order, which is both LRU order and
+    TTL order (every write stamps `touched`), so expiry and eviction pop from its front
+    and free the session's row. Reading a session (`get`, `get_many`) does not count as
+    using it: a step writes.
+    """
+
+    def __init__(
+        self,
+        ttl_s: float = 1800.0,
+        cap: int = 100_000,
+        clock: Callable[[], float] = time.monotonic,
+        first_rows: int = 1024,
+    ) -> None:
+        if first_rows < 1:
+            raise ValueError("first_rows must be at least 1")
+        self.ttl_s = ttl_s
+        self.cap = cap
+        self.clock = clock
+        self.first_rows = first_rows  # rows in a pool's first chunk
+        self.evictions = 0  # sessions dropped by the cap (least recently used first)
+        self.expirations = 0  # sessions dropped after `ttl_s` idle seconds
+        self._index: OrderedDict[str, int] = OrderedDict()
+        self._pools: list[_StatePool] = []
+        self._pool_ids: dict[Shape, int] = {}
+        self._models: list[str] = []
+        self._model_ids: dict[str, int] = {}
+        self._key_bytes = 0  # the ids' str objects, as the index's estimate counts them
 
     def new_id(self) -> str:
         """A fresh unguessable id."""
         return new_session_id()
 
+    # --- where a session's state lives -------------------------------------------------
+
+    def _pool_id(self, shape: Shape) -> int:
+        pool_id = self._pool_ids.get(shape)
+        if pool_id is None:
+            if len(self._pools) > _POOL_MASK:
+                raise ValueError(f"more than {_POOL_MASK + 1} state shapes in one store")
+            pool_id = self._pool_ids[shape] = len(self._pools)
+            self._pools.append(_StatePool(shape, self.first_rows))
+        return pool_id
+
+    def _model_id(self, model: str) -> int:
+        model_id = self._model_ids.get(model)
+        if model_id is None:
+            if len(self._models) >= np.iinfo(_META["model"]).max:
+                raise ValueError("too many model names in one store")
+            model_id = self._model_ids[model] = len(self._models)
+            self._models.append(model)
+        return model_id
+
+    def _pool(self, handle: int) -> tuple[_StatePool, int]:
+        return self._pools[handle & _POOL_MASK], handle >> _POOL_BITS
+
+    def _stored_state(self, session_id: str) -> np.ndarray:
+        """The pool row holding a session's state (a view; for tests)."""
+        pool, row = self._pool(self._index[session_id])
+        return pool.row(row)
+
+    def _forget(self, session_id: str, handle: int) -> None:
+        """Free a dropped session's row (the caller removed it from the index)."""
+        pool, row = self._pool(handle)
+        pool.release(row)
+        self._key_bytes -= _block(sys.getsizeof(session_id))
+
+    # --- TTL and LRU --------------------------------------------------------------------
+
     def _expire(self) -> None:
         horizon = self.clock() - self.ttl_s
         dropped = 0
-        while self._slots:
-            slot = next(iter(self._slots.values()))
-            if slot.touched > horizon:
+        while self._index:
+            handle = next(iter(self._index.values()))
+            pool, row = self._pool(handle)
+            if pool.touched(row) > horizon:
                 break
-            self._slots.popitem(last=False)
+            self._forget(*self._index.popitem(last=False))
             dropped += 1
         if dropped:
             self.expirations += dropped
             metrics.SESSION_EXPIRATIONS.inc(dropped)
 
-    def _live(self, session_id: str) -> _Slot | None:
-        slot = self._slots.get(session_id)
-        if slot is not None and slot.touched <= self.clock() - self.ttl_s:
-            self._expire()
-            return None
-        return slot
+    def _live(self, session_id: str) -> int | None:
+        handle = self._index.get(session_id)
+        if handle is not None:
+            pool, row = self._pool(handle)
+            if pool.touched(row) <= self.clock() - self.ttl_s:
+                self._expire()
+                return None
+        return handle
 
-    @staticmethod
-    def _record(session_id: str, slot: _Slot) -> SessionRecord:
+    def _record(self, session_id: str, handle: int) -> SessionRecord:
+        pool, row = self._pool(handle)
+        state, (model, tokens, created_at, last_used_at, version, last_token, _) = pool.read(row)
         return SessionRecord(
             session_id=session_id,
-            model=slot.model,
-            state=tuple(slot.state),
-            tokens=slot.tokens,
-            created_at=slot.created_at,
-            last_used_at=slot.last_used_at,
-            version=slot.version,
-            last_token=slot.last_token,
+            model=self._models[model],
+            state=tuple(state),
+            tokens=tokens,
+            created_at=created_at,
+            last_used_at=last_used_at,
+            version=version,
+            last_token=last_token,
         )
+
+    # --- the protocol -------------------------------------------------------------------
 
     async def get_many(self, ids: list[str]) -> list[SessionRecord | None]:
         """The live records of `ids` (None where unknown or expired)."""
         out: list[SessionRecord | None] = []
         for session_id in ids:
-            slot = self._live(session_id)
-            out.append(None if slot is None else self._record(session_id, slot))
+            handle = self._live(session_id)
+            out.append(None if handle is None else self._record(session_id, handle))
         return out
 
     async def put_many(
@@ -102,60 +297,100 @@ class MemorySessionStore:
         """Compare-and-set each record on its version; evict past the cap."""
         if len(records) != len(expected):
             raise ValueError("one expected version per record")
+        shapes = [_shape_of(r.state) for r in records]  # before anything is written
         self._expire()
         now = self.clock()
         written = []
-        for record, version in zip(records, expected):
-            slot = self._slots.get(record.session_id)
-            if (slot is None) != (version is None) or (slot and slot.version != version):
+        for record, version, shape in zip(records, expected, shapes):
+            session_id = record.session_id
+            handle = self._index.get(session_id)
+            if handle is None:
+                fits = version is None
+            else:
+                pool, row = self._pool(handle)
+                fits = version is not None and pool.version(row) == version
+            if not fits:
                 written.append(False)
                 continue
-            self._slots[record.session_id] = _Slot(
-                model=record.model,
-                state=_pack(record.state),
-                tokens=record.tokens,
-                created_at=record.created_at,
-                last_used_at=record.last_used_at,
-                version=(version or 0) + 1,
-                last_token=record.last_token,
-                touched=now,
+            pool_id = self._pool_id(shape)
+            if handle is not None and handle & _POOL_MASK != pool_id:  # a new shape
+                self._pools[handle & _POOL_MASK].release(handle >> _POOL_BITS)
+                handle = None
+                row = self._pools[pool_id].alloc()
+            elif handle is None:
+                row = self._pools[pool_id].alloc()
+                self._key_bytes += _block(sys.getsizeof(session_id))
+            else:
+                row = handle >> _POOL_BITS
+            meta = (
+                self._model_id(record.model),
+                record.tokens,
+                record.created_at,
+                record.last_used_at,
+                (version or 0) + 1,
+                record.last_token,
+                now,
             )
-            self._slots.move_to_end(record.session_id)
+            self._pools[pool_id].write(row, record.state, meta)
+            self._index[session_id] = row << _POOL_BITS | pool_id
+            self._index.move_to_end(session_id)
             written.append(True)
         evicted = 0
-        while len(self._slots) > self.cap:
-            self._slots.popitem(last=False)
+        while len(self._index) > self.cap:
+            self._forget(*self._index.popitem(last=False))
             evicted += 1
         if evicted:
             self.evictions += evicted
             metrics.SESSION_EVICTIONS.inc(evicted)
-        metrics.ACTIVE_SESSIONS.set(len(self._slots))
+        metrics.ACTIVE_SESSIONS.set(len(self._index))
         return written
 
     async def get(self, session_id: str) -> SessionRecord:
         """One live record; raises `UnknownSession`."""
-        slot = self._live(session_id)
-        if slot is None:
+        handle = self._live(session_id)
+        if handle is None:
             raise UnknownSession(f"no session {session_id!r} (never created, deleted or expired)")
-        return self._record(session_id, slot)
+        return self._record(session_id, handle)
 
     async def delete(self, session_id: str) -> None:
-        """Forget a session; raises `UnknownSession`."""
-        if self._live(session_id) is None:
+        """Forget a session and free its row; raises `UnknownSession`."""
+        handle = self._live(session_id)
+        if handle is None:
             raise UnknownSession(f"no session {session_id!r} (never created, deleted or expired)")
-        del self._slots[session_id]
-        metrics.ACTIVE_SESSIONS.set(len(self._slots))
+        del self._index[session_id]
+        self._forget(session_id, handle)
+        metrics.ACTIVE_SESSIONS.set(len(self._index))
 
     async def count(self) -> int:
         """Live sessions (expired ones are dropped first)."""
         self._expire()
-        metrics.ACTIVE_SESSIONS.set(len(self._slots))
-        return len(self._slots)
+        metrics.ACTIVE_SESSIONS.set(len(self._index))
+        return len(self._index)
 
     async def ping(self) -> None:
         """Always reachable."""
 
     async def close(self) -> None:
-        """Drop every session."""
-        self._slots.clear()
+        """Drop every session and release the pools."""
+        self._index.clear()
+        self._pools.clear()
+        self._pool_ids.clear()
+        self._models.clear()
+        self._model_ids.clear()
+        self._key_bytes = 0
         metrics.ACTIVE_SESSIONS.set(0)
+
+    # --- what it costs ------------------------------------------------------------------
+
+    def pool_usage(self) -> list[PoolUsage]:
+        """Each pool's shape, rows in use, rows allocated and bytes allocated."""
+        return [PoolUsage(p.shape, p.used, p.capacity, p.nbytes) for p in self._pools]
+
+    def memory_bytes(self) -> int:
+        """Bytes this store holds: the pools (all allocated rows) and an estimate of the index.
+
+        The index: the ordered dict with its nodes (`sys.getsizeof` counts both), the id
+        strings and one int handle per session.
+        """
+        index = sys.getsizeof(self._index) + self._key_bytes + _HANDLE_BYTES * len(self._index)
+        return sum(p.nbytes for p in self._pools) + index

@@ -1,0 +1,168 @@
+"""The engine in its own process, reached over ZeroMQ (service.engine.proc, engine.client)."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import numpy as np
+import pytest
+import zmq
+
+from service.api.predictor import Predictor
+from service.config import Settings
+from service.contract.protocol import (
+    EngineOutput,
+    InfoRequest,
+    StepRequest,
+    output_decoder,
+    request_encoder,
+)
+from service.engine.client import ZmqClient, socket_addresses
+from service.engine.proc import run_engine
+from tests.api_support import TEXTS, assert_same_predictions
+
+
+def engine_settings(models: Path, **overrides: Any) -> Settings:
+    return Settings(
+        models_dir=models, providers="CPUExecutionProvider", intra_op_threads=1, **overrides
+    )
+
+
+class EngineProcess:
+    """`run_engine` in a child process, with its control pipe (as the supervisor has)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.dir = tempfile.TemporaryDirectory(prefix="nextword-test-")
+        self.address = f"ipc://{self.dir.name}/engine"
+        context = multiprocessing.get_context("spawn")
+        self.control, theirs = context.Pipe()
+        self.process = context.Process(target=run_engine, args=(settings, self.address, theirs))
+        self.process.start()
+        theirs.close()
+        assert self.control.poll(120), "the engine did not start"
+        self.models = self.control.recv()
+
+    def stop(self) -> int | None:
+        if self.process.is_alive():
+            self.control.send("stop")
+            self.process.join(30)
+        self.dir.cleanup()
+        return self.process.exitcode
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_artifacts: Path) -> Iterator[EngineProcess]:
+    proc = EngineProcess(engine_settings(tiny_artifacts, max_wait_ms=5.0))
+    yield proc
+    assert proc.stop() == 0
+
+
+@pytest.fixture
+async def client(engine: EngineProcess) -> AsyncIterator[ZmqClient]:
+    client = await ZmqClient.connect(engine.address)
+    yield client
+    await client.close()
+
+
+async def test_the_engine_describes_its_models(engine: EngineProcess, client: ZmqClient) -> None:
+    assert sorted(m["name"] for m in engine.models) == ["gru", "lstm"]
+    assert client.models == engine.models
+    await client.ping()
+
+
+async def test_answers_over_zeromq_equal_the_in_process_engine(
+    engine: EngineProcess, tiny_artifacts: Path
+) -> None:
+    remote = await Predictor.start(engine_settings(tiny_artifacts, engine_address=engine.address))
+    local = await Predictor.start(engine_settings(tiny_artifacts))
+    try:
+        for model in ("lstm", "gru"):
+            session = await remote.create_session(model=model, k=8)
+            for i, word in enumerate(TEXTS[1].split()):
+                got = await remote.feed(session["session_id"], word, k=8)
+                want = await local.predict(" ".join(TEXTS[1].split()[: i + 1]), model=model, k=8)
+                assert got["tokens"] == want["tokens"]
+                assert_same_predictions(got["predictions"], want["predictions"])
+            info = await remote.session_info(session["session_id"])
+            assert info["model"] == model and info["tokens"] == len(TEXTS[1].split())
+    finally:
+        await remote.close()
+        await local.close()
+
+
+async def test_requests_of_one_tick_travel_in_one_frame_and_batch(
+    engine: EngineProcess, client: ZmqClient
+) -> None:
+    sent: list[bytes] = []
+    send = client._sender.send
+
+    def record(frame: Any, *args: Any, **kwargs: Any) -> Any:
+        sent.append(bytes(frame))
+        return send(frame, *args, **kwargs)
+
+    client._sender.send = record  # type: ignore[method-assign]
+    vocab_ids = list(range(10, 74))
+    calls = [client.call(StepRequest(client.next_id(), "lstm", [i, i + 1], 5)) for i in vocab_ids]
+    outputs = await asyncio.gather(*calls)
+    assert len(sent) == 1  # 64 requests, one frame
+    assert all(o.error is None and len(o.ids) == 5 and o.tokens == 2 for o in outputs)
+    assert len({o.request_id for o in outputs}) == 64
+
+
+async def test_an_aborted_request_is_not_applied(engine: EngineProcess, client: ZmqClient) -> None:
+    created = await client.call(StepRequest(client.next_id(), "gru", [], 5, "abort-me", create=True))
+    assert created.error is None
+    long_text = [int(t) for t in np.random.default_rng(0).integers(10, 100, 2000)]
+    # Steps of one session run one batch after another: the two long ones keep the
+    # engine busy while the abort of the third arrives.
+    first = [
+        asyncio.ensure_future(
+            client.call(StepRequest(client.next_id(), "gru", long_text, 5, "abort-me"))
+        )
+        for _ in range(2)
+    ]
+    third = asyncio.ensure_future(
+        client.call(StepRequest(client.next_id(), "gru", [5, 6], 5, "abort-me"))
+    )
+    await asyncio.sleep(0)  # the three requests leave in this tick's frame
+    third.cancel()  # the abort follows in the next frame
+    with pytest.raises(asyncio.CancelledError):
+        await third
+    assert [o.tokens for o in await asyncio.gather(*first)] == [2000, 4000]
+    await asyncio.sleep(0.2)
+    info = await client.call(InfoRequest(client.next_id(), "abort-me"))
+    assert info.tokens == 4000
+
+
+async def test_errors_travel_as_codes(client: ZmqClient) -> None:
+    unknown = await client.call(StepRequest(client.next_id(), "transformer", [1], 5))
+    assert unknown.error == "unknown_model" and "transformer" in unknown.message
+    missing = await client.call(StepRequest(client.next_id(), "lstm", [5], 5, "no-such-session"))
+    assert missing.error == "unknown_session"
+
+
+async def test_a_bad_frame_is_dropped_and_the_engine_goes_on(
+    engine: EngineProcess, client: ZmqClient
+) -> None:
+    context = zmq.Context()
+    rogue = context.socket(zmq.DEALER)
+    rogue.connect(socket_addresses(engine.address)[0])
+    rogue.send(b"\x00not msgpack")
+    rogue.send(msgspec.msgpack.encode([["not", "a", "request"]]))
+    rogue.close(linger=1000)
+    context.term()
+    answer = await client.call(StepRequest(client.next_id(), "lstm", [5, 6], 3))
+    assert answer.error is None and len(answer.ids) == 3
+
+
+def test_wire_format_is_compact() -> None:
+    frame = request_encoder.encode([StepRequest(7, "lstm", [1, 2, 3], 5, "sid")])
+    assert len(frame) < 40  # array-like: no field names on the wire
+    output = output_decoder.decode(msgspec.msgpack.encode([EngineOutput(7, ids=[1], probs=[0.5])]))
+    assert output[0].request_id == 7 and output[0].probs == [0.5]

@@ -1,0 +1,174 @@
+"""`nextword serve` as a whole: the engine and API processes, supervised (service/supervisor.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+from tests.redis_server import free_port
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Service:
+    """`python -m service` with its own process group, logging to a file."""
+
+    def __init__(self, models: Path, log_path: Path, workers: int = 2, **env: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        environment = {
+            **os.environ,
+            "NEXTWORD_MODELS_DIR": str(models),
+            "NEXTWORD_PROVIDERS": "CPUExecutionProvider",
+            "NEXTWORD_INTRA_OP_THREADS": "1",
+            "NEXTWORD_WORKERS": str(workers),
+            **env,
+        }
+        with log_path.open("w") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "service", "--port", str(self.port)],
+                cwd=ROOT,
+                env=environment,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"service exited:\n{self.log()}"
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=1.0).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        pytest.fail(f"not ready after {timeout} s:\n{self.log()}")
+
+    def children(self) -> dict[str, list[psutil.Process]]:
+        """The engine and API processes, by role."""
+        roles: dict[str, list[psutil.Process]] = {"engine": [], "api": []}
+        for child in psutil.Process(self.proc.pid).children():
+            if "resource_tracker" in " ".join(child.cmdline()):
+                continue  # multiprocessing's helper, not ours
+            # Spawned children name their target in the pipe handshake only: tell them
+            # apart by who listens on the port.
+            listening = any(c.laddr and c.laddr.port == self.port for c in child.net_connections())
+            roles["api" if listening else "engine"].append(child)
+        return roles
+
+    def stop(self, timeout: float = 40.0) -> int:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)  # the whole group, as a terminal would
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+                pytest.fail(f"did not stop on SIGTERM:\n{self.log()}")
+        return self.proc.returncode
+
+
+@pytest.fixture
+def service(tiny_artifacts: Path, tmp_path: Path) -> Iterator[Service]:
+    service = Service(tiny_artifacts, tmp_path / "serve.log")
+    try:
+        service.wait_ready()
+        yield service
+    finally:
+        service.stop()
+
+
+def test_two_api_processes_one_engine_and_one_metrics_view(service: Service) -> None:
+    roles = service.children()
+    assert len(roles["engine"]) == 1 and len(roles["api"]) == 2, roles
+    session = httpx.post(f"{service.url}/v1/sessions", json={"text": "i am"}).json()
+    sid = session["session_id"]
+    for n in range(20):  # a new connection each time: both API processes serve the session
+        r = httpx.post(f"{service.url}/v1/sessions/{sid}/feed", json={"text": "coming"})
+        assert r.status_code == 200 and r.json()["tokens"] == 3 + n, r.text
+    served = [p for p in roles["api"] if p.cpu_times().user > 0]
+    assert len(served) == 2
+    metrics = httpx.get(f"{service.url}/metrics").text
+    feeds = [
+        line
+        for line in metrics.splitlines()
+        if line.startswith("nextword_http_requests_total")
+        and "/v1/sessions/{session_id}/feed" in line
+    ]
+    assert feeds and sum(float(line.split()[-1]) for line in feeds) == 20.0, feeds
+    assert "nextword_batch_size_count" in metrics  # the engine's own metrics, same view
+    assert "nextword_active_sessions 1.0" in metrics
+
+
+def test_a_dead_api_process_is_replaced(service: Service) -> None:
+    victim = service.children()["api"][0]
+    victim.kill()
+    victim.wait(10)
+    deadline = time.monotonic() + 60
+    while len(service.children()["api"]) < 2 or "all 2 API processes" not in service.log()[-2000:]:
+        assert time.monotonic() < deadline, service.log()
+        time.sleep(0.2)
+    service.wait_ready()
+    assert "died with exit code" in service.log()
+    r = httpx.post(f"{service.url}/v1/predict", json={"text": "i am"})
+    assert r.status_code == 200
+
+
+def test_a_dead_engine_stops_the_service_loudly(service: Service) -> None:
+    service.children()["engine"][0].kill()
+    assert service.proc.wait(30) == 1
+    assert "the engine process died" in service.log()
+    assert not service.children()["api"]
+
+
+def test_sigterm_answers_every_received_message_then_closes_1001(
+    tiny_artifacts: Path, tmp_path: Path
+) -> None:
+    # Each step waits up to 150 ms for its batch to fill: SIGTERM lands mid-stream.
+    service = Service(tiny_artifacts, tmp_path / "serve.log", workers=1, NEXTWORD_MAX_WAIT_MS="150")
+    try:
+        service.wait_ready()
+        answers, close_code = asyncio.run(stream_then_terminate(service))
+        assert [a["id"] for a in answers] == list(range(20)), answers
+        assert all(a["type"] == "predictions" for a in answers)
+        assert close_code == 1001
+        assert service.proc.wait(30) in (0, -signal.SIGTERM)
+        assert "Traceback" not in service.log(), service.log()
+    finally:
+        service.stop()
+
+
+async def stream_then_terminate(service: Service) -> tuple[list[dict[str, object]], int | None]:
+    async with connect(f"ws://127.0.0.1:{service.port}/v1/stream", compression=None) as ws:
+        json.loads(await ws.recv())
+        for n in range(20):
+            await ws.send(json.dumps({"text": "cat", "id": n}))
+        await asyncio.sleep(0.5)  # a few answered; the rest received and waiting
+        os.killpg(service.proc.pid, signal.SIGTERM)
+        answers = []
+        try:
+            while True:
+                answers.append(json.loads(await asyncio.wait_for(ws.recv(), 20)))
+        except ConnectionClosed as closed:
+            return answers, None if closed.rcvd is None else closed.rcvd.code
