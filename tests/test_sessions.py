@@ -190,3 +190,155 @@ async def test_ping_count_close(store: MemorySessionStore) -> None:
 async def test_put_many_needs_one_version_per_record(store: MemorySessionStore) -> None:
     with pytest.raises(ValueError):
         await store.put_many([record("a")], [])
+
+
+# --- the slot pool ----------------------------------------------------------------------
+
+SHAPES = {"lstm": (4, 2, 8), "gru": (2, 1, 8)}  # (S, L, H) of two models
+
+
+def random_record(
+    rng: np.random.Generator, session_id: str, model: str, version: int = 0
+) -> SessionRecord:
+    """A record whose state is random bits (NaNs, infinities, subnormals included)."""
+    s, layers, hidden = SHAPES[model]
+    bits = rng.integers(0, 2**32, size=(s, layers, hidden), dtype=np.uint32)
+    state = tuple(bits.view(np.float32))
+    return SessionRecord(
+        session_id,
+        model,
+        state,
+        tokens=int(rng.integers(0, 10**6)),
+        created_at=float(rng.uniform(0, 2e9)),
+        last_used_at=float(rng.uniform(0, 2e9)),
+        version=version,
+        last_token=int(rng.integers(-1, 50_000)),
+    )
+
+
+def assert_same(got: SessionRecord | None, want: SessionRecord, version: int) -> None:
+    assert got is not None
+    assert (got.session_id, got.model, got.tokens, got.last_token, got.version) == (
+        want.session_id,
+        want.model,
+        want.tokens,
+        want.last_token,
+        version,
+    )
+    assert (got.created_at, got.last_used_at) == (want.created_at, want.last_used_at)
+    assert len(got.state) == len(want.state)
+    for have, expected in zip(got.state, want.state):
+        assert have.dtype == np.float32 and have.shape == expected.shape
+        np.testing.assert_array_equal(have.view(np.uint32), expected.view(np.uint32))
+
+
+async def test_rows_are_reused_after_delete_expiry_and_eviction(clock: Clock) -> None:
+    store = MemorySessionStore(ttl_s=60.0, cap=3, clock=clock, first_rows=3)
+    await create(store, "a", "b", "c")
+    [pool] = store.pool_usage()
+    assert (pool.shape, pool.used, pool.capacity) == ((4, LAYERS, HIDDEN), 3, 3)
+    row_a = store._stored_state("a")
+    await store.delete("a")
+    assert store.pool_usage()[0].used == 2
+    await create(store, "d")
+    assert np.shares_memory(store._stored_state("d"), row_a)  # a's row, freed, reused
+    await create(store, "e", "f")  # past the cap: b and c evicted, their rows reused
+    assert store.evictions == 2
+    clock.now += 61  # d, e, f expire
+    await create(store, "g", "h", "i")
+    assert store.expirations == 3
+    await create(store, "j")  # evicts g
+    assert store.evictions == 3
+    assert [(p.used, p.capacity) for p in store.pool_usage()] == [(3, 3)]  # never grew
+    for session_id in "hij":
+        got = await store.get(session_id)
+        for have, want in zip(got.state, record(session_id).state):
+            np.testing.assert_array_equal(have, want)
+
+
+async def test_many_sessions_of_two_shapes_round_trip_bit_exactly(clock: Clock) -> None:
+    rng = np.random.default_rng(1)
+    store = MemorySessionStore(ttl_s=600.0, cap=100_000, clock=clock, first_rows=16)
+    models = ["lstm", "gru"] * 1500
+    want = {f"s{i}": random_record(rng, f"s{i}", m) for i, m in enumerate(models)}
+    ids = list(want)
+    for start in range(0, len(ids), 256):  # batches, the two shapes interleaved
+        batch = [want[i] for i in ids[start : start + 256]]
+        assert await store.put_many(batch, [None] * len(batch)) == [True] * len(batch)
+    gone = ids[::7]
+    for session_id in gone:
+        await store.delete(session_id)
+    # Rewrite a third (version 1 -> 2) and create new ones in the freed rows.
+    again = {i: random_record(rng, i, want[i].model, version=1) for i in ids[1::3] if i not in gone}
+    assert all(await store.put_many(list(again.values()), [1] * len(again)))
+    fresh = {f"n{i}": random_record(rng, f"n{i}", models[i]) for i in range(len(gone))}
+    assert all(await store.put_many(list(fresh.values()), [None] * len(fresh)))
+    want.update(again)
+    want.update(fresh)
+    for session_id in gone:
+        del want[session_id]
+    got = await store.get_many(list(want))
+    for have, expected in zip(got, want.values()):
+        assert_same(have, expected, version=2 if expected.session_id in again else 1)
+    assert await store.get_many(gone) == [None] * len(gone)
+    usage = {p.shape: p for p in store.pool_usage()}
+    assert {shape: usage[shape].used for shape in usage} == {
+        SHAPES[m]: sum(r.model == m for r in want.values()) for m in SHAPES
+    }
+    assert all(p.capacity < 2 * 1500 for p in usage.values())  # the freed rows were reused
+
+
+async def test_a_state_read_is_not_aliased_to_the_pool(clock: Clock) -> None:
+    rng = np.random.default_rng(2)
+    store = MemorySessionStore(ttl_s=60.0, cap=1, clock=clock, first_rows=1)
+    first = random_record(rng, "a", "lstm")
+    assert await store.put_many([first], [None]) == [True]
+    read = await store.get("a")
+    [batch_read] = await store.get_many(["a"])
+    second = random_record(rng, "a", "lstm")
+    assert await store.put_many([second], [1]) == [True]  # the same row, written in place
+    other = random_record(rng, "b", "lstm")
+    assert await store.put_many([other], [None]) == [True]  # a evicted, b in its row
+    assert_same(read, first, version=1)
+    assert batch_read is not None
+    assert_same(batch_read, first, version=1)
+    for array in (*read.state, *batch_read.state):
+        assert not array.flags.writeable
+        assert not np.shares_memory(array, store._stored_state("b"))
+    assert_same(await store.get("b"), other, version=1)
+
+
+async def test_the_pool_grows_past_its_first_chunk(clock: Clock) -> None:
+    rng = np.random.default_rng(3)
+    store = MemorySessionStore(ttl_s=600.0, cap=1000, clock=clock, first_rows=4)
+    empty = store.memory_bytes()
+    records = [random_record(rng, f"s{i}", "gru") for i in range(100)]
+    for r in records:  # one at a time: the pool grows between writes
+        assert await store.put_many([r], [None]) == [True]
+    [pool] = store.pool_usage()
+    assert (pool.used, pool.capacity) == (100, 128)  # chunks of 4, 4, 8, 16, 32, 64 rows
+    row_bytes = 2 * 1 * 8 * 4
+    assert pool.nbytes >= 128 * row_bytes
+    assert store.memory_bytes() >= empty + pool.nbytes + 100 * len("s00")
+    for have, want in zip(await store.get_many([r.session_id for r in records]), records):
+        assert_same(have, want, version=1)
+    await store.close()
+    assert store.pool_usage() == [] and store.memory_bytes() <= empty
+
+
+async def test_a_session_may_change_shape(store: MemorySessionStore) -> None:
+    rng = np.random.default_rng(4)
+    await store.put_many([random_record(rng, "a", "lstm")], [None])
+    gru = random_record(rng, "a", "gru")
+    assert await store.put_many([gru], [1]) == [True]
+    assert_same(await store.get("a"), gru, version=2)
+    assert {p.shape: p.used for p in store.pool_usage()} == {SHAPES["lstm"]: 0, SHAPES["gru"]: 1}
+
+
+async def test_a_malformed_state_writes_nothing(store: MemorySessionStore) -> None:
+    bad = SessionRecord("b", "lstm", (np.zeros((2, 8)), np.zeros((2, 4))), 0, 1.0, 1.0)
+    with pytest.raises(ValueError):
+        await store.put_many([record("a"), bad], [None, None])
+    with pytest.raises(ValueError):
+        await store.put_many([SessionRecord("c", "lstm", (), 0, 1.0, 1.0)], [None])
+    assert await store.count() == 0

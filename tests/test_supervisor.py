@@ -136,10 +136,12 @@ def test_a_dead_api_process_is_replaced(service: Service) -> None:
 
 
 def test_a_dead_engine_stops_the_service_loudly(service: Service) -> None:
-    service.children()["engine"][0].kill()
+    roles = service.children()
+    roles["engine"][0].kill()
     assert service.proc.wait(30) == 1
     assert "the engine process died" in service.log()
-    assert not service.children()["api"]
+    _, alive = psutil.wait_procs(roles["api"], timeout=10)
+    assert not alive  # no API process is left serving without an engine
 
 
 def test_sigterm_answers_every_received_message_then_closes_1001(

@@ -5,4 +5,5 @@
     server.py    a free port, a server subprocess (ready check, SIGTERM stop), a redis-server
     cpu.py       CPU seconds of process trees and of the whole machine
     results.py   the JSON (and text) written to benchmarks/results/
+    wsload.py    a WebSocket load generator (client processes, closed loop or paced)
 """

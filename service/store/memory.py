@@ -29,7 +29,7 @@ from __future__ import annotations
 import sys
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from typing import NamedTuple
 
 import numpy as np
@@ -294,56 +294,80 @@ class MemorySessionStore:
     async def put_many(
         self, records: list[SessionRecord], expected: list[int | None]
     ) -> list[bool]:
-        """Compare-and-set each record on its version; evict past the cap."""
+        """Compare-and-set each record on its version; evict past the cap.
+
+        As if every write were made, then the least recently written sessions dropped
+        down to the cap; but sessions this batch does not write are dropped first, so
+        their rows take the batch's new sessions and the pools hold at most `cap` rows.
+        """
         if len(records) != len(expected):
             raise ValueError("one expected version per record")
-        shapes = [_shape_of(r.state) for r in records]  # before anything is written
+        # Everything that can refuse a record, before anything is written.
+        places = [(self._pool_id(_shape_of(r.state)), self._model_id(r.model)) for r in records]
         self._expire()
-        now = self.clock()
+        versions: dict[str, int] = {}  # the version each session written here ends at
         written = []
-        for record, version, shape in zip(records, expected, shapes):
-            session_id = record.session_id
-            handle = self._index.get(session_id)
-            if handle is None:
-                fits = version is None
-            else:
-                pool, row = self._pool(handle)
-                fits = version is not None and pool.version(row) == version
-            if not fits:
-                written.append(False)
-                continue
-            pool_id = self._pool_id(shape)
-            if handle is not None and handle & _POOL_MASK != pool_id:  # a new shape
-                self._pools[handle & _POOL_MASK].release(handle >> _POOL_BITS)
-                handle = None
-                row = self._pools[pool_id].alloc()
-            elif handle is None:
-                row = self._pools[pool_id].alloc()
-                self._key_bytes += _block(sys.getsizeof(session_id))
-            else:
-                row = handle >> _POOL_BITS
-            meta = (
-                self._model_id(record.model),
-                record.tokens,
-                record.created_at,
-                record.last_used_at,
-                (version or 0) + 1,
-                record.last_token,
-                now,
-            )
-            self._pools[pool_id].write(row, record.state, meta)
-            self._index[session_id] = row << _POOL_BITS | pool_id
-            self._index.move_to_end(session_id)
-            written.append(True)
-        evicted = 0
-        while len(self._index) > self.cap:
-            self._forget(*self._index.popitem(last=False))
-            evicted += 1
+        for record, version in zip(records, expected):
+            have = versions.get(record.session_id)
+            if have is None:
+                handle = self._index.get(record.session_id)
+                if handle is not None:
+                    pool, row = self._pool(handle)
+                    have = pool.version(row)
+            fits = have == version  # None == None: a new session
+            if fits:
+                versions[record.session_id] = (version or 0) + 1
+            written.append(fits)
+        new = sum(session_id not in self._index for session_id in versions)
+        evicted = self._evict(len(self._index) + new - self.cap, keep=versions)
+        now = self.clock()
+        for record, version, (pool_id, model_id), fits in zip(records, expected, places, written):
+            if fits:
+                self._write(record, pool_id, (model_id, (version or 0) + 1, now))
+        evicted += self._evict(len(self._index) - self.cap)  # a batch larger than the cap
         if evicted:
             self.evictions += evicted
             metrics.SESSION_EVICTIONS.inc(evicted)
         metrics.ACTIVE_SESSIONS.set(len(self._index))
         return written
+
+    def _evict(self, n: int, keep: Container[str] = ()) -> int:
+        """Drop up to `n` least recently written sessions, skipping those in `keep`."""
+        victims = []
+        if n > 0:
+            for session_id in self._index:
+                if session_id not in keep:
+                    victims.append(session_id)
+                    if len(victims) == n:
+                        break
+        for session_id in victims:
+            self._forget(session_id, self._index.pop(session_id))
+        return len(victims)
+
+    def _write(self, record: SessionRecord, pool_id: int, stamp: tuple[int, int, float]) -> None:
+        """Write a session into a row of its pool (its own row unless its shape changed)."""
+        model_id, version, now = stamp
+        handle = self._index.get(record.session_id)
+        if handle is None:
+            row = self._pools[pool_id].alloc()
+            self._key_bytes += _block(sys.getsizeof(record.session_id))
+        elif handle & _POOL_MASK != pool_id:  # the same session with another state shape
+            self._pools[handle & _POOL_MASK].release(handle >> _POOL_BITS)
+            row = self._pools[pool_id].alloc()
+        else:
+            row = handle >> _POOL_BITS
+        meta = (
+            model_id,
+            record.tokens,
+            record.created_at,
+            record.last_used_at,
+            version,
+            record.last_token,
+            now,
+        )
+        self._pools[pool_id].write(row, record.state, meta)
+        self._index[record.session_id] = row << _POOL_BITS | pool_id
+        self._index.move_to_end(record.session_id)
 
     async def get(self, session_id: str) -> SessionRecord:
         """One live record; raises `UnknownSession`."""
