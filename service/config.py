@@ -62,6 +62,11 @@ class Settings(BaseSettings):
     session_ttl_s: float = Field(default=1800.0, gt=0, description="idle seconds to expiry")
     session_cap: int = Field(default=100_000, ge=1, description="most sessions; LRU evicted")
     session_store: str = Field(default="memory", description='"memory" or "redis://host:port/db"')
+    session_store_write: Literal["through", "behind"] = Field(
+        default="through",
+        description='with Redis: "through" writes each batch before answering (loses '
+        'nothing answered); "behind" answers first and flushes every 50 ms',
+    )
 
     # Batching.
     max_batch: int = Field(default=256, ge=1, description="most steps in one model run")

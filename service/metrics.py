@@ -121,3 +121,7 @@ SESSION_EXPIRATIONS = Counter(
     "nextword_session_expirations",
     "Sessions dropped after their idle TTL.",
 )
+STORE_CONFLICTS = Counter(
+    "nextword_store_conflicts",
+    "Sessions written behind whose flush lost the compare-and-set to another engine.",
+)

@@ -119,7 +119,12 @@ class EngineCore:
     async def start(cls, settings: Settings) -> EngineCore:
         """Load every model, open the store and start the schedulers."""
         models = await asyncio.to_thread(load_models, settings)
-        store = open_store(settings.session_store, settings.session_ttl_s, settings.session_cap)
+        store = open_store(
+            settings.session_store,
+            settings.session_ttl_s,
+            settings.session_cap,
+            settings.session_store_write,
+        )
         core = cls(settings, models, store)
         for scheduler in core.schedulers.values():
             await scheduler.start()

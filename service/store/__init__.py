@@ -4,21 +4,25 @@ from __future__ import annotations
 
 from service.store.base import SessionRecord, SessionStore, State, new_session_id
 from service.store.memory import MemorySessionStore
+from service.store.tiered import TieredSessionStore, WriteMode
 
 __all__ = [
     "MemorySessionStore",
     "SessionRecord",
     "SessionStore",
     "State",
+    "TieredSessionStore",
     "new_session_id",
     "open_store",
 ]
 
 
-def open_store(url: str, ttl_s: float, cap: int) -> SessionStore:
-    """The store a `session_store` setting names: "memory" or a redis:// URL."""
+def open_store(url: str, ttl_s: float, cap: int, write: WriteMode = "through") -> SessionStore:
+    """The store a `session_store` setting names: "memory", or a redis:// URL (Redis with
+    the engine's own copy in front, written `write` "through" or "behind")."""
     if url == "memory":
         return MemorySessionStore(ttl_s=ttl_s, cap=cap)
     from service.store.redis import RedisSessionStore  # noqa: PLC0415 (redis only when asked)
 
-    return RedisSessionStore.from_url(url, ttl_s=ttl_s, cap=cap)
+    shared = RedisSessionStore.from_url(url, ttl_s=ttl_s, cap=cap)
+    return TieredSessionStore(shared, write=write, cap=cap, ttl_s=ttl_s)

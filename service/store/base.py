@@ -46,8 +46,15 @@ def new_session_id() -> str:
 class SessionStore(Protocol):
     """Where sessions live; every method may raise `StoreUnavailable`."""
 
-    evictions: int  # sessions dropped by the cap (least recently used first)
-    expirations: int  # sessions dropped after `ttl_s` idle seconds
+    @property
+    def evictions(self) -> int:
+        """Sessions dropped by the cap (least recently used first)."""
+        ...
+
+    @property
+    def expirations(self) -> int:
+        """Sessions dropped after `ttl_s` idle seconds."""
+        ...
 
     def new_id(self) -> str:
         """A fresh unguessable id."""

@@ -52,6 +52,7 @@ _META = np.dtype(
         ("touched", "<f8"),  # store clock at the last write; drives the TTL
     ]
 )
+_Meta = tuple[int, int, float, float, int, int, float]  # a _META record as Python values
 _POOL_BITS = 8  # a handle is row << _POOL_BITS | pool: 256 shapes per store
 _POOL_MASK = (1 << _POOL_BITS) - 1
 _HANDLE_BYTES = 32  # an int object up to 2**60 (rows < 2**52)
@@ -94,7 +95,7 @@ class _StatePool:
         return (
             sum(a.nbytes for a in self.states)
             + sum(a.nbytes for a in self.metas)
-            + (self._free.nbytes)
+            + self._free.nbytes
         )
 
     def locate(self, row: int) -> tuple[int, int]:
@@ -141,16 +142,14 @@ class _StatePool:
         chunk, offset = self.locate(row)
         return int(self.metas[chunk]["version"][offset])
 
-    def read(self, row: int) -> tuple[np.ndarray, tuple[int, int, float, float, int, int, float]]:
+    def read(self, row: int) -> tuple[np.ndarray, _Meta]:
         """A read-only copy of a row's state, and its metadata as Python values."""
         chunk, offset = self.locate(row)
         state = self.states[chunk][offset].copy()
         state.flags.writeable = False
         return state, self.metas[chunk][offset].item()
 
-    def write(
-        self, row: int, state: State, meta: tuple[int, int, float, float, int, int, float]
-    ) -> None:
+    def write(self, row: int, state: State, meta: _Meta) -> None:
         """Copy a state (arrays of this pool's (L, H)) and its metadata into a row."""
         chunk, offset = self.locate(row)
         dst = self.states[chunk][offset]

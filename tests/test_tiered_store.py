@@ -1,0 +1,152 @@
+"""The engine's copy of its sessions in front of Redis (service/store/tiered.py)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+import pytest
+from prometheus_client import REGISTRY
+
+from service.errors import UnknownSession
+from service.store import SessionRecord, SessionStore, TieredSessionStore
+from tests.redis_server import RedisServer, needs_redis, running_redis
+from tests.test_redis_store import record
+
+pytestmark = [needs_redis, pytest.mark.redis]
+
+
+class Counting:
+    """A shared store that counts its round trips."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.calls: list[str] = []
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self.inner, name)
+        if name in ("get_many", "put_many", "get", "delete"):
+
+            async def counted(*args: Any) -> Any:
+                self.calls.append(name)
+                return await attr(*args)
+
+            return counted
+        return attr
+
+
+@pytest.fixture(scope="module")
+def redis_server() -> Iterator[RedisServer]:
+    yield from running_redis()
+
+
+@pytest.fixture
+async def redis_url(redis_server: RedisServer) -> AsyncIterator[str]:
+    from service.store.redis import RedisSessionStore
+
+    store = RedisSessionStore.from_url(redis_server.url)
+    await store._redis.flushdb()
+    await store.close()
+    yield redis_server.url
+
+
+def tiered(url: str, write: str = "through") -> tuple[TieredSessionStore, Counting]:
+    from service.store.redis import RedisSessionStore
+
+    shared = Counting(RedisSessionStore.from_url(url, ttl_s=60))
+    return TieredSessionStore(shared, write=write, ttl_s=60), shared  # type: ignore[arg-type]
+
+
+def same(a: SessionRecord | None, b: SessionRecord) -> bool:
+    assert a is not None
+    return a.tokens == b.tokens and all(np.array_equal(x, y) for x, y in zip(a.state, b.state))
+
+
+async def test_write_through_reads_its_own_sessions_without_a_round_trip(redis_url: str) -> None:
+    store, shared = tiered(redis_url)
+    assert isinstance(store, SessionStore)
+    first = record("a")
+    assert await store.put_many([first], [None]) == [True]
+    assert shared.calls == ["put_many"]  # written before the step is answered
+    (got,) = await store.get_many(["a"])
+    assert shared.calls == ["put_many"] and same(got, first) and got is not None
+    second = replace(first, tokens=4)
+    assert await store.put_many([second], [got.version]) == [True]
+    other, _ = tiered(redis_url)  # another engine sees every answered step
+    (seen,) = await other.get_many(["a"])
+    assert same(seen, second) and seen is not None and seen.version == 2
+    await store.close()
+    await other.close()
+
+
+async def test_a_stale_copy_loses_the_compare_and_set_then_reads_redis(redis_url: str) -> None:
+    mine, _ = tiered(redis_url)
+    theirs, _ = tiered(redis_url)
+    await mine.put_many([record("s")], [None])
+    (read_by_them,) = await theirs.get_many(["s"])
+    assert read_by_them is not None
+    stepped = replace(read_by_them, tokens=9)
+    assert await theirs.put_many([stepped], [read_by_them.version]) == [True]
+    (stale,) = await mine.get_many(["s"])  # my copy: one step behind
+    assert stale is not None and stale.tokens == 3
+    assert await mine.put_many([replace(stale, tokens=4)], [stale.version]) == [False]
+    (fresh,) = await mine.get_many(["s"])  # the retry reads what they wrote
+    assert same(fresh, stepped)
+    await mine.close()
+    await theirs.close()
+
+
+async def test_write_behind_answers_first_and_flushes_later(redis_url: str) -> None:
+    store, shared = tiered(redis_url, "behind")
+    other, _ = tiered(redis_url)
+    first = record("b")
+    assert await store.put_many([first], [None]) == [True]
+    assert shared.calls == []  # answered before any write to Redis
+    assert await other.get_many(["b"]) == [None]
+    (got,) = await store.get_many(["b"])
+    assert got is not None
+    later = replace(got, tokens=5)
+    assert await store.put_many([later], [got.version]) == [True]
+    assert (await store.get("b")).tokens == 5
+    await store.flush()
+    assert shared.calls == ["put_many"]  # both steps, one write
+    (seen,) = await other.get_many(["b"])
+    assert same(seen, later)
+    await store.close()
+    await other.close()
+
+
+async def test_write_behind_conflict_keeps_the_other_engines_state(redis_url: str) -> None:
+    mine, _ = tiered(redis_url, "behind")
+    theirs, _ = tiered(redis_url)
+    await mine.put_many([record("c")], [None])
+    await mine.flush()
+    (read_by_them,) = await theirs.get_many(["c"])
+    (read_by_me,) = await mine.get_many(["c"])
+    assert read_by_them is not None and read_by_me is not None
+    theirs_step = replace(read_by_them, tokens=10)
+    await theirs.put_many([theirs_step], [read_by_them.version])
+    await mine.put_many([replace(read_by_me, tokens=4)], [read_by_me.version])
+    before = REGISTRY.get_sample_value("nextword_store_conflicts_total") or 0.0
+    await mine.flush()
+    assert REGISTRY.get_sample_value("nextword_store_conflicts_total") == before + 1
+    (now,) = await mine.get_many(["c"])
+    assert same(now, theirs_step)
+    await mine.close()
+    await theirs.close()
+
+
+async def test_closing_flushes_what_was_written_behind(redis_url: str) -> None:
+    store, _ = tiered(redis_url, "behind")
+    first = record("d")
+    await store.put_many([first], [None])
+    await store.close()
+    other, _ = tiered(redis_url)
+    (seen,) = await other.get_many(["d"])
+    assert same(seen, first)
+    await other.delete("d")
+    with pytest.raises(UnknownSession):
+        await other.get("d")
+    await other.close()
