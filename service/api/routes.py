@@ -1,0 +1,128 @@
+"""The REST routes of API v1 and the operations routes; the WebSocket is in `stream`.
+
+No `from __future__ import annotations` here: FastAPI must resolve the request classes
+that `v1_router` defines locally, which string annotations would hide.
+"""
+
+from http import HTTPStatus
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Path, Request, Response
+from pydantic import Field
+
+from service import metrics
+from service.api.deps import PredictorDep, get_predictor
+from service.api.schemas import (
+    TEXT_DOC,
+    ErrorResponse,
+    FeedRequestBase,
+    ModelsResponse,
+    PredictRequestBase,
+    PredictResponse,
+    SessionInfo,
+    SessionRequestBase,
+    SessionResponse,
+    Status,
+)
+from service.config import Settings
+from service.contract.limits import MAX_SESSION_ID_CHARS
+from service.errors import NotReady
+from service.supervisor import all_processes_up
+
+SessionId = Annotated[str, Path(max_length=MAX_SESSION_ID_CHARS, description="A session's id.")]
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": HTTPStatus(status).phrase}
+    for status in (404, 422, 503)
+}
+
+
+def v1_router(settings: Settings) -> APIRouter:
+    """The REST routes of API v1; request texts hold at most `settings.max_text_chars`."""
+    Text = Annotated[str, Field(max_length=settings.max_text_chars, description=TEXT_DOC)]
+
+    class PredictRequest(PredictRequestBase):
+        __doc__ = PredictRequestBase.__doc__
+        text: Text
+
+    class SessionRequest(SessionRequestBase):
+        __doc__ = SessionRequestBase.__doc__
+        text: Text = ""
+
+    class FeedRequest(FeedRequestBase):
+        __doc__ = FeedRequestBase.__doc__
+        text: Text
+
+    router = APIRouter(prefix="/v1", responses=ERRORS)
+
+    @router.get("/models", response_model=ModelsResponse, tags=["models"])
+    async def list_models(predictor: PredictorDep) -> dict[str, Any]:
+        """The loaded models and the default one."""
+        return {"default": predictor.default_model, "models": predictor.models()}
+
+    @router.post("/predict", response_model=PredictResponse, tags=["predict"])
+    async def predict(body: PredictRequest, predictor: PredictorDep) -> dict[str, Any]:
+        """Predict the next word of a whole text (stateless)."""
+        return await predictor.predict(body.text, k=body.k, model=body.model, prefix=body.prefix)
+
+    @router.post("/sessions", response_model=SessionResponse, status_code=201, tags=["sessions"])
+    async def create_session(
+        predictor: PredictorDep, response: Response, body: SessionRequest | None = None
+    ) -> dict[str, Any]:
+        """Start a session (optionally with a first text); answers its first predictions."""
+        body = body or SessionRequest()
+        answer = await predictor.create_session(
+            body.text, k=body.k, model=body.model, prefix=body.prefix
+        )
+        response.headers["Location"] = f"/v1/sessions/{answer['session_id']}"
+        return answer
+
+    @router.post("/sessions/{session_id}/feed", response_model=SessionResponse, tags=["sessions"])
+    async def feed(
+        session_id: SessionId, body: FeedRequest, predictor: PredictorDep
+    ) -> dict[str, Any]:
+        """Append whole words to a session's context; answers the next-word predictions."""
+        return await predictor.feed(session_id, body.text, k=body.k, prefix=body.prefix)
+
+    @router.get("/sessions/{session_id}", response_model=SessionInfo, tags=["sessions"])
+    async def session_info(session_id: SessionId, predictor: PredictorDep) -> dict[str, Any]:
+        """A session's model, token count and timestamps."""
+        return await predictor.session_info(session_id)
+
+    @router.delete(
+        "/sessions/{session_id}", status_code=204, response_class=Response, tags=["sessions"]
+    )
+    async def delete_session(session_id: SessionId, predictor: PredictorDep) -> Response:
+        """Forget a session."""
+        await predictor.delete_session(session_id)
+        return Response(status_code=204)
+
+    return router
+
+
+def ops_router(settings: Settings) -> APIRouter:
+    """Liveness, readiness and metrics: for orchestrators and Prometheus."""
+    router = APIRouter(tags=["operations"])
+
+    @router.get("/healthz", response_model=Status)
+    async def healthz() -> dict[str, str]:
+        """200 while the process lives."""
+        return {"status": "ok"}
+
+    @router.get("/readyz", response_model=Status, responses={503: {"model": ErrorResponse}})
+    async def readyz(request: Request) -> dict[str, str]:
+        """200 once the models are loaded and the session store answers, else 503."""
+        predictor = get_predictor(request)
+        if not predictor.ready:
+            raise NotReady("models are loading")
+        if not all_processes_up():
+            raise NotReady("not every process of the service is up")
+        await predictor.check_ready()
+        return {"status": "ok"}
+
+    @router.get("/metrics", response_class=Response)
+    async def prometheus_metrics() -> Response:
+        """Prometheus text format."""
+        return Response(metrics.render(settings.metrics_dir), media_type=metrics.CONTENT_TYPE)
+
+    return router
