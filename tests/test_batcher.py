@@ -453,3 +453,33 @@ async def test_metrics_count_steps_and_batches(batcher: StepBatcher) -> None:
     assert value("nextword_steps_total", model="fake", outcome="error") == errors + 1
     assert value("nextword_batch_size_count", model="fake") > batches
     assert value("nextword_queue_depth", model="fake") == 0
+
+
+async def test_stateless_steps_do_not_need_the_store(
+    batcher: StepBatcher, store: CountingStore, runner: FakeRunner
+) -> None:
+    await new_session(batcher, "a")
+    store.unavailable = True
+    stateless = batcher.submit(Step([4, 5]))
+    session = batcher.submit(Step([4], session_id="a"))
+    created = batcher.submit(Step([4], session_id="b", create=True))
+    for future in (session, created):
+        with pytest.raises(StoreUnavailable):
+            await future
+    same(await stateless, alone(runner, [4, 5]))
+    store.unavailable = False
+
+
+async def test_a_failed_write_fails_only_the_sessions_steps(
+    batcher: StepBatcher, store: CountingStore, runner: FakeRunner
+) -> None:
+    async def down(records: list[SessionRecord]) -> None:
+        raise StoreUnavailable("store down (test)")
+
+    store.before_put = down
+    stateless = batcher.submit(Step([6]))
+    created = batcher.submit(Step([6], session_id="c", create=True))
+    with pytest.raises(StoreUnavailable):
+        await created
+    same(await stateless, alone(runner, [6]))
+    store.before_put = None

@@ -279,8 +279,10 @@ class StepBatcher:
             ids = [s.session_id for s in reads if s.session_id is not None]
             records = await self.store.get_many(ids) if ids else []
         except NextwordError as exc:
-            self._fail(batch, exc)
-            return
+            # Only the sessions' steps need the store: stateless steps still run.
+            self._fail([s for s in batch if s.session_id is not None], exc)
+            batch = [s for s in batch if s.session_id is None]
+            reads, records = [], []
         if len(records) != len(reads):
             self._fail(batch, StoreUnavailable("the session store answered a different count"))
             return
@@ -345,7 +347,9 @@ class StepBatcher:
             try:
                 written = await self.store.put_many(records, expected)
             except NextwordError as exc:
-                self._fail([r.step for r in rows], exc)
+                self._fail([r.step for r in writes], exc)
+                rows = [r for r in rows if r.step.session_id is None]
+                self._steps["ok"].inc(sum(_resolve(r.step.future, r.result) for r in rows))
                 return
             if len(written) != len(writes):
                 self._fail(
