@@ -342,3 +342,30 @@ async def test_a_malformed_state_writes_nothing(store: MemorySessionStore) -> No
     with pytest.raises(ValueError):
         await store.put_many([SessionRecord("c", "lstm", (), 0, 1.0, 1.0)], [None])
     assert await store.count() == 0
+
+
+async def test_eviction_takes_sessions_the_batch_does_not_write(clock: Clock) -> None:
+    store = MemorySessionStore(ttl_s=60.0, cap=3, clock=clock, first_rows=3)
+    await create(store, "a", "b", "c")
+    # a is written in the same batch as the new d: b, not a, is the least recently written.
+    assert await store.put_many([record("d"), record("a", tokens=1)], [None, 1]) == [True, True]
+    assert [r is not None for r in await store.get_many(["a", "b", "c", "d"])] == [
+        True,
+        False,
+        True,
+        True,
+    ]
+    # A batch of more new sessions than the cap keeps its last ones.
+    await create(store, "x", "y", "z", "w")
+    assert [r is not None for r in await store.get_many(["a", "c", "d", "x", "y", "z", "w"])] == [
+        False,
+        False,
+        False,
+        False,
+        True,
+        True,
+        True,
+    ]
+    assert store.evictions == 5
+    assert (await store.get("w")).version == 1
+    assert [(p.used, p.capacity) for p in store.pool_usage()] == [(3, 6)]  # one batch over

@@ -196,8 +196,7 @@ class StepBatcher:
         if len(self._pending) >= self.max_queue:
             raise Overloaded(f"too many steps waiting for model {self.name!r}; retry later")
         step.future = asyncio.get_running_loop().create_future()
-        self._pending.append(step)
-        self._queue_depth.set(len(self._pending))
+        self._pending.append(step)  # the depth gauge is sampled once per batch, not per step
         self._wake()
         return step.future
 

@@ -12,13 +12,15 @@ metadata (model, tokens, timestamps, version, last token, TTL stamp) lies beside
 packed numpy record, so the per-session Python objects are only the session id and an
 int handle (row and pool) in one ordered dict.
 
-What an idle session costs besides its state (1,000,000 sessions; measured by
-`benchmarks/bench_memory.py`, see `benchmarks/results/memory.json`): its id (80 B), the
-ordered dict's entry and the handle (~112 B) and the metadata record (50 B): ~250 B,
-against 4,096 B of GRU state (2 x 1 x 512 float32) and 16,384 B of LSTM state. The
-previous store kept one numpy array and one Python object per session: ~610-680 B over
-the state. A pool's unused rows are reserved but, on Linux, not resident until first
-written; `memory_bytes` counts them.
+What an idle session costs (`python -m benchmarks.bench_memory --via store`, results in
+`benchmarks/results/memory.json`): the resident set grew by 4,350 B per session for
+1,000,000 GRU sessions (4,096 B of state: current + previous, 2 x 1 x 512 float32) and
+by 16,713 B for 200,000 LSTM sessions (16,384 B of state). The ~250-330 B over the state
+are the id (80 B), the ordered dict's entry with its handle (~110 B, more just after the
+dict's table doubles) and the metadata record (50 B). The store before the pools kept a
+numpy array and a Python object per session: 610-680 B over the state. `memory_bytes`
+counts every allocated row; the rows of a new chunk not yet written are reserved but,
+on Linux, not resident (up to half the pool just after it grew).
 
 `get`/`get_many` return copies (read-only arrays): a batch may hold its records while
 another batch writes the same rows. `put_many` writes rows in place.
