@@ -25,19 +25,21 @@ $(VENV)/.dev: $(VENV)/.runtime
 serve: $(VENV)/.runtime  ## serve the bundled models on 127.0.0.1:8000
 	$(VENV)/bin/nextword serve
 
-test: $(VENV)/.dev  ## run the test suite
+test: lint  ## the checks of `make lint`, then the test suite
 	$(PY) -m pytest -q
 
-lint: $(VENV)/.dev
+lint: $(VENV)/.dev  ## format, lint, types (every package), Dockerfiles
+	$(VENV)/bin/ruff format --check service model_export tests benchmarks docker
 	$(VENV)/bin/ruff check service model_export tests benchmarks docker
 	$(VENV)/bin/mypy
 	$(VENV)/bin/hadolint docker/Dockerfile docker/Dockerfile.gpu
 
+# Each benchmark is a module of the `benchmarks` package (run from the repository root).
 bench: $(VENV)/.dev  ## engine, end-to-end, memory and store benchmarks (print tables)
 	$(PY) -m benchmarks.bench_engine --checkpoint runs/lstm runs/gru --int8
-	$(PY) benchmarks/bench_e2e.py --seconds 10 --rounds 2
-	$(PY) benchmarks/bench_memory.py
-	$(PY) benchmarks/bench_store.py
+	$(PY) -m benchmarks.bench_e2e
+	$(PY) -m benchmarks.bench_memory
+	$(PY) -m benchmarks.bench_store
 
 baseline: $(VENV)/.dev  ## the count-based trigram baseline on the same split and metric
 	NLTK_DATA=$(NLTK_DATA) $(PY) -m benchmarks.trigram_baseline --vocab service/models/lstm/vocab.txt --json benchmarks/results/trigram.json

@@ -25,7 +25,7 @@ from service import metrics
 from service.api.deps import PredictorFactory
 from service.api.errors import BODY_TOO_LARGE, error_response, install_error_handlers
 from service.api.predictor import Predictor
-from service.api.routes import ops_router, v1_router
+from service.api.routes import STATIC_DIR, PageFiles, ops_router, page_router, v1_router
 from service.api.stream import stream_router
 from service.config import Settings
 from service.supervisor import report_up
@@ -162,4 +162,6 @@ def create_app(
     app.include_router(ops_router(settings))
     app.include_router(v1_router(settings))
     app.include_router(stream_router(settings))
+    app.include_router(page_router())
+    app.mount("/static", PageFiles(directory=STATIC_DIR), name="static")
     return app

@@ -1,13 +1,16 @@
-"""The REST routes of API v1 and the operations routes; the WebSocket is in `stream`.
+"""The REST routes of API v1, the operations routes and the pages; the WebSocket is in `stream`.
 
 No `from __future__ import annotations` here: FastAPI must resolve the request classes
 that `v1_router` defines locally, which string annotations would hide.
 """
 
 from http import HTTPStatus
+from pathlib import Path as FilePath
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Request, Response
+from fastapi.responses import FileResponse
+from fastapi.staticfiles import StaticFiles
 from pydantic import Field
 
 from service import metrics
@@ -124,5 +127,33 @@ def ops_router(settings: Settings) -> APIRouter:
     async def prometheus_metrics() -> Response:
         """Prometheus text format."""
         return Response(metrics.render(settings.metrics_dir), media_type=metrics.CONTENT_TYPE)
+
+    return router
+
+
+STATIC_DIR = FilePath(__file__).resolve().parent / "static"
+NO_CACHE = {"Cache-Control": "no-cache"}  # revalidated (ETag) on each load: upgrades show at once
+
+
+class PageFiles(StaticFiles):
+    """The pages' scripts and styles, from the package (no CDN: works offline)."""
+
+    def file_response(self, *args: Any, **kwargs: Any) -> Response:
+        response = super().file_response(*args, **kwargs)
+        response.headers.update(NO_CACHE)
+        return response
+
+
+def page_router() -> APIRouter:
+    """The live typing page at `/` and the operations view at `/ops` (files under `/static`)."""
+    router = APIRouter(include_in_schema=False)
+
+    @router.get("/")
+    async def typing_page() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html", headers=NO_CACHE)
+
+    @router.get("/ops")
+    async def operations_page() -> FileResponse:
+        return FileResponse(STATIC_DIR / "ops.html", headers=NO_CACHE)
 
     return router
