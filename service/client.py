@@ -65,7 +65,9 @@ __all__ = [
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 # Errors after which a connect is worth retrying: the server is starting, draining or busy.
-RETRY_CODES = frozenset({"not_ready", "overloaded", "store_unavailable", "step_failed", "internal"})
+RETRY_CODES = frozenset(
+    {"not_ready", "overloaded", "store_unavailable", "contended", "step_failed", "internal"}
+)
 MAX_BACKOFF_S = 2.0
 # Reconnects while one message waits for its answer; past this the message itself may be
 # what ends the connection (StreamLost), and sending it again would loop.
@@ -82,6 +84,7 @@ STATUS_OF_CODE = {
     "internal": 500,
     "overloaded": 503,
     "store_unavailable": 503,
+    "contended": 503,
     "not_ready": 503,
 }
 

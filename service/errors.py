@@ -8,6 +8,11 @@ NextwordError            code, status (HTTP), ws_close (None: answered in-band)
 ├── StoreUnavailable     503  store_unavailable  session store (Redis) unreachable
 ├── NotReady             503  not_ready        starting, shutting down, or the engine is away
 └── StepFailed           500  step_failed      the model run failed; sessions keep their state
+    └── Contended        503  contended        the session kept changing under the step (other
+                                               replicas wrote it first) past the retries: retry
+
+A `Contended` step was not applied, like any `StepFailed` one; it is a 503 with Retry-After
+(the client should simply retry), never a 500.
 
 The engine sends only the `code` and the message over the wire (`error_from_code` rebuilds
 the error in the API process); the API maps each type to an HTTP status and a WebSocket
@@ -70,6 +75,13 @@ class StepFailed(NextwordError):
     status = 500
 
 
+class Contended(StepFailed):
+    """The session's compare-and-set write kept losing to other writers: nothing was applied."""
+
+    code = "contended"
+    status = 503
+
+
 class NotReady(NextwordError):
     """The service is starting or shutting down, or the engine process does not answer."""
 
@@ -79,9 +91,17 @@ class NotReady(NextwordError):
 
 ERRORS_BY_CODE: dict[str, type[NextwordError]] = {
     cls.code: cls
-    for cls in (BadInput, UnknownModel, UnknownSession, Overloaded, StoreUnavailable, NotReady)
+    for cls in (
+        BadInput,
+        UnknownModel,
+        UnknownSession,
+        Overloaded,
+        StoreUnavailable,
+        NotReady,
+        StepFailed,
+        Contended,
+    )
 }
-ERRORS_BY_CODE[StepFailed.code] = StepFailed
 
 
 def error_from_code(code: str, message: str) -> NextwordError:

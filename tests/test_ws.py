@@ -347,3 +347,10 @@ def test_a_client_that_leaves_cancels_its_pending_step(
         ws.send_json({"text": "a"})
         assert started.wait(10)
     assert cancelled.wait(10)
+
+
+def test_an_integral_float_k_is_an_integer_as_over_rest(client: TestClient) -> None:
+    with client.websocket_connect("/v1/stream") as ws:
+        ws.receive_json()
+        assert len(ask(ws, {"text": "i", "k": 3.0})["predictions"]) == 3
+        assert_in_band_error(ask(ws, {"text": "i", "k": 2.5, "id": 1}), id=1)

@@ -15,8 +15,9 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI, Request
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -113,6 +114,28 @@ class RequestMetrics:
             metrics.HTTP_REQUESTS.labels(method, route, str(status)).inc()
 
 
+# --- documentation -----------------------------------------------------------------
+
+DOCS_ASSETS = "/static/docs"  # Swagger UI, vendored under static/docs (see its README.md)
+
+
+def install_docs(app: FastAPI) -> None:
+    """`/docs`: Swagger UI from the package's own files (no CDN: works offline)."""
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger_ui(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "").rstrip("/")
+        return get_swagger_ui_html(
+            openapi_url=f"{root}{app.openapi_url}",
+            title=f"{app.title} - API documentation",
+            swagger_js_url=f"{root}{DOCS_ASSETS}/swagger-ui-bundle.js",
+            swagger_css_url=f"{root}{DOCS_ASSETS}/swagger-ui.css",
+            swagger_favicon_url=f"{root}{DOCS_ASSETS}/favicon-32x32.png",
+            # No online validator badge: it would send the document's URL to swagger.io.
+            swagger_ui_parameters={"validatorUrl": None},
+        )
+
+
 # --- the app -----------------------------------------------------------------------
 
 DESCRIPTION = """\
@@ -155,6 +178,9 @@ def create_app(
         version=VERSION,
         description=DESCRIPTION,
         lifespan=lifespan,
+        # /docs is served from the package's files (install_docs); no ReDoc (a CDN script).
+        docs_url=None,
+        redoc_url=None,
     )
     app.add_middleware(BodySizeLimit, limit=body_limit(settings))
     app.add_middleware(RequestMetrics)
@@ -163,5 +189,6 @@ def create_app(
     app.include_router(v1_router(settings))
     app.include_router(stream_router(settings))
     app.include_router(page_router())
+    install_docs(app)
     app.mount("/static", PageFiles(directory=STATIC_DIR), name="static")
     return app

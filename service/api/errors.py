@@ -7,17 +7,23 @@
     Overloaded             503 + Retry-After        1013 (try again later)
     StoreUnavailable       503 + Retry-After        1013
     NotReady               503 + Retry-After        1013
+    Contended              503 + Retry-After        1013
     StepFailed             500                      1011
     anything else          500 "internal"           1011
 
+`ANSWERS` is that table; an error class not in it answers as its nearest listed base.
 Every HTTP error body is `{"error": {"code", "message"}}`; on the WebSocket the same object
-is sent in-band as `{"type": "error", "error": {...}, "id"}` before any close.
+is sent in-band as `{"type": "error", "error": {...}, "id"}` before any close (a message
+that fails with a retryable error is answered in-band and the connection stays open).
+A 405 lists in `Allow` the methods of every route of the path, not only the first one's.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
 
@@ -25,24 +31,105 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+from starlette.routing import compile_path
 
-from service.errors import NextwordError, NotReady, Overloaded, StoreUnavailable
+from service.errors import (
+    BadInput,
+    Contended,
+    NextwordError,
+    NotReady,
+    Overloaded,
+    StepFailed,
+    StoreUnavailable,
+    UnknownModel,
+    UnknownSession,
+)
 
 log = logging.getLogger(__name__)
 
 BODY_TOO_LARGE = "nextword.body_too_large"  # scope mark set by the body-size middleware
 CLOSE_INTERNAL = 1011
 CLOSE_TRY_AGAIN = 1013
-RETRY_LATER = (Overloaded, StoreUnavailable, NotReady)
+RETRY_AFTER_S = 1
+
+
+@dataclass(frozen=True)
+class Answer:
+    """How an error is answered: HTTP `Retry-After` (seconds, or None) and WebSocket close."""
+
+    retry_after_s: int | None
+    close: int
+
+
+ANSWERS: dict[type[NextwordError], Answer] = {
+    BadInput: Answer(None, 4422),
+    UnknownModel: Answer(None, 4404),
+    UnknownSession: Answer(None, 4404),
+    Overloaded: Answer(RETRY_AFTER_S, CLOSE_TRY_AGAIN),
+    StoreUnavailable: Answer(RETRY_AFTER_S, CLOSE_TRY_AGAIN),
+    NotReady: Answer(RETRY_AFTER_S, CLOSE_TRY_AGAIN),
+    Contended: Answer(RETRY_AFTER_S, CLOSE_TRY_AGAIN),
+    StepFailed: Answer(None, CLOSE_INTERNAL),
+}
+# Only for an error class outside the table: a 4xx closes with 4000 + status, else 1011.
+_UNLISTED_5XX = Answer(None, CLOSE_INTERNAL)
+
+
+def answer_of(error: NextwordError) -> Answer:
+    """The row of `ANSWERS` for an error: its class, or its nearest listed base class."""
+    for cls in type(error).__mro__:
+        answer = ANSWERS.get(cls)
+        if answer is not None:
+            return answer
+    return Answer(None, 4000 + error.status) if error.status < 500 else _UNLISTED_5XX
 
 
 def close_code(error: NextwordError) -> int:
     """The WebSocket close code for an error that ends a connection."""
-    if isinstance(error, RETRY_LATER):
-        return CLOSE_TRY_AGAIN
-    if error.status < 500:
-        return 4000 + error.status  # 4404 unknown session or model, 4422 bad input
-    return CLOSE_INTERNAL
+    return answer_of(error).close
+
+
+def retry_headers(error: NextwordError) -> dict[str, str] | None:
+    """`Retry-After` for an error the client should retry later, else None."""
+    seconds = answer_of(error).retry_after_s
+    return None if seconds is None else {"Retry-After": str(seconds)}
+
+
+def _route_table(app: Any) -> list[tuple[re.Pattern[str], frozenset[str]]]:
+    """(path regex, methods) of every HTTP route of the app, included routers flattened."""
+    try:  # FastAPI >= 0.13x keeps included routers nested: flatten them
+        from fastapi.routing import iter_route_contexts
+
+        routes: Any = iter_route_contexts(app.router.routes)
+    except ImportError:  # older FastAPI: app.routes is already flat
+        routes = app.routes
+    table = []
+    for route in routes:
+        methods, path = getattr(route, "methods", None), getattr(route, "path", None)
+        if methods and isinstance(path, str):
+            table.append((compile_path(path)[0], frozenset(methods)))
+    return table
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """The methods of every route whose path matches the request's (for `Allow` on a 405).
+
+    Starlette answers a 405 with the methods of the first route whose path matches; a path
+    served by several routes (`GET` and `DELETE /v1/sessions/{id}`) needs all of them.
+    """
+    app = request.app
+    table = getattr(app.state, "nextword_route_table", None)
+    if table is None:
+        table = app.state.nextword_route_table = _route_table(app)
+    path = request.scope["path"]
+    root = request.scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root) :] or "/"
+    methods: set[str] = set()
+    for regex, route_methods in table:
+        if regex.match(path):
+            methods |= route_methods
+    return sorted(methods)
 
 
 def error_response(
@@ -79,10 +166,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def nextword_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, NextwordError)
-        retry = {"Retry-After": "1"} if isinstance(exc, RETRY_LATER) else None
         if exc.status >= 500:
             log.warning("%s %s: %s (%s)", request.method, request.url.path, exc.code, exc.message)
-        return error_response(exc.status, exc.code, exc.message, retry)
+        return error_response(exc.status, exc.code, exc.message, retry_headers(exc))
 
     async def validation_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
@@ -97,11 +183,16 @@ def install_error_handlers(app: FastAPI) -> None:
         assert isinstance(exc, HTTPException)
         if request.scope.get(BODY_TOO_LARGE):
             return error_response(413, "too_large", "request body too large")
+        headers = exc.headers
+        if exc.status_code == 405:
+            methods = allowed_methods(request)
+            if methods:
+                headers = {**(headers or {}), "Allow": ", ".join(methods)}
         if exc.status_code == 400:
             code = "bad_input"  # e.g. a body FastAPI cannot parse
         else:
             code = HTTPStatus(exc.status_code).phrase.lower().replace(" ", "_").replace("-", "_")
-        return error_response(exc.status_code, code, str(exc.detail), exc.headers)
+        return error_response(exc.status_code, code, str(exc.detail), headers)
 
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
         log.exception("%s %s failed", request.method, request.url.path, exc_info=exc)

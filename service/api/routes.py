@@ -34,9 +34,43 @@ from service.supervisor import all_processes_up
 
 SessionId = Annotated[str, Path(max_length=MAX_SESSION_ID_CHARS, description="A session's id.")]
 
-ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse, "description": HTTPStatus(status).phrase}
-    for status in (404, 422, 503)
+# Every status a route can answer is declared (schemathesis checks it in the tests); the
+# body of each is `ErrorResponse`. What the codes mean: `service.errors`, `service.api.errors`.
+ERROR_DOCS = {
+    400: "The body is not JSON (code `bad_input`).",
+    404: "No such model or session (`unknown_model`, `unknown_session`).",
+    413: "The body is over the size limit (`too_large`).",
+    422: "A field or parameter is not acceptable (`bad_input`).",
+    500: "The model run failed (`step_failed`; no session was changed) or an internal error.",
+    503: "Retry after `Retry-After` seconds: overloaded, session store unavailable, the "
+    "session contended by concurrent writers, or the service starting or stopping "
+    "(`overloaded`, `store_unavailable`, `contended`, `not_ready`).",
+}
+RETRY_AFTER_HEADER = {
+    "Retry-After": {
+        "description": "Seconds to wait before retrying.",
+        "schema": {"type": "integer"},
+    }
+}
+
+
+def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The `responses=` of a route that can answer these error statuses."""
+    return {
+        status: {
+            "model": ErrorResponse,
+            "description": f"{HTTPStatus(status).phrase}. {ERROR_DOCS[status]}",
+            **({"headers": RETRY_AFTER_HEADER} if status == 503 else {}),
+        }
+        for status in statuses
+    }
+
+
+# A body: 400 not JSON, 413 too large, 422 wrong fields; a step: 500 run failed.
+STEP_ERRORS = errors(400, 404, 413, 422, 500, 503)
+SESSION_ERRORS = errors(404, 422, 500, 503)  # a session id in the path, no body
+LOCATION_HEADER = {
+    "Location": {"description": "The new session's URL.", "schema": {"type": "string"}}
 }
 
 
@@ -56,19 +90,29 @@ def v1_router(settings: Settings) -> APIRouter:
         __doc__ = FeedRequestBase.__doc__
         text: Text
 
-    router = APIRouter(prefix="/v1", responses=ERRORS)
+    router = APIRouter(prefix="/v1")
 
-    @router.get("/models", response_model=ModelsResponse, tags=["models"])
+    @router.get(
+        "/models", response_model=ModelsResponse, tags=["models"], responses=errors(500, 503)
+    )
     async def list_models(predictor: PredictorDep) -> dict[str, Any]:
         """The loaded models and the default one."""
         return {"default": predictor.default_model, "models": predictor.models()}
 
-    @router.post("/predict", response_model=PredictResponse, tags=["predict"])
+    @router.post(
+        "/predict", response_model=PredictResponse, tags=["predict"], responses=STEP_ERRORS
+    )
     async def predict(body: PredictRequest, predictor: PredictorDep) -> dict[str, Any]:
         """Predict the next word of a whole text (stateless)."""
         return await predictor.predict(body.text, k=body.k, model=body.model, prefix=body.prefix)
 
-    @router.post("/sessions", response_model=SessionResponse, status_code=201, tags=["sessions"])
+    @router.post(
+        "/sessions",
+        response_model=SessionResponse,
+        status_code=201,
+        tags=["sessions"],
+        responses={201: {"headers": LOCATION_HEADER}, **STEP_ERRORS},
+    )
     async def create_session(
         predictor: PredictorDep, response: Response, body: SessionRequest | None = None
     ) -> dict[str, Any]:
@@ -80,20 +124,34 @@ def v1_router(settings: Settings) -> APIRouter:
         response.headers["Location"] = f"/v1/sessions/{answer['session_id']}"
         return answer
 
-    @router.post("/sessions/{session_id}/feed", response_model=SessionResponse, tags=["sessions"])
+    @router.post(
+        "/sessions/{session_id}/feed",
+        response_model=SessionResponse,
+        tags=["sessions"],
+        responses=STEP_ERRORS,
+    )
     async def feed(
         session_id: SessionId, body: FeedRequest, predictor: PredictorDep
     ) -> dict[str, Any]:
         """Append whole words to a session's context; answers the next-word predictions."""
         return await predictor.feed(session_id, body.text, k=body.k, prefix=body.prefix)
 
-    @router.get("/sessions/{session_id}", response_model=SessionInfo, tags=["sessions"])
+    @router.get(
+        "/sessions/{session_id}",
+        response_model=SessionInfo,
+        tags=["sessions"],
+        responses=SESSION_ERRORS,
+    )
     async def session_info(session_id: SessionId, predictor: PredictorDep) -> dict[str, Any]:
         """A session's model, token count and timestamps."""
         return await predictor.session_info(session_id)
 
     @router.delete(
-        "/sessions/{session_id}", status_code=204, response_class=Response, tags=["sessions"]
+        "/sessions/{session_id}",
+        status_code=204,
+        response_class=Response,
+        tags=["sessions"],
+        responses=SESSION_ERRORS,
     )
     async def delete_session(session_id: SessionId, predictor: PredictorDep) -> Response:
         """Forget a session."""
@@ -112,7 +170,7 @@ def ops_router(settings: Settings) -> APIRouter:
         """200 while the process lives."""
         return {"status": "ok"}
 
-    @router.get("/readyz", response_model=Status, responses={503: {"model": ErrorResponse}})
+    @router.get("/readyz", response_model=Status, responses=errors(503))
     async def readyz(request: Request) -> dict[str, str]:
         """200 once the models are loaded and the session store answers, else 503."""
         predictor = get_predictor(request)

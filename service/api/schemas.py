@@ -1,7 +1,9 @@
 """Request and response bodies of API v1 (see DESIGN.md), with their limits and examples.
 
 Requests are strict (no type coercion: `"k": "5"` is refused) and closed (an unknown
-field is refused). The text limit comes from the settings: each app subclasses the
+field is refused). An integer field takes any JSON number without a fraction (`20` or
+`20.0`: both are integers in JSON Schema, which the OpenAPI document uses); `2.5`, `"5"`
+and `true` are refused. The text limit comes from the settings: each app subclasses the
 `*Base` bodies with `text` limited to its `max_text_chars` (see `service.api`).
 """
 
@@ -9,12 +11,25 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, JsonValue, model_validator
 
 from service.contract.limits import MAX_K, MAX_NAME_CHARS, MAX_PREFIX_CHARS
 
 TEXT_DOC = "Whole words typed so far (may be empty: predictions for the start of a text)."
-K = Annotated[int, Field(ge=1, le=MAX_K, description="How many predictions to return.")]
+
+
+def integral(value: Any) -> Any:
+    """A float without a fraction as the int it is (JSON Schema's `integer`); else as is."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+K = Annotated[
+    int,
+    Field(ge=1, le=MAX_K, description="How many predictions to return."),
+    BeforeValidator(integral),  # last: it runs first, then the strict, bounded int
+]
 ModelName = Annotated[
     str | None,
     Field(max_length=MAX_NAME_CHARS, description="A loaded model; null = the default model."),

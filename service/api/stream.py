@@ -86,7 +86,11 @@ def message_id(text: str) -> Any:
 def message_decoder(max_text_chars: int) -> msgspec.json.Decoder[Any]:
     """A strict decoder of client messages whose `text` holds at most `max_text_chars`."""
     Text = Annotated[str, msgspec.Meta(max_length=max_text_chars, description=TEXT_DOC)]
-    K = Annotated[int, msgspec.Meta(ge=1, le=MAX_K)]
+    # 20.0 is the integer 20 to JSON Schema (and to the REST bodies): accepted, checked below.
+    K = (
+        Annotated[int, msgspec.Meta(ge=1, le=MAX_K)]
+        | Annotated[float, msgspec.Meta(ge=1, le=MAX_K)]
+    )
     Prefix = Annotated[str, msgspec.Meta(max_length=MAX_PREFIX_CHARS)]
 
     message = msgspec.defstruct(
@@ -287,6 +291,10 @@ class StreamConnection:
             return 'a message needs "text" (or "type": "reset")'
         if request.type == "reset" and request.text is not None:
             return 'a "reset" message takes no "text"'
+        if isinstance(request.k, float):
+            if not request.k.is_integer():
+                return f"k must be an integer from 1 to {MAX_K}, not {request.k!r}"
+            request.k = int(request.k)
         for name in ("text", "prefix"):
             value = getattr(request, name)
             if value is not None and has_lone_surrogate(value):

@@ -4,14 +4,30 @@ This module is the contract between `model_export` (which writes artifacts) and
 the engine (which serves them). Loading verifies everything it can before any
 ONNX Runtime session exists: a corrupt, truncated or mismatched artifact is refused
 with an `ArtifactError` naming the offending file.
+
+What is verified:
+
+- `manifest.json`: valid JSON, the required keys, the format version, a known cell, the
+  sizes positive integers; every entry of `files` a plain relative path inside the
+  artifact's directory (no absolute path, no `..`: a manifest cannot make the service
+  read other files) whose size and sha256 match.
+- `vocab.txt`: its token count is the manifest's `vocab_size`.
+- The graph (`check_graph`, once ONNX Runtime has opened it): its inputs and outputs are
+  those of the manifest's cell, and the fields the hashes do not cover (`layers`,
+  `hidden_size`, `vocab_size`, `max_k`) agree with their shapes.
+
+A models directory (`model_dirs`) holds one artifact per subdirectory; every
+subdirectory must be one, except hidden ones (`.git`, `.cache`...) and `__pycache__`,
+which are skipped. Plain files beside them (a README) are ignored.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 from service.contract.vocab import Vocabulary
@@ -34,6 +50,8 @@ REQUIRED_KEYS = (
     "tokenizer",
     "files",
 )
+SIZE_KEYS = ("vocab_size", "embedding_size", "hidden_size", "layers", "max_k")
+SKIPPED_DIRS = ("__pycache__",)  # besides hidden directories (".git", ".cache", ...)
 
 # Graph names (inputs: tokens, h0[, c0]; outputs: hn[, cn], topk_probs, topk_ids, probs).
 TOKENS = "tokens"
@@ -44,6 +62,51 @@ PROBS = "probs"
 
 class ArtifactError(ValueError):
     """An artifact that cannot be served; the message names the file at fault."""
+
+
+def model_dirs(models_dir: Path) -> list[Path]:
+    """The artifact directories of a models directory, sorted by name.
+
+    Every subdirectory must be an artifact (hold a manifest); one that does not is an
+    `ArtifactError` naming it, rather than a model silently missing. Hidden
+    subdirectories and `__pycache__` are skipped; plain files are ignored.
+    """
+    if not models_dir.is_dir():
+        raise ArtifactError(f"{models_dir}: models directory not found")
+    found = []
+    for path in sorted(models_dir.iterdir()):
+        if not path.is_dir() or path.name.startswith(".") or path.name in SKIPPED_DIRS:
+            continue
+        if not (path / MANIFEST_FILE).is_file():
+            raise ArtifactError(
+                f"{path}: not a model artifact (no {MANIFEST_FILE}); every directory in "
+                f"{models_dir} must be one: remove or move it (hidden directories are skipped)"
+            )
+        found.append(path)
+    if not found:
+        raise ArtifactError(f"{models_dir}: no model artifacts (directories with {MANIFEST_FILE})")
+    return found
+
+
+def confined(path: Path, name: object, manifest_path: Path) -> Path:
+    """`path / name` for a manifest `files` entry that names a file inside `path`.
+
+    Refused (an `ArtifactError` naming the manifest): anything but a plain relative path,
+    i.e. absolute paths, drive letters, `..` and empty parts, backslashes. Checked on the
+    name itself: a symbolic link placed in the directory is followed as usual.
+    """
+    if not isinstance(name, str) or not name or "\\" in name or "\x00" in name:
+        raise ArtifactError(f"{manifest_path}: file entry {name!r} is not a plain relative path")
+    posix = PurePosixPath(name)
+    if (
+        posix.is_absolute()
+        or PureWindowsPath(name).drive
+        or any(part in ("", ".", "..") for part in name.split("/"))
+    ):
+        raise ArtifactError(
+            f"{manifest_path}: file entry {name!r} is outside the artifact's directory"
+        )
+    return path.joinpath(*posix.parts)
 
 
 def sha256_of(path: Path) -> str:
@@ -120,11 +183,17 @@ class ModelArtifact:
             )
         if manifest["cell"] not in CELLS:
             raise ArtifactError(f"{manifest_path}: unknown cell {manifest['cell']!r}")
+        for key in SIZE_KEYS:
+            value = manifest[key]
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ArtifactError(f"{manifest_path}: {key} {value!r} is not a positive integer")
         files = manifest["files"]
         if not isinstance(files, dict) or MODEL_FILE not in files or VOCAB_FILE not in files:
             raise ArtifactError(f"{manifest_path}: 'files' must list {MODEL_FILE} and {VOCAB_FILE}")
         for name, meta in files.items():
-            file = path / name
+            file = confined(path, name, manifest_path)
+            if not isinstance(meta, dict):
+                raise ArtifactError(f"{manifest_path}: entry {name!r} is not an object")
             if not file.is_file():
                 raise ArtifactError(f"{file}: missing")
             if file.stat().st_size != meta.get("bytes"):
@@ -144,6 +213,73 @@ class ModelArtifact:
         if DISPLAY_FILE in files:
             vocab.set_display_forms(read_display_forms(path / DISPLAY_FILE))
         return cls(path, manifest, vocab)
+
+    def check_graph(
+        self,
+        inputs: Mapping[str, Sequence[int | str | None]],
+        outputs: Mapping[str, Sequence[int | str | None]],
+    ) -> None:
+        """Check the graph's inputs and outputs (name -> shape) against the manifest.
+
+        The manifest itself is not hashed: a `cell`, `layers`, `hidden_size`, `vocab_size`
+        or `max_k` that contradicts the graph is refused here, with an `ArtifactError`
+        naming both files, instead of an ONNX Runtime error at the first run. Dimensions
+        that are not fixed numbers in the graph (named, dynamic) are not compared.
+        """
+        manifest_path = self.path / MANIFEST_FILE
+        where = f"{manifest_path} does not match {self.onnx_path}"
+        want_inputs = [TOKENS, *state_inputs(self.cell)]
+        want_outputs = [*state_outputs(self.cell), TOPK_PROBS, TOPK_IDS, PROBS]
+        missing = [n for n in want_inputs if n not in inputs]
+        missing += [n for n in want_outputs if n not in outputs]
+        if missing:
+            raise ArtifactError(
+                f"{where}: the graph lacks {missing} (cell {self.cell!r} needs inputs "
+                f"{want_inputs} and outputs {want_outputs})"
+            )
+        extra = sorted(set(inputs) - set(want_inputs))
+        if extra:
+            raise ArtifactError(
+                f"{where}: the graph has inputs {extra} that a {self.cell!r} cell does not feed"
+            )
+
+        def fixed(shape: Sequence[int | str | None], axis: int) -> int | None:
+            """A dimension that is a number in the graph, else None (named, or no such axis)."""
+            if not -len(shape) <= axis < len(shape):
+                return None
+            dim = shape[axis]
+            return dim if isinstance(dim, int) and not isinstance(dim, bool) else None
+
+        for kind, names in (
+            ("input", state_inputs(self.cell)),
+            ("output", state_outputs(self.cell)),
+        ):
+            for name in names:
+                shape = (inputs if kind == "input" else outputs)[name]
+                if len(shape) != 3:
+                    raise ArtifactError(
+                        f"{where}: {kind} {name} has shape {list(shape)}, not [layers, batch, hidden]"
+                    )
+                for key, axis in (("layers", 0), ("hidden_size", 2)):
+                    dim = fixed(shape, axis)
+                    if dim is not None and dim != self.manifest[key]:
+                        raise ArtifactError(
+                            f"{where}: {key} is {self.manifest[key]} but {kind} {name} has "
+                            f"shape {list(shape)}"
+                        )
+        vocab = fixed(outputs[PROBS], -1)
+        if vocab is not None and vocab != self.manifest["vocab_size"]:
+            raise ArtifactError(
+                f"{where}: vocab_size is {self.manifest['vocab_size']} but output {PROBS} "
+                f"has shape {list(outputs[PROBS])}"
+            )
+        for name in (TOPK_PROBS, TOPK_IDS):
+            k = fixed(outputs[name], -1)
+            if k is not None and k < self.max_k:
+                raise ArtifactError(
+                    f"{where}: max_k is {self.max_k} but output {name} has shape "
+                    f"{list(outputs[name])}"
+                )
 
 
 def read_display_forms(path: Path) -> dict[str, str]:

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from service.config import Settings
-from service.contract.artifact import MANIFEST_FILE, ArtifactError, ModelArtifact
+from service.contract.artifact import ArtifactError, ModelArtifact, model_dirs
 from service.contract.protocol import (
     AbortRequest,
     DeleteRequest,
@@ -40,13 +40,12 @@ Reply = Callable[[EngineOutput], None]
 
 
 def artifact_dirs(models_dir: Path) -> list[Path]:
-    """The artifact directories under `models_dir`, sorted; raises ArtifactError when none."""
-    if not models_dir.is_dir():
-        raise ArtifactError(f"{models_dir}: models directory not found")
-    found = [p for p in sorted(models_dir.iterdir()) if (p / MANIFEST_FILE).is_file()]
-    if not found:
-        raise ArtifactError(f"{models_dir}: no model artifacts (directories with {MANIFEST_FILE})")
-    return found
+    """The artifact directories under `models_dir`, sorted; raises ArtifactError when none.
+
+    Every subdirectory must be an artifact (hidden ones and `__pycache__` are skipped): a
+    directory without a manifest is an error naming it, not a model silently missing.
+    """
+    return model_dirs(models_dir)
 
 
 def load_models(settings: Settings) -> dict[str, OrtModel]:

@@ -131,6 +131,11 @@ class OrtModel:
             )
         finally:
             ort.set_default_logger_severity(2)
+        # The manifest's unhashed fields against the graph: an error naming the files.
+        artifact.check_graph(
+            {i.name: i.shape for i in self.session.get_inputs()},
+            {o.name: o.shape for o in self.session.get_outputs()},
+        )
         self.providers: list[str] = self.session.get_providers()
         self.on_cuda = self.providers[0] == CUDA
         if CUDA in requested and not self.on_cuda:

@@ -9,9 +9,19 @@ future in a queue; the loop takes up to `max_batch` steps (waiting at most
 
 A session has at most one step in a batch, and its steps are applied in the order
 they arrived. A step that lost a compare-and-set (another replica wrote the session
-meanwhile) is retried, in order, in the next batch. A failed run fails every step of
-the batch with `StepFailed` and writes nothing. A step whose future was cancelled
-(the client went away) is dropped before the run, and not written after it.
+meanwhile) is retried, in order, in the next batch; past `max_retries` it fails with
+`Contended` (a 503 with Retry-After: nothing was applied, the client retries). A failed
+run fails every step of the batch with `StepFailed` and writes nothing. A step whose
+future was cancelled (the client went away) is dropped before the run, and not written
+after it.
+
+Stateless steps never wait for the session store. They queue apart from the sessions'
+steps. A batch with sessions' steps (the "session lane": one such batch at a time, so a
+session's steps still apply one batch after another) runs as a task of its own, and
+while its store round trips are out the loop keeps taking batches of stateless steps. A
+stateless step taken into a session batch is answered before the batch's write, and, if
+the batch's read takes longer than `store_grace_ms`, run apart at once: a slow or hung
+store (Redis not answering until its timeout) delays a prediction by that grace at most.
 
 How a step runs. The store keeps, per session, the state after the last token, the
 state before it and the last token (see `SessionRecord`). A step of T > 1 new tokens
@@ -36,7 +46,14 @@ import numpy as np
 
 from service import metrics
 from service.engine.runtime import State, StepOutput, top_words
-from service.errors import NextwordError, Overloaded, StepFailed, StoreUnavailable, UnknownSession
+from service.errors import (
+    Contended,
+    NextwordError,
+    Overloaded,
+    StepFailed,
+    StoreUnavailable,
+    UnknownSession,
+)
 from service.store import SessionRecord, SessionStore
 
 log = logging.getLogger(__name__)
@@ -123,6 +140,7 @@ class StepBatcher:
         max_wait_ms: float = 2.0,
         max_queue: int = 10_000,
         max_retries: int = 8,
+        store_grace_ms: float = 10.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.runner = runner
@@ -131,9 +149,14 @@ class StepBatcher:
         self.max_wait_s = max_wait_ms / 1000.0
         self.max_queue = max_queue
         self.max_retries = max_retries
+        self.store_grace_s = store_grace_ms / 1000.0
         self.clock = clock
         self.name = runner.name
-        self._pending: deque[Step] = deque()
+        self._pending: deque[Step] = deque()  # sessions' steps
+        self._stateless: deque[Step] = deque()  # steps without a session
+        # The batch with sessions' steps in flight (its task), at most one at a time.
+        self._session_task: asyncio.Task[None] | None = None
+        self._session_batch: list[Step] = []
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._waiter: asyncio.Future[None] | None = None
@@ -168,15 +191,23 @@ class StepBatcher:
         """Stop taking steps; with `drain`, finish every queued step first."""
         self._closing = True
         self._wake(force=True)
+        cut_short = self._session_batch
         if self._task is not None:
             if not drain:
                 self._task.cancel()
+                if self._session_task is not None:
+                    self._session_task.cancel()
             await asyncio.wait([self._task])  # never cancels the loop if this wait is
             self._task = None
-        # Left only when not draining: the batch cut short and the queue.
-        self._fail(self._in_flight, StepFailed(f"model {self.name!r} stopped during this step"))
-        self._fail(list(self._pending), Overloaded(f"model {self.name!r} is shutting down"))
+        if self._session_task is not None:
+            await asyncio.wait([self._session_task])
+        # Left only when not draining: the batches cut short and the queues.
+        stopped = StepFailed(f"model {self.name!r} stopped during this step")
+        self._fail(self._in_flight + cut_short, stopped)
+        queued = [*self._pending, *self._stateless]
+        self._fail(queued, Overloaded(f"model {self.name!r} is shutting down"))
         self._pending.clear()
+        self._stateless.clear()
         self._queue_depth.set(0)
         if self._executor is not None:
             await asyncio.to_thread(self._executor.shutdown, True)  # a cut-short run ends
@@ -185,7 +216,7 @@ class StepBatcher:
     @property
     def queue_depth(self) -> int:
         """Steps waiting for a batch."""
-        return len(self._pending)
+        return len(self._pending) + len(self._stateless)
 
     # --- requests ----------------------------------------------------------------
 
@@ -193,10 +224,11 @@ class StepBatcher:
         """Queue a step; its future gets a `StepResult` or a `NextwordError`."""
         if self._closing or self._task is None:
             raise Overloaded(f"model {self.name!r} is not taking steps (shutting down)")
-        if len(self._pending) >= self.max_queue:
+        if self.queue_depth >= self.max_queue:
             raise Overloaded(f"too many steps waiting for model {self.name!r}; retry later")
         step.future = asyncio.get_running_loop().create_future()
-        self._pending.append(step)  # the depth gauge is sampled once per batch, not per step
+        # The depth gauge is sampled once per batch, not per step.
+        (self._pending if step.session_id is not None else self._stateless).append(step)
         self._wake()
         return step.future
 
@@ -206,14 +238,24 @@ class StepBatcher:
 
     # --- the loop ----------------------------------------------------------------
 
+    def _available(self) -> int:
+        """Steps the loop can take now: stateless ones, and sessions' unless the lane is busy."""
+        return len(self._stateless) + (len(self._pending) if self._session_task is None else 0)
+
+    def _idle(self) -> bool:
+        return not self._pending and not self._stateless and self._session_task is None
+
     def _wake(self, force: bool = False) -> None:
         waiter = self._waiter
-        if waiter is not None and (force or len(self._pending) >= self._wake_at):
+        if waiter is not None and (force or self._available() >= self._wake_at):
             _resolve(waiter, None)
 
     async def _wait(self, at_least: int, timeout: float | None) -> None:
-        """Until `at_least` steps are queued, `timeout` passed, or the batcher stops."""
-        if len(self._pending) >= at_least or self._closing:
+        """Until `at_least` steps can be taken, `timeout` passed, or the batcher stops.
+
+        Stopping cuts short the waits for a batch to fill (`timeout` set), not the wait
+        for the session lane to be free."""
+        if self._available() >= at_least or (self._closing and timeout is not None):
             return
         loop = asyncio.get_running_loop()
         waiter = self._waiter = loop.create_future()
@@ -228,60 +270,105 @@ class StepBatcher:
 
     async def _loop(self) -> None:
         while True:
-            if not self._pending:
-                if self._closing:
+            if not self._available():
+                if self._closing and self._idle():
                     return
-                await self._wait(1, None)
+                await self._wait(1, None)  # a step, or the session lane free (forced wake)
                 continue
             if self.max_wait_s > 0:
                 await self._wait(self.max_batch, self.max_wait_s)
-            batch = self._take()
-            self._queue_depth.set(len(self._pending))
-            if batch:
+            batch = self._take(sessions=self._session_task is None)
+            self._queue_depth.set(self.queue_depth)
+            if not batch:
+                continue
+            if any(step.session_id is not None for step in batch):
+                # Its store round trips must not hold up stateless steps: a task of its own.
+                self._session_batch = batch
+                self._session_task = asyncio.get_running_loop().create_task(
+                    self._guarded(batch), name=f"batch-{self.name}"
+                )
+                self._session_task.add_done_callback(self._session_batch_done)
+            else:
                 self._in_flight = batch  # what stop(drain=False) must fail if it cuts in
-                try:
-                    await self._process(batch)
-                except Exception as exc:  # a bug: fail the batch, keep serving
-                    log.exception("batch of model %s failed", self.name)
-                    self._fail(batch, StepFailed(f"the step failed ({type(exc).__name__})"))
+                await self._guarded(batch)
                 self._in_flight = []
 
-    def _take(self) -> list[Step]:
-        """Up to `max_batch` steps, one per session; later steps of a session wait, in order."""
+    async def _guarded(self, batch: list[Step]) -> None:
+        try:
+            await self._process(batch)
+        except Exception as exc:  # a bug: fail the batch, keep serving
+            log.exception("batch of model %s failed", self.name)
+            self._fail(batch, StepFailed(f"the step failed ({type(exc).__name__})"))
+
+    def _session_batch_done(self, task: asyncio.Task[None]) -> None:
+        self._session_task = None
+        self._session_batch = []
+        self._wake(force=True)  # the sessions' queued steps can be taken now
+
+    def _take(self, sessions: bool) -> list[Step]:
+        """Up to `max_batch` steps: sessions' first (when `sessions`: the lane is free), one
+        per session (later steps of a session wait, in order), then stateless ones."""
         batch: list[Step] = []
         held: list[Step] = []
-        sessions: set[str] = set()
-        while self._pending and len(batch) < self.max_batch and len(held) < self.max_batch:
+        taken: set[str] = set()
+        while (
+            sessions
+            and self._pending
+            and len(batch) < self.max_batch
+            and len(held) < self.max_batch
+        ):
             step = self._pending.popleft()
             if step.future.done():  # cancelled while queued
                 self._steps["cancelled"].inc()
                 continue
-            if step.session_id is not None:
-                if step.session_id in sessions:
-                    held.append(step)
-                    continue
-                sessions.add(step.session_id)
+            assert step.session_id is not None
+            if step.session_id in taken:
+                held.append(step)
+                continue
+            taken.add(step.session_id)
             batch.append(step)
         self._pending.extendleft(reversed(held))
+        while self._stateless and len(batch) < self.max_batch:
+            step = self._stateless.popleft()
+            if step.future.done():
+                self._steps["cancelled"].inc()
+                continue
+            batch.append(step)
         return batch
 
     def _fail(self, steps: list[Step], error: NextwordError) -> None:
         failed = sum(_resolve(step.future, error) for step in steps)
         if failed:
-            self._steps["failed" if isinstance(error, StepFailed) else "error"].inc(failed)
+            # "failed": the run failed; a step that lost to other writers is an "error".
+            run_failed = isinstance(error, StepFailed) and not isinstance(error, Contended)
+            self._steps["failed" if run_failed else "error"].inc(failed)
 
     # --- one batch ---------------------------------------------------------------
 
     async def _process(self, batch: list[Step]) -> None:
         reads = [s for s in batch if s.session_id is not None and not s.create]
-        try:
+        records: list[SessionRecord | None] = []
+        if reads:
             ids = [s.session_id for s in reads if s.session_id is not None]
-            records = await self.store.get_many(ids) if ids else []
-        except NextwordError as exc:
-            # Only the sessions' steps need the store: stateless steps still run.
-            self._fail([s for s in batch if s.session_id is not None], exc)
-            batch = [s for s in batch if s.session_id is None]
-            reads, records = [], []
+            read = asyncio.ensure_future(self.store.get_many(ids))
+            try:
+                stateless = [s for s in batch if s.session_id is None]
+                if stateless:
+                    await asyncio.wait([read], timeout=self.store_grace_s)
+                    if not read.done():  # a slow store: the stateless steps do not wait for it
+                        batch = [s for s in batch if s.session_id is not None]
+                        await self._answer(stateless)
+                records = await read
+            except NextwordError as exc:
+                # Only the sessions' steps need the store: stateless steps still run.
+                self._fail([s for s in batch if s.session_id is not None], exc)
+                batch = [s for s in batch if s.session_id is None]
+                reads, records = [], []
+            finally:
+                if not read.done():
+                    read.cancel()  # this batch was cut short (stop without draining)
+                elif not read.cancelled():
+                    read.exception()  # retrieved, so that no failure is reported as lost
         if len(records) != len(reads):
             self._fail(batch, StoreUnavailable("the session store answered a different count"))
             return
@@ -297,8 +384,17 @@ class StepBatcher:
                     self._fail([step], problem)
                     continue
             rows.append(_Row(step, record))
-        if not rows:
-            return
+        if rows and await self._compute_rows(rows):
+            await self._write([r for r in rows if not r.step.future.done()])
+
+    async def _answer(self, steps: list[Step]) -> None:
+        """Run and answer stateless steps on their own."""
+        rows = [_Row(step, None) for step in steps if not step.future.done()]
+        if rows and await self._compute_rows(rows):
+            self._steps["ok"].inc(sum(_resolve(r.step.future, r.result) for r in rows))
+
+    async def _compute_rows(self, rows: list[_Row]) -> bool:
+        """Make the rows' runs in the executor; False (the rows failed) if a run failed."""
         self._batch_size.observe(len(rows))
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
@@ -313,9 +409,9 @@ class StepBatcher:
                     "no session was changed"
                 ),
             )
-            return
+            return False
         self._batch_seconds.observe(time.perf_counter() - started)
-        await self._write([r for r in rows if not r.step.future.done()])
+        return True
 
     def _problem(self, step: Step, record: SessionRecord | None) -> NextwordError | None:
         """Why a step cannot run on the record read for it, if it cannot."""
@@ -334,8 +430,12 @@ class StepBatcher:
         return None
 
     async def _write(self, rows: list[_Row]) -> None:
-        """One compare-and-set write of the batch's sessions; answer, or retry conflicts."""
-        writes = [r for r in rows if r.step.session_id is not None]
+        """One compare-and-set write of the batch's sessions; answer, or retry conflicts.
+
+        Stateless rows are answered first: they never wait for the store."""
+        stateless = [r for r in rows if r.step.session_id is None]
+        self._steps["ok"].inc(sum(_resolve(r.step.future, r.result) for r in stateless))
+        rows = writes = [r for r in rows if r.step.session_id is not None]
         if writes:
             records: list[SessionRecord] = []
             expected: list[int | None] = []
@@ -347,8 +447,6 @@ class StepBatcher:
                 written = await self.store.put_many(records, expected)
             except NextwordError as exc:
                 self._fail([r.step for r in writes], exc)
-                rows = [r for r in rows if r.step.session_id is None]
-                self._steps["ok"].inc(sum(_resolve(r.step.future, r.result) for r in rows))
                 return
             if len(written) != len(writes):
                 self._fail(
@@ -360,7 +458,13 @@ class StepBatcher:
             for step in retry:
                 step.attempts += 1
             exhausted = [s for s in retry if s.attempts > self.max_retries]
-            self._fail(exhausted, StepFailed("the session kept changing under this step; retry"))
+            self._fail(
+                exhausted,
+                Contended(
+                    f"the session kept changing under this step ({self.max_retries} retries): "
+                    "it was not applied; retry"
+                ),
+            )
             again = [s for s in retry if s.attempts <= self.max_retries]
             self._pending.extendleft(reversed(again))
             if again:

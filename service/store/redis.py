@@ -46,8 +46,10 @@ volatile-lru` (the store's `cap` is not enforced here: Redis evicts, and counts
 evictions and expirations in `INFO stats`, `evicted_keys` and `expired_keys`).
 `count()` is `DBSIZE`: give the sessions a database of their own.
 
-Faults. Connection errors and timeouts become `StoreUnavailable` (HTTP 503). The
-client keeps no broken state: a failed connection is dropped from the pool and the
+Faults. Connection errors and timeouts become `StoreUnavailable` (HTTP 503). Its message
+names no address (clients see it): where Redis is and what failed are logged here, at
+warning, once when the store becomes unreachable (then at debug until it answers again,
+which is logged at info). The client keeps no broken state: a failed connection is dropped from the pool and the
 next call reconnects, so the service recovers by itself when Redis returns. A write
 whose reply was lost may be retried: the script treats a key that already holds the
 exact record being written as written, so a retry never applies a step twice.
@@ -69,7 +71,7 @@ import redis.asyncio as redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ReadOnlyError, ResponseError
+from redis.exceptions import OutOfMemoryError, ReadOnlyError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from service import metrics
@@ -197,6 +199,7 @@ class RedisSessionStore:
         self.stage_prefix = stage_prefix
         self._ttl_ms = max(1, round(ttl_s * 1000))
         self._where = _describe(client)
+        self._down = False  # the last call failed to reach Redis (logged once per outage)
         # Redis expires and evicts keys itself and counts them (INFO stats); a
         # replica cannot attribute them, so these stay at zero.
         self.evictions = 0
@@ -228,18 +231,29 @@ class RedisSessionStore:
 
     @contextmanager
     def _reachable(self) -> Iterator[None]:
+        """Redis failures as `StoreUnavailable`; the details (address, cause) go to the log only."""
         try:
             yield
         except _UNREACHABLE as exc:
-            raise StoreUnavailable(
-                f"session store unreachable (Redis at {self._where}): {exc}"
-            ) from exc
+            self._log_failure("unreachable", exc)
+            raise StoreUnavailable("session store unreachable (Redis); retry later") from exc
         except ResponseError as exc:
-            if str(exc).startswith("OOM"):
+            # A write refused at maxmemory; inside a pipeline redis-py words it
+            # "Command # 1 (MSET ...) of pipeline caused error: ..." (an OutOfMemoryError).
+            if isinstance(exc, OutOfMemoryError) or str(exc).startswith("OOM"):
+                self._log_failure("full (maxmemory)", exc)
                 raise StoreUnavailable(
-                    f"session store full (Redis at {self._where} is at maxmemory)"
+                    "session store full (Redis at maxmemory); retry later"
                 ) from exc
             raise
+        if self._down:
+            self._down = False
+            log.info("session store: Redis at %s answers again", self._where)
+
+    def _log_failure(self, what: str, exc: BaseException) -> None:
+        level = logging.DEBUG if self._down else logging.WARNING
+        self._down = True
+        log.log(level, "session store: Redis at %s %s: %s", self._where, what, exc)
 
     def _key(self, session_id: str) -> str:
         return self.prefix + session_id

@@ -16,7 +16,7 @@
 export const DEFAULT_K = 5;
 export const MAX_K = 50;
 
-const RETRY_CODES = new Set(["not_ready", "overloaded", "store_unavailable", "step_failed", "internal"]);
+const RETRY_CODES = new Set(["not_ready", "overloaded", "store_unavailable", "contended", "step_failed", "internal"]);
 const CLOSE_TOO_BIG = 1009;
 const CLOSE_TRY_AGAIN = 1013;
 
@@ -42,6 +42,7 @@ const STATUS_OF_CODE = {
   internal: 500,
   overloaded: 503,
   store_unavailable: 503,
+  contended: 503,
   not_ready: 503,
 };
 
