@@ -34,7 +34,6 @@ PREDICTIONS = [
 ]
 
 
-
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     """Mark this process as serving (see the module docstring)."""

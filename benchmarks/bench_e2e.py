@@ -1,51 +1,52 @@
-"""End-to-end WebSocket benchmark: many sessions streaming one word per message.
+"""End-to-end WebSocket benchmark of `nextword serve` (engine process + N API processes).
 
-Each configuration is a real uvicorn server started as a subprocess on a free
-loopback port (one worker, log level warning):
+Every configuration is a real server on a free loopback port, measured against the bare
+WebSocket app (`benchmarks/bare_ws_app.py`: same framework and messages, no model) run by
+uvicorn with the same number of processes:
 
-- batching on:  `python -m service` with the default settings;
-- batching off: the same with NEXTWORD_MAX_BATCH=1 (one model run per word);
-- bare:         `benchmarks/bare_ws_app.py`, a WebSocket app that parses each message
-                and answers a fixed five-prediction JSON (no validation, no model);
-- redis:        batching on with NEXTWORD_SESSION_STORE=redis://... (a redis-server
-                started on a free port when the binary exists, or --redis-url);
-- variants:     more batching-on servers with extra environment (--variant), to try a
-                setting against the default in the same run;
-- paced:        the batching-on server again, each session pausing --think-ms after
-                each answer (250 ms: 4 words/s per session, faster than any typist).
+    ceiling   the service with a near-free model (tiny random weights, hidden 32, exported by
+              model_export.tiny): what the front end (API processes, ZeroMQ, the engine's
+              loop) allows; target >= 0.6 of bare
+    lstm      the service with the bundled models (`lstm`, the default); target >= 0.45 of bare
+    (scaling) both of the above, and bare, at each count of API processes in --workers
+    deflate   the service and bare with per-message deflate on (server offers it, the client
+              asks for it) against the same with it off
+    paced     256 users offering --paced-load (50%) of the service's closed-loop capacity
+              measured in the same round, each at a fixed mean rate with jitter: latency
+              at a realistic load; target p99 <= 25 ms, no errors
+    redis     the service with NEXTWORD_SESSION_STORE=redis://... (a redis-server started on
+              a free port when the binary exists, or --redis-url)
+    variants  (--variant NAME:KEY=VALUE,...) the lstm service with more environment: a
+              setting tried against the default in the same run
 
-Without think time the load is a closed loop, so mean latency = sessions / throughput
-(Little's law): at 256 sessions a p99 within 50 ms needs well over 5,000 messages/s.
-The paced row gives the latency at a lower, typist-like load.
+deflate, paced and redis run with --base-workers API processes (default: what `nextword
+serve` starts on this machine). Servers with the same settings are started once and shared.
 
-All servers are started first and stay up; the load generator then drives them in
-turn, `--rounds` times (configurations interleaved, so a change in background load
-touches all of them alike). The load generator is this process: one asyncio loop
-(uvloop when installed) holding `--sessions` connections of the `websockets`
-client, no compression; each connection sends one word, waits for the answer, sends
-the next. Only answers that arrive within the `--seconds` window after `--warmup`
-count. Client, server (and redis-server) share the machine's cores: the table gives
-the CPU each used during the window, in cores, and what the rest of the machine used.
+Load: `LoadGenerator` (benchmarks/lib/wsload.py), --clients processes, each an asyncio loop
+(uvloop) holding its share of the --sessions raw `websockets` connections, no compression
+(except the deflate rows); each connection sends one word, waits for the answer, sends the
+next (closed loop). Only answers within the --seconds window after --warmup count.
 
-    .venv/bin/python benchmarks/bench_e2e.py --json benchmarks/results/e2e.json
+With no think time the load is a closed loop, so mean latency = sessions / throughput
+(Little's law): the closed-loop rows give capacity, and their latency is that queue; the
+paced row gives the latency at a realistic load.
+
+All servers are started first and stay up; the configurations are then driven in turn,
+--rounds times (interleaved, so a change in background load touches all alike). Clients
+and servers share the machine's cores: the table gives the CPU each used during the window
+(the service split into its engine and API processes).
+
+    python -m benchmarks.bench_e2e                  # every configuration -> results/e2e.json
+    python -m benchmarks.bench_e2e --quick --configs ceiling --workers 1
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import json
-import os
-import random
-import resource
-import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -54,182 +55,163 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed
+import psutil
+from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.lib.cpu import machine_busy_s, process_cpu_s
+from benchmarks.lib.machine import command_line, machine, machine_lines, usable_cores
+from benchmarks.lib.models import FALLBACKS, models_dir, tiny_models
+from benchmarks.lib.results import RESULTS, write_report
+from benchmarks.lib.server import ServerProcess, free_port, redis_server, redis_version
+from benchmarks.lib.wsload import Load, LoadGenerator, loop_name, message_texts
+from service.config import Settings
+from service.contract.tokenizer import is_word
 
-from benchmarks.testbed import FALLBACKS, ROOT, machine, machine_lines, models_dir  # noqa: E402
-from service.contract.tokenizer import is_word  # noqa: E402
-
-MODULES = ("onnxruntime", "uvicorn", "websockets", "fastapi", "starlette", "uvloop", "numpy")
-TICKS = os.sysconf("SC_CLK_TCK")
-TARGET_BATCHING = 2.0  # batching on / off
-TARGET_SHARE_OF_BARE = 0.30  # ours / bare
-TARGET_P99_MS = 50.0
-ON, OFF, BARE, REDIS = "batching on", "batching off", "bare uvicorn WS", "redis store"
-PACED = "batching on, paced"
-
-
-def free_port() -> int:
-    """A loopback TCP port that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def process_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process (all its threads)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS
-
-
-def machine_busy_s() -> float:
-    """CPU seconds the whole machine spent busy (all cores, /proc/stat)."""
-    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = values[3] + values[4]  # idle + iowait
-    return (sum(values[:8]) - idle) / TICKS
-
-
-def client_cpu_s() -> float:
-    """CPU seconds of this process (the load generator)."""
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-def scrape(port: int) -> dict[str, float]:
-    """Sums of the service's batch, run and message metrics (all labels) from /metrics."""
-    wanted = (
-        "nextword_batch_size_sum",
-        "nextword_batch_size_count",
-        "nextword_batch_run_duration_seconds_sum",
-        "nextword_ws_message_duration_seconds_sum",
-        "nextword_ws_message_duration_seconds_count",
-    )
-    totals = dict.fromkeys(wanted, 0.0)
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
-            text = reply.read().decode()
-    except (OSError, urllib.error.URLError):
-        return {}
-    for line in text.splitlines():
-        name = line.split("{", 1)[0].split(" ", 1)[0]
-        if name in totals:
-            totals[name] += float(line.rsplit(" ", 1)[1])
-    return totals
+MODULES = (
+    "onnxruntime",
+    "uvicorn",
+    "websockets",
+    "fastapi",
+    "starlette",
+    "msgspec",
+    "zmq",
+    "uvloop",
+    "numpy",
+)
+CONFIGS = ("ceiling", "lstm", "deflate", "paced", "redis")
+TARGET_CEILING = 0.6  # service with a near-free model / bare
+TARGET_LSTM = 0.45  # service with the bundled LSTM / bare
+TARGET_PACED_P99_MS = 25.0
+OTHER_LOAD_WARNING = 0.15  # cores used by other processes during a window
+BARE, SERVICE = "bare", "service"
+BARE_LABEL = "bare WS app"
+LSTM_LABEL = "service, lstm"
+QUICK = {"seconds": 1.5, "warmup": 0.5, "rounds": 1, "retries": 0}
+FULL = {"seconds": 8.0, "warmup": 3.0, "rounds": 2, "retries": 2}
+METRICS = (
+    "nextword_batch_size_sum",
+    "nextword_batch_size_count",
+    "nextword_batch_run_duration_seconds_sum",
+    "nextword_ws_message_duration_seconds_sum",
+    "nextword_ws_message_duration_seconds_count",
+)
 
 
-@dataclass
+# --- servers -------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
 class Server:
-    """One uvicorn server subprocess on a loopback port."""
+    """One server configuration, started once and driven by every row that names it."""
 
-    name: str
-    command: list[str]
-    env: dict[str, str]
-    ready_path: str
-    port: int = field(default_factory=free_port)
-    proc: subprocess.Popen[bytes] | None = None
-    log: Path | None = None
-    helper_pid: int | None = None  # redis-server of the redis configuration
+    kind: str  # BARE or SERVICE
+    workers: int
+    models: Path | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    deflate: bool = False
+    redis_pid: int | None = None
+    process: ServerProcess | None = None
+    roles: dict[str, list[psutil.Process]] = field(default_factory=dict)
 
-    def start(self, log_dir: Path) -> None:
-        """Start the process, its output going to a log file in `log_dir`."""
-        self.log = log_dir / f"{self.name.replace(' ', '_')}.log"
-        env = {**os.environ, **self.env}
-        command = [c.replace("{port}", str(self.port)) for c in self.command]
-        env = {k: v.replace("{port}", str(self.port)) for k, v in env.items()}
-        with self.log.open("wb") as out:
-            self.proc = subprocess.Popen(
-                command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
-            )
+    @property
+    def key(self) -> tuple[Any, ...]:
+        """Servers with equal keys are one server."""
+        return (self.kind, self.workers, self.models, tuple(sorted(self.env.items())), self.deflate)
 
-    def wait_ready(self, timeout: float = 120.0) -> None:
-        """Poll `ready_path` until it answers 200; exit with the log if the server dies."""
-        assert self.proc is not None and self.log is not None
-        deadline = time.monotonic() + timeout
-        url = f"http://127.0.0.1:{self.port}{self.ready_path}"
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                sys.exit(
-                    f"{self.name}: server exited with {self.proc.returncode}:\n"
-                    f"{self.log.read_text()[-3000:]}"
-                )
-            try:
-                with urllib.request.urlopen(url, timeout=2) as reply:
-                    if reply.status == 200:
-                        return
-            except (OSError, urllib.error.URLError):
-                pass
-            time.sleep(0.1)
-        sys.exit(f"{self.name}: not ready after {timeout:.0f} s:\n{self.log.read_text()[-3000:]}")
+    @property
+    def name(self) -> str:
+        """A short name for logs and progress."""
+        extras = [f"{k.removeprefix('NEXTWORD_').lower()}" for k in sorted(self.env)]
+        return " ".join(
+            [
+                self.kind,
+                f"x{self.workers}",
+                *([self.models.name] if self.models else []),
+                *(["deflate"] if self.deflate else []),
+                *extras,
+            ]
+        )
 
-    def stop(self) -> None:
-        """SIGTERM (graceful shutdown), SIGKILL after 30 s."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+    def make_process(self, log_dir: Path) -> ServerProcess:
+        """The subprocess of this configuration, on a free port."""
+        port = free_port()
+        deflate = "true" if self.deflate else "false"
+        if self.kind == SERVICE:
+            env = {
+                "NEXTWORD_HOST": "127.0.0.1",
+                "NEXTWORD_PORT": str(port),
+                "NEXTWORD_WORKERS": str(self.workers),
+                "NEXTWORD_LOG_LEVEL": "warning",
+                "NEXTWORD_MODELS_DIR": str(self.models),
+                "NEXTWORD_WS_PER_MESSAGE_DEFLATE": deflate,
+                **self.env,
+            }
+            command = [sys.executable, "-m", "service"]
+            return ServerProcess(self.name, command, env, port=port, log_dir=log_dir)
+        ready_dir = Path(tempfile.mkdtemp(prefix="ready-", dir=log_dir))
+        command = [
+            *(sys.executable, "-m", "uvicorn", "benchmarks.bare_ws_app:app"),
+            *("--host", "127.0.0.1", "--port", str(port), "--workers", str(self.workers)),
+            *("--log-level", "warning", "--ws-max-size", "65536"),
+            *("--ws-per-message-deflate", deflate),
+        ]
+
+        def all_up() -> bool:
+            return len(list(ready_dir.iterdir())) >= self.workers
+
+        return ServerProcess(
+            self.name,
+            command,
+            {"BARE_WS_READY_DIR": str(ready_dir)},
+            port=port,
+            ready=all_up,
+            log_dir=log_dir,
+        )
+
+    def find_roles(self) -> None:
+        """Sort the server's processes into engine, API and supervisor (for CPU accounting)."""
+        assert self.process is not None
+        root = psutil.Process(self.process.pid)
+        children = root.children(recursive=True)
+        forked = sorted(
+            (c for c in children if "--multiprocessing-fork" in c.cmdline()),
+            key=lambda c: c.create_time(),
+        )
+        rest = [c for c in children if c not in forked]
+        if self.kind == SERVICE:  # the supervisor starts the engine first, then the APIs
+            self.roles = {"engine": forked[:1], "api": forked[1:], "supervisor": [root, *rest]}
+        elif forked:  # uvicorn --workers N: a parent and N workers
+            self.roles = {"api": forked, "supervisor": [root, *rest]}
+        else:
+            self.roles = {"api": [root, *rest]}
+
+    def cpu_s(self) -> dict[str, float]:
+        """CPU seconds by role so far."""
+        return {role: sum(process_cpu_s(p) for p in procs) for role, procs in self.roles.items()}
+
+    def describe(self) -> str:
+        """Its pids by role (for a profiler)."""
+        return ", ".join(
+            f"{role} {' '.join(str(p.pid) for p in procs)}" for role, procs in self.roles.items()
+        )
 
 
-def service_server(name: str, models: Path, extra_env: dict[str, str]) -> Server:
-    """`python -m service` (one worker, log level warning) over `models`."""
-    env = {
-        "NEXTWORD_HOST": "127.0.0.1",
-        "NEXTWORD_PORT": "{port}",
-        "NEXTWORD_WORKERS": "1",
-        "NEXTWORD_LOG_LEVEL": "warning",
-        "NEXTWORD_MODELS_DIR": str(models),
-        **extra_env,
-    }
-    return Server(name, [sys.executable, "-m", "service"], env, "/readyz")
+@dataclass(eq=False)
+class Row:
+    """One row of the table: a server driven in one way."""
 
+    label: str
+    server: Server
+    words: list[str]
+    bare: Row | None = None  # the bare app with the same processes, the ratio's denominator
+    target: float | None = None  # of that ratio
+    compression: bool = False
+    pace_of: Row | None = None  # paced: the closed-loop row whose capacity sets the rate
 
-def bare_server() -> Server:
-    """uvicorn serving `benchmarks/bare_ws_app.py` with the service's frame limit."""
-    command = [
-        sys.executable,
-        "-m",
-        "uvicorn",
-        "benchmarks.bare_ws_app:app",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "{port}",
-        "--workers",
-        "1",
-        "--log-level",
-        "warning",
-        "--ws-max-size",
-        "65536",
-    ]
-    return Server(BARE, command, {}, "/openapi.json")
-
-
-@contextmanager
-def redis_server(url: str | None) -> Iterator[tuple[str | None, int | None, str]]:
-    """(store URL, redis-server pid if started here, a note) for the redis configuration."""
-    if url is not None:
-        yield url, None, f"redis: {url} (given; its CPU is not measured)"
-        return
-    if shutil.which("redis-server") is None:
-        yield None, None, "redis: skipped (no redis-server binary; pass --redis-url)"
-        return
-    from tests.redis_server import RedisServer  # noqa: PLC0415
-
-    server = RedisServer()
-    server.start()
-    try:
-        assert server.proc is not None
-        version = subprocess.run(
-            ["redis-server", "--version"], capture_output=True, text=True
-        ).stdout.split()
-        note = f"redis: redis-server {version[2] if len(version) > 2 else '?'} on {server.url}"
-        yield server.url, server.proc.pid, note
-    finally:
-        server.stop()
+    @property
+    def key(self) -> str:
+        """Unique: the label and the API processes."""
+        return f"{self.label} [{self.server.workers}]"
 
 
 def stream_words(models: Path, default_model: str = "lstm") -> list[str]:
@@ -241,139 +223,221 @@ def stream_words(models: Path, default_model: str = "lstm") -> list[str]:
     return words[:2000]
 
 
-# --- the load generator ------------------------------------------------------------
+class Plan:
+    """The rows to measure, in the order of one round, and the servers they need."""
+
+    def __init__(self) -> None:
+        self.rows: list[Row] = []
+        self.servers: dict[tuple[Any, ...], Server] = {}
+
+    def server(self, candidate: Server) -> Server:
+        """The server with these settings (started once)."""
+        return self.servers.setdefault(candidate.key, candidate)
+
+    def row(self, label: str, server: Server, words: list[str], **extra: Any) -> Row:
+        """The row with this label on this server, added if new."""
+        server = self.server(server)
+        for row in self.rows:
+            if row.label == label and row.server is server:
+                return row
+        row = Row(label, server, words, **extra)
+        self.rows.append(row)
+        return row
 
 
-async def open_sessions(uri: str, sessions: int) -> list[ClientConnection]:
-    """`sessions` connections, each past its `ready` message."""
+def make_plan(
+    args: argparse.Namespace, models: Path, ceiling_models: Path | None, redis_url: str | None
+) -> Plan:
+    """Every row the chosen configurations need."""
+    plan = Plan()
+    words = stream_words(models)
+    configs = set(args.configs)
 
-    async def one() -> ClientConnection:
-        ws = await connect(
-            uri,
-            compression=None,
-            ping_interval=None,
-            open_timeout=60,
-            close_timeout=5,
-            max_size=2**20,
-        )
-        ready = await ws.recv()
-        if not str(ready).startswith('{"type":"ready"'):
-            raise RuntimeError(f"expected a ready message, got {str(ready)[:200]}")
-        return ws
+    def bare(workers: int, deflate: bool = False) -> Row:
+        label = BARE_LABEL + (", deflate on" if deflate else "")
+        return plan.row(label, Server(BARE, workers, deflate=deflate), words, compression=deflate)
 
-    opened: list[ClientConnection] = []
-    for start in range(0, sessions, 64):  # in waves: no accept-queue overflow
-        opened += await asyncio.gather(*(one() for _ in range(start, min(sessions, start + 64))))
-    return opened
+    def lstm(workers: int) -> Row:
+        server = Server(SERVICE, workers, models, dict(args.env))
+        return plan.row(LSTM_LABEL, server, words, bare=bare(workers), target=TARGET_LSTM)
 
-
-async def stream(
-    ws: ClientConnection,
-    messages: list[str],
-    start: float,
-    end: float,
-    latencies: list[float],
-    think_s: float,
-) -> tuple[int, int]:
-    """Send a word, wait for its answer (and `think_s`), repeat until `end`; (answers, errors)."""
-    clock = time.perf_counter
-    count = errors = 0
-    n, i = len(messages), 0
-    try:
-        if think_s:  # sessions out of step, as real typists are
-            await asyncio.sleep(random.uniform(0, think_s))
-        while True:
-            if think_s and i:
-                await asyncio.sleep(think_s)
-            sent = clock()
-            if sent >= end:
-                break
-            await ws.send(messages[i % n])
-            reply = await ws.recv()
-            done = clock()
-            i += 1
-            if done < start or done >= end:
-                continue
-            if isinstance(reply, str) and reply.startswith('{"type":"predictions"'):
-                latencies.append(done - sent)
-                count += 1
-            else:
-                errors += 1
-    except ConnectionClosed:
-        errors += 1
-    return count, errors
-
-
-async def drive(
-    server: Server,
-    sessions: int,
-    words: list[str],
-    warmup: float,
-    seconds: float,
-    think_s: float = 0.0,
-) -> dict[str, Any]:
-    """One measurement of one server."""
-    uri = f"ws://127.0.0.1:{server.port}/v1/stream"
-    conns = await open_sessions(uri, sessions)
-    messages = [json.dumps({"text": w}) for w in words]
-    clock = time.perf_counter
-    start = clock() + warmup
-    end = start + seconds
-    latencies: list[list[float]] = [[] for _ in conns]
-    tasks = [
-        asyncio.create_task(
-            stream(
-                ws, messages[i * 7 % len(messages) :] + messages, start, end, latencies[i], think_s
+    for workers in args.workers:
+        if configs & {"ceiling", "lstm"}:
+            bare(workers)
+        if "ceiling" in configs:
+            assert ceiling_models is not None
+            plan.row(
+                f"ceiling: service, tiny model (hidden {args.ceiling_hidden})",
+                Server(SERVICE, workers, ceiling_models, dict(args.env)),
+                stream_words(ceiling_models),
+                bare=bare(workers),
+                target=TARGET_CEILING,
             )
+        if "lstm" in configs:
+            lstm(workers)
+    base = args.base_workers
+    if "deflate" in configs:
+        lstm(base)
+        plan.row(
+            f"{LSTM_LABEL}, deflate on",
+            Server(SERVICE, base, models, dict(args.env), deflate=True),
+            words,
+            bare=bare(base, deflate=True),
+            compression=True,
         )
-        for i, ws in enumerate(conns)
-    ]
-    assert server.proc is not None
-    pids = [server.proc.pid] + ([server.helper_pid] if server.helper_pid else [])
+    if "redis" in configs and redis_url is not None:
+        lstm(base)
+        env = {**args.env, "NEXTWORD_SESSION_STORE": redis_url}
+        server = Server(SERVICE, base, models, env)
+        plan.row(f"{LSTM_LABEL}, redis store", server, words, bare=bare(base))
+    if "paced" in configs:
+        capacity = lstm(base)
+        plan.row(
+            f"{LSTM_LABEL}, paced {args.paced_load:.0%} of capacity",
+            capacity.server,
+            words,
+            pace_of=capacity,
+        )
+    for name, env in args.variant:
+        lstm(base)
+        server = Server(SERVICE, base, models, {**args.env, **env})
+        plan.row(f"{LSTM_LABEL}, {name}", server, words, bare=bare(base))
+    return plan
 
-    def snapshot() -> tuple[float, float, list[float], float]:
-        return clock(), client_cpu_s(), [process_cpu_s(p) for p in pids], machine_busy_s()
 
-    await asyncio.sleep(max(0.0, start - clock()))
-    before = snapshot()
-    metrics_before = await asyncio.to_thread(scrape, server.port)
-    await asyncio.sleep(max(0.0, end - clock()))
-    after = snapshot()
-    metrics_after = await asyncio.to_thread(scrape, server.port)
-    outcomes = await asyncio.gather(*tasks)
-    await asyncio.gather(*(ws.close() for ws in conns), return_exceptions=True)
+@contextmanager
+def started(plan: Plan, redis_pid: int | None, log_dir: Path) -> Iterator[None]:
+    """Every server of the plan started and ready; all stopped at exit."""
+    with ExitStack() as stack:
+        servers = list(plan.servers.values())
+        for server in servers:
+            server.process = server.make_process(log_dir)
+            stack.callback(server.process.stop)
+            server.process.start()
+            if "NEXTWORD_SESSION_STORE" in server.env:
+                server.redis_pid = redis_pid
+        for server in tqdm(servers, desc="starting servers", unit="server", leave=False):
+            assert server.process is not None
+            server.process.wait_ready()
+            server.find_roles()
+            tqdm.write(f"{server.name}: port {server.process.port}, pids: {server.describe()}")
+        yield
 
-    wall = after[0] - before[0]
-    client = (after[1] - before[1]) / wall
-    server_cpu = [(a - b) / wall for a, b in zip(after[2], before[2])]
-    busy = (after[3] - before[3]) / wall
-    lat = np.array([x for per in latencies for x in per]) * 1e3
-    answered = sum(c for c, _ in outcomes)
+
+# --- one measurement -----------------------------------------------------------------------
+
+
+def scrape(server: Server) -> dict[str, float]:
+    """Sums over all labels of the service's batch and message metrics (GET /metrics)."""
+    assert server.process is not None
+    totals = dict.fromkeys(METRICS, 0.0)
+    try:
+        with urllib.request.urlopen(server.process.url + "/metrics", timeout=5) as reply:
+            text = reply.read().decode()
+    except OSError:
+        return {}
+    for line in text.splitlines():
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in totals:
+            totals[name] += float(line.rsplit(" ", 1)[1])
+    return totals
+
+
+@dataclass
+class Snapshot:
+    """CPU seconds at one moment."""
+
+    at: float
+    server: dict[str, float]
+    clients: float
+    redis: float | None
+    machine: float
+
+
+def snapshot(
+    server: Server, clients: list[psutil.Process], redis: psutil.Process | None
+) -> Snapshot:
+    """Where the CPU seconds stand now."""
+    return Snapshot(
+        time.monotonic(),
+        server.cpu_s(),
+        sum(process_cpu_s(p) for p in clients),
+        process_cpu_s(redis) if redis is not None else None,
+        machine_busy_s(),
+    )
+
+
+def sleep_until(moment: float) -> None:
+    """Sleep until time.monotonic() reaches `moment`."""
+    time.sleep(max(0.0, moment - time.monotonic()))
+
+
+def percentile(values: np.ndarray, q: float) -> float:
+    """A percentile, NaN for no values."""
+    return float(np.percentile(values, q)) if values.size else float("nan")
+
+
+def measure(
+    row: Row, load_gen: LoadGenerator, args: argparse.Namespace, rate: float | None
+) -> dict[str, Any]:
+    """Drive one row once: throughput, latency, errors, CPU, and the engine's batches."""
+    server = row.server
+    assert server.process is not None
+    uri = f"ws://127.0.0.1:{server.process.port}/v1/stream"
+    interval = args.sessions / rate if rate else 0.0
+    load = Load(uri, message_texts(row.words), args.sessions, row.compression, interval)
+    clients = [psutil.Process(pid) for pid in load_gen.pids]
+    redis = psutil.Process(server.redis_pid) if server.redis_pid else None
+    start, end = load_gen.start(load, args.warmup, args.seconds)
+    sleep_until(start)
+    before = snapshot(server, clients, redis)
+    metrics_before = scrape(server) if server.kind == SERVICE else {}
+    sleep_until(end)
+    after = snapshot(server, clients, redis)
+    metrics_after = scrape(server) if server.kind == SERVICE else {}
+    outcome = load_gen.finish()
+
+    wall = after.at - before.at
+    server_cpu = {role: (after.server[role] - before.server[role]) / wall for role in after.server}
+    total_server = sum(server_cpu.values())
+    clients_cpu = (after.clients - before.clients) / wall
+    redis_cpu = None
+    if after.redis is not None and before.redis is not None:
+        redis_cpu = (after.redis - before.redis) / wall
+    busy = (after.machine - before.machine) / wall
+    lat = outcome.latencies_ms
+    msgs_per_s = outcome.answers / args.seconds
     result: dict[str, Any] = {
-        "messages": answered,
-        "errors": sum(e for _, e in outcomes),
-        "msgs_per_s": answered / seconds,
-        "p50_ms": float(np.percentile(lat, 50)) if lat.size else float("nan"),
-        "p99_ms": float(np.percentile(lat, 99)) if lat.size else float("nan"),
+        "msgs_per_s": msgs_per_s,
+        "answers": outcome.answers,
+        "errors": outcome.errors,
+        "error_samples": outcome.error_samples,
+        "p50_ms": percentile(lat, 50),
+        "p99_ms": percentile(lat, 99),
         "max_ms": float(lat.max()) if lat.size else float("nan"),
         "latencies_ms": lat,
+        "deflate_connections": outcome.deflate_connections,
         "cpu_cores": {
-            "client": client,
-            "server": server_cpu[0],
-            "redis": server_cpu[1] if len(server_cpu) > 1 else None,
-            "rest_of_machine": busy - client - sum(server_cpu),
+            "server": total_server,
+            **{f"server_{role}": value for role, value in server_cpu.items()},
+            "clients": clients_cpu,
+            "redis": redis_cpu,
+            "rest_of_machine": busy - total_server - clients_cpu - (redis_cpu or 0.0),
         },
+        "server_cpu_ms_per_msg": 1e3 * total_server / msgs_per_s if msgs_per_s else None,
     }
+    if rate:
+        result["offered_msgs_per_s"] = rate
     delta = {k: metrics_after.get(k, 0.0) - metrics_before.get(k, 0.0) for k in metrics_after}
     if delta.get("nextword_batch_size_count"):
         batches = delta["nextword_batch_size_count"]
         result["mean_batch"] = delta["nextword_batch_size_sum"] / batches
-        result["batches_per_s"] = batches / seconds
+        result["batches_per_s"] = batches / wall
         result["run_ms_per_batch"] = (
             1e3 * delta["nextword_batch_run_duration_seconds_sum"] / batches
         )
     if delta.get("nextword_ws_message_duration_seconds_count"):
-        result["server_ms_per_message"] = (
+        result["api_ms_per_msg"] = (
             1e3
             * delta["nextword_ws_message_duration_seconds_sum"]
             / delta["nextword_ws_message_duration_seconds_count"]
@@ -381,31 +445,110 @@ async def drive(
     return result
 
 
-# --- the report --------------------------------------------------------------------
+def wait_for_quiet(limit_s: float) -> float:
+    """Wait (up to `limit_s`) until the machine is nearly idle for a second; its busy cores."""
+    deadline = time.monotonic() + limit_s
+    while True:
+        before = machine_busy_s()
+        time.sleep(1.0)
+        busy = machine_busy_s() - before
+        if busy <= OTHER_LOAD_WARNING or time.monotonic() >= deadline:
+            return busy
 
 
-def summarize(rounds: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
-    """Per configuration: median throughput over rounds, latency over all rounds pooled."""
+def run_rounds(
+    plan: Plan, load_gen: LoadGenerator, args: argparse.Namespace
+) -> list[dict[str, Any]]:
+    """Every row, `args.rounds` times, interleaved; a row disturbed by other load is measured
+    again (up to `args.retries` times, after waiting for the machine to be quiet)."""
+    rounds: list[dict[str, Any]] = []
+    progress = tqdm(total=args.rounds * len(plan.rows), desc="measuring", unit="row")
+    with progress:
+        for r in range(args.rounds):
+            results: dict[str, Any] = {}
+            for row in plan.rows:
+                progress.set_postfix_str(f"round {r + 1}: {row.key}")
+                rate = None
+                if row.pace_of is not None:
+                    rate = args.paced_load * results[row.pace_of.key]["msgs_per_s"]
+                for attempt in range(args.retries + 1):
+                    m = measure(row, load_gen, args, rate)
+                    other = m["cpu_cores"]["rest_of_machine"]
+                    if other <= OTHER_LOAD_WARNING or attempt == args.retries:
+                        break
+                    busy = wait_for_quiet(args.quiet_wait)
+                    tqdm.write(
+                        f"  {row.key}: other processes used {other:.2f} cores; measuring again "
+                        f"(machine busy {busy:.2f} cores now)"
+                    )
+                m["attempts"] = attempt + 1
+                results[row.key] = m
+                progress.update()
+                tqdm.write(
+                    f"round {r + 1}/{args.rounds} {row.key}: {m['msgs_per_s']:,.0f} msgs/s, "
+                    f"p50 {m['p50_ms']:.2f} ms, p99 {m['p99_ms']:.2f} ms, errors {m['errors']}, "
+                    f"server CPU {m['cpu_cores']['server']:.2f}, "
+                    f"clients CPU {m['cpu_cores']['clients']:.2f}, other {other:.2f}"
+                )
+                for sample in m["error_samples"]:
+                    tqdm.write(f"  error: {sample}")
+            rounds.append(results)
+    return rounds
+
+
+# --- the report ----------------------------------------------------------------------------
+
+
+def summarize(plan: Plan, rounds: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per row: median throughput over rounds, latency over all rounds pooled."""
     out: dict[str, dict[str, Any]] = {}
-    for name in rounds[0]:
-        runs = [r[name] for r in rounds]
+    for row in plan.rows:
+        runs = [r[row.key] for r in rounds]
         lat = np.concatenate([r["latencies_ms"] for r in runs])
+        cpu_keys = runs[0]["cpu_cores"]
         summary: dict[str, Any] = {
+            "configuration": row.label,
+            "api_processes": row.server.workers,
             "msgs_per_s": statistics.median(r["msgs_per_s"] for r in runs),
             "msgs_per_s_by_round": [round(r["msgs_per_s"], 1) for r in runs],
-            "p50_ms": float(np.percentile(lat, 50)) if lat.size else float("nan"),
-            "p99_ms": float(np.percentile(lat, 99)) if lat.size else float("nan"),
+            "p50_ms": percentile(lat, 50),
+            "p99_ms": percentile(lat, 99),
             "max_ms": float(lat.max()) if lat.size else float("nan"),
             "errors": sum(r["errors"] for r in runs),
+            "error_samples": [s for r in runs for s in r["error_samples"]][:5],
             "cpu_cores": {
-                key: None if value is None else statistics.mean(r["cpu_cores"][key] for r in runs)
-                for key, value in runs[0]["cpu_cores"].items()
+                key: None
+                if cpu_keys[key] is None
+                else statistics.mean(r["cpu_cores"][key] for r in runs)
+                for key in cpu_keys
             },
+            "deflate_connections": runs[-1]["deflate_connections"],
         }
-        for key in ("mean_batch", "run_ms_per_batch", "server_ms_per_message", "batches_per_s"):
-            if all(key in r for r in runs):
+        for key in (
+            "server_cpu_ms_per_msg",
+            "mean_batch",
+            "batches_per_s",
+            "run_ms_per_batch",
+            "api_ms_per_msg",
+            "offered_msgs_per_s",
+        ):
+            if all(r.get(key) is not None for r in runs):
                 summary[key] = statistics.mean(r[key] for r in runs)
-        out[name] = summary
+        if row.bare is not None:
+            summary["bare"] = row.bare.key
+            summary["ratio_to_bare_by_round"] = [
+                round(r[row.key]["msgs_per_s"] / r[row.bare.key]["msgs_per_s"], 3)
+                for r in rounds
+                if r[row.bare.key]["msgs_per_s"]
+            ]
+        if row.target is not None:
+            summary["target_ratio"] = row.target
+        out[row.key] = summary
+    for row in plan.rows:
+        if row.bare is not None and out[row.bare.key]["msgs_per_s"]:
+            out[row.key]["ratio_to_bare"] = (
+                out[row.key]["msgs_per_s"] / out[row.bare.key]["msgs_per_s"]
+            )
     return out
 
 
@@ -426,155 +569,191 @@ def table(report: dict[str, Any]) -> str:
     lines = [
         *machine_lines(report["machine"], MODULES),
         report["models_note"],
+        report["ceiling_note"],
         report["redis_note"],
-        f"load: {a['sessions']} WebSocket sessions, one word per message, the next word sent "
-        f"when the answer arrives (paced rows: after a further think time); {a['rounds']} "
-        f"round(s) of {a['seconds']:g} s after {a['warmup']:g} s warm-up per configuration, "
-        f"configurations interleaved; client: websockets {report['machine']['websockets']} on "
-        f"{report['client_loop']}, no compression, in one process",
+        f"load: {a['sessions']} WebSocket sessions from {a['clients']} client processes "
+        f"(websockets {report['machine']['websockets']} on {report['client_loop']}, no "
+        "compression except the deflate rows); closed loop (one word per message, the next "
+        f"sent when the answer arrives) except the paced row; {a['rounds']} round(s) of "
+        f"{a['seconds']:g} s after {a['warmup']:g} s warm-up per row, rows interleaved",
     ]
     if a["env"]:
-        lines.append(f"environment of every service server: {' '.join(a['env'])}")
+        lines.append(f"environment of every service: {a['env']}")
     lines += [
         "",
-        "| configuration | msgs/s (median) | by round | p50 ms | p99 ms | max ms | errors "
-        "| mean batch | run ms/batch | server ms/msg | CPU client | CPU server | CPU redis "
-        "| CPU rest of machine |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| configuration | API procs | msgs/s (median) | by round | / bare | p50 ms | p99 ms "
+        "| errors | CPU server (engine + API + sup.) | server CPU ms/msg | CPU clients "
+        "| CPU redis | CPU rest | mean batch | run ms/batch |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, r in s.items():
+    for r in s.values():
         cpu = r["cpu_cores"]
+        parts = " + ".join(
+            f"{cpu[k]:.2f}"
+            for k in ("server_engine", "server_api", "server_supervisor")
+            if cpu.get(k) is not None
+        )
         by_round = ", ".join(f"{x:,.0f}" for x in r["msgs_per_s_by_round"])
         lines.append(
-            f"| {name} | {r['msgs_per_s']:,.0f} | {by_round} | {r['p50_ms']:.2f} "
-            f"| {r['p99_ms']:.2f} | {r['max_ms']:.1f} | {r['errors']} "
-            f"| {fmt(r.get('mean_batch'), '.1f')} | {fmt(r.get('run_ms_per_batch'), '.2f')} "
-            f"| {fmt(r.get('server_ms_per_message'), '.2f')} | {cpu['client']:.2f} "
-            f"| {cpu['server']:.2f} | {fmt(cpu['redis'], '.2f')} | {cpu['rest_of_machine']:.2f} |"
+            f"| {r['configuration']} | {r['api_processes']} | {r['msgs_per_s']:,.0f} | {by_round} "
+            f"| {fmt(r.get('ratio_to_bare'), '.2f')} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} "
+            f"| {r['errors']} | {cpu['server']:.2f} ({parts}) "
+            f"| {fmt(r.get('server_cpu_ms_per_msg'), '.3f')} | {cpu['clients']:.2f} "
+            f"| {fmt(cpu['redis'], '.2f')} | {cpu['rest_of_machine']:.2f} "
+            f"| {fmt(r.get('mean_batch'), '.1f')} "
+            f"| {fmt(r.get('run_ms_per_batch'), '.2f')} |"
         )
     nproc = report["machine"]["nproc"]
     lines += [
         "",
-        f"CPU: cores used during the measured window (the machine has {nproc}); 'rest of "
-        "machine' is everything else that ran meanwhile (other jobs). 'run ms/batch' is the "
-        "batcher's model time per batch (executor thread, so it includes waiting for a core); "
-        "'server ms/msg' is the server's own receive-to-send time per message.",
+        f"CPU: cores used during the measured window (the machine has {nproc}); 'CPU rest' is "
+        "everything else that ran meanwhile (other jobs, the idle servers). 'server CPU "
+        "ms/msg' is the server's CPU time per answered message. 'run ms/batch' is the engine's "
+        "ONNX Runtime time per batch; '/ bare' divides by the bare app with the same processes "
+        "(deflate on: by the bare app with deflate on).",
         "",
     ]
-    for name, r in s.items():
-        cpu = r["cpu_cores"]
-        total = cpu["client"] + cpu["server"] + (cpu["redis"] or 0.0)
-        lines.append(
-            f"- client CPU share, {name}: {cpu['client'] / total:.0%} of the "
-            f"{total:.2f} cores the benchmark used"
-        )
-    on = s[ON]
-    sessions = a["sessions"]
-    lines.append(
-        f"- with no think time the load is a closed loop: mean latency = sessions / "
-        f"throughput (batching on: {sessions} / {on['msgs_per_s']:,.0f} = "
-        f"{1e3 * sessions / on['msgs_per_s']:.1f} ms), so p99 <= {TARGET_P99_MS:g} ms needs "
-        f"well over {sessions / (TARGET_P99_MS / 1e3):,.0f} msgs/s"
-    )
-    if OFF in s:
-        ratio = on["msgs_per_s"] / s[OFF]["msgs_per_s"]
-        lines.append(
-            f"- batching on / off: {ratio:.2f}x (target >= {TARGET_BATCHING:g}x: "
-            f"{verdict(ratio >= TARGET_BATCHING)})"
-        )
-    if BARE in s:
-        share = on["msgs_per_s"] / s[BARE]["msgs_per_s"]
-        lines.append(
-            f"- ours (batching on) / bare uvicorn WS: {share:.0%} (target >= "
-            f"{TARGET_SHARE_OF_BARE:.0%}: {verdict(share >= TARGET_SHARE_OF_BARE)})"
-        )
-    lines.append(
-        f"- p99 latency, batching on: {on['p99_ms']:.1f} ms (target <= "
-        f"{TARGET_P99_MS:g} ms: {verdict(on['p99_ms'] <= TARGET_P99_MS)})"
-    )
-    paced = next((n for n in s if n.startswith(PACED)), None)
-    if paced is not None:
-        r = s[paced]
-        lines.append(
-            f"- p99 latency, {paced}: {r['p99_ms']:.1f} ms at {r['msgs_per_s']:,.0f} "
-            f"msgs/s offered (target <= {TARGET_P99_MS:g} ms: "
-            f"{verdict(r['p99_ms'] <= TARGET_P99_MS)})"
-        )
-    if REDIS in s:
-        r = s[REDIS]
-        lines.append(
-            f"- redis store / in-process store (both batching on): "
-            f"{r['msgs_per_s'] / on['msgs_per_s']:.2f}x throughput; p99 "
-            f"{r['p99_ms']:.1f} ms (target <= {TARGET_P99_MS:g} ms: "
-            f"{verdict(r['p99_ms'] <= TARGET_P99_MS)})"
-        )
+    lines += notes(report)
     return "\n".join(lines)
 
 
-@dataclass
-class Config:
-    """One row of the table: a server, driven with or without think time."""
-
-    name: str
-    server: Server
-    think_s: float = 0.0
-
-
-async def run_all(
-    configs: list[Config], args: argparse.Namespace, words: list[str]
-) -> list[dict[str, dict[str, Any]]]:
-    """Every configuration, `args.rounds` times, interleaved."""
-    rounds = []
-    for r in range(args.rounds):
-        results = {}
-        for config in configs:
-            print(f"round {r + 1}/{args.rounds}: {config.name} ...", file=sys.stderr, flush=True)
-            m = await drive(
-                config.server, args.sessions, words, args.warmup, args.seconds, config.think_s
+def notes(report: dict[str, Any]) -> list[str]:
+    """The targets, the scaling and the comparisons, one line each."""
+    s: dict[str, dict[str, Any]] = report["summary"]
+    sessions = report["args"]["sessions"]
+    lines = []
+    busiest = max(s.values(), key=lambda r: r["cpu_cores"]["rest_of_machine"])
+    if busiest["cpu_cores"]["rest_of_machine"] > OTHER_LOAD_WARNING:
+        lines.append(
+            f"- WARNING: other processes used up to {busiest['cpu_cores']['rest_of_machine']:.2f} "
+            f"cores during a measured window ({busiest['configuration']} "
+            f"x{busiest['api_processes']}): those rows are lower than on a quiet machine"
+        )
+    closed = [r for r in s.values() if "offered_msgs_per_s" not in r and r["msgs_per_s"]]
+    if closed:
+        r = max(closed, key=lambda r: r["msgs_per_s"])
+        lines.append(
+            f"- closed loop: mean latency = sessions / throughput (Little's law; e.g. "
+            f"{r['configuration']} x{r['api_processes']}: {sessions} / {r['msgs_per_s']:,.0f} "
+            f"= {1e3 * sessions / r['msgs_per_s']:.1f} ms); its latency is that queue, not "
+            "the service's response time: see the paced row"
+        )
+    for r in s.values():
+        if "target_ratio" in r and "ratio_to_bare" in r:
+            ok = r["ratio_to_bare"] >= r["target_ratio"]
+            lines.append(
+                f"- {r['configuration']} / bare, {r['api_processes']} API process(es): "
+                f"{r['ratio_to_bare']:.2f} (by round {r['ratio_to_bare_by_round']}; target >= "
+                f"{r['target_ratio']:g}: {verdict(ok)})"
             )
-            results[config.name] = m
-            print(
-                f"  {m['msgs_per_s']:,.0f} msgs/s, p50 {m['p50_ms']:.2f} ms, "
-                f"p99 {m['p99_ms']:.2f} ms, errors {m['errors']}",
-                file=sys.stderr,
-                flush=True,
+    by_label: dict[str, dict[int, float]] = {}
+    for r in s.values():
+        if "offered_msgs_per_s" not in r:
+            by_label.setdefault(r["configuration"], {})[r["api_processes"]] = r["msgs_per_s"]
+    for label, series in by_label.items():
+        if len(series) > 1 and min(series) in series and series[min(series)]:
+            one = series[min(series)]
+            steps = ", ".join(f"{w}: {v:,.0f} ({v / one:.2f}x)" for w, v in sorted(series.items()))
+            lines.append(f"- scaling, {label}: msgs/s by API processes: {steps}")
+    for r in s.values():
+        label = r["configuration"]
+        if label.endswith("deflate on"):
+            off = next(
+                (
+                    o
+                    for o in s.values()
+                    if o["configuration"] == label.removesuffix(", deflate on")
+                    and o["api_processes"] == r["api_processes"]
+                ),
+                None,
             )
-        rounds.append(results)
-    return rounds
+            if off and off["msgs_per_s"]:
+                lines.append(
+                    f"- deflate on / off, {label.removesuffix(', deflate on')}: "
+                    f"{r['msgs_per_s'] / off['msgs_per_s']:.2f}x msgs/s (negotiated on "
+                    f"{r['deflate_connections']} of {sessions} connections)"
+                )
+        if "offered_msgs_per_s" in r:
+            ok = r["p99_ms"] <= TARGET_PACED_P99_MS and r["errors"] == 0
+            lines.append(
+                f"- {label}: {r['offered_msgs_per_s']:,.0f} msgs/s offered "
+                f"({sessions} users, {r['offered_msgs_per_s'] / sessions:.1f} msgs/s each), "
+                f"{r['msgs_per_s']:,.0f} answered; p50 {r['p50_ms']:.1f} ms, p99 "
+                f"{r['p99_ms']:.1f} ms, {r['errors']} errors (target p99 <= "
+                f"{TARGET_PACED_P99_MS:g} ms, no errors: {verdict(ok)})"
+            )
+        if label.endswith("redis store"):
+            memory = next(
+                (
+                    o
+                    for o in s.values()
+                    if o["configuration"] == LSTM_LABEL and o["api_processes"] == r["api_processes"]
+                ),
+                None,
+            )
+            if memory and memory["msgs_per_s"]:
+                lines.append(
+                    f"- redis store / in-process store: {r['msgs_per_s'] / memory['msgs_per_s']:.2f}x "
+                    f"msgs/s; redis-server used {fmt(r['cpu_cores']['redis'], '.2f')} cores"
+                )
+    return lines
 
 
-def event_loop() -> tuple[asyncio.Runner, str]:
-    """A runner on uvloop when it is installed (a cheaper client), else asyncio's own."""
-    try:
-        import uvloop  # noqa: PLC0415
-
-        return asyncio.Runner(loop_factory=uvloop.new_event_loop), f"uvloop {uvloop.__version__}"
-    except ImportError:
-        return asyncio.Runner(), "asyncio (uvloop not installed)"
+# --- command line --------------------------------------------------------------------------
 
 
-def parse_env(pairs: list[str]) -> dict[str, str]:
-    """KEY=VALUE strings -> a dict; exits on a malformed one."""
-    env = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            sys.exit(f"expected KEY=VALUE, got {pair!r}")
-        env[key] = value
-    return env
+def int_list(text: str) -> list[int]:
+    """'1,2,4' -> [1, 2, 4]."""
+    return [int(x) for x in text.split(",") if x.strip()]
 
 
-def parse_variant(text: str) -> tuple[str, dict[str, str]]:
-    """'NAME:KEY=VALUE,KEY=VALUE' -> (name, env)."""
+def config_list(text: str) -> list[str]:
+    """'ceiling,lstm' -> checked names."""
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    unknown = set(names) - set(CONFIGS)
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown configurations {sorted(unknown)}; of {CONFIGS}")
+    return names
+
+
+def env_pair(text: str) -> tuple[str, str]:
+    """'KEY=VALUE' -> (KEY, VALUE)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
+def variant(text: str) -> tuple[str, dict[str, str]]:
+    """'NAME:KEY=VALUE,KEY=VALUE' -> (NAME, {KEY: VALUE, ...})."""
     name, sep, pairs = text.partition(":")
     if not sep or not name:
-        sys.exit(f"expected NAME:KEY=VALUE[,KEY=VALUE...], got {text!r}")
-    return name, parse_env(pairs.split(","))
+        raise argparse.ArgumentTypeError(f"expected NAME:KEY=VALUE[,KEY=VALUE...], got {text!r}")
+    return name, dict(env_pair(pair) for pair in pairs.split(","))
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    cores = usable_cores()
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument(
+        "--configs",
+        type=config_list,
+        default=list(CONFIGS),
+        help=f"comma list of configurations, of {', '.join(CONFIGS)}",
+    )
+    p.add_argument(
+        "--workers",
+        type=int_list,
+        default=[w for w in (1, 2, 4, 8) if w <= cores] or [1],
+        help="comma list of API process counts for the ceiling, lstm and bare rows",
+    )
+    p.add_argument(
+        "--base-workers",
+        type=int,
+        default=Settings(workers=0).api_processes(),
+        help="API processes of the deflate, paced and redis rows (default: as `nextword serve`)",
     )
     p.add_argument("--models", type=Path, help="models directory (default: the bundled models)")
     p.add_argument(
@@ -583,97 +762,133 @@ def main(argv: list[str] | None = None) -> None:
         default="tiny",
         help="random-weight models to export when there are no bundled ones",
     )
-    p.add_argument("--sessions", type=int, default=256, help="concurrent WebSocket sessions")
-    p.add_argument("--seconds", type=float, default=15.0, help="measured seconds per round")
-    p.add_argument("--warmup", type=float, default=3.0, help="unmeasured seconds first")
-    p.add_argument("--rounds", type=int, default=2, help="passes over all configurations")
     p.add_argument(
-        "--think-ms",
-        type=float,
-        default=250.0,
-        help="think time of the paced row (batching on, a pause after each answer); "
-        "0: no paced row",
+        "--ceiling-models",
+        type=Path,
+        help="models of the ceiling rows (default: tiny ones exported into a temp dir)",
     )
-    p.add_argument("--redis-url", help="an existing Redis for the redis configuration")
-    p.add_argument("--no-redis", action="store_true", help="skip the redis configuration")
+    p.add_argument("--ceiling-hidden", type=int, default=32, help="hidden size of those")
+    p.add_argument("--sessions", type=int, default=256, help="concurrent WebSocket sessions")
+    p.add_argument(
+        "--clients",
+        type=int,
+        default=max(2, min(8, cores // 2)),
+        help="client processes sharing the sessions",
+    )
+    p.add_argument("--seconds", type=float, help=f"measured seconds per row ({FULL['seconds']:g})")
+    p.add_argument("--warmup", type=float, help=f"unmeasured seconds first ({FULL['warmup']:g})")
+    p.add_argument("--rounds", type=int, help=f"passes over all rows ({FULL['rounds']})")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"a smoke run: {QUICK}, no JSON unless --json",
+    )
+    p.add_argument(
+        "--paced-load",
+        type=float,
+        default=0.5,
+        help="the paced row's offered load, as a share of the closed-loop capacity",
+    )
+    p.add_argument(
+        "--retries",
+        type=int,
+        help=f"measure a row again when other processes used > {OTHER_LOAD_WARNING} cores "
+        f"({FULL['retries']}; quick: {QUICK['retries']})",
+    )
+    p.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=60.0,
+        help="longest wait for the machine to be quiet before measuring again (seconds)",
+    )
+    p.add_argument("--redis-url", help="an existing Redis for the redis row (default: start one)")
     p.add_argument(
         "--env",
+        type=env_pair,
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="environment of every service server (repeatable)",
+        help="environment of every service (repeatable)",
     )
     p.add_argument(
         "--variant",
+        type=variant,
         action="append",
         default=[],
         metavar="NAME:KEY=VALUE,...",
-        help="one more batching-on row with this environment (repeatable), e.g. "
-        "'1 ORT thread:NEXTWORD_INTRA_OP_THREADS=1'",
+        help="one more row: the lstm service (--base-workers) with this environment, to try "
+        "a setting against the default in the same run (repeatable), e.g. "
+        "'max batch 64:NEXTWORD_MAX_BATCH=64'",
     )
-    p.add_argument("--json", type=Path, help="also write the figures as JSON to this path")
+    p.add_argument("--json", type=Path, help=f"where to write the report ({RESULTS}/e2e.json)")
+    p.add_argument("--log-dir", type=Path, help="keep the servers' logs here (default: a temp dir)")
     args = p.parse_args(argv)
-    common_env = parse_env(args.env)
-    variants = [parse_variant(v) for v in args.variant]
+    for key, value in (QUICK if args.quick else FULL).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.json is None and not args.quick:
+        args.json = RESULTS / "e2e.json"
+    args.env = dict(args.env)
+    return args
 
+
+@contextmanager
+def redis_for(args: argparse.Namespace) -> Iterator[tuple[str | None, int | None, str]]:
+    """(store URL, redis-server pid if started here, a note) for the redis row."""
+    if "redis" not in args.configs:
+        yield None, None, "redis: not measured"
+    elif args.redis_url:
+        yield args.redis_url, None, f"redis: {args.redis_url} (given; its CPU is not measured)"
+    elif redis_version() is None:
+        yield None, None, "redis: skipped (no redis-server binary; pass --redis-url)"
+    else:
+        with redis_server() as (url, pid):
+            yield url, pid, f"redis: redis-server {redis_version()} on {url}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     info = machine(MODULES)
     with ExitStack() as stack:
         models, models_note = stack.enter_context(models_dir(args.models, args.fallback))
-        if args.no_redis:
-            redis_url, redis_pid, redis_note = None, None, "redis: skipped (--no-redis)"
+        ceiling_models, ceiling_note = args.ceiling_models, "ceiling: not measured"
+        if "ceiling" in args.configs:
+            if ceiling_models is None:
+                ceiling_models = stack.enter_context(tiny_models(args.ceiling_hidden))
+                ceiling_note = (
+                    f"ceiling: tiny random-weight models (model_export.tiny, hidden "
+                    f"{args.ceiling_hidden}, ~200 words), exported for this run"
+                )
+            else:
+                ceiling_note = f"ceiling: models in {ceiling_models}"
+        redis_url, redis_pid, redis_note = stack.enter_context(redis_for(args))
+        plan = make_plan(args, models, ceiling_models, redis_url)
+        if args.log_dir is not None:
+            args.log_dir.mkdir(parents=True, exist_ok=True)
+            log_dir = args.log_dir
         else:
-            redis_url, redis_pid, redis_note = stack.enter_context(redis_server(args.redis_url))
-        on = service_server(ON, models, common_env)
-        configs = [
-            Config(ON, on),
-            Config(OFF, service_server(OFF, models, {**common_env, "NEXTWORD_MAX_BATCH": "1"})),
-            Config(BARE, bare_server()),
-        ]
-        if redis_url is not None:
-            redis = service_server(
-                REDIS, models, {**common_env, "NEXTWORD_SESSION_STORE": redis_url}
-            )
-            redis.helper_pid = redis_pid
-            configs.append(Config(REDIS, redis))
-        configs += [
-            Config(name, service_server(name, models, {**common_env, **env}))
-            for name, env in variants
-        ]
-        if args.think_ms > 0:
-            configs.append(Config(f"{PACED} (think {args.think_ms:g} ms)", on, args.think_ms / 1e3))
-        servers = list({id(c.server): c.server for c in configs}.values())
-        log_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-e2e-")))
-        for server in servers:
-            stack.callback(server.stop)
-            server.start(log_dir)
-        for server in servers:
-            server.wait_ready()
-        runner, loop_name = event_loop()
-        with runner:
-            rounds = runner.run(run_all(configs, args, stream_words(models)))
+            log_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-e2e-")))
+        load_gen = stack.enter_context(LoadGenerator(args.clients))
+        stack.enter_context(started(plan, redis_pid, log_dir))
+        rounds = run_rounds(plan, load_gen, args)
     report: dict[str, Any] = {
         "machine": info,
         "models_note": models_note,
+        "ceiling_note": ceiling_note,
         "redis_note": redis_note,
-        "client_loop": loop_name,
+        "client_loop": loop_name(),
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "command": " ".join(
-            [
-                Path(sys.executable).name,
-                "benchmarks/bench_e2e.py",
-                *(argv if argv is not None else sys.argv[1:]),
-            ]
-        ),
-        "summary": summarize(rounds),
+        "command": command_line("benchmarks.bench_e2e", argv),
+        "summary": summarize(plan, rounds),
         "rounds": [
-            {name: {k: v for k, v in r.items() if k != "latencies_ms"} for name, r in rnd.items()}
+            {key: {k: v for k, v in r.items() if k != "latencies_ms"} for key, r in rnd.items()}
             for rnd in rounds
         ],
     }
-    print(table(report))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    text = table(report)
+    print(text)
+    if args.json is not None:
+        write_report(args.json, report, text)
 
 
 if __name__ == "__main__":

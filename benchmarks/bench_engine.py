@@ -35,8 +35,12 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+
+from benchmarks.lib.machine import command_line
+from benchmarks.lib.results import write_report
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_RUNS = [ROOT / "runs" / "lstm", ROOT / "runs" / "gru"]
@@ -390,23 +394,20 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--json", type=Path, help="also write the figures as JSON to this path")
     args = p.parse_args(argv)
-    report = {"machine": machine(args.threads), "gemm": gemm_peak(args.gemm_seconds), "models": {}}
+    report: dict[str, Any] = {
+        "machine": machine(args.threads),
+        "gemm": gemm_peak(args.gemm_seconds),
+        "models": {},
+    }
     print(f"GEMM peak {report['gemm']['peak_gflops']:.0f} GFLOP/s", flush=True)
     for run_dir in args.checkpoint:
         report["models"][run_dir.name] = bench_run(run_dir, args.seconds, args.threads, args.int8)
-    report["command"] = " ".join(
-        [
-            Path(sys.executable).name,
-            "-m",
-            "benchmarks.bench_engine",
-            *(argv if argv is not None else sys.argv[1:]),
-        ]
-    )
+    report["command"] = command_line("benchmarks.bench_engine", argv)
+    text = table(report)
     print()
-    print(table(report))
+    print(text)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        write_report(args.json, report, text)
 
 
 if __name__ == "__main__":

@@ -7,64 +7,28 @@ the time redis-server itself spent (it runs commands on one thread, so this boun
 the steps/s one Redis can serve for all replicas together), and what one session
 takes in Redis (`MEMORY USAGE`).
 
-    python benchmarks/bench_store.py                      # starts a redis-server on loopback
-    python benchmarks/bench_store.py --url redis://host:6379/15   # an existing Redis (db is flushed!)
+    python -m benchmarks.bench_store                      # starts a redis-server on loopback
+    python -m benchmarks.bench_store --url redis://host:6379/15   # an existing Redis (db is flushed!)
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import platform
-import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
-import redis
 from redis.utils import HIREDIS_AVAILABLE
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.lib.machine import machine, machine_lines
+from benchmarks.lib.server import redis_server, redis_version
+from service.store import MemorySessionStore, SessionRecord, SessionStore
+from service.store.redis import RedisSessionStore
 
-from service.store import MemorySessionStore, SessionRecord, SessionStore  # noqa: E402
-from service.store.redis import RedisSessionStore  # noqa: E402
-
-
-@contextmanager
-def local_redis() -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """A throwaway redis-server on a free loopback port (no persistence)."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        sys.exit("no redis-server binary: install redis-server or pass --url")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-    )
-    try:
-        url = f"redis://127.0.0.1:{port}/0"
-        client = redis.Redis.from_url(url)
-        for _ in range(500):
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                time.sleep(0.01)
-        client.close()
-        yield url, proc
-    finally:
-        proc.terminate()
-        proc.wait()
+MODULES = ("numpy", "redis")
 
 
 def make_records(n: int, cell: str, layers: int, hidden: int) -> list[SessionRecord]:
@@ -96,9 +60,9 @@ async def time_steps(
     deadline = time.perf_counter() + min_seconds
     while time.perf_counter() < deadline or len(times) < 20:
         start = time.perf_counter()
-        got = await store.get_many(ids)
-        updated = [replace(r, tokens=r.tokens + 1, last_used_at=time.time()) for r in got]  # type: ignore[type-var]
-        ok = await store.put_many(updated, [r.version for r in got])  # type: ignore[union-attr]
+        got = [r for r in await store.get_many(ids) if r is not None]
+        updated = [replace(r, tokens=r.tokens + 1, last_used_at=time.time()) for r in got]
+        ok = await store.put_many(updated, [r.version for r in got])
         times.append(time.perf_counter() - start)
         assert all(ok)
     return times
@@ -113,27 +77,13 @@ async def server_seconds(store: RedisSessionStore, steps: int) -> float:
     return sum(v["usec"] for v in stats.values()) / 1e6 / steps
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}"
-
-
 async def run(url: str, args: argparse.Namespace) -> None:
     redis_store = RedisSessionStore.from_url(url, ttl_s=600)
     await redis_store._redis.flushdb()
     info = await redis_store._redis.info("server")
-    load = " / ".join(f"{x:.2f}" for x in os.getloadavg())
-    print(f"machine: {machine()}; load average {load} at start")
+    print("\n".join(machine_lines(machine(MODULES), MODULES)))
     print(
-        f"python {platform.python_version()}, numpy {np.__version__}, redis-py {redis.__version__} "
-        f"(hiredis parser: {'yes' if HIREDIS_AVAILABLE else 'no'}), "
+        f"redis-py hiredis parser: {'yes' if HIREDIS_AVAILABLE else 'no'}; "
         f"redis-server {info['redis_version']} on {url.split('@')[-1]}"
     )
     print(
@@ -180,8 +130,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.url:
         asyncio.run(run(args.url, args))
+    elif redis_version() is None:
+        sys.exit("no redis-server binary: install redis-server or pass --url")
     else:
-        with local_redis() as (url, _):
+        with redis_server() as (url, _):
             asyncio.run(run(url, args))
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import shutil
 import subprocess
 import sys
@@ -32,7 +31,9 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from benchmarks.testbed import BUNDLED_MODELS, machine, machine_lines
+from benchmarks.lib.machine import machine, machine_lines
+from benchmarks.lib.results import write_report
+from service.config import BUNDLED_MODELS
 from service.contract.artifact import ModelArtifact
 from service.engine.runtime import CPU, CUDA, OrtModel
 
@@ -274,8 +275,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args.out.mkdir(parents=True, exist_ok=True)
     text = table(report)
-    (args.out / "gpu_check.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / "gpu_check.txt").write_text(text + "\n")
+    write_report(args.out / "gpu_check.json", report, text)
     print(text)
     print(f"\nwrote {args.out / 'gpu_check.json'} and {args.out / 'gpu_check.txt'}")
     return 0

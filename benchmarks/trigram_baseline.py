@@ -282,7 +282,7 @@ def run(
     for name, stream in streams.items():
         results[name] = {}
         for ranker, model in rankers.items():
-            step, zero = ngram_stepper(model, vocab)
+            step, zero = ngram_stepper(model, vocab)  # type: ignore[arg-type]
             metrics: dict = evaluate_stream(
                 step, zero, vocab, stream, rows, max_tokens, desc=f"{ranker} {name[:24]}"
             )

@@ -1,6 +1,12 @@
-"""Trigram baseline on hand-made corpora: ranking, backoff, words only, OOV targets are misses."""
+"""Benchmarks that run: the trigram baseline on hand-made corpora (ranking, backoff, words only,
+OOV targets are misses), and the end-to-end WebSocket benchmark in --quick mode."""
 
 from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -105,3 +111,32 @@ def test_the_built_vocabulary_follows_the_training_rule() -> None:
             frequent_vocabulary(tokens, size, min_count).tokens
             == build_vocab(tokens, size, min_count).tokens
         )
+
+
+@pytest.mark.slow
+def test_the_e2e_benchmark_measures_every_row(tiny_artifacts: Path, tmp_path: Path) -> None:
+    # A real run, made small: one API process, 8 sessions from one client process, the tiny
+    # models standing in for both the ceiling's and the bundled ones. Throughput and errors
+    # only: the figures themselves depend on the machine.
+    out = tmp_path / "e2e.json"
+    command = [
+        *(sys.executable, "-m", "benchmarks.bench_e2e", "--quick"),
+        *("--configs", "ceiling,paced", "--workers", "1", "--base-workers", "1"),
+        *("--sessions", "8", "--clients", "1"),
+        *("--models", str(tiny_artifacts), "--ceiling-models", str(tiny_artifacts)),
+        *("--json", str(out)),
+    ]
+    root = Path(__file__).resolve().parent.parent
+    run = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    summary = json.loads(out.read_text())["summary"]
+    assert {r["configuration"].split(",")[0] for r in summary.values()} == {
+        "bare WS app",
+        "ceiling: service",
+        "service",
+    }
+    assert any("paced" in r["configuration"] for r in summary.values())
+    for row in summary.values():
+        assert row["msgs_per_s"] > 0, row
+        assert row["errors"] == 0, row["error_samples"]
+    assert "| bare WS app | 1 |" in out.with_suffix(".txt").read_text()

@@ -116,7 +116,9 @@ async def test_requests_of_one_tick_travel_in_one_frame_and_batch(
 
 
 async def test_an_aborted_request_is_not_applied(engine: EngineProcess, client: ZmqClient) -> None:
-    created = await client.call(StepRequest(client.next_id(), "gru", [], 5, "abort-me", create=True))
+    created = await client.call(
+        StepRequest(client.next_id(), "gru", [], 5, "abort-me", create=True)
+    )
     assert created.error is None
     long_text = [int(t) for t in np.random.default_rng(0).integers(10, 100, 2000)]
     # Steps of one session run one batch after another: the two long ones keep the

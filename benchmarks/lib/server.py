@@ -18,7 +18,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from types import TracebackType
 
@@ -137,15 +137,15 @@ class ServerProcess:
             try:
                 self.proc.wait(timeout=STOP_TIMEOUT_S)
             except subprocess.TimeoutExpired:
-                print(f"{self.name}: no exit {STOP_TIMEOUT_S:.0f} s after SIGTERM; killing it",
-                      file=sys.stderr)
+                print(
+                    f"{self.name}: no exit {STOP_TIMEOUT_S:.0f} s after SIGTERM; killing it",
+                    file=sys.stderr,
+                )
                 self.proc.kill()
                 self.proc.wait()
             for child in tree:  # whatever outlived its parent
-                try:
+                with suppress(psutil.Error):
                     child.kill()
-                except psutil.Error:
-                    pass
         return self.proc.returncode
 
     def __enter__(self) -> ServerProcess:

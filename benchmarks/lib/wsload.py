@@ -21,6 +21,7 @@ All processes share one clock (time.monotonic, system-wide on Linux).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import multiprocessing
 import random
@@ -319,10 +320,8 @@ class LoadGenerator:
     def close(self) -> None:
         """Stop the client processes."""
         for conn in self.conns:
-            try:
+            with contextlib.suppress(OSError):
                 conn.send(None)
-            except OSError:
-                pass
             conn.close()
         for process in self.processes:
             process.join(10)
