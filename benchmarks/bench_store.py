@@ -5,7 +5,11 @@ over the batch's sessions. This times that pair for batches of several sizes, wi
 states of a given model shape, and prints the cost per step and the Redis/memory ratio,
 the time redis-server itself spent (it runs commands on one thread, so this bounds
 the steps/s one Redis can serve for all replicas together), and what one session
-takes in Redis (`MEMORY USAGE`).
+takes in Redis (`MEMORY USAGE`). The last two columns are what the engine really uses with
+Redis, its own copy in front (`TieredSessionStore`): written through (each batch written
+to Redis before it is answered; reads of the engine's own sessions need no round trip) and
+written behind (answered at once; every session written since the last flush goes to
+Redis in one transaction every 50 ms, its cost spread over the steps it covered).
 
     python -m benchmarks.bench_store                      # starts a redis-server on loopback
     python -m benchmarks.bench_store --url redis://host:6379/15   # an existing Redis (db is flushed!)
@@ -25,7 +29,7 @@ from redis.utils import HIREDIS_AVAILABLE
 
 from benchmarks.lib.machine import machine, machine_lines
 from benchmarks.lib.server import redis_server, redis_version
-from service.store import MemorySessionStore, SessionRecord, SessionStore
+from service.store import MemorySessionStore, SessionRecord, SessionStore, TieredSessionStore
 from service.store.redis import RedisSessionStore
 
 MODULES = ("numpy", "redis")
@@ -68,6 +72,31 @@ async def time_steps(
     return times
 
 
+async def time_tiered(
+    url: str, write: str, records: list[SessionRecord], min_seconds: float
+) -> float:
+    """Seconds per batch of the engine's copy over Redis, flushes (behind) included."""
+    shared = RedisSessionStore.from_url(url, ttl_s=600)
+    await shared._redis.flushdb()
+    store = TieredSessionStore(shared, write=write, ttl_s=600)  # type: ignore[arg-type]
+    assert all(await store.put_many(records, [None] * len(records)))
+    await store.flush()
+    ids = [r.session_id for r in records]
+    steps, started, last_flush = 0, time.perf_counter(), time.perf_counter()
+    while time.perf_counter() - started < min_seconds or steps < 20:
+        got = [r for r in await store.get_many(ids) if r is not None]
+        updated = [replace(r, tokens=r.tokens + 1, last_used_at=time.time()) for r in got]
+        assert all(await store.put_many(updated, [r.version for r in got]))
+        steps += 1
+        if write == "behind" and time.perf_counter() - last_flush >= store.flush_interval_s:
+            await store.flush()
+            last_flush = time.perf_counter()
+    await store.flush()
+    elapsed = time.perf_counter() - started
+    await store.close()
+    return elapsed / steps
+
+
 async def server_seconds(store: RedisSessionStore, steps: int) -> float:
     """Seconds redis-server spent per step (INFO commandstats since the last reset).
 
@@ -93,7 +122,7 @@ async def run(url: str, args: argparse.Namespace) -> None:
     header = (
         f"| {'batch':>5} | {'memory ms/batch':>15} | {'redis ms/batch':>14} "
         f"| {'memory us/step':>14} | {'redis us/step':>13} | {'redis/memory':>12} "
-        f"| {'redis-server us/step':>18} |"
+        f"| {'redis-server us/step':>18} | {'through us/step':>15} | {'behind us/step':>14} |"
     )
     print(header)
     print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
@@ -106,10 +135,13 @@ async def run(url: str, args: argparse.Namespace) -> None:
         times = await time_steps(redis_store, records, args.seconds)
         red = statistics.median(times)
         server = await server_seconds(redis_store, len(times))
+        through = await time_tiered(url, "through", records, args.seconds)
+        behind = await time_tiered(url, "behind", records, args.seconds)
         print(
             f"| {batch:>5} | {mem * 1e3:>15.3f} | {red * 1e3:>14.3f} "
             f"| {mem / batch * 1e6:>14.2f} | {red / batch * 1e6:>13.2f} | {red / mem:>12.1f} "
-            f"| {server / batch * 1e6:>18.2f} |"
+            f"| {server / batch * 1e6:>18.2f} | {through / batch * 1e6:>15.2f} "
+            f"| {behind / batch * 1e6:>14.2f} |"
         )
     key = redis_store._key("bench-0")
     value = await redis_store._redis.strlen(key)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from typing import Any
@@ -149,4 +150,22 @@ async def test_closing_flushes_what_was_written_behind(redis_url: str) -> None:
     await other.delete("d")
     with pytest.raises(UnknownSession):
         await other.get("d")
+    await other.close()
+
+
+async def test_flushes_never_overlap(redis_url: str) -> None:
+    store, _ = tiered(redis_url, "behind")
+    first = record("e")
+    await store.put_many([first], [None])
+    await store.flush()
+    (got,) = await store.get_many(["e"])
+    assert got is not None
+    await store.put_many([replace(got, tokens=6)], [got.version])
+    before = REGISTRY.get_sample_value("nextword_store_conflicts_total") or 0.0
+    await asyncio.gather(store.flush(), store.flush())  # the background flush and close()
+    assert (REGISTRY.get_sample_value("nextword_store_conflicts_total") or 0.0) == before
+    other, _ = tiered(redis_url)
+    (seen,) = await other.get_many(["e"])
+    assert seen is not None and seen.tokens == 6
+    await store.close()
     await other.close()

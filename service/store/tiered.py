@@ -74,6 +74,8 @@ class TieredSessionStore:
     clock: Callable[[], float] = time.monotonic
     _local: OrderedDict[str, _Local] = field(default_factory=OrderedDict, repr=False)
     _flusher: asyncio.Task[None] | None = field(default=None, repr=False)
+    # One flush at a time: two would send the same versions and one would lose the CAS.
+    _flushing: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
 
     @property
     def evictions(self) -> int:
@@ -174,6 +176,10 @@ class TieredSessionStore:
 
     async def flush(self) -> None:
         """Write every session written behind since the last flush to the shared store."""
+        async with self._flushing:
+            await self._flush()
+
+    async def _flush(self) -> None:
         dirty = [(sid, local) for sid, local in self._local.items() if local.dirty]
         if not dirty:
             return

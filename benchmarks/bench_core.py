@@ -1,0 +1,148 @@
+"""The engine without HTTP: steps/s of `EngineCore`, in this process and over ZeroMQ.
+
+What one engine process can do, whatever the number of API processes in front of it:
+`--sessions` sessions each step one word per round (a batch of that many one-token
+steps), as fast as answers come back. "in process": `EngineCore.handle` called on this
+event loop (scheduler, session store, protocol structs; no sockets). "over ZeroMQ": the
+engine in its own process (`service.engine.proc`) and a `ZmqClient` here sending each
+round as one frame. With a near-free model (hidden 32) this is the engine's own cost per
+step; with the bundled LSTM, ONNX Runtime's share shows.
+
+    python -m benchmarks.bench_core --json benchmarks/results/core.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.lib.machine import machine, machine_lines
+from benchmarks.lib.results import write_report
+from service.config import Settings
+from service.contract.protocol import EngineOutput, StepRequest
+from service.engine.client import ZmqClient
+from service.engine.core import EngineCore
+from service.engine.proc import run_engine
+
+MODULES = ("onnxruntime", "numpy", "msgspec", "zmq")
+
+
+def settings(models: Path, model: str, threads: int) -> Settings:
+    return Settings(
+        models_dir=models, default_model=model, providers="CPUExecutionProvider",
+        intra_op_threads=threads,
+    )  # fmt: skip
+
+
+async def in_process(
+    models: Path, model: str, sessions: int, seconds: float, threads: int
+) -> float:
+    core = await EngineCore.start(settings(models, model, threads))
+    ids = [f"s{i}" for i in range(sessions)]
+    try:
+        done = asyncio.Event()
+        answered: list[EngineOutput] = []
+
+        def reply(output: EngineOutput) -> None:
+            answered.append(output)
+            if len(answered) == sessions:
+                done.set()
+
+        async def round_(requests: list[StepRequest]) -> None:
+            answered.clear()
+            done.clear()
+            core.handle(list(requests), reply, "bench")
+            await done.wait()
+            assert all(o.error is None for o in answered), answered[0]
+
+        await round_([StepRequest(i, model, [], 5, sid, create=True) for i, sid in enumerate(ids)])
+        steps, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            word = 10 + steps % 50
+            await round_([StepRequest(i, model, [word], 5, sid) for i, sid in enumerate(ids)])
+            steps += sessions
+        return steps / (time.perf_counter() - start)
+    finally:
+        await core.close()
+
+
+async def over_zmq(models: Path, model: str, sessions: int, seconds: float, threads: int) -> float:
+    with tempfile.TemporaryDirectory(prefix="nextword-bench-") as run_dir:
+        address = f"ipc://{run_dir}/engine"
+        context = multiprocessing.get_context("spawn")
+        control, theirs = context.Pipe()
+        engine = context.Process(
+            target=run_engine, args=(settings(models, model, threads), address, theirs)
+        )
+        engine.start()
+        theirs.close()
+        if not control.poll(300):
+            raise RuntimeError("the engine did not start")
+        control.recv()
+        client = await ZmqClient.connect(address)
+        ids = [f"s{i}" for i in range(sessions)]
+        try:
+
+            async def round_(make: Any) -> None:
+                outputs = await asyncio.gather(
+                    *(client.call(make(client.next_id(), sid)) for sid in ids)
+                )
+                assert all(o.error is None for o in outputs), outputs[0]
+
+            await round_(lambda rid, sid: StepRequest(rid, model, [], 5, sid, create=True))
+            steps, start = 0, time.perf_counter()
+            while time.perf_counter() - start < seconds:
+                word = 10 + steps % 50
+                await round_(lambda rid, sid, w=word: StepRequest(rid, model, [w], 5, sid))
+                steps += sessions
+            return steps / (time.perf_counter() - start)
+        finally:
+            await client.close()
+            control.send("stop")
+            engine.join(30)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sessions", type=int, nargs="+", default=[64, 256])
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--threads", type=int, default=0, help="ORT threads (0: one per core)")
+    parser.add_argument("--json", type=Path, help="write the results here (and .txt beside)")
+    args = parser.parse_args(argv)
+    from benchmarks.lib.models import models_dir, tiny_models
+
+    info = machine(MODULES)
+    lines = machine_lines(info, MODULES)
+    rows = []
+    with tiny_models() as tiny, models_dir(None, "full") as (bundled, label):
+        lines.append(f"{label}; and tiny random-weight models (hidden 32)")
+        for name, models, model in (("tiny (hidden 32)", tiny, "lstm"), ("lstm", bundled, "lstm")):
+            for sessions in args.sessions:
+                local = asyncio.run(in_process(models, model, sessions, args.seconds, args.threads))
+                remote = asyncio.run(over_zmq(models, model, sessions, args.seconds, args.threads))
+                rows.append(
+                    {"model": name, "sessions": sessions, "in_process": local, "zmq": remote}
+                )
+                print(f"{name} x{sessions}: {local:,.0f} in process, {remote:,.0f} over ZeroMQ")
+    table = [
+        "| model | batch (sessions) | in process steps/s | us/step | over ZeroMQ steps/s | us/step |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        table.append(
+            f"| {r['model']} | {r['sessions']} | {r['in_process']:,.0f} | "
+            f"{1e6 / r['in_process']:.1f} | {r['zmq']:,.0f} | {1e6 / r['zmq']:.1f} |"
+        )
+    text = "\n".join([*lines, "", *table])
+    print(text)
+    if args.json:
+        write_report(args.json, {"machine": info, "rows": rows}, text)
+
+
+if __name__ == "__main__":
+    main()
