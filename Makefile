@@ -38,6 +38,7 @@ lint: $(VENV)/.dev  ## format, lint, types (every package), Dockerfiles
 bench: $(VENV)/.dev  ## engine, end-to-end, memory and store benchmarks (print tables)
 	$(PY) -m benchmarks.bench_engine --checkpoint runs/lstm runs/gru --int8
 	$(PY) -m benchmarks.bench_e2e
+	$(PY) -m benchmarks.bench_core --json benchmarks/results/core.json
 	$(PY) -m benchmarks.bench_memory
 	$(PY) -m benchmarks.bench_store
 
