@@ -87,6 +87,9 @@ def serve(args: argparse.Namespace) -> int:
         ws_max_size=settings.max_ws_message_bytes,
         ws_per_message_deflate=settings.ws_per_message_deflate,
         timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
+        timeout_keep_alive=settings.keep_alive_timeout_s,
+        ws_ping_interval=settings.ws_ping_interval_s or None,
+        ws_ping_timeout=settings.ws_ping_timeout_s,
     )
 
 

@@ -58,6 +58,55 @@ class Settings(BaseSettings):
     )
     log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = "info"
 
+    # Connection limits (enforced by each API process of `nextword serve`).
+    header_timeout_s: float = Field(
+        default=10.0,
+        ge=0,
+        description="seconds from a connection's (or a request's) first byte to the end of "
+        "its headers, WebSocket upgrades included; then 408 and closed. 0 = no limit",
+    )
+    keep_alive_timeout_s: int = Field(
+        default=5, ge=1, description="idle seconds before an HTTP keep-alive connection is closed"
+    )
+    max_connections: int = Field(
+        default=4_096,
+        ge=0,
+        description="open connections (HTTP and WebSocket) per API process; over it a new "
+        "connection gets 503 and is closed. 0 = no cap",
+    )
+    max_connections_per_client: int = Field(
+        default=512,
+        ge=0,
+        description="open connections per client address per API process (the peer address: "
+        "behind a proxy, every client shares the proxy's); over it 429 and closed. 0 = no cap",
+    )
+    allowed_origins: str = Field(
+        default="",
+        description="WebSocket `Origin`s allowed (comma list, e.g. https://app.example; * = "
+        'any); "" = same origin only: no Origin (non-browser clients) or one whose host is '
+        "the Host header. Others are refused with HTTP 403 before the upgrade",
+    )
+    ws_idle_timeout_s: float = Field(
+        default=300.0,
+        ge=0,
+        description="a WebSocket stream with no client message for this long is closed "
+        '(1000, reason "idle timeout"). 0 = never',
+    )
+    ws_send_timeout_s: float = Field(
+        default=20.0,
+        gt=0,
+        description="a WebSocket whose client does not read is dropped once its send buffer "
+        "has been full this long",
+    )
+    ws_ping_interval_s: float = Field(
+        default=20.0, ge=0, description="seconds between WebSocket pings; 0 = no pings"
+    )
+    ws_ping_timeout_s: float = Field(
+        default=20.0,
+        gt=0,
+        description="a WebSocket whose pong does not come within this long is closed (1011)",
+    )
+
     # Sessions.
     session_ttl_s: float = Field(default=1800.0, gt=0, description="idle seconds to expiry")
     session_cap: int = Field(default=100_000, ge=1, description="most sessions; LRU evicted")

@@ -316,11 +316,20 @@ class Supervisor:
 
 def serve(settings: Settings, **uvicorn_options: Any) -> int:
     """Run the engine and the API processes until stopped; the exit status."""
-    config = uvicorn.Config(
+    from service.api.connections import ConnectionLimits, LimitedConfig
+
+    limits = ConnectionLimits(
+        header_timeout_s=settings.header_timeout_s,
+        max_connections=settings.max_connections,
+        max_connections_per_client=settings.max_connections_per_client,
+        ws_send_timeout_s=settings.ws_send_timeout_s,
+    )
+    config = LimitedConfig(
         "service.api:create_app",
         factory=True,
         host=settings.host,
         port=settings.port,
+        limits=limits,
         **uvicorn_options,
     )
     return Supervisor(settings, config).run()

@@ -11,7 +11,9 @@ not JSON, wrong fields, text too long) is answered in-band and the connection st
 open. Close codes (`service.api.errors.close_code`): 4404 for an unknown session (after an
 error message), 1009 for a frame over `max_ws_message_bytes`, 4000 + the HTTP status for
 other refusals on connect, 1013 (try again later) when overloaded, 1011 on an internal
-error, 1001 when the server drains on shutdown (after answering what it had received).
+error, 1001 when the server drains on shutdown (after answering what it had received),
+1000 "idle timeout" after `ws_idle_timeout_s` without a client message. An `Origin` not in
+`allowed_origins` (same origin by default) is refused with HTTP 403 before the upgrade.
 
 The hot path is per message: one msgspec decode into a Struct, one `Predictor.feed`, one
 msgspec encode. A connection has two tasks for its whole life (not one per message): the
@@ -40,7 +42,9 @@ from service.errors import BadInput, NextwordError, UnknownSession
 
 log = logging.getLogger(__name__)
 
+CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001
+CLOSE_POLICY = 1008
 CLOSE_TOO_BIG = 1009
 CLOSE_INTERNAL = 1011
 CLOSE_TRY_AGAIN = 1013
@@ -126,15 +130,20 @@ class StreamConnection:
         predictor: Predictor,
         decoder: msgspec.json.Decoder[Any],
         max_message_bytes: int,
+        idle_timeout_s: float = 0.0,
     ) -> None:
         self.websocket = websocket
+        self.idle_timeout_s = idle_timeout_s
+        self.last_message = 0.0  # loop time of the last client message
+        self._idle_timer: asyncio.TimerHandle | None = None
         self.predictor = predictor
         self.decoder = decoder
         self.max_message_bytes = max_message_bytes
         self.session_id = ""
         self.k = DEFAULT_K
         self.gone = False  # the client left: the answering loop was cancelled for it
-        self._draining = False  # the server shuts down: no more reading
+        self._draining = False  # the server shuts down (or the client idles): no more reading
+        self._closing = (CLOSE_GOING_AWAY, "server shutting down")  # the close after draining
         self._inbox: asyncio.Queue[Any] = asyncio.Queue(READ_AHEAD)
         self._reader: asyncio.Task[None] | None = None
         self._answering: asyncio.Task[Any] | None = None
@@ -180,7 +189,11 @@ class StreamConnection:
     async def exchange(self) -> None:
         """Read and answer until either side ends the connection."""
         self._answering = asyncio.current_task()
-        self._reader = asyncio.get_running_loop().create_task(self.read())
+        loop = asyncio.get_running_loop()
+        self._reader = loop.create_task(self.read())
+        if self.idle_timeout_s:
+            self.last_message = loop.time()
+            self._idle_timer = loop.call_later(self.idle_timeout_s, self.check_idle)
         try:
             await self.answer()
         except asyncio.CancelledError:
@@ -190,9 +203,24 @@ class StreamConnection:
             self._answering.uncancel()  # cancelled for the client that left: done
         finally:
             self._reader.cancel()
+            if self._idle_timer is not None:
+                self._idle_timer.cancel()
+
+    def check_idle(self) -> None:
+        """Close a stream without a client message for `idle_timeout_s` (timer callback)."""
+        loop = asyncio.get_running_loop()
+        left = self.last_message + self.idle_timeout_s - loop.time()
+        if left > 0:
+            self._idle_timer = loop.call_later(left, self.check_idle)
+            return
+        self._idle_timer = None
+        if self._reader is not None and not self._draining:
+            self._closing = (CLOSE_NORMAL, "idle timeout")
+            self._reader.cancel()  # answers what was received, then closes
 
     async def read(self) -> None:
         """Queue each frame with the time it arrived, until the client disconnects."""
+        loop = asyncio.get_running_loop()
         try:
             while True:
                 message = await self.websocket.receive()
@@ -201,6 +229,7 @@ class StreamConnection:
                     if self._answering is not None:
                         self._answering.cancel()  # aborts its pending step
                     return
+                self.last_message = loop.time()
                 await self._inbox.put((time.perf_counter(), message))
         except asyncio.CancelledError:  # draining: answer what was queued, then close
             self._draining = True
@@ -218,7 +247,7 @@ class StreamConnection:
         while True:
             item = await self._inbox.get()
             if item is _END:
-                await self.websocket.close(CLOSE_GOING_AWAY, reason="server shutting down")
+                await self.websocket.close(*self._closing)
                 return
             received_at, message = item
             try:
@@ -240,7 +269,7 @@ class StreamConnection:
             if not keep_open:
                 return
             if self._draining and self._inbox.empty():
-                await self.websocket.close(CLOSE_GOING_AWAY, reason="server shutting down")
+                await self.websocket.close(*self._closing)
                 return
 
     async def answer_one(self, message: Message) -> bool:
@@ -329,9 +358,31 @@ async def drain_streams(timeout: float) -> None:
         log.info("drained %d WebSocket streams (%d left)", len(streams), len(OPEN_STREAMS))
 
 
+def allowed_origins(setting: str) -> frozenset[str]:
+    """`NEXTWORD_ALLOWED_ORIGINS` as a set of lower-case origins ("*" = any)."""
+    return frozenset(o.strip().rstrip("/").lower() for o in setting.split(",") if o.strip())
+
+
+def origin_allowed(websocket: WebSocket, allowed: frozenset[str]) -> bool:
+    """Whether a WebSocket's `Origin` may connect: listed, or (none listed) same-origin.
+
+    No `Origin` (a client other than a browser) is always allowed: the header protects
+    browsers' users from other sites' pages, not the server from clients.
+    """
+    origin = websocket.headers.get("origin")
+    if origin is None or "*" in allowed:
+        return True
+    origin = origin.strip().rstrip("/").lower()
+    if allowed:
+        return origin in allowed
+    host = websocket.headers.get("host", "").lower()
+    return bool(host) and origin.partition("://")[2] == host
+
+
 def stream_router(settings: Settings) -> APIRouter:
     """The `/v1/stream` route; message texts hold at most `settings.max_text_chars`."""
     decoder = message_decoder(settings.max_text_chars)
+    allowed = allowed_origins(settings.allowed_origins)
     router = APIRouter()
 
     @router.websocket("/v1/stream")
@@ -341,7 +392,17 @@ def stream_router(settings: Settings) -> APIRouter:
         if predictor is None:
             await websocket.close(CLOSE_TRY_AGAIN, reason="not ready")
             return
-        connection = StreamConnection(websocket, predictor, decoder, settings.max_ws_message_bytes)
+        if not origin_allowed(websocket, allowed):
+            log.info("stream: Origin %r refused", websocket.headers.get("origin", "")[:200])
+            await websocket.close(CLOSE_POLICY)  # before accept: HTTP 403
+            return
+        connection = StreamConnection(
+            websocket,
+            predictor,
+            decoder,
+            settings.max_ws_message_bytes,
+            settings.ws_idle_timeout_s,
+        )
         await connection.serve()
 
     return router

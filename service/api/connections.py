@@ -1,0 +1,245 @@
+"""Connection limits of an API process, at the protocol level (below the ASGI app).
+
+uvicorn's own protocols, with what they lack on an open network:
+
+- a header deadline: a request (or WebSocket upgrade) whose headers are not complete
+  `header_timeout_s` after its first byte (or after the connection opened) is closed,
+  with 408 if a request had begun; slow-loris connections are not held;
+- a cap on open connections (HTTP and WebSocket together), total and per client address,
+  checked when the connection opens: over it, 503 (total) or 429 (per address), closed;
+- a WebSocket whose client does not read: once the send buffer is over the high-water
+  mark for `ws_send_timeout_s`, the connection is aborted (a close frame cannot reach
+  a client that does not read); an unanswered ping or a close that cannot be delivered
+  also ends in an abort instead of holding the socket;
+- an upgrade request refused by the WebSocket parser (a request line over 8 KB: 414,
+  header fields too large: 431) gets its answer and is closed (uvicorn drops it).
+
+`LimitedConfig` carries the limits to the API processes (it is pickled with the config).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import uvicorn
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+
+log = logging.getLogger(__name__)
+
+LOG_EVERY_S = 10.0
+
+
+@dataclass(frozen=True)
+class ConnectionLimits:
+    """The limits of one API process (0 = no limit)."""
+
+    header_timeout_s: float = 10.0
+    max_connections: int = 0
+    max_connections_per_client: int = 0
+    ws_send_timeout_s: float = 20.0
+
+
+class LimitedConfig(uvicorn.Config):
+    """uvicorn's config, with these protocols and the limits they enforce."""
+
+    def __init__(self, *args: Any, limits: ConnectionLimits, **kwargs: Any) -> None:
+        kwargs.setdefault("http", HttpProtocol)
+        kwargs.setdefault("ws", WebSocketProtocol)
+        super().__init__(*args, **kwargs)
+        self.limits = limits
+
+
+def limits_of(config: uvicorn.Config) -> ConnectionLimits:
+    return getattr(config, "limits", None) or ConnectionLimits()
+
+
+class OpenConnections:
+    """The open connections of this process, by client address."""
+
+    def __init__(self) -> None:
+        self.hosts: dict[object, str] = {}  # transport -> client host
+        self.by_host: dict[str, int] = {}
+        self.refused = 0  # since the last log line
+        self.logged_at = float("-inf")
+
+    def admit(self, transport: object, host: str, limits: ConnectionLimits) -> int:
+        """Count a new connection: 0, or the status that refuses it (503, 429)."""
+        if limits.max_connections and len(self.hosts) >= limits.max_connections:
+            return 503
+        count = self.by_host.get(host, 0)
+        if limits.max_connections_per_client and count >= limits.max_connections_per_client:
+            return 429
+        self.hosts[transport] = host
+        self.by_host[host] = count + 1
+        return 0
+
+    def log_refusal(self, now: float, host: str, status: int) -> None:
+        """Log refused connections, at most once per LOG_EVERY_S (not once each: a flood)."""
+        self.refused += 1
+        if now - self.logged_at >= LOG_EVERY_S:
+            log.warning(
+                "%d connection(s) refused: too many open connections (last: %s, %d; open: %d)",
+                self.refused,
+                host,
+                status,
+                len(self.hosts),
+            )
+            self.refused = 0
+            self.logged_at = now
+
+    def release(self, transport: object) -> None:
+        """Forget a connection (any number of times)."""
+        host = self.hosts.pop(transport, None)
+        if host is None:
+            return
+        left = self.by_host[host] - 1
+        if left:
+            self.by_host[host] = left
+        else:
+            del self.by_host[host]
+
+
+OPEN = OpenConnections()
+
+
+def plain_response(status: int, code: str, message: str, *extra: bytes) -> bytes:
+    """A complete JSON error response that closes the connection."""
+    body = json.dumps({"error": {"code": code, "message": message}}).encode()
+    return b"".join(
+        [
+            STATUS_LINE[status],
+            b"content-type: application/json\r\n",
+            b"content-length: %d\r\n" % len(body),
+            *extra,
+            b"connection: close\r\n\r\n",
+            body,
+        ]
+    )
+
+
+REFUSALS = {
+    503: plain_response(
+        503, "too_many_connections", "too many open connections", b"retry-after: 1\r\n"
+    ),
+    429: plain_response(
+        429,
+        "too_many_connections",
+        "too many open connections from this address",
+        b"retry-after: 1\r\n",
+    ),
+}
+TIMEOUT_408 = plain_response(408, "request_timeout", "request headers not received in time")
+
+
+class HttpProtocol(HttpToolsProtocol):
+    """httptools' protocol with a header deadline and the connection caps."""
+
+    header_timer: asyncio.TimerHandle | None = None
+    request_begun = False
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self.limits = limits_of(self.config)
+        host = self.client[0] if self.client else ""
+        refused = OPEN.admit(transport, host, self.limits)
+        if refused:
+            OPEN.log_refusal(self.loop.time(), host, refused)
+            transport.write(REFUSALS[refused])
+            transport.close()
+            return
+        self.start_header_timer()
+
+    def start_header_timer(self) -> None:
+        if self.header_timer is None and self.limits.header_timeout_s:
+            self.header_timer = self.loop.call_later(
+                self.limits.header_timeout_s, self.header_timeout
+            )
+
+    def stop_header_timer(self) -> None:
+        if self.header_timer is not None:
+            self.header_timer.cancel()
+            self.header_timer = None
+
+    def header_timeout(self) -> None:
+        self.header_timer = None
+        if self.transport.is_closing():
+            return
+        idle = self.cycle is None or self.cycle.response_complete
+        if idle and self.request_begun:
+            self.transport.write(TIMEOUT_408)
+        self.transport.close()
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self.request_begun = True
+        self.start_header_timer()
+
+    def on_headers_complete(self) -> None:
+        self.stop_header_timer()
+        self.request_begun = False
+        super().on_headers_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.stop_header_timer()
+        OPEN.release(self.transport)
+        super().connection_lost(exc)
+
+
+class WebSocketProtocol(WebSocketsSansIOProtocol):
+    """uvicorn's WebSocket protocol that answers refused upgrades and drops non-readers."""
+
+    send_timer: asyncio.TimerHandle | None = None
+    abort_timer: asyncio.TimerHandle | None = None
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if not self.handshake_initiated and self.conn.handshake_exc is not None:
+            # The parser refused the request (414, 431, not HTTP) and wrote its answer,
+            # which uvicorn never sends: send it, then close.
+            self.transport.write(b"".join(self.conn.data_to_send()))
+            self.transport.close()
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self.send_timer is None:
+            timeout = limits_of(self.config).ws_send_timeout_s
+            self.send_timer = self.loop.call_later(timeout, self.send_timed_out)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self.send_timer is not None:
+            self.send_timer.cancel()
+            self.send_timer = None
+
+    def send_timed_out(self) -> None:
+        self.send_timer = None
+        client = "%s:%d" % self.client if self.client else "?"  # noqa: UP031
+        log.info("%s - WebSocket dropped: the client does not read (send buffer full)", client)
+        self.transport.abort()
+
+    def abort_later(self) -> None:
+        """Abort if the connection is not gone soon (a close waits for the buffer to drain)."""
+        if self.abort_timer is None:
+            self.abort_timer = self.loop.call_later(self.close_timeout + 1.0, self.transport.abort)
+
+    def keepalive_timeout(self) -> None:
+        super().keepalive_timeout()
+        self.abort_later()
+
+    async def send(self, message: Any) -> None:
+        await super().send(message)
+        if message["type"] == "websocket.close":
+            self.abort_later()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        for timer in (self.send_timer, self.abort_timer):
+            if timer is not None:
+                timer.cancel()
+        self.send_timer = self.abort_timer = None
+        OPEN.release(self.transport)
+        super().connection_lost(exc)
