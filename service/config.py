@@ -80,6 +80,24 @@ class Settings(BaseSettings):
         description="open connections per client address per API process (the peer address: "
         "behind a proxy, every client shares the proxy's); over it 429 and closed. 0 = no cap",
     )
+    api_keys: str = Field(
+        default="",
+        description='API keys: "name:key" pairs, comma-separated, or "@FILE" (one a line). '
+        "When set, every /v1 route needs `Authorization: Bearer KEY` (a WebSocket may pass "
+        '?access_token=KEY) and a session belongs to the key that created it. "" = open',
+    )
+    protect_metrics: bool = Field(
+        default=False, description="with API keys, /metrics needs a key too"
+    )
+    rate_limit: float = Field(
+        default=0.0,
+        ge=0,
+        description="requests per second per API key (per client address without keys); "
+        "WebSocket messages count. Over it: 429 with Retry-After. 0 = no limit",
+    )
+    rate_burst: int = Field(
+        default=0, ge=0, description="requests allowed at once above the rate; 0 = 2 x rate"
+    )
     allowed_origins: str = Field(
         default="",
         description="WebSocket `Origin`s allowed (comma list, e.g. https://app.example; * = "
@@ -121,6 +139,13 @@ class Settings(BaseSettings):
     max_batch: int = Field(default=256, ge=1, description="most steps in one model run")
     max_wait_ms: float = Field(default=2.0, ge=0, description="longest wait for a batch to fill")
     max_queue: int = Field(default=10_000, ge=1, description="queued steps per model before 503")
+    prefill_chunk: int = Field(
+        default=32,
+        ge=0,
+        description="most tokens one step runs in one batch: a longer text runs in chunks, "
+        "one per batch, interleaved with other steps (a batch runs at most max(max_batch, "
+        "4 x this) tokens, a quarter of them for long steps). 0 = every step whole",
+    )
 
     # Limits on requests.
     max_text_chars: int = Field(default=10_000, ge=1)

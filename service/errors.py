@@ -82,6 +82,17 @@ class Contended(StepFailed):
     status = 503
 
 
+class RateLimited(NextwordError):
+    """Over the key's (or client address's) request rate; retry after `retry_after_s`."""
+
+    code = "rate_limited"
+    status = 429
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class NotReady(NextwordError):
     """The service is starting or shutting down, or the engine process does not answer."""
 

@@ -23,13 +23,14 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import metrics
+from service.api.auth import AccessControl, ApiKeys, RateLimiter
 from service.api.deps import PredictorFactory
 from service.api.errors import BODY_TOO_LARGE, error_response, install_error_handlers
 from service.api.predictor import Predictor
 from service.api.routes import STATIC_DIR, PageFiles, ops_router, page_router, v1_router
 from service.api.stream import stream_router
 from service.config import Settings
-from service.supervisor import report_up
+from service.supervisor import api_link, report_up
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +153,15 @@ on connect closes with 4404, an over-size frame with 1009.
 """
 
 
+def rate_limiter(settings: Settings) -> RateLimiter | None:
+    """This process's share of the per-key rate (each API process has its own buckets)."""
+    if not settings.rate_limit:
+        return None
+    share = settings.rate_limit / (settings.api_processes() if api_link() else 1)
+    burst = settings.rate_burst or max(1.0, 2 * settings.rate_limit)
+    return RateLimiter(rate=share, burst=burst)
+
+
 def create_app(
     settings: Settings | None = None, predictor_factory: PredictorFactory | None = None
 ) -> FastAPI:
@@ -183,7 +193,15 @@ def create_app(
         redoc_url=None,
     )
     app.add_middleware(BodySizeLimit, limit=body_limit(settings))
-    app.add_middleware(RequestMetrics)
+    keys = ApiKeys.parse(settings.api_keys)
+    app.state.rate_limiter = rate_limiter(settings)
+    app.add_middleware(
+        AccessControl,
+        keys=keys,
+        limiter=app.state.rate_limiter,
+        protect_metrics=settings.protect_metrics,
+    )
+    app.add_middleware(RequestMetrics)  # outermost: refusals are counted too
     install_error_handlers(app)
     app.include_router(ops_router(settings))
     app.include_router(v1_router(settings))

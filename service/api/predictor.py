@@ -31,6 +31,15 @@ log = logging.getLogger(__name__)
 SESSION_MODELS_CACHED = 100_000  # session -> model entries kept per API process
 
 
+def owned_id(session_id: str, owner: str) -> str:
+    """The engine's id of a client's session: the owner's name, then the id the client sees.
+
+    A key's sessions live in its own namespace, so another key's request for the same id
+    finds no session (404), exactly like an id that never existed.
+    """
+    return f"{owner}/{session_id}" if owner else session_id
+
+
 def _iso(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp, tz=timezone.utc).isoformat()
 
@@ -203,41 +212,56 @@ class Predictor:
         }
 
     async def create_session(
-        self, text: str = "", k: int = 5, model: str | None = None, prefix: str | None = None
+        self,
+        text: str = "",
+        k: int = 5,
+        model: str | None = None,
+        prefix: str | None = None,
+        owner: str = "",
     ) -> dict[str, Any]:
-        """A new session holding `text`, and its top k next words."""
+        """A new session holding `text`, and its top k next words; it belongs to `owner`."""
         name, vocab = self._vocabulary(model)
         k = self._check_k(k)
         prefix_ids = self._prefix_ids(vocab, prefix)
         tokens = self._tokens(vocab, text)
         session_id = new_session_id()
-        output = await self._step(name, tokens, k, prefix_ids, session_id, create=True)
-        self._remember(session_id, name)
+        engine_id = owned_id(session_id, owner)
+        output = await self._step(name, tokens, k, prefix_ids, engine_id, create=True)
+        self._remember(engine_id, name)
         return self._session_answer(name, vocab, session_id, output)
 
     async def feed(
-        self, session_id: str, text: str, k: int = 5, prefix: str | None = None
+        self,
+        session_id: str,
+        text: str,
+        k: int = 5,
+        prefix: str | None = None,
+        owner: str = "",
     ) -> dict[str, Any]:
-        """Append `text` to a session's context; its top k next words."""
+        """Append `text` to a session (of `owner`); its top k next words."""
         session_id = self._check_session_id(session_id)
         k = self._check_k(k)
         if not isinstance(text, str):
             raise BadInput("text must be a string")
-        name = await self._model_of(session_id)
+        engine_id = owned_id(session_id, owner)
+        name = await self._model_of(engine_id)
         vocab = self.vocabularies[name]
         prefix_ids = self._prefix_ids(vocab, prefix)
         tokens = self._tokens(vocab, text)
-        output = await self._step(name, tokens, k, prefix_ids, session_id)
+        output = await self._step(name, tokens, k, prefix_ids, engine_id)
         return self._session_answer(name, vocab, session_id, output)
 
-    async def reset(self, session_id: str, k: int = 5, prefix: str | None = None) -> dict[str, Any]:
+    async def reset(
+        self, session_id: str, k: int = 5, prefix: str | None = None, owner: str = ""
+    ) -> dict[str, Any]:
         """Start a session's text afresh; the predictions for an empty text."""
         session_id = self._check_session_id(session_id)
         k = self._check_k(k)
-        name = await self._model_of(session_id)
+        engine_id = owned_id(session_id, owner)
+        name = await self._model_of(engine_id)
         vocab = self.vocabularies[name]
         prefix_ids = self._prefix_ids(vocab, prefix)
-        output = await self._step(name, [], k, prefix_ids, session_id, fresh=True)
+        output = await self._step(name, [], k, prefix_ids, engine_id, fresh=True)
         return self._session_answer(name, vocab, session_id, output)
 
     def _session_answer(
@@ -250,10 +274,11 @@ class Predictor:
             "predictions": self._predictions(vocab, output),
         }
 
-    async def session_info(self, session_id: str) -> dict[str, Any]:
+    async def session_info(self, session_id: str, owner: str = "") -> dict[str, Any]:
         """Model, token count and times (ISO 8601, UTC) of a session."""
         session_id = self._check_session_id(session_id)
-        output = await self._call(InfoRequest(self.engine.next_id(), session_id))
+        engine_id = owned_id(session_id, owner)
+        output = await self._call(InfoRequest(self.engine.next_id(), engine_id))
         return {
             "session_id": session_id,
             "model": output.model,
@@ -262,12 +287,42 @@ class Predictor:
             "last_used_at": _iso(output.last_used_at),
         }
 
-    async def delete_session(self, session_id: str) -> None:
+    async def delete_session(self, session_id: str, owner: str = "") -> None:
         """Forget a session."""
-        session_id = self._check_session_id(session_id)
-        await self._call(DeleteRequest(self.engine.next_id(), session_id))
-        self._session_models.pop(session_id, None)
+        engine_id = owned_id(self._check_session_id(session_id), owner)
+        await self._call(DeleteRequest(self.engine.next_id(), engine_id))
+        self._session_models.pop(engine_id, None)
 
     async def check_ready(self) -> None:
         """Raise `NotReady` or `StoreUnavailable` when the engine cannot serve."""
         await self.engine.ping()
+
+
+class OwnedPredictor:
+    """The predictor as one API key sees it: the sessions that key created, no others."""
+
+    def __init__(self, predictor: Predictor, owner: str) -> None:
+        self.predictor = predictor
+        self.owner = owner
+
+    def __getattr__(self, name: str) -> Any:  # models, predict, ready, ...: shared
+        return getattr(self.predictor, name)
+
+    async def create_session(
+        self, text: str = "", k: int = 5, model: str | None = None, prefix: str | None = None
+    ) -> dict[str, Any]:
+        return await self.predictor.create_session(text, k, model, prefix, owner=self.owner)
+
+    async def feed(
+        self, session_id: str, text: str, k: int = 5, prefix: str | None = None
+    ) -> dict[str, Any]:
+        return await self.predictor.feed(session_id, text, k, prefix, owner=self.owner)
+
+    async def reset(self, session_id: str, k: int = 5, prefix: str | None = None) -> dict[str, Any]:
+        return await self.predictor.reset(session_id, k, prefix, owner=self.owner)
+
+    async def session_info(self, session_id: str) -> dict[str, Any]:
+        return await self.predictor.session_info(session_id, owner=self.owner)
+
+    async def delete_session(self, session_id: str) -> None:
+        await self.predictor.delete_session(session_id, owner=self.owner)

@@ -38,9 +38,12 @@ SessionId = Annotated[str, Path(max_length=MAX_SESSION_ID_CHARS, description="A 
 # body of each is `ErrorResponse`. What the codes mean: `service.errors`, `service.api.errors`.
 ERROR_DOCS = {
     400: "The body is not JSON (code `bad_input`).",
+    401: "With API keys configured: no key, or not a valid one (`unauthorized`).",
     404: "No such model or session (`unknown_model`, `unknown_session`).",
     413: "The body is over the size limit (`too_large`).",
     422: "A field or parameter is not acceptable (`bad_input`).",
+    429: "Over the key's request rate (`rate_limited`, with `retry_after_ms`): retry after "
+    "`Retry-After` seconds.",
     500: "The model run failed (`step_failed`; no session was changed) or an internal error.",
     503: "Retry after `Retry-After` seconds: overloaded, session store unavailable, the "
     "session contended by concurrent writers, or the service starting or stopping "
@@ -60,15 +63,16 @@ def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
         status: {
             "model": ErrorResponse,
             "description": f"{HTTPStatus(status).phrase}. {ERROR_DOCS[status]}",
-            **({"headers": RETRY_AFTER_HEADER} if status == 503 else {}),
+            **({"headers": RETRY_AFTER_HEADER} if status in (429, 503) else {}),
         }
         for status in statuses
     }
 
 
 # A body: 400 not JSON, 413 too large, 422 wrong fields; a step: 500 run failed.
-STEP_ERRORS = errors(400, 404, 413, 422, 500, 503)
-SESSION_ERRORS = errors(404, 422, 500, 503)  # a session id in the path, no body
+# Any /v1 route: 401 without a valid key (when keys are set), 429 over the rate.
+STEP_ERRORS = errors(400, 401, 404, 413, 422, 429, 500, 503)
+SESSION_ERRORS = errors(401, 404, 422, 429, 500, 503)  # a session id in the path, no body
 LOCATION_HEADER = {
     "Location": {"description": "The new session's URL.", "schema": {"type": "string"}}
 }
@@ -93,7 +97,10 @@ def v1_router(settings: Settings) -> APIRouter:
     router = APIRouter(prefix="/v1")
 
     @router.get(
-        "/models", response_model=ModelsResponse, tags=["models"], responses=errors(500, 503)
+        "/models",
+        response_model=ModelsResponse,
+        tags=["models"],
+        responses=errors(401, 429, 500, 503),
     )
     async def list_models(predictor: PredictorDep) -> dict[str, Any]:
         """The loaded models and the default one."""
@@ -181,7 +188,7 @@ def ops_router(settings: Settings) -> APIRouter:
         await predictor.check_ready()
         return {"status": "ok"}
 
-    @router.get("/metrics", response_class=Response)
+    @router.get("/metrics", response_class=Response, responses=errors(401))
     async def prometheus_metrics() -> Response:
         """Prometheus text format."""
         return Response(metrics.render(settings.metrics_dir), media_type=metrics.CONTENT_TYPE)

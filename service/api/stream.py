@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from typing import Annotated, Any, Literal, Optional
 
@@ -33,12 +34,14 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from starlette.types import Message
 
 from service import metrics
+from service.api.auth import OWNER, RateLimiter, client_address
+from service.api.deps import get_predictor
 from service.api.errors import close_code
 from service.api.predictor import Predictor
 from service.api.schemas import TEXT_DOC
 from service.config import Settings
 from service.contract.limits import DEFAULT_K, MAX_K, MAX_PREFIX_CHARS
-from service.errors import BadInput, NextwordError, UnknownSession
+from service.errors import BadInput, NextwordError, NotReady, RateLimited, UnknownSession
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +140,9 @@ class StreamConnection:
         self.last_message = 0.0  # loop time of the last client message
         self._idle_timer: asyncio.TimerHandle | None = None
         self.predictor = predictor
+        # This process's rate buckets, and whose bucket this connection's messages take.
+        self.limiter: RateLimiter | None = getattr(websocket.app.state, "rate_limiter", None)
+        self.bucket = websocket.scope.get(OWNER) or client_address(websocket.scope)
         self.decoder = decoder
         self.max_message_bytes = max_message_bytes
         self.session_id = ""
@@ -292,6 +298,13 @@ class StreamConnection:
         if problem is not None:
             await self.send_error(BadInput(problem), request.id)
             return True
+        if self.limiter is not None:
+            wait = self.limiter.take(self.bucket)
+            if wait > 0:
+                await self.send_error(
+                    RateLimited("over this key's message rate; retry later", wait), request.id
+                )
+                return True
         k = self.k if request.k is None else request.k
         try:
             if request.type == "reset":
@@ -332,13 +345,10 @@ class StreamConnection:
 
     async def send_error(self, error: NextwordError, message_id: Any) -> None:
         """An in-band error answer."""
-        await self.send(
-            {
-                "type": "error",
-                "error": {"code": error.code, "message": error.message},
-                "id": message_id,
-            }
-        )
+        body: dict[str, Any] = {"code": error.code, "message": error.message}
+        if isinstance(error, RateLimited):
+            body["retry_after_ms"] = math.ceil(error.retry_after_s * 1000)
+        await self.send({"type": "error", "error": body, "id": message_id})
 
     async def send(self, payload: dict[str, Any]) -> None:
         """Send one JSON message and count it by type."""
@@ -388,8 +398,9 @@ def stream_router(settings: Settings) -> APIRouter:
     @router.websocket("/v1/stream")
     async def stream(websocket: WebSocket) -> None:
         """Stream words, get predictions: see the module docstring for the protocol."""
-        predictor: Predictor | None = getattr(websocket.app.state, "predictor", None)
-        if predictor is None:
+        try:
+            predictor = get_predictor(websocket)  # as the connection's API key sees it
+        except NotReady:
             await websocket.close(CLOSE_TRY_AGAIN, reason="not ready")
             return
         if not origin_allowed(websocket, allowed):

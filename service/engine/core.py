@@ -106,6 +106,7 @@ class EngineCore:
                 max_batch=settings.max_batch,
                 max_wait_ms=settings.max_wait_ms,
                 max_queue=settings.max_queue,
+                prefill_chunk=settings.prefill_chunk,
             )
             for name, model in models.items()
         }

@@ -29,12 +29,30 @@ first runs its first T - 1 tokens (giving the new "previous" state), then the la
 token; a step of one token only the second run; a step of no token (a new `prefix`
 for the same context) re-runs the last token from the previous state. Rows are
 grouped by length: one run per distinct length and phase.
+
+Long steps run in chunks (chunked prefill). A step with more than `prefill_chunk` tokens
+to run takes several batches: each batch runs the next `prefill_chunk` of its first
+tokens (one chunk per batch, interleaved with other steps), and the batch that runs the
+rest answers it. What it has run so far stays in the step (its `_Row`: the record read
+when it started, the state after the tokens run): a session's store record is read in
+the step's first batch and written once, in its last, with the compare-and-set on the
+version read at the start, so a step is applied whole or not at all; a conflict retries
+the whole step. A step in progress goes back to the front of its lane, so a session's
+later steps still wait behind it. Feeding a text in chunks gives the same state, to
+float rounding, as running it whole.
+
+A batch runs at most `max_batch_tokens` tokens (summed over its rows; a row counts the
+tokens it runs in this batch), of which chunks of long steps take at most
+`max_prefill_tokens` (at least one chunk): the rest stays for short steps queued behind
+long ones, so one long request delays another user's step by about one chunk's run, and
+a run never holds more than (rows, `prefill_chunk`) tokens' activations.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
 from collections import deque
 from collections.abc import Callable
@@ -83,6 +101,8 @@ class Step:
     prefix_ids: np.ndarray | None = None  # sorted ids of the words matching a prefix
     future: asyncio.Future[StepResult] = field(init=False, repr=False)
     attempts: int = field(default=0, repr=False)
+    # A long step between its batches: what it has run so far (None: not started).
+    row: _Row | None = field(default=None, init=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -107,10 +127,20 @@ class _Row:
     context_tokens: int = 0
     first: list[int] = field(default_factory=list)  # phase 1: tokens run for the new `previous`
     second: list[int] = field(default_factory=list)  # phase 2: tokens whose output answers
+    planned: bool = False
+    done: int = 0  # tokens of `first` run in earlier batches (a chunked step)
+    first_from: State = ()  # the state after first[:done]
+    piece: int = 0  # tokens of `first` this batch runs
+    final: bool = False  # this batch runs the rest of the step and answers it
     second_from: State = ()
     output: StepOutput | None = None
     output_row: int = 0
     result: StepResult | None = None
+
+    @property
+    def left(self) -> int:
+        """Tokens still to run (once planned)."""
+        return len(self.first) - self.done + len(self.second)
 
 
 def _stack(states: list[State]) -> State:
@@ -141,6 +171,9 @@ class StepBatcher:
         max_queue: int = 10_000,
         max_retries: int = 8,
         store_grace_ms: float = 10.0,
+        prefill_chunk: int = 32,
+        max_batch_tokens: int | None = None,
+        max_prefill_tokens: int | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.runner = runner
@@ -150,6 +183,16 @@ class StepBatcher:
         self.max_queue = max_queue
         self.max_retries = max_retries
         self.store_grace_s = store_grace_ms / 1000.0
+        # prefill_chunk 0: no chunks and no token bound (every step runs whole, as one row).
+        unbounded = sys.maxsize // 4
+        self.prefill_chunk = prefill_chunk if prefill_chunk > 0 else unbounded
+        if max_batch_tokens is None:
+            max_batch_tokens = max(max_batch, 4 * prefill_chunk) if prefill_chunk > 0 else unbounded
+        if max_prefill_tokens is None:
+            max_prefill_tokens = max_batch_tokens // 4 if prefill_chunk > 0 else unbounded
+        # A batch always has room for one chunk: every step can be taken into an empty batch.
+        self.max_prefill_tokens = max(max_prefill_tokens, self.prefill_chunk)
+        self.max_batch_tokens = max(max_batch_tokens, self.max_prefill_tokens)
         self.clock = clock
         self.name = runner.name
         self._pending: deque[Step] = deque()  # sessions' steps
@@ -305,35 +348,70 @@ class StepBatcher:
         self._session_batch = []
         self._wake(force=True)  # the sessions' queued steps can be taken now
 
+    def _cost(self, step: Step) -> tuple[int, bool]:
+        """The tokens `step` runs in its next batch, and whether it is a long (chunked) step."""
+        row = step.row
+        left = row.left if row is not None else max(1, len(step.tokens))
+        return min(left, self.prefill_chunk), row is not None or left > self.prefill_chunk
+
     def _take(self, sessions: bool) -> list[Step]:
         """Up to `max_batch` steps: sessions' first (when `sessions`: the lane is free), one
-        per session (later steps of a session wait, in order), then stateless ones."""
+        per session (later steps of a session wait, in order), then stateless ones.
+
+        In queue order, within the batch's token bounds: a step that does not fit waits
+        (and so do its session's later steps); a shorter one behind it may still be taken.
+        Long steps in progress are at the front of their lane."""
         batch: list[Step] = []
         held: list[Step] = []
         taken: set[str] = set()
+        used = long_used = 0
+
+        def fits(step: Step) -> bool:
+            nonlocal used, long_used
+            cost, long = self._cost(step)
+            if used + cost > self.max_batch_tokens or (
+                long and long_used + cost > self.max_prefill_tokens
+            ):
+                return False
+            used += cost
+            long_used += cost if long else 0
+            return True
+
         while (
             sessions
             and self._pending
             and len(batch) < self.max_batch
             and len(held) < self.max_batch
+            and used < self.max_batch_tokens
         ):
             step = self._pending.popleft()
             if step.future.done():  # cancelled while queued
                 self._steps["cancelled"].inc()
                 continue
             assert step.session_id is not None
-            if step.session_id in taken:
+            if step.session_id in taken or not fits(step):
+                taken.add(step.session_id)  # its later steps wait behind it
                 held.append(step)
                 continue
             taken.add(step.session_id)
             batch.append(step)
         self._pending.extendleft(reversed(held))
-        while self._stateless and len(batch) < self.max_batch:
+        held = []
+        while (
+            self._stateless
+            and len(batch) < self.max_batch
+            and len(held) < self.max_batch
+            and used < self.max_batch_tokens
+        ):
             step = self._stateless.popleft()
             if step.future.done():
                 self._steps["cancelled"].inc()
                 continue
+            if not fits(step):
+                held.append(step)
+                continue
             batch.append(step)
+        self._stateless.extendleft(reversed(held))
         return batch
 
     def _fail(self, steps: list[Step], error: NextwordError) -> None:
@@ -346,7 +424,8 @@ class StepBatcher:
     # --- one batch ---------------------------------------------------------------
 
     async def _process(self, batch: list[Step]) -> None:
-        reads = [s for s in batch if s.session_id is not None and not s.create]
+        # A long step in progress read its record in its first batch.
+        reads = [s for s in batch if s.session_id is not None and not s.create and s.row is None]
         records: list[SessionRecord | None] = []
         if reads:
             ids = [s.session_id for s in reads if s.session_id is not None]
@@ -377,6 +456,9 @@ class StepBatcher:
         for step in batch:
             if step.future.done():  # cancelled during the read
                 continue
+            if step.row is not None:  # a long step's next chunk
+                rows.append(step.row)
+                continue
             record = found.get(id(step))
             if id(step) in found:
                 problem = self._problem(step, record)
@@ -385,13 +467,31 @@ class StepBatcher:
                     continue
             rows.append(_Row(step, record))
         if rows and await self._compute_rows(rows):
-            await self._write([r for r in rows if not r.step.future.done()])
+            await self._write(self._carry_on(rows))
 
     async def _answer(self, steps: list[Step]) -> None:
         """Run and answer stateless steps on their own."""
-        rows = [_Row(step, None) for step in steps if not step.future.done()]
+        rows = [step.row or _Row(step, None) for step in steps if not step.future.done()]
         if rows and await self._compute_rows(rows):
-            self._steps["ok"].inc(sum(_resolve(r.step.future, r.result) for r in rows))
+            done = self._carry_on(rows)
+            self._steps["ok"].inc(sum(_resolve(r.step.future, r.result) for r in done))
+
+    def _carry_on(self, rows: list[_Row]) -> list[_Row]:
+        """After a batch's runs: the rows answered now; long steps with tokens left go back
+        to the front of their lane (in order), carrying what they have run."""
+        done: list[_Row] = []
+        going: list[_Row] = []
+        for row in rows:
+            if row.step.future.done():  # cancelled during the run: dropped, never written
+                continue
+            (done if row.final else going).append(row)
+        for row in going:
+            row.step.row = row
+        self._pending.extendleft(reversed([r.step for r in going if r.step.session_id is not None]))
+        self._stateless.extendleft(reversed([r.step for r in going if r.step.session_id is None]))
+        if going:
+            self._wake()
+        return done
 
     async def _compute_rows(self, rows: list[_Row]) -> bool:
         """Make the rows' runs in the executor; False (the rows failed) if a run failed."""
@@ -457,6 +557,7 @@ class StepBatcher:
             retry = [r.step for r, ok in zip(writes, written) if not ok]
             for step in retry:
                 step.attempts += 1
+                step.row = None  # the whole step again, from the record read then
             exhausted = [s for s in retry if s.attempts > self.max_retries]
             self._fail(
                 exhausted,
@@ -476,15 +577,31 @@ class StepBatcher:
     # --- the runs (in the executor thread) -----------------------------------------
 
     def _compute(self, rows: list[_Row]) -> None:
-        """Plan each row, make the runs (grouped by length), then build the results."""
+        """Plan each row, make the runs (grouped by length), then build the results.
+
+        A row runs the next chunk of its first tokens, or (its last batch) the rest of
+        them and then its second tokens, whose output answers."""
+        chunk = self.prefill_chunk
         for row in rows:
-            self._plan(row)
-        first = [r for r in rows if r.first]
-        for group in self._by_length(first, lambda r: len(r.first)):
-            output = self._run(group, [r.first for r in group], [r.current for r in group], False)
+            if not row.planned:
+                self._plan(row)
+            row.final = row.left <= chunk
+            row.piece = len(row.first) - row.done if row.final else chunk
+        first = [r for r in rows if r.piece]
+        for group in self._by_length(first, lambda r: r.piece):
+            output = self._run(
+                group,
+                [r.first[r.done : r.done + r.piece] for r in group],
+                [r.first_from for r in group],
+                False,
+            )
             for i, row in enumerate(group):
-                row.second_from = tuple(a[:, i, :] for a in output.state)
-        second = [r for r in rows if r.second]
+                row.first_from = tuple(a[:, i, :] for a in output.state)
+                row.done += row.piece
+        final = [r for r in rows if r.final]
+        for row in final:
+            row.second_from = row.first_from
+        second = [r for r in final if r.second]
         for group in self._by_length(second, lambda r: len(r.second)):
             want_probs = any(r.step.prefix_ids is not None for r in group)
             output = self._run(
@@ -492,12 +609,13 @@ class StepBatcher:
             )
             for i, row in enumerate(group):
                 row.output, row.output_row = output, i
-        for row in rows:
+        for row in final:
             row.result = self._result(row)
 
     def _plan(self, row: _Row) -> None:
         step, record = row.step, row.record
         tokens = step.tokens
+        row.planned = True
         if record is None or step.fresh or step.create:
             row.current, row.previous = self._start_current, self._zeros
             row.last_token, row.context_tokens = self.runner.eos_id, 0
@@ -505,16 +623,18 @@ class StepBatcher:
             half = len(self._start_current)
             row.current, row.previous = record.state[:half], record.state[half:]
             row.last_token, row.context_tokens = record.last_token, record.tokens
+        row.first_from = row.current
         if not tokens:
             if row.context_tokens > 0:  # no new word: re-run the last token for its output
-                row.second, row.second_from = [row.last_token], row.previous
+                row.second, row.first_from = [row.last_token], row.previous
             return  # an empty context: the cached start output answers
         if step.session_id is None:  # stateless: no previous state to keep
-            row.second, row.second_from = tokens, row.current
+            # Whole chunks first, then the rest (1 to `prefill_chunk` tokens) for the output.
+            last = (len(tokens) - 1) % self.prefill_chunk + 1
+            row.first, row.second = tokens[:-last], tokens[-last:]
             return
         row.first = tokens[:-1]
         row.second = tokens[-1:]
-        row.second_from = row.current
 
     @staticmethod
     def _by_length(rows: list[_Row], length: Callable[[_Row], int]) -> list[list[_Row]]:
