@@ -64,7 +64,28 @@ def uvicorn_log_config(level: str) -> dict[str, Any]:
     config = copy.deepcopy(LOGGING_CONFIG)
     py_level = "DEBUG" if level == "trace" else level.upper()
     config["loggers"]["service"] = {"handlers": ["default"], "level": py_level, "propagate": False}
+    # Session ids and access tokens never reach a log line (paths, queries, WebSocket lines).
+    config.setdefault("filters", {})["redact"] = {"()": "service.logs.RedactIds"}
+    for handler in config["handlers"].values():
+        handler.setdefault("filters", []).append("redact")
     return config
+
+
+def check_exposure(settings: Settings) -> None:
+    """Refuse unreadable API keys; say so when an open service listens beyond loopback."""
+    from service.api.auth import ApiKeyError, ApiKeys
+
+    try:
+        keys = ApiKeys.parse(settings.api_keys)
+    except ApiKeyError as exc:
+        raise SystemExit(f"nextword: {exc}") from exc
+    loopback = settings.host in ("127.0.0.1", "::1", "localhost")
+    if keys is None and not loopback:
+        print(
+            f"nextword: warning: listening on {settings.host} without API keys: anyone who "
+            "reaches the port can use and read every session (set NEXTWORD_API_KEYS)",
+            file=sys.stderr,
+        )
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -79,6 +100,7 @@ def serve(args: argparse.Namespace) -> int:
     settings = load_settings()
     if not Path(settings.models_dir).is_dir():
         raise SystemExit(f"nextword: models directory {settings.models_dir} not found")
+    check_exposure(settings)
     configure_logging(settings.log_level, "supervisor")
     return run_service(
         settings,

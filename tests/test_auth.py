@@ -154,3 +154,32 @@ def test_logs_never_show_session_ids_or_tokens() -> None:
     )
     RedactIds().filter(record)
     assert "s3cret" not in record.getMessage() and ALICE not in record.getMessage()
+
+
+def test_serve_refuses_bad_keys_and_warns_when_open(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from service import cli
+    from service.config import Settings
+
+    with pytest.raises(SystemExit, match="name:key"):
+        cli.check_exposure(Settings(api_keys="nonsense"))
+    cli.check_exposure(Settings(host="0.0.0.0"))
+    assert "without API keys" in capsys.readouterr().err
+    cli.check_exposure(Settings(host="0.0.0.0", api_keys=f"alice:{ALICE}"))
+    cli.check_exposure(Settings(host="127.0.0.1"))
+    assert capsys.readouterr().err == ""
+
+
+def test_the_access_log_is_redacted() -> None:
+    import logging.config
+
+    from service.cli import uvicorn_log_config
+
+    logging.config.dictConfig(uvicorn_log_config("info"))
+    handler = logging.getLogger("uvicorn.access").handlers[0]
+    record = logging.LogRecord(
+        "uvicorn.access", logging.INFO, __file__, 1, "%s", ("GET /v1/sessions/s3cret",), None
+    )
+    assert all(f.filter(record) for f in handler.filters)
+    assert "s3cret" not in record.getMessage()
