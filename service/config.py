@@ -140,11 +140,12 @@ class Settings(BaseSettings):
     max_wait_ms: float = Field(default=2.0, ge=0, description="longest wait for a batch to fill")
     max_queue: int = Field(default=10_000, ge=1, description="queued steps per model before 503")
     prefill_chunk: int = Field(
-        default=32,
+        default=16,
         ge=0,
         description="most tokens one step runs in one batch: a longer text runs in chunks, "
         "one per batch, interleaved with other steps (a batch runs at most max(max_batch, "
-        "4 x this) tokens, a quarter of them for long steps). 0 = every step whole",
+        "8 x this) tokens, at most 4 x this of them chunks of long steps). 0 = every step "
+        "whole, no token bound",
     )
 
     # Limits on requests.

@@ -483,3 +483,247 @@ async def test_a_failed_write_fails_only_the_sessions_steps(
         await created
     same(await stateless, alone(runner, [6]))
     store.before_put = None
+
+
+# --- long steps: chunked prefill ------------------------------------------------------------
+
+
+def long_texts(n: int, seed: int, low: int = 9, high: int = 60) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(3, VOCAB, size=rng.integers(low, high)).tolist() for _ in range(n)]
+
+
+def batch_tokens(b: StepBatcher, runner: FakeRunner) -> list[int]:
+    """Record the tokens each batch runs (summed over its runs), from now on."""
+    seen: list[int] = []
+    compute = b._compute
+
+    def counting(rows: Any) -> None:
+        before = len(runner.calls)
+        compute(rows)
+        seen.append(sum(bt * t for bt, t, _ in runner.calls[before:]))
+
+    b._compute = counting  # type: ignore[method-assign]
+    return seen
+
+
+@pytest.fixture
+async def chunked(runner: FakeRunner, store: CountingStore) -> AsyncIterator[StepBatcher]:
+    b = StepBatcher(
+        runner,
+        store,
+        max_batch=64,
+        max_wait_ms=1.0,
+        prefill_chunk=4,
+        max_batch_tokens=24,
+        max_prefill_tokens=8,
+    )
+    await b.start()
+    yield b
+    await b.stop()
+
+
+async def test_long_texts_run_in_chunks_and_equal_the_whole_text(
+    chunked: StepBatcher, runner: FakeRunner, store: CountingStore
+) -> None:
+    # The same model (same weights), unchunked, in a batcher of its own.
+    whole = StepBatcher(
+        FakeRunner(), MemorySessionStore(3600.0, 1000), max_wait_ms=1.0, prefill_chunk=0
+    )
+    await whole.start()
+    inputs = long_texts(12, seed=4)
+    ids = [f"s{i}" for i in range(len(inputs))]
+    await asyncio.gather(*(new_session(chunked, i) for i in ids))
+    await asyncio.gather(*(new_session(whole, i) for i in ids))
+    store.reads.clear()
+    store.writes.clear()
+    per_batch = batch_tokens(chunked, runner)
+    runner.calls.clear()
+
+    async def feed(b: StepBatcher, session_id: str, tokens: list[int], seed: int) -> StepResult:
+        # A random split, each part up to 30 tokens: most run in several chunks.
+        rng = np.random.default_rng(seed)
+        result, i = None, 0
+        while i < len(tokens):
+            n = int(rng.integers(1, 30))
+            result = await b.step(Step(tokens[i : i + n], session_id=session_id))
+            i += n
+        assert result is not None
+        return result
+
+    results, unchunked, stateless, stateless_whole = await asyncio.gather(
+        asyncio.gather(*(feed(chunked, s, t, n) for n, (s, t) in enumerate(zip(ids, inputs)))),
+        asyncio.gather(*(feed(whole, s, t, n) for n, (s, t) in enumerate(zip(ids, inputs)))),
+        asyncio.gather(*(chunked.step(Step(t)) for t in inputs)),
+        asyncio.gather(*(whole.step(Step(t)) for t in inputs)),
+    )
+    assert max(t for _, t, _ in runner.calls) <= 4  # no run longer than a chunk
+    assert max(per_batch) <= 24  # the batch token bound
+    for tokens, r, u, s, w in zip(inputs, results, unchunked, stateless, stateless_whole):
+        assert r.tokens == u.tokens == s.tokens == len(tokens)
+        same(r, alone(runner, tokens))
+        same(s, alone(runner, tokens))
+        assert r.ids.tolist() == u.ids.tolist() == s.ids.tolist() == w.ids.tolist()
+        np.testing.assert_allclose(r.probs, u.probs, atol=1e-4)
+        np.testing.assert_allclose(s.probs, w.probs, atol=1e-4)
+        record = await store.get(r.record.session_id if r.record else "")
+        assert record.tokens == len(tokens)
+    # The state carried between a step's chunks never reaches the store before its end:
+    # one read and one write per step, however many chunks.
+    assert sorted(sum(store.reads, [])) == sorted(sum(store.writes, []))
+    await whole.stop()
+
+
+async def test_a_short_step_is_answered_before_a_long_one_finishes(
+    chunked: StepBatcher, runner: FakeRunner, store: CountingStore
+) -> None:
+    await asyncio.gather(new_session(chunked, "long"), new_session(chunked, "short"))
+    text = long_texts(1, seed=5, low=400, high=401)[0]
+    long_session = chunked.submit(Step(text, session_id="long"))
+    long_stateless = chunked.submit(Step(text))
+    while not runner.calls:  # the long steps' first chunks are running
+        await asyncio.sleep(0.001)
+    short_session = await chunked.step(Step([5], session_id="short"))
+    short_stateless = await chunked.step(Step([6, 7]))
+    assert not long_session.done() and not long_stateless.done()
+    same(short_session, alone(runner, [5]))
+    same(short_stateless, alone(runner, [6, 7]))
+    assert (await store.get("long")).tokens == 0  # nothing written before the last chunk
+    same(await long_session, alone(runner, text))
+    same(await long_stateless, alone(runner, text))
+    assert (await store.get("long")).tokens == len(text)
+
+
+async def test_a_sessions_steps_apply_in_order_behind_a_long_step(
+    chunked: StepBatcher, runner: FakeRunner
+) -> None:
+    await new_session(chunked, "a", [4])
+    text = long_texts(1, seed=6, low=50, high=51)[0]
+    steps = [Step(text, session_id="a"), Step([5], session_id="a"), Step([], session_id="a")]
+    results = await asyncio.gather(*(chunked.step(s) for s in steps))
+    assert [r.tokens for r in results] == [51, 52, 52]
+    same(results[0], alone(runner, [4, *text]))
+    same(results[1], alone(runner, [4, *text, 5]))
+    same(results[2], alone(runner, [4, *text, 5]))
+
+
+async def test_many_long_steps_keep_each_batch_bounded(
+    chunked: StepBatcher, runner: FakeRunner
+) -> None:
+    per_batch = batch_tokens(chunked, runner)
+    inputs = long_texts(40, seed=7, low=20, high=40)
+    shorts = texts(40, seed=8)
+    results = await asyncio.gather(*(chunked.step(Step(t)) for t in inputs + shorts))
+    assert max(per_batch) <= 24
+    assert max(t for _, t, _ in runner.calls) <= 4
+    for tokens, result in zip(inputs + shorts, results):
+        same(result, alone(runner, tokens))
+
+
+async def test_a_long_step_that_conflicts_is_retried_whole(
+    chunked: StepBatcher, store: CountingStore, runner: FakeRunner
+) -> None:
+    await new_session(chunked, "a", [4])
+    other = StepBatcher(runner, store, max_wait_ms=0)  # another replica, same store
+    await other.start()
+    interfered = False
+
+    async def other_replica(records: list[SessionRecord]) -> None:
+        nonlocal interfered
+        if not interfered and any(r.session_id == "a" for r in records):
+            interfered = True
+            await other.step(Step([9], session_id="a"))
+
+    store.before_put = other_replica
+    text = long_texts(1, seed=9, low=30, high=31)[0]
+    result = await chunked.step(Step(text, session_id="a"))
+    assert interfered and result.tokens == 2 + len(text)
+    same(result, alone(runner, [4, 9, *text]))  # applied whole, after 9
+    await other.stop()
+
+
+async def test_a_cancelled_long_step_is_never_written(
+    chunked: StepBatcher, store: CountingStore, runner: FakeRunner
+) -> None:
+    await new_session(chunked, "a", [4])
+    before = await store.get("a")
+    gone = chunked.submit(Step(long_texts(1, seed=10, low=300, high=301)[0], session_id="a"))
+    while not runner.calls:
+        await asyncio.sleep(0.001)
+    gone.cancel()
+    same(await chunked.step(Step([5], session_id="a")), alone(runner, [4, 5]))
+    after = await store.get("a")
+    assert (after.tokens, after.version) == (2, before.version + 1)
+
+
+async def test_a_failed_chunk_fails_the_long_step_and_writes_nothing(
+    chunked: StepBatcher, store: CountingStore, runner: FakeRunner
+) -> None:
+    await new_session(chunked, "a", [4])
+    runs = 0
+
+    def third_run_fails(tokens: np.ndarray) -> bool:
+        nonlocal runs
+        runs += 1
+        return runs == 3
+
+    runner.fail = third_run_fails
+    with pytest.raises(StepFailed):
+        await chunked.step(Step(long_texts(1, seed=11, low=40, high=41)[0], session_id="a"))
+    assert (await store.get("a")).tokens == 1
+    runner.fail = lambda tokens: False
+    same(await chunked.step(Step([5], session_id="a")), alone(runner, [4, 5]))
+
+
+async def test_stop_drains_long_steps_in_progress(runner: FakeRunner, store: CountingStore) -> None:
+    b = StepBatcher(runner, store, max_wait_ms=1.0, prefill_chunk=4)
+    await b.start()
+    await new_session(b, "a")
+    text = long_texts(1, seed=12, low=100, high=101)[0]
+    futures = [b.submit(Step(text, session_id="a")), b.submit(Step(text))]
+    while not runner.calls:
+        await asyncio.sleep(0.001)
+    await b.stop(drain=True)
+    for future in futures:
+        same(future.result(), alone(runner, text))
+
+
+def test_token_bounds_always_leave_room_for_one_chunk(
+    runner: FakeRunner, store: CountingStore
+) -> None:
+    b = StepBatcher(
+        runner, store, max_batch=8, prefill_chunk=16, max_batch_tokens=4, max_prefill_tokens=4
+    )
+    assert (b.prefill_chunk, b.max_prefill_tokens, b.max_batch_tokens) == (16, 16, 16)
+    d = StepBatcher(runner, store, max_batch=256)
+    assert (d.prefill_chunk, d.max_batch_tokens, d.max_prefill_tokens) == (16, 256, 64)
+
+
+async def test_chunked_equals_whole_with_the_bundled_lstm() -> None:
+    from pathlib import Path  # noqa: PLC0415
+
+    from service.config import BUNDLED_MODELS  # noqa: PLC0415
+    from service.contract.artifact import ModelArtifact  # noqa: PLC0415
+    from service.engine.runtime import CPU, OrtModel  # noqa: PLC0415
+
+    model = OrtModel(ModelArtifact.load(Path(BUNDLED_MODELS) / "lstm"), [CPU])
+    rng = np.random.default_rng(13)
+    text = rng.integers(3, len(model.vocab), size=700).tolist()
+    answers = []
+    for chunk in (0, 16, 64):
+        b = StepBatcher(model, MemorySessionStore(3600.0, 10), max_wait_ms=0, prefill_chunk=chunk)
+        await b.start()
+        await b.step(Step([], session_id="a", create=True))
+        fed = None
+        for part in (text[:5], text[5:300], text[300:301], text[301:]):
+            fed = await b.step(Step(part, session_id="a", k=10))
+        assert fed is not None and fed.tokens == len(text)
+        prefix = await b.step(Step([], session_id="a", k=5, prefix_ids=np.arange(100, 400)))
+        answers += [fed, await b.step(Step(text, k=10)), prefix]
+        await b.stop()
+    for i, result in enumerate(answers[3:]):
+        want = answers[i % 3]
+        assert result.ids.tolist() == want.ids.tolist()
+        np.testing.assert_allclose(result.probs, want.probs, atol=1e-4)
+    assert answers[0].ids.tolist() == answers[1].ids.tolist()  # session == stateless
+    np.testing.assert_allclose(answers[0].probs, answers[1].probs, atol=1e-4)

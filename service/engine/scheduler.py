@@ -42,10 +42,15 @@ later steps still wait behind it. Feeding a text in chunks gives the same state,
 float rounding, as running it whole.
 
 A batch runs at most `max_batch_tokens` tokens (summed over its rows; a row counts the
-tokens it runs in this batch), of which chunks of long steps take at most
-`max_prefill_tokens` (at least one chunk): the rest stays for short steps queued behind
-long ones, so one long request delays another user's step by about one chunk's run, and
-a run never holds more than (rows, `prefill_chunk`) tokens' activations.
+tokens it runs in this batch; default max(`max_batch`, 8 x `prefill_chunk`)), of which
+chunks of long steps take at most `max_prefill_tokens` (default 4 x `prefill_chunk`: four
+long rows) in flight, the session batch and a stateless batch together (a stateless
+batch may add one chunk). The rest stays for short steps queued behind long ones: one
+long request delays another user's step by about one batch of chunks, and however many
+long requests wait, a run holds at most (`max_batch`, `prefill_chunk`) tokens and the
+full-vocabulary output only for rows with a prefix, so the engine's memory does not grow
+with them (the steps waiting hold only their token ids, those in progress their (L, H)
+states).
 """
 
 from __future__ import annotations
@@ -171,7 +176,7 @@ class StepBatcher:
         max_queue: int = 10_000,
         max_retries: int = 8,
         store_grace_ms: float = 10.0,
-        prefill_chunk: int = 32,
+        prefill_chunk: int = 16,
         max_batch_tokens: int | None = None,
         max_prefill_tokens: int | None = None,
         clock: Callable[[], float] = time.time,
@@ -186,10 +191,12 @@ class StepBatcher:
         # prefill_chunk 0: no chunks and no token bound (every step runs whole, as one row).
         unbounded = sys.maxsize // 4
         self.prefill_chunk = prefill_chunk if prefill_chunk > 0 else unbounded
-        if max_batch_tokens is None:
-            max_batch_tokens = max(max_batch, 4 * prefill_chunk) if prefill_chunk > 0 else unbounded
-        if max_prefill_tokens is None:
-            max_prefill_tokens = max_batch_tokens // 4 if prefill_chunk > 0 else unbounded
+        if max_prefill_tokens is None:  # four long rows' chunks per batch
+            max_prefill_tokens = 4 * prefill_chunk if prefill_chunk > 0 else unbounded
+        if max_batch_tokens is None:  # at least as much again for short steps
+            max_batch_tokens = (
+                max(max_batch, 2 * max_prefill_tokens) if prefill_chunk > 0 else unbounded
+            )
         # A batch always has room for one chunk: every step can be taken into an empty batch.
         self.max_prefill_tokens = max(max_prefill_tokens, self.prefill_chunk)
         self.max_batch_tokens = max(max_batch_tokens, self.max_prefill_tokens)
@@ -200,6 +207,8 @@ class StepBatcher:
         # The batch with sessions' steps in flight (its task), at most one at a time.
         self._session_task: asyncio.Task[None] | None = None
         self._session_batch: list[Step] = []
+        self._session_long = 0  # tokens of long steps' chunks in that batch
+        self._long_taken = 0  # ... in the batch `_take` made last
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._waiter: asyncio.Future[None] | None = None
@@ -327,6 +336,7 @@ class StepBatcher:
             if any(step.session_id is not None for step in batch):
                 # Its store round trips must not hold up stateless steps: a task of its own.
                 self._session_batch = batch
+                self._session_long = self._long_taken
                 self._session_task = asyncio.get_running_loop().create_task(
                     self._guarded(batch), name=f"batch-{self.name}"
                 )
@@ -346,6 +356,7 @@ class StepBatcher:
     def _session_batch_done(self, task: asyncio.Task[None]) -> None:
         self._session_task = None
         self._session_batch = []
+        self._session_long = 0
         self._wake(force=True)  # the sessions' queued steps can be taken now
 
     def _cost(self, step: Step) -> tuple[int, bool]:
@@ -365,13 +376,15 @@ class StepBatcher:
         held: list[Step] = []
         taken: set[str] = set()
         used = long_used = 0
+        # Chunks of long steps in flight stay within `max_prefill_tokens` (plus one chunk
+        # for a stateless batch taken while a session batch runs): a stateless batch runs
+        # after the session batch in flight, before the next.
+        long_cap = max(self.prefill_chunk, self.max_prefill_tokens - self._session_long)
 
         def fits(step: Step) -> bool:
             nonlocal used, long_used
             cost, long = self._cost(step)
-            if used + cost > self.max_batch_tokens or (
-                long and long_used + cost > self.max_prefill_tokens
-            ):
+            if used + cost > self.max_batch_tokens or (long and long_used + cost > long_cap):
                 return False
             used += cost
             long_used += cost if long else 0
@@ -412,6 +425,7 @@ class StepBatcher:
                 continue
             batch.append(step)
         self._stateless.extendleft(reversed(held))
+        self._long_taken = long_used
         return batch
 
     def _fail(self, steps: list[Step], error: NextwordError) -> None:
