@@ -9,18 +9,57 @@ NLTK_DATA ?= $(abspath ../shared/data/nltk_data)
 WIKITEXT ?= $(abspath ../shared/data/wikitext-2-valid.txt)
 CORPORA := brown movie_reviews abc state_union webtext inaugural
 
-.PHONY: serve test lint bench baseline train-bundled evaluate-bundled clean
+.PHONY: serve test lint lock bench baseline train-bundled evaluate-bundled clean
 
-$(VENV)/.runtime: pyproject.toml
+# Locked versions (requirements/*.txt, written by `make lock`; never edit them by hand),
+# installed hash-checked; then the project itself with --no-deps, and `pip check` proves
+# the lock covers what pyproject.toml declares. The runtime lock of this platform: on
+# Linux the project asks for onnxruntime-gpu, on macOS for onnxruntime.
+LOCK := requirements
+RUNTIME_LOCK := $(LOCK)/$(if $(filter Darwin,$(shell uname -s)),runtime.txt,runtime-gpu.txt)
+UV_SPEC ?= uv==0.13.9
+# Where uv finds the CPU build of torch whose dependencies dev.txt pins (torch itself is not
+# in the lock): this machine's wheel directory, else the PyTorch CPU index.
+LOCK_TORCH ?= $(if $(wildcard /opt/wheels/torch-*+cpu-*.whl),--find-links /opt/wheels,--torch-backend cpu)
+# `make lock LOCK_UPGRADE=--upgrade` moves every pin to the newest release allowed.
+LOCK_UPGRADE ?=
+UV_COMPILE = $(VENV)/bin/uv pip compile -q --generate-hashes $(LOCK_UPGRADE) \
+  --custom-compile-command "make lock  (uv pip compile from pyproject.toml; see the Makefile)"
+
+$(VENV)/.runtime: pyproject.toml $(RUNTIME_LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip
-	$(PIP) install -e .
+	$(PIP) install --require-hashes -r $(RUNTIME_LOCK)
+	$(PIP) install --no-deps -e .
+	$(PIP) check
 	touch $@
 
-$(VENV)/.dev: $(VENV)/.runtime
+# torch first (TORCH_SPEC, the CPU build): dev.txt leaves it out but pins its dependencies.
+$(VENV)/.dev: $(VENV)/.runtime $(LOCK)/dev.txt
 	$(PIP) install "$(TORCH_SPEC)"
-	$(PIP) install -e ".[train,dev]"
+	$(PIP) install --require-hashes -r $(LOCK)/dev.txt
+	$(PIP) install --no-deps -e ".[train,dev]"
+	$(PIP) check
 	touch $@
+
+# runtime.txt: the CPU image (onnxruntime); runtime-gpu.txt: the GPU image (onnxruntime-gpu);
+# both for every platform and Python >= 3.10. dev.txt: the train and dev extras for Linux
+# x86-64 and CPython 3.11 with the CPU build of torch, which it leaves out (TORCH_SPEC
+# installs it). Pins agree across the three: each is resolved within the ones before it.
+lock:  ## regenerate requirements/*.txt from pyproject.toml (uv pip compile)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install "$(UV_SPEC)"
+	mkdir -p $(LOCK)
+	$(PY) docker/runtime_requirements.py pyproject.toml --onnxruntime onnxruntime \
+	  | $(UV_COMPILE) --universal --python-version 3.10 - -o $(LOCK)/runtime.txt
+	$(PY) docker/runtime_requirements.py pyproject.toml --onnxruntime onnxruntime-gpu \
+	  | $(UV_COMPILE) --universal --python-version 3.10 - -c $(LOCK)/runtime.txt \
+	    -o $(LOCK)/runtime-gpu.txt
+	echo "$(TORCH_SPEC)" | $(UV_COMPILE) pyproject.toml --extra train --extra dev \
+	  -c $(LOCK)/runtime.txt -c $(LOCK)/runtime-gpu.txt -c /dev/stdin $(LOCK_TORCH) \
+	  --no-emit-package torch --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
+	  -o $(LOCK)/dev.txt
+	! grep -E -i '^(torch|triton|nvidia-|cuda-)' $(LOCK)/dev.txt  # no torch, no CUDA
 
 serve: $(VENV)/.runtime  ## serve the bundled models on 127.0.0.1:8000
 	$(VENV)/bin/nextword serve

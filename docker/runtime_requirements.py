@@ -4,9 +4,10 @@ The project depends on `onnxruntime-gpu` on Linux (it serves on CPU too), but a
 CPU image should not carry ~340 MB of CUDA kernels. Both distributions install
 the same `onnxruntime` import package, so an image installs these requirements
 first and then the project's wheel with `--no-deps`. They are read from
-pyproject.toml, the single list, and need nothing but pyproject.toml: the
-dependency layer of an image is rebuilt only when that file changes. Standard
-library only (runs in the images' builder stages and in tests/test_docker.py).
+pyproject.toml, the single list. `make lock` compiles this output into the locks
+the images install (requirements/runtime.txt with `onnxruntime`,
+requirements/runtime-gpu.txt with `onnxruntime-gpu`); tests/test_lock.py checks
+that the locks still pin every requirement it prints. Standard library only.
 
     python docker/runtime_requirements.py pyproject.toml --onnxruntime onnxruntime
 """

@@ -3,8 +3,8 @@
 - hadolint lints both Dockerfiles;
 - the compose file and the Dockerfiles agree with the build context and the service;
 - what an image installs is installed here: the project's wheel into a fresh
-  virtual environment outside the source tree, without torch or dev extras, with
-  the CPU ONNX Runtime swapped in exactly as docker/Dockerfile does; then
+  virtual environment outside the source tree, without torch or dev extras, over
+  the CPU image's lock (requirements/runtime.txt) exactly as docker/Dockerfile does; then
   `nextword serve` from that environment answers over HTTP and the WebSocket.
 """
 
@@ -140,10 +140,7 @@ def venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     (wheel,) = (root / "dist").glob("nextword-*.whl")
 
-    requirements = root / "requirements.txt"
-    requirements.write_text(
-        "\n".join(load_runtime_requirements()(src / "pyproject.toml", "onnxruntime"))
-    )
+    requirements = ROOT / "requirements" / "runtime.txt"  # the CPU image's lock
     env = root / "venv"
     run([sys.executable, "-m", "venv", env])
     python = env / "bin" / "python"
@@ -156,7 +153,7 @@ def venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "install",
         "--only-binary=:all:",
     ]
-    run([*venv_pip, "-r", requirements], timeout=900)
+    run([*venv_pip, "--require-hashes", "-r", requirements], timeout=900)
     run([*venv_pip, "--no-deps", wheel], timeout=300)
     return env
 
