@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from service.config import Settings
-from service.contract.artifact import ArtifactError, ModelArtifact
+from service.contract.artifact import DISPLAY_FILE, VOCAB_FILE, ArtifactError, ModelArtifact
 from service.contract.limits import MAX_K, MAX_PREFIX_CHARS, MAX_SESSION_ID_CHARS
 from service.contract.protocol import DeleteRequest, EngineOutput, InfoRequest, StepRequest
 from service.contract.vocab import Vocabulary
@@ -49,7 +49,11 @@ def load_vocabularies(settings: Settings, engine: EngineClient) -> dict[str, Voc
     if isinstance(engine, InprocClient):
         return {name: model.vocab for name, model in engine.core.models.items()}
     root = Path(settings.models_dir)
-    return {m["name"]: ModelArtifact.load(root / m["name"]).vocab for m in engine.models}
+    # The engine verified every file; this process reads (and hashes) only what it uses.
+    return {
+        m["name"]: ModelArtifact.load(root / m["name"], hashed=(VOCAB_FILE, DISPLAY_FILE)).vocab
+        for m in engine.models
+    }
 
 
 class Predictor:

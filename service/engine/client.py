@@ -23,7 +23,7 @@ import json
 import logging
 import secrets
 import time
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import zmq
 import zmq.asyncio
@@ -38,7 +38,10 @@ from service.contract.protocol import (
     output_decoder,
     request_encoder,
 )
-from service.errors import NotReady
+from service.errors import NotReady, error_from_code
+
+if TYPE_CHECKING:  # the API side never imports onnxruntime
+    from service.engine.core import EngineCore
 
 log = logging.getLogger(__name__)
 
@@ -76,10 +79,7 @@ class EngineClient(Protocol):
 class InprocClient:
     """The engine core in this process, behind the `EngineClient` interface."""
 
-    def __init__(self, core: Any) -> None:
-        from service.engine.core import EngineCore
-
-        assert isinstance(core, EngineCore)
+    def __init__(self, core: EngineCore) -> None:
         self.core = core
         self.models = core.describe()
         self._ids = itertools.count(1)
@@ -173,8 +173,6 @@ class ZmqClient:
         return await self.call(PingRequest(self.next_id()))
 
     async def ping(self) -> None:
-        from service.errors import error_from_code
-
         try:
             output = await asyncio.wait_for(self._ping_once(), PING_TIMEOUT_S)
         except asyncio.TimeoutError:

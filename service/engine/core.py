@@ -258,8 +258,3 @@ class EngineCore:
         await self.store.ping()
         # The answer to a ping describes the models: what an API process lists.
         return EngineOutput(request.request_id, message=json.dumps(self.describe()))
-
-    @property
-    def queue_depth(self) -> int:
-        """Steps waiting for a batch, all models together."""
-        return sum(s.queue_depth for s in self.schedulers.values())
