@@ -174,7 +174,9 @@ class StepBatcher:
         max_batch: int = 256,
         max_wait_ms: float = 2.0,
         max_queue: int = 10_000,
-        max_retries: int = 8,
+        # With Redis a step's first try may read this engine's stale copy of a session
+        # another replica stepped (a try lost by design): racing replicas need headroom.
+        max_retries: int = 16,
         store_grace_ms: float = 10.0,
         prefill_chunk: int = 16,
         max_batch_tokens: int | None = None,
