@@ -128,6 +128,12 @@ class Settings(BaseSettings):
     # Sessions.
     session_ttl_s: float = Field(default=1800.0, gt=0, description="idle seconds to expiry")
     session_cap: int = Field(default=100_000, ge=1, description="most sessions; LRU evicted")
+    max_sessions_per_key: int = Field(
+        default=0,
+        ge=0,
+        description="most sessions per API key (per client address without keys); a new one "
+        "past it evicts that key's least recently used session, never another key's. 0 = no cap",
+    )
     session_store: str = Field(default="memory", description='"memory" or "redis://host:port/db"')
     session_store_write: Literal["through", "behind"] = Field(
         default="through",

@@ -82,6 +82,34 @@ def test_a_session_belongs_to_the_key_that_made_it(client: TestClient) -> None:
     assert client.get(path, headers=bearer(ALICE)).json()["session_id"] == sid
 
 
+def test_a_key_past_its_session_quota_loses_its_own_oldest_session(tiny_artifacts: Path) -> None:
+    settings = api_settings(
+        tiny_artifacts, api_keys=f"alice:{ALICE},bob:{BOB}", max_sessions_per_key=2
+    )
+    with TestClient(create_app(settings)) as client:
+
+        def create(key: str) -> str:
+            made = client.post("/v1/sessions", json={"text": "i am"}, headers=bearer(key))
+            assert made.status_code == 201, made.text
+            return str(made.json()["session_id"])
+
+        bobs = create(BOB)
+        alices = [create(ALICE) for _ in range(5)]
+        status = [
+            client.get(f"/v1/sessions/{sid}", headers=bearer(ALICE)).status_code for sid in alices
+        ]
+        assert status == [404, 404, 404, 200, 200]  # only alice's newest two are left
+        assert client.get(f"/v1/sessions/{bobs}", headers=bearer(BOB)).status_code == 200
+
+
+def test_an_open_service_caps_sessions_per_client_address(tiny_artifacts: Path) -> None:
+    with TestClient(create_app(api_settings(tiny_artifacts, max_sessions_per_key=1))) as client:
+        first = client.post("/v1/sessions", json={"text": "i"}).json()["session_id"]
+        second = client.post("/v1/sessions", json={"text": "i"}).json()["session_id"]
+        assert client.get(f"/v1/sessions/{first}").status_code == 404
+        assert client.get(f"/v1/sessions/{second}").status_code == 200
+
+
 def test_the_stream_takes_the_header_or_an_access_token(client: TestClient) -> None:
     with client.websocket_connect("/v1/stream") as ws:
         assert ws.receive_json()["error"]["code"] == "unauthorized"

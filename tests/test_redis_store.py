@@ -181,3 +181,49 @@ async def test_redis_down_then_back(redis_server: RedisServer) -> None:
         if redis_server.proc is None:
             redis_server.start()
         await store.close()
+
+
+async def test_an_owner_past_its_cap_evicts_its_own_oldest_session(redis_server) -> None:
+    from service.store.redis import RedisSessionStore
+
+    store = RedisSessionStore.from_url(redis_server.url, ttl_s=60, timeout_s=1.0, owner_cap=2)
+    await store._redis.flushdb()
+    try:
+
+        def owned(session_id: str, owner: str) -> SessionRecord:
+            rec = record(session_id)
+            rec.owner = owner
+            return rec
+
+        assert await store.put_many([owned("b1", "bob")], [None]) == [True]
+        for name in ("a1", "a2"):
+            assert await store.put_many([owned(name, "alice")], [None]) == [True]
+            await asyncio.sleep(0.005)  # distinct millisecond scores
+        assert await store.put_many([owned("a1", "alice")], [1]) == [True]  # a1 used again
+        await asyncio.sleep(0.005)
+        assert await store.put_many([owned("a3", "alice")], [None]) == [True]
+        alive = [r is not None for r in await store.get_many(["b1", "a1", "a2", "a3"])]
+        assert alive == [True, True, False, True]
+        assert store.evictions == 1
+        assert (await store.get("a3")).owner == "alice"
+        # A delete leaves the owner's count: the next session evicts nothing.
+        await store.delete("a3")
+        assert await store.put_many([owned("a4", "alice")], [None]) == [True]
+        alive = [r is not None for r in await store.get_many(["a1", "a4"])]
+        assert alive == [True, True] and store.evictions == 1
+    finally:
+        await store.close()
+
+
+async def test_format_1_records_are_still_read(store) -> None:
+    from service.store.redis import encode_record
+
+    rec = record("old")
+    data = bytearray(encode_record(rec, 4))
+    name_end = 47 + len(rec.model)
+    old = bytes(b"NWS\x01" + data[4:name_end] + data[name_end + 2 :])  # no owner field
+    await store._redis.set(store._key("old"), old)
+    got = await store.get("old")
+    assert (got.version, got.owner, got.tokens) == (4, "", rec.tokens)
+    assert all(np.array_equal(a, b) for a, b in zip(got.state, rec.state))
+    assert await store.put_many([rec], [4]) == [True]  # the CAS reads the version only

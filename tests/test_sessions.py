@@ -369,3 +369,44 @@ async def test_eviction_takes_sessions_the_batch_does_not_write(clock: Clock) ->
     assert store.evictions == 5
     assert (await store.get("w")).version == 1
     assert [(p.used, p.capacity) for p in store.pool_usage()] == [(3, 6)]  # one batch over
+
+
+def owned(session_id: str, owner: str) -> SessionRecord:
+    rec = record(session_id)
+    rec.owner = owner
+    return rec
+
+
+async def test_an_owner_past_its_cap_evicts_its_own_oldest_session(clock: Clock) -> None:
+    store = MemorySessionStore(ttl_s=60.0, cap=100, clock=clock, owner_cap=2)
+    assert await store.put_many([owned("b1", "bob")], [None]) == [True]
+    for name in ("a1", "a2"):
+        clock.now += 1
+        assert await store.put_many([owned(name, "alice")], [None]) == [True]
+    clock.now += 1
+    assert await store.put_many([owned("a1", "alice")], [1]) == [True]  # a1 used again
+    clock.now += 1
+    assert await store.put_many([owned("a3", "alice")], [None]) == [True]
+    alive = [r is not None for r in await store.get_many(["b1", "a1", "a2", "a3"])]
+    assert alive == [True, True, False, True]  # alice's least recently used went, not bob's
+    assert store.evictions == 1
+    assert (await store.get("a3")).owner == "alice"
+    # One batch creating more sessions than the cap keeps the owner's newest two.
+    batch = [owned(f"x{i}", "carol") for i in range(4)]
+    assert await store.put_many(batch, [None] * 4) == [True] * 4
+    alive = [r is not None for r in await store.get_many([f"x{i}" for i in range(4)])]
+    assert sum(alive) == 2
+    # Deleted and expired sessions leave their owner's count.
+    await store.delete("a3")
+    clock.now += 1
+    assert await store.put_many([owned("a4", "alice")], [None]) == [True]
+    assert await store.get("a1") is not None  # room was left by the delete
+    clock.now += 61
+    assert await store.count() == 0
+    assert store._owned == {} and store._owner_of == {}
+
+
+async def test_sessions_without_an_owner_are_not_capped_per_owner(clock: Clock) -> None:
+    store = MemorySessionStore(ttl_s=60.0, cap=100, clock=clock, owner_cap=1)
+    await create(store, "a", "b", "c")
+    assert await store.count() == 3

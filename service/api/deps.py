@@ -8,7 +8,7 @@ from typing import Annotated, cast
 from fastapi import Depends
 from starlette.requests import HTTPConnection
 
-from service.api.auth import OWNER
+from service.api.auth import OWNER, client_address
 from service.api.predictor import OwnedPredictor, Predictor
 from service.config import Settings
 from service.errors import NotReady
@@ -22,7 +22,12 @@ def get_predictor(connection: HTTPConnection) -> Predictor:
     if predictor is None:
         raise NotReady("the service is starting or shutting down")
     owner = connection.scope.get(OWNER)
-    return cast(Predictor, OwnedPredictor(predictor, owner)) if owner else predictor
+    if owner:
+        return cast(Predictor, OwnedPredictor(predictor, owner))
+    if predictor.settings.max_sessions_per_key > 0:  # an open service: quotas per address
+        quota = f"addr:{client_address(connection.scope)}"
+        return cast(Predictor, OwnedPredictor(predictor, "", quota))
+    return predictor
 
 
 PredictorDep = Annotated[Predictor, Depends(get_predictor)]

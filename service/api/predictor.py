@@ -187,6 +187,7 @@ class Predictor:
         session_id: str | None = None,
         create: bool = False,
         fresh: bool = False,
+        owner: str = "",
     ) -> EngineOutput:
         request = StepRequest(
             self.engine.next_id(),
@@ -197,6 +198,7 @@ class Predictor:
             create=create,
             fresh=fresh,
             prefix_ids=prefix_ids,
+            owner=owner,
         )
         return await self._call(request)
 
@@ -222,15 +224,19 @@ class Predictor:
         model: str | None = None,
         prefix: str | None = None,
         owner: str = "",
+        quota: str = "",
     ) -> dict[str, Any]:
-        """A new session holding `text`, and its top k next words; it belongs to `owner`."""
+        """A new session holding `text`, and its top k next words; it belongs to `owner`
+        and counts against the session quota of `quota` (`NEXTWORD_MAX_SESSIONS_PER_KEY`)."""
         name, vocab = self._vocabulary(model)
         k = self._check_k(k)
         prefix_ids = self._prefix_ids(vocab, prefix)
         tokens = self._tokens(vocab, text)
         session_id = new_session_id()
         engine_id = owned_id(session_id, owner)
-        output = await self._step(name, tokens, k, prefix_ids, engine_id, create=True)
+        output = await self._step(
+            name, tokens, k, prefix_ids, engine_id, create=True, owner=quota or owner
+        )
         self._remember(engine_id, name)
         return self._session_answer(name, vocab, session_id, output)
 
@@ -303,11 +309,15 @@ class Predictor:
 
 
 class OwnedPredictor:
-    """The predictor as one API key sees it: the sessions that key created, no others."""
+    """The predictor as one API key sees it: the sessions that key created, no others.
 
-    def __init__(self, predictor: Predictor, owner: str) -> None:
+    `quota` is whose session quota a new session counts against: the key (`owner`), or
+    on an open service (no owner: every session is shared) the client's address."""
+
+    def __init__(self, predictor: Predictor, owner: str, quota: str = "") -> None:
         self.predictor = predictor
         self.owner = owner
+        self.quota = quota or owner
 
     def __getattr__(self, name: str) -> Any:  # models, predict, ready, ...: shared
         return getattr(self.predictor, name)
@@ -315,7 +325,9 @@ class OwnedPredictor:
     async def create_session(
         self, text: str = "", k: int = 5, model: str | None = None, prefix: str | None = None
     ) -> dict[str, Any]:
-        return await self.predictor.create_session(text, k, model, prefix, owner=self.owner)
+        return await self.predictor.create_session(
+            text, k, model, prefix, owner=self.owner, quota=self.quota
+        )
 
     async def feed(
         self, session_id: str, text: str, k: int = 5, prefix: str | None = None

@@ -25,6 +25,7 @@ class StepRequest(msgspec.Struct, array_like=True, gc=False, tag=1):
     create: bool = False  # a new session: it must not exist yet
     fresh: bool = False  # start the session's context afresh (reset)
     prefix_ids: bytes | None = None  # sorted int64 ids of the words matching a prefix
+    owner: str = ""  # a new session's quota owner (an API key's name, or a client address)
 
 
 class InfoRequest(msgspec.Struct, array_like=True, gc=False, tag=2):

@@ -124,6 +124,7 @@ class EngineCore:
             settings.session_ttl_s,
             settings.session_cap,
             settings.session_store_write,
+            owner_cap=settings.max_sessions_per_key,
         )
         core = cls(settings, models, store)
         for scheduler in core.schedulers.values():
@@ -200,6 +201,7 @@ class EngineCore:
                     create=request.create,
                     k=request.k,
                     prefix_ids=prefix_ids,
+                    owner=request.owner,
                 )
             )
         except NextwordError as exc:

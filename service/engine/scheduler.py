@@ -104,6 +104,7 @@ class Step:
     create: bool = False  # a new session: it must not exist yet
     k: int = 5
     prefix_ids: np.ndarray | None = None  # sorted ids of the words matching a prefix
+    owner: str = ""  # a new session's quota owner (`SessionRecord.owner`)
     future: asyncio.Future[StepResult] = field(init=False, repr=False)
     attempts: int = field(default=0, repr=False)
     # A long step between its batches: what it has run so far (None: not started).
@@ -693,5 +694,6 @@ class StepBatcher:
             last_used_at=now,
             version=0 if old is None else old.version,
             last_token=last,
+            owner=step.owner if old is None or step.create else old.owner,
         )
         return StepResult(ids, probs, tokens, record)

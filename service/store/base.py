@@ -1,6 +1,6 @@
 """Session state: the record and the store protocol, shared by every store.
 
-A session is (model, recurrent state, token count, timestamps, version). Stores are
+A session is (model, recurrent state, token count, timestamps, version, owner). Stores are
 async and batch-shaped: the batcher reads all sessions of a batch with one
 `get_many` and writes them back with one `put_many`, a compare-and-set on `version`,
 so that a store over the network (Redis) costs one round trip each way per batch.
@@ -35,6 +35,9 @@ class SessionRecord:
     last_used_at: float  # Unix time
     version: int = 0  # bumped by every successful write
     last_token: int = -1  # id of the last token run (the implicit start token at first)
+    # Whose quota the session counts against (`NEXTWORD_MAX_SESSIONS_PER_KEY`): the API
+    # key's name, or the client's address on an open service; "" for none.
+    owner: str = ""
 
 
 def new_session_id() -> str:

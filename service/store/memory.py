@@ -181,6 +181,11 @@ class MemorySessionStore:
     TTL order (every write stamps `touched`), so expiry and eviction pop from its front
     and free the session's row. Reading a session (`get`, `get_many`) does not count as
     using it: a step writes.
+
+    With `owner_cap`, an owner (`SessionRecord.owner`: an API key, or a client address)
+    holds at most that many sessions: a new one past it evicts the owner's own least
+    recently written session, never another owner's. Each owner's sessions are kept in
+    an ordered dict of their own (write order), so that eviction pops from its front.
     """
 
     def __init__(
@@ -189,11 +194,13 @@ class MemorySessionStore:
         cap: int = 100_000,
         clock: Callable[[], float] = time.monotonic,
         first_rows: int = 1024,
+        owner_cap: int = 0,
     ) -> None:
         if first_rows < 1:
             raise ValueError("first_rows must be at least 1")
         self.ttl_s = ttl_s
         self.cap = cap
+        self.owner_cap = owner_cap  # sessions per owner (0: no cap, owners not tracked)
         self.clock = clock
         self.first_rows = first_rows  # rows in a pool's first chunk
         self.evictions = 0  # sessions dropped by the cap (least recently used first)
@@ -204,6 +211,8 @@ class MemorySessionStore:
         self._models: list[str] = []
         self._model_ids: dict[str, int] = {}
         self._key_bytes = 0  # the ids' str objects, as the index's estimate counts them
+        self._owned: dict[str, OrderedDict[str, None]] = {}  # owner -> its sessions
+        self._owner_of: dict[str, str] = {}  # session -> owner (owned sessions only)
 
     def new_id(self) -> str:
         """A fresh unguessable id."""
@@ -242,6 +251,12 @@ class MemorySessionStore:
         pool, row = self._pool(handle)
         pool.release(row)
         self._key_bytes -= _block(sys.getsizeof(session_id))
+        owner = self._owner_of.pop(session_id, None)
+        if owner is not None:
+            sessions = self._owned[owner]
+            del sessions[session_id]
+            if not sessions:
+                del self._owned[owner]
 
     # --- TTL and LRU --------------------------------------------------------------------
 
@@ -280,6 +295,7 @@ class MemorySessionStore:
             last_used_at=last_used_at,
             version=version,
             last_token=last_token,
+            owner=self._owner_of.get(session_id, ""),
         )
 
     # --- the protocol -------------------------------------------------------------------
@@ -320,17 +336,43 @@ class MemorySessionStore:
                 versions[record.session_id] = (version or 0) + 1
             written.append(fits)
         new = sum(session_id not in self._index for session_id in versions)
-        evicted = self._evict(len(self._index) + new - self.cap, keep=versions)
+        owned: dict[str, int] = {}  # new sessions per owner (owners tracked with a cap)
+        if self.owner_cap > 0:
+            for record, ok in zip(records, written):
+                if ok and record.owner and record.session_id not in self._index:
+                    owned[record.owner] = owned.get(record.owner, 0) + 1
+        evicted = self._evict_owned(owned, keep=versions)
+        evicted += self._evict(len(self._index) + new - self.cap, keep=versions)
         now = self.clock()
         for record, version, (pool_id, model_id), fits in zip(records, expected, places, written):
             if fits:
                 self._write(record, pool_id, (model_id, (version or 0) + 1, now))
         evicted += self._evict(len(self._index) - self.cap)  # a batch larger than the cap
+        evicted += self._evict_owned(dict.fromkeys(owned, 0))  # ... or than an owner's cap
         if evicted:
             self.evictions += evicted
             metrics.SESSION_EVICTIONS.inc(evicted)
         metrics.ACTIVE_SESSIONS.set(len(self._index))
         return written
+
+    def _evict_owned(self, new: dict[str, int], keep: Container[str] = ()) -> int:
+        """Make room under `owner_cap` for `new[owner]` more sessions of each owner: drop
+        the owner's least recently written sessions, skipping those in `keep`."""
+        victims = []
+        for owner, count in new.items():
+            sessions = self._owned.get(owner)
+            if sessions is None:
+                continue
+            excess = len(sessions) + count - self.owner_cap
+            for session_id in sessions:
+                if excess <= 0:
+                    break
+                if session_id not in keep:
+                    victims.append(session_id)
+                    excess -= 1
+        for session_id in victims:
+            self._forget(session_id, self._index.pop(session_id))
+        return len(victims)
 
     def _evict(self, n: int, keep: Container[str] = ()) -> int:
         """Drop up to `n` least recently written sessions, skipping those in `keep`."""
@@ -369,6 +411,11 @@ class MemorySessionStore:
         self._pools[pool_id].write(row, record.state, meta)
         self._index[record.session_id] = row << _POOL_BITS | pool_id
         self._index.move_to_end(record.session_id)
+        if self.owner_cap > 0 and record.owner:
+            owner = self._owner_of.setdefault(record.session_id, record.owner)
+            sessions = self._owned.setdefault(owner, OrderedDict())
+            sessions[record.session_id] = None
+            sessions.move_to_end(record.session_id)
 
     async def get(self, session_id: str) -> SessionRecord:
         """One live record; raises `UnknownSession`."""
@@ -402,6 +449,8 @@ class MemorySessionStore:
         self._pool_ids.clear()
         self._models.clear()
         self._model_ids.clear()
+        self._owned.clear()
+        self._owner_of.clear()
         self._key_bytes = 0
         metrics.ACTIVE_SESSIONS.set(0)
 

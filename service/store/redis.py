@@ -18,8 +18,8 @@ Redis Cluster.
 Record. One binary string per session, key `nextword:session:<id>`:
 
     offset  size  field
-    0       4     magic b"NWS" + format version (1)
-    4       8     version        u64   (the CAS compares bytes 0..11)
+    0       4     magic b"NWS" + format version (2; format 1 had no owner)
+    4       8     version        u64   (the CAS compares bytes 4..11)
     12      4     tokens         u32
     16      4     last_token     i32   id of the last token run (-1: none yet)
     20      8     created_at     f64   Unix time
@@ -30,17 +30,24 @@ Record. One binary string per session, key `nextword:session:<id>`:
     42      4     hidden         u32
     46      1     len(model)     u8
     47      n     model name     UTF-8
-    47+n          state          arrays * layers * hidden * 4 bytes, raw little-endian float32
+    47+n    2     len(owner)     u16
+    49+n    m     owner          UTF-8: whose quota the session counts against ("" = none)
+    49+n+m        state          arrays * layers * hidden * 4 bytes, raw little-endian float32
+
+Owners. With `owner_cap` (`NEXTWORD_MAX_SESSIONS_PER_KEY`), each owner's sessions are the
+members of a sorted set `nextword:owner:<owner>` scored by their last write; the CAS
+script adds each written session to its owner's set and, past the cap, deletes the
+owner's least recently written sessions (in the same atomic script as the write).
 
 Expiry. Every write sets the key's TTL to `ttl_s` (PEXPIRE), so Redis drops idle
 sessions itself. Reading does not refresh it; every step writes.
 
-Memory sizing. Bytes per session = 47 + len(model) + arrays * layers * hidden * 4,
+Memory sizing. Bytes per session = 49 + len(model) + len(owner) + arrays * layers * hidden * 4,
 plus Redis's per-key overhead (key, dict and expiry entries, allocator rounding).
 Arrays is 4 for an LSTM (h and c, now and one token back), 2 for a GRU. The 2 x 512
-LSTM: 47 + 4 + 4*2*512*4 = 16,435 bytes of value; `MEMORY USAGE` reports ~20.5 KB
+LSTM: 49 + 4 + 4*2*512*4 = 16,437 bytes of value; `MEMORY USAGE` reports ~20.5 KB
 per key (jemalloc rounds the value up to its 20,480-byte size class), so 100,000
-live sessions take about 2 GB. A 1 x 512 GRU: 47 + 3 + 2*1*512*4 = 4,146 bytes of
+live sessions take about 2 GB. A 1 x 512 GRU: 49 + 3 + 2*1*512*4 = 4,148 bytes of
 value (~5 KB a key). Bound it with Redis's own `maxmemory` and `maxmemory-policy
 volatile-lru` (the store's `cap` is not enforced here: Redis evicts, and counts
 evictions and expirations in `INFO stats`, `evicted_keys` and `expired_keys`).
@@ -62,6 +69,7 @@ from __future__ import annotations
 import logging
 import secrets
 import struct
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -80,8 +88,10 @@ from service.store.base import SessionRecord
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1
+FORMAT = 2  # 2 added the owner; format 1 records are still read (owner "")
 MAGIC = b"NWS" + bytes([FORMAT])
+_MAGICS = {b"NWS\x01": 1, MAGIC: FORMAT}
+_OWNER_LEN = struct.Struct("<H")
 # magic+format, version, tokens, last_token, created_at, last_used_at, dtype, arrays,
 # layers, hidden, len(model)
 _HEAD = struct.Struct("<4sQIidd3sBHIB")
@@ -92,18 +102,21 @@ _UNREACHABLE = (RedisConnectionError, RedisTimeoutError, ReadOnlyError, OSError)
 # Runs inside MULTI, right after an MSET of the new records under staging keys (see
 # the module docstring for why the records do not go through the script's ARGV).
 # KEYS[1..n]: session keys; KEYS[n+1..2n]: their staged records. ARGV[1]: TTL in ms;
-# ARGV[1+i]: the expected first 12 bytes of key i (magic + version; "" = must not exist).
+# ARGV[2]: sessions per owner (0: no cap); ARGV[3]: now (ms, the owners' sorted sets'
+# score); ARGV[4]: the owners' key prefix; ARGV[4+i]: the expected version of key i
+# (bytes 4..11; "" = must not exist); ARGV[4+n+i]: its owner ("" = none).
+# Returns one flag per key, then the count of sessions evicted by owners' caps.
 _CAS_SCRIPT = """
 local n = #KEYS / 2
-local ttl = ARGV[1]
-local written = {}
+local ttl, cap, now, owners = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
+local written, evicted = {}, 0
 for i = 1, n do
-  local key, staged, expect = KEYS[i], KEYS[n + i], ARGV[1 + i]
+  local key, staged, expect, owner = KEYS[i], KEYS[n + i], ARGV[4 + i], ARGV[4 + n + i]
   local ok
   if expect == '' then
     ok = redis.call('EXISTS', key) == 0
   else
-    ok = redis.call('GETRANGE', key, 0, 11) == expect
+    ok = redis.call('GETRANGE', key, 4, 11) == expect
   end
   if not ok and redis.call('GET', key) == redis.call('GET', staged) then
     ok = true  -- our own write, replayed after its reply was lost
@@ -112,11 +125,24 @@ for i = 1, n do
     redis.call('RENAME', staged, key)
     redis.call('PEXPIRE', key, ttl)
     written[i] = 1
+    if cap > 0 and owner ~= '' then
+      -- The owner's sessions by last write; past the cap its oldest go. Members whose
+      -- key expired are the oldest (idle past the TTL): they go first, evicting nothing.
+      local set = owners .. owner
+      redis.call('ZADD', set, now, key)
+      redis.call('PEXPIRE', set, ttl)
+      while redis.call('ZCARD', set) > cap do
+        local oldest = redis.call('ZRANGE', set, 0, 0)[1]
+        redis.call('ZREM', set, oldest)
+        evicted = evicted + redis.call('DEL', oldest)
+      end
+    end
   else
     redis.call('DEL', staged)
     written[i] = 0
   end
 end
+written[n + 1] = evicted
 return written
 """
 
@@ -128,6 +154,9 @@ def encode_record(record: SessionRecord, version: int) -> bytes:
     name = record.model.encode()
     if len(name) > 255:
         raise ValueError(f"model name too long for the record format: {record.model!r}")
+    owner = record.owner.encode()
+    if len(owner) > 0xFFFF:
+        raise ValueError("owner name too long for the record format")
     head = _HEAD.pack(
         MAGIC,
         version,
@@ -141,12 +170,13 @@ def encode_record(record: SessionRecord, version: int) -> bytes:
         hidden,
         len(name),
     )
-    return b"".join((head, name, state.tobytes()))
+    return b"".join((head, name, _OWNER_LEN.pack(len(owner)), owner, state.tobytes()))
 
 
 def decode_record(session_id: str, data: bytes) -> SessionRecord:
     """The record stored as `data`; raises ValueError when it is not one of ours."""
-    if data[:4] != MAGIC:
+    form = _MAGICS.get(bytes(data[:4]))
+    if form is None:
         raise ValueError(f"unknown record format {data[:4]!r}")
     (
         _,
@@ -163,6 +193,12 @@ def decode_record(session_id: str, data: bytes) -> SessionRecord:
     ) = _HEAD.unpack_from(data)
     start = _HEAD.size + name_len
     model = data[_HEAD.size : start].decode()
+    owner = ""
+    if form >= 2:
+        (owner_len,) = _OWNER_LEN.unpack_from(data, start)
+        start += _OWNER_LEN.size
+        owner = data[start : start + owner_len].decode()
+        start += owner_len
     dt = np.dtype(dtype.decode())
     count = arrays * layers * hidden
     if len(data) != start + count * dt.itemsize:
@@ -177,6 +213,7 @@ def decode_record(session_id: str, data: bytes) -> SessionRecord:
         last_used_at=last_used_at,
         version=version,
         last_token=last_token,
+        owner=owner,
     )
 
 
@@ -189,19 +226,23 @@ class RedisSessionStore:
         *,
         ttl_s: float = 1800.0,
         cap: int | None = None,
+        owner_cap: int = 0,
         prefix: str = "nextword:session:",
         stage_prefix: str = "nextword:stage:",
+        owner_prefix: str = "nextword:owner:",
     ) -> None:
         self._redis = client
         self.ttl_s = ttl_s
         self.cap = cap  # informational: Redis's maxmemory policy bounds memory
+        self.owner_cap = owner_cap
         self.prefix = prefix
         self.stage_prefix = stage_prefix
+        self.owner_prefix = owner_prefix
         self._ttl_ms = max(1, round(ttl_s * 1000))
         self._where = _describe(client)
         self._down = False  # the last call failed to reach Redis (logged once per outage)
         # Redis expires and evicts keys itself and counts them (INFO stats); a
-        # replica cannot attribute them, so these stay at zero.
+        # replica cannot attribute them. Counted here: evictions by owners' caps.
         self.evictions = 0
         self.expirations = 0
 
@@ -212,6 +253,7 @@ class RedisSessionStore:
         *,
         ttl_s: float = 1800.0,
         cap: int | None = None,
+        owner_cap: int = 0,
         timeout_s: float = 2.0,
         prefix: str = "nextword:session:",
     ) -> RedisSessionStore:
@@ -227,7 +269,7 @@ class RedisSessionStore:
             retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), retries=2),
             health_check_interval=30,
         )
-        return cls(client, ttl_s=ttl_s, cap=cap, prefix=prefix)
+        return cls(client, ttl_s=ttl_s, cap=cap, owner_cap=owner_cap, prefix=prefix)
 
     @contextmanager
     def _reachable(self) -> Iterator[None]:
@@ -298,7 +340,8 @@ class RedisSessionStore:
         stage = f"{self.stage_prefix}{secrets.token_hex(8)}:"
         keys = [self._key(r.session_id) for r in records]
         staged = [f"{stage}{i}" for i in range(len(records))]
-        expect: list[Any] = [b"" if v is None else MAGIC + _VERSION.pack(v) for v in expected]
+        expect: list[Any] = [b"" if v is None else _VERSION.pack(v) for v in expected]
+        owners = [r.owner for r in records]
         values = {
             name: encode_record(record, (version or 0) + 1)
             for name, record, version in zip(staged, records, expected, strict=True)
@@ -309,8 +352,23 @@ class RedisSessionStore:
                 # EVAL, not EVALSHA: Redis caches the compiled script by its hash, and
                 # EVAL never fails with NOSCRIPT after a restart (which would leave
                 # the staged records behind); the script text is ~800 bytes.
-                pipe.eval(_CAS_SCRIPT, len(keys) * 2, *keys, *staged, self._ttl_ms, *expect)
+                pipe.eval(
+                    _CAS_SCRIPT,
+                    len(keys) * 2,
+                    *keys,
+                    *staged,
+                    self._ttl_ms,
+                    self.owner_cap,
+                    round(time.time() * 1000),
+                    self.owner_prefix,
+                    *expect,
+                    *owners,
+                )
                 _, written = await pipe.execute()
+        evicted = int(written.pop())
+        if evicted:
+            self.evictions += evicted
+            metrics.SESSION_EVICTIONS.inc(evicted)
         return [bool(w) for w in written]
 
     async def get(self, session_id: str) -> SessionRecord:
@@ -323,9 +381,15 @@ class RedisSessionStore:
         return record
 
     async def delete(self, session_id: str) -> None:
-        """Forget a session; raises `UnknownSession`."""
+        """Forget a session (and its place in its owner's quota); raises `UnknownSession`."""
+        key = self._key(session_id)
         with self._reachable():
-            deleted = await self._redis.delete(self._key(session_id))
+            record = self._decode(session_id, await self._redis.get(key))
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.delete(key)
+                if record is not None and record.owner:
+                    pipe.zrem(self.owner_prefix + record.owner, key)
+                deleted, *_ = await pipe.execute()
         if not deleted:
             raise UnknownSession(f"no session {session_id!r} (never created, deleted or expired)")
 
