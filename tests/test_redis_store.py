@@ -221,9 +221,26 @@ async def test_format_1_records_are_still_read(store) -> None:
     rec = record("old")
     data = bytearray(encode_record(rec, 4))
     name_end = 47 + len(rec.model)
-    old = bytes(b"NWS\x01" + data[4:name_end] + data[name_end + 2 :])  # no owner field
+    # Format 1: no owner, no memory header (both empty here: 2 + 5 bytes).
+    old = bytes(b"NWS\x01" + data[4:name_end] + data[name_end + 7 :])
     await store._redis.set(store._key("old"), old)
     got = await store.get("old")
     assert (got.version, got.owner, got.tokens) == (4, "", rec.tokens)
     assert all(np.array_equal(a, b) for a, b in zip(got.state, rec.state))
     assert await store.put_many([rec], [4]) == [True]  # the CAS reads the version only
+
+
+async def test_the_writers_words_round_trip(store) -> None:
+    from service.store.base import WordMemory
+
+    rec = record(store.new_id(), "gru", layers=1)
+    keys = np.array([5, -1, 12_001, 7], np.int32)
+    weights = np.array([1.5, 0.0, 1.0, 0.25], np.float32)
+    rec.memory = WordMemory(keys, weights, ("Zorblax", "naïve-ish"))
+    rec.adapt, rec.owner = False, "alice"
+    assert await store.put_many([rec], [None]) == [True]
+    got = await store.get(rec.session_id)
+    assert got.memory is not None and got.memory.words == ("Zorblax", "naïve-ish")
+    assert np.array_equal(got.memory.keys, keys) and np.array_equal(got.memory.weights, weights)
+    assert (got.adapt, got.owner) == (False, "alice")
+    assert all(np.array_equal(a, b) for a, b in zip(got.state, rec.state))

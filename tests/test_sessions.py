@@ -194,14 +194,14 @@ async def test_put_many_needs_one_version_per_record(store: MemorySessionStore) 
 
 # --- the slot pool ----------------------------------------------------------------------
 
-SHAPES = {"lstm": (4, 2, 8), "gru": (2, 1, 8)}  # (S, L, H) of two models
+SHAPES = {"lstm": (4, 2, 8, 0), "gru": (2, 1, 8, 0)}  # (S, L, H, memory slots) of two models
 
 
 def random_record(
     rng: np.random.Generator, session_id: str, model: str, version: int = 0
 ) -> SessionRecord:
     """A record whose state is random bits (NaNs, infinities, subnormals included)."""
-    s, layers, hidden = SHAPES[model]
+    s, layers, hidden, _ = SHAPES[model]
     bits = rng.integers(0, 2**32, size=(s, layers, hidden), dtype=np.uint32)
     state = tuple(bits.view(np.float32))
     return SessionRecord(
@@ -236,7 +236,7 @@ async def test_rows_are_reused_after_delete_expiry_and_eviction(clock: Clock) ->
     store = MemorySessionStore(ttl_s=60.0, cap=3, clock=clock, first_rows=3)
     await create(store, "a", "b", "c")
     [pool] = store.pool_usage()
-    assert (pool.shape, pool.used, pool.capacity) == ((4, LAYERS, HIDDEN), 3, 3)
+    assert (pool.shape, pool.used, pool.capacity) == ((4, LAYERS, HIDDEN, 0), 3, 3)
     row_a = store._stored_state("a")
     await store.delete("a")
     assert store.pool_usage()[0].used == 2
@@ -410,3 +410,22 @@ async def test_sessions_without_an_owner_are_not_capped_per_owner(clock: Clock) 
     store = MemorySessionStore(ttl_s=60.0, cap=100, clock=clock, owner_cap=1)
     await create(store, "a", "b", "c")
     assert await store.count() == 3
+
+
+async def test_the_writers_words_live_beside_the_state(store: MemorySessionStore) -> None:
+    from service.store.base import WordMemory
+
+    rec = record("m")
+    keys = np.array([3, 9, -1], np.int32)
+    rec.memory = WordMemory(keys, np.array([1.0, 0.5, 0.0], np.float32), ("Zorblax",))
+    rec.adapt = False
+    await store.put_many([rec, record("plain")], [None, None])
+    got = await store.get("m")
+    assert got.memory is not None and got.memory.words == ("Zorblax",)
+    assert np.array_equal(got.memory.keys, keys) and got.adapt is False
+    assert (await store.get("plain")).memory is None
+    assert {u.shape for u in store.pool_usage()} == {(4, LAYERS, HIDDEN, 3), (4, LAYERS, HIDDEN, 0)}
+    got.memory = WordMemory.empty(3)  # forgotten: the typed words go too
+    assert await store.put_many([got], [1]) == [True]
+    again = await store.get("m")
+    assert again.memory is not None and again.memory.words == () and store._words == {}

@@ -1,6 +1,7 @@
 """Session state: the record and the store protocol, shared by every store.
 
-A session is (model, recurrent state, token count, timestamps, version, owner). Stores are
+A session is (model, recurrent state, token count, timestamps, version, owner, the
+writer's words). Stores are
 async and batch-shaped: the batcher reads all sessions of a batch with one
 `get_many` and writes them back with one `put_many`, a compare-and-set on `version`,
 so that a store over the network (Redis) costs one round trip each way per batch.
@@ -15,6 +16,34 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 State = tuple[np.ndarray, ...]  # (h,) or (h, c); each float32 (L, H)
+
+
+@dataclass(eq=False)
+class WordMemory:
+    """What a session remembers of its writer's words (`service.engine.adapt`): a decayed
+    count per word, `capacity` slots, and the typed words outside the vocabulary.
+
+    `keys[i]` is a vocabulary id, or `vocab_size + j` for `words[j]` (-1: an empty slot);
+    `weights[i]` its decayed count. Nothing of it is ever logged."""
+
+    keys: np.ndarray  # (C,) int32
+    weights: np.ndarray  # (C,) float32
+    words: tuple[str, ...] = ()  # typed out-of-vocabulary words, as last typed
+
+    @classmethod
+    def empty(cls, capacity: int) -> WordMemory:
+        """A memory that holds nothing yet."""
+        return cls(np.full(capacity, -1, np.int32), np.zeros(capacity, np.float32))
+
+    @property
+    def capacity(self) -> int:
+        return len(self.keys)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the arrays and the typed words (UTF-8)."""
+        words = sum(len(w.encode()) for w in self.words)
+        return int(self.keys.nbytes + self.weights.nbytes) + words
 
 
 @dataclass(eq=False)  # states are arrays: compare fields explicitly
@@ -38,6 +67,10 @@ class SessionRecord:
     # Whose quota the session counts against (`NEXTWORD_MAX_SESSIONS_PER_KEY`): the API
     # key's name, or the client's address on an open service; "" for none.
     owner: str = ""
+    # The writer's words (None: the model keeps none), and whether answers use them when
+    # a request does not say (`adapt`).
+    memory: WordMemory | None = None
+    adapt: bool = True
 
 
 def new_session_id() -> str:

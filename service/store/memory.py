@@ -38,11 +38,11 @@ import numpy as np
 
 from service import metrics
 from service.errors import UnknownSession
-from service.store.base import SessionRecord, State, new_session_id
+from service.store.base import SessionRecord, State, WordMemory, new_session_id
 
-Shape = tuple[int, int, int]  # (S, L, H): arrays per session, layers, hidden
+Shape = tuple[int, int, int, int]  # (S, L, H, C): arrays per session, layers, hidden, memory
 
-# A session's metadata, one packed record per row (50 bytes).
+# A session's metadata, one packed record per row (51 bytes).
 _META = np.dtype(
     [
         ("model", "<u2"),  # index into the store's model names
@@ -52,9 +52,10 @@ _META = np.dtype(
         ("version", "<i8"),
         ("last_token", "<i8"),
         ("touched", "<f8"),  # store clock at the last write; drives the TTL
+        ("adapt", "u1"),  # the session's default for `adapt`
     ]
 )
-_Meta = tuple[int, int, float, float, int, int, float]  # a _META record as Python values
+_Meta = tuple[int, int, float, float, int, int, float, int]  # a _META record as Python values
 _POOL_BITS = 8  # a handle is row << _POOL_BITS | pool: 256 shapes per store
 _POOL_MASK = (1 << _POOL_BITS) - 1
 _HANDLE_BYTES = 32  # an int object up to 2**60 (rows < 2**52)
@@ -72,6 +73,9 @@ class PoolUsage(NamedTuple):
 class _StatePool:
     """Rows of one state shape: float32 state and metadata chunks, and a free list.
 
+    With a memory of C slots (the writer's words: `WordMemory`), each row also has C int32
+    keys and C float32 weights, in chunks beside the states.
+
     Chunk 0 has `first` rows; chunk k >= 1 has first * 2**(k - 1), so after k + 1 chunks
     the capacity is first * 2**k and a row's chunk is found by a bit length.
     """
@@ -81,6 +85,8 @@ class _StatePool:
         self.first = first
         self.states: list[np.ndarray] = []  # each (rows, S, L, H) float32
         self.metas: list[np.ndarray] = []  # each (rows,) of _META
+        self.keys: list[np.ndarray] = []  # each (rows, C) int32 (C > 0)
+        self.weights: list[np.ndarray] = []  # each (rows, C) float32
         self.capacity = 0
         self._high = 0  # rows below this were handed out at least once
         self._free = np.empty(0, dtype=np.int64)  # a stack of freed rows
@@ -97,6 +103,8 @@ class _StatePool:
         return (
             sum(a.nbytes for a in self.states)
             + sum(a.nbytes for a in self.metas)
+            + sum(a.nbytes for a in self.keys)
+            + sum(a.nbytes for a in self.weights)
             + self._free.nbytes
         )
 
@@ -114,8 +122,11 @@ class _StatePool:
             return int(self._free[self._nfree])
         if self._high == self.capacity:
             rows = self.capacity or self.first
-            self.states.append(np.empty((rows, *self.shape), dtype=np.float32))
+            self.states.append(np.empty((rows, *self.shape[:3]), dtype=np.float32))
             self.metas.append(np.zeros(rows, dtype=_META))
+            if self.shape[3]:
+                self.keys.append(np.empty((rows, self.shape[3]), dtype=np.int32))
+                self.weights.append(np.empty((rows, self.shape[3]), dtype=np.float32))
             self.capacity += rows
         self._high += 1
         return self._high - 1
@@ -144,30 +155,45 @@ class _StatePool:
         chunk, offset = self.locate(row)
         return int(self.metas[chunk]["version"][offset])
 
-    def read(self, row: int) -> tuple[np.ndarray, _Meta]:
-        """A read-only copy of a row's state, and its metadata as Python values."""
+    def read(self, row: int) -> tuple[np.ndarray, _Meta, tuple[np.ndarray, np.ndarray] | None]:
+        """A read-only copy of a row's state, its metadata as Python values, and a copy of
+        its memory's (keys, weights) (None without a memory)."""
         chunk, offset = self.locate(row)
         state = self.states[chunk][offset].copy()
         state.flags.writeable = False
-        return state, self.metas[chunk][offset].item()
+        memory = None
+        if self.shape[3]:
+            memory = (self.keys[chunk][offset].copy(), self.weights[chunk][offset].copy())
+        return state, self.metas[chunk][offset].item(), memory
 
-    def write(self, row: int, state: State, meta: _Meta) -> None:
-        """Copy a state (arrays of this pool's (L, H)) and its metadata into a row."""
+    def write(self, row: int, state: State, meta: _Meta, memory: WordMemory | None) -> None:
+        """Copy a state (arrays of this pool's (L, H)), its metadata and its memory's arrays
+        into a row."""
         chunk, offset = self.locate(row)
         dst = self.states[chunk][offset]
         for i, array in enumerate(state):
             dst[i] = array  # cast to float32 in the copy
         self.metas[chunk][offset] = meta
+        if memory is not None:
+            self.keys[chunk][offset] = memory.keys
+            self.weights[chunk][offset] = memory.weights
 
 
-def _shape_of(state: State) -> Shape:
-    """The pool shape of a state; ValueError unless it is S arrays of one (L, H)."""
+def _shape_of(record: SessionRecord) -> Shape:
+    """The pool shape of a record; ValueError unless its state is S arrays of one (L, H)
+    and its memory two arrays of one length."""
+    state = record.state
     if not state:
         raise ValueError("a session state needs at least one array")
     first = np.shape(state[0])
     if len(first) != 2 or any(np.shape(a) != first for a in state):
         raise ValueError(f"state arrays must all be (L, H); got {[np.shape(a) for a in state]}")
-    return (len(state), int(first[0]), int(first[1]))
+    slots = 0
+    if record.memory is not None:
+        slots = len(record.memory.keys)
+        if np.shape(record.memory.keys) != (slots,) or np.shape(record.memory.weights) != (slots,):
+            raise ValueError("a memory's keys and weights must be two arrays of one length")
+    return (len(state), int(first[0]), int(first[1]), slots)
 
 
 def _block(nbytes: int) -> int:
@@ -213,6 +239,7 @@ class MemorySessionStore:
         self._key_bytes = 0  # the ids' str objects, as the index's estimate counts them
         self._owned: dict[str, OrderedDict[str, None]] = {}  # owner -> its sessions
         self._owner_of: dict[str, str] = {}  # session -> owner (owned sessions only)
+        self._words: dict[str, tuple[str, ...]] = {}  # session -> its typed words (if any)
 
     def new_id(self) -> str:
         """A fresh unguessable id."""
@@ -251,6 +278,7 @@ class MemorySessionStore:
         pool, row = self._pool(handle)
         pool.release(row)
         self._key_bytes -= _block(sys.getsizeof(session_id))
+        self._words.pop(session_id, None)
         owner = self._owner_of.pop(session_id, None)
         if owner is not None:
             sessions = self._owned[owner]
@@ -285,7 +313,11 @@ class MemorySessionStore:
 
     def _record(self, session_id: str, handle: int) -> SessionRecord:
         pool, row = self._pool(handle)
-        state, (model, tokens, created_at, last_used_at, version, last_token, _) = pool.read(row)
+        state, meta, arrays = pool.read(row)
+        model, tokens, created_at, last_used_at, version, last_token, _, adapt = meta
+        memory = None
+        if arrays is not None:
+            memory = WordMemory(*arrays, words=self._words.get(session_id, ()))
         return SessionRecord(
             session_id=session_id,
             model=self._models[model],
@@ -296,6 +328,8 @@ class MemorySessionStore:
             version=version,
             last_token=last_token,
             owner=self._owner_of.get(session_id, ""),
+            memory=memory,
+            adapt=bool(adapt),
         )
 
     # --- the protocol -------------------------------------------------------------------
@@ -320,7 +354,7 @@ class MemorySessionStore:
         if len(records) != len(expected):
             raise ValueError("one expected version per record")
         # Everything that can refuse a record, before anything is written.
-        places = [(self._pool_id(_shape_of(r.state)), self._model_id(r.model)) for r in records]
+        places = [(self._pool_id(_shape_of(r)), self._model_id(r.model)) for r in records]
         self._expire()
         versions: dict[str, int] = {}  # the version each session written here ends at
         written = []
@@ -407,8 +441,13 @@ class MemorySessionStore:
             version,
             record.last_token,
             now,
+            record.adapt,
         )
-        self._pools[pool_id].write(row, record.state, meta)
+        self._pools[pool_id].write(row, record.state, meta, record.memory)
+        if record.memory is not None and record.memory.words:
+            self._words[record.session_id] = record.memory.words
+        else:
+            self._words.pop(record.session_id, None)
         self._index[record.session_id] = row << _POOL_BITS | pool_id
         self._index.move_to_end(record.session_id)
         if self.owner_cap > 0 and record.owner:
@@ -451,6 +490,7 @@ class MemorySessionStore:
         self._model_ids.clear()
         self._owned.clear()
         self._owner_of.clear()
+        self._words.clear()
         self._key_bytes = 0
         metrics.ACTIVE_SESSIONS.set(0)
 

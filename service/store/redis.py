@@ -32,7 +32,11 @@ Record. One binary string per session, key `nextword:session:<id>`:
     47      n     model name     UTF-8
     47+n    2     len(owner)     u16
     49+n    m     owner          UTF-8: whose quota the session counts against ("" = none)
-    49+n+m        state          arrays * layers * hidden * 4 bytes, raw little-endian float32
+    49+n+m  1     adapt          u8    the session's default for `adapt`
+            2     slots          u16   C: the memory's slots (0: no memory)
+            2     words          u16   typed words, then each: u8 length, UTF-8
+    ...           state          arrays * layers * hidden * 4 bytes, raw little-endian float32
+    ...           memory         C keys (i32), then C weights (f32)
 
 Owners. With `owner_cap` (`NEXTWORD_MAX_SESSIONS_PER_KEY`), each owner's sessions are the
 members of a sorted set `nextword:owner:<owner>` scored by their last write; the CAS
@@ -42,15 +46,16 @@ owner's least recently written sessions (in the same atomic script as the write)
 Expiry. Every write sets the key's TTL to `ttl_s` (PEXPIRE), so Redis drops idle
 sessions itself. Reading does not refresh it; every step writes.
 
-Memory sizing. Bytes per session = 49 + len(model) + len(owner) + arrays * layers * hidden * 4,
-plus Redis's per-key overhead (key, dict and expiry entries, allocator rounding).
-Arrays is 4 for an LSTM (h and c, now and one token back), 2 for a GRU. The 2 x 512
-LSTM: 49 + 4 + 4*2*512*4 = 16,437 bytes of value; `MEMORY USAGE` reports ~20.5 KB
-per key (jemalloc rounds the value up to its 20,480-byte size class), so 100,000
-live sessions take about 2 GB. A 1 x 512 GRU: 49 + 3 + 2*1*512*4 = 4,148 bytes of
-value (~5 KB a key). Bound it with Redis's own `maxmemory` and `maxmemory-policy
-volatile-lru` (the store's `cap` is not enforced here: Redis evicts, and counts
-evictions and expirations in `INFO stats`, `evicted_keys` and `expired_keys`).
+Memory sizing. Bytes per session = 54 + len(model) + len(owner) + the typed words +
+arrays * layers * hidden * 4 + 8 * C (the memory's slots), plus Redis's per-key
+overhead (key, dict and expiry entries, allocator rounding). Arrays is 4 for an LSTM (h
+and c, now and one token back), 2 for a GRU. The 2 x 512 LSTM without a memory:
+54 + 4 + 4*2*512*4 = 16,442 bytes of value; `MEMORY USAGE` reports ~20.5 KB per key
+(jemalloc rounds the value up to its 20,480-byte size class), so 100,000 live sessions
+take about 2 GB. A 1 x 512 GRU: 54 + 3 + 2*1*512*4 = 4,153 bytes of value (~5 KB a
+key). Bound it with Redis's own `maxmemory` and `maxmemory-policy volatile-lru` (the
+store's `cap` is not enforced here: Redis evicts, and counts evictions and expirations
+in `INFO stats`, `evicted_keys` and `expired_keys`).
 `count()` is `DBSIZE`: give the sessions a database of their own.
 
 Faults. Connection errors and timeouts become `StoreUnavailable` (HTTP 503). Its message
@@ -84,7 +89,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from service import metrics
 from service.errors import StoreUnavailable, UnknownSession
-from service.store.base import SessionRecord
+from service.store.base import SessionRecord, WordMemory
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +97,8 @@ FORMAT = 2  # 2 added the owner; format 1 records are still read (owner "")
 MAGIC = b"NWS" + bytes([FORMAT])
 _MAGICS = {b"NWS\x01": 1, MAGIC: FORMAT}
 _OWNER_LEN = struct.Struct("<H")
+_MEMORY_HEAD = struct.Struct("<BHH")  # adapt, memory slots, typed words
+_WORD_LEN = struct.Struct("<B")
 # magic+format, version, tokens, last_token, created_at, last_used_at, dtype, arrays,
 # layers, hidden, len(model)
 _HEAD = struct.Struct("<4sQIidd3sBHIB")
@@ -170,7 +177,18 @@ def encode_record(record: SessionRecord, version: int) -> bytes:
         hidden,
         len(name),
     )
-    return b"".join((head, name, _OWNER_LEN.pack(len(owner)), owner, state.tobytes()))
+    memory = record.memory
+    slots = 0 if memory is None else len(memory.keys)
+    words = [] if memory is None else [w.encode()[:255] for w in memory.words]
+    parts = [head, name, _OWNER_LEN.pack(len(owner)), owner]
+    parts.append(_MEMORY_HEAD.pack(record.adapt, slots, len(words)))
+    for word in words:
+        parts += (_WORD_LEN.pack(len(word)), word)
+    parts.append(state.tobytes())
+    if memory is not None:
+        parts.append(np.ascontiguousarray(memory.keys, dtype="<i4").tobytes())
+        parts.append(np.ascontiguousarray(memory.weights, dtype="<f4").tobytes())
+    return b"".join(parts)
 
 
 def decode_record(session_id: str, data: bytes) -> SessionRecord:
@@ -193,17 +211,33 @@ def decode_record(session_id: str, data: bytes) -> SessionRecord:
     ) = _HEAD.unpack_from(data)
     start = _HEAD.size + name_len
     model = data[_HEAD.size : start].decode()
-    owner = ""
+    owner, adapt, slots, words = "", True, 0, []
     if form >= 2:
-        (owner_len,) = _OWNER_LEN.unpack_from(data, start)
-        start += _OWNER_LEN.size
-        owner = data[start : start + owner_len].decode()
-        start += owner_len
+        try:
+            (owner_len,) = _OWNER_LEN.unpack_from(data, start)
+            start += _OWNER_LEN.size
+            owner = data[start : start + owner_len].decode()
+            start += owner_len
+            adapt_flag, slots, count = _MEMORY_HEAD.unpack_from(data, start)
+            adapt = bool(adapt_flag)
+            start += _MEMORY_HEAD.size
+            for _ in range(count):
+                (size,) = _WORD_LEN.unpack_from(data, start)
+                words.append(data[start + 1 : start + 1 + size].decode())
+                start += 1 + size
+        except (struct.error, UnicodeDecodeError) as exc:
+            raise ValueError(f"record of {len(data)} bytes does not match its header") from exc
     dt = np.dtype(dtype.decode())
     count = arrays * layers * hidden
-    if len(data) != start + count * dt.itemsize:
+    if len(data) != start + count * dt.itemsize + slots * 8:
         raise ValueError(f"record of {len(data)} bytes does not match its header")
     state = np.frombuffer(data, dtype=dt, count=count, offset=start).reshape(arrays, layers, hidden)
+    memory = None
+    if slots:
+        start += count * dt.itemsize
+        keys = np.frombuffer(data, dtype="<i4", count=slots, offset=start).astype(np.int32)
+        weights = np.frombuffer(data, dtype="<f4", count=slots, offset=start + 4 * slots)
+        memory = WordMemory(keys, weights.astype(np.float32), tuple(words))
     return SessionRecord(
         session_id=session_id,
         model=model,
@@ -214,6 +248,8 @@ def decode_record(session_id: str, data: bytes) -> SessionRecord:
         version=version,
         last_token=last_token,
         owner=owner,
+        memory=memory,
+        adapt=adapt,
     )
 
 

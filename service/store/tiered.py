@@ -49,7 +49,12 @@ WriteMode = Literal["through", "behind"]
 def _own(record: SessionRecord, version: int) -> SessionRecord:
     """The record at `version` with its state in arrays of its own (never a view that
     would keep a whole batch's output alive)."""
-    return replace(record, version=version, state=tuple(np.array(a) for a in record.state))
+    memory = record.memory
+    if memory is not None:
+        memory = replace(memory, keys=np.array(memory.keys), weights=np.array(memory.weights))
+    return replace(
+        record, version=version, state=tuple(np.array(a) for a in record.state), memory=memory
+    )
 
 
 @dataclass
