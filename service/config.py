@@ -141,6 +141,15 @@ class Settings(BaseSettings):
         'nothing answered); "behind" answers first and flushes every 50 ms',
     )
 
+    # Adaptation (service/engine/adapt.py).
+    adapt: bool = Field(
+        default=True,
+        description="answers mix in the writer's own recent words (a per-session recency "
+        "cache, typed words outside the vocabulary included) unless a request or session "
+        "says `adapt: false`; the words are remembered either way, until "
+        "DELETE /v1/sessions/{id}/memory",
+    )
+
     # Batching.
     max_batch: int = Field(default=256, ge=1, description="most steps in one model run")
     max_wait_ms: float = Field(default=2.0, ge=0, description="longest wait for a batch to fill")

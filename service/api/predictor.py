@@ -130,18 +130,25 @@ class Predictor:
 
     # --- validation ------------------------------------------------------------------
 
-    def _tokens(self, vocab: Vocabulary, text: Any) -> list[int]:
+    def _tokens(self, vocab: Vocabulary, text: Any) -> tuple[list[int], list[str]]:
+        """A text's token ids, and the typed forms of its `<unk>` tokens (adaptation)."""
         if not isinstance(text, str):
             raise BadInput("text must be a string")
         limit = self.settings.max_text_chars
         if len(text) > limit:
             raise BadInput(f"text has {len(text)} characters; the limit is {limit}")
-        ids = vocab.encode(text)
+        ids, typed = vocab.encode_typed(text)
         if len(ids) > self.settings.max_tokens_per_request:
             raise BadInput(
                 f"text has {len(ids)} tokens; the limit is {self.settings.max_tokens_per_request}"
             )
-        return ids
+        return ids, typed
+
+    @staticmethod
+    def _check_adapt(adapt: Any) -> bool | None:
+        if adapt is not None and not isinstance(adapt, bool):
+            raise BadInput(f"adapt must be true, false or null, not {adapt!r}")
+        return adapt
 
     @staticmethod
     def _check_k(k: Any) -> int:
@@ -168,7 +175,12 @@ class Predictor:
     @staticmethod
     def _predictions(vocab: Vocabulary, output: EngineOutput) -> list[dict[str, Any]]:
         words = vocab.display  # how each word is shown ("I", not "i")
-        return [{"word": words[i], "probability": p} for i, p in zip(output.ids, output.probs)]
+        size = len(words)
+        # An id past the vocabulary is one of the writer's own typed words.
+        return [
+            {"word": words[i] if i < size else output.words[i - size], "probability": p}
+            for i, p in zip(output.ids, output.probs)
+        ]
 
     # --- requests ------------------------------------------------------------------
 
@@ -188,6 +200,10 @@ class Predictor:
         create: bool = False,
         fresh: bool = False,
         owner: str = "",
+        adapt: bool | None = None,
+        typed: list[str] | None = None,
+        prefix: str | None = None,
+        forget: bool = False,
     ) -> EngineOutput:
         request = StepRequest(
             self.engine.next_id(),
@@ -199,18 +215,30 @@ class Predictor:
             fresh=fresh,
             prefix_ids=prefix_ids,
             owner=owner,
+            adapt=adapt,
+            typed=typed or [],
+            prefix=prefix or "",
+            forget=forget,
         )
         return await self._call(request)
 
     async def predict(
-        self, text: str, k: int = 5, model: str | None = None, prefix: str | None = None
+        self,
+        text: str,
+        k: int = 5,
+        model: str | None = None,
+        prefix: str | None = None,
+        adapt: bool | None = None,
     ) -> dict[str, Any]:
-        """Top k next words after `text` (stateless)."""
+        """Top k next words after `text` (stateless; adapted to the text itself)."""
         name, vocab = self._vocabulary(model)
         k = self._check_k(k)
+        adapt = self._check_adapt(adapt)
         prefix_ids = self._prefix_ids(vocab, prefix)
-        tokens = self._tokens(vocab, text)
-        output = await self._step(name, tokens, k, prefix_ids)
+        tokens, typed = self._tokens(vocab, text)
+        output = await self._step(
+            name, tokens, k, prefix_ids, adapt=adapt, typed=typed, prefix=prefix
+        )
         return {
             "model": name,
             "tokens": len(tokens),
@@ -225,17 +253,29 @@ class Predictor:
         prefix: str | None = None,
         owner: str = "",
         quota: str = "",
+        adapt: bool | None = None,
     ) -> dict[str, Any]:
         """A new session holding `text`, and its top k next words; it belongs to `owner`
-        and counts against the session quota of `quota` (`NEXTWORD_MAX_SESSIONS_PER_KEY`)."""
+        and counts against the session quota of `quota` (`NEXTWORD_MAX_SESSIONS_PER_KEY`).
+        `adapt` is the session's default (None: the service's)."""
         name, vocab = self._vocabulary(model)
         k = self._check_k(k)
+        adapt = self._check_adapt(adapt)
         prefix_ids = self._prefix_ids(vocab, prefix)
-        tokens = self._tokens(vocab, text)
+        tokens, typed = self._tokens(vocab, text)
         session_id = new_session_id()
         engine_id = owned_id(session_id, owner)
         output = await self._step(
-            name, tokens, k, prefix_ids, engine_id, create=True, owner=quota or owner
+            name,
+            tokens,
+            k,
+            prefix_ids,
+            engine_id,
+            create=True,
+            owner=quota or owner,
+            adapt=adapt,
+            typed=typed,
+            prefix=prefix,
         )
         self._remember(engine_id, name)
         return self._session_answer(name, vocab, session_id, output)
@@ -247,32 +287,45 @@ class Predictor:
         k: int = 5,
         prefix: str | None = None,
         owner: str = "",
+        adapt: bool | None = None,
     ) -> dict[str, Any]:
-        """Append `text` to a session (of `owner`); its top k next words."""
+        """Append `text` to a session (of `owner`); its top k next words (`adapt`: with the
+        writer's words mixed in or not; None: the session's default)."""
         session_id = self._check_session_id(session_id)
         k = self._check_k(k)
+        adapt = self._check_adapt(adapt)
         if not isinstance(text, str):
             raise BadInput("text must be a string")
         engine_id = owned_id(session_id, owner)
         name = await self._model_of(engine_id)
         vocab = self.vocabularies[name]
         prefix_ids = self._prefix_ids(vocab, prefix)
-        tokens = self._tokens(vocab, text)
-        output = await self._step(name, tokens, k, prefix_ids, engine_id)
+        tokens, typed = self._tokens(vocab, text)
+        output = await self._step(
+            name, tokens, k, prefix_ids, engine_id, adapt=adapt, typed=typed, prefix=prefix
+        )
         return self._session_answer(name, vocab, session_id, output)
 
     async def reset(
         self, session_id: str, k: int = 5, prefix: str | None = None, owner: str = ""
     ) -> dict[str, Any]:
-        """Start a session's text afresh; the predictions for an empty text."""
+        """Start a session's text afresh (its words forgotten too); the predictions for an
+        empty text."""
         session_id = self._check_session_id(session_id)
         k = self._check_k(k)
         engine_id = owned_id(session_id, owner)
         name = await self._model_of(engine_id)
         vocab = self.vocabularies[name]
         prefix_ids = self._prefix_ids(vocab, prefix)
-        output = await self._step(name, [], k, prefix_ids, engine_id, fresh=True)
+        output = await self._step(name, [], k, prefix_ids, engine_id, fresh=True, prefix=prefix)
         return self._session_answer(name, vocab, session_id, output)
+
+    async def forget_words(self, session_id: str, owner: str = "") -> None:
+        """Forget the words a session remembers of its writer; its context stays."""
+        session_id = self._check_session_id(session_id)
+        engine_id = owned_id(session_id, owner)
+        name = await self._model_of(engine_id)
+        await self._step(name, [], 1, None, engine_id, forget=True)
 
     def _session_answer(
         self, name: str, vocab: Vocabulary, session_id: str, output: EngineOutput
@@ -295,6 +348,8 @@ class Predictor:
             "tokens": output.tokens,
             "created_at": _iso(output.created_at),
             "last_used_at": _iso(output.last_used_at),
+            "adapt": output.adapt,
+            "memory": {"words": output.remembered, "bytes": output.memory_bytes},
         }
 
     async def delete_session(self, session_id: str, owner: str = "") -> None:
@@ -323,16 +378,26 @@ class OwnedPredictor:
         return getattr(self.predictor, name)
 
     async def create_session(
-        self, text: str = "", k: int = 5, model: str | None = None, prefix: str | None = None
+        self,
+        text: str = "",
+        k: int = 5,
+        model: str | None = None,
+        prefix: str | None = None,
+        adapt: bool | None = None,
     ) -> dict[str, Any]:
         return await self.predictor.create_session(
-            text, k, model, prefix, owner=self.owner, quota=self.quota
+            text, k, model, prefix, owner=self.owner, quota=self.quota, adapt=adapt
         )
 
     async def feed(
-        self, session_id: str, text: str, k: int = 5, prefix: str | None = None
+        self,
+        session_id: str,
+        text: str,
+        k: int = 5,
+        prefix: str | None = None,
+        adapt: bool | None = None,
     ) -> dict[str, Any]:
-        return await self.predictor.feed(session_id, text, k, prefix, owner=self.owner)
+        return await self.predictor.feed(session_id, text, k, prefix, owner=self.owner, adapt=adapt)
 
     async def reset(self, session_id: str, k: int = 5, prefix: str | None = None) -> dict[str, Any]:
         return await self.predictor.reset(session_id, k, prefix, owner=self.owner)
@@ -342,3 +407,6 @@ class OwnedPredictor:
 
     async def delete_session(self, session_id: str) -> None:
         await self.predictor.delete_session(session_id, owner=self.owner)
+
+    async def forget_words(self, session_id: str) -> None:
+        await self.predictor.forget_words(session_id, owner=self.owner)

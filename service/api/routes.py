@@ -111,7 +111,9 @@ def v1_router(settings: Settings) -> APIRouter:
     )
     async def predict(body: PredictRequest, predictor: PredictorDep) -> dict[str, Any]:
         """Predict the next word of a whole text (stateless)."""
-        return await predictor.predict(body.text, k=body.k, model=body.model, prefix=body.prefix)
+        return await predictor.predict(
+            body.text, k=body.k, model=body.model, prefix=body.prefix, adapt=body.adapt
+        )
 
     @router.post(
         "/sessions",
@@ -126,7 +128,7 @@ def v1_router(settings: Settings) -> APIRouter:
         """Start a session (optionally with a first text); answers its first predictions."""
         body = body or SessionRequest()
         answer = await predictor.create_session(
-            body.text, k=body.k, model=body.model, prefix=body.prefix
+            body.text, k=body.k, model=body.model, prefix=body.prefix, adapt=body.adapt
         )
         response.headers["Location"] = f"/v1/sessions/{answer['session_id']}"
         return answer
@@ -141,7 +143,9 @@ def v1_router(settings: Settings) -> APIRouter:
         session_id: SessionId, body: FeedRequest, predictor: PredictorDep
     ) -> dict[str, Any]:
         """Append whole words to a session's context; answers the next-word predictions."""
-        return await predictor.feed(session_id, body.text, k=body.k, prefix=body.prefix)
+        return await predictor.feed(
+            session_id, body.text, k=body.k, prefix=body.prefix, adapt=body.adapt
+        )
 
     @router.get(
         "/sessions/{session_id}",
@@ -150,7 +154,7 @@ def v1_router(settings: Settings) -> APIRouter:
         responses=SESSION_ERRORS,
     )
     async def session_info(session_id: SessionId, predictor: PredictorDep) -> dict[str, Any]:
-        """A session's model, token count and timestamps."""
+        """A session's model, token count, timestamps and the size of its memory."""
         return await predictor.session_info(session_id)
 
     @router.delete(
@@ -163,6 +167,19 @@ def v1_router(settings: Settings) -> APIRouter:
     async def delete_session(session_id: SessionId, predictor: PredictorDep) -> Response:
         """Forget a session."""
         await predictor.delete_session(session_id)
+        return Response(status_code=204)
+
+    @router.delete(
+        "/sessions/{session_id}/memory",
+        status_code=204,
+        response_class=Response,
+        tags=["sessions"],
+        responses=SESSION_ERRORS,
+    )
+    async def forget_words(session_id: SessionId, predictor: PredictorDep) -> Response:
+        """Forget the words the session remembers of its writer (adaptation); its context,
+        and so its next predictions from the model, stay."""
+        await predictor.forget_words(session_id)
         return Response(status_code=204)
 
     return router

@@ -43,6 +43,16 @@ Prefix = Annotated[
     ),
 ]
 
+Adapt = Annotated[
+    bool | None,
+    Field(
+        description="Mix the writer's own recent words into the answer (the session's "
+        "recency cache; typed words outside the vocabulary can be suggested). null = the "
+        "session's default (for a new session or a predict: the service's, "
+        "`NEXTWORD_ADAPT`). The words are remembered either way.",
+    ),
+]
+
 
 class Request(BaseModel):
     """Base of every request body: strict types, unknown fields refused."""
@@ -103,6 +113,13 @@ class SessionResponse(BaseModel):
     predictions: list[Prediction]
 
 
+class MemoryInfo(BaseModel):
+    """The size of a session's memory of its writer's words (bounded per model)."""
+
+    words: int = Field(description="Distinct words remembered.")
+    bytes: int = Field(description="Bytes the memory holds (its slots and typed words).")
+
+
 class SessionInfo(BaseModel):
     """Answer of `GET /v1/sessions/{session_id}`; times are ISO 8601, UTC."""
 
@@ -115,6 +132,8 @@ class SessionInfo(BaseModel):
                     "tokens": 4,
                     "created_at": "2026-01-05T09:30:00.123456+00:00",
                     "last_used_at": "2026-01-05T09:31:12.654321+00:00",
+                    "adapt": True,
+                    "memory": {"words": 3, "bytes": 2048},
                 }
             ]
         }
@@ -125,6 +144,8 @@ class SessionInfo(BaseModel):
     tokens: int
     created_at: str
     last_used_at: str
+    adapt: bool = Field(description="The session's default for `adapt`.")
+    memory: MemoryInfo = Field(description="What the session remembers of its writer.")
 
 
 class ModelInfo(BaseModel):
@@ -212,6 +233,7 @@ class PredictRequestBase(Request):
     k: K = 5
     model: ModelName = None
     prefix: Prefix = None
+    adapt: Adapt = None
 
 
 class SessionRequestBase(Request):
@@ -225,6 +247,7 @@ class SessionRequestBase(Request):
     k: K = 5
     model: ModelName = None
     prefix: Prefix = None
+    adapt: Adapt = None
 
 
 class FeedRequestBase(Request):
@@ -239,6 +262,7 @@ class FeedRequestBase(Request):
     text: str = Field(description=TEXT_DOC)
     k: K = 5
     prefix: Prefix = None
+    adapt: Adapt = None
 
 
 class StreamMessageBase(Request):
@@ -248,6 +272,7 @@ class StreamMessageBase(Request):
     text: str | None = None
     k: K | None = None
     prefix: Prefix = None
+    adapt: Adapt = None
     id: Any = None
 
     @model_validator(mode="after")

@@ -1,8 +1,11 @@
-"""The WebSocket `/v1/stream?model=&session_id=&k=`: one session per connection.
+"""The WebSocket `/v1/stream?model=&session_id=&k=&adapt=`: one session per connection.
 
     server, on connect    {"type": "ready", "session_id", "model", "tokens", "predictions"}
-    client                {"text": str, "k"?: int, "prefix"?: str, "id"?: any}
+    client                {"text": str, "k"?: int, "prefix"?: str, "adapt"?: bool, "id"?: any}
                           {"type": "reset", "k"?: int, "prefix"?: str, "id"?: any}
+
+`adapt` (the query parameter for the whole stream, a message's field for one answer): mix
+the writer's own words into the predictions or not; absent, the session's default.
     server, per message   {"type": "predictions", "session_id", "tokens", "predictions", "id"}
                           {"type": "error", "error": {"code", "message"}, "id"}
 
@@ -72,6 +75,16 @@ def parse_k(raw: str | None) -> int:
     return int(raw)
 
 
+def parse_adapt(raw: str | None) -> bool | None:
+    """The `adapt` query parameter: true or false for the whole stream; absent: None."""
+    if raw is None or raw == "":
+        return None
+    value = raw.strip().lower()
+    if value not in ("true", "false", "1", "0"):
+        raise BadInput(f"adapt must be true or false, got {raw[:20]!r}")
+    return value in ("true", "1")
+
+
 def over_size(text: str, limit: int) -> bool:
     """Whether `text` takes more than `limit` bytes as UTF-8 (encoding only when unclear)."""
     if len(text) > limit:
@@ -107,6 +120,7 @@ def message_decoder(max_text_chars: int) -> msgspec.json.Decoder[Any]:
             ("text", Optional[Text], None),  # noqa: UP045 (built at run time)
             ("k", Optional[K], None),  # noqa: UP045
             ("prefix", Optional[Prefix], None),  # noqa: UP045
+            ("adapt", Optional[bool], None),  # noqa: UP045
             ("id", Any, None),
         ],
         forbid_unknown_fields=True,
@@ -147,6 +161,7 @@ class StreamConnection:
         self.max_message_bytes = max_message_bytes
         self.session_id = ""
         self.k = DEFAULT_K
+        self.adapt: bool | None = None  # the stream's `adapt` (None: the session's default)
         self.gone = False  # the client left: the answering loop was cancelled for it
         self._draining = False  # the server shuts down (or the client idles): no more reading
         self._closing = (CLOSE_GOING_AWAY, "server shutting down")  # the close after draining
@@ -175,10 +190,13 @@ class StreamConnection:
         session_id = params.get("session_id") or None
         try:
             self.k = parse_k(params.get("k"))
+            self.adapt = parse_adapt(params.get("adapt"))
             if session_id is None:
-                answer = await self.predictor.create_session("", k=self.k, model=model)
+                answer = await self.predictor.create_session(
+                    "", k=self.k, model=model, adapt=self.adapt
+                )
             else:
-                answer = await self.predictor.feed(session_id, "", k=self.k)
+                answer = await self.predictor.feed(session_id, "", k=self.k, adapt=self.adapt)
                 if model is not None and answer["model"] != model:
                     raise BadInput(
                         f"session {session_id!r} uses model {answer['model']!r}, not {model!r}"
@@ -310,8 +328,9 @@ class StreamConnection:
             if request.type == "reset":
                 answer = await self.predictor.reset(self.session_id, k=k, prefix=request.prefix)
             else:
+                adapt = self.adapt if request.adapt is None else request.adapt
                 answer = await self.predictor.feed(
-                    self.session_id, request.text, k=k, prefix=request.prefix
+                    self.session_id, request.text, k=k, prefix=request.prefix, adapt=adapt
                 )
         except UnknownSession as exc:  # expired or deleted while connected
             await self.send_error(exc, request.id)

@@ -6,7 +6,10 @@ per-send cost (syscall, ZeroMQ, encoding setup) is paid per batch, not per messa
 are `array_like` (no field names on the wire) and `gc=False` (they hold no cycles).
 
 API processes send token ids, never text; the engine answers ids and probabilities, never
-words: tokenizing and display forms are the API side's work.
+vocabulary words: tokenizing and display forms are the API side's work. The exception is
+the writer's own words outside the vocabulary (adaptation): a step carries the typed form
+of each of its `<unk>` tokens, and an answer that suggests one carries the session's typed
+words (an id V + j is `words[j]`, V the vocabulary's size).
 """
 
 from __future__ import annotations
@@ -26,6 +29,13 @@ class StepRequest(msgspec.Struct, array_like=True, gc=False, tag=1):
     fresh: bool = False  # start the session's context afresh (reset)
     prefix_ids: bytes | None = None  # sorted int64 ids of the words matching a prefix
     owner: str = ""  # a new session's quota owner (an API key's name, or a client address)
+    # Adaptation (service.engine.adapt): use the writer's words in this answer (None: the
+    # session's default; for a new session or a predict, the engine's); the typed forms
+    # of this step's `<unk>` tokens, in order; the prefix, normalized (for typed words).
+    adapt: bool | None = None
+    typed: list[str] = []
+    prefix: str = ""
+    forget: bool = False  # forget the writer's words (the context stays)
 
 
 class InfoRequest(msgspec.Struct, array_like=True, gc=False, tag=2):
@@ -70,6 +80,10 @@ class EngineOutput(msgspec.Struct, array_like=True, gc=False):
     model: str = ""
     created_at: float = 0.0
     last_used_at: float = 0.0
+    words: list[str] = []  # the session's typed words, when an id >= V refers to them
+    adapt: bool = True  # (info) the session's default for `adapt`
+    remembered: int = 0  # (info) distinct words the session remembers
+    memory_bytes: int = 0  # (info) bytes its memory holds
 
 
 request_encoder = msgspec.msgpack.Encoder()

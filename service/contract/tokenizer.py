@@ -50,6 +50,23 @@ def tokenize(text: str) -> list[str]:
     return tokens
 
 
+def typed_forms(text: str, tokens: list[str]) -> list[str]:
+    """Each of `tokenize(text)`'s tokens as it was typed (NFKC, case kept): how a word the
+    vocabulary lacks is shown back to its writer. Where lower-casing splits a typed word
+    differently (a rare letter whose lower case is two characters), its pieces are kept
+    as tokens."""
+    cased = unicodedata.normalize("NFKC", text).replace("\u2019", "'")
+    forms: list[str] = []
+    for match in _TOKEN.finditer(cased):
+        pieces = tokenize(match.group())
+        if len(pieces) == 1 and match.lastgroup == "word":
+            form = match.group()[:MAX_WORD_CHARS]
+            forms.append(form if form.lower() == pieces[0] else pieces[0])
+        else:
+            forms.extend(pieces)
+    return forms if len(forms) == len(tokens) else list(tokens)
+
+
 def is_word(token: str) -> bool:
     """True for a token a keyboard may suggest: not special, holds a letter or digit."""
     return token not in SPECIALS and any(ch.isalnum() for ch in token)

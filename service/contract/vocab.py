@@ -8,7 +8,16 @@ from pathlib import Path
 
 import numpy as np
 
-from service.contract.tokenizer import EOS, PAD, SPECIALS, UNK, is_word, normalize, tokenize
+from service.contract.tokenizer import (
+    EOS,
+    PAD,
+    SPECIALS,
+    UNK,
+    is_word,
+    normalize,
+    tokenize,
+    typed_forms,
+)
 
 BLOCKLIST_FILE = Path(__file__).with_name("blocklist.txt")
 
@@ -59,6 +68,19 @@ class Vocabulary:
     def encode(self, text: str) -> list[int]:
         """Tokenize a text and map each token to its id (`<unk>` when unknown)."""
         return self.encode_tokens(tokenize(text))
+
+    def encode_typed(self, text: str) -> tuple[list[int], list[str]]:
+        """`encode(text)`, and the typed form of each `<unk>` in order ("" for a blocked
+        word: it is never remembered, so never suggested)."""
+        tokens = tokenize(text)
+        ids = self.encode_tokens(tokens)
+        unk = self.unk_id
+        unknown = [i for i, token_id in enumerate(ids) if token_id == unk]
+        if not unknown:
+            return ids, []
+        forms = typed_forms(text, tokens)
+        typed = [forms[i] if tokens[i] not in BLOCKED else "" for i in unknown]
+        return ids, typed
 
     def encode_tokens(self, tokens: Iterable[str]) -> list[int]:
         """Map tokens to ids (`<unk>` when unknown)."""

@@ -30,7 +30,7 @@ from service.contract.protocol import (
     StepRequest,
 )
 from service.engine.runtime import OrtModel, choose_providers
-from service.engine.scheduler import Step, StepBatcher, StepResult
+from service.engine.scheduler import Adaptation, Step, StepBatcher, StepResult
 from service.errors import NextwordError, StepFailed, UnknownModel
 from service.store import SessionStore, open_store
 
@@ -107,6 +107,7 @@ class EngineCore:
                 max_wait_ms=settings.max_wait_ms,
                 max_queue=settings.max_queue,
                 prefill_chunk=settings.prefill_chunk,
+                adaptation=Adaptation.of(model, settings.adapt),
             )
             for name, model in models.items()
         }
@@ -202,6 +203,10 @@ class EngineCore:
                     k=request.k,
                     prefix_ids=prefix_ids,
                     owner=request.owner,
+                    adapt=request.adapt,
+                    typed=request.typed,
+                    prefix=request.prefix,
+                    forget=request.forget,
                 )
             )
         except NextwordError as exc:
@@ -227,6 +232,7 @@ class EngineCore:
                     probs=result.probs.tolist(),
                     tokens=result.tokens,
                     model=model,
+                    words=list(result.words),
                 )
             )
 
@@ -247,12 +253,16 @@ class EngineCore:
     async def _query(self, request: InfoRequest | DeleteRequest | PingRequest) -> EngineOutput:
         if isinstance(request, InfoRequest):
             record = await self.store.get(request.session_id)
+            memory = record.memory
             return EngineOutput(
                 request.request_id,
                 tokens=record.tokens,
                 model=record.model,
                 created_at=record.created_at,
                 last_used_at=record.last_used_at,
+                adapt=record.adapt,
+                remembered=0 if memory is None else int((memory.keys >= 0).sum()),
+                memory_bytes=0 if memory is None else memory.nbytes,
             )
         if isinstance(request, DeleteRequest):
             await self.store.delete(request.session_id)

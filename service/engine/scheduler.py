@@ -68,6 +68,8 @@ from typing import Any, Protocol
 import numpy as np
 
 from service import metrics
+from service.contract.tokenizer import normalize
+from service.engine import adapt
 from service.engine.runtime import State, StepOutput, top_words
 from service.errors import (
     Contended,
@@ -78,6 +80,7 @@ from service.errors import (
     UnknownSession,
 )
 from service.store import SessionRecord, SessionStore
+from service.store.base import WordMemory
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +97,27 @@ class StepRunner(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class Adaptation:
+    """What the scheduler needs to adapt a model's answers to the writer (`adapt`)."""
+
+    params: adapt.AdaptParams
+    suggestible: np.ndarray  # (V,) bool: the words the cache may remember and suggest
+    unk_id: int
+    default: bool = True  # answers use the writer's words unless a request or session says
+
+    @classmethod
+    def of(cls, runner: Any, default: bool = True) -> Adaptation | None:
+        """A model's adaptation (its vocabulary and its tuned parameters), None without a
+        vocabulary (a fake runner)."""
+        vocab = getattr(runner, "vocab", None)
+        artifact = getattr(runner, "artifact", None)
+        if vocab is None:
+            return None
+        manifest = artifact.manifest if artifact is not None else {}
+        return cls(adapt.params_of(manifest), vocab.suggestible, vocab.unk_id, default)
+
+
 @dataclass(eq=False)
 class Step:
     """One request for a model: add `tokens` to a context and answer its top `k` words."""
@@ -105,6 +129,10 @@ class Step:
     k: int = 5
     prefix_ids: np.ndarray | None = None  # sorted ids of the words matching a prefix
     owner: str = ""  # a new session's quota owner (`SessionRecord.owner`)
+    adapt: bool | None = None  # use the writer's words (None: the session's default)
+    typed: list[str] = field(default_factory=list)  # typed forms of the `<unk>` tokens
+    prefix: str = ""  # the prefix, normalized (matches typed words)
+    forget: bool = False  # forget the writer's words first
     future: asyncio.Future[StepResult] = field(init=False, repr=False)
     attempts: int = field(default=0, repr=False)
     # A long step between its batches: what it has run so far (None: not started).
@@ -119,6 +147,7 @@ class StepResult:
     probs: np.ndarray
     tokens: int  # tokens in the context now
     record: SessionRecord | None  # None for a stateless step
+    words: tuple[str, ...] = ()  # the typed words an id >= V refers to (V + j: words[j])
 
 
 @dataclass(eq=False)
@@ -142,6 +171,12 @@ class _Row:
     output: StepOutput | None = None
     output_row: int = 0
     result: StepResult | None = None
+    # Adaptation, in the step's last batch: the writer's words after the step, whether the
+    # answer mixes them in, and the session's default for it.
+    memory: WordMemory | None = None
+    mixed: bool = False
+    adapt_default: bool = True
+    answer: tuple[np.ndarray, np.ndarray] | None = None  # (ids, probs), best first
 
     @property
     def left(self) -> int:
@@ -183,9 +218,11 @@ class StepBatcher:
         max_batch_tokens: int | None = None,
         max_prefill_tokens: int | None = None,
         clock: Callable[[], float] = time.time,
+        adaptation: Adaptation | None = None,
     ) -> None:
         self.runner = runner
         self.store = store
+        self.adaptation = adaptation
         self.max_batch = max_batch
         self.max_wait_s = max_wait_ms / 1000.0
         self.max_queue = max_queue
@@ -618,16 +655,96 @@ class StepBatcher:
         final = [r for r in rows if r.final]
         for row in final:
             row.second_from = row.first_from
+        if self.adaptation is not None:
+            self._remember(final, self.adaptation)
         second = [r for r in final if r.second]
         for group in self._by_length(second, lambda r: len(r.second)):
-            want_probs = any(r.step.prefix_ids is not None for r in group)
+            want_probs = any(r.step.prefix_ids is not None or r.mixed for r in group)
             output = self._run(
                 group, [r.second for r in group], [r.second_from for r in group], want_probs
             )
             for i, row in enumerate(group):
                 row.output, row.output_row = output, i
+            if any(r.mixed for r in group):
+                self._answer_mixed(group, output)
         for row in final:
             row.result = self._result(row)
+
+    def _remember(self, rows: list[_Row], adaptation: Adaptation) -> None:
+        """Count each row's new words into its memory (one vectorised update for the
+        batch) and decide which answers mix the memory in."""
+        params = adaptation.params
+        vocab_size = self._vocab_size
+        keys, weights = adapt.empty_cache(len(rows), params.capacity)
+        tables: list[list[str]] = []
+        lengths = np.array([len(r.step.tokens) for r in rows], dtype=np.int64)
+        new = np.full((len(rows), int(lengths.max(initial=0))), adapt.EMPTY, dtype=np.int32)
+        for i, row in enumerate(rows):
+            step, record = row.step, row.record
+            starts_afresh = record is None or step.create or step.fresh
+            old = None if starts_afresh or step.forget else record.memory  # type: ignore[union-attr]
+            table: list[str] = []
+            if old is not None and old.capacity == params.capacity:
+                keys[i], weights[i] = old.keys, old.weights
+                table = list(old.words)
+            tables.append(table)
+            if record is None or step.create:
+                row.adapt_default = adaptation.default if step.adapt is None else step.adapt
+            else:
+                row.adapt_default = record.adapt
+            if step.tokens:
+                ids = np.asarray(step.tokens, dtype=np.int64)
+                remembered = np.where(adaptation.suggestible[ids], ids, adapt.EMPTY)
+                if step.typed:
+                    unknown = np.flatnonzero(ids == adaptation.unk_id)[: len(step.typed)]
+                    typed = step.typed[: len(unknown)]
+                    remembered[unknown] = adapt.oov_keys(
+                        table, typed, vocab_size, keys[i], weights[i], params
+                    )
+                new[i, : len(ids)] = remembered
+        adapt.update(keys, weights, new, lengths, params)
+        live = weights.sum(1) > 0
+        for i, row in enumerate(rows):
+            row.memory = WordMemory(keys[i].copy(), weights[i].copy(), tuple(tables[i]))
+            use = row.adapt_default if row.step.adapt is None else row.step.adapt
+            row.mixed = bool(use and live[i]) and bool(row.second)
+
+    def _answer_mixed(self, group: list[_Row], output: StepOutput) -> None:
+        """The answers of a run's rows with the writer's words mixed in (rows that do not
+        mix them get the model's own, as `top_words` gives them)."""
+        adaptation = self.adaptation
+        assert adaptation is not None and output.probs is not None
+        capacity = adaptation.params.capacity
+        keys, weights = adapt.empty_cache(len(group), capacity)
+        candidates: list[np.ndarray | None] = []
+        matches: list[np.ndarray | None] = []
+        for i, row in enumerate(group):
+            memory = row.memory
+            if row.mixed and memory is not None:
+                keys[i], weights[i] = memory.keys, memory.weights
+            candidates.append(row.step.prefix_ids)
+            match = None
+            if row.step.prefix_ids is not None and memory is not None and memory.words:
+                prefix = normalize(row.step.prefix)
+                match = np.array([normalize(w).startswith(prefix) for w in memory.words])
+            matches.append(match)
+        k = max(r.step.k for r in group)
+        ids, probs = adapt.top_k(
+            keys,
+            weights,
+            output.probs,
+            output.topk_ids,
+            output.topk_probs,
+            adaptation.unk_id,
+            adaptation.suggestible,
+            k,
+            adaptation.params.lam,
+            candidates,
+            matches,
+        )
+        for i, row in enumerate(group):
+            shown = ids[i, : row.step.k] >= 0
+            row.answer = ids[i, : row.step.k][shown], probs[i, : row.step.k][shown]
 
     def _plan(self, row: _Row) -> None:
         step, record = row.step, row.record
@@ -673,10 +790,16 @@ class StepBatcher:
     def _result(self, row: _Row) -> StepResult:
         step = row.step
         output, index = (row.output, row.output_row) if row.output else (self.runner.start, 0)
-        ids, probs = top_words(output, index, step.k, step.prefix_ids)
+        if row.answer is not None:
+            ids, probs = row.answer
+        else:
+            ids, probs = top_words(output, index, step.k, step.prefix_ids)
         tokens = row.context_tokens + len(step.tokens)
+        words: tuple[str, ...] = ()
+        if row.memory is not None and row.memory.words and (ids >= self._vocab_size).any():
+            words = row.memory.words
         if step.session_id is None:
-            return StepResult(ids, probs, tokens, None)
+            return StepResult(ids, probs, tokens, None, words)
         if step.tokens:
             current = tuple(a[:, index, :] for a in output.state)
             previous = row.second_from
@@ -695,5 +818,7 @@ class StepBatcher:
             version=0 if old is None else old.version,
             last_token=last,
             owner=step.owner if old is None or step.create else old.owner,
+            memory=row.memory,
+            adapt=row.adapt_default,
         )
-        return StepResult(ids, probs, tokens, record)
+        return StepResult(ids, probs, tokens, record, words)
