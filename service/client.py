@@ -199,22 +199,30 @@ class SessionResult:
 
 @dataclass(frozen=True, slots=True)
 class SessionInfo:
-    """A session's model, token count and timestamps (ISO 8601, UTC)."""
+    """A session's model, token count, timestamps (ISO 8601, UTC), its default for `adapt`
+    and what its memory of the writer holds (distinct words, bytes)."""
 
     session_id: str
     model: str
     tokens: int
     created_at: str
     last_used_at: str
+    adapt: bool = True
+    memory_words: int = 0
+    memory_bytes: int = 0
 
     @classmethod
     def from_json(cls, body: dict[str, Any]) -> SessionInfo:
+        memory = body.get("memory") or {}
         return cls(
             body["session_id"],
             body["model"],
             body["tokens"],
             body["created_at"],
             body["last_used_at"],
+            body.get("adapt", True),
+            memory.get("words", 0),
+            memory.get("bytes", 0),
         )
 
 
@@ -267,11 +275,14 @@ def _headers(api_key: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
 
-def _stream_url(base_url: str, model: str | None, k: int, session_id: str | None) -> str:
+def _stream_url(
+    base_url: str, model: str | None, k: int, session_id: str | None, adapt: bool | None = None
+) -> str:
     """`ws(s)://host/v1/stream?...` for an `http(s)://host` base URL."""
     parts = urlsplit(base_url)
     scheme = {"http": "ws", "https": "wss"}.get(parts.scheme, parts.scheme)
-    query = urlencode(_body(model=model, k=k, session_id=session_id))
+    flag = None if adapt is None else str(adapt).lower()
+    query = urlencode(_body(model=model, k=k, session_id=session_id, adapt=flag))
     return urlunsplit((scheme, parts.netloc, parts.path.rstrip("/") + "/v1/stream", query, ""))
 
 
@@ -396,10 +407,17 @@ class Client:
         return ModelList(body["default"], tuple(ModelInfo.from_json(m) for m in body["models"]))
 
     def predict(
-        self, text: str, *, k: int = DEFAULT_K, model: str | None = None, prefix: str | None = None
+        self,
+        text: str,
+        *,
+        k: int = DEFAULT_K,
+        model: str | None = None,
+        prefix: str | None = None,
+        adapt: bool | None = None,
     ) -> PredictResult:
-        """The next-word predictions for a whole text (stateless)."""
-        body = _body(text=text, k=k, model=model, prefix=prefix)
+        """The next-word predictions for a whole text (stateless); `adapt`: mix in the
+        text's own words (None: the service's default)."""
+        body = _body(text=text, k=k, model=model, prefix=prefix, adapt=adapt)
         return PredictResult.from_json(self._call("POST", "/v1/predict", body))
 
     def create_session(
@@ -409,16 +427,24 @@ class Client:
         k: int = DEFAULT_K,
         model: str | None = None,
         prefix: str | None = None,
+        adapt: bool | None = None,
     ) -> SessionResult:
-        """Start a session, optionally with a first text."""
-        body = _body(text=text, k=k, model=model, prefix=prefix)
+        """Start a session, optionally with a first text; `adapt` is its default for mixing
+        in the writer's own words (None: the service's)."""
+        body = _body(text=text, k=k, model=model, prefix=prefix, adapt=adapt)
         return SessionResult.from_json(self._call("POST", "/v1/sessions", body))
 
     def feed(
-        self, session_id: str, text: str, *, k: int = DEFAULT_K, prefix: str | None = None
+        self,
+        session_id: str,
+        text: str,
+        *,
+        k: int = DEFAULT_K,
+        prefix: str | None = None,
+        adapt: bool | None = None,
     ) -> SessionResult:
         """Append whole words to a session; `prefix` is the partly typed next word."""
-        body = _body(text=text, k=k, prefix=prefix)
+        body = _body(text=text, k=k, prefix=prefix, adapt=adapt)
         return SessionResult.from_json(self._call("POST", f"/v1/sessions/{session_id}/feed", body))
 
     def session(self, session_id: str) -> SessionInfo:
@@ -429,6 +455,10 @@ class Client:
         """Forget a session."""
         self._call("DELETE", f"/v1/sessions/{session_id}")
 
+    def forget_words(self, session_id: str) -> None:
+        """Forget the words a session remembers of its writer (its context stays)."""
+        self._call("DELETE", f"/v1/sessions/{session_id}/memory")
+
     def stream(
         self,
         *,
@@ -436,6 +466,7 @@ class Client:
         k: int = DEFAULT_K,
         session_id: str | None = None,
         reconnect_timeout: float = 30.0,
+        adapt: bool | None = None,
     ) -> Stream:
         """A streaming session over `/v1/stream` (a new one, or `session_id`'s); use `with`."""
         return Stream(
@@ -446,6 +477,7 @@ class Client:
             session_id=session_id,
             timeout=self.timeout,
             reconnect_timeout=reconnect_timeout,
+            adapt=adapt,
         )
 
 
@@ -461,8 +493,10 @@ class _StreamState:
         session_id: str | None,
         timeout: float,
         reconnect_timeout: float,
+        adapt: bool | None = None,
     ) -> None:
         self.base_url = base_url
+        self.adapt = adapt
         self.headers = _headers(api_key)
         self.model = model
         self.k = k
@@ -476,7 +510,7 @@ class _StreamState:
 
     @property
     def url(self) -> str:
-        return _stream_url(self.base_url, self.model, self.k, self.session_id)
+        return _stream_url(self.base_url, self.model, self.k, self.session_id, self.adapt)
 
     def message(self, **fields: Any) -> dict[str, Any]:
         return {**_body(**fields), "id": next(self._ids)}
@@ -524,9 +558,10 @@ class Stream:
         session_id: str | None = None,
         timeout: float = 30.0,
         reconnect_timeout: float = 30.0,
+        adapt: bool | None = None,
     ) -> None:
         self._state = _StreamState(
-            base_url, api_key, model, k, session_id, timeout, reconnect_timeout
+            base_url, api_key, model, k, session_id, timeout, reconnect_timeout, adapt
         )
         self._ws: SyncConnection | None = None
 
@@ -569,9 +604,16 @@ class Stream:
             self._ws.close()
             self._ws = None
 
-    def send(self, text: str, *, prefix: str | None = None, k: int | None = None) -> SessionResult:
+    def send(
+        self,
+        text: str,
+        *,
+        prefix: str | None = None,
+        k: int | None = None,
+        adapt: bool | None = None,
+    ) -> SessionResult:
         """Feed whole words (may be empty); `prefix` is the partly typed next word."""
-        return self._exchange(self._state.message(text=text, prefix=prefix, k=k))
+        return self._exchange(self._state.message(text=text, prefix=prefix, k=k, adapt=adapt))
 
     def reset(self, *, prefix: str | None = None, k: int | None = None) -> SessionResult:
         """Start the session's text afresh."""
@@ -688,10 +730,17 @@ class AsyncClient:
         return ModelList(body["default"], tuple(ModelInfo.from_json(m) for m in body["models"]))
 
     async def predict(
-        self, text: str, *, k: int = DEFAULT_K, model: str | None = None, prefix: str | None = None
+        self,
+        text: str,
+        *,
+        k: int = DEFAULT_K,
+        model: str | None = None,
+        prefix: str | None = None,
+        adapt: bool | None = None,
     ) -> PredictResult:
-        """The next-word predictions for a whole text (stateless)."""
-        body = _body(text=text, k=k, model=model, prefix=prefix)
+        """The next-word predictions for a whole text (stateless); `adapt`: mix in the
+        text's own words (None: the service's default)."""
+        body = _body(text=text, k=k, model=model, prefix=prefix, adapt=adapt)
         return PredictResult.from_json(await self._call("POST", "/v1/predict", body))
 
     async def create_session(
@@ -701,16 +750,24 @@ class AsyncClient:
         k: int = DEFAULT_K,
         model: str | None = None,
         prefix: str | None = None,
+        adapt: bool | None = None,
     ) -> SessionResult:
-        """Start a session, optionally with a first text."""
-        body = _body(text=text, k=k, model=model, prefix=prefix)
+        """Start a session, optionally with a first text; `adapt` is its default for mixing
+        in the writer's own words (None: the service's)."""
+        body = _body(text=text, k=k, model=model, prefix=prefix, adapt=adapt)
         return SessionResult.from_json(await self._call("POST", "/v1/sessions", body))
 
     async def feed(
-        self, session_id: str, text: str, *, k: int = DEFAULT_K, prefix: str | None = None
+        self,
+        session_id: str,
+        text: str,
+        *,
+        k: int = DEFAULT_K,
+        prefix: str | None = None,
+        adapt: bool | None = None,
     ) -> SessionResult:
         """Append whole words to a session; `prefix` is the partly typed next word."""
-        body = _body(text=text, k=k, prefix=prefix)
+        body = _body(text=text, k=k, prefix=prefix, adapt=adapt)
         answer = await self._call("POST", f"/v1/sessions/{session_id}/feed", body)
         return SessionResult.from_json(answer)
 
@@ -722,6 +779,10 @@ class AsyncClient:
         """Forget a session."""
         await self._call("DELETE", f"/v1/sessions/{session_id}")
 
+    async def forget_words(self, session_id: str) -> None:
+        """Forget the words a session remembers of its writer (its context stays)."""
+        await self._call("DELETE", f"/v1/sessions/{session_id}/memory")
+
     def stream(
         self,
         *,
@@ -729,6 +790,7 @@ class AsyncClient:
         k: int = DEFAULT_K,
         session_id: str | None = None,
         reconnect_timeout: float = 30.0,
+        adapt: bool | None = None,
     ) -> AsyncStream:
         """A streaming session over `/v1/stream`; use `async with`."""
         return AsyncStream(
@@ -739,6 +801,7 @@ class AsyncClient:
             session_id=session_id,
             timeout=self.timeout,
             reconnect_timeout=reconnect_timeout,
+            adapt=adapt,
         )
 
 
@@ -755,9 +818,10 @@ class AsyncStream:
         session_id: str | None = None,
         timeout: float = 30.0,
         reconnect_timeout: float = 30.0,
+        adapt: bool | None = None,
     ) -> None:
         self._state = _StreamState(
-            base_url, api_key, model, k, session_id, timeout, reconnect_timeout
+            base_url, api_key, model, k, session_id, timeout, reconnect_timeout, adapt
         )
         self._ws: AsyncConnection | None = None
         self._lock = asyncio.Lock()  # one message in flight: answers map to their sends
@@ -802,10 +866,16 @@ class AsyncStream:
             self._ws = None
 
     async def send(
-        self, text: str, *, prefix: str | None = None, k: int | None = None
+        self,
+        text: str,
+        *,
+        prefix: str | None = None,
+        k: int | None = None,
+        adapt: bool | None = None,
     ) -> SessionResult:
         """Feed whole words (may be empty); `prefix` is the partly typed next word."""
-        return await self._exchange(self._state.message(text=text, prefix=prefix, k=k))
+        message = self._state.message(text=text, prefix=prefix, k=k, adapt=adapt)
+        return await self._exchange(message)
 
     async def reset(self, *, prefix: str | None = None, k: int | None = None) -> SessionResult:
         """Start the session's text afresh."""

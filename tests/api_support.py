@@ -25,6 +25,8 @@ TEXTS = [
     "she said that he had made a big car for the child",
     "what time is it now ? it is night",
     "we can make it work if we try",
+    # The writer's own words (adaptation): names outside the vocabulary, typed again.
+    "Hello Zorblax , i am Quux . Zorblax went home and Quux said Zorblax was good",
 ]
 
 

@@ -114,6 +114,34 @@ async def test_async_rest(server: LiveServer) -> None:
             await client.feed(session.session_id, "home")
 
 
+def test_the_writers_words_through_both_clients(server: LiveServer) -> None:
+    text = "hello Zorblax , i am here . Zorblax went home . then Zorblax said"
+    with Client(server.url) as client:
+        assert "Zorblax" in client.predict(text, k=10).words
+        assert "Zorblax" not in client.predict(text, k=10, adapt=False).words
+        session = client.create_session(text, k=10, adapt=False)
+        assert "Zorblax" not in session.words
+        assert "Zorblax" in client.feed(session.session_id, "", k=10, adapt=True).words
+        info = client.session(session.session_id)
+        assert info.adapt is False and info.memory_words > 0 and info.memory_bytes > 0
+        client.forget_words(session.session_id)
+        assert client.session(session.session_id).memory_words == 0
+        with client.stream(k=10, adapt=False) as stream:
+            assert "Zorblax" not in stream.send(text).words
+            assert "Zorblax" in stream.send("", adapt=True).words
+
+
+async def test_the_async_client_forgets_words(server: LiveServer) -> None:
+    async with AsyncClient(server.url) as client:
+        session = await client.create_session("hello Zorblax , Zorblax")
+        assert (await client.session(session.session_id)).memory_words > 0
+        await client.forget_words(session.session_id)
+        assert (await client.session(session.session_id)).memory_words == 0
+        async with client.stream(adapt=True, k=10) as stream:
+            answer = await stream.send("hello Zorblax , i am Zorblax . Zorblax said")
+            assert "Zorblax" in answer.words
+
+
 # --- the stream ----------------------------------------------------------------------------
 
 

@@ -168,6 +168,26 @@ def test_typing_shows_suggestions_and_a_prefix_narrows_them(tab: Tab, server: Li
     expect(page.locator("#tokens")).to_have_text("3")
 
 
+def test_a_name_typed_twice_is_suggested_until_forgotten(tab: Tab, server: LiveServer) -> None:
+    page = tab.page
+    open_page(page, server.url)
+    text = page.locator("#text")
+    typed = "Say hello to Zorblax. Zorblax said hi to"
+    text.press_sequentially(typed + " ")
+    adapted = predicted(server, typed)
+    assert "Zorblax" in adapted and "Zorblax" not in predicted(server, typed, adapt=False)
+    expect_suggestions(page, adapted)  # the writer's own word, as typed, among the chips
+    page.locator("#adapt").uncheck()  # the model alone
+    expect_suggestions(page, predicted(server, typed, adapt=False))
+    page.locator("#adapt").check()
+    expect_suggestions(page, adapted)
+    text.press_sequentially("zo")  # prefix completion finds it too
+    expect(words(page).first).to_have_text("Zorblax")
+    page.locator("#forget").click()
+    expect(words(page).filter(has_text="Zorblax")).to_have_count(0)
+    expect(page.locator("#tokens")).to_have_text(str(len(typed.replace(".", " .").split())))
+
+
 def write_screenshot(page: Page) -> None:
     """docs/page.png: the page down to the suggestions (the session id and latency, which
     change every run, stay out of it, so an unchanged page gives the same file)."""

@@ -149,6 +149,19 @@ def test_session_fed_alternately_on_two_replicas(replicas: tuple[str, str]) -> N
     assert httpx.get(f"{a}/v1/sessions/{sid}", timeout=10).status_code == 404
 
 
+def test_the_writers_words_travel_between_replicas(replicas: tuple[str, str]) -> None:
+    a, b = replicas
+    text = "hello Zorblax , i am here . Zorblax went home . then"
+    sid = post(a, "/v1/sessions", {"text": text, "k": 10}, 201)["session_id"]
+    got = post(b, f"/v1/sessions/{sid}/feed", {"text": "Zorblax said", "k": 10})
+    want = reference(a, text + " Zorblax said", k=10)
+    assert "Zorblax" in [p["word"] for p in got["predictions"]]
+    assert_same_predictions(got["predictions"], want["predictions"])
+    assert httpx.delete(f"{a}/v1/sessions/{sid}/memory", timeout=10).status_code == 204
+    info = httpx.get(f"{b}/v1/sessions/{sid}", timeout=10).json()
+    assert info["memory"]["words"] == 0
+
+
 async def test_replica_killed_mid_stream_loses_nothing(
     tiny_artifacts: Path, redis_server: RedisServer, replicas: tuple[str, str]
 ) -> None:

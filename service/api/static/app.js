@@ -15,6 +15,7 @@ const live = $("suggestions-live");
 const connection = $("connection");
 const modelPicker = $("model");
 const kInput = $("k");
+const adaptInput = $("adapt");
 
 const params = new URLSearchParams(location.search);
 const client = new NextwordClient(location.origin, { accessToken: params.get("access_token") });
@@ -22,8 +23,8 @@ const PUNCTUATION = new Set([",", ".", "!", "?", ";", ":"]);
 
 let stream = null;
 let fed = null; // the text the session holds (sent), ending at a word boundary; null: unknown
-let sent = null; // {complete, prefix, k} of the last message sent
-let refused = null; // {complete, prefix, k} the server refused: not sent again as it is
+let sent = null; // {complete, prefix, k, adapt} of the last message sent
+let refused = null; // {complete, prefix, k, adapt} the server refused: not sent again as it is
 let busy = false; // a message is in flight
 let predictions = [];
 let autoSpaceAt = -1; // caret position right after a space this page inserted
@@ -71,32 +72,33 @@ async function sync() {
   const { complete, partial } = splitTyping(text.value.slice(0, text.selectionStart));
   const prefix = prefixOf(partial);
   const k = currentK();
-  const same = (m) => m && m.complete === complete && m.prefix === prefix && m.k === k;
+  const adapt = adaptInput.checked; // mix in the writer's own words (sent with each message)
+  const same = (m) => m && m.complete === complete && m.prefix === prefix && m.k === k && m.adapt === adapt;
   if ((same(sent) && fed === complete) || same(refused)) return markStale(false);
   busy = true;
   markStale(true);
   const current = stream;
   try {
     const delta = typingDelta(fed, complete);
-    sent = { complete, prefix, k };
+    sent = { complete, prefix, k, adapt };
     let answer;
     if (delta !== null) {
       fed = complete;
-      answer = await current.send({ text: delta, prefix, k });
+      answer = await current.send({ text: delta, prefix, k, adapt });
     } else {
       // Not a continuation of what the session holds: start afresh, feed the whole text.
       fed = null;
       const words = complete.trim();
       answer = await current.reset({ k, prefix: words ? null : prefix });
       fed = complete;
-      if (words) answer = await current.send({ text: words, prefix, k });
+      if (words) answer = await current.send({ text: words, prefix, k, adapt });
     }
     if (current === stream) showAnswer(answer, complete, partial);
   } catch (error) {
     fed = null; // unknown after a failed message: the next sync resets
     sent = null;
     if (current === stream && error.status >= 400 && error.status < 500 && error.code !== "unknown_session") {
-      refused = { complete, prefix, k }; // a bad text (too long...): wait for an edit
+      refused = { complete, prefix, k, adapt }; // a bad text (too long...): wait for an edit
       showConnection({ state: "error", error: error.message });
     }
   } finally {
@@ -258,6 +260,20 @@ document.addEventListener("selectionchange", () => {
 // --- settings --------------------------------------------------------------------------------
 
 kInput.addEventListener("input", () => sync());
+adaptInput.addEventListener("change", () => sync());
+$("forget").addEventListener("click", async () => {
+  // The session forgets the words it learnt from this text; they come back only if typed again.
+  const sessionId = stream?.sessionId;
+  if (!sessionId) return;
+  try {
+    await client.forgetWords(sessionId);
+    sent = null; // ask again: the suggestions change
+  } catch (error) {
+    showConnection({ state: "error", error: error.message });
+  }
+  text.focus();
+  sync();
+});
 modelPicker.addEventListener("change", () => openStream(modelPicker.value));
 $("clear").addEventListener("click", () => {
   text.value = "";

@@ -171,16 +171,22 @@ export class NextwordClient {
     return this.call("GET", "/v1/models");
   }
 
-  predict(text, { k = DEFAULT_K, model = null, prefix = null } = {}) {
-    return this.call("POST", "/v1/predict", withoutNulls({ text, k, model, prefix }));
+  // `adapt`: mix the writer's own words into the answer (null: the session's or service's default).
+  predict(text, { k = DEFAULT_K, model = null, prefix = null, adapt = null } = {}) {
+    return this.call("POST", "/v1/predict", withoutNulls({ text, k, model, prefix, adapt }));
   }
 
-  createSession(text = "", { k = DEFAULT_K, model = null, prefix = null } = {}) {
-    return this.call("POST", "/v1/sessions", withoutNulls({ text, k, model, prefix }));
+  createSession(text = "", { k = DEFAULT_K, model = null, prefix = null, adapt = null } = {}) {
+    return this.call("POST", "/v1/sessions", withoutNulls({ text, k, model, prefix, adapt }));
   }
 
-  feed(sessionId, text, { k = DEFAULT_K, prefix = null } = {}) {
-    return this.call("POST", `/v1/sessions/${encodeURIComponent(sessionId)}/feed`, withoutNulls({ text, k, prefix }));
+  feed(sessionId, text, { k = DEFAULT_K, prefix = null, adapt = null } = {}) {
+    return this.call("POST", `/v1/sessions/${encodeURIComponent(sessionId)}/feed`, withoutNulls({ text, k, prefix, adapt }));
+  }
+
+  /** Forget the words a session remembers of its writer (its context stays). */
+  forgetWords(sessionId) {
+    return this.call("DELETE", `/v1/sessions/${encodeURIComponent(sessionId)}/memory`);
   }
 
   session(sessionId) {
@@ -216,10 +222,11 @@ function withoutNulls(fields) {
  * "reconnecting", "closed".
  */
 export class NextwordStream extends EventTarget {
-  constructor(baseUrl, { model = null, k = DEFAULT_K, sessionId = null, accessToken = null, maxBackoffMs = 3000 } = {}) {
+  constructor(baseUrl, { model = null, k = DEFAULT_K, sessionId = null, accessToken = null, maxBackoffMs = 3000, adapt = null } = {}) {
     super();
     this.baseUrl = baseUrl.replace(/\/$/, "");
     this.model = model;
+    this.adapt = adapt;
     this.k = k;
     this.sessionId = sessionId;
     this.accessToken = accessToken;
@@ -239,7 +246,7 @@ export class NextwordStream extends EventTarget {
   get url() {
     const url = new URL("/v1/stream", this.baseUrl);
     url.protocol = url.protocol === "https:" ? "wss:" : "ws:";
-    const query = withoutNulls({ model: this.model, k: this.k, session_id: this.sessionId, access_token: this.accessToken });
+    const query = withoutNulls({ model: this.model, k: this.k, session_id: this.sessionId, adapt: this.adapt, access_token: this.accessToken });
     for (const [key, value] of Object.entries(query)) url.searchParams.set(key, String(value));
     return url.href;
   }
@@ -257,8 +264,8 @@ export class NextwordStream extends EventTarget {
   }
 
   /** Feed whole words (may be empty); `prefix` is the partly typed next word. */
-  send({ text = "", prefix = null, k = null } = {}) {
-    return this._enqueue(withoutNulls({ text, prefix, k }));
+  send({ text = "", prefix = null, k = null, adapt = null } = {}) {
+    return this._enqueue(withoutNulls({ text, prefix, k, adapt }));
   }
 
   /** Start the session's text afresh. */
