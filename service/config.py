@@ -149,6 +149,11 @@ class Settings(BaseSettings):
         "says `adapt: false`; the words are remembered either way, until "
         "DELETE /v1/sessions/{id}/memory",
     )
+    adapt_memory: bool = Field(
+        default=True,
+        description="keep a memory of each session's words at all; false: none is kept (a "
+        "session is 2 KB smaller) and answers come from the model alone, whatever `adapt` says",
+    )
 
     # Batching.
     max_batch: int = Field(default=256, ge=1, description="most steps in one model run")

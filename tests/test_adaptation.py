@@ -115,3 +115,27 @@ def test_the_stream_takes_adapt_for_the_stream_and_per_message(client: TestClien
     with client.websocket_connect("/v1/stream?adapt=maybe") as ws:
         error = ws.receive_json()
         assert error["type"] == "error" and error["error"]["code"] == "bad_input"
+
+
+def test_long_texts_in_chunks_remember_what_word_by_word_feeding_does(tiny_artifacts: Path) -> None:
+    """Chunked prefill counts words chunk by chunk: the same memory, the same answers."""
+    names = ["Zorblax", "Quux", "Marisol", "Okonkwo", "Kettleworth"]
+    text = " ".join(
+        f"{names[i % 5]} and the dog went home , then {names[(i * 3) % 5]} said hello ."
+        for i in range(12)
+    )
+    settings = api_settings(tiny_artifacts, prefill_chunk=4)
+    with TestClient(create_app(settings)) as client:
+        whole = client.post("/v1/predict", json={"text": text, "k": 10}).json()
+        made = create(client, text=text, k=10)
+        assert_same_predictions(made["predictions"], whole["predictions"])
+        sid = create(client, k=10)["session_id"]
+        for word in text.split():
+            answer = feed(client, sid, text=word, k=10)
+        assert answer["tokens"] == whole["tokens"] == made["tokens"]
+        assert_same_predictions(answer["predictions"], whole["predictions"])
+        for prefix in ("k", "m", "o", "q", "z"):
+            completed = feed(client, sid, text="", prefix=prefix, k=10)
+            want = client.post("/v1/predict", json={"text": text, "k": 10, "prefix": prefix})
+            assert_same_predictions(completed["predictions"], want.json()["predictions"])
+            assert any(w in names for w in words(completed)), (prefix, words(completed))

@@ -107,7 +107,7 @@ class EngineCore:
                 max_wait_ms=settings.max_wait_ms,
                 max_queue=settings.max_queue,
                 prefill_chunk=settings.prefill_chunk,
-                adaptation=Adaptation.of(model, settings.adapt),
+                adaptation=Adaptation.of(model, settings.adapt) if settings.adapt_memory else None,
             )
             for name, model in models.items()
         }

@@ -171,9 +171,11 @@ class _Row:
     output: StepOutput | None = None
     output_row: int = 0
     result: StepResult | None = None
-    # Adaptation, in the step's last batch: the writer's words after the step, whether the
-    # answer mixes them in, and the session's default for it.
+    # Adaptation: the writer's words as counted so far (all of the step's after its last
+    # batch), whether the answer mixes them in, and the session's default for it.
     memory: WordMemory | None = None
+    counted: int = 0  # the step's tokens counted into `memory` so far
+    typed_used: int = 0  # ... and of its typed words
     mixed: bool = False
     adapt_default: bool = True
     answer: tuple[np.ndarray, np.ndarray] | None = None  # (ids, probs), best first
@@ -641,6 +643,8 @@ class StepBatcher:
                 self._plan(row)
             row.final = row.left <= chunk
             row.piece = len(row.first) - row.done if row.final else chunk
+        if self.adaptation is not None:
+            self._remember(rows, self.adaptation)
         first = [r for r in rows if r.piece]
         for group in self._by_length(first, lambda r: r.piece):
             output = self._run(
@@ -655,8 +659,6 @@ class StepBatcher:
         final = [r for r in rows if r.final]
         for row in final:
             row.second_from = row.first_from
-        if self.adaptation is not None:
-            self._remember(final, self.adaptation)
         second = [r for r in final if r.second]
         for group in self._by_length(second, lambda r: len(r.second)):
             want_probs = any(r.step.prefix_ids is not None or r.mixed for r in group)
@@ -671,43 +673,60 @@ class StepBatcher:
             row.result = self._result(row)
 
     def _remember(self, rows: list[_Row], adaptation: Adaptation) -> None:
-        """Count each row's new words into its memory (one vectorised update for the
-        batch) and decide which answers mix the memory in."""
+        """Count the words each row runs in this batch into its memory (one vectorised
+        update for the batch), and decide which of the answers given now mix it in.
+
+        A long step counts its words chunk by chunk, as its tokens run: the update goes
+        token by token, so counting in pieces gives the same memory as counting at once,
+        and no batch counts more than a chunk of anyone's words beyond its own short ones."""
         params = adaptation.params
         vocab_size = self._vocab_size
         keys, weights = adapt.empty_cache(len(rows), params.capacity)
-        tables: list[list[str]] = []
-        lengths = np.array([len(r.step.tokens) for r in rows], dtype=np.int64)
-        new = np.full((len(rows), int(lengths.max(initial=0))), adapt.EMPTY, dtype=np.int32)
+        spans = []
         for i, row in enumerate(rows):
             step, record = row.step, row.record
-            starts_afresh = record is None or step.create or step.fresh
-            old = None if starts_afresh or step.forget else record.memory  # type: ignore[union-attr]
-            table: list[str] = []
-            if old is not None and old.capacity == params.capacity:
-                keys[i], weights[i] = old.keys, old.weights
-                table = list(old.words)
+            if row.memory is None:  # the step's first batch: the memory it starts from
+                starts_afresh = record is None or step.create or step.fresh or step.forget
+                old = None if starts_afresh else record.memory  # type: ignore[union-attr]
+                if old is not None and old.capacity == params.capacity:
+                    row.memory = WordMemory(old.keys, old.weights, old.words)
+                else:
+                    row.memory = WordMemory.empty(params.capacity)
+                if record is None or step.create:
+                    row.adapt_default = adaptation.default if step.adapt is None else step.adapt
+                else:
+                    row.adapt_default = record.adapt
+            keys[i], weights[i] = row.memory.keys, row.memory.weights
+            end = len(step.tokens) if row.final else row.done + row.piece
+            spans.append((row.counted, end))
+        lengths = np.array([end - start for start, end in spans], dtype=np.int64)
+        new = np.full((len(rows), int(lengths.max(initial=0))), adapt.EMPTY, dtype=np.int32)
+        tables: list[list[str]] = []
+        for i, (row, (start, end)) in enumerate(zip(rows, spans)):
+            assert row.memory is not None
+            table = list(row.memory.words)
             tables.append(table)
-            if record is None or step.create:
-                row.adapt_default = adaptation.default if step.adapt is None else step.adapt
-            else:
-                row.adapt_default = record.adapt
-            if step.tokens:
-                ids = np.asarray(step.tokens, dtype=np.int64)
-                remembered = np.where(adaptation.suggestible[ids], ids, adapt.EMPTY)
-                if step.typed:
-                    unknown = np.flatnonzero(ids == adaptation.unk_id)[: len(step.typed)]
-                    typed = step.typed[: len(unknown)]
-                    remembered[unknown] = adapt.oov_keys(
-                        table, typed, vocab_size, keys[i], weights[i], params
-                    )
-                new[i, : len(ids)] = remembered
-        adapt.update(keys, weights, new, lengths, params)
+            if end <= start:
+                continue
+            step = row.step
+            ids = np.asarray(step.tokens[start:end], dtype=np.int64)
+            remembered = np.where(adaptation.suggestible[ids], ids, adapt.EMPTY)
+            unknown = np.flatnonzero(ids == adaptation.unk_id)
+            typed = step.typed[row.typed_used : row.typed_used + len(unknown)]
+            row.typed_used += len(unknown)
+            if typed:
+                remembered[unknown[: len(typed)]] = adapt.oov_keys(
+                    table, typed, vocab_size, keys[i], weights[i], params
+                )
+            new[i, : len(ids)] = remembered
+            row.counted = end
+        if new.shape[1]:
+            adapt.update(keys, weights, new, lengths, params)
         live = weights.sum(1) > 0
         for i, row in enumerate(rows):
             row.memory = WordMemory(keys[i].copy(), weights[i].copy(), tuple(tables[i]))
             use = row.adapt_default if row.step.adapt is None else row.step.adapt
-            row.mixed = bool(use and live[i]) and bool(row.second)
+            row.mixed = row.final and bool(use and live[i]) and bool(row.second)
 
     def _answer_mixed(self, group: list[_Row], output: StepOutput) -> None:
         """The answers of a run's rows with the writer's words mixed in (rows that do not

@@ -8,8 +8,8 @@ its shape: one pool per shape, so per model (the bundled LSTM is (4, 2, 512), th
 about log2(n / first) allocations) and never moves a row: growing by a copy would stall
 the engine for the length of the copy (1.4 s for 2 GiB -> 4 GiB here). Freed rows go on
 a free list and are reused first; a pool never shrinks (`close` drops them all). A row's
-metadata (model, tokens, timestamps, version, last token, TTL stamp) lies beside it in a
-packed numpy record, so the per-session Python objects are only the session id and an
+metadata (model, tokens, timestamps, version, last token, TTL stamp, adapt) lies beside it
+in a packed numpy record, so the per-session Python objects are only the session id and an
 int handle (row and pool) in one ordered dict.
 
 What an idle session costs (`python -m benchmarks.bench_memory --via store`, results in
@@ -17,10 +17,16 @@ What an idle session costs (`python -m benchmarks.bench_memory --via store`, res
 1,000,000 GRU sessions (4,096 B of state: current + previous, 2 x 1 x 512 float32) and
 by 16,713 B for 200,000 LSTM sessions (16,384 B of state). The ~250-330 B over the state
 are the id (80 B), the ordered dict's entry with its handle (~110 B, more just after the
-dict's table doubles) and the metadata record (50 B). The store before the pools kept a
+dict's table doubles) and the metadata record (51 B). The store before the pools kept a
 numpy array and a Python object per session: 610-680 B over the state. `memory_bytes`
 counts every allocated row; the rows of a new chunk not yet written are reserved but,
 on Linux, not resident (up to half the pool just after it grew).
+
+With adaptation (`service.engine.adapt`), a session's memory of its writer's words lives
+in the same row: C int32 keys and C float32 weights beside the state (C = 256 slots for
+the bundled models: 2,048 B more per session; the figures above predate it and measure
+the state alone), and the typed words outside the vocabulary, the only variable part, in
+a dict of their own for the sessions that have any.
 
 `get`/`get_many` return copies (read-only arrays): a batch may hold its records while
 another batch writes the same rows. `put_many` writes rows in place.
