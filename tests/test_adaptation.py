@@ -139,3 +139,17 @@ def test_long_texts_in_chunks_remember_what_word_by_word_feeding_does(tiny_artif
             want = client.post("/v1/predict", json={"text": text, "k": 10, "prefix": prefix})
             assert_same_predictions(completed["predictions"], want.json()["predictions"])
             assert any(w in names for w in words(completed)), (prefix, words(completed))
+
+
+def test_nothing_of_the_memory_is_logged(
+    tiny_artifacts: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("DEBUG")
+    with TestClient(create_app(api_settings(tiny_artifacts))) as client:
+        sid = create(client, text=NAMES)["session_id"]
+        feed(client, sid, text="", prefix="zo")
+        client.get(f"/v1/sessions/{sid}")
+        client.post(f"/v1/sessions/{sid}/feed", json={"text": "Zorblax", "adapt": "x"})
+        client.delete(f"/v1/sessions/{sid}/memory")
+    logged = "\n".join(r.getMessage() for r in caplog.records).lower()
+    assert caplog.records and "zorblax" not in logged
