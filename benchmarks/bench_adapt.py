@@ -3,8 +3,8 @@
 `EngineCore` in this process (scheduler, session store, protocol; no sockets), the bundled
 models, `--sessions` sessions each fed a real text first (so that every memory holds a few
 hundred words, as a writer's would), then stepping one word each per round, as fast as
-answers come back, in three modes measured in turn, each `--rounds` rounds, repeated
-`--repeat` times (the median of the repeats is reported):
+answers come back, in three modes side by side (three engines in this process, their rounds interleaved, so
+that a drift in the machine's speed slows each alike; the median round is reported):
 
 - "no memory": `NEXTWORD_ADAPT_MEMORY=false`, the engine as it was before adaptation;
 - "remembered": the words are counted into each session's memory, answers from the model
@@ -59,57 +59,91 @@ def settings(models: Path, model: str, memory: bool) -> Settings:
     )
 
 
-async def run(
-    models: Path, model: str, mode: str, sessions: int, rounds: int, warm_tokens: int
-) -> dict[str, float]:
-    """Microseconds per step of one mode, and the memory's mean bytes per session."""
-    core = await EngineCore.start(settings(models, model, mode != "no memory"))
-    vocab: Vocabulary = core.models[model].vocab
-    ids, typed = vocab.encode_typed(TEXT * (1 + warm_tokens // 80))
-    unk = vocab.unk_id
-    ids = ids[:warm_tokens]
-    typed = typed[: sum(1 for i in ids if i == unk)]
-    adapt = mode == "adapted"
-    names = [f"s{i}" for i in range(sessions)]
-    try:
-        done = asyncio.Event()
-        answered: list[EngineOutput] = []
+class Engine:
+    """One mode's `EngineCore` and its sessions, stepped one round at a time."""
 
-        def reply(output: EngineOutput) -> None:
-            answered.append(output)
-            if len(answered) == len(names):
-                done.set()
+    def __init__(self, core: EngineCore, model: str, mode: str, sessions: int) -> None:
+        self.core = core
+        self.model = model
+        self.adapt = mode == "adapted"
+        self.names = [f"s{i}" for i in range(sessions)]
+        self.done = asyncio.Event()
+        self.answered: list[EngineOutput] = []
 
-        async def round_(requests: list[Any]) -> list[EngineOutput]:
-            answered.clear()
-            done.clear()
-            core.handle(requests, reply, "bench")
-            await done.wait()
-            assert all(o.error is None for o in answered), answered[0]
-            return list(answered)
+    def _reply(self, output: EngineOutput) -> None:
+        self.answered.append(output)
+        if len(self.answered) == len(self.names):
+            self.done.set()
 
-        await round_(
+    async def round(self, requests: list[Any]) -> list[EngineOutput]:
+        self.answered.clear()
+        self.done.clear()
+        self.core.handle(requests, self._reply, "bench")
+        await self.done.wait()
+        assert all(o.error is None for o in self.answered), self.answered[0]
+        return list(self.answered)
+
+    async def warm(self, ids: list[int], typed: list[str]) -> None:
+        """Each session fed the writer's text: its memory holds what a writer's would."""
+        await self.round(
             [
-                StepRequest(i, model, ids, 5, sid, create=True, adapt=adapt, typed=typed)
-                for i, sid in enumerate(names)
+                StepRequest(i, self.model, ids, 5, sid, create=True, adapt=self.adapt, typed=typed)
+                for i, sid in enumerate(self.names)
             ]
         )
-        words = [i for i in ids if i != unk]
+
+    async def step(self, word: int) -> float:
+        """One round of one-word steps; its wall time in seconds."""
+        requests = [
+            StepRequest(i, self.model, [word], 5, sid, adapt=self.adapt)
+            for i, sid in enumerate(self.names)
+        ]
         start = time.perf_counter()
-        for n in range(rounds):
-            word = words[n % len(words)]
-            await round_(
-                [StepRequest(i, model, [word], 5, sid, adapt=adapt) for i, sid in enumerate(names)]
-            )
-        elapsed = time.perf_counter() - start
-        infos = await round_([InfoRequest(i, sid) for i, sid in enumerate(names)])
-        return {
-            "us_per_step": 1e6 * elapsed / (rounds * sessions),
-            "memory_bytes": statistics.fmean(o.memory_bytes for o in infos),
-            "remembered": statistics.fmean(o.remembered for o in infos),
-        }
+        await self.round(requests)
+        return time.perf_counter() - start
+
+    async def memory(self) -> tuple[float, float]:
+        """Mean bytes of the sessions' memories, and mean distinct words remembered."""
+        infos = await self.round([InfoRequest(i, sid) for i, sid in enumerate(self.names)])
+        return (
+            statistics.fmean(o.memory_bytes for o in infos),
+            statistics.fmean(o.remembered for o in infos),
+        )
+
+
+async def measure(
+    models: Path, model: str, sessions: int, rounds: int, warm_tokens: int
+) -> dict[str, dict[str, float]]:
+    """The three modes side by side in this process, their rounds interleaved (A B C A B C
+    ...), so that a machine whose speed drifts slows each mode alike."""
+    engines = {}
+    try:
+        for mode in MODES:
+            core = await EngineCore.start(settings(models, model, mode != "no memory"))
+            engines[mode] = Engine(core, model, mode, sessions)
+        vocab: Vocabulary = engines[MODES[0]].core.models[model].vocab
+        ids, typed = vocab.encode_typed(TEXT * (1 + warm_tokens // 80))
+        ids = ids[:warm_tokens]
+        typed = typed[: sum(1 for i in ids if i == vocab.unk_id)]
+        for engine in engines.values():
+            await engine.warm(ids, typed)
+        words = [i for i in ids if i != vocab.unk_id]
+        times: dict[str, list[float]] = {mode: [] for mode in MODES}
+        for n in tqdm(range(rounds), desc=f"{model}: rounds", unit="round", leave=False):
+            for mode, engine in engines.items():
+                times[mode].append(await engine.step(words[n % len(words)]))
+        out = {}
+        for mode, engine in engines.items():
+            memory_bytes, remembered = await engine.memory()
+            out[mode] = {
+                "us_per_step": 1e6 * statistics.median(times[mode]) / sessions,
+                "memory_bytes": memory_bytes,
+                "remembered": remembered,
+            }
+        return out
     finally:
-        await core.close()
+        for engine in engines.values():
+            await engine.core.close()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -117,8 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", type=Path, default=None, help="models folder (bundled)")
     parser.add_argument("--model", nargs="+", default=["gru", "lstm"])
     parser.add_argument("--sessions", type=int, default=256, help="the batch: one step each")
-    parser.add_argument("--rounds", type=int, default=40, help="rounds per mode and repeat")
-    parser.add_argument("--repeat", type=int, default=3, help="each mode this many times")
+    parser.add_argument("--rounds", type=int, default=200, help="rounds per mode")
     parser.add_argument("--warm-tokens", type=int, default=300, help="text fed to each first")
     parser.add_argument("--json", type=Path, help="write the results here (and .txt beside)")
     args = parser.parse_args(argv)
@@ -128,32 +161,18 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     with models_dir(args.models, "full") as (models, label):
         lines.append(label)
-        runs = [(m, mode, r) for m in args.model for r in range(args.repeat) for mode in MODES]
-        measured: dict[tuple[str, str], list[dict[str, float]]] = {}
-        for model, mode, _ in tqdm(runs, desc="adaptation cost", unit="run"):
-            result = asyncio.run(
-                run(models, model, mode, args.sessions, args.rounds, args.warm_tokens)
-            )
-            measured.setdefault((model, mode), []).append(result)
         for model in args.model:
-            base = statistics.median(r["us_per_step"] for r in measured[(model, MODES[0])])
+            result = asyncio.run(
+                measure(models, model, args.sessions, args.rounds, args.warm_tokens)
+            )
+            base = result[MODES[0]]["us_per_step"]
             for mode in MODES:
-                results = measured[(model, mode)]
-                us = statistics.median(r["us_per_step"] for r in results)
-                rows.append(
-                    {
-                        "model": model,
-                        "mode": mode,
-                        "us_per_step": us,
-                        "ratio": us / base,
-                        "memory_bytes": results[0]["memory_bytes"],
-                        "remembered": results[0]["remembered"],
-                    }
-                )
+                r = result[mode]
+                rows.append({"model": model, "mode": mode, **r, "ratio": r["us_per_step"] / base})
     table = [
         f"{args.sessions} sessions, one word each per round (a batch of {args.sessions}); "
-        f"each session first fed {args.warm_tokens} tokens; median of {args.repeat} runs "
-        f"of {args.rounds} rounds",
+        f"each session first fed {args.warm_tokens} tokens; the three modes' rounds "
+        f"interleaved, median of {args.rounds} rounds each",
         "",
         "| model | mode | us/step | vs no memory | memory bytes/session | words remembered |",
         "|---|---|---|---|---|---|",

@@ -680,51 +680,55 @@ class StepBatcher:
         token by token, so counting in pieces gives the same memory as counting at once,
         and no batch counts more than a chunk of anyone's words beyond its own short ones."""
         params = adaptation.params
-        vocab_size = self._vocab_size
-        keys, weights = adapt.empty_cache(len(rows), params.capacity)
         spans = []
-        for i, row in enumerate(rows):
+        for row in rows:
             step, record = row.step, row.record
             if row.memory is None:  # the step's first batch: the memory it starts from
                 starts_afresh = record is None or step.create or step.fresh or step.forget
                 old = None if starts_afresh else record.memory  # type: ignore[union-attr]
                 if old is not None and old.capacity == params.capacity:
-                    row.memory = WordMemory(old.keys, old.weights, old.words)
+                    row.memory = old
                 else:
                     row.memory = WordMemory.empty(params.capacity)
                 if record is None or step.create:
                     row.adapt_default = adaptation.default if step.adapt is None else step.adapt
                 else:
                     row.adapt_default = record.adapt
-            keys[i], weights[i] = row.memory.keys, row.memory.weights
-            end = len(step.tokens) if row.final else row.done + row.piece
-            spans.append((row.counted, end))
-        lengths = np.array([end - start for start, end in spans], dtype=np.int64)
-        new = np.full((len(rows), int(lengths.max(initial=0))), adapt.EMPTY, dtype=np.int32)
-        tables: list[list[str]] = []
-        for i, (row, (start, end)) in enumerate(zip(rows, spans)):
-            assert row.memory is not None
-            table = list(row.memory.words)
-            tables.append(table)
-            if end <= start:
-                continue
-            step = row.step
-            ids = np.asarray(step.tokens[start:end], dtype=np.int64)
+            spans.append((row.counted, len(step.tokens) if row.final else row.done + row.piece))
+        memories = [row.memory for row in rows]
+        keys = np.stack([m.keys for m in memories])  # type: ignore[union-attr]
+        weights = np.stack([m.weights for m in memories])  # type: ignore[union-attr]
+        words = [m.words for m in memories]  # type: ignore[union-attr]
+        lengths = np.array([max(0, end - start) for start, end in spans], dtype=np.int64)
+        if lengths.any():
+            # Every row's new tokens as one array: the common step is one word a row.
+            flat = [t for row, (a, b) in zip(rows, spans) for t in row.step.tokens[a:b]]
+            ids = np.array(flat, dtype=np.int64)
             remembered = np.where(adaptation.suggestible[ids], ids, adapt.EMPTY)
-            unknown = np.flatnonzero(ids == adaptation.unk_id)
-            typed = step.typed[row.typed_used : row.typed_used + len(unknown)]
-            row.typed_used += len(unknown)
-            if typed:
-                remembered[unknown[: len(typed)]] = adapt.oov_keys(
-                    table, typed, vocab_size, keys[i], weights[i], params
-                )
-            new[i, : len(ids)] = remembered
-            row.counted = end
-        if new.shape[1]:
+            if adaptation.unk_id in flat:  # typed words outside the vocabulary
+                offsets = np.concatenate([[0], np.cumsum(lengths)])
+                for i, row in enumerate(rows):
+                    piece = ids[offsets[i] : offsets[i + 1]]
+                    unknown = np.flatnonzero(piece == adaptation.unk_id)
+                    typed = row.step.typed[row.typed_used : row.typed_used + len(unknown)]
+                    row.typed_used += len(unknown)
+                    if typed:
+                        table = list(words[i])
+                        remembered[offsets[i] + unknown[: len(typed)]] = adapt.oov_keys(
+                            table, typed, self._vocab_size, keys[i], weights[i], params
+                        )
+                        words[i] = tuple(table)
+            new = np.full((len(rows), int(lengths.max())), adapt.EMPTY, dtype=np.int32)
+            row_of = np.repeat(np.arange(len(rows)), lengths)
+            column = np.arange(len(ids)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+            new[row_of, column] = remembered
             adapt.update(keys, weights, new, lengths, params)
+        for row, (_, end) in zip(rows, spans):
+            row.counted = max(row.counted, end)
         live = weights.sum(1) > 0
         for i, row in enumerate(rows):
-            row.memory = WordMemory(keys[i].copy(), weights[i].copy(), tuple(tables[i]))
+            # Views of this batch's arrays: the store copies what it keeps.
+            row.memory = WordMemory(keys[i], weights[i], words[i])
             use = row.adapt_default if row.step.adapt is None else row.step.adapt
             row.mixed = row.final and bool(use and live[i]) and bool(row.second)
 
@@ -734,19 +738,17 @@ class StepBatcher:
         adaptation = self.adaptation
         assert adaptation is not None and output.probs is not None
         capacity = adaptation.params.capacity
-        keys, weights = adapt.empty_cache(len(group), capacity)
-        candidates: list[np.ndarray | None] = []
-        matches: list[np.ndarray | None] = []
+        none, nothing = adapt.empty_cache(1, capacity)  # a row that does not mix
+        memories = [r.memory if r.mixed and r.memory is not None else None for r in group]
+        keys = np.stack([none[0] if m is None else m.keys for m in memories])
+        weights = np.stack([nothing[0] if m is None else m.weights for m in memories])
+        candidates: list[np.ndarray | None] = [r.step.prefix_ids for r in group]
+        matches: list[np.ndarray | None] = [None] * len(group)
         for i, row in enumerate(group):
             memory = row.memory
-            if row.mixed and memory is not None:
-                keys[i], weights[i] = memory.keys, memory.weights
-            candidates.append(row.step.prefix_ids)
-            match = None
             if row.step.prefix_ids is not None and memory is not None and memory.words:
                 prefix = normalize(row.step.prefix)
-                match = np.array([normalize(w).startswith(prefix) for w in memory.words])
-            matches.append(match)
+                matches[i] = np.array([normalize(w).startswith(prefix) for w in memory.words])
         k = max(r.step.k for r in group)
         ids, probs = adapt.top_k(
             keys,
