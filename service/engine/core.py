@@ -29,6 +29,7 @@ from service.contract.protocol import (
     PingRequest,
     StepRequest,
 )
+from service.engine import adapt
 from service.engine.runtime import OrtModel, choose_providers
 from service.engine.scheduler import Adaptation, Step, StepBatcher, StepResult
 from service.errors import NextwordError, StepFailed, UnknownModel
@@ -75,6 +76,19 @@ def describe_model(model: OrtModel) -> dict[str, Any]:
         "quantization": (manifest.get("quantization") or {}).get("type", "none"),
         "providers": list(model.providers),
         "metrics": manifest.get("metrics", {}),
+        "adaptation": describe_adaptation(model),
+    }
+
+
+def describe_adaptation(model: OrtModel) -> dict[str, Any]:
+    """A model's adaptation parameters and what a session's memory of its writer costs:
+    `capacity` words (an int32 key and a float32 weight each) and up to `max_oov` typed
+    words outside the vocabulary."""
+    params = adapt.params_of(model.artifact.manifest)
+    return {
+        "params": params.to_dict(),
+        "memory_bytes_per_session": 8 * params.capacity,
+        "metrics": (model.artifact.manifest.get("adaptation") or {}).get("metrics", {}),
     }
 
 
