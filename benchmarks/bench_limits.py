@@ -171,7 +171,7 @@ def log_problems(server: ServerProcess) -> dict[str, Any]:
     text = server.log.read_text(errors="replace") if server.log.exists() else ""
     lines = [line for line in text.splitlines() if re.search(r"Traceback|\bERROR\b", line)]
     return {
-        "log": str(server.log),
+        "log": server.log.name,  # in --log-dir
         "tracebacks": text.count("Traceback"),
         "error_lines": len(lines),
         "samples": lines[:5],
@@ -861,9 +861,9 @@ def table_quota(rows: list[dict[str, Any]]) -> list[str]:
     for r in rows:
         quota = "0 (no quota)" if r["max_sessions_per_key"] == 0 else str(r["max_sessions_per_key"])
         lines.append(
-            f"{quota:>20} {r['bob_answer']:>5}/{r['created']['bob']:<4} "
-            f"{r['alice_answer']:>7,}/{r['created']['alice']:<4} "
-            f"{r['alice_newest_answer']:>9}/{r['alice_newest']:<5} "
+            f"{quota:>20} {r['bob_answer']:>5,}/{r['created']['bob']:<4,} "
+            f"{r['alice_answer']:>6,}/{r['created']['alice']:<5,} "
+            f"{r['alice_newest_answer']:>9,}/{r['alice_newest']:<5,} "
             f"{sum(r['create_failures'].values()):>15}"
         )
     lines += [
