@@ -3,10 +3,12 @@ OOV targets are misses), and the end-to-end WebSocket benchmark in --quick mode.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -140,3 +142,116 @@ def test_the_e2e_benchmark_measures_every_row(tiny_artifacts: Path, tmp_path: Pa
         assert row["msgs_per_s"] > 0, row
         assert row["errors"] == 0, row["error_samples"]
     assert "| bare WS app | 1 |" in out.with_suffix(".txt").read_text()
+
+
+@pytest.mark.slow
+def test_the_limits_benchmark_probes_count_what_the_limits_do(
+    tiny_artifacts: Path, tmp_path: Path
+) -> None:
+    # Every probe of bench_limits at tiny counts, against two servers started side by side
+    # (each probe's own server, as the benchmark starts them, would take a start each): an
+    # open one with a 1 s header deadline (slow-loris, idle WebSockets, then SIGTERM), and
+    # one with keys, a rate limit and a quota (the quota's creations, then the burst).
+    from benchmarks import bench_limits as bench
+    from benchmarks.lib.machine import machine
+    from benchmarks.lib.results import write_report
+    from benchmarks.lib.wsload import run_loop
+
+    args = bench.parse_args(
+        [
+            *("--connections", "8", "--checkpoints", "0.3,1.6", "--header-timeout", "1"),
+            *("--websockets", "6", "--ws-rounds", "1", "--settle", "0.1"),
+            *("--clients", "3", "--sigterm-after", "0.3"),
+            *("--burst", "150", "--concurrency", "4", "--rate-limit", "50"),
+            *("--bob", "3", "--alice", "12", "--quota", "5", "--session-cap", "20"),
+            *("--log-dir", str(tmp_path), "--json", str(tmp_path / "limits.json")),
+        ]
+    )
+    assert bench.parse_args([]).connections == 2000  # the counts by default
+    open_server = bench.service_process(
+        "open", {"NEXTWORD_HEADER_TIMEOUT_S": "1"}, args, tiny_artifacts
+    )
+    keyed_env = {
+        **bench.keys_env(),
+        "NEXTWORD_RATE_LIMIT": "50",
+        "NEXTWORD_SESSION_CAP": "20",
+        "NEXTWORD_MAX_SESSIONS_PER_KEY": "5",
+    }
+    keyed_server = bench.service_process("keyed", keyed_env, args, tiny_artifacts)
+    servers = (open_server, keyed_server)
+    try:
+        for server in servers:
+            server.start()
+        for server in servers:
+            server.wait_ready()
+        open_svc, keyed_svc = (bench.attach(server, 1) for server in servers)
+
+        async def on_open() -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]:
+            flood = await bench.slowloris_flood(open_svc, args, 1.0)
+            idle = await bench.idle_rounds(open_svc, args, 1)
+            return flood, idle, await bench.stream_then_sigterm(open_svc, args)
+
+        async def on_keyed() -> tuple[dict[str, Any], dict[str, Any]]:
+            quota = await bench.quota_run(keyed_svc, args)
+            return quota, await bench.burst(keyed_svc, args)
+
+        async def both() -> Any:
+            return await asyncio.gather(on_open(), on_keyed())
+
+        (flood, idle, sigterm), (quota, burst) = run_loop(both())
+    finally:
+        for server in servers:
+            server.stop()
+
+    assert flood["outcomes"] == {"408": 8}, flood  # the deadline closes every one
+    assert [c["open"] for c in flood["checkpoints"]] == [8, 0]
+    assert flood["healthz_during"]["status"] == 200 and flood["refused_at_once"] == 0
+    assert idle[0]["server_held"] == 6 and idle[0]["server_held_after_close"] == 0
+    assert idle[0]["api_bytes_per_ws"] is not None and "engine" in idle[0]["rss_open"]
+    assert sigterm["exit_status"] == 0, sigterm
+    assert sigterm["clients_1001"] == sigterm["clients_in_order"] == 3, sigterm
+    assert sigterm["answered"] > 0 and sigterm["error_answers"] == 0
+    assert 0 <= sigterm["unanswered"] <= 3 * args.window
+    assert (quota["bob_answer"], quota["alice_answer"], quota["alice_newest_answer"]) == (3, 5, 5)
+    assert burst["ok"] + burst["limited"] == 150 and burst["limited"] > 0, burst
+    assert burst["ok"] <= burst["allowed_at_most"]
+    assert burst["limited_without_retry_after"] == 0 and burst["other_key_status"] == 200
+    for server in servers:
+        assert bench.log_problems(server)["tracebacks"] == 0, server.log_tail()
+
+    log = {"tracebacks": 0, "error_lines": 0}
+    report = {
+        "command": "python -m benchmarks.bench_limits (test)",
+        "machine": machine(bench.MODULES),
+        "workers": 1,
+        "models_note": f"models: {tiny_artifacts}",
+        "probes": {
+            "slowloris": [
+                {
+                    **flood,
+                    "variant": "test",
+                    "header_timeout_s": 1.0,
+                    "max_connections": 4096,
+                    "max_connections_per_client": 512,
+                    "server_log": log,
+                }
+            ],
+            "websockets": {
+                "rounds": idle,
+                "max_connections": 4096,
+                "max_connections_per_client": 512,
+                "server_log": log,
+            },
+            "sigterm": {**sigterm, "server_log": log},
+            "burst": {**burst, "server_log": log},
+            "quota": [
+                {**quota, "max_sessions_per_key": 5, "session_cap": 20, "bob": 3, "alice": 12}
+                | {"server_log": log}
+            ],
+        },
+    }
+    text = bench.table(report)
+    write_report(args.json, report, text)
+    for heading in ("1. Slow-loris", "2. Idle WebSockets", "3. SIGTERM", "4. Burst", "5. Session"):
+        assert heading in text
+    assert json.loads(args.json.read_text())["probes"]["quota"][0]["bob_answer"] == 3
