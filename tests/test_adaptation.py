@@ -153,3 +153,32 @@ def test_nothing_of_the_memory_is_logged(
         client.delete(f"/v1/sessions/{sid}/memory")
     logged = "\n".join(r.getMessage() for r in caplog.records).lower()
     assert caplog.records and "zorblax" not in logged
+
+
+def test_the_service_default_and_no_memory_at_all(tiny_artifacts: Path) -> None:
+    text = NAMES + " said"
+    with TestClient(create_app(api_settings(tiny_artifacts, adapt=False))) as client:
+        plain = client.post("/v1/predict", json={"text": text, "k": 10}).json()
+        assert "Zorblax" not in words(plain)
+        sid = create(client, text=NAMES, k=10)["session_id"]
+        assert client.get(f"/v1/sessions/{sid}").json()["adapt"] is False
+        assert "Zorblax" in words(feed(client, sid, text="said", k=10, adapt=True))
+    settings = api_settings(tiny_artifacts, adapt_memory=False)
+    with TestClient(create_app(settings)) as client:
+        sid = create(client, text=NAMES, k=10, adapt=False)["session_id"]
+        answer = feed(client, sid, text="said", k=10, adapt=True)  # nothing to mix in
+        assert_same_predictions(answer["predictions"], plain["predictions"])
+        info = client.get(f"/v1/sessions/{sid}").json()
+        assert info["memory"] == {"words": 0, "bytes": 0}
+        assert info["adapt"] is False  # the session's default is still what it was made with
+
+
+def test_a_stream_message_with_a_wrong_adapt_is_answered_in_band(client: TestClient) -> None:
+    with client.websocket_connect("/v1/stream") as ws:
+        assert ws.receive_json()["type"] == "ready"
+        ws.send_json({"text": "i am", "adapt": "yes", "id": 7})
+        error = ws.receive_json()
+        assert error["type"] == "error" and error["id"] == 7
+        assert error["error"]["code"] == "bad_input"
+        ws.send_json({"text": "i am", "adapt": False})
+        assert ws.receive_json()["tokens"] == 2  # the connection stayed open

@@ -244,3 +244,41 @@ async def test_the_writers_words_round_trip(store) -> None:
     assert np.array_equal(got.memory.keys, keys) and np.array_equal(got.memory.weights, weights)
     assert (got.adapt, got.owner) == (False, "alice")
     assert all(np.array_equal(a, b) for a, b in zip(got.state, rec.state))
+
+
+async def test_an_owners_batch_never_evicts_a_session_it_writes(redis_server) -> None:
+    """A create and a feed of one owner at its cap in one batch: the idle session goes,
+    not the one being fed."""
+    from service.store.redis import RedisSessionStore
+
+    store = RedisSessionStore.from_url(redis_server.url, ttl_s=60, timeout_s=1.0, owner_cap=2)
+    await store._redis.flushdb()
+    try:
+
+        def owned(session_id: str) -> SessionRecord:
+            rec = record(session_id)
+            rec.owner = "alice"
+            return rec
+
+        for name in ("fed", "idle"):
+            assert await store.put_many([owned(name)], [None]) == [True]
+            await asyncio.sleep(0.005)
+        # "fed" is the oldest: a batch that feeds it and creates a third keeps it.
+        assert await store.put_many([owned("new"), owned("fed")], [None, 1]) == [True, True]
+        alive = [r is not None for r in await store.get_many(["fed", "idle", "new"])]
+        assert alive == [True, False, True]
+    finally:
+        await store.close()
+
+
+async def test_typed_words_of_any_length_round_trip(store) -> None:
+    from service.store.base import WordMemory
+
+    rec = record(store.new_id())
+    long_word = "\U00020000" * 64  # 256 bytes of UTF-8: the longest typed word
+    rec.memory = WordMemory(
+        np.array([12_000], np.int32), np.array([1.0], np.float32), (long_word, "é")
+    )
+    assert await store.put_many([rec], [None]) == [True]
+    got = await store.get(rec.session_id)
+    assert got.memory is not None and got.memory.words == (long_word, "é")

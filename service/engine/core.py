@@ -121,7 +121,8 @@ class EngineCore:
                 max_wait_ms=settings.max_wait_ms,
                 max_queue=settings.max_queue,
                 prefill_chunk=settings.prefill_chunk,
-                adaptation=Adaptation.of(model, settings.adapt) if settings.adapt_memory else None,
+                adaptation=Adaptation.of(model) if settings.adapt_memory else None,
+                adapt_default=settings.adapt,
             )
             for name, model in models.items()
         }

@@ -104,10 +104,9 @@ class Adaptation:
     params: adapt.AdaptParams
     suggestible: np.ndarray  # (V,) bool: the words the cache may remember and suggest
     unk_id: int
-    default: bool = True  # answers use the writer's words unless a request or session says
 
     @classmethod
-    def of(cls, runner: Any, default: bool = True) -> Adaptation | None:
+    def of(cls, runner: Any) -> Adaptation | None:
         """A model's adaptation (its vocabulary and its tuned parameters), None without a
         vocabulary (a fake runner)."""
         vocab = getattr(runner, "vocab", None)
@@ -115,7 +114,7 @@ class Adaptation:
         if vocab is None:
             return None
         manifest = artifact.manifest if artifact is not None else {}
-        return cls(adapt.params_of(manifest), vocab.suggestible, vocab.unk_id, default)
+        return cls(adapt.params_of(manifest), vocab.suggestible, vocab.unk_id)
 
 
 @dataclass(eq=False)
@@ -172,12 +171,11 @@ class _Row:
     output_row: int = 0
     result: StepResult | None = None
     # Adaptation: the writer's words as counted so far (all of the step's after its last
-    # batch), whether the answer mixes them in, and the session's default for it.
+    # batch), and whether the answer mixes them in.
     memory: WordMemory | None = None
     counted: int = 0  # the step's tokens counted into `memory` so far
     typed_used: int = 0  # ... and of its typed words
     mixed: bool = False
-    adapt_default: bool = True
     answer: tuple[np.ndarray, np.ndarray] | None = None  # (ids, probs), best first
 
     @property
@@ -221,10 +219,12 @@ class StepBatcher:
         max_prefill_tokens: int | None = None,
         clock: Callable[[], float] = time.time,
         adaptation: Adaptation | None = None,
+        adapt_default: bool = True,
     ) -> None:
         self.runner = runner
         self.store = store
         self.adaptation = adaptation
+        self.adapt_default = adapt_default  # a new session's `adapt` when its request has none
         self.max_batch = max_batch
         self.max_wait_s = max_wait_ms / 1000.0
         self.max_queue = max_queue
@@ -690,10 +690,6 @@ class StepBatcher:
                     row.memory = old
                 else:
                     row.memory = WordMemory.empty(params.capacity)
-                if record is None or step.create:
-                    row.adapt_default = adaptation.default if step.adapt is None else step.adapt
-                else:
-                    row.adapt_default = record.adapt
             spans.append((row.counted, len(step.tokens) if row.final else row.done + row.piece))
         memories = [row.memory for row in rows]
         keys = np.stack([m.keys for m in memories])  # type: ignore[union-attr]
@@ -729,8 +725,18 @@ class StepBatcher:
         for i, row in enumerate(rows):
             # Views of this batch's arrays: the store copies what it keeps.
             row.memory = WordMemory(keys[i], weights[i], words[i])
-            use = row.adapt_default if row.step.adapt is None else row.step.adapt
+            use = (
+                self._session_adapt(row.step, row.record)
+                if row.step.adapt is None
+                else row.step.adapt
+            )
             row.mixed = row.final and bool(use and live[i]) and bool(row.second)
+
+    def _session_adapt(self, step: Step, record: SessionRecord | None) -> bool:
+        """A session's default for `adapt`: set when it is created, kept after."""
+        if record is None or step.create:
+            return self.adapt_default if step.adapt is None else step.adapt
+        return record.adapt
 
     def _answer_mixed(self, group: list[_Row], output: StepOutput) -> None:
         """The answers of a run's rows with the writer's words mixed in (rows that do not
@@ -742,14 +748,20 @@ class StepBatcher:
         memories = [r.memory if r.mixed and r.memory is not None else None for r in group]
         keys = np.stack([none[0] if m is None else m.keys for m in memories])
         weights = np.stack([nothing[0] if m is None else m.weights for m in memories])
-        candidates: list[np.ndarray | None] = [r.step.prefix_ids for r in group]
+        # Rows that do not mix are answered by `top_words` (exactly as alone): here they
+        # take the cheap path (no memory, no prefix).
+        candidates: list[np.ndarray | None] = [
+            r.step.prefix_ids if r.mixed else None for r in group
+        ]
         matches: list[np.ndarray | None] = [None] * len(group)
         for i, row in enumerate(group):
             memory = row.memory
-            if row.step.prefix_ids is not None and memory is not None and memory.words:
+            if row.mixed and row.step.prefix_ids is not None and memory and memory.words:
                 prefix = normalize(row.step.prefix)
                 matches[i] = np.array([normalize(w).startswith(prefix) for w in memory.words])
-        k = max(r.step.k for r in group)
+        # At most the graph's top K (a model exported with a smaller `max_k` than asked
+        # for answers fewer words, as `top_words` does).
+        k = min(max(r.step.k for r in group), output.topk_ids.shape[1])
         ids, probs = adapt.top_k(
             keys,
             weights,
@@ -764,8 +776,9 @@ class StepBatcher:
             matches,
         )
         for i, row in enumerate(group):
-            shown = ids[i, : row.step.k] >= 0
-            row.answer = ids[i, : row.step.k][shown], probs[i, : row.step.k][shown]
+            if row.mixed:
+                shown = ids[i, : row.step.k] >= 0
+                row.answer = ids[i, : row.step.k][shown], probs[i, : row.step.k][shown]
 
     def _plan(self, row: _Row) -> None:
         step, record = row.step, row.record
@@ -840,6 +853,6 @@ class StepBatcher:
             last_token=last,
             owner=step.owner if old is None or step.create else old.owner,
             memory=row.memory,
-            adapt=row.adapt_default,
+            adapt=self._session_adapt(step, old),
         )
         return StepResult(ids, probs, tokens, record, words)

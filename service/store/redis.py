@@ -34,7 +34,7 @@ Record. One binary string per session, key `nextword:session:<id>`:
     49+n    m     owner          UTF-8: whose quota the session counts against ("" = none)
     49+n+m  1     adapt          u8    the session's default for `adapt`
             2     slots          u16   C: the memory's slots (0: no memory)
-            2     words          u16   typed words, then each: u8 length, UTF-8
+            2     words          u16   typed words, then each: u16 length, UTF-8
     ...           state          arrays * layers * hidden * 4 bytes, raw little-endian float32
     ...           memory         C keys (i32), then C weights (f32)
 
@@ -74,7 +74,6 @@ from __future__ import annotations
 import logging
 import secrets
 import struct
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -98,7 +97,7 @@ MAGIC = b"NWS" + bytes([FORMAT])
 _MAGICS = {b"NWS\x01": 1, MAGIC: FORMAT}
 _OWNER_LEN = struct.Struct("<H")
 _MEMORY_HEAD = struct.Struct("<BHH")  # adapt, memory slots, typed words
-_WORD_LEN = struct.Struct("<B")
+_WORD_LEN = struct.Struct("<H")
 # magic+format, version, tokens, last_token, created_at, last_used_at, dtype, arrays,
 # layers, hidden, len(model)
 _HEAD = struct.Struct("<4sQIidd3sBHIB")
@@ -109,16 +108,18 @@ _UNREACHABLE = (RedisConnectionError, RedisTimeoutError, ReadOnlyError, OSError)
 # Runs inside MULTI, right after an MSET of the new records under staging keys (see
 # the module docstring for why the records do not go through the script's ARGV).
 # KEYS[1..n]: session keys; KEYS[n+1..2n]: their staged records. ARGV[1]: TTL in ms;
-# ARGV[2]: sessions per owner (0: no cap); ARGV[3]: now (ms, the owners' sorted sets'
-# score); ARGV[4]: the owners' key prefix; ARGV[4+i]: the expected version of key i
-# (bytes 4..11; "" = must not exist); ARGV[4+n+i]: its owner ("" = none).
-# Returns one flag per key, then the count of sessions evicted by owners' caps.
+# ARGV[2]: sessions per owner (0: no cap); ARGV[3]: the owners' key prefix;
+# ARGV[3+i]: the expected version of key i (bytes 4..11; "" = must not exist);
+# ARGV[3+n+i]: its owner ("" = none). Returns one flag per key, then the count of
+# sessions evicted by owners' caps.
 _CAS_SCRIPT = """
 local n = #KEYS / 2
-local ttl, cap, now, owners = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
-local written, evicted = {}, 0
+local ttl, cap, owners = ARGV[1], tonumber(ARGV[2]), ARGV[3]
+local clock = redis.call('TIME')  -- one clock for every replica's scores
+local now = clock[1] * 1000 + math.floor(clock[2] / 1000)
+local written, evicted, mine, capped = {}, 0, {}, {}
 for i = 1, n do
-  local key, staged, expect, owner = KEYS[i], KEYS[n + i], ARGV[4 + i], ARGV[4 + n + i]
+  local key, staged, expect, owner = KEYS[i], KEYS[n + i], ARGV[3 + i], ARGV[3 + n + i]
   local ok
   if expect == '' then
     ok = redis.call('EXISTS', key) == 0
@@ -133,20 +134,32 @@ for i = 1, n do
     redis.call('PEXPIRE', key, ttl)
     written[i] = 1
     if cap > 0 and owner ~= '' then
-      -- The owner's sessions by last write; past the cap its oldest go. Members whose
-      -- key expired are the oldest (idle past the TTL): they go first, evicting nothing.
       local set = owners .. owner
       redis.call('ZADD', set, now, key)
       redis.call('PEXPIRE', set, ttl)
-      while redis.call('ZCARD', set) > cap do
-        local oldest = redis.call('ZRANGE', set, 0, 0)[1]
-        redis.call('ZREM', set, oldest)
-        evicted = evicted + redis.call('DEL', oldest)
-      end
+      mine[key] = true
+      capped[set] = true
     end
   else
     redis.call('DEL', staged)
     written[i] = 0
+  end
+end
+-- Past an owner's cap its least recently written sessions go, never one this call wrote.
+-- Members whose key expired are the oldest (idle past the TTL): they go first and evict
+-- nothing.
+for set in pairs(capped) do
+  local excess = redis.call('ZCARD', set) - cap
+  if excess > 0 then
+    -- The oldest excess + n: enough however many of them this call wrote.
+    for _, member in ipairs(redis.call('ZRANGE', set, 0, excess + n - 1)) do
+      if excess <= 0 then break end
+      if not mine[member] then
+        redis.call('ZREM', set, member)
+        evicted = evicted + redis.call('DEL', member)
+        excess = excess - 1
+      end
+    end
   end
 end
 written[n + 1] = evicted
@@ -179,7 +192,7 @@ def encode_record(record: SessionRecord, version: int) -> bytes:
     )
     memory = record.memory
     slots = 0 if memory is None else len(memory.keys)
-    words = [] if memory is None else [w.encode()[:255] for w in memory.words]
+    words = [] if memory is None else [w.encode() for w in memory.words]
     parts = [head, name, _OWNER_LEN.pack(len(owner)), owner]
     parts.append(_MEMORY_HEAD.pack(record.adapt, slots, len(words)))
     for word in words:
@@ -223,8 +236,9 @@ def decode_record(session_id: str, data: bytes) -> SessionRecord:
             start += _MEMORY_HEAD.size
             for _ in range(count):
                 (size,) = _WORD_LEN.unpack_from(data, start)
-                words.append(data[start + 1 : start + 1 + size].decode())
-                start += 1 + size
+                start += _WORD_LEN.size
+                words.append(data[start : start + size].decode())
+                start += size
         except (struct.error, UnicodeDecodeError) as exc:
             raise ValueError(f"record of {len(data)} bytes does not match its header") from exc
     dt = np.dtype(dtype.decode())
@@ -395,7 +409,6 @@ class RedisSessionStore:
                     *staged,
                     self._ttl_ms,
                     self.owner_cap,
-                    round(time.time() * 1000),
                     self.owner_prefix,
                     *expect,
                     *owners,
