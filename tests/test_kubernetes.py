@@ -38,7 +38,9 @@ from starlette.routing import Match
 
 from service import metrics
 from service.api import create_app
-from service.config import Settings
+from service.config import BUNDLED_MODELS, Settings
+from service.contract.artifact import ModelArtifact
+from service.engine import adapt
 from service.supervisor import ENGINE_START_TIMEOUT_S, STOP_TIMEOUT_S
 from tests.redis_server import free_port, needs_redis
 
@@ -68,6 +70,9 @@ API_PROCESS_BYTES = 83 * MB
 ENGINE_BYTES = {"cpu": 240 * MB, "cuda": 2_000 * MB}
 PREFILL_BYTES = 10 * MB  # long texts, chunked (benchmarks/results/long.txt)
 HEADROOM = 1.2  # the limit holds the sum with 20% to spare at least
+# A typed word outside the vocabulary, as a session's memory keeps it in the engine: a
+# str of up to 16 characters (65 B) and its slot in a tuple (8 B).
+TYPED_WORD_BYTES = 73
 REDIS_OWN_BYTES = 128 * 2**20  # Redis itself, client buffers, the AOF buffer
 
 # The ServiceMonitor fields these manifests use, with their types in the Prometheus
@@ -455,6 +460,10 @@ def test_memory_holds_the_measured_sessions(overlay: str) -> None:
         for r in results
         if r["cell"] == "lstm"
     )
+    # The writer's words (adaptation): the memory's slots beside the state, and its typed
+    # words (every slot filled).
+    params = adapt.params_of(ModelArtifact.load(BUNDLED_MODELS / "lstm").manifest)
+    per_session += 8 * params.capacity + TYPED_WORD_BYTES * params.max_oov
     cap = int(env_value(spec, "NEXTWORD_SESSION_CAP"))
     workers = int(env_value(spec, "NEXTWORD_WORKERS"))
     device = "cuda" if env_value(spec, "NEXTWORD_PROVIDERS").startswith("cuda") else "cpu"
