@@ -318,3 +318,112 @@ def test_blocked_and_unkept_words_are_not_remembered() -> None:
     assert adapt.oov_keys(table, words, V, keys[0], weights[0], params()) == [-1] * len(words)
     assert table == []
     assert adapt.oov_keys([], ["fine"], V, keys[0], weights[0], params(max_oov=0)) == [-1]
+
+
+# --- the evaluation (nextword evaluate --adapt) -------------------------------------------
+
+# As published: a space either side of every line, `@,@` joiners, `<unk>`.
+WIKI = "\n".join(
+    f" {line} "
+    for line in (
+        "= First Article =",
+        "",
+        "The cat and the <unk> are good . The zebra is coming home .",
+        "",
+        "= = A Section = =",
+        "",
+        "The zebra was coming home , and the zebra is good .",
+        "= Second Article =",
+        "",
+        "She is very good , and the 1 @,@ 000 dogs are not .",
+    )
+)
+
+
+def test_wikitext_articles_are_documents_and_match_the_stream(tmp_path) -> None:
+    from model_export.corpora import WIKITEXT_UNK, text_documents, text_tokens
+
+    path = tmp_path / "wikitext-tiny.txt"
+    path.write_text(WIKI)
+    docs = text_documents(path)
+    assert [name for name, _ in docs] == ["First Article", "Second Article"]
+    assert all(tokens[0] == "</s>" for _, tokens in docs)
+    assert [t for _, tokens in docs for t in tokens[1:]] == text_tokens(path)[1:]
+    assert WIKITEXT_UNK in docs[0][1] and "section" not in docs[0][1]
+    assert "1,000" in " ".join(docs[1][1]).replace(" , ", ",")
+
+
+def test_split_documents_group_a_splits_blocks_by_file(tmp_path) -> None:
+    from model_export import corpora
+
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    for i in range(40):
+        lines = [f"line {j} of file {i} ." for j in range(corpora.LINES_PER_DOCUMENT + 5)]
+        (folder / f"f{i}.txt").write_text("\n".join(lines))
+    streams = corpora.load_splits([str(folder)])
+    for split in corpora.SPLITS:
+        docs = corpora.split_documents([str(folder)], split)
+        assert len({name for name, _ in docs}) == len(docs)
+        assert all(name.startswith("corpus/f") and "#" not in name for name, _ in docs)
+        assert [t for _, tokens in docs for t in tokens[1:]] == streams[split][1:]
+
+
+def _documents() -> list[tuple[str, list[str]]]:
+    from service.contract.tokenizer import EOS, tokenize
+
+    texts = [
+        "the zebra is coming home. the zebra is good. i think the zebra is very good.",
+        "you are very good, and she is not. the cat and the dog are good.",
+        "quux and quux and quux and quux. i am quux.",
+    ]
+    return [(f"doc{i}", [EOS, *tokenize(t)]) for i, t in enumerate(texts)]
+
+
+def test_evaluate_documents_counts_and_compares(tiny_artifacts) -> None:
+    from model_export.evaluate_adapt import evaluate_documents
+    from service.contract.artifact import ModelArtifact
+    from service.engine.runtime import OrtModel
+
+    model = OrtModel(ModelArtifact.load(tiny_artifacts / "gru"), ["CPUExecutionProvider"])
+    docs = _documents()
+    strong = AdaptParams(lam=0.9, decay=0.99, window=500, capacity=64, max_oov=8)
+    off = AdaptParams(lam=0.0, decay=0.99, window=500, capacity=64, max_oov=8)
+    base, (tally, plain) = evaluate_documents(model, docs, [strong, off], rows=2)
+    counts = base.counts()
+    assert counts == tally.counts()
+    assert counts["targets"] == sum(len(t) - 1 for _, t in docs)
+    assert counts["oov_word_targets"] == 8 and counts["oov_untyped"] == 0  # zebra x3, quux x5
+    without, with_ = base.metrics(), tally.metrics()
+    assert without["top5_oov"] == 0.0
+    # typed twice, a word comes back: every repeat of zebra and quux is suggested
+    assert with_["top5_oov"] == pytest.approx(6 / 8)
+    assert with_["oov_cached"] == 6
+    # lam 0 on in-vocabulary targets is the model itself
+    assert plain.metrics()["perplexity_iv"] == pytest.approx(without["perplexity_iv"], rel=1e-5)
+    assert plain.metrics()["top5_iv"] == without["top5_iv"]
+
+
+def test_evaluate_adapt_command_records_in_the_manifest(tiny_artifacts, tmp_path, capsys) -> None:
+    import json
+    import shutil
+
+    from service import cli
+    from service.contract.artifact import ModelArtifact
+
+    artifact = tmp_path / "gru"
+    shutil.copytree(tiny_artifacts / "gru", artifact)
+    text = tmp_path / "held_out.txt"
+    text.write_text("\n".join(" ".join(t[1:]) for _, t in _documents()))
+    args = ["evaluate", "--artifact", str(artifact), "--text", str(text), "--adapt"]
+    assert cli.main([*args, "--record", "--rows", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "top3 %" in out and "without" in out
+    section = json.loads((artifact / "manifest.json").read_text())["adaptation"]
+    metrics = section["metrics"]["held_out.txt"]
+    assert metrics["documents"] == 1 and {"without", "with"} <= set(metrics)
+    ModelArtifact.load(artifact)  # still a valid artifact
+    # figures of other parameters are not recorded as the artifact's
+    assert cli.main([*args, "--record", "--adapt-param", "lam=0.5"]) == 2
+    assert cli.main([*args, "--adapt-param", "lam=0.5", "--max-tokens", "10"]) == 0
+    assert cli.main([*args, "--adapt-param", "nope=1"]) == 2
