@@ -427,3 +427,26 @@ def test_evaluate_adapt_command_records_in_the_manifest(tiny_artifacts, tmp_path
     assert cli.main([*args, "--record", "--adapt-param", "lam=0.5"]) == 2
     assert cli.main([*args, "--adapt-param", "lam=0.5", "--max-tokens", "10"]) == 0
     assert cli.main([*args, "--adapt-param", "nope=1"]) == 2
+
+
+def test_tune_adapt_records_parameters_that_the_service_reads(tiny_artifacts, tmp_path) -> None:
+    import json
+    import shutil
+
+    from model_export import tune_adapt
+    from service.contract.artifact import ModelArtifact
+
+    artifact = tmp_path / "lstm"
+    shutil.copytree(tiny_artifacts / "lstm", artifact)
+    text = tmp_path / "valid.txt"
+    text.write_text("\n".join(" ".join(t[1:]) for _, t in _documents()))
+    args = ["--artifact", str(artifact), "--text", str(text), "--rows", "2"]
+    assert tune_adapt.main([*args, "--record", "--json", str(tmp_path / "t.json")]) == 0
+    section = json.loads((artifact / "manifest.json").read_text())["adaptation"]
+    params = adapt.params_of(ModelArtifact.load(artifact).manifest)
+    assert section["params"] == params.to_dict()
+    assert params.capacity in tune_adapt.CAPACITIES and "valid.txt" in section["tuned_on"]
+    grid = section["tuning"]["grid_lam_decay"]
+    assert len(grid) == len(tune_adapt.LAMS) * len(tune_adapt.DECAYS)
+    assert {row["lam"] for row in grid} == set(tune_adapt.LAMS)
+    assert tune_adapt.window_for(0.5, 0.01) == 7  # 0.5**7 < 0.01 <= 0.5**6
