@@ -21,12 +21,14 @@ unmixed: a fresh session answers exactly as without adaptation.
 Split invariance: `update` applies a step of n tokens token by token (decay, count the
 token, drop what fell below the window), the same operations a run of n one-token steps
 applies, so feeding a text in any split at word boundaries leaves the same cache bit for
-bit, eviction and window drops included. This is `weights * decay**n + [decay**(n-1), ...,
-decay, 1]`. The window drops an entry whose weight fell below `decay**window`: that
-changes any probability by less than `lam * decay**window / sum(weights)` against an
-unbounded cache (and `capacity` bounds the memory). The one path-dependent choice is
-`oov_keys` reusing a slot when the out-of-vocabulary table is full: the cache weights it
-compares are those at the start of the step (see there).
+bit, eviction and window drops included: the result is `weights * decay**n + [decay**(n-1),
+..., decay, 1]` either way. The one path-dependent choice is `oov_keys` reusing a slot when
+the table of typed words is full (the weights it compares are those before the step).
+
+Against an unbounded cache, the window drops only entries whose every occurrence is more
+than `window` tokens back, which would all weigh less than decay**window / (1 - decay)
+together; so it moves a word's cache share by less than that over sum(weights), and a
+probability by less than `lam` times it. `capacity` bounds the memory (C x 8 bytes).
 """
 
 from __future__ import annotations
