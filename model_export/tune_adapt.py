@@ -16,8 +16,9 @@ The objective is top-3 accuracy over every word target (the issue's measure). Gr
 the cheapest point (smallest capacity, then window, then max_oov) within `--tolerance` of
 the best top-3: beyond that point more memory buys nothing measurable. With `--record`
 the chosen parameters, what they were tuned on and both grids' figures go into the
-manifest ("adaptation": "params", "tuned_on", "tuning"); figures recorded for other
-parameters before are dropped (`nextword evaluate --adapt --record` writes new ones).
+manifest ("adaptation": "params", "tuned_on", "tuning"), every grid point's figures into
+`adaptation_tuning.json` beside it; figures recorded for other parameters before are
+dropped (`nextword evaluate --adapt --record` writes new ones).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ FLOORS = (0.1, 0.01, 0.001)  # the window as the weight an entry is dropped belo
 MAX_OOVS = (16, 64)
 # Grid 1: a capacity, window and table that do not limit the cache.
 WIDE_CAPACITY, WIDE_FLOOR, WIDE_MAX_OOV = 1024, 0.001, 128
+TUNING_FILE = "adaptation_tuning.json"  # beside manifest.json: every grid point's figures
 
 
 def window_for(decay: float, floor: float) -> int:
@@ -106,12 +108,39 @@ def tune(
         "tuned_on": tuned_on,
         "tuning": {
             "objective": f"top3 over word targets; grid 2: the cheapest within {tolerance} of the best",
+            "searched": {
+                "lam": LAMS,
+                "decay": DECAYS,
+                "grid_1_at": {
+                    "capacity": WIDE_CAPACITY,
+                    "window_floor": WIDE_FLOOR,
+                    "max_oov": WIDE_MAX_OOV,
+                },
+                "capacity": CAPACITIES,
+                "window_floor": FLOORS,
+                "max_oov": MAX_OOVS,
+            },
             "without": {k: base[k] for k in ("top1", "top3", "top5", "perplexity")},
             "chosen": {k: chosen_metrics[k] for k in ("top1", "top3", "top5", "perplexity")},
-            "grid_lam_decay": rows_of(points),
-            "grid_capacity_window_max_oov": rows_of(points2),
         },
+        "grid_lam_decay": rows_of(points),
+        "grid_capacity_window_max_oov": rows_of(points2),
     }
+
+
+def record_tuning(artifact_dir: Path, result: dict[str, Any]) -> None:
+    """The chosen parameters, where and how they were tuned into the manifest; every grid
+    point's figures beside it, in TUNING_FILE (not read by the service)."""
+    params = result["params"]
+    if isinstance(params, AdaptParams):
+        result = {**result, "params": params.to_dict()}
+    (artifact_dir / TUNING_FILE).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    record_adaptation(
+        artifact_dir,
+        AdaptParams.from_dict(result["params"]),
+        tuned_on=result["tuned_on"],
+        tuning={**result["tuning"], "points": TUNING_FILE},
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -157,9 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(summary, indent=2))
     if args.record:
-        record_adaptation(
-            Path(args.artifact), params, tuned_on=result["tuned_on"], tuning=result["tuning"]
-        )
+        record_tuning(Path(args.artifact), summary)
     return 0
 
 

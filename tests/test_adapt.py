@@ -446,7 +446,8 @@ def test_tune_adapt_records_parameters_that_the_service_reads(tiny_artifacts, tm
     params = adapt.params_of(ModelArtifact.load(artifact).manifest)
     assert section["params"] == params.to_dict()
     assert params.capacity in tune_adapt.CAPACITIES and "valid.txt" in section["tuned_on"]
-    grid = section["tuning"]["grid_lam_decay"]
+    assert section["tuning"]["points"] == tune_adapt.TUNING_FILE
+    grid = json.loads((artifact / tune_adapt.TUNING_FILE).read_text())["grid_lam_decay"]
     assert len(grid) == len(tune_adapt.LAMS) * len(tune_adapt.DECAYS)
     assert {row["lam"] for row in grid} == set(tune_adapt.LAMS)
     assert tune_adapt.window_for(0.5, 0.01) == 7  # 0.5**7 < 0.01 <= 0.5**6

@@ -91,9 +91,10 @@ class AdaptParams:
         )
 
 
-# What a model without tuned parameters uses (tuned on the six NLTK corpora's valid split
-# with the bundled models: model_export/tune_adapt.py).
-DEFAULT_PARAMS = AdaptParams(lam=0.1, decay=0.995, window=600, capacity=256, max_oov=64)
+# What a model without tuned parameters uses: between the bundled models' own (tuned on the
+# six NLTK corpora's valid split by model_export/tune_adapt.py: gru 0.05, 0.995, 460, 128,
+# 16; lstm 0.05, 0.998, 1151, 256, 64).
+DEFAULT_PARAMS = AdaptParams(lam=0.05, decay=0.995, window=919, capacity=256, max_oov=64)
 
 
 def params_of(manifest: Mapping[str, Any]) -> AdaptParams:
