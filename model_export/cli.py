@@ -128,6 +128,22 @@ def _add_evaluate(sub) -> None:
     p.add_argument(
         "--json", dest="json_out", default=None, help="also write the metrics to this file"
     )
+    p.add_argument(
+        "--adapt",
+        action="store_true",
+        help="type each document as a writer would (one session per document: WikiText by "
+        "article, corpora by file) and report the figures with and without adaptation, "
+        "in- and out-of-vocabulary targets apart (--artifact only; --record stores them "
+        "under the manifest's 'adaptation')",
+    )
+    p.add_argument(
+        "--adapt-param",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="with --adapt: override one of the artifact's adaptation parameters (lam, decay, "
+        "window, capacity, max_oov)",
+    )
     p.set_defaults(handler=_run_evaluate)
 
 
@@ -137,6 +153,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     if not args.text and not args.corpora:
         print("nothing to evaluate: give --text and/or --corpora", file=sys.stderr)
         return 2
+    if args.adapt or args.adapt_param:
+        return _run_evaluate_adapt(args)
     results = evaluate(
         args.checkpoint,
         args.artifact,
@@ -150,6 +168,42 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         args.record_in,
         args.record_key,
     )
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+def _run_evaluate_adapt(args: argparse.Namespace) -> int:
+    from model_export.evaluate_adapt import evaluate_adaptation  # noqa: PLC0415
+
+    if not args.adapt or not args.artifact or args.record_in:
+        print(
+            "--adapt evaluates an --artifact (--adapt-param needs --adapt; no --record-in)",
+            file=sys.stderr,
+        )
+        return 2
+    overrides = {}
+    for item in args.adapt_param:
+        key, sep, value = item.partition("=")
+        if not sep:
+            print(f"--adapt-param {item!r}: expected KEY=VALUE", file=sys.stderr)
+            return 2
+        overrides[key.strip()] = value.strip()
+    try:
+        results = evaluate_adaptation(
+            args.artifact,
+            args.text,
+            args.corpora,
+            args.split,
+            args.nltk_data,
+            args.rows,
+            args.max_tokens,
+            overrides,
+            args.record,
+        )
+    except (TypeError, ValueError) as exc:
+        print(f"nextword evaluate --adapt: {exc}", file=sys.stderr)
+        return 2
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(results, indent=2))
     return 0

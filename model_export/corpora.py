@@ -111,6 +111,15 @@ def load_splits(specs: list[str], nltk_data: str | None = None) -> dict[str, lis
 
 
 _WIKITEXT_JOINERS = re.compile(r" @(.)@ ")
+# What a WikiText `<unk>` becomes: a word no vocabulary holds, so it stays unknown. It is
+# no typed word: the adaptation's evaluation never remembers it (`wikitext_articles`).
+WIKITEXT_UNK = "zzunknownzz"
+_WIKITEXT_TITLE = re.compile(r"^= [^=].* =$")  # " = Title = "; " = = Section = = " is not one
+
+
+def _wikitext_text(line: str) -> str:
+    """A WikiText line as typed text (`@-@` joiners undone, `<unk>` kept unknown)."""
+    return _WIKITEXT_JOINERS.sub(r"\1", line).replace("<unk>", WIKITEXT_UNK)
 
 
 def wikitext_lines(path: Path) -> Iterator[str]:
@@ -119,8 +128,25 @@ def wikitext_lines(path: Path) -> Iterator[str]:
         line = raw.strip()
         if not line or line.startswith("= "):
             continue
-        # "<unk>" becomes a word no vocabulary holds, so it stays unknown.
-        yield _WIKITEXT_JOINERS.sub(r"\1", line).replace("<unk>", "zzunknownzz")
+        yield _wikitext_text(line)
+
+
+def wikitext_articles(path: Path) -> list[tuple[str, list[str]]]:
+    """(title, token stream) of each article of a WikiText file, in order.
+
+    An article starts at a ` = Title = ` heading line (section headings ` = = ... = = ` stay
+    inside it and, as in `wikitext_lines`, are not text). Each stream starts with `</s>`.
+    """
+    articles: list[tuple[str, list[str]]] = []
+    for raw in path.read_text(encoding="utf-8").splitlines():
+        line = raw.strip()
+        if _WIKITEXT_TITLE.match(line):
+            articles.append((line.strip("= ").strip(), [EOS]))
+        elif line and not line.startswith("= "):
+            if not articles:
+                articles.append((path.name, [EOS]))
+            articles[-1][1].extend(line_tokens(_wikitext_text(line)))
+    return [(title, stream) for title, stream in articles if len(stream) > 1]
 
 
 def text_tokens(path: Path) -> list[str]:
@@ -134,3 +160,31 @@ def text_tokens(path: Path) -> list[str]:
     for line in lines:
         stream.extend(line_tokens(line))
     return stream
+
+
+def text_documents(path: Path) -> list[tuple[str, list[str]]]:
+    """Documents of a held-out text file as (name, token stream starting with `</s>`): the
+    articles of a WikiText file (recognised by name), else the whole file as one."""
+    if "wikitext" in path.name:
+        return wikitext_articles(path)
+    return [(path.name, text_tokens(path))]
+
+
+def split_documents(
+    specs: list[str], split: str, nltk_data: str | None = None
+) -> list[tuple[str, list[str]]]:
+    """One token stream per corpus file in a split, as (file id, stream starting with `</s>`).
+
+    The same documents as `load_splits`' stream of that split (a file's blocks that fall in
+    it, in order), grouped by the file they come from: one writer's text, as a session
+    would see it.
+    """
+    streams: dict[str, list[str]] = {}
+    for spec in specs:
+        for doc in documents(spec, nltk_data):
+            if split_of(doc.name) != split:
+                continue
+            out = streams.setdefault(doc.name.rpartition("#")[0] or doc.name, [EOS])
+            for line in doc.lines:
+                out.extend(line_tokens(line))
+    return list(streams.items())

@@ -22,6 +22,43 @@ def _metrics_rows(metrics: dict[str, dict[str, float]], label: str) -> list[str]
     return rows
 
 
+def _adaptation_lines(section: dict[str, Any]) -> list[str]:
+    """The card's section on suggestions that learn the writer (manifest "adaptation")."""
+    if not section.get("params"):
+        return []
+    params = section["params"]
+    lines = [
+        "",
+        "## Adaptation (suggestions that learn the writer)",
+        "",
+        "A session remembers the words it typed (decayed counts, typed out-of-vocabulary "
+        "words included) and mixes them into the model's suggestions "
+        "(`service/engine/adapt.py`). Parameters: "
+        + ", ".join(f"{k} {v}" for k, v in params.items())
+        + f"; tuned on {section.get('tuned_on', '?')} (`python -m model_export.tune_adapt`).",
+    ]
+    metrics = section.get("metrics") or {}
+    if metrics:
+        lines += [
+            "",
+            "Each document typed as one session (WikiText by article, the corpora by file; "
+            "`nextword evaluate --adapt`). Top-k over every word target; IV/OOV: in- and "
+            "out-of-vocabulary targets; perplexity over in-vocabulary targets.",
+            "",
+            "| text | | top-1 | top-3 | top-5 | top-3 IV | top-3 OOV | perplexity IV |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for dataset, result in metrics.items():
+            for label in ("without", "with"):
+                r = result[label]
+                lines.append(
+                    f"| {dataset} | {label} | {100 * r['top1']:.2f}% | {100 * r['top3']:.2f}% | "
+                    f"{100 * r['top5']:.2f}% | {100 * r['top3_iv']:.2f}% | "
+                    f"{100 * r['top3_oov']:.2f}% | {r['perplexity_iv']:.1f} |"
+                )
+    return lines
+
+
 def render(
     artifact: Path,
     train_seconds: float | None = None,
@@ -134,6 +171,7 @@ def render(
                     f"{100 * b['top1']:.2f}% | {100 * b['top3']:.2f}% | {100 * b['top5']:.2f}% | "
                     f"{100 * b.get('oov_rate', 0):.1f}% | {b.get('tokens', 0):,} |"
                 )
+    lines += _adaptation_lines(m.get("adaptation") or {})
     lines += [
         "",
         "## Intended use and limits",

@@ -21,12 +21,14 @@ unmixed: a fresh session answers exactly as without adaptation.
 Split invariance: `update` applies a step of n tokens token by token (decay, count the
 token, drop what fell below the window), the same operations a run of n one-token steps
 applies, so feeding a text in any split at word boundaries leaves the same cache bit for
-bit, eviction and window drops included. This is `weights * decay**n + [decay**(n-1), ...,
-decay, 1]`. The window drops an entry whose weight fell below `decay**window`: that
-changes any probability by less than `lam * decay**window / sum(weights)` against an
-unbounded cache (and `capacity` bounds the memory). The one path-dependent choice is
-`oov_keys` reusing a slot when the out-of-vocabulary table is full: the cache weights it
-compares are those at the start of the step (see there).
+bit, eviction and window drops included: the result is `weights * decay**n + [decay**(n-1),
+..., decay, 1]` either way. The one path-dependent choice is `oov_keys` reusing a slot when
+the table of typed words is full (the weights it compares are those before the step).
+
+Against an unbounded cache, the window drops only entries whose every occurrence is more
+than `window` tokens back, which would all weigh less than decay**window / (1 - decay)
+together; so it moves a word's cache share by less than that over sum(weights), and a
+probability by less than `lam` times it. `capacity` bounds the memory (C x 8 bytes).
 """
 
 from __future__ import annotations
@@ -89,9 +91,10 @@ class AdaptParams:
         )
 
 
-# What a model without tuned parameters uses (tuned on the six NLTK corpora's valid split
-# with the bundled models: model_export/tune_adapt.py).
-DEFAULT_PARAMS = AdaptParams(lam=0.1, decay=0.995, window=600, capacity=256, max_oov=64)
+# What a model without tuned parameters uses: between the bundled models' own (tuned on the
+# six NLTK corpora's valid split by model_export/tune_adapt.py: gru 0.05, 0.995, 460, 128,
+# 16; lstm 0.05, 0.998, 1151, 256, 64).
+DEFAULT_PARAMS = AdaptParams(lam=0.05, decay=0.995, window=919, capacity=256, max_oov=64)
 
 
 def params_of(manifest: Mapping[str, Any]) -> AdaptParams:
@@ -227,27 +230,32 @@ def _cache_scores(
     rows: np.ndarray,
     vocab_size: int,
     unk_id: int,
-    suggestible: np.ndarray,
     lam: float,
 ) -> np.ndarray:
-    """The mixture's probability of each cache key of `rows` (R, C); -1 for empty slots.
+    """The mixture's probability of each cache key of `rows` (R, C) float32; -1: empty slot.
 
-    `probs_flat` is the batch's (B, V) model distribution, flattened; `rows` index into it.
+    `probs_flat` is the batch's (B, V) model distribution flattened; `rows` index into it.
     """
-    valid = keys >= 0
+    base = (rows.astype(np.int64) * vocab_size)[:, None]
+    p_model = np.take(probs_flat, base + np.clip(keys, 0, vocab_size - 1))
+    total = weights.sum(1, keepdims=True)
+    scale = np.float32(lam) / np.maximum(total, np.float32(1e-30))
+    scores = p_model * np.float32(1.0 - lam) + weights * scale
     oov = keys >= vocab_size
-    known = valid & ~oov
-    vocab_key = np.where(known, keys, 0)
-    known &= suggestible[vocab_key]
-    total = weights.sum(1, dtype=np.float64, keepdims=True)
-    oov_total = np.where(oov, weights, 0.0).sum(1, dtype=np.float64, keepdims=True)
-    p_cache = weights / np.maximum(total, 1e-30)
-    base = (rows * vocab_size)[:, None]
-    p_word = probs_flat[base + vocab_key]
-    p_unk = probs_flat[base + unk_id]
-    p_model = np.where(known, p_word, p_unk * weights / np.maximum(oov_total, 1e-30))
-    scores = (1.0 - lam) * p_model + lam * p_cache
-    return np.where(known | oov, scores, -1.0)
+    if oov.any():
+        # A typed word's model share: its part of p(<unk>) among the row's typed words.
+        oov_total = np.where(oov, weights, np.float32(0.0)).sum(1)
+        r, c = np.nonzero(oov)
+        p_unk = probs_flat[base[r, 0] + unk_id]
+        w = weights[r, c]
+        scores[r, c] = np.float32(1.0 - lam) * p_unk * (w / oov_total[r]) + w * scale[r, 0]
+    np.copyto(scores, np.float32(-1.0), where=keys < 0)
+    return scores
+
+
+def _shown(keys: np.ndarray, vocab_size: int, suggestible: np.ndarray) -> np.ndarray:
+    """Which keys may be shown: typed words, and suggestible vocabulary ids."""
+    return (keys >= vocab_size) | ((keys >= 0) & suggestible[np.clip(keys, 0, vocab_size - 1)])
 
 
 def probability(
@@ -259,39 +267,40 @@ def probability(
     suggestible: np.ndarray,
     lam: float,
 ) -> np.ndarray:
-    """The mixture's probability of one key per row (B,), as `top_k` would show it.
+    """The mixture's probability of one key per row (B,) float32, as `top_k` shows it.
 
-    `targets` (B,): a vocabulary id (any token: punctuation and `</s>` get the model's
-    share only), or V + j for a typed out-of-vocabulary word (0 unless the cache holds it).
-    A row with an empty cache gives the model's probability, unmixed.
+    `targets` (B,): a vocabulary id (punctuation and `</s>` get the model's share only),
+    or V + j for a typed out-of-vocabulary word (0 unless the cache holds it). `<unk>` is
+    the class of every out-of-vocabulary word: the model's share of it plus the cache's
+    weight on typed words, so the mixture sums to 1 over the vocabulary, as the model
+    does. A row with an empty cache gives the model's probability, unmixed.
     """
     batch, vocab_size = probs.shape
     rows = np.arange(batch)
     targets = np.asarray(targets, dtype=np.int64)
     in_vocab = targets < vocab_size
-    p_model = np.where(in_vocab, probs[rows, np.where(in_vocab, targets, 0)], 0.0)
-    scores = _cache_scores(
-        keys, weights, probs.reshape(-1), rows, vocab_size, unk_id, suggestible, lam
+    p_model = np.where(in_vocab, probs[rows, np.where(in_vocab, targets, 0)], np.float32(0.0))
+    scores = _cache_scores(keys, weights, probs.reshape(-1), rows, vocab_size, unk_id, lam)
+    held = (keys == targets[:, None]) & _shown(keys, vocab_size, suggestible)
+    from_cache = np.where(held, scores, np.float32(0.0)).max(1)
+    mixed = np.where(held.any(1), from_cache, np.float32(1.0 - lam) * p_model)
+    total = weights.sum(1)
+    typed = np.where(keys >= vocab_size, weights, np.float32(0.0)).sum(1)
+    unk_class = np.float32(1.0 - lam) * p_model + np.float32(lam) * typed / np.maximum(
+        total, np.float32(1e-30)
     )
-    held = keys == targets[:, None]
-    cached = held.any(1)
-    from_cache = np.where(held, scores, 0.0).max(1)
-    # A vocabulary key the cache does not hold gets the model's share only.
-    mixed = np.where(cached, from_cache, np.where(in_vocab, (1.0 - lam) * p_model, 0.0))
-    live = weights.sum(1) > 0
-    return np.where(live, mixed, np.where(in_vocab, p_model, 0.0)).astype(np.float32)
+    mixed = np.where(targets == unk_id, unk_class, mixed)
+    return np.where(total > 0, mixed, p_model).astype(np.float32)
 
 
 def _best(ids: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Per row of (R, N) candidates, the best k (ids, scores): higher score, then lower id.
 
-    An id may appear twice (a model top-K column and a cache column): its higher score
-    counts. Padding has id -1 and a negative score.
+    An id may appear twice (a model column and a cache column): its higher score counts.
+    Padding has id -1 and a negative score; rows short of k are padded so.
     """
-    n = ids.shape[1]
-    take = min(2 * k, n)  # each id at most twice: 2k candidates hold k distinct ids
-    if take < n:
-        part = np.argpartition(-scores, take - 1, axis=1)[:, :take]
+    if ids.shape[1] > 2 * k:  # each id at most twice: the best 2k hold k distinct ids
+        part = np.argpartition(-scores, 2 * k - 1, axis=1)[:, : 2 * k]
         ids = np.take_along_axis(ids, part, 1)
         scores = np.take_along_axis(scores, part, 1)
     by_id = np.lexsort((-scores, ids), axis=1)
@@ -299,12 +308,49 @@ def _best(ids: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.n
     scores = np.take_along_axis(scores, by_id, 1)
     repeat = np.zeros(ids.shape, dtype=bool)
     repeat[:, 1:] = ids[:, 1:] == ids[:, :-1]
-    scores = np.where(repeat, -2.0, scores)
+    scores = np.where(repeat, np.float32(-2.0), scores)
     order = np.lexsort((ids, -scores), axis=1)[:, :k]
     ids = np.take_along_axis(ids, order, 1)
     scores = np.take_along_axis(scores, order, 1)
     shown = scores >= 0
-    return np.where(shown, ids, EMPTY), np.where(shown, scores, 0.0)
+    return np.where(shown, ids, EMPTY), np.where(shown, scores, np.float32(0.0))
+
+
+def _best_mixed(
+    keys: np.ndarray,
+    weights: np.ndarray,
+    probs_flat: np.ndarray,
+    rows: np.ndarray,
+    topk_ids: np.ndarray,
+    topk_probs: np.ndarray,
+    vocab_size: int,
+    unk_id: int,
+    suggestible: np.ndarray,
+    k: int,
+    lam: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The best k of rows with a cache and no prefix (arrays already restricted to `rows`).
+
+    Candidates: the model's first k (every word the cache lacks that can win is among
+    them) and the cache keys whose mixture probability reaches (1 - lam) times the model's
+    k-th: the model's first k all reach it, so nothing below it can be among the best k.
+    """
+    scores = _cache_scores(keys, weights, probs_flat, rows, vocab_size, unk_id, lam)
+    floor = np.float32(1.0 - lam) * topk_probs[:, k - 1 : k]
+    r, c = np.nonzero(scores >= floor)
+    key = keys[r, c]
+    ok = _shown(key, vocab_size, suggestible)
+    r, c, key = r[ok], c[ok], key[ok]
+    counts = np.bincount(r, minlength=len(rows))
+    width = k + int(counts.max(initial=0))
+    ids = np.full((len(rows), width), EMPTY, dtype=np.int64)
+    cand = np.full((len(rows), width), np.float32(-1.0), dtype=np.float32)
+    ids[:, :k] = topk_ids[:, :k]
+    cand[:, :k] = np.float32(1.0 - lam) * topk_probs[:, :k]
+    column = k + np.arange(len(r)) - (np.cumsum(counts) - counts)[r]
+    ids[r, column] = key
+    cand[r, column] = scores[r, c]
+    return _best(ids, cand, k)
 
 
 def _best_of_prefix(
@@ -323,31 +369,38 @@ def _best_of_prefix(
     vocab_size = probs.shape[1]
     candidates = np.asarray(candidates, dtype=np.int64)
     scores = _cache_scores(
-        keys[None],
-        weights[None],
-        probs.reshape(-1),
-        np.array([row]),
-        vocab_size,
-        unk_id,
-        suggestible,
-        lam,
+        keys[None], weights[None], probs.reshape(-1), np.array([row]), vocab_size, unk_id, lam
     )[0]
-    in_vocab = (keys >= 0) & (keys < vocab_size)
-    cached = in_vocab & np.isin(keys, candidates)
-    slot = keys - vocab_size
+    cached = (keys >= 0) & (keys < vocab_size) & np.isin(keys, candidates)
+    slot = keys.astype(np.int64) - vocab_size
     allowed = np.zeros(len(keys), dtype=bool)
     if oov_match is not None:
-        oov = (slot >= 0) & (slot < len(oov_match))
-        allowed[oov] = np.asarray(oov_match, dtype=bool)[slot[oov]]
-    extra = cached | allowed
+        match = np.asarray(oov_match, dtype=bool)
+        typed = (slot >= 0) & (slot < len(match))
+        allowed[typed] = match[slot[typed]]
+    extra = (cached & _shown(keys, vocab_size, suggestible)) | allowed
     rest = candidates[~np.isin(candidates, keys[cached])]
     ids = np.concatenate([rest, keys[extra].astype(np.int64)])
-    score = np.concatenate([(1.0 - lam) * probs[row, rest], scores[extra]])
+    score = np.concatenate([np.float32(1.0 - lam) * probs[row, rest], scores[extra]])
     if k < len(ids):
         part = np.argpartition(-score, k - 1)[:k]
         ids, score = ids[part], score[part]
     order = np.lexsort((ids, -score))
     return ids[order], score[order]
+
+
+def _model_of_prefix(
+    probs_row: np.ndarray, candidates: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The model's own best k among a prefix's ids (as `runtime.top_words`)."""
+    candidates = np.asarray(candidates, dtype=np.int64)
+    scores = probs_row[candidates]
+    if k < len(candidates):
+        best = np.argpartition(-scores, k - 1)[:k]
+    else:
+        best = np.arange(len(candidates))
+    best = best[np.lexsort((candidates[best], -scores[best]))]
+    return candidates[best], scores[best]
 
 
 def top_k(
@@ -365,77 +418,51 @@ def top_k(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Best k (keys, probabilities) per row of the mixture, best first: (B, k) each.
 
-    Keys are vocabulary ids, or V + j for slot j of the row's typed words; rows with fewer
-    than k candidates are padded with key -1, probability 0. Ties: higher probability first,
-    then lower key (as `service.engine.runtime.top_words`).
+    Keys are vocabulary ids, or V + j for slot j of the row's typed words; a row with
+    fewer than k candidates is padded with key -1, probability 0. Ties: higher probability
+    first, then lower key (as `service.engine.runtime.top_words`).
 
     keys/weights (B, C) the caches; probs (B, V) the model's full distribution; topk_ids/
-    topk_probs (B, K >= k) the graph's top K over suggestible words. Without a prefix a
-    row's candidates are its top K united with its cache keys: every other word has a lower
-    mixture probability than each of the top K. With `candidates[b]` (the vocabulary ids of
-    a prefix, any order) the row ranks only those ids and the typed words whose slots
-    `oov_match[b]` (bool over the row's table) marks, from the full distribution. A row
-    whose cache is empty gives the model's own ranking and probabilities, unmixed.
+    topk_probs (B, K >= k) the graph's top K over suggestible words, best first. Without a
+    prefix a row's candidates are the model's top k united with its cache keys (no other
+    word can rank higher). With `candidates[b]` (the vocabulary ids of a prefix, any order)
+    row b ranks only those ids and the typed words whose slots `oov_match[b]` (bool over
+    the row's table) marks, from the full distribution. A row whose cache is empty gives
+    the model's own ranking and probabilities, unmixed.
     """
     batch, vocab_size = probs.shape
-    if topk_ids.shape[1] < k:
-        raise ValueError(f"k {k} exceeds the graph's top {topk_ids.shape[1]}")
+    if not 1 <= k <= topk_ids.shape[1]:
+        raise ValueError(f"k must be in 1..{topk_ids.shape[1]}, got {k}")
     out_ids = np.full((batch, k), EMPTY, dtype=np.int64)
     out_probs = np.zeros((batch, k), dtype=np.float32)
     live = weights.sum(1) > 0
     prefixed = np.zeros(batch, dtype=bool)
     if candidates is not None:
         prefixed[[b for b, c in enumerate(candidates) if c is not None]] = True
-    plain = np.flatnonzero(~prefixed & ~live)
+    plain = ~prefixed & ~live
     out_ids[plain] = topk_ids[plain, :k]
     out_probs[plain] = topk_probs[plain, :k]
     mixed = np.flatnonzero(~prefixed & live)
-    if len(mixed):
-        cache_scores = _cache_scores(
-            keys[mixed],
-            weights[mixed],
-            probs.reshape(-1),
-            mixed,
-            vocab_size,
-            unk_id,
-            suggestible,
-            lam,
-        )
-        ids = np.concatenate([topk_ids[mixed].astype(np.int64), keys[mixed]], axis=1)
-        scores = np.concatenate([(1.0 - lam) * topk_probs[mixed], cache_scores], axis=1)
-        out_ids[mixed], out_probs[mixed] = _best(ids, scores, k)
-    for b in np.flatnonzero(prefixed):
+    if len(mixed) == batch:  # the common case: no copies of the caches
+        out_ids[:], out_probs[:] = _best_mixed(
+            keys, weights, probs.reshape(-1), mixed, topk_ids, topk_probs,
+            vocab_size, unk_id, suggestible, k, lam,
+        )  # fmt: skip
+    elif len(mixed):
+        out_ids[mixed], out_probs[mixed] = _best_mixed(
+            keys[mixed], weights[mixed], probs.reshape(-1), mixed, topk_ids[mixed],
+            topk_probs[mixed], vocab_size, unk_id, suggestible, k, lam,
+        )  # fmt: skip
+    for b in map(int, np.flatnonzero(prefixed)):
         assert candidates is not None
+        prefix = np.asarray(candidates[b], dtype=np.int64)
         if live[b]:
             match = oov_match[b] if oov_match is not None else None
             ids, score = _best_of_prefix(
-                keys[b],
-                weights[b],
-                probs,
-                int(b),
-                unk_id,
-                suggestible,
-                k,
-                lam,
-                candidates[b],  # type: ignore[arg-type]
-                match,
+                keys[b], weights[b], probs, b, unk_id, suggestible, k, lam, prefix, match
             )
         else:
-            ids, score = _model_of_prefix(probs[b], candidates[b], k)  # type: ignore[arg-type]
+            ids, score = _model_of_prefix(probs[b], prefix, k)
         out_ids[b, : len(ids)] = ids
         out_probs[b, : len(ids)] = score
     return out_ids, out_probs
-
-
-def _model_of_prefix(
-    probs_row: np.ndarray, candidates: np.ndarray, k: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """The model's own best k among a prefix's ids (as `runtime.top_words`)."""
-    candidates = np.asarray(candidates, dtype=np.int64)
-    scores = probs_row[candidates]
-    if k < len(candidates):
-        best = np.argpartition(-scores, k - 1)[:k]
-    else:
-        best = np.arange(len(candidates))
-    best = best[np.lexsort((candidates[best], -scores[best]))]
-    return candidates[best], scores[best]

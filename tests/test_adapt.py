@@ -1,0 +1,453 @@
+"""The per-session cache (service.engine.adapt): counts, eviction, the mixture's top k."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from service.engine import adapt
+from service.engine.adapt import AdaptParams
+
+V = 40  # vocabulary of the hand-made cases: 0..2 specials, 3..39 words
+UNK = 1
+SUGGESTIBLE = np.arange(V) >= 3
+
+
+def params(**kw) -> AdaptParams:
+    base = {"lam": 0.3, "decay": 0.5, "window": 50, "capacity": 4, "max_oov": 3}
+    return AdaptParams(**{**base, **kw})
+
+
+def feed(keys, weights, tokens, p, split=None) -> None:
+    """Feed one row's tokens (row 0 of a batch of 1) in the given split."""
+    tokens = list(tokens)
+    cuts = [0, *(split or []), len(tokens)]
+    for a, b in zip(cuts, cuts[1:]):
+        part = np.array([tokens[a:b] or [0]], dtype=np.int32)
+        adapt.update(keys, weights, part, np.array([b - a]), p)
+
+
+def cache_of(keys, weights, row=0) -> dict[int, float]:
+    return {int(k): float(w) for k, w in zip(keys[row], weights[row]) if k >= 0}
+
+
+def model_probs(rng, batch: int, vocab: int = V) -> np.ndarray:
+    """Peaked random distributions (no ties)."""
+    logits = rng.normal(0, 2.5, size=(batch, vocab))
+    p = np.exp(logits)
+    return (p / p.sum(1, keepdims=True)).astype(np.float32)
+
+
+def graph_topk(probs: np.ndarray, suggestible: np.ndarray, k: int) -> tuple:
+    """What the graph returns: top k over suggestible words, best first (ties: lower id)."""
+    masked = np.where(suggestible, probs, -1.0)
+    order = np.lexsort((np.broadcast_to(np.arange(probs.shape[1]), probs.shape), -masked))
+    ids = order[:, :k]
+    return ids, np.take_along_axis(probs, ids, 1)
+
+
+def reference(keys, weights, probs, lam, k, allowed=None, allowed_oov=None):
+    """The mixture over every suggestible word and cached typed word, ranked densely."""
+    total = weights.sum()
+    scores = {}
+    for w in range(V):
+        if SUGGESTIBLE[w] and (allowed is None or w in allowed):
+            scores[w] = float(probs[w])
+    if total > 0:
+        oov_total = weights[keys >= V].sum()
+        cached = dict(zip(keys.tolist(), weights.tolist()))
+        for w in scores:
+            scores[w] = (1 - lam) * probs[w] + lam * cached.get(w, 0.0) / total
+        for key, wt in cached.items():
+            if key >= V and (allowed_oov is None or allowed_oov[key - V]):
+                share = probs[UNK] * wt / oov_total
+                scores[key] = (1 - lam) * share + lam * wt / total
+    ranked = sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))[:k]
+    return [key for key, _ in ranked], [s for _, s in ranked]
+
+
+def test_params_round_trip_and_checks() -> None:
+    p = params()
+    assert AdaptParams.from_dict(p.to_dict()) == p
+    assert p.threshold == pytest.approx(0.5**50)
+    with pytest.raises(ValueError):
+        AdaptParams.from_dict({**p.to_dict(), "extra": 1})
+    for bad in ({"lam": 1.5}, {"decay": 0.0}, {"decay": 1.1}, {"capacity": 0}, {"max_oov": -1}):
+        with pytest.raises(ValueError):
+            params(**bad)
+    assert adapt.params_of({}) == adapt.DEFAULT_PARAMS
+    assert adapt.params_of({"adaptation": {"params": p.to_dict()}}) == p
+
+
+def test_weights_are_decayed_counts_and_skipped_tokens_decay_too() -> None:
+    keys, weights = adapt.empty_cache(1, 4)
+    assert keys.dtype == np.int32 and weights.dtype == np.float32
+    assert (keys == -1).all() and (weights == 0).all()
+    feed(keys, weights, [5, 7, -1, 5], params())
+    # 5: 0.5**3 + 1; 7: 0.5**2 (the -1 counted as a token)
+    assert cache_of(keys, weights) == {5: 1.125, 7: 0.25}
+    keys2, weights2 = adapt.empty_cache(1, 4)
+    feed(keys2, weights2, [5, 7, -1, 5], params(), split=[1, 3])
+    assert (keys == keys2).all() and (weights == weights2).all()
+
+
+def test_new_word_takes_an_empty_slot_then_evicts_the_smallest_lowest_slot_on_ties() -> None:
+    keys, weights = adapt.empty_cache(1, 3)
+    feed(keys, weights, [5, 6, 7], params(decay=1.0))
+    assert keys[0].tolist() == [5, 6, 7]
+    feed(keys, weights, [6, 8], params(decay=1.0))  # 5 and 7 tie at 1: slot 0 goes
+    assert keys[0].tolist() == [8, 6, 7] and weights[0].tolist() == [1.0, 2.0, 1.0]
+    feed(keys, weights, [9], params(decay=1.0))  # 8 and 7 tie at 1: slot 0 again
+    assert keys[0].tolist() == [9, 6, 7]
+    keys, weights = adapt.empty_cache(1, 3)
+    feed(keys, weights, [5, 6, 7, 8], params(decay=0.5))  # the oldest, smallest, goes
+    assert keys[0].tolist() == [8, 6, 7]
+    assert weights[0].tolist() == [1.0, 0.25, 0.5]
+
+
+def test_entries_below_the_window_are_dropped_and_their_slot_reused() -> None:
+    p = params(decay=0.5, window=2)  # dropped below 0.25
+    keys, weights = adapt.empty_cache(1, 4)
+    feed(keys, weights, [5, -1, -1], p)
+    assert cache_of(keys, weights) == {5: 0.25}
+    feed(keys, weights, [-1], p)
+    assert cache_of(keys, weights) == {} and (keys == -1).all() and (weights == 0).all()
+    feed(keys, weights, [6, 5], p)
+    assert keys[0].tolist()[:2] == [6, 5]
+
+
+def test_a_batch_of_mixed_lengths_equals_its_rows_fed_one_by_one() -> None:
+    rng = np.random.default_rng(1)
+    p = params(capacity=5, decay=0.8, window=6)
+    lengths = np.array([0, 1, 7, 3, 12])
+    new = np.full((5, 12), 99, dtype=np.int32)  # padding past each length is ignored
+    for b, n in enumerate(lengths):
+        new[b, :n] = rng.integers(-1, 12, size=n)
+    keys, weights = adapt.empty_cache(5, 5)
+    feed_rows = [rng.integers(-1, 12, size=9) for _ in range(5)]
+    history = np.array(feed_rows, dtype=np.int32)
+    adapt.update(keys, weights, history, np.full(5, 9), p)
+    alone = []
+    for b in range(5):
+        k1, w1 = adapt.empty_cache(1, 5)
+        feed(k1, w1, feed_rows[b], p)
+        feed(k1, w1, new[b, : lengths[b]], p)
+        alone.append((k1[0], w1[0]))
+    adapt.update(keys, weights, new, lengths, p)
+    for b in range(5):
+        assert (keys[b] == alone[b][0]).all()
+        assert (weights[b] == alone[b][1]).all()
+
+
+@pytest.mark.parametrize("long", [False, True])
+def test_any_split_gives_the_same_cache_and_predictions(long: bool) -> None:
+    rng = np.random.default_rng(2 if long else 3)
+    if long:  # over capacity, entries evicted and dropped by the window
+        p = params(capacity=8, decay=0.95, window=40)
+        tokens = rng.integers(-1, V, size=2000)
+    else:  # fewer distinct words than the capacity
+        p = params(capacity=32, decay=0.9, window=100)
+        tokens = rng.integers(-1, 20, size=60)
+    tokens = np.where((tokens >= 0) & ~SUGGESTIBLE[np.clip(tokens, 0, V - 1)], -1, tokens)
+    whole_k, whole_w = adapt.empty_cache(1, p.capacity)
+    feed(whole_k, whole_w, tokens, p)
+    probs = model_probs(rng, 1)
+    ids, tp = graph_topk(probs, SUGGESTIBLE, 10)
+    want = adapt.top_k(whole_k, whole_w, probs, ids, tp, UNK, SUGGESTIBLE, 5, p.lam)
+    for trial in range(5):
+        cuts = sorted(rng.choice(np.arange(1, len(tokens)), size=trial * 7 + 1, replace=False))
+        k, w = adapt.empty_cache(1, p.capacity)
+        feed(k, w, tokens, p, split=list(cuts))
+        assert (k == whole_k).all() and (w == whole_w).all()
+        got = adapt.top_k(k, w, probs, ids, tp, UNK, SUGGESTIBLE, 5, p.lam)
+        assert (got[0] == want[0]).all()
+        np.testing.assert_allclose(got[1], want[1], atol=1e-5)
+
+
+def test_an_empty_cache_answers_the_model_unmixed() -> None:
+    rng = np.random.default_rng(4)
+    probs = model_probs(rng, 3)
+    ids, tp = graph_topk(probs, SUGGESTIBLE, 10)
+    keys, weights = adapt.empty_cache(3, 4)
+    got_ids, got_p = adapt.top_k(keys, weights, probs, ids, tp, UNK, SUGGESTIBLE, 5, 0.4)
+    assert (got_ids == ids[:, :5]).all() and (got_p == tp[:, :5]).all()
+    prefix = np.array([30, 4, 17, 9], dtype=np.int64)
+    got_ids, got_p = adapt.top_k(
+        keys, weights, probs, ids, tp, UNK, SUGGESTIBLE, 3, 0.4, candidates=[None, prefix, None]
+    )
+    order = prefix[np.argsort(-probs[1, prefix])][:3]
+    assert got_ids[1].tolist() == order.tolist()
+    assert (got_p[1] == probs[1, order]).all()
+    target = np.array([5, UNK, 2])
+    assert (
+        adapt.probability(keys, weights, probs, target, UNK, SUGGESTIBLE, 0.4)
+        == probs[[0, 1, 2], target]
+    ).all()
+
+
+def _random_caches(rng, batch: int, p: AdaptParams, oov: bool = True):
+    keys, weights = adapt.empty_cache(batch, p.capacity)
+    tables: list[list[str]] = [[] for _ in range(batch)]
+    for _ in range(30):
+        new = rng.integers(3, V, size=batch).astype(np.int32)
+        for b in range(batch):
+            if oov and rng.random() < 0.3:
+                word = f"w{rng.integers(0, 5)}"
+                new[b] = adapt.oov_keys(tables[b], [word], V, keys[b], weights[b], p)[0]
+        adapt.update(keys, weights, new[:, None], np.ones(batch, dtype=np.int64), p)
+    return keys, weights, tables
+
+
+def test_top_k_is_the_dense_mixtures_top_k() -> None:
+    rng = np.random.default_rng(5)
+    p = params(capacity=10, decay=0.9, max_oov=4, lam=0.35)
+    batch = 16
+    keys, weights, _ = _random_caches(rng, batch, p)
+    keys[3], weights[3] = -1, 0.0  # one fresh session in the batch
+    probs = model_probs(rng, batch)
+    ids, tp = graph_topk(probs, SUGGESTIBLE, 12)
+    for k in (1, 5, 12):
+        got_ids, got_p = adapt.top_k(keys, weights, probs, ids, tp, UNK, SUGGESTIBLE, k, p.lam)
+        assert got_ids.shape == got_p.shape == (batch, k)
+        for b in range(batch):
+            want_ids, want_p = reference(keys[b], weights[b], probs[b], p.lam, k)
+            assert got_ids[b].tolist() == want_ids
+            np.testing.assert_allclose(got_p[b], want_p, rtol=1e-5)
+        sel = (got_ids >= 0) & (got_ids < V)
+        shown = np.where(sel, got_ids, 0)
+        assert not (~SUGGESTIBLE[shown] & sel).any()
+        # what probability() gives a shown key is what top_k shows
+        for j in range(k):
+            again = adapt.probability(keys, weights, probs, got_ids[:, j], UNK, SUGGESTIBLE, p.lam)
+            np.testing.assert_allclose(again, got_p[:, j], rtol=1e-5)
+
+
+def test_what_is_shown_sums_to_at_most_one_and_the_mixture_to_one() -> None:
+    rng = np.random.default_rng(6)
+    p = params(capacity=12, decay=0.95, max_oov=4, lam=0.6)
+    keys, weights, _ = _random_caches(rng, 8, p)
+    probs = model_probs(rng, 8)
+    count = int(SUGGESTIBLE.sum())
+    ids, tp = graph_topk(probs, SUGGESTIBLE, count)
+    got_ids, got_p = adapt.top_k(keys, weights, probs, ids, tp, UNK, SUGGESTIBLE, count, p.lam)
+    assert (got_p.sum(1) <= 1.0 + 1e-6).all()
+    # every token of the vocabulary (<unk>: the class of typed words) sums to one
+    mass = sum(
+        adapt.probability(keys, weights, probs, np.full(8, w), UNK, SUGGESTIBLE, p.lam)
+        for w in range(V)
+    )
+    np.testing.assert_allclose(mass, 1.0, rtol=1e-5)
+
+
+def test_ties_rank_the_lower_key_first() -> None:
+    probs = np.full((1, V), 1.0 / V, dtype=np.float32)
+    ids, tp = graph_topk(probs, SUGGESTIBLE, 10)
+    keys, weights = adapt.empty_cache(1, 4)
+    feed(keys, weights, [30, 20], params(decay=1.0))  # equal weights
+    got, _ = adapt.top_k(keys, weights, probs, ids, tp, UNK, SUGGESTIBLE, 4, 0.5)
+    assert got[0].tolist() == [20, 30, 3, 4]
+
+
+def test_prefix_ranks_its_candidates_and_matching_typed_words() -> None:
+    rng = np.random.default_rng(7)
+    p = params(capacity=6, decay=0.9, max_oov=3, lam=0.5)
+    keys, weights = adapt.empty_cache(2, p.capacity)
+    tables: list[list[str]] = [[], []]
+    for word in ("zebra", "zoom", "apple"):
+        key = adapt.oov_keys(tables[0], [word], V, keys[0], weights[0], p)
+        adapt.update(keys, weights, np.array([[key[0]], [-1]]), np.array([1, 1]), p)
+    adapt.update(keys, weights, np.array([[12], [15]], dtype=np.int32), np.array([1, 1]), p)
+    probs = model_probs(rng, 2)
+    ids, tp = graph_topk(probs, SUGGESTIBLE, 10)
+    prefix = np.array([25, 12, 7], dtype=np.int64)  # any order
+    match = np.array([True, True, False])  # "z": zebra, zoom
+    got_ids, got_p = adapt.top_k(
+        keys, weights, probs, ids, tp, UNK, SUGGESTIBLE, 5, p.lam,
+        candidates=[prefix, None], oov_match=[match, None],
+    )  # fmt: skip
+    want_ids, want_p = reference(keys[0], weights[0], probs[0], p.lam, 5, set(prefix), match)
+    assert got_ids[0].tolist() == want_ids
+    assert set(want_ids) == {25, 12, 7, V, V + 1}
+    np.testing.assert_allclose(got_p[0], want_p, rtol=1e-5)
+    # fewer candidates than k: padded
+    got_ids, got_p = adapt.top_k(
+        keys, weights, probs, ids, tp, UNK, SUGGESTIBLE, 5, p.lam, candidates=[prefix[:1], None]
+    )
+    assert got_ids[0].tolist() == [25, -1, -1, -1, -1] and got_p[0, 1:].tolist() == [0.0] * 4
+    # the row without a prefix is the plain mixture
+    assert got_ids[1].tolist() == reference(keys[1], weights[1], probs[1], p.lam, 5)[0]
+
+
+def test_oov_words_get_slots_matched_by_normalized_form() -> None:
+    p = params(max_oov=2, capacity=8, decay=0.5)
+    keys, weights = adapt.empty_cache(1, 8)
+    table: list[str] = []
+    got = adapt.oov_keys(table, ["Zebra", "quux", "zebra"], V, keys[0], weights[0], p)
+    assert got == [V, V + 1, V] and table == ["zebra", "quux"]  # the latest typed form
+    adapt.update(keys, weights, np.array([got], dtype=np.int32), np.array([3]), p)
+    assert cache_of(keys, weights) == {V: 1.25, V + 1: 0.5}
+    assert adapt.oov_keys(table, ["ZEBRA"], V, keys[0], weights[0], p) == [V]
+    assert table[0] == "ZEBRA"
+
+
+def test_a_full_table_reuses_the_slot_of_least_weight_and_clears_its_entry() -> None:
+    p = params(max_oov=2, capacity=8, decay=0.5)
+    keys, weights = adapt.empty_cache(1, 8)
+    table: list[str] = []
+    got = adapt.oov_keys(table, ["alpha", "beta"], V, keys[0], weights[0], p)
+    adapt.update(
+        keys, weights, np.array([[got[0], got[1], got[0]]], dtype=np.int32), np.array([3]), p
+    )
+    assert cache_of(keys, weights) == {V: 1.25, V + 1: 0.5}
+    assert adapt.oov_keys(table, ["gamma"], V, keys[0], weights[0], p) == [V + 1]
+    assert table == ["alpha", "gamma"] and cache_of(keys, weights) == {V: 1.25}
+    # a slot absent from the cache (weight 0) goes first; slots given out in this call never
+    keys[0, keys[0] == V] = -1
+    weights[0] = np.where(keys[0] >= 0, weights[0], 0)
+    got = adapt.oov_keys(table, ["delta", "epsilon", "zeta"], V, keys[0], weights[0], p)
+    assert got == [V, V + 1, -1] and table == ["delta", "epsilon"]
+
+
+def test_blocked_and_unkept_words_are_not_remembered() -> None:
+    from service.contract.vocab import BLOCKED
+
+    keys, weights = adapt.empty_cache(1, 4)
+    table: list[str] = []
+    blocked = sorted(BLOCKED)[0] if BLOCKED else None
+    words = ["<unk>", "..."] + ([blocked] if blocked else [])
+    assert adapt.oov_keys(table, words, V, keys[0], weights[0], params()) == [-1] * len(words)
+    assert table == []
+    assert adapt.oov_keys([], ["fine"], V, keys[0], weights[0], params(max_oov=0)) == [-1]
+
+
+# --- the evaluation (nextword evaluate --adapt) -------------------------------------------
+
+# As published: a space either side of every line, `@,@` joiners, `<unk>`.
+WIKI = "\n".join(
+    f" {line} "
+    for line in (
+        "= First Article =",
+        "",
+        "The cat and the <unk> are good . The zebra is coming home .",
+        "",
+        "= = A Section = =",
+        "",
+        "The zebra was coming home , and the zebra is good .",
+        "= Second Article =",
+        "",
+        "She is very good , and the 1 @,@ 000 dogs are not .",
+    )
+)
+
+
+def test_wikitext_articles_are_documents_and_match_the_stream(tmp_path) -> None:
+    from model_export.corpora import WIKITEXT_UNK, text_documents, text_tokens
+
+    path = tmp_path / "wikitext-tiny.txt"
+    path.write_text(WIKI)
+    docs = text_documents(path)
+    assert [name for name, _ in docs] == ["First Article", "Second Article"]
+    assert all(tokens[0] == "</s>" for _, tokens in docs)
+    assert [t for _, tokens in docs for t in tokens[1:]] == text_tokens(path)[1:]
+    assert WIKITEXT_UNK in docs[0][1] and "section" not in docs[0][1]
+    assert "1,000" in " ".join(docs[1][1]).replace(" , ", ",")
+
+
+def test_split_documents_group_a_splits_blocks_by_file(tmp_path) -> None:
+    from model_export import corpora
+
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    for i in range(40):
+        lines = [f"line {j} of file {i} ." for j in range(corpora.LINES_PER_DOCUMENT + 5)]
+        (folder / f"f{i}.txt").write_text("\n".join(lines))
+    streams = corpora.load_splits([str(folder)])
+    for split in corpora.SPLITS:
+        docs = corpora.split_documents([str(folder)], split)
+        assert len({name for name, _ in docs}) == len(docs)
+        assert all(name.startswith("corpus/f") and "#" not in name for name, _ in docs)
+        assert [t for _, tokens in docs for t in tokens[1:]] == streams[split][1:]
+
+
+def _documents() -> list[tuple[str, list[str]]]:
+    from service.contract.tokenizer import EOS, tokenize
+
+    texts = [
+        "the zebra is coming home. the zebra is good. i think the zebra is very good.",
+        "you are very good, and she is not. the cat and the dog are good.",
+        "quux and quux and quux and quux. i am quux.",
+    ]
+    return [(f"doc{i}", [EOS, *tokenize(t)]) for i, t in enumerate(texts)]
+
+
+def test_evaluate_documents_counts_and_compares(tiny_artifacts) -> None:
+    from model_export.evaluate_adapt import evaluate_documents
+    from service.contract.artifact import ModelArtifact
+    from service.engine.runtime import OrtModel
+
+    model = OrtModel(ModelArtifact.load(tiny_artifacts / "gru"), ["CPUExecutionProvider"])
+    docs = _documents()
+    strong = AdaptParams(lam=0.9, decay=0.99, window=500, capacity=64, max_oov=8)
+    off = AdaptParams(lam=0.0, decay=0.99, window=500, capacity=64, max_oov=8)
+    base, (tally, plain) = evaluate_documents(model, docs, [strong, off], rows=2)
+    counts = base.counts()
+    assert counts == tally.counts()
+    assert counts["targets"] == sum(len(t) - 1 for _, t in docs)
+    assert counts["oov_word_targets"] == 8 and counts["oov_untyped"] == 0  # zebra x3, quux x5
+    without, with_ = base.metrics(), tally.metrics()
+    assert without["top5_oov"] == 0.0
+    # typed twice, a word comes back: every repeat of zebra and quux is suggested
+    assert with_["top5_oov"] == pytest.approx(6 / 8)
+    assert with_["oov_cached"] == 6
+    # lam 0 on in-vocabulary targets is the model itself
+    assert plain.metrics()["perplexity_iv"] == pytest.approx(without["perplexity_iv"], rel=1e-5)
+    assert plain.metrics()["top5_iv"] == without["top5_iv"]
+
+
+def test_evaluate_adapt_command_records_in_the_manifest(tiny_artifacts, tmp_path, capsys) -> None:
+    import json
+    import shutil
+
+    from service import cli
+    from service.contract.artifact import ModelArtifact
+
+    artifact = tmp_path / "gru"
+    shutil.copytree(tiny_artifacts / "gru", artifact)
+    text = tmp_path / "held_out.txt"
+    text.write_text("\n".join(" ".join(t[1:]) for _, t in _documents()))
+    args = ["evaluate", "--artifact", str(artifact), "--text", str(text), "--adapt"]
+    assert cli.main([*args, "--record", "--rows", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "top3 %" in out and "without" in out
+    section = json.loads((artifact / "manifest.json").read_text())["adaptation"]
+    metrics = section["metrics"]["held_out.txt"]
+    assert metrics["documents"] == 1 and {"without", "with"} <= set(metrics)
+    ModelArtifact.load(artifact)  # still a valid artifact
+    # figures of other parameters are not recorded as the artifact's
+    assert cli.main([*args, "--record", "--adapt-param", "lam=0.5"]) == 2
+    assert cli.main([*args, "--adapt-param", "lam=0.5", "--max-tokens", "10"]) == 0
+    assert cli.main([*args, "--adapt-param", "nope=1"]) == 2
+
+
+def test_tune_adapt_records_parameters_that_the_service_reads(tiny_artifacts, tmp_path) -> None:
+    import json
+    import shutil
+
+    from model_export import tune_adapt
+    from service.contract.artifact import ModelArtifact
+
+    artifact = tmp_path / "lstm"
+    shutil.copytree(tiny_artifacts / "lstm", artifact)
+    text = tmp_path / "valid.txt"
+    text.write_text("\n".join(" ".join(t[1:]) for _, t in _documents()))
+    args = ["--artifact", str(artifact), "--text", str(text), "--rows", "2"]
+    assert tune_adapt.main([*args, "--record", "--json", str(tmp_path / "t.json")]) == 0
+    section = json.loads((artifact / "manifest.json").read_text())["adaptation"]
+    params = adapt.params_of(ModelArtifact.load(artifact).manifest)
+    assert section["params"] == params.to_dict()
+    assert params.capacity in tune_adapt.CAPACITIES and "valid.txt" in section["tuned_on"]
+    assert section["tuning"]["points"] == tune_adapt.TUNING_FILE
+    grid = json.loads((artifact / tune_adapt.TUNING_FILE).read_text())["grid_lam_decay"]
+    assert len(grid) == len(tune_adapt.LAMS) * len(tune_adapt.DECAYS)
+    assert {row["lam"] for row in grid} == set(tune_adapt.LAMS)
+    assert tune_adapt.window_for(0.5, 0.01) == 7  # 0.5**7 < 0.01 <= 0.5**6
