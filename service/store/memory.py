@@ -162,14 +162,20 @@ class _StatePool:
         return int(self.metas[chunk]["version"][offset])
 
     def read(self, row: int) -> tuple[np.ndarray, _Meta, tuple[np.ndarray, np.ndarray] | None]:
-        """A read-only copy of a row's state, its metadata as Python values, and a copy of
-        its memory's (keys, weights) (None without a memory)."""
+        """A read-only copy of a row's state, its metadata as Python values, and read-only
+        views of its memory's (keys, weights) (None without a memory).
+
+        The memory is only read by the batch that reads the record, before any other
+        session batch can write (the scheduler copies it into the batch's arrays), so a
+        view is enough; the state is held by long steps across batches, so it is copied."""
         chunk, offset = self.locate(row)
         state = self.states[chunk][offset].copy()
         state.flags.writeable = False
         memory = None
         if self.shape[3]:
-            memory = (self.keys[chunk][offset].copy(), self.weights[chunk][offset].copy())
+            keys, weights = self.keys[chunk][offset], self.weights[chunk][offset]
+            keys.flags.writeable = weights.flags.writeable = False
+            memory = (keys, weights)
         return state, self.metas[chunk][offset].item(), memory
 
     def write(self, row: int, state: State, meta: _Meta, memory: WordMemory | None) -> None:
@@ -191,13 +197,15 @@ def _shape_of(record: SessionRecord) -> Shape:
     state = record.state
     if not state:
         raise ValueError("a session state needs at least one array")
-    first = np.shape(state[0])
-    if len(first) != 2 or any(np.shape(a) != first for a in state):
-        raise ValueError(f"state arrays must all be (L, H); got {[np.shape(a) for a in state]}")
+    shapes = [a.shape if isinstance(a, np.ndarray) else np.shape(a) for a in state]
+    first = shapes[0]
+    if len(first) != 2 or any(shape != first for shape in shapes):
+        raise ValueError(f"state arrays must all be (L, H); got {shapes}")
     slots = 0
-    if record.memory is not None:
-        slots = len(record.memory.keys)
-        if np.shape(record.memory.keys) != (slots,) or np.shape(record.memory.weights) != (slots,):
+    memory = record.memory
+    if memory is not None:
+        slots = len(memory.keys)
+        if np.shape(memory.keys) != (slots,) or np.shape(memory.weights) != (slots,):
             raise ValueError("a memory's keys and weights must be two arrays of one length")
     return (len(state), int(first[0]), int(first[1]), slots)
 
