@@ -74,12 +74,15 @@ lint: $(VENV)/.dev  ## format, lint, types (every package), Dockerfiles
 	$(VENV)/bin/hadolint docker/Dockerfile docker/Dockerfile.gpu
 
 # Each benchmark is a module of the `benchmarks` package (run from the repository root).
-bench: $(VENV)/.dev  ## engine, end-to-end, memory and store benchmarks (print tables)
+bench: $(VENV)/.dev  ## engine, end-to-end, memory, store, limits and adaptation benchmarks
 	$(PY) -m benchmarks.bench_engine --checkpoint runs/lstm runs/gru --int8
 	$(PY) -m benchmarks.bench_e2e
 	$(PY) -m benchmarks.bench_core --json benchmarks/results/core.json
 	$(PY) -m benchmarks.bench_memory
 	$(PY) -m benchmarks.bench_store
+	$(PY) -m benchmarks.bench_long
+	$(PY) -m benchmarks.bench_limits --json benchmarks/results/limits.json
+	$(PY) -m benchmarks.bench_adapt --json benchmarks/results/adapt.json
 
 baseline: $(VENV)/.dev  ## the count-based trigram baseline on the same split and metric
 	NLTK_DATA=$(NLTK_DATA) $(PY) -m benchmarks.trigram_baseline --vocab service/models/lstm/vocab.txt --json benchmarks/results/trigram.json

@@ -255,3 +255,23 @@ def test_the_limits_benchmark_probes_count_what_the_limits_do(
     for heading in ("1. Slow-loris", "2. Idle WebSockets", "3. SIGTERM", "4. Burst", "5. Session"):
         assert heading in text
     assert json.loads(args.json.read_text())["probes"]["quota"][0]["bob_answer"] == 3
+
+
+def test_the_adaptation_benchmark_measures_every_mode(tiny_artifacts: Path, tmp_path: Path) -> None:
+    from benchmarks import bench_adapt
+
+    out = tmp_path / "adapt.json"
+    bench_adapt.main(
+        [
+            *("--models", str(tiny_artifacts), "--sessions", "4", "--rounds", "2"),
+            *("--warm-tokens", "30", "--json", str(out)),
+        ]
+    )
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["model"], r["mode"]) for r in rows] == [
+        (model, mode) for model in ("gru", "lstm") for mode in bench_adapt.MODES
+    ]
+    no_memory = [r for r in rows if r["mode"] == "no memory"]
+    remembered = [r for r in rows if r["mode"] != "no memory"]
+    assert all(r["memory_bytes"] == 0 and r["remembered"] == 0 for r in no_memory)
+    assert all(r["memory_bytes"] > 0 and r["remembered"] > 0 for r in remembered)
