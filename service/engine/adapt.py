@@ -232,25 +232,23 @@ def _cache_scores(
     unk_id: int,
     lam: float,
 ) -> np.ndarray:
-    """The mixture's probability of each cache key of `rows` (R, C) float32; -1: empty slot.
+    """The mixture's probability of each cache key of `rows` (R, C) float32.
 
     `probs_flat` is the batch's (B, V) model distribution flattened; `rows` index into it.
+    Empty slots get an unspecified value: callers look only at keys >= 0.
     """
     base = (rows.astype(np.int64) * vocab_size)[:, None]
     p_model = np.take(probs_flat, base + np.clip(keys, 0, vocab_size - 1))
     total = weights.sum(1, keepdims=True)
     scale = np.float32(lam) / np.maximum(total, np.float32(1e-30))
-    scores = p_model * np.float32(1.0 - lam) + weights * scale
     oov = keys >= vocab_size
     if oov.any():
         # A typed word's model share: its part of p(<unk>) among the row's typed words.
-        oov_total = np.where(oov, weights, np.float32(0.0)).sum(1)
-        r, c = np.nonzero(oov)
-        p_unk = probs_flat[base[r, 0] + unk_id]
-        w = weights[r, c]
-        scores[r, c] = np.float32(1.0 - lam) * p_unk * (w / oov_total[r]) + w * scale[r, 0]
-    np.copyto(scores, np.float32(-1.0), where=keys < 0)
-    return scores
+        oov_total = np.where(oov, weights, np.float32(0.0)).sum(1, keepdims=True)
+        p_unk = np.take(probs_flat, base + unk_id)
+        share = p_unk / np.maximum(oov_total, np.float32(1e-30))
+        p_model = np.where(oov, weights * share, p_model)
+    return p_model * np.float32(1.0 - lam) + weights * scale
 
 
 def _shown(keys: np.ndarray, vocab_size: int, suggestible: np.ndarray) -> np.ndarray:
@@ -337,7 +335,8 @@ def _best_mixed(
     """
     scores = _cache_scores(keys, weights, probs_flat, rows, vocab_size, unk_id, lam)
     floor = np.float32(1.0 - lam) * topk_probs[:, k - 1 : k]
-    r, c = np.nonzero(scores >= floor)
+    # (np.nonzero of a 2-d mask is ~10x slower than flatnonzero and a division)
+    r, c = np.divmod(np.flatnonzero(scores >= floor), scores.shape[1])
     key = keys[r, c]
     ok = _shown(key, vocab_size, suggestible)
     r, c, key = r[ok], c[ok], key[ok]
