@@ -14,7 +14,7 @@ Reported: the median of `--rounds` rounds in milliseconds, the cache's share of 
 model's step with the distribution, and the bytes per session (C x 8 for keys and
 weights, plus the typed words kept, as UTF-8).
 
-    python -m benchmarks.bench_cache --text ../shared/data/wikitext-2-valid.txt
+    python -m benchmarks.bench_cache --text WIKITEXT_FILE
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
     python -m model_export.tune_adapt --artifact service/models/gru \
         --corpora brown movie_reviews abc state_union webtext inaugural \
-        --nltk-data ../shared/data/nltk_data --split valid --record
+        --nltk-data NLTK_DATA_DIR --split valid --record
 
 Two grids, each scored in one pass over the documents (one session per document, as
 `nextword evaluate --adapt` types them; the model's outputs are shared by every point):
