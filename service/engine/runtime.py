@@ -28,6 +28,7 @@ from service.contract.artifact import (
     state_inputs,
     state_outputs,
 )
+from service.engine.pool import StatePool
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,7 @@ class OrtModel:
         intra_op_threads: int = 0,
         *,
         allow_tf32: bool = False,
+        pool_rows: int = 0,
     ) -> None:
         global _cuda_failed
         self.artifact = artifact
@@ -124,10 +126,11 @@ class OrtModel:
         # 5.8e-4 (GRU), past the 1e-4 invariants; use_tf32=0: 8e-8 / 4e-8 (H200,
         # onnxruntime-gpu 1.31.1).
         cuda_options = {"use_tf32": "1" if allow_tf32 else "0"}
-        with_options = [(name, cuda_options) if name == CUDA else name for name in requested]
+        self._options = options
+        self._providers = [(name, cuda_options) if name == CUDA else name for name in requested]
         try:
             self.session = ort.InferenceSession(
-                str(artifact.onnx_path), options, providers=with_options
+                str(artifact.onnx_path), options, providers=self._providers
             )
         finally:
             ort.set_default_logger_severity(2)
@@ -157,6 +160,13 @@ class OrtModel:
         self.start = self.run(
             np.array([[self.vocab.eos_id]], dtype=np.int64), self.zero_state(1), want_probs=True
         )
+        # The states of active sessions, resident on this model's device (None: every
+        # batch's states are copied in and out, `run`).
+        self.pool: StatePool | None = StatePool(self, pool_rows) if pool_rows > 0 else None
+
+    def new_session(self, model: bytes) -> ort.InferenceSession:
+        """Another graph on this model's providers and options (the state pool's)."""
+        return ort.InferenceSession(model, self._options, providers=self._providers)
 
     def zero_state(self, batch: int) -> State:
         """An all-zero state for `batch` rows."""

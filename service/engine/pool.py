@@ -1,0 +1,340 @@
+"""The resident state pool: session states kept on the model's device between steps.
+
+A `StatePool` is a fixed number of rows, each one recurrent state after some token (the
+(L, H) arrays of every state input: h, or h and c), in one (rows, L, H) float32 tensor
+per state input on the session's device: GPU memory on CUDA, host memory on CPU (the
+same code). A session holds two rows: the state after its last token and the state
+before it (`SessionRecord.resident`).
+
+Rows are write-once: a run gathers its batch's input rows on the device, runs the model
+and scatters the new states into rows it has just taken, so a row never changes while
+anyone holds it. A row is held by `Slot` objects (a session's record, a step in
+flight) and goes back to the pool when the last of them is dropped; nothing frees a
+row by hand, so a cancelled, failed or retried step cannot leak one or free one still
+in use.
+
+Per batch only the token ids and the row numbers go in, and only the top-k (and, for
+rows that ask for it, the full distribution) comes out. The gather, the model and the
+scatter are one ONNX graph (the model's graph with a Gather before each state input
+and a ScatterND after each state output), run with IOBinding: the pool tensors are
+bound as both input and output, and ONNX Runtime's ScatterND (CUDA and CPU) writes in
+place when they are one buffer, so a step costs its rows, not the pool. Two small
+graphs copy rows from and to host memory (a session spilled to the host, or kept by a
+store that serializes states, such as Redis).
+
+The pool has a fixed size (`rows`): when it runs short, the session store spills its
+least recently used sessions to host memory (`MemorySessionStore.spill`), and they come
+back on their next step.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import threading
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper
+
+from service.contract.artifact import PROBS, TOKENS, TOPK_IDS, TOPK_PROBS
+
+if TYPE_CHECKING:
+    from service.engine.runtime import OrtModel
+
+log = logging.getLogger(__name__)
+
+FROM_ROWS = "nextword_from_rows"  # (B,) int64: the rows the batch starts from
+TO_ROWS = "nextword_to_rows"  # (B,) int64: the rows its new states go to
+_STATES = "nextword_states"  # host states to upload, one per state input
+
+
+def _pool_name(i: int) -> str:
+    return f"nextword_pool{i}"
+
+
+def _pool_out(i: int) -> str:
+    return f"nextword_pool{i}_out"
+
+
+class PoolExhausted(RuntimeError):
+    """No free row: every row holds a live session or a step in flight."""
+
+
+class Slot:
+    """One row of a pool, held: the row is free again once no Slot of it is left."""
+
+    __slots__ = ("index", "pool")
+
+    def __init__(self, pool: StatePool, index: int) -> None:
+        self.pool = pool
+        self.index = index
+
+    def __del__(self) -> None:
+        # From whichever thread drops the last reference: a deque's append is atomic.
+        self.pool._released.append(self.index)
+
+    def __repr__(self) -> str:
+        return f"Slot({self.index})"
+
+
+@dataclass(frozen=True)
+class PoolOutput:
+    """What a resident run returns, for the last position of each row."""
+
+    topk_probs: np.ndarray  # (B, K) float32
+    topk_ids: np.ndarray  # (B, K) int64
+    probs: np.ndarray | None  # (B, V) float32, only when asked for
+    slots: tuple[Slot, ...]  # the rows holding each row's new state
+
+    def __len__(self) -> int:
+        return int(self.topk_ids.shape[0])
+
+
+def _tensor(name: str, elem: int, shape: Sequence[int | str]) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, elem, list(shape))
+
+
+def resident_graph(
+    model: onnx.ModelProto, state_inputs: Sequence[str], state_outputs: Sequence[str]
+) -> onnx.ModelProto:
+    """The model's graph reading its states from pool rows and writing them back.
+
+    Inputs: the tokens, `FROM_ROWS`, `TO_ROWS` and one pool (rows, L, H) per state input;
+    outputs: the model's outputs but the states, and each pool (`_pool_out(i)`, to be
+    bound to the input pool's buffer)."""
+    resident = onnx.ModelProto()
+    resident.CopyFrom(model)
+    graph = resident.graph
+    inputs = {i.name: i for i in graph.input}
+    shapes = []
+    for name in state_inputs:
+        dims = inputs[name].type.tensor_type.shape.dim
+        shapes.append((dims[0].dim_value, dims[2].dim_value))  # (L, B, H): L and H fixed
+    kept_inputs = [i for i in graph.input if i.name not in state_inputs]
+    kept_outputs = [o for o in graph.output if o.name not in state_outputs]
+    del graph.input[:]
+    del graph.output[:]
+    graph.input.extend(kept_inputs)
+    graph.input.extend([_tensor(FROM_ROWS, TensorProto.INT64, ["batch"])])
+    graph.input.extend([_tensor(TO_ROWS, TensorProto.INT64, ["batch"])])
+    front, back = [], []
+    axes = "nextword_axes1"
+    graph.initializer.append(helper.make_tensor(axes, TensorProto.INT64, [1], [1]))
+    to_index = "nextword_to_index"
+    back.append(helper.make_node("Unsqueeze", [TO_ROWS, axes], [to_index]))
+    for i, (name_in, name_out, (layers, hidden)) in enumerate(
+        zip(state_inputs, state_outputs, shapes)
+    ):
+        pool, gathered, moved = _pool_name(i), f"nextword_gathered{i}", f"nextword_moved{i}"
+        graph.input.extend([_tensor(pool, TensorProto.FLOAT, ["rows", layers, hidden])])
+        front.append(helper.make_node("Gather", [pool, FROM_ROWS], [gathered], axis=0))
+        front.append(helper.make_node("Transpose", [gathered], [name_in], perm=[1, 0, 2]))
+        back.append(helper.make_node("Transpose", [name_out], [moved], perm=[1, 0, 2]))
+        back.append(helper.make_node("ScatterND", [pool, to_index, moved], [_pool_out(i)]))
+        graph.output.extend([_tensor(_pool_out(i), TensorProto.FLOAT, ["rows", layers, hidden])])
+    graph.output.extend(kept_outputs)
+    nodes = [*front, *graph.node, *back]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return resident
+
+
+def _copy_graphs(
+    shapes: Sequence[tuple[int, int]], opset: int
+) -> tuple[onnx.ModelProto, onnx.ModelProto]:
+    """(download, upload): rows of each pool out to (B, L, H) arrays, and arrays into rows."""
+    rows = _tensor(FROM_ROWS, TensorProto.INT64, ["batch"])
+    pools = [
+        _tensor(_pool_name(i), TensorProto.FLOAT, ["rows", layers, hidden])
+        for i, (layers, hidden) in enumerate(shapes)
+    ]
+    states = [
+        _tensor(f"{_STATES}{i}", TensorProto.FLOAT, ["batch", layers, hidden])
+        for i, (layers, hidden) in enumerate(shapes)
+    ]
+    gather = [
+        helper.make_node("Gather", [_pool_name(i), FROM_ROWS], [f"{_STATES}{i}"], axis=0)
+        for i in range(len(shapes))
+    ]
+    download = helper.make_graph(gather, "nextword_download", [*pools, rows], states)
+    axes = helper.make_tensor("nextword_axes1", TensorProto.INT64, [1], [1])
+    scatter = [helper.make_node("Unsqueeze", [FROM_ROWS, "nextword_axes1"], ["index"])]
+    scatter += [
+        helper.make_node("ScatterND", [_pool_name(i), "index", f"{_STATES}{i}"], [_pool_out(i)])
+        for i in range(len(shapes))
+    ]
+    outs = [
+        _tensor(_pool_out(i), TensorProto.FLOAT, ["rows", layers, hidden])
+        for i, (layers, hidden) in enumerate(shapes)
+    ]
+    upload = helper.make_graph(
+        scatter, "nextword_upload", [*pools, rows, *states], outs, initializer=[axes]
+    )
+    opsets = [helper.make_opsetid("", opset)]
+    return (
+        helper.make_model(download, opset_imports=opsets, ir_version=8),
+        helper.make_model(upload, opset_imports=opsets, ir_version=8),
+    )
+
+
+def device_free_bytes() -> int | None:
+    """Free memory of CUDA device 0 (cudaMemGetInfo through the CUDA runtime ONNX Runtime
+    loaded), None where it cannot be asked."""
+    for name in ("libcudart.so.13", "libcudart.so.12", "libcudart.so"):
+        try:
+            runtime = ctypes.CDLL(name)
+        except OSError:
+            continue
+        free, total = ctypes.c_size_t(), ctypes.c_size_t()
+        if runtime.cudaMemGetInfo(ctypes.byref(free), ctypes.byref(total)) == 0:
+            return int(free.value)
+        return None
+    return None
+
+
+class StatePool:
+    """A model's rows of resident states and the three graphs that use them."""
+
+    def __init__(self, model: OrtModel, rows: int) -> None:
+        if rows < 2:
+            raise ValueError("a state pool needs at least 2 rows")
+        self.model = model
+        self.rows = rows
+        self.kinds = len(model.state_inputs)
+        self.layers = model.layers
+        self.hidden = model.hidden_size
+        self.device = "cuda" if model.on_cuda else "cpu"
+        shape = (rows, self.layers, self.hidden)
+        self.row_bytes = self.kinds * self.layers * self.hidden * 4
+        self._host: list[np.ndarray] = []  # the CPU pool's memory (the OrtValues share it)
+        if self.device == "cpu":
+            # Zero pages are only made resident when first written.
+            self._host = [np.zeros(shape, dtype=np.float32) for _ in range(self.kinds)]
+            self.arrays = [ort.OrtValue.ortvalue_from_numpy(a) for a in self._host]
+        else:
+            self.arrays = [
+                ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32, "cuda", 0)
+                for _ in range(self.kinds)
+            ]
+        proto = onnx.load(str(model.artifact.onnx_path))
+        opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+        fused = resident_graph(proto, model.state_inputs, model.state_outputs)
+        download, upload = _copy_graphs([(self.layers, self.hidden)] * self.kinds, opset)
+        self._step = model.new_session(fused.SerializeToString())
+        self._download = model.new_session(download.SerializeToString())
+        self._upload = model.new_session(upload.SerializeToString())
+        self._free: list[int] = []  # rows given back, reused first
+        self._high = 0  # rows below this were handed out at least once
+        self._released: deque[int] = deque()  # rows given back by `Slot.__del__`
+        self._lock = threading.Lock()  # taking rows: the engine thread, and spills
+        log.info(
+            "model %s: state pool of %d rows on %s (%.1f MiB, %d B a row)",
+            model.name,
+            rows,
+            self.device,
+            rows * self.row_bytes / 2**20,
+            self.row_bytes,
+        )
+
+    # --- rows ---------------------------------------------------------------------
+
+    @property
+    def free(self) -> int:
+        """Rows free now (those whose last Slot was dropped included)."""
+        return self.rows - self._high + len(self._free) + len(self._released)
+
+    @property
+    def used(self) -> int:
+        return self.rows - self.free
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the pool tensors."""
+        return self.rows * self.row_bytes
+
+    def take(self, n: int) -> list[Slot]:
+        """`n` free rows; raises `PoolExhausted` (taking none) when fewer are free."""
+        with self._lock:
+            released = self._released
+            while released:
+                self._free.append(released.popleft())
+            if n > len(self._free) + self.rows - self._high:
+                raise PoolExhausted(
+                    f"model {self.model.name!r}: {n} state rows needed, {self.free} free "
+                    f"of {self.rows}"
+                )
+            reused = min(n, len(self._free))
+            indices = self._free[len(self._free) - reused :]
+            del self._free[len(self._free) - reused :]
+            indices.extend(range(self._high, self._high + n - reused))
+            self._high += n - reused
+        return [Slot(self, i) for i in indices]
+
+    def _rows(self, slots: Sequence[Slot]) -> np.ndarray:
+        for slot in slots:
+            if slot.pool is not self:
+                raise ValueError("a slot of another pool")
+        return np.fromiter((s.index for s in slots), dtype=np.int64, count=len(slots))
+
+    def _bind_pools(self, binding: ort.IOBinding, write: bool) -> None:
+        for i, value in enumerate(self.arrays):
+            binding.bind_ortvalue_input(_pool_name(i), value)
+            if write:
+                binding.bind_ortvalue_output(_pool_out(i), value)  # in place
+
+    # --- the runs -----------------------------------------------------------------
+
+    def run(self, tokens: np.ndarray, start: Sequence[Slot], want_probs: bool) -> PoolOutput:
+        """Run `tokens` (B, T) int64, row b from the state in `start[b]`; the new states
+        go to fresh rows (`PoolOutput.slots`)."""
+        batch = tokens.shape[0]
+        if tokens.ndim != 2 or batch == 0 or tokens.shape[1] == 0 or len(start) != batch:
+            raise ValueError(f"tokens {tokens.shape} for {len(start)} start rows")
+        out = self.take(batch)
+        binding = self._step.io_binding()
+        binding.bind_cpu_input(TOKENS, np.ascontiguousarray(tokens, dtype=np.int64))
+        binding.bind_cpu_input(FROM_ROWS, self._rows(start))
+        binding.bind_cpu_input(TO_ROWS, self._rows(out))
+        names = [TOPK_PROBS, TOPK_IDS] + ([PROBS] if want_probs else [])
+        for name in names:
+            binding.bind_output(name, "cpu")
+        self._bind_pools(binding, write=True)  # bound after: `get_outputs` starts with names
+        self._step.run_with_iobinding(binding)
+        values = {name: v.numpy() for name, v in zip(names, binding.get_outputs())}
+        return PoolOutput(values[TOPK_PROBS], values[TOPK_IDS], values.get(PROBS), tuple(out))
+
+    def upload(self, states: Sequence[Sequence[np.ndarray]]) -> list[Slot]:
+        """Host states (each `kinds` arrays (L, H)) into fresh rows."""
+        if not states:
+            return []
+        out = self.take(len(states))
+        binding = self._upload.io_binding()
+        binding.bind_cpu_input(FROM_ROWS, self._rows(out))
+        for i in range(self.kinds):
+            stacked = np.ascontiguousarray(np.stack([s[i] for s in states]), dtype=np.float32)
+            if stacked.shape[1:] != (self.layers, self.hidden):
+                raise ValueError(f"a state of shape {stacked.shape[1:]} for this pool")
+            binding.bind_cpu_input(f"{_STATES}{i}", stacked)
+        self._bind_pools(binding, write=True)
+        self._upload.run_with_iobinding(binding)
+        return out
+
+    def download(self, slots: Sequence[Slot]) -> list[tuple[np.ndarray, ...]]:
+        """The states of rows, in host memory (each `kinds` arrays (L, H))."""
+        if not slots:
+            return []
+        binding = self._download.io_binding()
+        binding.bind_cpu_input(FROM_ROWS, self._rows(slots))
+        self._bind_pools(binding, write=False)
+        names = [f"{_STATES}{i}" for i in range(self.kinds)]
+        for name in names:
+            binding.bind_output(name, "cpu")
+        self._download.run_with_iobinding(binding)
+        arrays = binding.copy_outputs_to_cpu()
+        return [tuple(a[b] for a in arrays) for b in range(len(slots))]
