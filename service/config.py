@@ -35,6 +35,26 @@ class Settings(BaseSettings):
         default=False,
         description="let ORT's CUDA provider use TF32 (faster; breaks the 1e-4 invariant)",
     )
+    state_pool: bool = Field(
+        default=True,
+        description="keep the states of active sessions resident in a pool of rows on the "
+        "model's device (GPU memory on CUDA, host memory on CPU): a batch sends token ids "
+        "and gets the top-k; false: states are copied in and out with every batch",
+    )
+    state_pool_rows: int = Field(
+        default=0,
+        ge=0,
+        description="rows of each model's state pool (a session takes two); 0 = enough for "
+        "session_cap sessions, on CUDA at most state_pool_memory of the free GPU memory. "
+        "Sessions past the pool spill to host memory and come back on their next step",
+    )
+    state_pool_memory: float = Field(
+        default=0.8,
+        gt=0,
+        le=1,
+        description="share of the free GPU memory (at start, over all models) the state "
+        "pools may take when state_pool_rows is 0",
+    )
 
     # HTTP server.
     host: str = "127.0.0.1"

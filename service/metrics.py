@@ -125,3 +125,14 @@ STORE_CONFLICTS = Counter(
     "nextword_store_conflicts",
     "Sessions written behind whose flush lost the compare-and-set to another engine.",
 )
+POOL_SPILLS = Counter(
+    "nextword_state_pool_spills",
+    "Pool rows freed by spilling idle sessions' states to host memory, by model.",
+    ["model"],
+)
+POOL_ROWS = Gauge(
+    "nextword_state_pool_rows",
+    "Rows of a model's resident state pool, by model and use (used, free).",
+    ["model", "use"],
+    multiprocess_mode="livesum",
+)

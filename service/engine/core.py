@@ -30,6 +30,7 @@ from service.contract.protocol import (
     StepRequest,
 )
 from service.engine import adapt
+from service.engine.pool import device_free_bytes, pool_rows
 from service.engine.runtime import OrtModel, choose_providers
 from service.engine.scheduler import Adaptation, Step, StepBatcher, StepResult
 from service.errors import NextwordError, StepFailed, UnknownModel
@@ -52,7 +53,7 @@ def artifact_dirs(models_dir: Path) -> list[Path]:
 def load_models(settings: Settings) -> dict[str, OrtModel]:
     """Every artifact directory of the settings' models directory (verified), by name."""
     chosen = choose_providers(settings.providers)
-    return {
+    models = {
         path.name: OrtModel(
             ModelArtifact.load(path),
             chosen,
@@ -61,6 +62,25 @@ def load_models(settings: Settings) -> dict[str, OrtModel]:
         )
         for path in artifact_dirs(Path(settings.models_dir))
     }
+    if settings.state_pool:
+        budget = None
+        if any(model.on_cuda for model in models.values()):
+            free = device_free_bytes()
+            if free is None:
+                log.warning("free GPU memory unknown: state pools sized from the session cap")
+            else:
+                budget = int(free * settings.state_pool_memory) // len(models)
+        for model in models.values():
+            kinds = len(model.state_inputs)
+            rows = pool_rows(
+                settings.state_pool_rows,
+                settings.session_cap,
+                settings.max_batch,
+                kinds * model.layers * model.hidden_size * 4,
+                budget,
+            )
+            model.attach_pool(rows)
+    return models
 
 
 def describe_model(model: OrtModel) -> dict[str, Any]:

@@ -34,8 +34,6 @@ import logging
 import threading
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -43,9 +41,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper
 
 from service.contract.artifact import PROBS, TOKENS, TOPK_IDS, TOPK_PROBS
-
-if TYPE_CHECKING:
-    from service.engine.runtime import OrtModel
+from service.engine.runtime import OrtModel, StepOutput
 
 log = logging.getLogger(__name__)
 
@@ -81,19 +77,6 @@ class Slot:
 
     def __repr__(self) -> str:
         return f"Slot({self.index})"
-
-
-@dataclass(frozen=True)
-class PoolOutput:
-    """What a resident run returns, for the last position of each row."""
-
-    topk_probs: np.ndarray  # (B, K) float32
-    topk_ids: np.ndarray  # (B, K) int64
-    probs: np.ndarray | None  # (B, V) float32, only when asked for
-    slots: tuple[Slot, ...]  # the rows holding each row's new state
-
-    def __len__(self) -> int:
-        return int(self.topk_ids.shape[0])
 
 
 def _tensor(name: str, elem: int, shape: Sequence[int | str]) -> onnx.ValueInfoProto:
@@ -198,6 +181,26 @@ def device_free_bytes() -> int | None:
     return None
 
 
+def pool_rows(
+    setting: int, session_cap: int, max_batch: int, row_bytes: int, budget: int | None
+) -> int:
+    """Rows of a model's pool: `setting`, or (0) two per session up to the cap and room for
+    the batches in flight, within `budget` bytes (None: no bound). At least the rows of
+    the batches in flight, or a ValueError when `setting` gives fewer."""
+    least = 8 * max_batch + 16  # two batches in flight, four rows a step at most
+    if setting:
+        if setting < least:
+            raise ValueError(
+                f"NEXTWORD_STATE_POOL_ROWS={setting} is below {least}, the rows of the "
+                f"batches in flight at max_batch={max_batch}"
+            )
+        return setting
+    rows = 2 * session_cap + least
+    if budget is not None:
+        rows = min(rows, budget // row_bytes)
+    return max(rows, least)
+
+
 class StatePool:
     """A model's rows of resident states and the three graphs that use them."""
 
@@ -290,9 +293,9 @@ class StatePool:
 
     # --- the runs -----------------------------------------------------------------
 
-    def run(self, tokens: np.ndarray, start: Sequence[Slot], want_probs: bool) -> PoolOutput:
+    def run(self, tokens: np.ndarray, start: Sequence[Slot], want_probs: bool) -> StepOutput:
         """Run `tokens` (B, T) int64, row b from the state in `start[b]`; the new states
-        go to fresh rows (`PoolOutput.slots`)."""
+        go to fresh rows (`StepOutput.slots`; its `state` is empty)."""
         batch = tokens.shape[0]
         if tokens.ndim != 2 or batch == 0 or tokens.shape[1] == 0 or len(start) != batch:
             raise ValueError(f"tokens {tokens.shape} for {len(start)} start rows")
@@ -307,7 +310,7 @@ class StatePool:
         self._bind_pools(binding, write=True)  # bound after: `get_outputs` starts with names
         self._step.run_with_iobinding(binding)
         values = {name: v.numpy() for name, v in zip(names, binding.get_outputs())}
-        return PoolOutput(values[TOPK_PROBS], values[TOPK_IDS], values.get(PROBS), tuple(out))
+        return StepOutput(values[TOPK_PROBS], values[TOPK_IDS], values.get(PROBS), (), tuple(out))
 
     def upload(self, states: Sequence[Sequence[np.ndarray]]) -> list[Slot]:
         """Host states (each `kinds` arrays (L, H)) into fresh rows."""

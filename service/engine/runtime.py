@@ -14,6 +14,7 @@ import os
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnxruntime as ort
@@ -28,7 +29,9 @@ from service.contract.artifact import (
     state_inputs,
     state_outputs,
 )
-from service.engine.pool import StatePool
+
+if TYPE_CHECKING:
+    from service.engine.pool import Slot, StatePool
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +53,8 @@ class StepOutput:
     topk_probs: np.ndarray  # (B, K) float32, best first, suggestible words only
     topk_ids: np.ndarray  # (B, K) int64
     probs: np.ndarray | None  # (B, V) float32 full distribution, only when asked for
-    state: State  # each (L, B, H) float32
+    state: State  # each (L, B, H) float32 (empty from a resident run)
+    slots: tuple[Slot, ...] = ()  # a resident run's new states: a pool row per row
 
     def __len__(self) -> int:
         return int(self.topk_ids.shape[0])
@@ -162,7 +166,16 @@ class OrtModel:
         )
         # The states of active sessions, resident on this model's device (None: every
         # batch's states are copied in and out, `run`).
-        self.pool: StatePool | None = StatePool(self, pool_rows) if pool_rows > 0 else None
+        self.pool: StatePool | None = None
+        if pool_rows > 0:
+            self.attach_pool(pool_rows)
+
+    def attach_pool(self, rows: int) -> StatePool:
+        """Keep session states in a pool of `rows` rows on this model's device."""
+        from service.engine.pool import StatePool  # it builds on this module
+
+        self.pool = StatePool(self, rows)
+        return self.pool
 
     def new_session(self, model: bytes) -> ort.InferenceSession:
         """Another graph on this model's providers and options (the state pool's)."""

@@ -56,6 +56,8 @@ states).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import gc
 import logging
 import sys
 import time
@@ -70,6 +72,7 @@ import numpy as np
 from service import metrics
 from service.contract.tokenizer import normalize
 from service.engine import adapt
+from service.engine.pool import PoolExhausted, Slot, StatePool
 from service.engine.runtime import State, StepOutput, top_words
 from service.errors import (
     Contended,
@@ -149,24 +152,28 @@ class StepResult:
     words: tuple[str, ...] = ()  # the typed words an id >= V refers to (V + j: words[j])
 
 
+# A state during a batch: host arrays (each (L, H)), or a pool row with a resident runner.
+StateRef = State | Slot
+
+
 @dataclass(eq=False)
 class _Row:
     """A step during one batch: where it starts from, what it runs, what comes out."""
 
     step: Step
     record: SessionRecord | None
-    current: State = ()  # (L, H) arrays: the state after the context's last token
-    previous: State = ()  # the state before it
+    current: StateRef = ()  # the state after the context's last token
+    previous: StateRef = ()  # the state before it
     last_token: int = -1
     context_tokens: int = 0
     first: list[int] = field(default_factory=list)  # phase 1: tokens run for the new `previous`
     second: list[int] = field(default_factory=list)  # phase 2: tokens whose output answers
     planned: bool = False
     done: int = 0  # tokens of `first` run in earlier batches (a chunked step)
-    first_from: State = ()  # the state after first[:done]
+    first_from: StateRef = ()  # the state after first[:done]
     piece: int = 0  # tokens of `first` this batch runs
     final: bool = False  # this batch runs the rest of the step and answers it
-    second_from: State = ()
+    second_from: StateRef = ()
     output: StepOutput | None = None
     output_row: int = 0
     result: StepResult | None = None
@@ -187,6 +194,22 @@ class _Row:
 def _stack(states: list[State]) -> State:
     """Per-row states (each (L, H)) -> batch state (each (L, B, H))."""
     return tuple(np.stack([s[i] for s in states], axis=1) for i in range(len(states[0])))
+
+
+def _to_host(records: list[SessionRecord]) -> list[SessionRecord]:
+    """The records with their resident states copied to host arrays (one copy per pool),
+    for a store that serializes states."""
+    slots = [s for r in records if r.resident is not None for s in r.resident]
+    if not slots:
+        return records
+    states = iter(slots[0].pool.download(slots))
+    out = []
+    for record in records:
+        if record.resident is not None:
+            current, previous = next(states), next(states)
+            record = dataclasses.replace(record, state=(*current, *previous), resident=None)
+        out.append(record)
+    return out
 
 
 def _resolve(future: asyncio.Future[Any], outcome: Any) -> bool:
@@ -257,8 +280,19 @@ class StepBatcher:
         self._wake_at = 1
         self._executor: ThreadPoolExecutor | None = None
         self._in_flight: list[Step] = []
-        self._start_current: State = tuple(a[:, 0, :] for a in runner.start.state)
-        self._zeros: State = tuple(np.zeros_like(a) for a in self._start_current)
+        start_current: State = tuple(a[:, 0, :] for a in runner.start.state)
+        zeros: State = tuple(np.zeros_like(a) for a in start_current)
+        self._halves = len(start_current)  # arrays in a state (h, or h and c)
+        # With a resident runner every state of a batch is a pool row (`StatePool`);
+        # the start and zero states are rows held for the batcher's life.
+        self.pool: StatePool | None = getattr(runner, "pool", None)
+        self._start_current: StateRef = start_current
+        self._zeros: StateRef = zeros
+        if self.pool is not None:
+            self._start_current, self._zeros = self.pool.upload([start_current, zeros])
+        self._spills = metrics.POOL_SPILLS.labels(self.name)
+        self._pool_used = metrics.POOL_ROWS.labels(self.name, "used")
+        self._pool_free = metrics.POOL_ROWS.labels(self.name, "free")
         if runner.start.probs is None:
             raise ValueError("the runner's start output must include the full distribution")
         self._vocab_size = int(runner.start.probs.shape[1])
@@ -555,7 +589,11 @@ class StepBatcher:
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
         try:
+            await self._make_room(len(rows))
             await loop.run_in_executor(self._executor, self._compute, rows)
+            if self.pool is not None:
+                self._pool_used.set(self.pool.used)
+                self._pool_free.set(self.pool.free)
         except Exception as exc:
             log.exception("model %s: run of a batch of %d failed", self.name, len(rows))
             self._fail(
@@ -569,12 +607,40 @@ class StepBatcher:
         self._batch_seconds.observe(time.perf_counter() - started)
         return True
 
+    async def _make_room(self, rows: int) -> None:
+        """Free enough pool rows for a batch of `rows` steps (each takes at most four: its
+        two states brought back from host memory and the states after its two runs): the
+        store spills its least recently used sessions to host memory."""
+        pool = self.pool
+        if pool is None:
+            return
+        need = 4 * rows
+        if pool.free >= need:
+            return
+        spill = getattr(self.store, "spill", None)
+        if spill is not None:
+            # A batch's worth at least: spilling is paid per call, not per row.
+            spilled = await spill(pool, max(need - pool.free, 2 * self.max_batch))
+            self._spills.inc(spilled)
+        if pool.free < need:
+            gc.collect()  # rows held only by reference cycles (a cancelled step's)
+        if pool.free < need:
+            raise PoolExhausted(
+                f"model {self.name!r}: {pool.free} free state rows for a batch of {rows} "
+                f"steps; NEXTWORD_STATE_POOL_ROWS={pool.rows} is too small for the "
+                "sessions in flight"
+            )
+
     def _problem(self, step: Step, record: SessionRecord | None) -> NextwordError | None:
         """Why a step cannot run on the record read for it, if it cannot."""
         if (
             record is None
             or record.model != self.name
-            or len(record.state) != 2 * len(self._start_current)
+            or (
+                len(record.state) != 2 * self._halves
+                if record.resident is None
+                else record.resident[0].pool is not self.pool
+            )
             or record.last_token >= self._vocab_size
         ):
             return UnknownSession(
@@ -600,6 +666,10 @@ class StepBatcher:
                 records.append(r.result.record)
                 expected.append(None if r.record is None else r.record.version)
             try:
+                if self.pool is not None and not getattr(self.store, "keeps_resident", False):
+                    records = await asyncio.get_running_loop().run_in_executor(
+                        self._executor, _to_host, records
+                    )
                 written = await self.store.put_many(records, expected)
             except NextwordError as exc:
                 self._fail([r.step for r in writes], exc)
@@ -638,6 +708,8 @@ class StepBatcher:
         A row runs the next chunk of its first tokens, or (its last batch) the rest of
         them and then its second tokens, whose output answers."""
         chunk = self.prefill_chunk
+        if self.pool is not None:
+            self._upload(rows, self.pool)
         for row in rows:
             if not row.planned:
                 self._plan(row)
@@ -654,7 +726,9 @@ class StepBatcher:
                 False,
             )
             for i, row in enumerate(group):
-                row.first_from = tuple(a[:, i, :] for a in output.state)
+                row.first_from = (
+                    output.slots[i] if output.slots else tuple(a[:, i, :] for a in output.state)
+                )
                 row.done += row.piece
         final = [r for r in rows if r.final]
         for row in final:
@@ -671,6 +745,32 @@ class StepBatcher:
                 self._answer_mixed(group, output)
         for row in final:
             row.result = self._result(row)
+
+    @staticmethod
+    def _upload(rows: list[_Row], pool: StatePool) -> None:
+        """Bring the host states of the records a batch starts from (sessions spilled to host
+        memory, or read from a store that serializes states) into pool rows, at once."""
+        records = []
+        for row in rows:
+            record, step = row.record, row.step
+            if (
+                not row.planned
+                and record is not None
+                and record.resident is None
+                and not (step.fresh or step.create)
+            ):
+                records.append(record)
+        if not records:
+            return
+        half = len(records[0].state) // 2
+        slots = pool.upload([s for r in records for s in (r.state[:half], r.state[half:])])
+        uploaded = {
+            id(r): dataclasses.replace(r, state=(), resident=(slots[2 * i], slots[2 * i + 1]))
+            for i, r in enumerate(records)
+        }
+        for row in rows:
+            if row.record is not None and id(row.record) in uploaded:
+                row.record = uploaded[id(row.record)]
 
     def _remember(self, rows: list[_Row], adaptation: Adaptation) -> None:
         """Count the words each row runs in this batch into its memory (one vectorised
@@ -788,8 +888,11 @@ class StepBatcher:
             row.current, row.previous = self._start_current, self._zeros
             row.last_token, row.context_tokens = self.runner.eos_id, 0
         else:
-            half = len(self._start_current)
-            row.current, row.previous = record.state[:half], record.state[half:]
+            if record.resident is not None:
+                row.current, row.previous = record.resident
+            else:
+                half = self._halves
+                row.current, row.previous = record.state[:half], record.state[half:]
             row.last_token, row.context_tokens = record.last_token, record.tokens
         row.first_from = row.current
         if not tokens:
@@ -812,12 +915,19 @@ class StepBatcher:
         return list(groups.values())
 
     def _run(
-        self, group: list[_Row], tokens: list[list[int]], states: list[State], want_probs: bool
+        self, group: list[_Row], tokens: list[list[int]], states: list[StateRef], want_probs: bool
     ) -> StepOutput:
         batch = np.array(tokens, dtype=np.int64)  # (B, T)
-        output = self.runner.run(batch, _stack(states), want_probs)
+        if self.pool is not None:
+            output = self.pool.run(batch, states, want_probs)  # type: ignore[arg-type]
+        else:
+            output = self.runner.run(batch, _stack(states), want_probs)  # type: ignore[arg-type]
         self._tokens_run.inc(batch.size)
-        if len(output) != len(group) or any(a.shape[1] != len(group) for a in output.state):
+        if (
+            len(output) != len(group)
+            or any(a.shape[1] != len(group) for a in output.state)
+            or len(output.slots) not in (0, len(group))
+        ):
             raise RuntimeError(f"the model answered {len(output)} rows for a batch of {len(group)}")
         return output
 
@@ -834,18 +944,31 @@ class StepBatcher:
             words = row.memory.words
         if step.session_id is None:
             return StepResult(ids, probs, tokens, None, words)
+        current: StateRef
         if step.tokens:
-            current = tuple(a[:, index, :] for a in output.state)
+            if output.slots:
+                current = output.slots[index]
+            else:
+                current = tuple(a[:, index, :] for a in output.state)
             previous = row.second_from
             last = step.tokens[-1]
         else:
             current, previous, last = row.current, row.previous, row.last_token
         now = self.clock()
         old = row.record
+        resident = None
+        state: State = ()
+        if isinstance(current, Slot):
+            assert isinstance(previous, Slot)
+            resident = (current, previous)
+        else:
+            assert not isinstance(previous, Slot)
+            state = (*current, *previous)
         record = SessionRecord(
             session_id=step.session_id,
             model=self.name,
-            state=(*current, *previous),
+            state=state,
+            resident=resident,
             tokens=tokens,
             created_at=now if old is None or step.create else old.created_at,
             last_used_at=now,

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from service.engine.pool import Slot
 
 State = tuple[np.ndarray, ...]  # (h,) or (h, c); each float32 (L, H)
 
@@ -71,6 +74,10 @@ class SessionRecord:
     # a request does not say (`adapt`).
     memory: WordMemory | None = None
     adapt: bool = True
+    # The state kept on the model's device instead (`service.engine.pool`): the rows of
+    # the current and the previous state; `state` is then empty. Only a store that says
+    # `keeps_resident` is given such records; the others get `state`.
+    resident: tuple[Slot, Slot] | None = None
 
 
 def new_session_id() -> str:

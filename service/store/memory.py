@@ -38,13 +38,16 @@ import sys
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Container
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
 from service import metrics
 from service.errors import UnknownSession
 from service.store.base import SessionRecord, State, WordMemory, new_session_id
+
+if TYPE_CHECKING:
+    from service.engine.pool import Slot, StatePool
 
 Shape = tuple[int, int, int, int]  # (S, L, H, C): arrays per session, layers, hidden, memory
 
@@ -193,14 +196,19 @@ class _StatePool:
 
 def _shape_of(record: SessionRecord) -> Shape:
     """The pool shape of a record; ValueError unless its state is S arrays of one (L, H)
-    and its memory two arrays of one length."""
+    (none for a resident state) and its memory two arrays of one length."""
     state = record.state
-    if not state:
-        raise ValueError("a session state needs at least one array")
-    shapes = [a.shape if isinstance(a, np.ndarray) else np.shape(a) for a in state]
-    first = shapes[0]
-    if len(first) != 2 or any(shape != first for shape in shapes):
-        raise ValueError(f"state arrays must all be (L, H); got {shapes}")
+    if record.resident is not None:
+        if state:
+            raise ValueError("a resident session has no state arrays")
+        first: tuple[int, ...] = (0, 0)
+    else:
+        if not state:
+            raise ValueError("a session state needs at least one array")
+        shapes = [a.shape if isinstance(a, np.ndarray) else np.shape(a) for a in state]
+        first = shapes[0]
+        if len(first) != 2 or any(shape != first for shape in shapes):
+            raise ValueError(f"state arrays must all be (L, H); got {shapes}")
     slots = 0
     memory = record.memory
     if memory is not None:
@@ -254,6 +262,8 @@ class MemorySessionStore:
         self._owned: dict[str, OrderedDict[str, None]] = {}  # owner -> its sessions
         self._owner_of: dict[str, str] = {}  # session -> owner (owned sessions only)
         self._words: dict[str, tuple[str, ...]] = {}  # session -> its typed words (if any)
+        # Sessions whose state is resident in a model's pool: their rows, in write order.
+        self._resident: OrderedDict[str, tuple[Slot, Slot]] = OrderedDict()
 
     def new_id(self) -> str:
         """A fresh unguessable id."""
@@ -293,6 +303,7 @@ class MemorySessionStore:
         pool.release(row)
         self._key_bytes -= _block(sys.getsizeof(session_id))
         self._words.pop(session_id, None)
+        self._resident.pop(session_id, None)
         owner = self._owner_of.pop(session_id, None)
         if owner is not None:
             sessions = self._owned[owner]
@@ -344,6 +355,7 @@ class MemorySessionStore:
             owner=self._owner_of.get(session_id, ""),
             memory=memory,
             adapt=bool(adapt),
+            resident=self._resident.get(session_id),
         )
 
     # --- the protocol -------------------------------------------------------------------
@@ -462,6 +474,11 @@ class MemorySessionStore:
             self._words[record.session_id] = record.memory.words
         else:
             self._words.pop(record.session_id, None)
+        if record.resident is not None:
+            self._resident[record.session_id] = record.resident
+            self._resident.move_to_end(record.session_id)
+        else:
+            self._resident.pop(record.session_id, None)
         self._index[record.session_id] = row << _POOL_BITS | pool_id
         self._index.move_to_end(record.session_id)
         if self.owner_cap > 0 and record.owner:
@@ -505,8 +522,53 @@ class MemorySessionStore:
         self._owned.clear()
         self._owner_of.clear()
         self._words.clear()
+        self._resident.clear()
         self._key_bytes = 0
         metrics.ACTIVE_SESSIONS.set(0)
+
+    # --- resident states ----------------------------------------------------------------
+
+    keeps_resident = True  # records may hold pool rows (`SessionRecord.resident`)
+
+    async def spill(self, pool: StatePool, rows: int) -> int:
+        """Free at least `rows` rows of `pool` (when it holds that many): move the states of
+        its least recently written sessions to host memory, in one copy. Their next step
+        brings them back. Returns the rows freed."""
+        victims = []
+        freed = 0
+        for session_id, slots in self._resident.items():
+            if freed >= rows:
+                break
+            if slots[0].pool is pool:
+                victims.append(session_id)
+                freed += 2
+        if not victims:
+            return 0
+        states = pool.download([s for v in victims for s in self._resident[v]])
+        for i, session_id in enumerate(victims):
+            self._to_host(session_id, (*states[2 * i], *states[2 * i + 1]))
+        return freed
+
+    def _to_host(self, session_id: str, state: State) -> None:
+        """Move a resident session into a row with its state in host memory, as it was:
+        its metadata, memory, version and place in the LRU order unchanged."""
+        handle = self._index[session_id]
+        old, row = self._pool(handle)
+        _, meta, arrays = old.read(row)
+        memory = None if arrays is None else WordMemory(*arrays)
+        first = state[0]
+        pool_id = self._pool_id(
+            (len(state), int(first.shape[0]), int(first.shape[1]), old.shape[3])
+        )
+        new_row = self._pools[pool_id].alloc()
+        self._pools[pool_id].write(new_row, state, meta, memory)
+        old.release(row)
+        self._index[session_id] = new_row << _POOL_BITS | pool_id  # keeps its place
+        del self._resident[session_id]
+
+    def resident_sessions(self) -> int:
+        """Sessions whose state is in a model's pool."""
+        return len(self._resident)
 
     # --- what it costs ------------------------------------------------------------------
 

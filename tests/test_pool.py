@@ -1,0 +1,233 @@
+"""The resident state pool (service/engine/pool.py): on CPU always, on CUDA where usable.
+
+A resident run (gather, model and scatter in one graph) answers what the copied run
+answers from the same states; rows are write-once and go back when their last Slot is
+dropped; a store spills idle sessions to host memory and they come back on their next
+step, with every answer unchanged.
+"""
+
+from __future__ import annotations
+
+import gc
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from service.api import create_app
+from service.contract.artifact import ModelArtifact
+from service.engine.pool import PoolExhausted, StatePool, pool_rows
+from service.engine.runtime import OrtModel
+from service.store import SessionRecord
+from service.store.memory import MemorySessionStore
+from tests.api_support import TEXTS, api_settings, assert_same_predictions, splits
+from tests.gpu_support import provider_params, providers_for
+
+EXACT = 1e-6  # the same kernels on the same device; only the batch's layout differs
+ATOL = 1e-4
+
+
+@pytest.fixture(scope="module", params=["lstm", "gru"])
+def cell(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="module", params=provider_params())
+def provider(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def model(tiny_artifacts: Path, cell: str, provider: str) -> OrtModel:
+    model = OrtModel(ModelArtifact.load(tiny_artifacts / cell), providers_for(provider))
+    model.attach_pool(64)
+    assert model.on_cuda == (provider == "cuda"), model.providers
+    return model
+
+
+def pool_of(model: OrtModel) -> StatePool:
+    assert model.pool is not None
+    return model.pool
+
+
+def random_states(model: OrtModel, batch: int, seed: int = 0) -> list[tuple[np.ndarray, ...]]:
+    rng = np.random.default_rng(seed)
+    shape = (model.layers, model.hidden_size)
+    return [
+        tuple(rng.standard_normal(shape).astype(np.float32) * 0.5 for _ in model.state_inputs)
+        for _ in range(batch)
+    ]
+
+
+def stacked(states: list[tuple[np.ndarray, ...]]) -> tuple[np.ndarray, ...]:
+    return tuple(np.stack([s[i] for s in states], axis=1) for i in range(len(states[0])))
+
+
+def test_a_resident_run_answers_what_the_copied_run_answers(model: OrtModel) -> None:
+    pool = pool_of(model)
+    states = random_states(model, 6)
+    slots = pool.upload(states)
+    host = stacked(states)
+    rng = np.random.default_rng(1)
+    for length in (1, 3, 1, 2):  # steps and prefills, each from the last one's states
+        tokens = rng.integers(3, len(model.vocab), size=(6, length))
+        copied = model.run(tokens, host, want_probs=True)
+        resident = pool.run(tokens, slots, want_probs=True)
+        assert resident.state == () and len(resident.slots) == 6
+        np.testing.assert_array_equal(resident.topk_ids, copied.topk_ids)
+        np.testing.assert_allclose(resident.topk_probs, copied.topk_probs, atol=EXACT)
+        assert resident.probs is not None and copied.probs is not None
+        np.testing.assert_allclose(resident.probs, copied.probs, atol=EXACT)
+        got = stacked([tuple(s) for s in pool.download(resident.slots)])
+        for a, b in zip(got, copied.state):
+            np.testing.assert_allclose(a, b, atol=EXACT)
+        host, slots = copied.state, list(resident.slots)
+    assert pool.run(tokens, slots, want_probs=False).probs is None
+
+
+def test_rows_are_write_once_and_come_back_when_dropped(model: OrtModel) -> None:
+    pool = pool_of(model)
+    gc.collect()
+    free = pool.free
+    states = random_states(model, 4, seed=2)
+    kept = pool.upload(states)
+    assert pool.free == free - 4
+    before = pool.download(kept)
+    for a, b in zip(before, states):  # bit-exact round trip
+        for x, y in zip(a, b):
+            np.testing.assert_array_equal(x, y)
+    # Runs write only the rows they take: the rows a run started from are unchanged.
+    tokens = np.full((4, 2), 5, dtype=np.int64)
+    output = pool.run(tokens, kept, want_probs=False)
+    assert {s.index for s in output.slots}.isdisjoint({s.index for s in kept})
+    for a, b in zip(pool.download(kept), before):
+        for x, y in zip(a, b):
+            np.testing.assert_array_equal(x, y)
+    del output
+    assert pool.free == free - 4  # the run's new rows went back with their Slots
+    del kept
+    assert pool.free == free
+
+
+def test_the_cpu_pool_is_written_in_place(tiny_artifacts: Path) -> None:
+    """The pool tensors are bound as the fused graph's input and output: the scatter
+    writes into the same buffer (the host array the OrtValue wraps, on CPU)."""
+    model = OrtModel(ModelArtifact.load(tiny_artifacts / "gru"), providers_for("cpu"))
+    pool = model.attach_pool(32)
+    start = pool.upload(random_states(model, 2, seed=3))
+    output = pool.run(np.array([[7], [9]], dtype=np.int64), start, want_probs=False)
+    downloaded = pool.download(output.slots)
+    for slot, state in zip(output.slots, downloaded):
+        np.testing.assert_array_equal(pool._host[0][slot.index], state[0])
+    assert np.abs(downloaded[0][0]).sum() > 0
+
+
+def test_a_full_pool_refuses_and_takes_nothing(tiny_artifacts: Path) -> None:
+    model = OrtModel(ModelArtifact.load(tiny_artifacts / "gru"), providers_for("cpu"))
+    pool = model.attach_pool(8)
+    held = pool.take(6)
+    with pytest.raises(PoolExhausted, match="3 state rows needed, 2 free of 8"):
+        pool.take(3)
+    assert pool.free == 2
+    held.pop()
+    assert len(pool.take(3)) == 3
+
+
+@pytest.mark.parametrize("cuda", provider_params(cpu=False))
+def test_cuda_and_cpu_pools_agree(tiny_artifacts: Path, cell: str, cuda: str) -> None:
+    answers = {}
+    for name in ("cpu", cuda):
+        model = OrtModel(ModelArtifact.load(tiny_artifacts / cell), providers_for(name))
+        pool = model.attach_pool(32)
+        slots = pool.upload(random_states(model, 3, seed=4))
+        for _ in range(5):
+            output = pool.run(np.array([[4], [8], [12]], dtype=np.int64), slots, True)
+            slots = list(output.slots)
+        answers[name] = (output.probs, stacked([tuple(s) for s in pool.download(slots)]))
+    np.testing.assert_allclose(answers[cuda][0], answers["cpu"][0], atol=ATOL)
+    for a, b in zip(answers[cuda][1], answers["cpu"][1]):
+        np.testing.assert_allclose(a, b, atol=ATOL)
+
+
+def test_pool_rows_follow_the_cap_the_budget_and_the_batches() -> None:
+    assert pool_rows(0, 1000, 16, 8192, None) == 2 * 1000 + 8 * 16 + 16
+    assert pool_rows(0, 1_000_000, 256, 8192, 8192 * 50_000) == 50_000
+    assert pool_rows(0, 1_000_000, 256, 8192, 0) == 8 * 256 + 16  # never below a batch's
+    assert pool_rows(5000, 10, 16, 8192, None) == 5000
+    with pytest.raises(ValueError, match="below 144"):
+        pool_rows(100, 10, 16, 8192, None)
+
+
+async def test_a_spilled_session_keeps_its_state_version_and_place(
+    tiny_artifacts: Path,
+) -> None:
+    model = OrtModel(ModelArtifact.load(tiny_artifacts / "lstm"), providers_for("cpu"))
+    pool = model.attach_pool(32)
+    store = MemorySessionStore(cap=100)
+    states = random_states(model, 6, seed=5)
+    slots = pool.upload(states)
+    records = [
+        SessionRecord(f"s{i}", "lstm", (), i, 1.0, 2.0, resident=(slots[2 * i], slots[2 * i + 1]))
+        for i in range(3)
+    ]
+    assert await store.put_many(records, [None] * 3) == [True] * 3
+    del records, slots
+    gc.collect()
+    assert pool.used == 6 and store.resident_sessions() == 3
+    assert await store.spill(pool, 3) == 4  # whole sessions, oldest first: s0 and s1
+    assert pool.used == 2 and store.resident_sessions() == 1
+    got = await store.get_many(["s0", "s1", "s2"])
+    for i, record in enumerate(got[:2]):
+        assert record is not None and record.resident is None and record.version == 1
+        for array, want in zip(record.state, (*states[2 * i], *states[2 * i + 1])):
+            np.testing.assert_array_equal(array, want)
+    assert got[2] is not None and got[2].resident is not None
+    # The LRU order is the write order still: a new session past the cap evicts s0 first.
+    store.cap = 3
+    extra = SessionRecord("s3", "lstm", got[0].state, 1, 1.0, 2.0)  # type: ignore[union-attr]
+    assert await store.put_many([extra], [None]) == [True]
+    assert [r is None for r in await store.get_many(["s0", "s1", "s2", "s3"])] == [
+        True,
+        False,
+        False,
+        False,
+    ]
+
+
+@pytest.mark.parametrize("model_name", ["lstm", "gru"])
+def test_sessions_past_the_pool_spill_and_come_back_with_the_same_answers(
+    tiny_artifacts: Path, model_name: str
+) -> None:
+    """A pool of 48 rows (the least for batches of 4) under 27 interleaved sessions (54
+    rows) plus their steps: sessions spill to host memory and back on every round, and
+    every answer still equals a stateless predict of the whole text."""
+    settings = api_settings(tiny_artifacts, max_batch=4, state_pool_rows=48)
+    plain = api_settings(tiny_artifacts, state_pool=False)
+    with TestClient(create_app(settings)) as client, TestClient(create_app(plain)) as copied:
+        sessions = []
+        for i, text in enumerate(TEXTS * 3):
+            chunks = splits(text, seed=i)["random chunks"]
+            r = client.post("/v1/sessions", json={"model": model_name, "k": 8})
+            assert r.status_code == 201, r.text
+            sessions.append((r.json()["session_id"], chunks))
+        fed: dict[str, list[str]] = {sid: [] for sid, _ in sessions}
+        for round_ in range(max(len(c) for _, c in sessions)):
+            for sid, chunks in sessions:
+                if round_ >= len(chunks):
+                    continue
+                r = client.post(f"/v1/sessions/{sid}/feed", json={"text": chunks[round_], "k": 8})
+                assert r.status_code == 200, r.text
+                fed[sid].append(chunks[round_])
+                whole = copied.post(
+                    "/v1/predict", json={"text": " ".join(fed[sid]), "model": model_name, "k": 8}
+                ).json()
+                assert r.json()["tokens"] == whole["tokens"]
+                assert_same_predictions(r.json()["predictions"], whole["predictions"])
+        metrics = client.get("/metrics").text
+        spilled = [
+            line
+            for line in metrics.splitlines()
+            if line.startswith("nextword_state_pool_spills_total") and f'"{model_name}"' in line
+        ]
+        assert spilled and float(spilled[0].split()[-1]) > 0, spilled
