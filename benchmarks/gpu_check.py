@@ -5,21 +5,32 @@ For each bundled model (service/models: lstm, gru):
 - parity: the max abs difference of the top-k probabilities between the CPU and the
   CUDA provider over 20 steps of a fixed text (one step per run, each provider feeding
   its own state back), with default settings (TF32 off) and with `allow_tf32=True`;
-- engine steps/s at batch 1, 256 and 4096: `OrtModel.run` as served (one step per run,
-  state fed back, states copied host <-> device once per batch), on CPU (one ORT thread
-  per core) and on CUDA.
+- parity of the resident path (`StatePool.run`: states kept in pool rows on the device),
+  CUDA vs CPU, default settings;
+- engine steps/s at batch 1, 256 and 4096, one step per run, state fed back, on CPU (one
+  ORT thread per core) and on CUDA: "copied" is `OrtModel.run` (states copied host <->
+  device once per batch), "resident" is `StatePool.run` (token ids in, top-k out, the
+  batch's rows gathered and scattered on the device) from rows spread over a pool of
+  --pool-rows rows;
+- many sessions (--sessions, the LSTM): that many sessions created through the session
+  store with their states resident in the pool (each from its first word), the device
+  bytes and the host bytes (resident set growth) per session, and a sample of them
+  stepped again and checked against the copied path.
 
 Where CUDA is not usable (no GPU, no CUDA libraries, CPU-only onnxruntime) the CUDA
 columns say "not available" and the CPU ones still run. `--quick` shortens every
 measurement so that a CPU rehearsal ends within about a minute on 2 cores.
 
-    .venv/bin/python -m benchmarks.gpu_check --out /tmp/gpu_check [--quick]
+    .venv/bin/python -m benchmarks.gpu_check --out /tmp/gpu_check [--quick] [--sessions N]
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
+import gc
+import os
 import shutil
 import subprocess
 import sys
@@ -35,7 +46,10 @@ from benchmarks.lib.machine import machine, machine_lines
 from benchmarks.lib.results import write_report
 from service.config import BUNDLED_MODELS
 from service.contract.artifact import ModelArtifact
+from service.engine.pool import StatePool, device_free_bytes
 from service.engine.runtime import CPU, CUDA, OrtModel
+from service.store import SessionRecord
+from service.store.memory import MemorySessionStore
 
 try:
     from tqdm import tqdm
@@ -127,22 +141,137 @@ def parity(cpu: OrtModel, cuda: OrtModel) -> dict[str, Any]:
     }
 
 
+def resident_parity(cpu: OrtModel, cuda: OrtModel) -> dict[str, Any]:
+    """Max abs difference of the top-k probabilities, CUDA vs CPU, both through their
+    pools (each feeding its own rows back), over PARITY_STEPS steps."""
+    pools = [_pool(cpu, 64), _pool(cuda, 64)]
+    slots = [p.upload([tuple(a[:, 0] for a in cpu.zero_state(1))]) for p in pools]
+    topk = 0.0
+    for token in parity_tokens(cpu):
+        tokens = np.array([[token]], dtype=np.int64)
+        a, b = (p.run(tokens, s, False) for p, s in zip(pools, slots))
+        topk = max(topk, float(np.abs(a.topk_probs - b.topk_probs).max()))
+        slots = [list(a.slots), list(b.slots)]
+    return {"max_abs_diff_topk_probs": topk}
+
+
+def _pool(model: OrtModel, rows: int) -> StatePool:
+    """The model's pool, (re)made with at least `rows` rows."""
+    if model.pool is None or model.pool.rows < rows:
+        model.pool = None  # the old pool's memory goes first
+        model.attach_pool(rows)
+    assert model.pool is not None
+    return model.pool
+
+
 def steps_per_s(
-    model: OrtModel, batch: int, seconds: float, min_runs: int, warmup: int
+    model: OrtModel,
+    batch: int,
+    seconds: float,
+    min_runs: int,
+    warmup: int,
+    resident: bool = False,
+    pool_rows: int = 0,
 ) -> dict[str, Any]:
-    """Steps/s of `OrtModel.run` at `batch` rows, one step per run, state fed back."""
+    """Steps/s at `batch` rows, one step per run, state fed back: `OrtModel.run` (copied)
+    or `StatePool.run` (resident, from rows spread over a pool of `pool_rows`)."""
     rng = np.random.default_rng(batch)
     tokens = [rng.integers(3, len(model.vocab), size=(batch, 1)) for _ in range(4)]
     state = model.zero_state(batch)
+    if resident:
+        pool = _pool(model, max(pool_rows, 2 * batch + 16))
+        # Sessions spread over the pool, as after many others came and went.
+        held = pool.take(pool.rows - 2 * batch)
+        keep = set(rng.choice(len(held), size=batch, replace=False).tolist())
+        slots = [s for i, s in enumerate(held) if i in keep]
+        del held
+        pool.upload([tuple(a[:, b] for a in state) for b in range(batch)])  # warm the path
+
+        def step(i: int) -> None:
+            nonlocal slots
+            slots = list(pool.run(tokens[i % 4], slots, False).slots)
+    else:
+
+        def step(i: int) -> None:
+            nonlocal state
+            state = model.run(tokens[i % 4], state).state
+
     for i in range(warmup):
-        state = model.run(tokens[i % 4], state).state
+        step(i)
     runs = 0
     start = time.perf_counter()
     while runs < min_runs or time.perf_counter() - start < seconds:
-        state = model.run(tokens[runs % 4], state).state
+        step(runs)
         runs += 1
     elapsed = time.perf_counter() - start
     return {"steps_per_s": batch * runs / elapsed, "runs": runs, "seconds": round(elapsed, 3)}
+
+
+def rss_bytes() -> int:
+    """This process's resident set."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def many_sessions(model: OrtModel, n: int, batch: int, progress: Any) -> dict[str, Any]:
+    """`n` sessions through a MemorySessionStore, each with its state resident in the pool
+    (current and previous rows: two words fed), made in batches; the bytes each costs on
+    the device and in host memory (the resident set's growth less, on CPU, the pool rows
+    taken); a sample stepped again against the copied path."""
+    pool = _pool(model, 2 * n + 8 * batch + 16)
+    store = MemorySessionStore(cap=n, ttl_s=1e9)
+    rng = np.random.default_rng(7)
+    (start_current,) = pool.upload([tuple(a[:, 0] for a in model.start.state)])
+    words = rng.integers(3, len(model.vocab), size=(n, 2))
+    ids = [f"s{i:07d}" for i in range(n)]
+    loop = asyncio.new_event_loop()
+    # ONNX Runtime's arena grows to a batch's activations once: before the measurement.
+    warm = pool.run(words[:batch, :1], [start_current] * min(n, batch), False)
+    pool.run(words[:batch, 1:], warm.slots, False)
+    del warm
+    gc.collect()
+    used_before, rss_before = pool.used, rss_bytes()
+    started = time.perf_counter()
+    for lo in progress(range(0, n, batch)):
+        hi = min(n, lo + batch)
+        first = pool.run(words[lo:hi, :1], [start_current] * (hi - lo), False)
+        second = pool.run(words[lo:hi, 1:], first.slots, False)
+        records = [
+            SessionRecord(
+                ids[i], model.name, (), 2, 0.0, 0.0, 0, int(words[i, 1]), resident=(now, before)
+            )
+            for i, now, before in zip(range(lo, hi), second.slots, first.slots)
+        ]
+        written = loop.run_until_complete(store.put_many(records, [None] * (hi - lo)))
+        assert all(written)
+        del first, second, records
+    created_s = time.perf_counter() - started
+    rows = pool.used - used_before
+    host = rss_bytes() - rss_before - (rows * pool.row_bytes if pool.device == "cpu" else 0)
+    # A sample stepped again: a third word from the resident row vs the copied path.
+    sample = sorted(rng.choice(n, size=min(n, 256), replace=False).tolist())
+    got = loop.run_until_complete(store.get_many([ids[i] for i in sample]))
+    third = rng.integers(3, len(model.vocab), size=(len(sample), 1))
+    resident = pool.run(third, [r.resident[0] for r in got], False)  # type: ignore[index,union-attr]
+    start = tuple(np.repeat(a, len(sample), axis=1) for a in model.start.state)
+    copied = model.run(np.concatenate([words[sample], third], axis=1), start)
+    diff = float(np.abs(resident.topk_probs - copied.topk_probs).max())
+    store_bytes = store.memory_bytes()
+    loop.run_until_complete(store.close())
+    loop.close()
+    return {
+        "sessions": n,
+        "pool_rows": pool.rows,
+        "rows_used": rows,
+        "device": pool.device,
+        "device_bytes_per_session": rows * pool.row_bytes / n,
+        "host_bytes_per_session": host / n,
+        "store_bytes_per_session": store_bytes / n,
+        "create_seconds": round(created_s, 2),
+        "sessions_per_s": n / created_s,
+        "sample_max_abs_diff_topk_probs": diff,
+        "free_device_bytes_after": device_free_bytes() if pool.device == "cuda" else None,
+    }
 
 
 def check_model(artifact: ModelArtifact, args: argparse.Namespace, progress: Any) -> dict[str, Any]:
@@ -160,6 +289,7 @@ def check_model(artifact: ModelArtifact, args: argparse.Namespace, progress: Any
         "cuda_unavailable_reason": why or None,
         "parity": {},
         "steps_per_s": {"cpu": {}, "cuda": {} if cuda else NA},
+        "resident_steps_per_s": {"cpu": {}, "cuda": {} if cuda else NA},
     }
     for setting, allow in (("default", False), ("allow_tf32", True)):
         with progress(f"{name}: parity {setting}"):
@@ -169,6 +299,8 @@ def check_model(artifact: ModelArtifact, args: argparse.Namespace, progress: Any
             model = cuda if not allow else load_cuda(artifact, allow_tf32=True)[0]
             assert model is not None
             result["parity"][setting] = parity(cpu, model)
+    with progress(f"{name}: parity resident"):
+        result["parity"]["resident"] = NA if cuda is None else resident_parity(cpu, cuda)
     for provider, model in (("cpu", cpu), ("cuda", cuda)):
         for batch in BATCHES:
             with progress(f"{name}: {provider} batch {batch}"):
@@ -177,6 +309,14 @@ def check_model(artifact: ModelArtifact, args: argparse.Namespace, progress: Any
                 result["steps_per_s"][provider][str(batch)] = steps_per_s(
                     model, batch, args.seconds, args.min_runs, args.warmup
                 )
+            with progress(f"{name}: {provider} batch {batch} resident"):
+                if model is None:
+                    continue
+                result["resident_steps_per_s"][provider][str(batch)] = steps_per_s(
+                    model, batch, args.seconds, args.min_runs, args.warmup, True, args.pool_rows
+                )
+    if cuda is not None and cuda.pool is not None:
+        cuda.pool = None  # its memory back before the next model
     return result
 
 
@@ -205,23 +345,57 @@ def table(report: dict[str, Any]) -> str:
         "| model | default (use_tf32=0) | allow_tf32 (use_tf32=1) |",
         "|---|---|---|",
     ]
+    lines[-2] = "| model | default (use_tf32=0) | allow_tf32 (use_tf32=1) | resident, default |"
+    lines[-1] = "|---|---|---|---|"
     for name, result in report["models"].items():
         p = result["parity"]
-        lines.append(f"| {name} | {fmt_diff(p['default'])} | {fmt_diff(p['allow_tf32'])} |")
+        lines.append(
+            f"| {name} | {fmt_diff(p['default'])} | {fmt_diff(p['allow_tf32'])} "
+            f"| {fmt_diff(p['resident'])} |"
+        )
     lines += [
         "",
-        "Engine steps/s, one step per run, state fed back (OrtModel.run: states copied per batch)",
+        "Engine steps/s, one step per run, state fed back: copied (OrtModel.run, states "
+        "copied per batch) and resident (StatePool.run, states in pool rows on the device, "
+        f"{report['settings']['pool_rows']:,} rows)",
         "",
-        f"| model | batch | CPU, {info['nproc']} threads | CUDA |",
-        "|---|---|---|---|",
+        f"| model | batch | CPU copied, {info['nproc']} threads | CPU resident | CUDA copied "
+        "| CUDA resident | CUDA resident / copied |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, result in report["models"].items():
-        rates = result["steps_per_s"]
+        cells = []
         for batch in BATCHES:
-            cuda = rates["cuda"] if isinstance(rates["cuda"], str) else rates["cuda"][str(batch)]
-            lines.append(
-                f"| {name} | {batch:,} | {fmt_rate(rates['cpu'][str(batch)])} | {fmt_rate(cuda)} |"
+            row: list[Any] = []
+            for table_ in ("steps_per_s", "resident_steps_per_s"):
+                for provider in ("cpu", "cuda"):
+                    rates = result[table_][provider]
+                    row.append(rates if isinstance(rates, str) else rates[str(batch)])
+            cpu_copied, cuda_copied, cpu_resident, cuda_resident = row
+            ratio = (
+                f"{cuda_resident['steps_per_s'] / cuda_copied['steps_per_s']:.1f}x"
+                if not isinstance(cuda_copied, str)
+                else NA
             )
+            cells.append(
+                f"| {name} | {batch:,} | {fmt_rate(cpu_copied)} | {fmt_rate(cpu_resident)} "
+                f"| {fmt_rate(cuda_copied)} | {fmt_rate(cuda_resident)} | {ratio} |"
+            )
+        lines += cells
+    many = report.get("many_sessions")
+    if many:
+        lines += [
+            "",
+            f"Many sessions ({many['model']}, states resident on {many['device']}): "
+            f"{many['sessions']:,} sessions in {many['create_seconds']} s "
+            f"({many['sessions_per_s']:,.0f}/s); "
+            f"{many['device_bytes_per_session']:,.0f} B a session in the pool "
+            f"({many['rows_used']:,} rows of {many['pool_rows']:,}), "
+            f"{many['store_bytes_per_session']:,.0f} B a session in the store's host memory "
+            f"(its estimate; the resident set grew by {many['host_bytes_per_session']:,.0f} B "
+            "a session besides the pool); a sample of 256 stepped again: max abs diff "
+            f"{many['sample_max_abs_diff_topk_probs']:.1e} to the copied path",
+        ]
     reasons = {r["cuda_unavailable_reason"] for r in report["models"].values()} - {None}
     if reasons:
         lines += ["", f"CUDA {NA}: {'; '.join(sorted(reasons))}"]
@@ -234,10 +408,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models-dir", type=Path, default=BUNDLED_MODELS)
     parser.add_argument("--quick", action="store_true", help="short measurements (rehearsal)")
     parser.add_argument("--seconds", type=float, help="least seconds per measurement")
+    parser.add_argument(
+        "--pool-rows", type=int, default=1_000_000, help="pool rows for the resident steps/s"
+    )
+    parser.add_argument(
+        "--sessions", type=int, help="sessions of the many-sessions check (1,000,000; quick 20,000)"
+    )
     args = parser.parse_args(argv)
     if args.seconds is None:
         args.seconds = 0.2 if args.quick else 2.0
     args.min_runs, args.warmup = (2, 1) if args.quick else (5, 3)
+    if args.sessions is None:
+        args.sessions = 20_000 if args.quick else 1_000_000
+    if args.quick:
+        args.pool_rows = min(args.pool_rows, 20_000)
 
     artifacts = [ModelArtifact.load(args.models_dir / name) for name in MODELS]
     report: dict[str, Any] = {
@@ -252,11 +436,16 @@ def main(argv: list[str] | None = None) -> int:
             "parity_steps": PARITY_STEPS,
             "parity_text": PARITY_TEXT,
             "models_dir": str(args.models_dir),
+            "pool_rows": args.pool_rows,
+            "sessions": args.sessions,
         },
         "models": {},
     }
-    tasks = len(artifacts) * (2 + 2 * len(BATCHES))
+    tasks = len(artifacts) * (3 + 4 * len(BATCHES)) + 1
     bar = tqdm(total=tasks, unit="check", file=sys.stderr) if tqdm else None
+
+    def batches(items: range) -> Any:
+        return tqdm(items, unit="batch", leave=False, file=sys.stderr) if tqdm else items
 
     @contextlib.contextmanager
     def progress(what: str) -> Iterator[None]:
@@ -270,6 +459,14 @@ def main(argv: list[str] | None = None) -> int:
 
     for artifact in artifacts:
         report["models"][artifact.name] = check_model(artifact, args, progress)
+    lstm = artifacts[0]
+    with progress(f"{lstm.name}: {args.sessions:,} sessions"):
+        model, _ = load_cuda(lstm, allow_tf32=False)
+        model = model or OrtModel(lstm, [CPU])
+        report["many_sessions"] = {
+            "model": lstm.name,
+            **many_sessions(model, args.sessions, 4096, batches),
+        }
     if bar is not None:
         bar.close()
 

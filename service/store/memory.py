@@ -68,6 +68,7 @@ _Meta = tuple[int, int, float, float, int, int, float, int]  # a _META record as
 _POOL_BITS = 8  # a handle is row << _POOL_BITS | pool: 256 shapes per store
 _POOL_MASK = (1 << _POOL_BITS) - 1
 _HANDLE_BYTES = 32  # an int object up to 2**60 (rows < 2**52)
+_RESIDENT_BYTES = 56 + 2 * (48 + 32)  # a pair, and two Slots with their row ints
 
 
 class PoolUsage(NamedTuple):
@@ -583,4 +584,7 @@ class MemorySessionStore:
         strings and one int handle per session.
         """
         index = sys.getsizeof(self._index) + self._key_bytes + _HANDLE_BYTES * len(self._index)
-        return sum(p.nbytes for p in self._pools) + index
+        # Resident sessions: an ordered dict's entry, a pair and two Slots each (their
+        # states are in the model's pool, counted by `StatePool.nbytes`).
+        resident = sys.getsizeof(self._resident) + _RESIDENT_BYTES * len(self._resident)
+        return sum(p.nbytes for p in self._pools) + index + resident
