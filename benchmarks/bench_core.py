@@ -6,7 +6,9 @@ steps), as fast as answers come back. "in process": `EngineCore.handle` called o
 event loop (scheduler, session store, protocol structs; no sockets). "over ZeroMQ": the
 engine in its own process (`service.engine.proc`) and a `ZmqClient` here sending each
 round as one frame. With a near-free model (hidden 32) this is the engine's own cost per
-step; with the bundled LSTM, ONNX Runtime's share shows.
+step; with the bundled LSTM, ONNX Runtime's share shows. "copied" is the in-process
+figure again with `NEXTWORD_STATE_POOL=false` (states copied into and out of every run
+instead of kept in the model's pool), measured right after it.
 
     python -m benchmarks.bench_core --json benchmarks/results/core.json
 """
@@ -32,17 +34,20 @@ from service.engine.proc import run_engine
 MODULES = ("onnxruntime", "numpy", "msgspec", "zmq")
 
 
-def settings(models: Path, model: str, threads: int) -> Settings:
+PROVIDERS = "CPUExecutionProvider"  # --providers
+
+
+def settings(models: Path, model: str, threads: int, state_pool: bool = True) -> Settings:
     return Settings(
-        models_dir=models, default_model=model, providers="CPUExecutionProvider",
-        intra_op_threads=threads,
+        models_dir=models, default_model=model, providers=PROVIDERS, intra_op_threads=threads,
+        state_pool=state_pool,
     )  # fmt: skip
 
 
 async def in_process(
-    models: Path, model: str, sessions: int, seconds: float, threads: int
+    models: Path, model: str, sessions: int, seconds: float, threads: int, state_pool: bool = True
 ) -> float:
-    core = await EngineCore.start(settings(models, model, threads))
+    core = await EngineCore.start(settings(models, model, threads, state_pool))
     ids = [f"s{i}" for i in range(sessions)]
     try:
         done = asyncio.Event()
@@ -108,35 +113,53 @@ async def over_zmq(models: Path, model: str, sessions: int, seconds: float, thre
 
 
 def main(argv: list[str] | None = None) -> None:
+    global PROVIDERS
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sessions", type=int, nargs="+", default=[64, 256])
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--threads", type=int, default=0, help="ORT threads (0: one per core)")
     parser.add_argument("--json", type=Path, help="write the results here (and .txt beside)")
+    parser.add_argument("--providers", default=PROVIDERS, help="NEXTWORD_PROVIDERS (auto: CUDA)")
     args = parser.parse_args(argv)
+    PROVIDERS = args.providers
     from benchmarks.lib.models import models_dir, tiny_models
 
     info = machine(MODULES)
-    lines = machine_lines(info, MODULES)
+    lines = machine_lines(info, MODULES) + [f"providers: {PROVIDERS}"]
     rows = []
     with tiny_models() as tiny, models_dir(None, "full") as (bundled, label):
         lines.append(f"{label}; and tiny random-weight models (hidden 32)")
         for name, models, model in (("tiny (hidden 32)", tiny, "lstm"), ("lstm", bundled, "lstm")):
             for sessions in args.sessions:
                 local = asyncio.run(in_process(models, model, sessions, args.seconds, args.threads))
+                copied = asyncio.run(
+                    in_process(models, model, sessions, args.seconds, args.threads, False)
+                )
                 remote = asyncio.run(over_zmq(models, model, sessions, args.seconds, args.threads))
                 rows.append(
-                    {"model": name, "sessions": sessions, "in_process": local, "zmq": remote}
+                    {
+                        "model": name,
+                        "sessions": sessions,
+                        "in_process": local,
+                        "in_process_copied": copied,
+                        "zmq": remote,
+                    }
                 )
-                print(f"{name} x{sessions}: {local:,.0f} in process, {remote:,.0f} over ZeroMQ")
+                print(
+                    f"{name} x{sessions}: {local:,.0f} in process ({copied:,.0f} copied), "
+                    f"{remote:,.0f} over ZeroMQ"
+                )
     table = [
-        "| model | batch (sessions) | in process steps/s | us/step | over ZeroMQ steps/s | us/step |",
-        "|---|---|---|---|---|---|",
+        "| model | batch (sessions) | in process steps/s | us/step | copied states steps/s "
+        "| resident / copied | over ZeroMQ steps/s | us/step |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         table.append(
             f"| {r['model']} | {r['sessions']} | {r['in_process']:,.0f} | "
-            f"{1e6 / r['in_process']:.1f} | {r['zmq']:,.0f} | {1e6 / r['zmq']:.1f} |"
+            f"{1e6 / r['in_process']:.1f} | {r['in_process_copied']:,.0f} | "
+            f"{r['in_process'] / r['in_process_copied']:.2f}x | "
+            f"{r['zmq']:,.0f} | {1e6 / r['zmq']:.1f} |"
         )
     text = "\n".join([*lines, "", *table])
     print(text)

@@ -231,3 +231,29 @@ def test_sessions_past_the_pool_spill_and_come_back_with_the_same_answers(
             if line.startswith("nextword_state_pool_spills_total") and f'"{model_name}"' in line
         ]
         assert spilled and float(spilled[0].split()[-1]) > 0, spilled
+
+
+@pytest.mark.parametrize("model_name", ["lstm", "gru"])
+def test_the_writers_words_mix_in_alike_from_the_pool_and_copied(
+    tiny_artifacts: Path, model_name: str
+) -> None:
+    """With a memory of the writer's words, a resident run sends out only the model's
+    probabilities at the memory's words (and `<unk>`, for typed names); the answers equal
+    those mixed from the full distribution of the copied path, typed names included."""
+    apps = [api_settings(tiny_artifacts), api_settings(tiny_artifacts, state_pool=False)]
+    with TestClient(create_app(apps[0])) as resident, TestClient(create_app(apps[1])) as copied:
+        sessions = []
+        for client in (resident, copied):
+            r = client.post("/v1/sessions", json={"model": model_name, "k": 8})
+            assert r.status_code == 201, r.text
+            sessions.append(r.json()["session_id"])
+        shown = set()
+        for word in (TEXTS[-1] + " " + TEXTS[1]).split():
+            answers = []
+            for client, sid in zip((resident, copied), sessions):
+                r = client.post(f"/v1/sessions/{sid}/feed", json={"text": word, "k": 8})
+                assert r.status_code == 200, r.text
+                answers.append(r.json()["predictions"])
+            assert_same_predictions(*answers)
+            shown |= {p["word"] for p in answers[0]}
+        assert {"Zorblax", "Quux"} & shown, shown  # typed names were suggested

@@ -231,21 +231,27 @@ def _cache_scores(
     vocab_size: int,
     unk_id: int,
     lam: float,
+    at_keys: np.ndarray | None = None,
 ) -> np.ndarray:
     """The mixture's probability of each cache key of `rows` (R, C) float32.
 
     `probs_flat` is the batch's (B, V) model distribution flattened; `rows` index into it.
+    Or `at_keys` (R, C + 1): the model's probabilities at each row's keys (clipped into the
+    vocabulary, `gather_ids`) and at `<unk>`, gathered on the model's device.
     Empty slots get an unspecified value: callers look only at keys >= 0.
     """
     base = (rows.astype(np.int64) * vocab_size)[:, None]
-    p_model = np.take(probs_flat, base + np.clip(keys, 0, vocab_size - 1))
+    if at_keys is not None:
+        p_model = at_keys[:, :-1]
+    else:
+        p_model = np.take(probs_flat, base + np.clip(keys, 0, vocab_size - 1))
     total = weights.sum(1, keepdims=True)
     scale = np.float32(lam) / np.maximum(total, np.float32(1e-30))
     oov = keys >= vocab_size
     if oov.any():
         # A typed word's model share: its part of p(<unk>) among the row's typed words.
         oov_total = np.where(oov, weights, np.float32(0.0)).sum(1, keepdims=True)
-        p_unk = np.take(probs_flat, base + unk_id)
+        p_unk = at_keys[:, -1:] if at_keys is not None else np.take(probs_flat, base + unk_id)
         share = p_unk / np.maximum(oov_total, np.float32(1e-30))
         p_model = np.where(oov, weights * share, p_model)
     return p_model * np.float32(1.0 - lam) + weights * scale
@@ -326,6 +332,7 @@ def _best_mixed(
     suggestible: np.ndarray,
     k: int,
     lam: float,
+    at_keys: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The best k of rows with a cache and no prefix (arrays already restricted to `rows`).
 
@@ -333,7 +340,7 @@ def _best_mixed(
     them) and the cache keys whose mixture probability reaches (1 - lam) times the model's
     k-th: the model's first k all reach it, so nothing below it can be among the best k.
     """
-    scores = _cache_scores(keys, weights, probs_flat, rows, vocab_size, unk_id, lam)
+    scores = _cache_scores(keys, weights, probs_flat, rows, vocab_size, unk_id, lam, at_keys)
     floor = np.float32(1.0 - lam) * topk_probs[:, k - 1 : k]
     # (np.nonzero of a 2-d mask is ~10x slower than flatnonzero and a division)
     r, c = np.divmod(np.flatnonzero(scores >= floor), scores.shape[1])
@@ -402,10 +409,19 @@ def _model_of_prefix(
     return candidates[best], scores[best]
 
 
+def gather_ids(keys: np.ndarray, vocab_size: int, unk_id: int) -> np.ndarray:
+    """(B, C + 1) int32: where `top_k`'s `at_keys` gathers each row's model probabilities,
+    its keys clipped into the vocabulary, then `<unk>`."""
+    ids = np.empty((keys.shape[0], keys.shape[1] + 1), dtype=np.int32)
+    np.clip(keys, 0, vocab_size - 1, out=ids[:, :-1])
+    ids[:, -1] = unk_id
+    return ids
+
+
 def top_k(
     keys: np.ndarray,
     weights: np.ndarray,
-    probs: np.ndarray,
+    probs: np.ndarray | None,
     topk_ids: np.ndarray,
     topk_probs: np.ndarray,
     unk_id: int,
@@ -414,6 +430,7 @@ def top_k(
     lam: float,
     candidates: Sequence[np.ndarray | None] | None = None,
     oov_match: Sequence[np.ndarray | None] | None = None,
+    at_keys: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Best k (keys, probabilities) per row of the mixture, best first: (B, k) each.
 
@@ -428,8 +445,15 @@ def top_k(
     row b ranks only those ids and the typed words whose slots `oov_match[b]` (bool over
     the row's table) marks, from the full distribution. A row whose cache is empty gives
     the model's own ranking and probabilities, unmixed.
+
+    Rows without a prefix need only the model's probabilities at their keys: `at_keys`
+    (B, C + 1, gathered at `gather_ids`) may stand for `probs`, which may then be None
+    unless a row has a prefix.
     """
-    batch, vocab_size = probs.shape
+    batch, vocab_size = keys.shape[0], len(suggestible)
+    if probs is None and at_keys is None:
+        raise ValueError("top_k needs probs or at_keys")
+    flat = np.empty(0, dtype=np.float32) if probs is None else probs.reshape(-1)
     if not 1 <= k <= topk_ids.shape[1]:
         raise ValueError(f"k must be in 1..{topk_ids.shape[1]}, got {k}")
     out_ids = np.full((batch, k), EMPTY, dtype=np.int64)
@@ -444,16 +468,19 @@ def top_k(
     mixed = np.flatnonzero(~prefixed & live)
     if len(mixed) == batch:  # the common case: no copies of the caches
         out_ids[:], out_probs[:] = _best_mixed(
-            keys, weights, probs.reshape(-1), mixed, topk_ids, topk_probs,
-            vocab_size, unk_id, suggestible, k, lam,
+            keys, weights, flat, mixed, topk_ids, topk_probs,
+            vocab_size, unk_id, suggestible, k, lam, at_keys,
         )  # fmt: skip
     elif len(mixed):
         out_ids[mixed], out_probs[mixed] = _best_mixed(
-            keys[mixed], weights[mixed], probs.reshape(-1), mixed, topk_ids[mixed],
+            keys[mixed], weights[mixed], flat, mixed, topk_ids[mixed],
             topk_probs[mixed], vocab_size, unk_id, suggestible, k, lam,
+            None if at_keys is None else at_keys[mixed],
         )  # fmt: skip
     for b in map(int, np.flatnonzero(prefixed)):
         assert candidates is not None
+        if probs is None:
+            raise ValueError("a row with a prefix needs the full distribution")
         prefix = np.asarray(candidates[b], dtype=np.int64)
         if live[b]:
             match = oov_match[b] if oov_match is not None else None

@@ -47,6 +47,8 @@ log = logging.getLogger(__name__)
 
 FROM_ROWS = "nextword_from_rows"  # (B,) int64: the rows the batch starts from
 TO_ROWS = "nextword_to_rows"  # (B,) int64: the rows its new states go to
+GATHER_IDS = "nextword_gather_ids"  # (B, G) int32: vocabulary ids whose probabilities ...
+PROBS_AT = "nextword_probs_at"  # (B, G) float32: ... come out (the writer's words)
 _STATES = "nextword_states"  # host states to upload, one per state input
 
 
@@ -88,9 +90,10 @@ def resident_graph(
 ) -> onnx.ModelProto:
     """The model's graph reading its states from pool rows and writing them back.
 
-    Inputs: the tokens, `FROM_ROWS`, `TO_ROWS` and one pool (rows, L, H) per state input;
-    outputs: the model's outputs but the states, and each pool (`_pool_out(i)`, to be
-    bound to the input pool's buffer)."""
+    Inputs: the tokens, `FROM_ROWS`, `TO_ROWS`, `GATHER_IDS` and one pool (rows, L, H) per
+    state input; outputs: the model's outputs but the states, `PROBS_AT` (the distribution
+    at `GATHER_IDS`, row by row) and each pool (`_pool_out(i)`, to be bound to the input
+    pool's buffer)."""
     resident = onnx.ModelProto()
     resident.CopyFrom(model)
     graph = resident.graph
@@ -106,6 +109,7 @@ def resident_graph(
     graph.input.extend(kept_inputs)
     graph.input.extend([_tensor(FROM_ROWS, TensorProto.INT64, ["batch"])])
     graph.input.extend([_tensor(TO_ROWS, TensorProto.INT64, ["batch"])])
+    graph.input.extend([_tensor(GATHER_IDS, TensorProto.INT32, ["batch", "gathered"])])
     front, back = [], []
     axes = "nextword_axes1"
     graph.initializer.append(helper.make_tensor(axes, TensorProto.INT64, [1], [1]))
@@ -122,6 +126,8 @@ def resident_graph(
         back.append(helper.make_node("ScatterND", [pool, to_index, moved], [_pool_out(i)]))
         graph.output.extend([_tensor(_pool_out(i), TensorProto.FLOAT, ["rows", layers, hidden])])
     graph.output.extend(kept_outputs)
+    back.append(helper.make_node("GatherElements", [PROBS, GATHER_IDS], [PROBS_AT], axis=1))
+    graph.output.extend([_tensor(PROBS_AT, TensorProto.FLOAT, ["batch", "gathered"])])
     nodes = [*front, *graph.node, *back]
     del graph.node[:]
     graph.node.extend(nodes)
@@ -293,9 +299,16 @@ class StatePool:
 
     # --- the runs -----------------------------------------------------------------
 
-    def run(self, tokens: np.ndarray, start: Sequence[Slot], want_probs: bool) -> StepOutput:
+    def run(
+        self,
+        tokens: np.ndarray,
+        start: Sequence[Slot],
+        want_probs: bool,
+        gather: np.ndarray | None = None,
+    ) -> StepOutput:
         """Run `tokens` (B, T) int64, row b from the state in `start[b]`; the new states
-        go to fresh rows (`StepOutput.slots`; its `state` is empty)."""
+        go to fresh rows (`StepOutput.slots`; its `state` is empty). With `gather` (B, G)
+        vocabulary ids, their probabilities come out too (`StepOutput.probs_at`)."""
         batch = tokens.shape[0]
         if tokens.ndim != 2 or batch == 0 or tokens.shape[1] == 0 or len(start) != batch:
             raise ValueError(f"tokens {tokens.shape} for {len(start)} start rows")
@@ -304,13 +317,19 @@ class StatePool:
         binding.bind_cpu_input(TOKENS, np.ascontiguousarray(tokens, dtype=np.int64))
         binding.bind_cpu_input(FROM_ROWS, self._rows(start))
         binding.bind_cpu_input(TO_ROWS, self._rows(out))
+        ids = np.zeros((batch, 1), np.int32) if gather is None else gather.astype(np.int32)
+        binding.bind_cpu_input(GATHER_IDS, np.ascontiguousarray(ids))
         names = [TOPK_PROBS, TOPK_IDS] + ([PROBS] if want_probs else [])
+        names += [PROBS_AT] if gather is not None else []
         for name in names:
             binding.bind_output(name, "cpu")
         self._bind_pools(binding, write=True)  # bound after: `get_outputs` starts with names
         self._step.run_with_iobinding(binding)
         values = {name: v.numpy() for name, v in zip(names, binding.get_outputs())}
-        return StepOutput(values[TOPK_PROBS], values[TOPK_IDS], values.get(PROBS), (), tuple(out))
+        return StepOutput(
+            values[TOPK_PROBS], values[TOPK_IDS], values.get(PROBS), (), tuple(out),
+            values.get(PROBS_AT),
+        )  # fmt: skip
 
     def upload(self, states: Sequence[Sequence[np.ndarray]]) -> list[Slot]:
         """Host states (each `kinds` arrays (L, H)) into fresh rows."""

@@ -55,6 +55,7 @@ class StepOutput:
     probs: np.ndarray | None  # (B, V) float32 full distribution, only when asked for
     state: State  # each (L, B, H) float32 (empty from a resident run)
     slots: tuple[Slot, ...] = ()  # a resident run's new states: a pool row per row
+    probs_at: np.ndarray | None = None  # (B, G) the distribution at ids a run was given
 
     def __len__(self) -> int:
         return int(self.topk_ids.shape[0])

@@ -735,9 +735,18 @@ class StepBatcher:
             row.second_from = row.first_from
         second = [r for r in final if r.second]
         for group in self._by_length(second, lambda r: len(r.second)):
-            want_probs = any(r.step.prefix_ids is not None or r.mixed for r in group)
+            prefixed = any(r.step.prefix_ids is not None for r in group)
+            mixed = any(r.mixed for r in group)
+            gather = None
+            if mixed and self.pool is not None and not prefixed:
+                # Only the model's probabilities at the memories' words come out.
+                gather = self._gather_ids(group)
             output = self._run(
-                group, [r.second for r in group], [r.second_from for r in group], want_probs
+                group,
+                [r.second for r in group],
+                [r.second_from for r in group],
+                prefixed or (mixed and gather is None),
+                gather,
             )
             for i, row in enumerate(group):
                 row.output, row.output_row = output, i
@@ -842,7 +851,7 @@ class StepBatcher:
         """The answers of a run's rows with the writer's words mixed in (rows that do not
         mix them get the model's own, as `top_words` gives them)."""
         adaptation = self.adaptation
-        assert adaptation is not None and output.probs is not None
+        assert adaptation is not None and (output.probs is not None or output.probs_at is not None)
         capacity = adaptation.params.capacity
         none, nothing = adapt.empty_cache(1, capacity)  # a row that does not mix
         memories = [r.memory if r.mixed and r.memory is not None else None for r in group]
@@ -874,6 +883,7 @@ class StepBatcher:
             adaptation.params.lam,
             candidates,
             matches,
+            None if output.probs is not None else output.probs_at,
         )
         for i, row in enumerate(group):
             if row.mixed:
@@ -914,12 +924,27 @@ class StepBatcher:
             groups.setdefault(length(row), []).append(row)
         return list(groups.values())
 
+    def _gather_ids(self, group: list[_Row]) -> np.ndarray:
+        """Where a resident run gathers the model's probabilities for the mixed rows."""
+        adaptation = self.adaptation
+        assert adaptation is not None
+        keys = np.full((len(group), adaptation.params.capacity), -1, dtype=np.int32)
+        for i, row in enumerate(group):
+            if row.mixed and row.memory is not None:
+                keys[i] = row.memory.keys
+        return adapt.gather_ids(keys, self._vocab_size, adaptation.unk_id)
+
     def _run(
-        self, group: list[_Row], tokens: list[list[int]], states: list[StateRef], want_probs: bool
+        self,
+        group: list[_Row],
+        tokens: list[list[int]],
+        states: list[StateRef],
+        want_probs: bool,
+        gather: np.ndarray | None = None,
     ) -> StepOutput:
         batch = np.array(tokens, dtype=np.int64)  # (B, T)
         if self.pool is not None:
-            output = self.pool.run(batch, states, want_probs)  # type: ignore[arg-type]
+            output = self.pool.run(batch, states, want_probs, gather)  # type: ignore[arg-type]
         else:
             output = self.runner.run(batch, _stack(states), want_probs)  # type: ignore[arg-type]
         self._tokens_run.inc(batch.size)
