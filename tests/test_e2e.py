@@ -146,7 +146,9 @@ async def test_stream_bad_frames_in_band_then_oversize_closes_1009(server: str) 
         assert error["type"] == "error" and error["id"] == "k"
         await ws.send(json.dumps({"text": "i am", "id": "ok"}))
         assert (await receive(ws))["tokens"] == 2
-        await ws.send(json.dumps({"text": "x" * 2_000_000}))
+        # Past the 64 KiB frame limit, yet small enough to be sent whole before the server
+        # closes (a 2 MB frame could still be in flight then: a reset, not a close frame).
+        await ws.send(json.dumps({"text": "x" * 100_000}))
         with pytest.raises(ConnectionClosed) as closed:
             while True:  # an error message may come first, then the close
                 await receive(ws)

@@ -257,3 +257,38 @@ def test_the_writers_words_mix_in_alike_from_the_pool_and_copied(
             assert_same_predictions(*answers)
             shown |= {p["word"] for p in answers[0]}
         assert {"Zorblax", "Quux"} & shown, shown  # typed names were suggested
+
+
+def test_a_small_pool_serves_empty_sessions_and_concurrent_steps(tiny_artifacts: Path) -> None:
+    """Sessions created without text hold only the start rows (spilling them frees
+    nothing), and the least recently written sessions are often the ones a batch steps
+    (spilling them would free nothing either): every step still runs, none fails for
+    want of rows, and each answer equals a stateless predict."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    settings = api_settings(tiny_artifacts, max_batch=4, max_wait_ms=20, state_pool_rows=48)
+    with TestClient(create_app(settings)) as client:
+        empty = [client.post("/v1/sessions", json={"model": "gru"}) for _ in range(10)]
+        assert all(r.status_code == 201 for r in empty)
+        texts = [f"the cat and {w}" for w in ("dog", "world", "home", "car")] * 6
+        created = [client.post("/v1/sessions", json={"model": "gru", "text": t}) for t in texts]
+        assert all(r.status_code == 201 for r in created), [r.text for r in created]
+        ids = [r.json()["session_id"] for r in created]
+
+        def feed(sid: str) -> dict:
+            r = client.post(f"/v1/sessions/{sid}/feed", json={"text": "went home", "k": 8})
+            assert r.status_code == 200, r.text
+            return r.json()
+
+        for _ in range(2):  # rounds of concurrent steps, batched four at a time
+            with ThreadPoolExecutor(8) as pool:
+                answers = list(pool.map(feed, ids))
+        for text, answer in zip(texts, answers):
+            whole = client.post(
+                "/v1/predict",
+                json={"text": f"{text} went home went home", "model": "gru", "k": 8},
+            ).json()
+            assert answer["tokens"] == whole["tokens"]
+            assert_same_predictions(answer["predictions"], whole["predictions"])
+        for r in empty:  # the empty sessions still answer
+            feed(r.json()["session_id"])

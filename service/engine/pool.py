@@ -242,6 +242,8 @@ class StatePool:
         self._high = 0  # rows below this were handed out at least once
         self._released: deque[int] = deque()  # rows given back by `Slot.__del__`
         self._lock = threading.Lock()  # taking rows: the engine thread, and spills
+        self._pinned: set[int] = set()  # rows held for good (`pin`)
+        self.reserved = 0  # rows promised to batches about to run (`free` leaves them out)
         log.info(
             "model %s: state pool of %d rows on %s (%.1f MiB, %d B a row)",
             model.name,
@@ -255,8 +257,18 @@ class StatePool:
 
     @property
     def free(self) -> int:
-        """Rows free now (those whose last Slot was dropped included)."""
-        return self.rows - self._high + len(self._free) + len(self._released)
+        """Rows free now (those whose last Slot was dropped included), less those reserved."""
+        with self._lock:
+            free = self.rows - self._high + len(self._free) + len(self._released)
+        return free - self.reserved
+
+    def pin(self, slots: Sequence[Slot]) -> None:
+        """Mark rows held for good (the start and zero states): a store does not count on
+        freeing them by spilling the sessions that share them."""
+        self._pinned.update(s.index for s in slots)
+
+    def pinned(self, slot: Slot) -> bool:
+        return slot.index in self._pinned
 
     @property
     def used(self) -> int:
@@ -273,10 +285,10 @@ class StatePool:
             released = self._released
             while released:
                 self._free.append(released.popleft())
-            if n > len(self._free) + self.rows - self._high:
+            free = len(self._free) + self.rows - self._high
+            if n > free:
                 raise PoolExhausted(
-                    f"model {self.model.name!r}: {n} state rows needed, {self.free} free "
-                    f"of {self.rows}"
+                    f"model {self.model.name!r}: {n} state rows needed, {free} free of {self.rows}"
                 )
             reused = min(n, len(self._free))
             indices = self._free[len(self._free) - reused :]

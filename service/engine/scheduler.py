@@ -289,7 +289,9 @@ class StepBatcher:
         self._start_current: StateRef = start_current
         self._zeros: StateRef = zeros
         if self.pool is not None:
-            self._start_current, self._zeros = self.pool.upload([start_current, zeros])
+            held = self.pool.upload([start_current, zeros])
+            self.pool.pin(held)
+            self._start_current, self._zeros = held
         self._spills = metrics.POOL_SPILLS.labels(self.name)
         self._pool_used = metrics.POOL_ROWS.labels(self.name, "used")
         self._pool_free = metrics.POOL_ROWS.labels(self.name, "free")
@@ -577,6 +579,8 @@ class StepBatcher:
             (done if row.final else going).append(row)
         for row in going:
             row.step.row = row
+        for row in done:
+            row.step.row = None  # no cycle left to hold the rows it ran into
         self._pending.extendleft(reversed([r.step for r in going if r.step.session_id is not None]))
         self._stateless.extendleft(reversed([r.step for r in going if r.step.session_id is None]))
         if going:
@@ -588,12 +592,10 @@ class StepBatcher:
         self._batch_size.observe(len(rows))
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
+        reserved = 0
         try:
-            await self._make_room(len(rows))
+            reserved = await self._make_room(rows)
             await loop.run_in_executor(self._executor, self._compute, rows)
-            if self.pool is not None:
-                self._pool_used.set(self.pool.used)
-                self._pool_free.set(self.pool.free)
         except Exception as exc:
             log.exception("model %s: run of a batch of %d failed", self.name, len(rows))
             self._fail(
@@ -604,32 +606,47 @@ class StepBatcher:
                 ),
             )
             return False
+        finally:
+            if self.pool is not None:
+                self.pool.reserved -= reserved
+                self._pool_used.set(self.pool.used)
+                self._pool_free.set(self.pool.free)
         self._batch_seconds.observe(time.perf_counter() - started)
         return True
 
-    async def _make_room(self, rows: int) -> None:
-        """Free enough pool rows for a batch of `rows` steps (each takes at most four: its
-        two states brought back from host memory and the states after its two runs): the
-        store spills its least recently used sessions to host memory."""
+    async def _make_room(self, rows: list[_Row]) -> int:
+        """Reserve the pool rows a batch takes (two per step for its states brought back
+        from host memory, one per run), the store spilling its least recently used
+        sessions to host memory when too few are free; returns the rows reserved (the
+        caller gives the reservation back once the batch has run)."""
         pool = self.pool
         if pool is None:
-            return
-        need = 4 * rows
-        if pool.free >= need:
-            return
-        spill = getattr(self.store, "spill", None)
-        if spill is not None:
-            # A batch's worth at least: spilling is paid per call, not per row.
-            spilled = await spill(pool, max(need - pool.free, 2 * self.max_batch))
-            self._spills.inc(spilled)
+            return 0
+        need = 0
+        for row in rows:
+            record, step = row.record, row.step
+            if not row.planned and record is not None and record.resident is None:
+                need += 0 if step.fresh or step.create else 2
+            need += 2
         if pool.free < need:
-            gc.collect()  # rows held only by reference cycles (a cancelled step's)
-        if pool.free < need:
-            raise PoolExhausted(
-                f"model {self.name!r}: {pool.free} free state rows for a batch of {rows} "
-                f"steps; NEXTWORD_STATE_POOL_ROWS={pool.rows} is too small for the "
-                "sessions in flight"
-            )
+            spill = getattr(self.store, "spill", None)
+            if spill is not None:
+                # Never the sessions in flight: their rows stay held, and their records
+                # are being read. A batch's worth at least: spilling is paid per call.
+                keep = {s.session_id for s in self._session_batch}
+                keep.update(r.step.session_id for r in rows)
+                spilled = await spill(pool, max(need - pool.free, 2 * self.max_batch), keep)
+                self._spills.inc(spilled)
+            if pool.free < need:
+                gc.collect()  # rows held only by reference cycles
+            if pool.free < need:
+                raise PoolExhausted(
+                    f"model {self.name!r}: {pool.free} free state rows for a batch of "
+                    f"{len(rows)} steps; NEXTWORD_STATE_POOL_ROWS={pool.rows} is too small "
+                    "for the sessions in flight"
+                )
+        pool.reserved += need
+        return need
 
     def _problem(self, step: Step, record: SessionRecord | None) -> NextwordError | None:
         """Why a step cannot run on the record read for it, if it cannot."""

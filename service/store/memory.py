@@ -531,24 +531,38 @@ class MemorySessionStore:
 
     keeps_resident = True  # records may hold pool rows (`SessionRecord.resident`)
 
-    async def spill(self, pool: StatePool, rows: int) -> int:
-        """Free at least `rows` rows of `pool` (when it holds that many): move the states of
-        its least recently written sessions to host memory, in one copy. Their next step
-        brings them back. Returns the rows freed."""
+    async def spill(self, pool: StatePool, rows: int, keep: Container[str] = ()) -> int:
+        """Free about `rows` rows of `pool` (as many as it can): move the states of its
+        least recently written sessions to host memory, in one copy. Their next step brings
+        them back. Sessions in `keep` (steps in flight: their rows are held anyway, and
+        their records are being read) and rows held for good (`StatePool.pin`: the start
+        state) are left. Returns the rows the pool has free beyond what it had."""
+        before = pool.free
         victims = []
-        freed = 0
+        freeing = 0
+        now = self.clock()
         for session_id, slots in self._resident.items():
-            if freed >= rows:
+            if freeing >= rows:
                 break
-            if slots[0].pool is pool:
-                victims.append(session_id)
-                freed += 2
-        if not victims:
-            return 0
-        states = pool.download([s for v in victims for s in self._resident[v]])
-        for i, session_id in enumerate(victims):
-            self._to_host(session_id, (*states[2 * i], *states[2 * i + 1]))
-        return freed
+            if slots[0].pool is not pool or session_id in keep:
+                continue
+            gained = len({s.index for s in slots if not pool.pinned(s)})
+            if gained == 0:
+                continue  # nothing to free: an empty session holds the start rows only
+            if self._expired(session_id, now):
+                continue  # expiry frees it
+            victims.append(session_id)
+            freeing += gained
+        if victims:
+            states = pool.download([s for v in victims for s in self._resident[v]])
+            for i, session_id in enumerate(victims):
+                self._to_host(session_id, (*states[2 * i], *states[2 * i + 1]))
+            del states, slots
+        return max(0, pool.free - before)
+
+    def _expired(self, session_id: str, now: float) -> bool:
+        pool, row = self._pool(self._index[session_id])
+        return pool.touched(row) <= now - self.ttl_s
 
     def _to_host(self, session_id: str, state: State) -> None:
         """Move a resident session into a row with its state in host memory, as it was:
