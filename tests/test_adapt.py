@@ -278,6 +278,45 @@ def test_prefix_ranks_its_candidates_and_matching_typed_words() -> None:
     assert got_ids[1].tolist() == reference(keys[1], weights[1], probs[1], p.lam, 5)[0]
 
 
+def test_top_k_from_the_gathered_probabilities_equals_the_full_distribution() -> None:
+    """What a resident run sends out (each row's probabilities at its keys and at <unk>,
+    and whole distributions only for the rows completing a prefix) gives the same answers
+    as the full distribution."""
+    rng = np.random.default_rng(8)
+    p = params(capacity=10, decay=0.9, max_oov=4, lam=0.35)
+    batch = 12
+    keys, weights, tables = _random_caches(rng, batch, p)
+    keys[3], weights[3] = -1, 0.0  # one fresh session
+    probs = model_probs(rng, batch)
+    ids, tp = graph_topk(probs, SUGGESTIBLE, 12)
+    prefixed = [2, 3, 7]
+    candidates = [
+        np.array([5, 9, 20, 31], dtype=np.int64) if b in prefixed else None for b in range(batch)
+    ]
+    matches = [
+        np.array([True] * len(tables[b])) if b in prefixed and tables[b] else None
+        for b in range(batch)
+    ]
+    at_keys = np.take_along_axis(probs, adapt.gather_ids(keys, V, UNK).astype(np.int64), 1)
+    index = np.full(batch, -1, dtype=np.int64)
+    index[prefixed] = np.arange(len(prefixed))
+    for k in (1, 5):
+        full = adapt.top_k(
+            keys, weights, probs, ids, tp, UNK, SUGGESTIBLE, k, p.lam, candidates, matches
+        )
+        gathered = adapt.top_k(
+            keys, weights, probs[prefixed], ids, tp, UNK, SUGGESTIBLE, k, p.lam,
+            candidates, matches, at_keys, index,
+        )  # fmt: skip
+        np.testing.assert_array_equal(gathered[0], full[0])
+        np.testing.assert_allclose(gathered[1], full[1], rtol=1e-6)
+    with pytest.raises(ValueError, match="needs at_keys"):
+        adapt.top_k(
+            keys, weights, probs[prefixed], ids, tp, UNK, SUGGESTIBLE, 5, p.lam,
+            candidates, matches, None, index,
+        )  # fmt: skip
+
+
 def test_oov_words_get_slots_matched_by_normalized_form() -> None:
     p = params(max_oov=2, capacity=8, decay=0.5)
     keys, weights = adapt.empty_cache(1, 8)

@@ -292,3 +292,42 @@ def test_a_small_pool_serves_empty_sessions_and_concurrent_steps(tiny_artifacts:
             assert_same_predictions(answer["predictions"], whole["predictions"])
         for r in empty:  # the empty sessions still answer
             feed(r.json()["session_id"])
+
+
+def test_prefixes_and_plain_steps_batched_together_answer_as_copied(tiny_artifacts: Path) -> None:
+    """Concurrent steps, some completing a prefix, some not, with the writer's words: one
+    resident run sends out whole distributions only for the prefix rows, and every answer
+    equals the copied path's (which sends out the whole batch's)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    apps = [
+        api_settings(tiny_artifacts, max_wait_ms=30),
+        api_settings(tiny_artifacts, max_wait_ms=30, state_pool=False),
+    ]
+    with TestClient(create_app(apps[0])) as resident, TestClient(create_app(apps[1])) as copied:
+        texts = [TEXTS[i % len(TEXTS)] for i in range(12)]
+        prefixes = ["", "h", "t", "", "w", "", "Zo", "a", "", "s", "", "go"]
+
+        def run(client: TestClient, i: int) -> list[list[dict]]:
+            r = client.post("/v1/sessions", json={"model": "lstm", "text": texts[i], "k": 6})
+            assert r.status_code == 201, r.text
+            sid, answers = r.json()["session_id"], []
+            for word in ("and", "the", ""):
+                body = {"text": word, "k": 6, "prefix": prefixes[i] or None}
+                r = client.post(f"/v1/sessions/{sid}/feed", json=body)
+                assert r.status_code == 200, r.text
+                answers.append(r.json()["predictions"])
+            return answers
+
+        with ThreadPoolExecutor(12) as pool:
+            got = list(pool.map(lambda i: run(resident, i), range(12)))
+        metrics = {
+            line.split("{")[0]: float(line.split()[-1])
+            for line in resident.get("/metrics").text.splitlines()
+            if line.startswith("nextword_batch_size_") and 'model="lstm"' in line
+        }
+        assert metrics["nextword_batch_size_sum"] > metrics["nextword_batch_size_count"]
+        want = [run(copied, i) for i in range(12)]
+        for g, w in zip(got, want):
+            for a, b in zip(g, w):
+                assert_same_predictions(a, b)

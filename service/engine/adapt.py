@@ -431,6 +431,7 @@ def top_k(
     candidates: Sequence[np.ndarray | None] | None = None,
     oov_match: Sequence[np.ndarray | None] | None = None,
     at_keys: np.ndarray | None = None,
+    probs_index: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Best k (keys, probabilities) per row of the mixture, best first: (B, k) each.
 
@@ -448,11 +449,14 @@ def top_k(
 
     Rows without a prefix need only the model's probabilities at their keys: `at_keys`
     (B, C + 1, gathered at `gather_ids`) may stand for `probs`, which may then be None
-    unless a row has a prefix.
+    unless a row has a prefix, or hold only the rows with a prefix (`probs_index` maps a
+    batch row to its row of `probs`; `at_keys` then serves the others).
     """
     batch, vocab_size = keys.shape[0], len(suggestible)
     if probs is None and at_keys is None:
         raise ValueError("top_k needs probs or at_keys")
+    if probs_index is not None and at_keys is None:
+        raise ValueError("top_k with the distribution of some rows only needs at_keys")
     flat = np.empty(0, dtype=np.float32) if probs is None else probs.reshape(-1)
     if not 1 <= k <= topk_ids.shape[1]:
         raise ValueError(f"k must be in 1..{topk_ids.shape[1]}, got {k}")
@@ -479,16 +483,17 @@ def top_k(
         )  # fmt: skip
     for b in map(int, np.flatnonzero(prefixed)):
         assert candidates is not None
-        if probs is None:
+        at = b if probs_index is None else int(probs_index[b])
+        if probs is None or at < 0:
             raise ValueError("a row with a prefix needs the full distribution")
         prefix = np.asarray(candidates[b], dtype=np.int64)
         if live[b]:
             match = oov_match[b] if oov_match is not None else None
             ids, score = _best_of_prefix(
-                keys[b], weights[b], probs, b, unk_id, suggestible, k, lam, prefix, match
+                keys[b], weights[b], probs, at, unk_id, suggestible, k, lam, prefix, match
             )
         else:
-            ids, score = _model_of_prefix(probs[b], prefix, k)
+            ids, score = _model_of_prefix(probs[at], prefix, k)
         out_ids[b, : len(ids)] = ids
         out_probs[b, : len(ids)] = score
     return out_ids, out_probs

@@ -49,6 +49,8 @@ FROM_ROWS = "nextword_from_rows"  # (B,) int64: the rows the batch starts from
 TO_ROWS = "nextword_to_rows"  # (B,) int64: the rows its new states go to
 GATHER_IDS = "nextword_gather_ids"  # (B, G) int32: vocabulary ids whose probabilities ...
 PROBS_AT = "nextword_probs_at"  # (B, G) float32: ... come out (the writer's words)
+PROBS_ROWS = "nextword_probs_rows"  # (P,) int64: rows whose whole distribution ...
+PROBS_OF_ROWS = "nextword_probs_of_rows"  # (P, V) float32: ... comes out (prefixes)
 _STATES = "nextword_states"  # host states to upload, one per state input
 
 
@@ -90,9 +92,10 @@ def resident_graph(
 ) -> onnx.ModelProto:
     """The model's graph reading its states from pool rows and writing them back.
 
-    Inputs: the tokens, `FROM_ROWS`, `TO_ROWS`, `GATHER_IDS` and one pool (rows, L, H) per
-    state input; outputs: the model's outputs but the states, `PROBS_AT` (the distribution
-    at `GATHER_IDS`, row by row) and each pool (`_pool_out(i)`, to be bound to the input
+    Inputs: the tokens, `FROM_ROWS`, `TO_ROWS`, `GATHER_IDS`, `PROBS_ROWS` and one pool
+    (rows, L, H) per state input; outputs: the model's outputs but the states, `PROBS_AT`
+    (the distribution at `GATHER_IDS`, row by row), `PROBS_OF_ROWS` (the distributions of
+    the rows `PROBS_ROWS` names) and each pool (`_pool_out(i)`, to be bound to the input
     pool's buffer)."""
     resident = onnx.ModelProto()
     resident.CopyFrom(model)
@@ -104,12 +107,14 @@ def resident_graph(
         shapes.append((dims[0].dim_value, dims[2].dim_value))  # (L, B, H): L and H fixed
     kept_inputs = [i for i in graph.input if i.name not in state_inputs]
     kept_outputs = [o for o in graph.output if o.name not in state_outputs]
+    outputs = {o.name: o for o in graph.output}
     del graph.input[:]
     del graph.output[:]
     graph.input.extend(kept_inputs)
     graph.input.extend([_tensor(FROM_ROWS, TensorProto.INT64, ["batch"])])
     graph.input.extend([_tensor(TO_ROWS, TensorProto.INT64, ["batch"])])
     graph.input.extend([_tensor(GATHER_IDS, TensorProto.INT32, ["batch", "gathered"])])
+    graph.input.extend([_tensor(PROBS_ROWS, TensorProto.INT64, ["some"])])
     front, back = [], []
     axes = "nextword_axes1"
     graph.initializer.append(helper.make_tensor(axes, TensorProto.INT64, [1], [1]))
@@ -128,6 +133,9 @@ def resident_graph(
     graph.output.extend(kept_outputs)
     back.append(helper.make_node("GatherElements", [PROBS, GATHER_IDS], [PROBS_AT], axis=1))
     graph.output.extend([_tensor(PROBS_AT, TensorProto.FLOAT, ["batch", "gathered"])])
+    back.append(helper.make_node("Gather", [PROBS, PROBS_ROWS], [PROBS_OF_ROWS], axis=0))
+    vocab = outputs[PROBS].type.tensor_type.shape.dim[1].dim_value
+    graph.output.extend([_tensor(PROBS_OF_ROWS, TensorProto.FLOAT, ["some", vocab])])
     nodes = [*front, *graph.node, *back]
     del graph.node[:]
     graph.node.extend(nodes)
@@ -317,10 +325,14 @@ class StatePool:
         start: Sequence[Slot],
         want_probs: bool,
         gather: np.ndarray | None = None,
+        probs_rows: Sequence[int] | None = None,
     ) -> StepOutput:
         """Run `tokens` (B, T) int64, row b from the state in `start[b]`; the new states
         go to fresh rows (`StepOutput.slots`; its `state` is empty). With `gather` (B, G)
-        vocabulary ids, their probabilities come out too (`StepOutput.probs_at`)."""
+        vocabulary ids, their probabilities come out too (`StepOutput.probs_at`). The full
+        distribution comes out for every row with `want_probs`, or for the rows
+        `probs_rows` names (`StepOutput.probs`, one row each, `StepOutput.probs_index`
+        mapping a batch row to its row there, -1 for none)."""
         batch = tokens.shape[0]
         if tokens.ndim != 2 or batch == 0 or tokens.shape[1] == 0 or len(start) != batch:
             raise ValueError(f"tokens {tokens.shape} for {len(start)} start rows")
@@ -331,16 +343,25 @@ class StatePool:
         binding.bind_cpu_input(TO_ROWS, self._rows(out))
         ids = np.zeros((batch, 1), np.int32) if gather is None else gather.astype(np.int32)
         binding.bind_cpu_input(GATHER_IDS, np.ascontiguousarray(ids))
+        some = want_probs or probs_rows is None or len(probs_rows) == 0
+        rows = np.zeros(1, np.int64) if some else np.asarray(probs_rows, dtype=np.int64)
+        binding.bind_cpu_input(PROBS_ROWS, rows)
         names = [TOPK_PROBS, TOPK_IDS] + ([PROBS] if want_probs else [])
         names += [PROBS_AT] if gather is not None else []
+        names += [] if some else [PROBS_OF_ROWS]
         for name in names:
             binding.bind_output(name, "cpu")
         self._bind_pools(binding, write=True)  # bound after: `get_outputs` starts with names
         self._step.run_with_iobinding(binding)
         values = {name: v.numpy() for name, v in zip(names, binding.get_outputs())}
+        probs, index = values.get(PROBS), None
+        if PROBS_OF_ROWS in values:
+            probs = values[PROBS_OF_ROWS]
+            index = np.full(batch, -1, dtype=np.int64)
+            index[rows] = np.arange(len(rows))
         return StepOutput(
-            values[TOPK_PROBS], values[TOPK_IDS], values.get(PROBS), (), tuple(out),
-            values.get(PROBS_AT),
+            values[TOPK_PROBS], values[TOPK_IDS], probs, (), tuple(out),
+            values.get(PROBS_AT), index,
         )  # fmt: skip
 
     def upload(self, states: Sequence[Sequence[np.ndarray]]) -> list[Slot]:

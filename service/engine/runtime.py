@@ -56,6 +56,9 @@ class StepOutput:
     state: State  # each (L, B, H) float32 (empty from a resident run)
     slots: tuple[Slot, ...] = ()  # a resident run's new states: a pool row per row
     probs_at: np.ndarray | None = None  # (B, G) the distribution at ids a run was given
+    # With the distribution of some rows only: `probs` has one row for each, and this maps
+    # a batch row to its row of `probs` (-1: none). None: `probs` is (B, V).
+    probs_index: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.topk_ids.shape[0])
@@ -235,6 +238,10 @@ def top_words(
         return output.topk_ids[row, :k], output.topk_probs[row, :k]
     if output.probs is None:
         raise ValueError("prefix completion needs a run with want_probs=True")
+    if output.probs_index is not None:
+        row = int(output.probs_index[row])
+        if row < 0:
+            raise ValueError("prefix completion of a row whose distribution was not asked for")
     scores = output.probs[row, candidates]
     if k < len(candidates):
         best = np.argpartition(-scores, k - 1)[:k]

@@ -752,19 +752,28 @@ class StepBatcher:
             row.second_from = row.first_from
         second = [r for r in final if r.second]
         for group in self._by_length(second, lambda r: len(r.second)):
-            prefixed = any(r.step.prefix_ids is not None for r in group)
+            prefixed = [i for i, r in enumerate(group) if r.step.prefix_ids is not None]
             mixed = any(r.mixed for r in group)
-            gather = None
-            if mixed and self.pool is not None and not prefixed:
-                # Only the model's probabilities at the memories' words come out.
-                gather = self._gather_ids(group)
-            output = self._run(
-                group,
-                [r.second for r in group],
-                [r.second_from for r in group],
-                prefixed or (mixed and gather is None),
-                gather,
-            )
+            if self.pool is not None:
+                # Only what the answers need comes out of the device: the model's
+                # probabilities at the memories' words, and the distributions of the rows
+                # completing a prefix.
+                gather = self._gather_ids(group) if mixed else None
+                output = self.pool.run(
+                    np.array([r.second for r in group], dtype=np.int64),
+                    [r.second_from for r in group],  # type: ignore[misc]
+                    False,
+                    gather,
+                    prefixed,
+                )
+                self._count(output, group, sum(len(r.second) for r in group))
+            else:
+                output = self._run(
+                    group,
+                    [r.second for r in group],
+                    [r.second_from for r in group],
+                    bool(prefixed) or mixed,
+                )
             for i, row in enumerate(group):
                 row.output, row.output_row = output, i
             if any(r.mixed for r in group):
@@ -900,7 +909,8 @@ class StepBatcher:
             adaptation.params.lam,
             candidates,
             matches,
-            None if output.probs is not None else output.probs_at,
+            output.probs_at,
+            output.probs_index,
         )
         for i, row in enumerate(group):
             if row.mixed:
@@ -952,19 +962,18 @@ class StepBatcher:
         return adapt.gather_ids(keys, self._vocab_size, adaptation.unk_id)
 
     def _run(
-        self,
-        group: list[_Row],
-        tokens: list[list[int]],
-        states: list[StateRef],
-        want_probs: bool,
-        gather: np.ndarray | None = None,
+        self, group: list[_Row], tokens: list[list[int]], states: list[StateRef], want_probs: bool
     ) -> StepOutput:
         batch = np.array(tokens, dtype=np.int64)  # (B, T)
         if self.pool is not None:
-            output = self.pool.run(batch, states, want_probs, gather)  # type: ignore[arg-type]
+            output = self.pool.run(batch, states, want_probs)  # type: ignore[arg-type]
         else:
             output = self.runner.run(batch, _stack(states), want_probs)  # type: ignore[arg-type]
-        self._tokens_run.inc(batch.size)
+        return self._count(output, group, batch.size)
+
+    def _count(self, output: StepOutput, group: list[_Row], tokens: int) -> StepOutput:
+        """Count a run's tokens; check that it answered one row per row of the group."""
+        self._tokens_run.inc(tokens)
         if (
             len(output) != len(group)
             or any(a.shape[1] != len(group) for a in output.state)
