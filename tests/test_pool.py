@@ -331,3 +331,28 @@ def test_prefixes_and_plain_steps_batched_together_answer_as_copied(tiny_artifac
         for g, w in zip(got, want):
             for a, b in zip(g, w):
                 assert_same_predictions(a, b)
+
+
+def test_the_pool_checks_itself_against_the_copied_path(model: OrtModel) -> None:
+    pool = pool_of(model)
+    assert pool.check() is None
+
+
+def test_a_pool_that_fails_its_check_is_not_used(
+    tiny_artifacts: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from service.engine.core import load_models
+
+    model = OrtModel(ModelArtifact.load(tiny_artifacts / "gru"), providers_for("cpu"))
+    pool = model.attach_pool(32)
+    real = StatePool.download
+    monkeypatch.setattr(  # a device that loses what was written to it
+        StatePool,
+        "download",
+        lambda self, slots: [tuple(a * 0 for a in s) for s in real(self, slots)],
+    )
+    problem = pool.check()
+    assert problem is not None and problem.startswith("states read back differ"), problem
+    models = load_models(api_settings(tiny_artifacts))
+    assert all(m.pool is None for m in models.values())
+    assert "fails its check (states read back differ" in caplog.text

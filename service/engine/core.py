@@ -79,7 +79,16 @@ def load_models(settings: Settings) -> dict[str, OrtModel]:
                 kinds * model.layers * model.hidden_size * 4,
                 budget,
             )
-            model.attach_pool(rows)
+            problem = model.attach_pool(rows).check()
+            if problem is not None:  # never seen: a provider that breaks the pool's graph
+                log.error(
+                    "model %s: the state pool on %s fails its check (%s): states are copied "
+                    "per batch instead",
+                    model.name,
+                    model.providers[0],
+                    problem,
+                )
+                model.pool = None
     return models
 
 

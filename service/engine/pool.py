@@ -261,6 +261,46 @@ class StatePool:
             self.row_bytes,
         )
 
+    def check(self, atol: float = 1e-4) -> str | None:
+        """Run a few steps through the pool and through the copied path from the same
+        random states: None when they agree within `atol` (the answers and the states
+        read back), else what differs. The pool's graph, its in-place writes and its
+        copies are checked on this device before any session relies on them."""
+        model = self.model
+        rng = np.random.default_rng(0)
+        batch = 3
+        shape = (model.layers, batch, model.hidden_size)
+        state = tuple(
+            rng.standard_normal(shape).astype(np.float32) * 0.5 for _ in range(self.kinds)
+        )
+        slots = self.upload([tuple(a[:, b] for a in state) for b in range(batch)])
+        gather = rng.integers(0, len(model.vocab), size=(batch, 4)).astype(np.int32)
+        for length in (2, 1):
+            tokens = rng.integers(3, len(model.vocab), size=(batch, length))
+            copied = model.run(tokens, state, want_probs=True)
+            resident = self.run(tokens, slots, False, gather, [1])
+            assert copied.probs is not None and resident.probs is not None
+            back = self.download(resident.slots)
+            checks = {
+                "top-k ids": float(np.any(copied.topk_ids != resident.topk_ids)),
+                "top-k probabilities": float(np.abs(copied.topk_probs - resident.topk_probs).max()),
+                "a prefix row's distribution": float(
+                    np.abs(copied.probs[1] - resident.probs[0]).max()
+                ),
+                "probabilities at given ids": float(
+                    np.abs(np.take_along_axis(copied.probs, gather, 1) - resident.probs_at).max()
+                ),
+                "states read back": max(
+                    float(np.abs(np.stack([b[i] for b in back], axis=1) - copied.state[i]).max())
+                    for i in range(self.kinds)
+                ),
+            }
+            for what, diff in checks.items():
+                if not diff <= atol:
+                    return f"{what} differ by {diff:.3g} from the copied path"
+            state, slots = copied.state, list(resident.slots)
+        return None
+
     # --- rows ---------------------------------------------------------------------
 
     @property
