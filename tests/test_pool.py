@@ -356,3 +356,15 @@ def test_a_pool_that_fails_its_check_is_not_used(
     models = load_models(api_settings(tiny_artifacts))
     assert all(m.pool is None for m in models.values())
     assert "fails its check (states read back differ" in caplog.text
+
+
+def test_the_models_route_says_where_states_live(tiny_artifacts: Path) -> None:
+    pooled = api_settings(tiny_artifacts, max_batch=4, state_pool_rows=100)
+    with TestClient(create_app(pooled)) as client:
+        models = {m["name"]: m for m in client.get("/v1/models").json()["models"]}
+        pool = models["lstm"]["state_pool"]
+        assert pool["device"] == "cpu" and pool["rows"] == 100
+        lstm = models["lstm"]
+        assert pool["bytes_per_session"] == 2 * 2 * lstm["layers"] * lstm["hidden_size"] * 4
+    with TestClient(create_app(api_settings(tiny_artifacts, state_pool=False))) as client:
+        assert all(m["state_pool"] is None for m in client.get("/v1/models").json()["models"])

@@ -106,6 +106,20 @@ def describe_model(model: OrtModel) -> dict[str, Any]:
         "providers": list(model.providers),
         "metrics": manifest.get("metrics", {}),
         "adaptation": describe_adaptation(model),
+        "state_pool": describe_pool(model),
+    }
+
+
+def describe_pool(model: OrtModel) -> dict[str, Any] | None:
+    """Where a model keeps its sessions' states (None: copied per batch, no pool)."""
+    pool = model.pool
+    if pool is None:
+        return None
+    return {
+        "device": pool.device,
+        "rows": pool.rows,
+        "bytes_per_session": 2 * pool.row_bytes,  # the states after and before the last word
+        "bytes": pool.nbytes,
     }
 
 
