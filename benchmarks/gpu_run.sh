@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # Every GPU check of the GPU engine in one run, for an H100/H200 host lent for minutes.
 #
-# On the GPU host (no package index; see README "GPU"): carry .gpu/1, then .gpu/2 (made
-# by gpu-pack), and run from the repository root:
+# On the GPU host (no package index; see README "GPU check"): carry .gpu/1, then .gpu/2
+# (made by gpu-pack, with the benchmarks' own wheels added first:
+#     pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#         --platform manylinux2014_x86_64 psutil tqdm pytest pluggy iniconfig packaging \
+#         -d .gpu/2/wheels
+# ), and run from the repository root:
 #
 #     bash .gpu/2/setup.sh && export PYTHONPATH=/tmp/site:$PWD
 #     OUT=/some/dir bash benchmarks/gpu_run.sh          # results under $OUT
@@ -52,6 +56,11 @@ export LD_LIBRARY_PATH=${NVIDIA_LIBS}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 "$PYTHON" -c "import onnxruntime as ort; print(ort.__version__, ort.get_available_providers())" \
     >"$OUT/providers.txt" 2>&1
 cat "$OUT/providers.txt"
+missing=$("$PYTHON" -c 'import importlib.util as u; names = "psutil tqdm fastapi uvicorn websockets zmq msgspec onnx".split(); print(" ".join(n for n in names if u.find_spec(n) is None))')
+if [ -n "$missing" ]; then
+    echo "missing Python packages: $missing (add their wheels to .gpu/2/wheels)" | tee -a "$OUT/status.txt"
+    exit 2
+fi
 
 if [ "$QUICK" = 1 ]; then
     check_args=(--quick)
@@ -63,8 +72,12 @@ else
 fi
 
 part gpu_check "$PYTHON" -m benchmarks.gpu_check --out "$OUT" "${check_args[@]}"
-part pytest_gpu env NEXTWORD_PROVIDERS=auto "$PYTHON" -m pytest -q -p no:cacheprovider \
-    -m gpu tests/test_engine_gpu.py tests/test_pool.py -rs
+if ! "$PYTHON" -c "import pytest" 2>/dev/null; then
+    echo "== pytest_gpu: skipped, pytest is not installed (add its wheels)" | tee -a "$OUT/status.txt"
+else
+    part pytest_gpu env NEXTWORD_PROVIDERS=auto "$PYTHON" -m pytest -q -p no:cacheprovider \
+        -m gpu tests/test_engine_gpu.py tests/test_pool.py -rs
+fi
 part e2e env NEXTWORD_PROVIDERS=auto "$PYTHON" -m benchmarks.bench_e2e \
     --configs lstm,paced --variant copied:NEXTWORD_STATE_POOL=false \
     --json "$OUT/e2e_gpu.json" --log-dir "$OUT/e2e_logs" "${e2e_args[@]}"
