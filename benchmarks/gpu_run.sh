@@ -5,7 +5,7 @@
 # (made by gpu-pack, with the benchmarks' own wheels added first:
 #     pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #         --platform manylinux2014_x86_64 psutil tqdm pytest pluggy iniconfig packaging \
-#         -d .gpu/2/wheels
+#         pygments pytest-asyncio typing-extensions -d .gpu/2/wheels
 # ), and run from the repository root:
 #
 #     bash .gpu/2/setup.sh && export PYTHONPATH=/tmp/site:$PWD
@@ -72,8 +72,9 @@ else
 fi
 
 part gpu_check "$PYTHON" -m benchmarks.gpu_check --out "$OUT" "${check_args[@]}"
-if ! "$PYTHON" -c "import pytest" 2>/dev/null; then
-    echo "== pytest_gpu: skipped, pytest is not installed (add its wheels)" | tee -a "$OUT/status.txt"
+if ! why=$("$PYTHON" -m pytest --version 2>&1); then
+    echo "== pytest_gpu: skipped, pytest does not start: $(echo "$why" | tail -n 1)" \
+        | tee -a "$OUT/status.txt"
 else
     part pytest_gpu env NEXTWORD_PROVIDERS=auto "$PYTHON" -m pytest -q -p no:cacheprovider \
         -m gpu tests/test_engine_gpu.py tests/test_pool.py -rs

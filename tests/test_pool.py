@@ -368,3 +368,19 @@ def test_the_models_route_says_where_states_live(tiny_artifacts: Path) -> None:
         assert pool["bytes_per_session"] == 2 * 2 * lstm["layers"] * lstm["hidden_size"] * 4
     with TestClient(create_app(api_settings(tiny_artifacts, state_pool=False))) as client:
         assert all(m["state_pool"] is None for m in client.get("/v1/models").json()["models"])
+
+
+def test_a_pool_whose_check_raises_is_not_used(
+    tiny_artifacts: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A provider that cannot run the pool's graph at all: the engine still starts, and
+    copies its states per batch."""
+    from service.engine.core import load_models
+
+    def broken(self: StatePool, *args: object, **kwargs: object) -> None:
+        raise RuntimeError("no kernel for GatherElements here")
+
+    monkeypatch.setattr(StatePool, "run", broken)
+    models = load_models(api_settings(tiny_artifacts))
+    assert all(m.pool is None for m in models.values())
+    assert "fails its check (RuntimeError: no kernel for GatherElements here)" in caplog.text

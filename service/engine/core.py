@@ -79,8 +79,11 @@ def load_models(settings: Settings) -> dict[str, OrtModel]:
                 kinds * model.layers * model.hidden_size * 4,
                 budget,
             )
-            problem = model.attach_pool(rows).check()
-            if problem is not None:  # never seen: a provider that breaks the pool's graph
+            try:
+                problem = model.attach_pool(rows).check()
+            except Exception as exc:  # e.g. a provider without a kernel the pool's graph uses
+                problem = f"{type(exc).__name__}: {exc}"
+            if problem is not None:  # never seen so far
                 log.error(
                     "model %s: the state pool on %s fails its check (%s): states are copied "
                     "per batch instead",

@@ -134,6 +134,7 @@ class OrtModel:
         # 5.8e-4 (GRU), past the 1e-4 invariants; use_tf32=0: 8e-8 / 4e-8 (H200,
         # onnxruntime-gpu 1.31.1).
         cuda_options = {"use_tf32": "1" if allow_tf32 else "0"}
+        self.allow_tf32 = allow_tf32
         self._options = options
         self._providers = [(name, cuda_options) if name == CUDA else name for name in requested]
         try:
