@@ -754,26 +754,15 @@ class StepBatcher:
         for group in self._by_length(second, lambda r: len(r.second)):
             prefixed = [i for i, r in enumerate(group) if r.step.prefix_ids is not None]
             mixed = any(r.mixed for r in group)
+            tokens, states = [r.second for r in group], [r.second_from for r in group]
             if self.pool is not None:
                 # Only what the answers need comes out of the device: the model's
                 # probabilities at the memories' words, and the distributions of the rows
                 # completing a prefix.
                 gather = self._gather_ids(group) if mixed else None
-                output = self.pool.run(
-                    np.array([r.second for r in group], dtype=np.int64),
-                    [r.second_from for r in group],  # type: ignore[misc]
-                    False,
-                    gather,
-                    prefixed,
-                )
-                self._count(output, group, sum(len(r.second) for r in group))
+                output = self._run(group, tokens, states, False, gather, prefixed)
             else:
-                output = self._run(
-                    group,
-                    [r.second for r in group],
-                    [r.second_from for r in group],
-                    bool(prefixed) or mixed,
-                )
+                output = self._run(group, tokens, states, bool(prefixed) or mixed)
             for i, row in enumerate(group):
                 row.output, row.output_row = output, i
             if any(r.mixed for r in group):
@@ -962,18 +951,22 @@ class StepBatcher:
         return adapt.gather_ids(keys, self._vocab_size, adaptation.unk_id)
 
     def _run(
-        self, group: list[_Row], tokens: list[list[int]], states: list[StateRef], want_probs: bool
+        self,
+        group: list[_Row],
+        tokens: list[list[int]],
+        states: list[StateRef],
+        want_probs: bool,
+        gather: np.ndarray | None = None,
+        probs_rows: list[int] | None = None,
     ) -> StepOutput:
+        """One run of a group (`gather` and `probs_rows`: resident runs only, `StatePool.run`);
+        checks that it answered one row per row of the group."""
         batch = np.array(tokens, dtype=np.int64)  # (B, T)
         if self.pool is not None:
-            output = self.pool.run(batch, states, want_probs)  # type: ignore[arg-type]
+            output = self.pool.run(batch, states, want_probs, gather, probs_rows)  # type: ignore[arg-type]
         else:
             output = self.runner.run(batch, _stack(states), want_probs)  # type: ignore[arg-type]
-        return self._count(output, group, batch.size)
-
-    def _count(self, output: StepOutput, group: list[_Row], tokens: int) -> StepOutput:
-        """Count a run's tokens; check that it answered one row per row of the group."""
-        self._tokens_run.inc(tokens)
+        self._tokens_run.inc(batch.size)
         if (
             len(output) != len(group)
             or any(a.shape[1] != len(group) for a in output.state)

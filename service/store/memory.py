@@ -330,11 +330,9 @@ class MemorySessionStore:
 
     def _live(self, session_id: str) -> int | None:
         handle = self._index.get(session_id)
-        if handle is not None:
-            pool, row = self._pool(handle)
-            if pool.touched(row) <= self.clock() - self.ttl_s:
-                self._expire()
-                return None
+        if handle is not None and self._expired(session_id, self.clock()):
+            self._expire()
+            return None
         return handle
 
     def _record(self, session_id: str, handle: int) -> SessionRecord:
