@@ -25,6 +25,7 @@ from typing import Any
 
 from benchmarks.lib.machine import machine, machine_lines
 from benchmarks.lib.results import write_report
+from service import heap
 from service.config import Settings
 from service.contract.protocol import EngineOutput, StepRequest
 from service.engine.client import ZmqClient
@@ -48,6 +49,7 @@ async def in_process(
     models: Path, model: str, sessions: int, seconds: float, threads: int, state_pool: bool = True
 ) -> float:
     core = await EngineCore.start(settings(models, model, threads, state_pool))
+    heap.settle()  # as the engine process does once its models are loaded
     ids = [f"s{i}" for i in range(sessions)]
     try:
         done = asyncio.Event()

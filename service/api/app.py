@@ -22,7 +22,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service import metrics
+from service import heap, metrics
 from service.api.auth import AccessControl, ApiKeys, RateLimiter
 from service.api.deps import PredictorFactory
 from service.api.errors import BODY_TOO_LARGE, error_response, install_error_handlers
@@ -174,6 +174,8 @@ def create_app(
         app.state.predictor = None
         predictor = await start(settings)
         app.state.predictor = predictor
+        if api_link() is not None:  # an API process of `nextword serve`, not a test's app
+            heap.settle()
         report_up()  # to the supervisor, when this is one of its API processes
         try:
             yield

@@ -24,6 +24,7 @@ from multiprocessing.connection import Connection
 
 import zmq
 
+from service import heap
 from service.config import Settings
 from service.contract.protocol import (
     EngineOutput,
@@ -65,6 +66,7 @@ class EngineCoreProc:
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(signum, stop.set)
         self.core = await EngineCore.start(self.settings)
+        heap.settle()  # the models are loaded: what the engine keeps for life
         requests_at, outputs_at = socket_addresses(self.address)
         inbound = self.context.socket(zmq.ROUTER)
         inbound.setsockopt(zmq.RCVHWM, 0)
