@@ -40,6 +40,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
+from service.arrays import stack_rows
 from service.contract.artifact import PROBS, TOKENS, TOPK_IDS, TOPK_PROBS
 from service.engine.runtime import OrtModel, StepOutput
 
@@ -335,9 +336,8 @@ class StatePool:
     def take(self, n: int) -> list[Slot]:
         """`n` free rows; raises `PoolExhausted` (taking none) when fewer are free."""
         with self._lock:
-            released = self._released
-            while released:
-                self._free.append(released.popleft())
+            released = self._released  # appended to by any thread: popped, not swapped
+            self._free.extend([released.popleft() for _ in range(len(released))])
             free = len(self._free) + self.rows - self._high
             if n > free:
                 raise PoolExhausted(
@@ -417,7 +417,7 @@ class StatePool:
         binding = self._upload.io_binding()
         binding.bind_cpu_input(FROM_ROWS, self._rows(out))
         for i in range(self.kinds):
-            stacked = np.ascontiguousarray(np.stack([s[i] for s in states]), dtype=np.float32)
+            stacked = np.ascontiguousarray(stack_rows([s[i] for s in states]), dtype=np.float32)
             if stacked.shape[1:] != (self.layers, self.hidden):
                 raise ValueError(f"a state of shape {stacked.shape[1:]} for this pool")
             binding.bind_cpu_input(f"{_STATES}{i}", stacked)

@@ -70,6 +70,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from service import metrics
+from service.arrays import stack_rows
 from service.contract.tokenizer import normalize
 from service.engine import adapt
 from service.engine.pool import PoolExhausted, Slot, StatePool
@@ -816,8 +817,8 @@ class StepBatcher:
                     row.memory = WordMemory.empty(params.capacity)
             spans.append((row.counted, len(step.tokens) if row.final else row.done + row.piece))
         memories = [row.memory for row in rows]
-        keys = np.stack([m.keys for m in memories])  # type: ignore[union-attr]
-        weights = np.stack([m.weights for m in memories])  # type: ignore[union-attr]
+        keys = stack_rows([m.keys for m in memories])  # type: ignore[union-attr]
+        weights = stack_rows([m.weights for m in memories])  # type: ignore[union-attr]
         words = [m.words for m in memories]  # type: ignore[union-attr]
         lengths = np.array([max(0, end - start) for start, end in spans], dtype=np.int64)
         if lengths.any():
@@ -870,8 +871,8 @@ class StepBatcher:
         capacity = adaptation.params.capacity
         none, nothing = adapt.empty_cache(1, capacity)  # a row that does not mix
         memories = [r.memory if r.mixed and r.memory is not None else None for r in group]
-        keys = np.stack([none[0] if m is None else m.keys for m in memories])
-        weights = np.stack([nothing[0] if m is None else m.weights for m in memories])
+        keys = stack_rows([none[0] if m is None else m.keys for m in memories])
+        weights = stack_rows([nothing[0] if m is None else m.weights for m in memories])
         # Rows that do not mix are answered by `top_words` (exactly as alone): here they
         # take the cheap path (no memory, no prefix).
         candidates: list[np.ndarray | None] = [
@@ -901,10 +902,11 @@ class StepBatcher:
             output.probs_at,
             output.probs_index,
         )
+        shown = (ids >= 0).sum(1).tolist()  # padding (-1) only ever ends a row
         for i, row in enumerate(group):
             if row.mixed:
-                shown = ids[i, : row.step.k] >= 0
-                row.answer = ids[i, : row.step.k][shown], probs[i, : row.step.k][shown]
+                n = min(row.step.k, shown[i])
+                row.answer = ids[i, :n], probs[i, :n]
 
     def _plan(self, row: _Row) -> None:
         step, record = row.step, row.record

@@ -37,12 +37,13 @@ from __future__ import annotations
 import sys
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Container
-from typing import TYPE_CHECKING, NamedTuple
+from collections.abc import Callable, Collection, Container
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
 from service import metrics
+from service.arrays import stack_rows
 from service.errors import UnknownSession
 from service.store.base import SessionRecord, State, WordMemory, new_session_id
 
@@ -69,6 +70,15 @@ _POOL_BITS = 8  # a handle is row << _POOL_BITS | pool: 256 shapes per store
 _POOL_MASK = (1 << _POOL_BITS) - 1
 _HANDLE_BYTES = 32  # an int object up to 2**60 (rows < 2**52)
 _RESIDENT_BYTES = 56 + 2 * (48 + 32)  # a pair, and two Slots with their row ints
+
+
+class Rows(NamedTuple):
+    """Rows of a `_StatePool` as arrays, one entry per row."""
+
+    states: np.ndarray  # (B, S, L, H) float32
+    metas: np.ndarray  # (B,) of _META
+    keys: np.ndarray  # (B, C) int32
+    weights: np.ndarray  # (B, C) float32
 
 
 class PoolUsage(NamedTuple):
@@ -165,6 +175,56 @@ class _StatePool:
         chunk, offset = self.locate(row)
         return int(self.metas[chunk]["version"][offset])
 
+    def _places(self, rows: np.ndarray) -> list[tuple[int, np.ndarray, np.ndarray]]:
+        """Rows grouped by chunk: (chunk, positions in `rows`, offsets in the chunk)."""
+        starts = np.array([0] + [self.first << k for k in range(len(self.states) - 1)])
+        chunks = np.searchsorted(starts, rows, side="right") - 1
+        offsets = rows - starts[chunks]
+        if len(self.states) == 1 or (chunks == chunks[0]).all():
+            return [(int(chunks[0]), np.arange(len(rows)), offsets)]
+        places = []
+        for chunk in np.unique(chunks):
+            at = np.flatnonzero(chunks == chunk)
+            places.append((int(chunk), at, offsets[at]))
+        return places
+
+    def read_many(self, rows: np.ndarray) -> Rows:
+        """Copies of rows, in one gather per chunk: states (B, S, L, H), metadata (B,) of
+        `_META`, and the memories' keys and weights (B, C) (C = 0: none). Read-only."""
+        n = len(rows)
+        states = np.empty((n, *self.shape[:3]), dtype=np.float32)
+        metas = np.empty(n, dtype=_META)
+        keys = np.empty((n, self.shape[3]), dtype=np.int32)
+        weights = np.empty((n, self.shape[3]), dtype=np.float32)
+        for chunk, at, offsets in self._places(rows):
+            if self.shape[0]:
+                states[at] = self.states[chunk][offsets]
+            metas[at] = self.metas[chunk][offsets]
+            if self.shape[3]:
+                keys[at] = self.keys[chunk][offsets]
+                weights[at] = self.weights[chunk][offsets]
+        for array in (states, metas, keys, weights):
+            array.flags.writeable = False
+        return Rows(states, metas, keys, weights)
+
+    def metas_of(self, rows: np.ndarray) -> np.ndarray:
+        """A copy of rows' metadata, (B,) of `_META`."""
+        metas = np.empty(len(rows), dtype=_META)
+        for chunk, at, offsets in self._places(rows):
+            metas[at] = self.metas[chunk][offsets]
+        return metas
+
+    def write_many(self, rows: np.ndarray, data: Rows) -> None:
+        """Write rows (distinct) from arrays shaped as `read_many` gives them (states
+        unused when the shape holds none; keys and weights when it has a memory)."""
+        for chunk, at, offsets in self._places(rows):
+            if self.shape[0]:
+                self.states[chunk][offsets] = data.states[at]
+            self.metas[chunk][offsets] = data.metas[at]
+            if self.shape[3]:
+                self.keys[chunk][offsets] = data.keys[at]
+                self.weights[chunk][offsets] = data.weights[at]
+
     def read(self, row: int) -> tuple[np.ndarray, _Meta, tuple[np.ndarray, np.ndarray] | None]:
         """A read-only copy of a row's state, its metadata as Python values, and read-only
         views of its memory's (keys, weights) (None without a memory).
@@ -206,7 +266,7 @@ def _shape_of(record: SessionRecord) -> Shape:
     else:
         if not state:
             raise ValueError("a session state needs at least one array")
-        shapes = [a.shape if isinstance(a, np.ndarray) else np.shape(a) for a in state]
+        shapes = [_shape(a) for a in state]
         first = shapes[0]
         if len(first) != 2 or any(shape != first for shape in shapes):
             raise ValueError(f"state arrays must all be (L, H); got {shapes}")
@@ -214,9 +274,30 @@ def _shape_of(record: SessionRecord) -> Shape:
     memory = record.memory
     if memory is not None:
         slots = len(memory.keys)
-        if np.shape(memory.keys) != (slots,) or np.shape(memory.weights) != (slots,):
+        if _shape(memory.keys) != (slots,) or _shape(memory.weights) != (slots,):
             raise ValueError("a memory's keys and weights must be two arrays of one length")
     return (len(state), int(first[0]), int(first[1]), slots)
+
+
+def _shape(array: Any) -> tuple[int, ...]:
+    return array.shape if isinstance(array, np.ndarray) else np.shape(array)
+
+
+def _rows_of(writes: Collection[tuple[SessionRecord, _Meta]]) -> Rows:
+    """Records of one pool shape and their metadata as the arrays `write_many` takes."""
+    records = [record for record, _ in writes]
+    metas = np.array([meta for _, meta in writes], dtype=_META)
+    shape = _shape_of(records[0])
+    states = np.empty((len(records), *shape[:3]), dtype=np.float32)
+    if shape[0]:
+        for i, record in enumerate(records):
+            for j, array in enumerate(record.state):
+                states[i, j] = array  # cast to float32 in the copy
+    keys = weights = np.empty((len(records), 0))
+    if shape[3]:
+        keys = stack_rows([r.memory.keys for r in records])  # type: ignore[union-attr]
+        weights = stack_rows([r.memory.weights for r in records])  # type: ignore[union-attr]
+    return Rows(states, metas, keys, weights)
 
 
 def _block(nbytes: int) -> int:
@@ -335,37 +416,53 @@ class MemorySessionStore:
             return None
         return handle
 
-    def _record(self, session_id: str, handle: int) -> SessionRecord:
-        pool, row = self._pool(handle)
-        state, meta, arrays = pool.read(row)
-        model, tokens, created_at, last_used_at, version, last_token, _, adapt = meta
-        memory = None
-        if arrays is not None:
-            memory = WordMemory(*arrays, words=self._words.get(session_id, ()))
-        return SessionRecord(
-            session_id=session_id,
-            model=self._models[model],
-            state=tuple(state),
-            tokens=tokens,
-            created_at=created_at,
-            last_used_at=last_used_at,
-            version=version,
-            last_token=last_token,
-            owner=self._owner_of.get(session_id, ""),
-            memory=memory,
-            adapt=bool(adapt),
-            resident=self._resident.get(session_id),
-        )
+    def _read(self, ids: list[str]) -> list[SessionRecord | None]:
+        """The live records of `ids` (None where unknown or expired), each pool's rows read
+        in one gather; an expired session found drops every expired one."""
+        out: list[SessionRecord | None] = [None] * len(ids)
+        by_pool: dict[int, list[tuple[int, int]]] = {}  # pool -> (position, row)
+        for i, session_id in enumerate(ids):
+            handle = self._index.get(session_id)
+            if handle is not None:
+                by_pool.setdefault(handle & _POOL_MASK, []).append((i, handle >> _POOL_BITS))
+        horizon = self.clock() - self.ttl_s
+        expired = False
+        for pool_id, found in by_pool.items():
+            pool = self._pools[pool_id]
+            data = pool.read_many(np.array([row for _, row in found], dtype=np.int64))
+            for j, meta in enumerate(data.metas.tolist()):
+                model, tokens, created_at, last_used_at, version, last_token, touched, adapt = meta
+                if touched <= horizon:
+                    expired = True
+                    continue
+                session_id = ids[found[j][0]]
+                memory = None
+                if pool.shape[3]:
+                    words = self._words.get(session_id, ())
+                    memory = WordMemory(data.keys[j], data.weights[j], words)
+                out[found[j][0]] = SessionRecord(
+                    session_id=session_id,
+                    model=self._models[model],
+                    state=tuple(data.states[j]),  # read-only views of this read's copy
+                    tokens=tokens,
+                    created_at=created_at,
+                    last_used_at=last_used_at,
+                    version=version,
+                    last_token=last_token,
+                    owner=self._owner_of.get(session_id, ""),
+                    memory=memory,
+                    adapt=bool(adapt),
+                    resident=self._resident.get(session_id),
+                )
+        if expired:
+            self._expire()
+        return out
 
     # --- the protocol -------------------------------------------------------------------
 
     async def get_many(self, ids: list[str]) -> list[SessionRecord | None]:
         """The live records of `ids` (None where unknown or expired)."""
-        out: list[SessionRecord | None] = []
-        for session_id in ids:
-            handle = self._live(session_id)
-            out.append(None if handle is None else self._record(session_id, handle))
-        return out
+        return self._read(ids)
 
     async def put_many(
         self, records: list[SessionRecord], expected: list[int | None]
@@ -383,13 +480,8 @@ class MemorySessionStore:
         self._expire()
         versions: dict[str, int] = {}  # the version each session written here ends at
         written = []
-        for record, version in zip(records, expected):
-            have = versions.get(record.session_id)
-            if have is None:
-                handle = self._index.get(record.session_id)
-                if handle is not None:
-                    pool, row = self._pool(handle)
-                    have = pool.version(row)
+        for record, version, stored in zip(records, expected, self._versions(records)):
+            have = versions.get(record.session_id, stored)
             fits = have == version  # None == None: a new session
             if fits:
                 versions[record.session_id] = (version or 0) + 1
@@ -403,9 +495,25 @@ class MemorySessionStore:
         evicted = self._evict_owned(owned, keep=versions)
         evicted += self._evict(len(self._index) + new - self.cap, keep=versions)
         now = self.clock()
+        writes: dict[int, dict[int, tuple[SessionRecord, _Meta]]] = {}  # pool -> row -> ...
         for record, version, (pool_id, model_id), fits in zip(records, expected, places, written):
             if fits:
-                self._write(record, pool_id, (model_id, (version or 0) + 1, now))
+                meta = (
+                    model_id,
+                    record.tokens,
+                    record.created_at,
+                    record.last_used_at,
+                    (version or 0) + 1,
+                    record.last_token,
+                    now,
+                    record.adapt,
+                )
+                # By row: a row freed and taken again in this batch holds the last write.
+                writes.setdefault(pool_id, {})[self._place(record, pool_id)] = (record, meta)
+        for pool_id, rows in writes.items():
+            self._pools[pool_id].write_many(
+                np.fromiter(rows, dtype=np.int64, count=len(rows)), _rows_of(rows.values())
+            )
         evicted += self._evict(len(self._index) - self.cap)  # a batch larger than the cap
         evicted += self._evict_owned(dict.fromkeys(owned, 0))  # ... or than an owner's cap
         if evicted:
@@ -446,9 +554,25 @@ class MemorySessionStore:
             self._forget(session_id, self._index.pop(session_id))
         return len(victims)
 
-    def _write(self, record: SessionRecord, pool_id: int, stamp: tuple[int, int, float]) -> None:
-        """Write a session into a row of its pool (its own row unless its shape changed)."""
-        model_id, version, now = stamp
+    def _versions(self, records: list[SessionRecord]) -> list[int | None]:
+        """The stored version of each record's session (None: not stored), each pool's rows
+        read in one gather."""
+        out: list[int | None] = [None] * len(records)
+        by_pool: dict[int, list[tuple[int, int]]] = {}
+        for i, record in enumerate(records):
+            handle = self._index.get(record.session_id)
+            if handle is not None:
+                by_pool.setdefault(handle & _POOL_MASK, []).append((i, handle >> _POOL_BITS))
+        for pool_id, found in by_pool.items():
+            rows = np.array([row for _, row in found], dtype=np.int64)
+            versions = self._pools[pool_id].metas_of(rows)["version"].tolist()
+            for (i, _), version in zip(found, versions):
+                out[i] = version
+        return out
+
+    def _place(self, record: SessionRecord, pool_id: int) -> int:
+        """The row a record is written into (its session's own unless its shape changed),
+        with the index, LRU order, typed words, resident rows and owner updated."""
         handle = self._index.get(record.session_id)
         if handle is None:
             row = self._pools[pool_id].alloc()
@@ -458,17 +582,6 @@ class MemorySessionStore:
             row = self._pools[pool_id].alloc()
         else:
             row = handle >> _POOL_BITS
-        meta = (
-            model_id,
-            record.tokens,
-            record.created_at,
-            record.last_used_at,
-            version,
-            record.last_token,
-            now,
-            record.adapt,
-        )
-        self._pools[pool_id].write(row, record.state, meta, record.memory)
         if record.memory is not None and record.memory.words:
             self._words[record.session_id] = record.memory.words
         else:
@@ -485,13 +598,14 @@ class MemorySessionStore:
             sessions = self._owned.setdefault(owner, OrderedDict())
             sessions[record.session_id] = None
             sessions.move_to_end(record.session_id)
+        return row
 
     async def get(self, session_id: str) -> SessionRecord:
         """One live record; raises `UnknownSession`."""
-        handle = self._live(session_id)
-        if handle is None:
+        record = self._read([session_id])[0]
+        if record is None:
             raise UnknownSession(f"no session {session_id!r} (never created, deleted or expired)")
-        return self._record(session_id, handle)
+        return record
 
     async def delete(self, session_id: str) -> None:
         """Forget a session and free its row; raises `UnknownSession`."""
