@@ -844,10 +844,9 @@ class StepBatcher:
             column = np.arange(len(ids)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
             new[row_of, column] = remembered
             adapt.update(keys, weights, new, lengths, params)
-        for row, (_, end) in zip(rows, spans):
+        live = (weights.sum(1) > 0).tolist()
+        for i, (row, (_, end)) in enumerate(zip(rows, spans)):
             row.counted = max(row.counted, end)
-        live = weights.sum(1) > 0
-        for i, row in enumerate(rows):
             # Views of this batch's arrays: the store copies what it keeps.
             row.memory = WordMemory(keys[i], weights[i], words[i])
             use = (
@@ -855,7 +854,7 @@ class StepBatcher:
                 if row.step.adapt is None
                 else row.step.adapt
             )
-            row.mixed = row.final and bool(use and live[i]) and bool(row.second)
+            row.mixed = row.final and use and live[i] and bool(row.second)
 
     def _session_adapt(self, step: Step, record: SessionRecord | None) -> bool:
         """A session's default for `adapt`: set when it is created, kept after."""
