@@ -429,3 +429,58 @@ async def test_the_writers_words_live_beside_the_state(store: MemorySessionStore
     assert await store.put_many([got], [1]) == [True]
     again = await store.get("m")
     assert again.memory is not None and again.memory.words == () and store._words == {}
+
+
+async def test_one_batch_may_write_a_session_twice(store: MemorySessionStore) -> None:
+    rng = np.random.default_rng(5)
+    first, second = random_record(rng, "a", "lstm"), random_record(rng, "a", "lstm")
+    # The second write expects the version the first one leaves: both apply, in order.
+    assert await store.put_many([first, second], [None, 1]) == [True, True]
+    assert_same(await store.get("a"), second, version=2)
+    assert [p.used for p in store.pool_usage()] == [1]
+
+
+async def test_a_row_freed_in_a_batch_holds_the_record_written_last(clock: Clock) -> None:
+    rng = np.random.default_rng(6)
+    store = MemorySessionStore(ttl_s=60.0, cap=10, clock=clock, first_rows=1)
+    await store.put_many([random_record(rng, "a", "lstm")], [None])
+    # "a" leaves its LSTM row for a GRU one; "b", new, takes that freed row in the same batch.
+    a, b = random_record(rng, "a", "gru"), random_record(rng, "b", "lstm")
+    assert await store.put_many([a, b], [1, None]) == [True, True]
+    assert_same(await store.get("a"), a, version=2)
+    assert_same(await store.get("b"), b, version=1)
+    assert {p.shape: p.used for p in store.pool_usage()} == {SHAPES["lstm"]: 1, SHAPES["gru"]: 1}
+
+
+async def test_memories_round_trip_across_chunks(clock: Clock) -> None:
+    from service.store.base import WordMemory
+
+    rng = np.random.default_rng(7)
+    store = MemorySessionStore(ttl_s=600.0, cap=1000, clock=clock, first_rows=2)
+    records = []
+    for i in range(40):  # rows in chunks of 2, 2, 4, 8, 16, 32
+        r = random_record(rng, f"s{i}", "gru")
+        keys = rng.integers(-1, 1000, size=6).astype(np.int32)
+        r.memory = WordMemory(keys, rng.random(6).astype(np.float32), (f"w{i}",) * (i % 2))
+        records.append(r)
+    assert all(await store.put_many(records, [None] * len(records)))
+    shuffled = [records[i] for i in rng.permutation(len(records))]
+    got = await store.get_many([r.session_id for r in shuffled] + ["nobody"])
+    assert got[-1] is None
+    for have, want in zip(got, shuffled):
+        assert_same(have, want, version=1)
+        assert have is not None and have.memory is not None and want.memory is not None
+        np.testing.assert_array_equal(have.memory.keys, want.memory.keys)
+        np.testing.assert_array_equal(have.memory.weights, want.memory.weights)
+        assert have.memory.words == want.memory.words
+        assert not have.memory.keys.flags.writeable
+
+
+async def test_an_expired_session_in_a_batch_read_is_none(
+    store: MemorySessionStore, clock: Clock
+) -> None:
+    await create(store, "old")
+    clock.now += 61.0
+    await create(store, "new")
+    assert [r and r.session_id for r in await store.get_many(["old", "new"])] == [None, "new"]
+    assert await store.count() == 1
