@@ -12,6 +12,8 @@ def stack_rows(arrays: Sequence[np.ndarray]) -> np.ndarray:
 
     One concatenate and a reshape: 61 us for 256 arrays of 256 floats against 215 us
     for `np.stack`, which expands each array's dimensions first (measured here)."""
+    if not arrays:
+        raise ValueError("no arrays to stack")
     shape = arrays[0].shape
     for array in arrays:
         if array.shape != shape:

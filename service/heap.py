@@ -7,6 +7,10 @@ walk them, and the youngest generation's threshold is raised from 700 to `YOUNG`
 batch of 256 steps allocates a few thousand objects that live until it is answered, and
 with 700 each batch would carry some of them into older generations to be walked again.
 
+What is frozen is never collected, not even when it later becomes unreachable in a
+reference cycle: `settle()` is for a process that keeps what it has loaded until it
+exits (the engine process; an API process of `nextword serve`), called once.
+
 Measured with `benchmarks/bench_core.py`'s in-process engine (tiny model, 256 sessions,
 one word each per round, 2-core machine): 115-131 us per step with the defaults,
 109-112 with `gc.freeze` alone, 95 with both, 80-83 with the collector off; full

@@ -484,3 +484,31 @@ async def test_an_expired_session_in_a_batch_read_is_none(
     await create(store, "new")
     assert [r and r.session_id for r in await store.get_many(["old", "new"])] == [None, "new"]
     assert await store.count() == 1
+
+
+async def test_a_record_that_cannot_be_stored_refuses_the_batch_before_any_change(
+    clock: Clock,
+) -> None:
+    rng = np.random.default_rng(8)
+    store = MemorySessionStore(ttl_s=60.0, cap=1, clock=clock, first_rows=4)
+    kept = random_record(rng, "kept", "lstm")
+    await store.put_many([kept], [None])
+    new, bad = random_record(rng, "new", "lstm"), random_record(rng, "bad", "lstm")
+    bad.tokens = 2**70  # no int64 field holds it: found only when the batch is packed
+    with pytest.raises(OverflowError):
+        await store.put_many([new, bad], [None, None])
+    # Nothing evicted, nothing placed: "new" did not take "kept"'s row.
+    assert await store.get_many(["new", "bad"]) == [None, None]
+    assert_same(await store.get("kept"), kept, version=1)
+
+
+async def test_a_state_read_is_a_copy_of_its_own(clock: Clock) -> None:
+    rng = np.random.default_rng(9)
+    store = MemorySessionStore(ttl_s=60.0, cap=100, clock=clock)
+    records = [random_record(rng, f"s{i}", "lstm") for i in range(64)]
+    await store.put_many(records, [None] * len(records))
+    got = await store.get_many([r.session_id for r in records])
+    assert got[0] is not None
+    # A long step holds its record across batches: it must not keep the batch's read alive.
+    base = got[0].state[0].base
+    assert base is not None and base.nbytes == sum(a.nbytes for a in got[0].state)

@@ -37,7 +37,7 @@ from __future__ import annotations
 import sys
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Collection, Container
+from collections.abc import Callable, Container
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
@@ -283,10 +283,16 @@ def _shape(array: Any) -> tuple[int, ...]:
     return array.shape if isinstance(array, np.ndarray) else np.shape(array)
 
 
-def _rows_of(writes: Collection[tuple[SessionRecord, _Meta]]) -> Rows:
-    """Records of one pool shape and their metadata as the arrays `write_many` takes."""
-    records = [record for record, _ in writes]
-    metas = np.array([meta for _, meta in writes], dtype=_META)
+def _rows_of(records: list[SessionRecord], models: list[int]) -> Rows:
+    """Records of one pool shape (and their model ids) as the arrays `write_many` takes;
+    their metadata's version and TTL stamp are left 0 for the caller to set."""
+    metas = np.array(
+        [
+            (model, r.tokens, r.created_at, r.last_used_at, 0, r.last_token, 0.0, r.adapt)
+            for r, model in zip(records, models)
+        ],
+        dtype=_META,
+    )
     shape = _shape_of(records[0])
     states = np.empty((len(records), *shape[:3]), dtype=np.float32)
     if shape[0]:
@@ -294,9 +300,9 @@ def _rows_of(writes: Collection[tuple[SessionRecord, _Meta]]) -> Rows:
             for j, array in enumerate(record.state):
                 states[i, j] = array  # cast to float32 in the copy
     keys = weights = np.empty((len(records), 0))
-    if shape[3]:
-        keys = stack_rows([r.memory.keys for r in records])  # type: ignore[union-attr]
-        weights = stack_rows([r.memory.weights for r in records])  # type: ignore[union-attr]
+    if shape[3]:  # a memory's arrays may be any array-like `_shape_of` accepts
+        keys = stack_rows([np.asarray(r.memory.keys) for r in records])  # type: ignore[union-attr]
+        weights = stack_rows([np.asarray(r.memory.weights) for r in records])  # type: ignore[union-attr]
     return Rows(states, metas, keys, weights)
 
 
@@ -440,10 +446,17 @@ class MemorySessionStore:
                 if pool.shape[3]:
                     words = self._words.get(session_id, ())
                     memory = WordMemory(data.keys[j], data.weights[j], words)
+                state: State = ()
+                if pool.shape[0]:
+                    # A copy of its own: a long step holds its record across batches, and a
+                    # view would keep this whole read alive (256 LSTM states: 4 MiB).
+                    own = data.states[j].copy()
+                    own.flags.writeable = False
+                    state = tuple(own)
                 out[found[j][0]] = SessionRecord(
                     session_id=session_id,
                     model=self._models[model],
-                    state=tuple(data.states[j]),  # read-only views of this read's copy
+                    state=state,
                     tokens=tokens,
                     created_at=created_at,
                     last_used_at=last_used_at,
@@ -477,6 +490,15 @@ class MemorySessionStore:
             raise ValueError("one expected version per record")
         # Everything that can refuse a record, before anything is written.
         places = [(self._pool_id(_shape_of(r)), self._model_id(r.model)) for r in records]
+        # ... and every record as the arrays its pool is written from: a value out of its
+        # field's range or an array that does not convert refuses the whole batch here.
+        by_pool: dict[int, list[int]] = {}  # pool -> the records of its shape
+        for i, (pool_id, _) in enumerate(places):
+            by_pool.setdefault(pool_id, []).append(i)
+        arrays = {
+            pool_id: _rows_of([records[i] for i in at], [places[i][1] for i in at])
+            for pool_id, at in by_pool.items()
+        }
         self._expire()
         versions: dict[str, int] = {}  # the version each session written here ends at
         written = []
@@ -494,25 +516,24 @@ class MemorySessionStore:
                     owned[record.owner] = owned.get(record.owner, 0) + 1
         evicted = self._evict_owned(owned, keep=versions)
         evicted += self._evict(len(self._index) + new - self.cap, keep=versions)
-        now = self.clock()
-        writes: dict[int, dict[int, tuple[SessionRecord, _Meta]]] = {}  # pool -> row -> ...
-        for record, version, (pool_id, model_id), fits in zip(records, expected, places, written):
+        # Placed in the batch's order (the LRU order); by row, so that a row freed and taken
+        # again in this batch holds the write made last.
+        placed: dict[int, dict[int, int]] = {}  # pool -> row -> the record written there
+        for i, (record, fits) in enumerate(zip(records, written)):
             if fits:
-                meta = (
-                    model_id,
-                    record.tokens,
-                    record.created_at,
-                    record.last_used_at,
-                    (version or 0) + 1,
-                    record.last_token,
-                    now,
-                    record.adapt,
-                )
-                # By row: a row freed and taken again in this batch holds the last write.
-                writes.setdefault(pool_id, {})[self._place(record, pool_id)] = (record, meta)
-        for pool_id, rows in writes.items():
+                pool_id = places[i][0]
+                placed.setdefault(pool_id, {})[self._place(record, pool_id)] = i
+        now = self.clock()
+        for pool_id, rows in placed.items():
+            where = {i: j for j, i in enumerate(by_pool[pool_id])}  # record -> its array row
+            at = np.fromiter((where[i] for i in rows.values()), dtype=np.int64, count=len(rows))
+            data = arrays[pool_id]
+            if len(at) < len(data.metas) or (at != np.arange(len(at))).any():
+                data = Rows(data.states[at], data.metas[at], data.keys[at], data.weights[at])
+            data.metas["version"] = [(expected[i] or 0) + 1 for i in rows.values()]
+            data.metas["touched"] = now
             self._pools[pool_id].write_many(
-                np.fromiter(rows, dtype=np.int64, count=len(rows)), _rows_of(rows.values())
+                np.fromiter(rows, dtype=np.int64, count=len(rows)), data
             )
         evicted += self._evict(len(self._index) - self.cap)  # a batch larger than the cap
         evicted += self._evict_owned(dict.fromkeys(owned, 0))  # ... or than an owner's cap
