@@ -30,7 +30,7 @@ from service.contract.protocol import (
     StepRequest,
 )
 from service.engine import adapt
-from service.engine.pool import device_free_bytes, pool_rows
+from service.engine.pool import device_free_bytes, pool_rows, row_bytes
 from service.engine.runtime import OrtModel, choose_providers
 from service.engine.scheduler import Adaptation, Step, StepBatcher, StepResult
 from service.errors import NextwordError, StepFailed, UnknownModel
@@ -71,12 +71,11 @@ def load_models(settings: Settings) -> dict[str, OrtModel]:
             else:
                 budget = int(free * settings.state_pool_memory) // len(models)
         for model in models.values():
-            kinds = len(model.state_inputs)
             rows = pool_rows(
                 settings.state_pool_rows,
                 settings.session_cap,
                 settings.max_batch,
-                kinds * model.layers * model.hidden_size * 4,
+                row_bytes(model),
                 budget,
             )
             try:

@@ -196,6 +196,11 @@ def device_free_bytes() -> int | None:
     return None
 
 
+def row_bytes(model: OrtModel) -> int:
+    """Bytes of one pool row of `model`: every state input's (L, H) float32."""
+    return len(model.state_inputs) * model.layers * model.hidden_size * 4
+
+
 def pool_rows(
     setting: int, session_cap: int, max_batch: int, row_bytes: int, budget: int | None
 ) -> int:
@@ -229,7 +234,7 @@ class StatePool:
         self.hidden = model.hidden_size
         self.device = "cuda" if model.on_cuda else "cpu"
         shape = (rows, self.layers, self.hidden)
-        self.row_bytes = self.kinds * self.layers * self.hidden * 4
+        self.row_bytes = row_bytes(model)
         self._host: list[np.ndarray] = []  # the CPU pool's memory (the OrtValues share it)
         if self.device == "cpu":
             # Zero pages are only made resident when first written.

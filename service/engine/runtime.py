@@ -104,7 +104,6 @@ class OrtModel:
         intra_op_threads: int = 0,
         *,
         allow_tf32: bool = False,
-        pool_rows: int = 0,
     ) -> None:
         global _cuda_failed
         self.artifact = artifact
@@ -172,8 +171,6 @@ class OrtModel:
         # The states of active sessions, resident on this model's device (None: every
         # batch's states are copied in and out, `run`).
         self.pool: StatePool | None = None
-        if pool_rows > 0:
-            self.attach_pool(pool_rows)
 
     def attach_pool(self, rows: int) -> StatePool:
         """Keep session states in a pool of `rows` rows on this model's device."""

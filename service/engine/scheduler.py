@@ -213,6 +213,18 @@ def _to_host(records: list[SessionRecord]) -> list[SessionRecord]:
     return out
 
 
+def _brought_back(row: _Row) -> bool:
+    """Whether a batch starts `row` from host states (a session spilled to host memory, or
+    read from a store that serializes states) that a resident runner uploads first."""
+    record, step = row.record, row.step
+    return (
+        not row.planned
+        and record is not None
+        and record.resident is None
+        and not (step.fresh or step.create)
+    )
+
+
 def _resolve(future: asyncio.Future[Any], outcome: Any) -> bool:
     if future.done():
         return False
@@ -623,12 +635,7 @@ class StepBatcher:
         pool = self.pool
         if pool is None:
             return 0
-        need = 0
-        for row in rows:
-            record, step = row.record, row.step
-            if not row.planned and record is not None and record.resident is None:
-                need += 0 if step.fresh or step.create else 2
-            need += 2
+        need = sum(4 if _brought_back(row) else 2 for row in rows)
         if pool.free < need:
             spill = getattr(self.store, "spill", None)
             if spill is not None:
@@ -754,20 +761,23 @@ class StepBatcher:
         second = [r for r in final if r.second]
         for group in self._by_length(second, lambda r: len(r.second)):
             prefixed = [i for i, r in enumerate(group) if r.step.prefix_ids is not None]
-            mixed = any(r.mixed for r in group)
+            caches = self._caches(group) if any(r.mixed for r in group) else None
             tokens, states = [r.second for r in group], [r.second_from for r in group]
             if self.pool is not None:
                 # Only what the answers need comes out of the device: the model's
                 # probabilities at the memories' words, and the distributions of the rows
                 # completing a prefix.
-                gather = self._gather_ids(group) if mixed else None
+                gather = None
+                if caches is not None:
+                    assert self.adaptation is not None
+                    gather = adapt.gather_ids(caches[0], self._vocab_size, self.adaptation.unk_id)
                 output = self._run(group, tokens, states, False, gather, prefixed)
             else:
-                output = self._run(group, tokens, states, bool(prefixed) or mixed)
+                output = self._run(group, tokens, states, bool(prefixed) or caches is not None)
             for i, row in enumerate(group):
                 row.output, row.output_row = output, i
-            if any(r.mixed for r in group):
-                self._answer_mixed(group, output)
+            if caches is not None:
+                self._answer_mixed(group, output, caches)
         for row in final:
             row.result = self._result(row)
 
@@ -775,16 +785,7 @@ class StepBatcher:
     def _upload(rows: list[_Row], pool: StatePool) -> None:
         """Bring the host states of the records a batch starts from (sessions spilled to host
         memory, or read from a store that serializes states) into pool rows, at once."""
-        records = []
-        for row in rows:
-            record, step = row.record, row.step
-            if (
-                not row.planned
-                and record is not None
-                and record.resident is None
-                and not (step.fresh or step.create)
-            ):
-                records.append(record)
+        records = [row.record for row in rows if row.record is not None and _brought_back(row)]
         if not records:
             return
         half = len(records[0].state) // 2
@@ -862,16 +863,25 @@ class StepBatcher:
             return self.adapt_default if step.adapt is None else step.adapt
         return record.adapt
 
-    def _answer_mixed(self, group: list[_Row], output: StepOutput) -> None:
-        """The answers of a run's rows with the writer's words mixed in (rows that do not
-        mix them get the model's own, as `top_words` gives them)."""
+    def _caches(self, group: list[_Row]) -> tuple[np.ndarray, np.ndarray]:
+        """The (keys, weights) a run's rows mix in, (B, C) each: their memories, and an
+        empty cache for the rows that do not mix."""
         adaptation = self.adaptation
-        assert adaptation is not None and (output.probs is not None or output.probs_at is not None)
-        capacity = adaptation.params.capacity
-        none, nothing = adapt.empty_cache(1, capacity)  # a row that does not mix
+        assert adaptation is not None
+        none, nothing = adapt.empty_cache(1, adaptation.params.capacity)
         memories = [r.memory if r.mixed and r.memory is not None else None for r in group]
         keys = stack_rows([none[0] if m is None else m.keys for m in memories])
         weights = stack_rows([nothing[0] if m is None else m.weights for m in memories])
+        return keys, weights
+
+    def _answer_mixed(
+        self, group: list[_Row], output: StepOutput, caches: tuple[np.ndarray, np.ndarray]
+    ) -> None:
+        """The answers of a run's rows with the writer's words mixed in from `caches`
+        (`_caches`; rows that do not mix get the model's own, as `top_words` gives them)."""
+        adaptation = self.adaptation
+        assert adaptation is not None and (output.probs is not None or output.probs_at is not None)
+        keys, weights = caches
         # Rows that do not mix are answered by `top_words` (exactly as alone): here they
         # take the cheap path (no memory, no prefix).
         candidates: list[np.ndarray | None] = [
@@ -940,16 +950,6 @@ class StepBatcher:
         for row in rows:
             groups.setdefault(length(row), []).append(row)
         return list(groups.values())
-
-    def _gather_ids(self, group: list[_Row]) -> np.ndarray:
-        """Where a resident run gathers the model's probabilities for the mixed rows."""
-        adaptation = self.adaptation
-        assert adaptation is not None
-        keys = np.full((len(group), adaptation.params.capacity), -1, dtype=np.int32)
-        for i, row in enumerate(group):
-            if row.mixed and row.memory is not None:
-                keys[i] = row.memory.keys
-        return adapt.gather_ids(keys, self._vocab_size, adaptation.unk_id)
 
     def _run(
         self,

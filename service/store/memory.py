@@ -422,18 +422,22 @@ class MemorySessionStore:
             return None
         return handle
 
-    def _read(self, ids: list[str]) -> list[SessionRecord | None]:
-        """The live records of `ids` (None where unknown or expired), each pool's rows read
-        in one gather; an expired session found drops every expired one."""
-        out: list[SessionRecord | None] = [None] * len(ids)
-        by_pool: dict[int, list[tuple[int, int]]] = {}  # pool -> (position, row)
+    def _stored_rows(self, ids: list[str]) -> dict[int, list[tuple[int, int]]]:
+        """The stored sessions among `ids`, by pool: (position in `ids`, row) each."""
+        by_pool: dict[int, list[tuple[int, int]]] = {}
         for i, session_id in enumerate(ids):
             handle = self._index.get(session_id)
             if handle is not None:
                 by_pool.setdefault(handle & _POOL_MASK, []).append((i, handle >> _POOL_BITS))
+        return by_pool
+
+    def _read(self, ids: list[str]) -> list[SessionRecord | None]:
+        """The live records of `ids` (None where unknown or expired), each pool's rows read
+        in one gather; an expired session found drops every expired one."""
+        out: list[SessionRecord | None] = [None] * len(ids)
         horizon = self.clock() - self.ttl_s
         expired = False
-        for pool_id, found in by_pool.items():
+        for pool_id, found in self._stored_rows(ids).items():
             pool = self._pools[pool_id]
             data = pool.read_many(np.array([row for _, row in found], dtype=np.int64))
             for j, meta in enumerate(data.metas.tolist()):
@@ -579,12 +583,7 @@ class MemorySessionStore:
         """The stored version of each record's session (None: not stored), each pool's rows
         read in one gather."""
         out: list[int | None] = [None] * len(records)
-        by_pool: dict[int, list[tuple[int, int]]] = {}
-        for i, record in enumerate(records):
-            handle = self._index.get(record.session_id)
-            if handle is not None:
-                by_pool.setdefault(handle & _POOL_MASK, []).append((i, handle >> _POOL_BITS))
-        for pool_id, found in by_pool.items():
+        for pool_id, found in self._stored_rows([r.session_id for r in records]).items():
             rows = np.array([row for _, row in found], dtype=np.int64)
             versions = self._pools[pool_id].metas_of(rows)["version"].tolist()
             for (i, _), version in zip(found, versions):
