@@ -155,13 +155,17 @@ def resident_parity(cpu: OrtModel, cuda: OrtModel) -> dict[str, Any]:
     return {"max_abs_diff_topk_probs": topk}
 
 
+_POOLS: dict[int, StatePool] = {}  # by id(model): one pool per model at a time
+
+
 def _pool(model: OrtModel, rows: int) -> StatePool:
     """The model's pool, (re)made with at least `rows` rows."""
-    if model.pool is None or model.pool.rows < rows:
-        model.pool = None  # the old pool's memory goes first
-        model.attach_pool(rows)
-    assert model.pool is not None
-    return model.pool
+    pool = _POOLS.get(id(model))
+    if pool is None or pool.rows < rows:
+        _POOLS.pop(id(model), None)  # the old pool's memory goes first
+        del pool
+        _POOLS[id(model)] = StatePool(model, rows)
+    return _POOLS[id(model)]
 
 
 def steps_per_s(
@@ -315,8 +319,8 @@ def check_model(artifact: ModelArtifact, args: argparse.Namespace, progress: Any
                 result["resident_steps_per_s"][provider][str(batch)] = steps_per_s(
                     model, batch, args.seconds, args.min_runs, args.warmup, True, args.pool_rows
                 )
-    if cuda is not None and cuda.pool is not None:
-        cuda.pool = None  # its memory back before the next model
+    if cuda is not None:
+        _POOLS.pop(id(cuda), None)  # its memory back before the next model
     return result
 
 

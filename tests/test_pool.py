@@ -41,14 +41,13 @@ def provider(request: pytest.FixtureRequest) -> str:
 @pytest.fixture(scope="module")
 def model(tiny_artifacts: Path, cell: str, provider: str) -> OrtModel:
     model = OrtModel(ModelArtifact.load(tiny_artifacts / cell), providers_for(provider))
-    model.attach_pool(64)
     assert model.on_cuda == (provider == "cuda"), model.providers
     return model
 
 
-def pool_of(model: OrtModel) -> StatePool:
-    assert model.pool is not None
-    return model.pool
+@pytest.fixture(scope="module")
+def pool(model: OrtModel) -> StatePool:
+    return StatePool(model, 64)
 
 
 def random_states(model: OrtModel, batch: int, seed: int = 0) -> list[tuple[np.ndarray, ...]]:
@@ -64,8 +63,9 @@ def stacked(states: list[tuple[np.ndarray, ...]]) -> tuple[np.ndarray, ...]:
     return tuple(np.stack([s[i] for s in states], axis=1) for i in range(len(states[0])))
 
 
-def test_a_resident_run_answers_what_the_copied_run_answers(model: OrtModel) -> None:
-    pool = pool_of(model)
+def test_a_resident_run_answers_what_the_copied_run_answers(
+    model: OrtModel, pool: StatePool
+) -> None:
     states = random_states(model, 6)
     slots = pool.upload(states)
     host = stacked(states)
@@ -86,8 +86,7 @@ def test_a_resident_run_answers_what_the_copied_run_answers(model: OrtModel) -> 
     assert pool.run(tokens, slots, want_probs=False).probs is None
 
 
-def test_rows_are_write_once_and_come_back_when_dropped(model: OrtModel) -> None:
-    pool = pool_of(model)
+def test_rows_are_write_once_and_come_back_when_dropped(model: OrtModel, pool: StatePool) -> None:
     gc.collect()
     free = pool.free
     states = random_states(model, 4, seed=2)
@@ -114,7 +113,7 @@ def test_the_cpu_pool_is_written_in_place(tiny_artifacts: Path) -> None:
     """The pool tensors are bound as the fused graph's input and output: the scatter
     writes into the same buffer (the host array the OrtValue wraps, on CPU)."""
     model = OrtModel(ModelArtifact.load(tiny_artifacts / "gru"), providers_for("cpu"))
-    pool = model.attach_pool(32)
+    pool = StatePool(model, 32)
     start = pool.upload(random_states(model, 2, seed=3))
     output = pool.run(np.array([[7], [9]], dtype=np.int64), start, want_probs=False)
     downloaded = pool.download(output.slots)
@@ -125,7 +124,7 @@ def test_the_cpu_pool_is_written_in_place(tiny_artifacts: Path) -> None:
 
 def test_a_full_pool_refuses_and_takes_nothing(tiny_artifacts: Path) -> None:
     model = OrtModel(ModelArtifact.load(tiny_artifacts / "gru"), providers_for("cpu"))
-    pool = model.attach_pool(8)
+    pool = StatePool(model, 8)
     held = pool.take(6)
     with pytest.raises(PoolExhausted, match="3 state rows needed, 2 free of 8"):
         pool.take(3)
@@ -139,7 +138,7 @@ def test_cuda_and_cpu_pools_agree(tiny_artifacts: Path, cell: str, cuda: str) ->
     answers = {}
     for name in ("cpu", cuda):
         model = OrtModel(ModelArtifact.load(tiny_artifacts / cell), providers_for(name))
-        pool = model.attach_pool(32)
+        pool = StatePool(model, 32)
         slots = pool.upload(random_states(model, 3, seed=4))
         for _ in range(5):
             output = pool.run(np.array([[4], [8], [12]], dtype=np.int64), slots, True)
@@ -163,7 +162,7 @@ async def test_a_spilled_session_keeps_its_state_version_and_place(
     tiny_artifacts: Path,
 ) -> None:
     model = OrtModel(ModelArtifact.load(tiny_artifacts / "lstm"), providers_for("cpu"))
-    pool = model.attach_pool(32)
+    pool = StatePool(model, 32)
     store = MemorySessionStore(cap=100)
     states = random_states(model, 6, seed=5)
     slots = pool.upload(states)
@@ -333,18 +332,17 @@ def test_prefixes_and_plain_steps_batched_together_answer_as_copied(tiny_artifac
                 assert_same_predictions(a, b)
 
 
-def test_the_pool_checks_itself_against_the_copied_path(model: OrtModel) -> None:
-    pool = pool_of(model)
+def test_the_pool_checks_itself_against_the_copied_path(model: OrtModel, pool: StatePool) -> None:
     assert pool.check() is None
 
 
 def test_a_pool_that_fails_its_check_is_not_used(
     tiny_artifacts: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from service.engine.core import load_models
+    from service.engine.core import attach_pools, load_models
 
     model = OrtModel(ModelArtifact.load(tiny_artifacts / "gru"), providers_for("cpu"))
-    pool = model.attach_pool(32)
+    pool = StatePool(model, 32)
     real = StatePool.download
     monkeypatch.setattr(  # a device that loses what was written to it
         StatePool,
@@ -353,8 +351,8 @@ def test_a_pool_that_fails_its_check_is_not_used(
     )
     problem = pool.check()
     assert problem is not None and problem.startswith("states read back differ"), problem
-    models = load_models(api_settings(tiny_artifacts))
-    assert all(m.pool is None for m in models.values())
+    settings = api_settings(tiny_artifacts)
+    assert attach_pools(settings, load_models(settings)) == {}
     assert "fails its check (states read back differ" in caplog.text
 
 
@@ -375,12 +373,12 @@ def test_a_pool_whose_check_raises_is_not_used(
 ) -> None:
     """A provider that cannot run the pool's graph at all: the engine still starts, and
     copies its states per batch."""
-    from service.engine.core import load_models
+    from service.engine.core import attach_pools, load_models
 
     def broken(self: StatePool, *args: object, **kwargs: object) -> None:
         raise RuntimeError("no kernel for GatherElements here")
 
     monkeypatch.setattr(StatePool, "run", broken)
-    models = load_models(api_settings(tiny_artifacts))
-    assert all(m.pool is None for m in models.values())
+    settings = api_settings(tiny_artifacts)
+    assert attach_pools(settings, load_models(settings)) == {}
     assert "fails its check (RuntimeError: no kernel for GatherElements here)" in caplog.text

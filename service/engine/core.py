@@ -30,7 +30,7 @@ from service.contract.protocol import (
     StepRequest,
 )
 from service.engine import adapt
-from service.engine.pool import device_free_bytes, pool_rows, row_bytes
+from service.engine.pool import StatePool, device_free_bytes, pool_rows, row_bytes
 from service.engine.runtime import OrtModel, choose_providers
 from service.engine.scheduler import Adaptation, Step, StepBatcher, StepResult
 from service.errors import NextwordError, StepFailed, UnknownModel
@@ -53,7 +53,7 @@ def artifact_dirs(models_dir: Path) -> list[Path]:
 def load_models(settings: Settings) -> dict[str, OrtModel]:
     """Every artifact directory of the settings' models directory (verified), by name."""
     chosen = choose_providers(settings.providers)
-    models = {
+    return {
         path.name: OrtModel(
             ModelArtifact.load(path),
             chosen,
@@ -62,39 +62,48 @@ def load_models(settings: Settings) -> dict[str, OrtModel]:
         )
         for path in artifact_dirs(Path(settings.models_dir))
     }
-    if settings.state_pool:
-        budget = None
-        if any(model.on_cuda for model in models.values()):
-            free = device_free_bytes()
-            if free is None:
-                log.warning("free GPU memory unknown: state pools sized from the session cap")
-            else:
-                budget = int(free * settings.state_pool_memory) // len(models)
-        for model in models.values():
-            rows = pool_rows(
-                settings.state_pool_rows,
-                settings.session_cap,
-                settings.max_batch,
-                row_bytes(model),
-                budget,
+
+
+def attach_pools(settings: Settings, models: dict[str, OrtModel]) -> dict[str, StatePool]:
+    """A resident state pool per model that passes its check (`StatePool.check`), by name;
+    a model without one copies its states per batch."""
+    if not settings.state_pool:
+        return {}
+    budget = None
+    if any(model.on_cuda for model in models.values()):
+        free = device_free_bytes()
+        if free is None:
+            log.warning("free GPU memory unknown: state pools sized from the session cap")
+        else:
+            budget = int(free * settings.state_pool_memory) // len(models)
+    pools = {}
+    for name, model in models.items():
+        rows = pool_rows(
+            settings.state_pool_rows,
+            settings.session_cap,
+            settings.max_batch,
+            row_bytes(model),
+            budget,
+        )
+        try:
+            pool = StatePool(model, rows)
+            problem = pool.check()
+        except Exception as exc:  # e.g. a provider without a kernel the pool's graph uses
+            problem = f"{type(exc).__name__}: {exc}"
+        if problem is not None:  # never seen so far
+            log.error(
+                "model %s: the state pool on %s fails its check (%s): states are copied "
+                "per batch instead",
+                name,
+                model.providers[0],
+                problem,
             )
-            try:
-                problem = model.attach_pool(rows).check()
-            except Exception as exc:  # e.g. a provider without a kernel the pool's graph uses
-                problem = f"{type(exc).__name__}: {exc}"
-            if problem is not None:  # never seen so far
-                log.error(
-                    "model %s: the state pool on %s fails its check (%s): states are copied "
-                    "per batch instead",
-                    model.name,
-                    model.providers[0],
-                    problem,
-                )
-                model.pool = None
-    return models
+            continue
+        pools[name] = pool
+    return pools
 
 
-def describe_model(model: OrtModel) -> dict[str, Any]:
+def describe_model(model: OrtModel, pool: StatePool | None = None) -> dict[str, Any]:
     """One model as `GET /v1/models` lists it."""
     manifest = model.artifact.manifest
     return {
@@ -108,13 +117,12 @@ def describe_model(model: OrtModel) -> dict[str, Any]:
         "providers": list(model.providers),
         "metrics": manifest.get("metrics", {}),
         "adaptation": describe_adaptation(model),
-        "state_pool": describe_pool(model),
+        "state_pool": describe_pool(pool),
     }
 
 
-def describe_pool(model: OrtModel) -> dict[str, Any] | None:
+def describe_pool(pool: StatePool | None) -> dict[str, Any] | None:
     """Where a model keeps its sessions' states (None: copied per batch, no pool)."""
-    pool = model.pool
     if pool is None:
         return None
     return {
@@ -148,7 +156,11 @@ class EngineCore:
     """Models, schedulers and sessions behind one entry point, `handle`."""
 
     def __init__(
-        self, settings: Settings, models: dict[str, OrtModel], store: SessionStore
+        self,
+        settings: Settings,
+        models: dict[str, OrtModel],
+        store: SessionStore,
+        pools: dict[str, StatePool] | None = None,
     ) -> None:
         if settings.default_model not in models:
             raise ArtifactError(
@@ -157,6 +169,7 @@ class EngineCore:
             )
         self.settings = settings
         self.models = models
+        self.pools = pools or {}  # a model's resident states; none: copied per batch
         self.store = store
         self.schedulers = {
             name: StepBatcher(
@@ -168,6 +181,7 @@ class EngineCore:
                 prefill_chunk=settings.prefill_chunk,
                 adaptation=Adaptation.of(model) if settings.adapt_memory else None,
                 adapt_default=settings.adapt,
+                pool=self.pools.get(name),
             )
             for name, model in models.items()
         }
@@ -180,6 +194,7 @@ class EngineCore:
     async def start(cls, settings: Settings) -> EngineCore:
         """Load every model, open the store and start the schedulers."""
         models = await asyncio.to_thread(load_models, settings)
+        pools = await asyncio.to_thread(attach_pools, settings, models)
         store = open_store(
             settings.session_store,
             settings.session_ttl_s,
@@ -187,7 +202,7 @@ class EngineCore:
             settings.session_store_write,
             owner_cap=settings.max_sessions_per_key,
         )
-        core = cls(settings, models, store)
+        core = cls(settings, models, store, pools)
         for scheduler in core.schedulers.values():
             await scheduler.start()
         core._housekeeping = asyncio.get_running_loop().create_task(
@@ -214,7 +229,7 @@ class EngineCore:
 
     def describe(self) -> list[dict[str, Any]]:
         """The loaded models, as `GET /v1/models` lists them."""
-        return [describe_model(model) for model in self.models.values()]
+        return [describe_model(model, self.pools.get(name)) for name, model in self.models.items()]
 
     async def _keep_house(self) -> None:
         """Drop expired sessions and refresh the active-sessions gauge now and then."""

@@ -34,6 +34,7 @@ import logging
 import threading
 from collections import deque
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -61,6 +62,14 @@ def _pool_name(i: int) -> str:
 
 def _pool_out(i: int) -> str:
     return f"nextword_pool{i}_out"
+
+
+@dataclass(frozen=True)
+class ResidentOutput(StepOutput):
+    """A resident run's answer: the new states stay on the device, one fresh row per
+    batch row (`slots`), and `state` is empty."""
+
+    slots: tuple[Slot, ...] = ()
 
 
 class PoolExhausted(RuntimeError):
@@ -376,9 +385,9 @@ class StatePool:
         want_probs: bool,
         gather: np.ndarray | None = None,
         probs_rows: Sequence[int] | None = None,
-    ) -> StepOutput:
+    ) -> ResidentOutput:
         """Run `tokens` (B, T) int64, row b from the state in `start[b]`; the new states
-        go to fresh rows (`StepOutput.slots`; its `state` is empty). With `gather` (B, G)
+        go to fresh rows (`ResidentOutput.slots`; its `state` is empty). With `gather` (B, G)
         vocabulary ids, their probabilities come out too (`StepOutput.probs_at`). The full
         distribution comes out for every row with `want_probs`, or for the rows
         `probs_rows` names (`StepOutput.probs`, one row each, `StepOutput.probs_index`
@@ -409,9 +418,9 @@ class StatePool:
             probs = values[PROBS_OF_ROWS]
             index = np.full(batch, -1, dtype=np.int64)
             index[rows] = np.arange(len(rows))
-        return StepOutput(
-            values[TOPK_PROBS], values[TOPK_IDS], probs, (), tuple(out),
-            values.get(PROBS_AT), index,
+        return ResidentOutput(
+            values[TOPK_PROBS], values[TOPK_IDS], probs, (), values.get(PROBS_AT), index,
+            tuple(out),
         )  # fmt: skip
 
     def upload(self, states: Sequence[Sequence[np.ndarray]]) -> list[Slot]:

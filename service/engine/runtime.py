@@ -14,7 +14,6 @@ import os
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import onnxruntime as ort
@@ -29,9 +28,6 @@ from service.contract.artifact import (
     state_inputs,
     state_outputs,
 )
-
-if TYPE_CHECKING:
-    from service.engine.pool import Slot, StatePool
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +49,7 @@ class StepOutput:
     topk_probs: np.ndarray  # (B, K) float32, best first, suggestible words only
     topk_ids: np.ndarray  # (B, K) int64
     probs: np.ndarray | None  # (B, V) float32 full distribution, only when asked for
-    state: State  # each (L, B, H) float32 (empty from a resident run)
-    slots: tuple[Slot, ...] = ()  # a resident run's new states: a pool row per row
+    state: State  # each (L, B, H) float32 (empty from a resident run, `ResidentOutput`)
     probs_at: np.ndarray | None = None  # (B, G) the distribution at ids a run was given
     # With the distribution of some rows only: `probs` has one row for each, and this maps
     # a batch row to its row of `probs` (-1: none). None: `probs` is (B, V).
@@ -168,16 +163,6 @@ class OrtModel:
         self.start = self.run(
             np.array([[self.vocab.eos_id]], dtype=np.int64), self.zero_state(1), want_probs=True
         )
-        # The states of active sessions, resident on this model's device (None: every
-        # batch's states are copied in and out, `run`).
-        self.pool: StatePool | None = None
-
-    def attach_pool(self, rows: int) -> StatePool:
-        """Keep session states in a pool of `rows` rows on this model's device."""
-        from service.engine.pool import StatePool  # it builds on this module
-
-        self.pool = StatePool(self, rows)
-        return self.pool
 
     def new_session(self, model: bytes) -> ort.InferenceSession:
         """Another graph on this model's providers and options (the state pool's)."""

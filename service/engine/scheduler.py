@@ -73,7 +73,7 @@ from service import metrics
 from service.arrays import stack_rows
 from service.contract.tokenizer import normalize
 from service.engine import adapt
-from service.engine.pool import PoolExhausted, Slot, StatePool
+from service.engine.pool import PoolExhausted, ResidentOutput, Slot, StatePool
 from service.engine.runtime import State, StepOutput, top_words
 from service.errors import (
     Contended,
@@ -225,6 +225,11 @@ def _brought_back(row: _Row) -> bool:
     )
 
 
+def _slots(output: StepOutput) -> tuple[Slot, ...]:
+    """A resident run's new states (a pool row per batch row); () from a copied run."""
+    return output.slots if isinstance(output, ResidentOutput) else ()
+
+
 def _resolve(future: asyncio.Future[Any], outcome: Any) -> bool:
     if future.done():
         return False
@@ -256,6 +261,7 @@ class StepBatcher:
         clock: Callable[[], float] = time.time,
         adaptation: Adaptation | None = None,
         adapt_default: bool = True,
+        pool: StatePool | None = None,
     ) -> None:
         self.runner = runner
         self.store = store
@@ -298,7 +304,7 @@ class StepBatcher:
         self._halves = len(start_current)  # arrays in a state (h, or h and c)
         # With a resident runner every state of a batch is a pool row (`StatePool`);
         # the start and zero states are rows held for the batcher's life.
-        self.pool: StatePool | None = getattr(runner, "pool", None)
+        self.pool = pool
         self._start_current: StateRef = start_current
         self._zeros: StateRef = zeros
         if self.pool is not None:
@@ -751,9 +757,8 @@ class StepBatcher:
                 False,
             )
             for i, row in enumerate(group):
-                row.first_from = (
-                    output.slots[i] if output.slots else tuple(a[:, i, :] for a in output.state)
-                )
+                slots = _slots(output)
+                row.first_from = slots[i] if slots else tuple(a[:, i, :] for a in output.state)
                 row.done += row.piece
         final = [r for r in rows if r.final]
         for row in final:
@@ -963,6 +968,7 @@ class StepBatcher:
         """One run of a group (`gather` and `probs_rows`: resident runs only, `StatePool.run`);
         checks that it answered one row per row of the group."""
         batch = np.array(tokens, dtype=np.int64)  # (B, T)
+        output: StepOutput
         if self.pool is not None:
             output = self.pool.run(batch, states, want_probs, gather, probs_rows)  # type: ignore[arg-type]
         else:
@@ -971,7 +977,7 @@ class StepBatcher:
         if (
             len(output) != len(group)
             or any(a.shape[1] != len(group) for a in output.state)
-            or len(output.slots) not in (0, len(group))
+            or len(_slots(output)) not in (0, len(group))
         ):
             raise RuntimeError(f"the model answered {len(output)} rows for a batch of {len(group)}")
         return output
@@ -991,8 +997,8 @@ class StepBatcher:
             return StepResult(ids, probs, tokens, None, words)
         current: StateRef
         if step.tokens:
-            if output.slots:
-                current = output.slots[index]
+            if slots := _slots(output):
+                current = slots[index]
             else:
                 current = tuple(a[:, index, :] for a in output.state)
             previous = row.second_from
