@@ -67,10 +67,11 @@ serve: $(VENV)/.runtime  ## serve the bundled models on 127.0.0.1:8000
 test: lint  ## the checks of `make lint`, then the test suite
 	$(PY) -m pytest -q
 
-lint: $(VENV)/.dev  ## format, lint, types (every package), Dockerfiles
+lint: $(VENV)/.dev  ## format, lint, types (every package), import layers, Dockerfiles
 	$(VENV)/bin/ruff format --check service model_export tests benchmarks docker
 	$(VENV)/bin/ruff check service model_export tests benchmarks docker
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports  # the layering contracts in pyproject.toml
 	$(VENV)/bin/hadolint docker/Dockerfile docker/Dockerfile.gpu
 
 # Each benchmark is a module of the `benchmarks` package (run from the repository root).

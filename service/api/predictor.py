@@ -19,12 +19,12 @@ import numpy as np
 
 from service.config import Settings
 from service.contract.artifact import DISPLAY_FILE, VOCAB_FILE, ArtifactError, ModelArtifact
+from service.contract.ids import new_session_id
 from service.contract.limits import MAX_K, MAX_PREFIX_CHARS, MAX_SESSION_ID_CHARS
 from service.contract.protocol import DeleteRequest, EngineOutput, InfoRequest, StepRequest
 from service.contract.vocab import Vocabulary
 from service.engine.client import EngineClient, InprocClient, connect_engine
 from service.errors import BadInput, UnknownModel, UnknownSession, error_from_code
-from service.store import new_session_id
 
 log = logging.getLogger(__name__)
 

@@ -9,11 +9,12 @@ so that a store over the network (Redis) costs one round trip each way per batch
 
 from __future__ import annotations
 
-import secrets
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
+
+from service.contract.ids import new_session_id  # noqa: F401 (re-exported by service.store)
 
 if TYPE_CHECKING:
     from service.engine.pool import Slot
@@ -78,11 +79,6 @@ class SessionRecord:
     # the current and the previous state; `state` is then empty. Only a store that says
     # `keeps_resident` is given such records; the others get `state`.
     resident: tuple[Slot, Slot] | None = None
-
-
-def new_session_id() -> str:
-    """An unguessable, URL-safe session id (128 random bits)."""
-    return secrets.token_urlsafe(16)
 
 
 @runtime_checkable
