@@ -806,7 +806,9 @@ class AsyncClient:
 
 
 class AsyncStream:
-    """One session over `/v1/stream` (async); the same behaviour as `Stream`."""
+    """One session over `/v1/stream` (async), with `Stream`'s messages, reconnection and
+    errors. Unlike `Stream` it may be shared by several tasks: a lock keeps one message in
+    flight, so each answer maps to its send."""
 
     def __init__(
         self,

@@ -1,4 +1,4 @@
-"""REST API v1 over the real predictor and the tiny ONNX models (service/api.py)."""
+"""REST API v1 over the real predictor and the tiny ONNX models (`service.api.routes`)."""
 
 from __future__ import annotations
 

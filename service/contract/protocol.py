@@ -31,7 +31,8 @@ class StepRequest(msgspec.Struct, array_like=True, gc=False, tag=1):
     owner: str = ""  # a new session's quota owner (an API key's name, or a client address)
     # Adaptation (service.engine.adapt): use the writer's words in this answer (None: the
     # session's default; for a new session or a predict, the engine's); the typed forms
-    # of this step's `<unk>` tokens, in order; the prefix, normalized (for typed words).
+    # of this step's `<unk>` tokens, in order; the prefix as the user typed it (the engine
+    # normalizes it to match the writer's typed words).
     adapt: bool | None = None
     typed: list[str] = []
     prefix: str = ""

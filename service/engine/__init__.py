@@ -1,1 +1,23 @@
-"""The engine layer: ONNX Runtime models, the step scheduler and every session's state."""
+"""The engine layer: ONNX Runtime models, the step scheduler and every session's state.
+
+Names (one meaning each, in this package and the stores):
+
+- **session**: one writer's text context, named by its `session_id`; any API process can
+  step it, only the engine writes it.
+- **record** (`SessionRecord`): what a store keeps of a session: its state and the state
+  before its last token, that token, the token count, version (for compare-and-set),
+  owner, timestamps and memory.
+- **state**: the recurrent state of one position: (h,) or (h, c), each (L, H) float32 for a
+  session, (L, B, H) for a batch (`runtime.State`).
+- **step** (`scheduler.Step`): one request to advance a session (or a stateless context)
+  by some tokens and answer its top-k; a **batch** is the steps taken into one run.
+- **pool** (`pool.StatePool`): a model's resident states on its device, a fixed number of
+  **rows**; a **slot** (`pool.Slot`) holds one row of a pool. (The memory store still
+  calls its host rows per state shape `_StatePool`: they become the session table's arena
+  in engine v3.)
+- **owner**: who a session counts against for quotas: an API key's name, or a client
+  address without keys.
+- **memory** (`store.WordMemory`, `adapt`): the writer's words a session remembers for
+  adaptation; "cache" and "adapt" name the mechanism, not the data.
+- **runner**: what runs a model for the scheduler (an `OrtModel`, a fake in tests).
+"""

@@ -60,7 +60,8 @@ class EngineClient(Protocol):
     models: list[dict[str, Any]]  # the engine's description of its models
 
     async def call(self, request: EngineCall) -> EngineOutput:
-        """Send one request (its `request_id` is set here) and wait for the answer."""
+        """Send one request and wait for its answer; the caller sets its `request_id`
+        (`next_id`), which an abort of the same request names."""
         ...
 
     def next_id(self) -> int:
