@@ -16,8 +16,6 @@ from collections.abc import Callable, Hashable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from service.config import Settings
 from service.contract.artifact import ArtifactError, ModelArtifact, model_dirs
 from service.contract.protocol import (
@@ -264,26 +262,7 @@ class EngineCore:
         try:
             if scheduler is None:
                 raise UnknownModel(f"no model {request.model!r}; loaded: {sorted(self.models)}")
-            prefix_ids = (
-                None
-                if request.prefix_ids is None
-                else np.frombuffer(request.prefix_ids, dtype=np.int64)
-            )
-            future = scheduler.submit(
-                Step(
-                    request.tokens,
-                    session_id=request.session_id,
-                    fresh=request.fresh,
-                    create=request.create,
-                    k=request.k,
-                    prefix_ids=prefix_ids,
-                    owner=request.owner,
-                    adapt=request.adapt,
-                    typed=request.typed,
-                    prefix=request.prefix,
-                    forget=request.forget,
-                )
-            )
+            future = scheduler.submit(Step.from_request(request))
         except NextwordError as exc:
             reply(_failure(request_id, exc))
             return

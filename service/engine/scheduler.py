@@ -71,6 +71,7 @@ import numpy as np
 
 from service import metrics
 from service.arrays import stack_rows
+from service.contract.protocol import StepRequest
 from service.contract.tokenizer import normalize
 from service.engine import adapt
 from service.engine.pool import PoolExhausted, ResidentOutput, Slot, StatePool
@@ -134,12 +135,30 @@ class Step:
     owner: str = ""  # a new session's quota owner (`SessionRecord.owner`)
     adapt: bool | None = None  # use the writer's words (None: the session's default)
     typed: list[str] = field(default_factory=list)  # typed forms of the `<unk>` tokens
-    prefix: str = ""  # the prefix, normalized (matches typed words)
+    prefix: str = ""  # the prefix as typed (normalized where it is matched to typed words)
     forget: bool = False  # forget the writer's words first
     future: asyncio.Future[StepResult] = field(init=False, repr=False)
     attempts: int = field(default=0, repr=False)
     # A long step between its batches: what it has run so far (None: not started).
     row: _Row | None = field(default=None, init=False, repr=False)
+
+    @classmethod
+    def from_request(cls, request: StepRequest) -> Step:
+        """The step a wire request asks for (the one place its fields are read)."""
+        prefix_ids = request.prefix_ids
+        return cls(
+            request.tokens,
+            session_id=request.session_id,
+            fresh=request.fresh,
+            create=request.create,
+            k=request.k,
+            prefix_ids=None if prefix_ids is None else np.frombuffer(prefix_ids, dtype=np.int64),
+            owner=request.owner,
+            adapt=request.adapt,
+            typed=request.typed,
+            prefix=request.prefix,
+            forget=request.forget,
+        )
 
 
 @dataclass(frozen=True)
