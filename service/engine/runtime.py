@@ -9,9 +9,10 @@ bound from host arrays, outputs are bound on the session's device and copied bac
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import logging
 import os
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -41,9 +42,59 @@ _SHORT_NAMES = {"cuda": CUDA, "cpu": CPU, "tensorrt": "TensorrtExecutionProvider
 
 State = tuple[np.ndarray, ...]  # (h,) or (h, c); each float32 (L, B, H)
 
-# Set once a CUDA session silently fell back to CPU, so that later models skip the attempt.
-_cuda_failed = False
-_lock = threading.Lock()
+# The CUDA provider's library and the one it takes its host interface from, beside the
+# onnxruntime package's own library.
+_CAPI_DIR = os.path.join(os.path.dirname(ort.__file__), "capi")
+_CUDA_PROVIDER_LIB = "libonnxruntime_providers_cuda.so"
+_SHARED_PROVIDER_LIB = "libonnxruntime_providers_shared.so"
+_CUDA_DRIVER_LIB = "libcuda.so.1"
+_CUDNN_LIB = "libcudnn.so.9"  # onnxruntime-gpu 1.19+ is built against cuDNN 9
+
+
+@dataclass(frozen=True)
+class CudaCheck:
+    """Whether ONNX Runtime's CUDA provider can run here; if not, `reason` says why."""
+
+    usable: bool
+    reason: str = ""
+
+
+@functools.cache
+def check_cuda() -> CudaCheck:
+    """Look for a usable CUDA GPU without asking ONNX Runtime (checked once per process).
+
+    onnxruntime-gpu lists CUDAExecutionProvider wherever it is installed, and a session
+    that asks for it on a machine without a GPU prints several error blocks before it
+    falls back to CPU. So the check is done by hand, quietly: the NVIDIA driver loads and
+    sees a device, then the provider's library and the CUDA and cuDNN libraries it needs
+    load (the dynamic loader's message names the first one missing).
+    """
+    if CUDA not in ort.get_available_providers():
+        return CudaCheck(False, "this onnxruntime build has no CUDA provider")
+    if os.name != "posix":  # the libraries below are Linux names; let ONNX Runtime try
+        return CudaCheck(True)
+    try:
+        driver = ctypes.CDLL(_CUDA_DRIVER_LIB)
+    except OSError:
+        return CudaCheck(False, f"no NVIDIA driver ({_CUDA_DRIVER_LIB} not found)")
+    status = driver.cuInit(0)
+    count = ctypes.c_int(0)
+    if status == 0:
+        status = driver.cuDeviceGetCount(ctypes.byref(count))
+    if status != 0 or count.value == 0:
+        name = ctypes.c_char_p()
+        driver.cuGetErrorName(status, ctypes.byref(name))
+        found = (name.value or b"").decode() or f"error {status}"
+        return CudaCheck(False, f"no CUDA device ({found})" if status else "no CUDA device")
+    try:
+        # The CUDA provider takes its host interface from the shared library at load time
+        # (ONNX Runtime loads that one globally first, as here).
+        ctypes.CDLL(os.path.join(_CAPI_DIR, _SHARED_PROVIDER_LIB), mode=ctypes.RTLD_GLOBAL)
+        ctypes.CDLL(os.path.join(_CAPI_DIR, _CUDA_PROVIDER_LIB))
+        ctypes.CDLL(_CUDNN_LIB)
+    except OSError as exc:
+        return CudaCheck(False, f"CUDA libraries missing: {exc}")
+    return CudaCheck(True)
 
 
 @dataclass(frozen=True)
@@ -65,16 +116,16 @@ class StepOutput:
 
 
 def choose_providers(setting: str = "auto") -> list[str]:
-    """Execution providers to request: "auto" is CUDA then CPU when CUDA is installed.
+    """Execution providers to request: "auto" is CUDA then CPU where CUDA is usable
+    (`check_cuda`), else CPU; or the comma list `setting` names.
 
-    "auto" may still end on CPU (onnxruntime-gpu falls back silently when CUDA libraries
-    or a GPU are missing): `OrtModel.providers` is what a session really uses.
+    A list naming CUDA where it is not usable is a ValueError that says why: asked for
+    by name, CUDA is required, not silently replaced by CPU. `OrtModel.providers` is what
+    a session really uses.
     """
     available = ort.get_available_providers()
     if setting.strip().lower() == "auto":
-        with _lock:
-            cuda = CUDA in available and not _cuda_failed
-        return [CUDA, CPU] if cuda else [CPU]
+        return [CUDA, CPU] if check_cuda().usable else [CPU]
     chosen = []
     for name in (part.strip() for part in setting.split(",")):
         if not name:
@@ -85,6 +136,11 @@ def choose_providers(setting: str = "auto") -> list[str]:
         chosen.append(full)
     if not chosen:
         raise ValueError("no execution provider given")
+    if CUDA in chosen and not (cuda := check_cuda()).usable:
+        raise ValueError(
+            f"providers {setting!r} ask for CUDA, which is not usable here: {cuda.reason} "
+            '(use "auto" to fall back to CPU)'
+        )
     return chosen
 
 
@@ -105,7 +161,6 @@ class OrtModel:
         *,
         allow_tf32: bool = False,
     ) -> None:
-        global _cuda_failed
         self.artifact = artifact
         self.name = artifact.name
         self.cell = artifact.cell
@@ -126,8 +181,9 @@ class OrtModel:
             options.add_session_config_entry(str(key), str(value))
         requested = list(providers)
         if CUDA in requested:
-            # A failed CUDA load is logged by ORT at error level on every attempt; the
-            # fallback is reported below, once, in words.
+            # A CUDA provider that fails to start despite `check_cuda` (an unsupported GPU,
+            # say) is logged by ORT at error level on every attempt; the fallback is
+            # reported below in words.
             ort.set_default_logger_severity(4)
         # ORT's CUDA provider uses TF32 by default: max abs difference to CPU 1.3e-3 (LSTM) /
         # 5.8e-4 (GRU), past the 1e-4 invariants; use_tf32=0: 8e-8 / 4e-8 (H200,
@@ -135,7 +191,9 @@ class OrtModel:
         cuda_options = {"use_tf32": "1" if allow_tf32 else "0"}
         self.allow_tf32 = allow_tf32
         self._options = options
-        self._providers = [(name, cuda_options) if name == CUDA else name for name in requested]
+        self._providers: list[str | tuple[str, dict[str, str]]] = [
+            (name, cuda_options) if name == CUDA else name for name in requested
+        ]
         try:
             self.session = ort.InferenceSession(
                 str(artifact.onnx_path), options, providers=self._providers
@@ -149,13 +207,12 @@ class OrtModel:
         )
         self.providers: list[str] = self.session.get_providers()
         self.on_cuda = self.providers[0] == CUDA
+        # Why CUDA was asked for and not given (None: it was given, or not asked for).
+        self.cuda_fallback: str | None = None
         if CUDA in requested and not self.on_cuda:
-            with _lock:
-                first = not _cuda_failed
-                _cuda_failed = True
-            if first:
-                log.warning("CUDA requested but not usable here: ONNX Runtime fell back to CPU")
-        log.info("model %s (%s): providers in use %s", self.name, self.cell, self.providers)
+            self.cuda_fallback = "ONNX Runtime could not start its CUDA provider"
+            # Later sessions of this model (the state pool's) ask only for what this got.
+            self._providers = list(self.providers)
         have = {i.name for i in self.session.get_inputs()} | {
             o.name for o in self.session.get_outputs()
         }
@@ -171,6 +228,14 @@ class OrtModel:
         # The states of active sessions, resident on this model's device (None: every
         # batch's states are copied in and out, `run`).
         self.pool: StatePool | None = None
+
+    def describe_providers(self, cuda_wanted: bool) -> str:
+        """Where this model runs and, if CUDA was wanted and is not used, why (one line)."""
+        where = f"model {self.name} ({self.cell}) runs on {', '.join(self.providers)}"
+        if self.on_cuda or not cuda_wanted:
+            return where
+        why = self.cuda_fallback or check_cuda().reason
+        return f"{where}; CUDA not used: {why}"
 
     def attach_pool(self, rows: int) -> StatePool:
         """Keep session states in a pool of `rows` rows on this model's device."""
