@@ -1,14 +1,15 @@
 """Choosing ONNX Runtime's providers: the quiet CUDA check, "auto" and an explicit CUDA.
 
-The check is exercised with a stand-in for the dynamic loader (each way a machine can
-lack CUDA, and one where everything loads); the start of a real `nextword serve` on this
-machine shows what a newcomer sees.
+The probe is exercised with a stand-in for the dynamic loader (each way a machine can lack
+CUDA, and one where everything loads); `check_cuda` runs the real probe in its child
+process; the start of a real `nextword serve` on this machine shows what a newcomer sees.
 """
 
 from __future__ import annotations
 
 import ctypes
 import logging
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -18,7 +19,7 @@ from typing import Any
 import pytest
 
 from service.config import Settings
-from service.engine import core, runtime
+from service.engine import core, cuda_probe, runtime
 from service.engine.runtime import CPU, CUDA, CudaCheck, check_cuda, choose_providers
 from tests.live_server import BUNDLED_MODELS, ROOT, LiveServer
 
@@ -72,45 +73,75 @@ def fake_loader(
         loaded.append(Path(name).name)
         return object()
 
-    monkeypatch.setattr(runtime.ort, "get_available_providers", lambda: [CUDA, CPU])
     monkeypatch.setattr(ctypes, "CDLL", load)
     return loaded
 
 
+def machine(monkeypatch: pytest.MonkeyPatch, usable: bool, reason: str = "") -> None:
+    """onnxruntime-gpu on a machine whose probe answers (usable, reason)."""
+    monkeypatch.setattr(runtime.ort, "get_available_providers", lambda: [CUDA, CPU])
+    monkeypatch.setattr(runtime, "check_cuda", lambda: CudaCheck(usable, reason))
+
+
+NO_DRIVER = "no NVIDIA driver (libcuda.so.1 not found)"
+
+
 def test_no_driver_means_no_cuda_and_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
     fake_loader(monkeypatch, driver=None)
-    assert check_cuda() == CudaCheck(False, "no NVIDIA driver (libcuda.so.1 not found)")
-    assert choose_providers("auto") == [CPU]
+    assert cuda_probe.probe("/capi") == (False, NO_DRIVER)
 
 
 def test_a_driver_without_a_device_means_no_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
     fake_loader(monkeypatch, FakeDriver(init=100))
-    assert check_cuda() == CudaCheck(False, "no CUDA device (CUDA_ERROR_NO_DEVICE)")
-    check_cuda.cache_clear()
+    assert cuda_probe.probe("/capi") == (False, "no CUDA device (CUDA_ERROR_NO_DEVICE)")
     fake_loader(monkeypatch, FakeDriver(devices=0))
-    assert check_cuda() == CudaCheck(False, "no CUDA device")
+    assert cuda_probe.probe("/capi") == (False, "no CUDA device")
 
 
 def test_a_missing_cuda_library_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The loader fails on the provider when a library it links is missing.
     fake_loader(monkeypatch, FakeDriver(), missing="libonnxruntime_providers_cuda.so")
-    cuda = check_cuda()
-    assert not cuda.usable
-    assert "CUDA libraries missing" in cuda.reason
-    assert "libonnxruntime_providers_cuda.so" in cuda.reason
-    assert choose_providers("auto") == [CPU]
+    usable, reason = cuda_probe.probe("/capi")
+    assert not usable
+    assert reason.startswith("CUDA libraries missing: libonnxruntime_providers_cuda.so")
+    fake_loader(monkeypatch, FakeDriver(), missing="libcudnn.so.9")
+    assert cuda_probe.probe("/capi") == (
+        False,
+        "CUDA libraries missing: libcudnn.so.9: cannot open shared object file: "
+        "No such file or directory",
+    )
 
 
-def test_everything_loadable_means_cuda_first(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_everything_loadable_means_usable(monkeypatch: pytest.MonkeyPatch) -> None:
     loaded = fake_loader(monkeypatch, FakeDriver(devices=2))
-    assert check_cuda() == CudaCheck(True)
+    assert cuda_probe.probe("/capi") == (True, "")
     # The host interface first (the provider takes it at load time), then the provider.
     assert loaded == [
         "libonnxruntime_providers_shared.so",
         "libonnxruntime_providers_cuda.so",
         "libcudnn.so.9",
     ]
+
+
+def test_the_check_runs_the_probe_in_a_child_and_keeps_its_answer() -> None:
+    # This machine, as the probe's own process sees it; whatever the libraries print stays
+    # in the child.
+    import onnxruntime as ort
+
+    cuda = check_cuda()
+    assert check_cuda() is cuda  # once per process
+    if CUDA not in ort.get_available_providers():
+        assert cuda == CudaCheck(False, "this onnxruntime build has no CUDA provider")
+    else:
+        assert cuda == CudaCheck(*cuda_probe.probe(runtime._CAPI_DIR))
+
+
+def test_auto_is_cuda_first_only_where_usable(monkeypatch: pytest.MonkeyPatch) -> None:
+    machine(monkeypatch, usable=True)
     assert choose_providers("auto") == [CUDA, CPU]
     assert choose_providers("cuda,cpu") == [CUDA, CPU]
+    machine(monkeypatch, usable=False, reason=NO_DRIVER)
+    assert choose_providers("auto") == [CPU]
 
 
 def test_a_build_without_cuda_is_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -120,7 +151,7 @@ def test_a_build_without_cuda_is_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_cuda_named_where_it_is_unusable_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    fake_loader(monkeypatch, driver=None)
+    machine(monkeypatch, usable=False, reason=NO_DRIVER)
     for setting in ("cuda", "CUDAExecutionProvider", "cuda, cpu"):
         with pytest.raises(ValueError, match="not usable here: no NVIDIA driver"):
             choose_providers(setting)
@@ -130,14 +161,13 @@ def test_cuda_named_where_it_is_unusable_is_an_error(monkeypatch: pytest.MonkeyP
 def test_one_line_per_model_says_where_it_runs_and_why_not_cuda(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, tiny_artifacts: Path
 ) -> None:
-    fake_loader(monkeypatch, driver=None)
+    machine(monkeypatch, usable=False, reason=NO_DRIVER)
     settings = Settings(models_dir=tiny_artifacts, providers="auto", state_pool=False)
     with caplog.at_level(logging.INFO, logger="service.engine.core"):
         models = core.load_models(settings)
     lines = [r.getMessage() for r in caplog.records if "runs on" in r.getMessage()]
     assert sorted(lines) == [
-        f"model {name} ({models[name].cell}) runs on {CPU}; CUDA not used: no NVIDIA driver "
-        "(libcuda.so.1 not found)"
+        f"model {name} ({models[name].cell}) runs on {CPU}; CUDA not used: {NO_DRIVER}"
         for name in sorted(models)
     ]
     assert all(r.levelno == logging.INFO for r in caplog.records if "runs on" in r.getMessage())
@@ -200,3 +230,72 @@ def test_an_explicit_cuda_without_a_gpu_stops_the_start_clearly(tmp_path: Path) 
         f"nextword: NEXTWORD_PROVIDERS: providers 'cuda' ask for CUDA, which is not usable "
         f'here: {cuda.reason} (use "auto" to fall back to CPU)'
     )
+
+
+# A stand-in NVIDIA driver that reports one device: with it, the probe goes on to the CUDA
+# provider's real libraries, which this machine lacks (the case of the noisy first start).
+FAKE_DRIVER_C = """
+int cuInit(unsigned int flags) { return 0; }
+int cuDeviceGetCount(int *count) { *count = 1; return 0; }
+int cuGetErrorName(int status, const char **name) { *name = 0; return 0; }
+"""
+
+
+@pytest.fixture
+def driver_without_cuda_libraries(tmp_path: Path) -> Path:
+    """A directory holding a fake libcuda.so.1, for LD_LIBRARY_PATH."""
+    import onnxruntime as ort
+
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        pytest.skip("no C compiler to build a stand-in driver")
+    if CUDA not in ort.get_available_providers():
+        pytest.skip("this onnxruntime build has no CUDA provider to probe")
+    if check_cuda().usable:
+        pytest.skip("a real GPU is usable here")
+    check_cuda.cache_clear()
+    (tmp_path / "cuda.c").write_text(FAKE_DRIVER_C)
+    subprocess.run(
+        [
+            compiler,
+            "-shared",
+            "-fPIC",
+            "-o",
+            str(tmp_path / "libcuda.so.1"),
+            str(tmp_path / "cuda.c"),
+        ],
+        check=True,
+        timeout=120,
+    )
+    return tmp_path
+
+
+def test_a_device_without_the_cuda_libraries_is_named_by_the_loader(
+    monkeypatch: pytest.MonkeyPatch, driver_without_cuda_libraries: Path
+) -> None:
+    monkeypatch.setenv("LD_LIBRARY_PATH", str(driver_without_cuda_libraries))
+    cuda = check_cuda()
+    assert not cuda.usable
+    assert cuda.reason.startswith("CUDA libraries missing: lib")
+    assert "cannot open shared object file" in cuda.reason
+
+
+@pytest.mark.slow
+def test_a_device_without_the_cuda_libraries_starts_quietly_on_cpu(
+    tmp_path: Path, driver_without_cuda_libraries: Path
+) -> None:
+    server = LiveServer(
+        BUNDLED_MODELS,
+        tmp_path / "serve.log",
+        NEXTWORD_PROVIDERS="auto",
+        LD_LIBRARY_PATH=str(driver_without_cuda_libraries),
+    )
+    try:
+        server.start()
+    finally:
+        server.stop()
+    log = server.log()
+    for noise in ORT_NOISE:
+        assert noise not in log, log
+    line = next(line for line in log.splitlines() if "model lstm (lstm) runs on" in line)
+    assert f"runs on {CPU}; CUDA not used: CUDA libraries missing: lib" in line

@@ -9,10 +9,12 @@ bound from host arrays, outputs are bound on the session's device and copied bac
 
 from __future__ import annotations
 
-import ctypes
 import functools
+import json
 import logging
 import os
+import subprocess
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -42,13 +44,9 @@ _SHORT_NAMES = {"cuda": CUDA, "cpu": CPU, "tensorrt": "TensorrtExecutionProvider
 
 State = tuple[np.ndarray, ...]  # (h,) or (h, c); each float32 (L, B, H)
 
-# The CUDA provider's library and the one it takes its host interface from, beside the
-# onnxruntime package's own library.
+# Where onnxruntime keeps its libraries (the CUDA provider's among them).
 _CAPI_DIR = os.path.join(os.path.dirname(ort.__file__), "capi")
-_CUDA_PROVIDER_LIB = "libonnxruntime_providers_cuda.so"
-_SHARED_PROVIDER_LIB = "libonnxruntime_providers_shared.so"
-_CUDA_DRIVER_LIB = "libcuda.so.1"
-_CUDNN_LIB = "libcudnn.so.9"  # onnxruntime-gpu 1.19+ is built against cuDNN 9
+_PROBE_TIMEOUT_S = 120.0  # the driver's first initialisation can take seconds
 
 
 @dataclass(frozen=True)
@@ -61,40 +59,33 @@ class CudaCheck:
 
 @functools.cache
 def check_cuda() -> CudaCheck:
-    """Look for a usable CUDA GPU without asking ONNX Runtime (checked once per process).
+    """Look for a usable CUDA GPU without asking ONNX Runtime (once per process).
 
-    onnxruntime-gpu lists CUDAExecutionProvider wherever it is installed, and a session
-    that asks for it on a machine without a GPU prints several error blocks before it
-    falls back to CPU. So the check is done by hand, quietly: the NVIDIA driver loads and
-    sees a device, then the provider's library and the CUDA and cuDNN libraries it needs
-    load (the dynamic loader's message names the first one missing).
+    The driver, a device and the CUDA provider's libraries are checked in a child process
+    (`service.engine.cuda_probe`): nothing they print reaches the console, and the
+    provider's library is never loaded into this process outside ONNX Runtime.
     """
     if CUDA not in ort.get_available_providers():
         return CudaCheck(False, "this onnxruntime build has no CUDA provider")
-    if os.name != "posix":  # the libraries below are Linux names; let ONNX Runtime try
+    if os.name != "posix":  # the probe knows the Linux libraries only; let ONNX Runtime try
         return CudaCheck(True)
+    from service.engine import cuda_probe
+
     try:
-        driver = ctypes.CDLL(_CUDA_DRIVER_LIB)
-    except OSError:
-        return CudaCheck(False, f"no NVIDIA driver ({_CUDA_DRIVER_LIB} not found)")
-    status = driver.cuInit(0)
-    count = ctypes.c_int(0)
-    if status == 0:
-        status = driver.cuDeviceGetCount(ctypes.byref(count))
-    if status != 0 or count.value == 0:
-        name = ctypes.c_char_p()
-        driver.cuGetErrorName(status, ctypes.byref(name))
-        found = (name.value or b"").decode() or f"error {status}"
-        return CudaCheck(False, f"no CUDA device ({found})" if status else "no CUDA device")
+        done = subprocess.run(
+            [sys.executable, "-I", cuda_probe.__file__, _CAPI_DIR],
+            capture_output=True,
+            text=True,
+            timeout=_PROBE_TIMEOUT_S,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return CudaCheck(False, f"the CUDA check did not finish ({exc})")
     try:
-        # The CUDA provider takes its host interface from the shared library at load time
-        # (ONNX Runtime loads that one globally first, as here).
-        ctypes.CDLL(os.path.join(_CAPI_DIR, _SHARED_PROVIDER_LIB), mode=ctypes.RTLD_GLOBAL)
-        ctypes.CDLL(os.path.join(_CAPI_DIR, _CUDA_PROVIDER_LIB))
-        ctypes.CDLL(_CUDNN_LIB)
-    except OSError as exc:
-        return CudaCheck(False, f"CUDA libraries missing: {exc}")
-    return CudaCheck(True)
+        answer = json.loads(done.stdout.strip().splitlines()[-1])
+        return CudaCheck(bool(answer["usable"]), str(answer["reason"]))
+    except (ValueError, IndexError, KeyError, TypeError):
+        # A crash while loading the libraries (a signal: a negative status) lands here.
+        return CudaCheck(False, f"the CUDA check failed (exit status {done.returncode})")
 
 
 @dataclass(frozen=True)
