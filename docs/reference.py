@@ -261,8 +261,10 @@ def schema_section(name: str, schema: dict[str, Any]) -> list[str]:
 def openapi_reference() -> str:
     """Every HTTP route and body of the service's OpenAPI document."""
     from service.api import create_app
+    from service.config import Settings
 
-    spec = create_app().openapi()
+    # The defaults, not this shell's NEXTWORD_* variables (they shape the bodies' limits).
+    spec = create_app(Settings.model_construct()).openapi()
     lines = [
         f"From the OpenAPI {spec['openapi']} document of {spec['info']['title']} "
         f"{spec['info']['version']} (served live at `/openapi.json`, browsable at `/docs`).",
