@@ -78,7 +78,7 @@ def default_text(value: Any) -> str:
 
 
 def settings_table() -> str:
-    """Every field of `Settings`: environment variable, type, default, description."""
+    """Every field of `Settings`: environment variable, name, type, default, description."""
     from service.config import Settings
 
     prefix = str(Settings.model_config.get("env_prefix", ""))
@@ -91,12 +91,13 @@ def settings_table() -> str:
         rows.append(
             [
                 f"`{env}`",
+                f"`{name}`",
                 type_name(field.annotation),
                 default_text(field.get_default(call_default_factory=True)),
                 field.description,
             ]
         )
-    return table(["variable", "type", "default", "meaning"], rows)
+    return table(["variable", "setting", "type", "default", "meaning"], rows)
 
 
 # --- metrics ---------------------------------------------------------------------------
