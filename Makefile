@@ -9,7 +9,7 @@ NLTK_DATA ?= $(abspath ../shared/data/nltk_data)
 WIKITEXT ?= $(abspath ../shared/data/wikitext-2-valid.txt)
 CORPORA := brown movie_reviews abc state_union webtext inaugural
 
-.PHONY: serve test lint lock bench baseline train-bundled evaluate-bundled clean
+.PHONY: serve test lint lock docs bench baseline train-bundled evaluate-bundled clean
 
 # Locked versions (requirements/*.txt, written by `make lock`; never edit them by hand),
 # installed hash-checked; then the project itself with --no-deps, and `pip check` proves
@@ -67,12 +67,20 @@ serve: $(VENV)/.runtime  ## serve the bundled models on 127.0.0.1:8000
 test: lint  ## the checks of `make lint`, then the test suite
 	$(PY) -m pytest -q
 
-lint: $(VENV)/.dev  ## format, lint, types (every package), import layers, Dockerfiles
-	$(VENV)/bin/ruff format --check service model_export tests benchmarks docker
-	$(VENV)/bin/ruff check service model_export tests benchmarks docker
+lint: $(VENV)/.dev  ## format, lint, types (every package), import layers, Dockerfiles, the documentation
+	$(VENV)/bin/ruff format --check service model_export tests benchmarks docker docs
+	$(VENV)/bin/ruff check service model_export tests benchmarks docker docs
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports  # the layering contracts in pyproject.toml
 	$(VENV)/bin/hadolint docker/Dockerfile docker/Dockerfile.gpu
+	d=$$(mktemp -d) && $(MKDOCS) build --strict --quiet --site-dir "$$d"; s=$$?; rm -rf "$$d"; exit $$s
+
+# The documentation site (mkdocs.yml; material theme, offline: no web font, no CDN). The
+# build fails on a broken link or a reference table that no longer matches the code:
+# `python docs/reference.py --write` regenerates those (settings, metrics, errors, OpenAPI).
+MKDOCS := NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs
+docs: $(VENV)/.dev  ## build the documentation site into site/
+	$(MKDOCS) build --strict
 
 # Each benchmark is a module of the `benchmarks` package (run from the repository root).
 bench: $(VENV)/.dev  ## engine, end-to-end, memory, store, limits and adaptation benchmarks
@@ -112,4 +120,4 @@ evaluate-bundled: $(VENV)/.dev
 	done
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache dist build *.egg-info
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache dist build site *.egg-info

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check of the GPU engine in one run, for an H100/H200 host lent for minutes.
 #
-# On the GPU host (no package index; see README "GPU check"): carry .gpu/1, then .gpu/2
+# On the GPU host (no package index; see docs/benchmarks.md, "GPU check"): carry .gpu/1, then .gpu/2
 # (made by gpu-pack, with the benchmarks' own wheels added first:
 #     pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #         --platform manylinux2014_x86_64 psutil tqdm pytest pluggy iniconfig packaging \

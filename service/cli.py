@@ -88,6 +88,19 @@ def check_exposure(settings: Settings) -> None:
         )
 
 
+def check_providers(settings: Settings) -> None:
+    """Refuse, before any process starts, providers that cannot run here (CUDA named on a
+    machine without a usable GPU, say). "auto" always can: it falls back to CPU."""
+    if settings.providers.strip().lower() == "auto":
+        return  # the engine decides, and logs for each model what it runs on and why
+    from service.engine.runtime import choose_providers
+
+    try:
+        choose_providers(settings.providers)
+    except ValueError as exc:
+        raise SystemExit(f"nextword: NEXTWORD_PROVIDERS: {exc}") from exc
+
+
 def serve(args: argparse.Namespace) -> int:
     """Run the engine and the API processes (service.supervisor) with the given options."""
     from service.logs import configure_logging
@@ -101,6 +114,7 @@ def serve(args: argparse.Namespace) -> int:
     if not Path(settings.models_dir).is_dir():
         raise SystemExit(f"nextword: models directory {settings.models_dir} not found")
     check_exposure(settings)
+    check_providers(settings)
     configure_logging(settings.log_level, "supervisor")
     return run_service(
         settings,

@@ -26,7 +26,9 @@ class Settings(BaseSettings):
     default_model: str = Field(default="lstm", description="model of requests that name none")
     providers: str = Field(
         default="auto",
-        description='"auto" (CUDA when usable, else CPU) or a comma list of providers',
+        description='"auto": CUDA where a GPU and the CUDA libraries are usable, else CPU '
+        '(each model logs which, and why not CUDA); or a comma list such as "cpu" or '
+        '"cuda,cpu": one naming CUDA where it is not usable stops the start with the reason',
     )
     intra_op_threads: int = Field(
         default=0, ge=0, description="ORT threads per run; 0 = one per core"
@@ -57,8 +59,12 @@ class Settings(BaseSettings):
     )
 
     # HTTP server.
-    host: str = "127.0.0.1"
-    port: int = Field(default=8000, ge=0, le=65535)
+    host: str = Field(
+        default="127.0.0.1",
+        description="address to listen on (the images set 0.0.0.0); beyond loopback without "
+        "API keys `nextword serve` warns",
+    )
+    port: int = Field(default=8000, ge=0, le=65535, description="port to listen on")
     workers: int = Field(
         default=0, ge=0, description="API processes; 0 = one per two cores, 1 to 8"
     )
@@ -76,7 +82,9 @@ class Settings(BaseSettings):
         default=False,
         description="offer WebSocket per-message compression (costs CPU on small messages)",
     )
-    log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = "info"
+    log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = Field(
+        default="info", description="the service's and uvicorn's log level"
+    )
 
     # Connection limits (enforced by each API process of `nextword serve`).
     header_timeout_s: float = Field(
@@ -146,15 +154,29 @@ class Settings(BaseSettings):
     )
 
     # Sessions.
-    session_ttl_s: float = Field(default=1800.0, gt=0, description="idle seconds to expiry")
-    session_cap: int = Field(default=100_000, ge=1, description="most sessions; LRU evicted")
+    session_ttl_s: float = Field(
+        default=1800.0,
+        gt=0,
+        description="idle seconds before a session expires (with Redis: key expiry, refreshed by "
+        "every step)",
+    )
+    session_cap: int = Field(
+        default=100_000,
+        ge=1,
+        description="most sessions the engine holds; past it the least recently used are "
+        "evicted (with Redis it bounds the engine's copy in front of Redis)",
+    )
     max_sessions_per_key: int = Field(
         default=0,
         ge=0,
         description="most sessions per API key (per client address without keys); a new one "
         "past it evicts that key's least recently used session, never another key's. 0 = no cap",
     )
-    session_store: str = Field(default="memory", description='"memory" or "redis://host:port/db"')
+    session_store: str = Field(
+        default="memory",
+        description='"memory", or "redis://host:port/db" to share sessions between replicas '
+        "and keep them across restarts",
+    )
     session_store_write: Literal["through", "behind"] = Field(
         default="through",
         description='with Redis: "through" writes each batch before answering (loses '
@@ -178,7 +200,11 @@ class Settings(BaseSettings):
     # Batching.
     max_batch: int = Field(default=256, ge=1, description="most steps in one model run")
     max_wait_ms: float = Field(default=2.0, ge=0, description="longest wait for a batch to fill")
-    max_queue: int = Field(default=10_000, ge=1, description="queued steps per model before 503")
+    max_queue: int = Field(
+        default=10_000,
+        ge=1,
+        description="steps waiting per model before requests get 503 `overloaded`",
+    )
     prefill_chunk: int = Field(
         default=16,
         ge=0,
@@ -189,9 +215,17 @@ class Settings(BaseSettings):
     )
 
     # Limits on requests.
-    max_text_chars: int = Field(default=10_000, ge=1)
-    max_tokens_per_request: int = Field(default=2_048, ge=1)
-    max_ws_message_bytes: int = Field(default=65_536, ge=1)
+    max_text_chars: int = Field(
+        default=10_000, ge=1, description="longest `text` of a request or stream message"
+    )
+    max_tokens_per_request: int = Field(
+        default=2_048, ge=1, description="most tokens one request or stream message adds"
+    )
+    max_ws_message_bytes: int = Field(
+        default=65_536,
+        ge=1,
+        description="largest WebSocket frame; a larger one closes the stream with 1009",
+    )
 
     def api_processes(self) -> int:
         """How many API processes `nextword serve` starts."""

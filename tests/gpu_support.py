@@ -34,7 +34,9 @@ def cuda_usable(onnx_path: Path = PROBE_MODEL) -> bool:
     """
     import onnxruntime as ort
 
-    if CUDA not in ort.get_available_providers():
+    from service.engine.runtime import check_cuda
+
+    if not check_cuda().usable:  # the service's own quiet check: driver, device, libraries
         return False
     ort.set_default_logger_severity(4)  # the failed CUDA load is logged at error level
     try:

@@ -133,6 +133,5 @@ def test_tf32_option_is_requested(
         return real(path, options, providers=[CPU])
 
     monkeypatch.setattr(runtime.ort, "InferenceSession", recording)
-    monkeypatch.setattr(runtime, "_cuda_failed", False)  # restored after the test
     OrtModel(ModelArtifact.load(tiny_artifacts / "gru"), [CUDA, CPU], allow_tf32=allow)
     assert requested == [(CUDA, {"use_tf32": "1" if allow else "0"}), CPU]

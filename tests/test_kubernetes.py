@@ -650,7 +650,7 @@ def test_redis_config_starts_a_redis(tmp_path: Path) -> None:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    # The URL as the README puts it in the Secret, for this server.
+    # The URL as docs/operations.md puts it in the Secret, for this server.
     url = f"redis://:a-test-password@127.0.0.1:{port}/0"
     assert Settings(session_store=url).session_store == url
     deadline = time.monotonic() + 10

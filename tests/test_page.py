@@ -3,12 +3,15 @@ real `nextword serve` with the bundled models.
 
 Skipped without the `playwright` package or a Chromium binary (`apt-get install chromium`;
 no browser download: Playwright drives the system's Chromium). Every test fails on a
-console error or an uncaught exception in the page. The typing test writes the README's
-screenshot, docs/page.png.
+console error or an uncaught exception in the page. The typing test writes the
+documentation's screenshot of the page, docs/page.png; the operations view test writes
+docs/ops.png.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 import re
 import shutil
@@ -39,6 +42,12 @@ CHROMIUM_ARGS = [
     "--num-raster-threads=1",  # the same pixels every run: the screenshot file only changes with the page
 ]
 SCREENSHOT = ROOT / "docs" / "page.png"
+OPS_SCREENSHOT = ROOT / "docs" / "ops.png"
+# What the operations view is drawn from: its screenshot is redone when one of them changes.
+OPS_SOURCES = [
+    ROOT / "service" / "api" / "static" / name for name in ("ops.html", "ops.js", "style.css")
+]
+OPS_KEY = "nextword-ops-sources"  # the PNG text chunk holding their digest
 VIEWPORT = {"width": 960, "height": 720}
 # What the browser itself logs while the server is down; nothing the page could avoid.
 REFUSED_WEBSOCKET = r"^WebSocket connection to 'ws://127\.0\.0\.1:\d+/v1/stream\?.*' failed"
@@ -445,3 +454,26 @@ def test_the_operations_view_shows_live_figures(tab: Tab, server: LiveServer) ->
         expect(page.locator("#active-sessions")).to_have_text(re.compile(r"^[1-9]\d*$"))
         expect(page.locator("#ws-connections")).to_have_text(re.compile(r"^[1-9]\d*$"))
         expect(page.locator("#batches .bar").first).to_be_visible()
+        write_ops_screenshot(page)
+
+
+def write_ops_screenshot(page: Page) -> None:
+    """docs/ops.png: the operations view under the load above. Its figures are live, so
+    the file is rewritten only when it is missing or the view's sources changed (their
+    digest is kept in the PNG), not on every run."""
+    from PIL import Image, PngImagePlugin
+
+    digest = hashlib.sha256(b"".join(path.read_bytes() for path in OPS_SOURCES)).hexdigest()
+    if OPS_SCREENSHOT.exists():
+        with Image.open(OPS_SCREENSHOT) as old:
+            if getattr(old, "text", {}).get(OPS_KEY) == digest:
+                return
+    box = page.locator("#updated").bounding_box()  # the view ends with its "Updated" line
+    assert box is not None
+    clip = {"x": 0, "y": 0, "width": VIEWPORT["width"], "height": box["y"] + box["height"] + 16}
+    shot = page.screenshot(clip=clip, animations="disabled", caret="hide")
+    info = PngImagePlugin.PngInfo()
+    info.add_text(OPS_KEY, digest)
+    with Image.open(io.BytesIO(shot)) as image:
+        image.save(OPS_SCREENSHOT, pnginfo=info, optimize=True)
+    assert OPS_SCREENSHOT.stat().st_size > 10_000

@@ -75,13 +75,19 @@ ANSWERS: dict[type[NextwordError], Answer] = {
 _UNLISTED_5XX = Answer(None, CLOSE_INTERNAL)
 
 
-def answer_of(error: NextwordError) -> Answer:
-    """The row of `ANSWERS` for an error: its class, or its nearest listed base class."""
-    for cls in type(error).__mro__:
+def answer_for(error_class: type[NextwordError]) -> Answer:
+    """The row of `ANSWERS` for an error class: its own, or its nearest listed base's."""
+    for cls in error_class.__mro__:
         answer = ANSWERS.get(cls)
         if answer is not None:
             return answer
-    return Answer(None, 4000 + error.status) if error.status < 500 else _UNLISTED_5XX
+    status = error_class.status
+    return Answer(None, 4000 + status) if status < 500 else _UNLISTED_5XX
+
+
+def answer_of(error: NextwordError) -> Answer:
+    """The row of `ANSWERS` for an error (see `answer_for`)."""
+    return answer_for(type(error))
 
 
 def close_code(error: NextwordError) -> int:

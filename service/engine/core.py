@@ -29,7 +29,7 @@ from service.contract.protocol import (
 )
 from service.engine import adapt
 from service.engine.pool import StatePool, device_free_bytes, pool_rows, row_bytes
-from service.engine.runtime import OrtModel, choose_providers
+from service.engine.runtime import CUDA, OrtModel, choose_providers
 from service.engine.scheduler import Adaptation, Step, StepBatcher, StepResult
 from service.errors import NextwordError, StepFailed, UnknownModel
 from service.store import SessionStore, open_store
@@ -51,7 +51,8 @@ def artifact_dirs(models_dir: Path) -> list[Path]:
 def load_models(settings: Settings) -> dict[str, OrtModel]:
     """Every artifact directory of the settings' models directory (verified), by name."""
     chosen = choose_providers(settings.providers)
-    return {
+    auto = settings.providers.strip().lower() == "auto"
+    models = {
         path.name: OrtModel(
             ModelArtifact.load(path),
             chosen,
@@ -60,6 +61,16 @@ def load_models(settings: Settings) -> dict[str, OrtModel]:
         )
         for path in artifact_dirs(Path(settings.models_dir))
     }
+    for model in models.values():
+        if model.cuda_fallback is not None and not auto:
+            # Asked for by name, CUDA is required: no silent CPU service.
+            raise ValueError(
+                f"providers {settings.providers!r}: model {model.name}: {model.cuda_fallback}"
+            )
+        # "auto" on a machine without a usable GPU is the ordinary case: info, with why.
+        level = logging.WARNING if model.cuda_fallback else logging.INFO
+        log.log(level, model.describe_providers(cuda_wanted=CUDA in chosen or auto))
+    return models
 
 
 def attach_pools(settings: Settings, models: dict[str, OrtModel]) -> dict[str, StatePool]:

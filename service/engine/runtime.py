@@ -9,9 +9,12 @@ bound from host arrays, outputs are bound on the session's device and copied bac
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import os
-import threading
+import subprocess
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -37,9 +40,48 @@ _SHORT_NAMES = {"cuda": CUDA, "cpu": CPU, "tensorrt": "TensorrtExecutionProvider
 
 State = tuple[np.ndarray, ...]  # (h,) or (h, c); each float32 (L, B, H)
 
-# Set once a CUDA session silently fell back to CPU, so that later models skip the attempt.
-_cuda_failed = False
-_lock = threading.Lock()
+# Where onnxruntime keeps its libraries (the CUDA provider's among them).
+_CAPI_DIR = os.path.join(os.path.dirname(ort.__file__), "capi")
+_PROBE_TIMEOUT_S = 120.0  # the driver's first initialisation can take seconds
+
+
+@dataclass(frozen=True)
+class CudaCheck:
+    """Whether ONNX Runtime's CUDA provider can run here; if not, `reason` says why."""
+
+    usable: bool
+    reason: str = ""
+
+
+@functools.cache
+def check_cuda() -> CudaCheck:
+    """Look for a usable CUDA GPU without asking ONNX Runtime (once per process).
+
+    The driver, a device and the CUDA provider's libraries are checked in a child process
+    (`service.engine.cuda_probe`): nothing they print reaches the console, and the
+    provider's library is never loaded into this process outside ONNX Runtime.
+    """
+    if CUDA not in ort.get_available_providers():
+        return CudaCheck(False, "this onnxruntime build has no CUDA provider")
+    if os.name != "posix":  # the probe knows the Linux libraries only; let ONNX Runtime try
+        return CudaCheck(True)
+    from service.engine import cuda_probe
+
+    try:
+        done = subprocess.run(
+            [sys.executable, "-I", cuda_probe.__file__, _CAPI_DIR],
+            capture_output=True,
+            text=True,
+            timeout=_PROBE_TIMEOUT_S,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return CudaCheck(False, f"the CUDA check did not finish ({exc})")
+    try:
+        answer = json.loads(done.stdout.strip().splitlines()[-1])
+        return CudaCheck(bool(answer["usable"]), str(answer["reason"]))
+    except (ValueError, IndexError, KeyError, TypeError):
+        # A crash while loading the libraries (a signal: a negative status) lands here.
+        return CudaCheck(False, f"the CUDA check failed (exit status {done.returncode})")
 
 
 @dataclass(frozen=True)
@@ -60,16 +102,16 @@ class StepOutput:
 
 
 def choose_providers(setting: str = "auto") -> list[str]:
-    """Execution providers to request: "auto" is CUDA then CPU when CUDA is installed.
+    """Execution providers to request: "auto" is CUDA then CPU where CUDA is usable
+    (`check_cuda`), else CPU; or the comma list `setting` names.
 
-    "auto" may still end on CPU (onnxruntime-gpu falls back silently when CUDA libraries
-    or a GPU are missing): `OrtModel.providers` is what a session really uses.
+    A list naming CUDA where it is not usable is a ValueError that says why: asked for
+    by name, CUDA is required, not silently replaced by CPU. `OrtModel.providers` is what
+    a session really uses.
     """
     available = ort.get_available_providers()
     if setting.strip().lower() == "auto":
-        with _lock:
-            cuda = CUDA in available and not _cuda_failed
-        return [CUDA, CPU] if cuda else [CPU]
+        return [CUDA, CPU] if check_cuda().usable else [CPU]
     chosen = []
     for name in (part.strip() for part in setting.split(",")):
         if not name:
@@ -80,6 +122,11 @@ def choose_providers(setting: str = "auto") -> list[str]:
         chosen.append(full)
     if not chosen:
         raise ValueError("no execution provider given")
+    if CUDA in chosen and not (cuda := check_cuda()).usable:
+        raise ValueError(
+            f"providers {setting!r} ask for CUDA, which is not usable here: {cuda.reason} "
+            '(use "auto" to fall back to CPU)'
+        )
     return chosen
 
 
@@ -100,7 +147,6 @@ class OrtModel:
         *,
         allow_tf32: bool = False,
     ) -> None:
-        global _cuda_failed
         self.artifact = artifact
         self.name = artifact.name
         self.cell = artifact.cell
@@ -121,8 +167,9 @@ class OrtModel:
             options.add_session_config_entry(str(key), str(value))
         requested = list(providers)
         if CUDA in requested:
-            # A failed CUDA load is logged by ORT at error level on every attempt; the
-            # fallback is reported below, once, in words.
+            # A CUDA provider that fails to start despite `check_cuda` (an unsupported GPU,
+            # say) is logged by ORT at error level on every attempt; the fallback is
+            # reported below in words.
             ort.set_default_logger_severity(4)
         # ORT's CUDA provider uses TF32 by default: max abs difference to CPU 1.3e-3 (LSTM) /
         # 5.8e-4 (GRU), past the 1e-4 invariants; use_tf32=0: 8e-8 / 4e-8 (H200,
@@ -130,7 +177,9 @@ class OrtModel:
         cuda_options = {"use_tf32": "1" if allow_tf32 else "0"}
         self.allow_tf32 = allow_tf32
         self._options = options
-        self._providers = [(name, cuda_options) if name == CUDA else name for name in requested]
+        self._providers: list[str | tuple[str, dict[str, str]]] = [
+            (name, cuda_options) if name == CUDA else name for name in requested
+        ]
         try:
             self.session = ort.InferenceSession(
                 str(artifact.onnx_path), options, providers=self._providers
@@ -144,13 +193,12 @@ class OrtModel:
         )
         self.providers: list[str] = self.session.get_providers()
         self.on_cuda = self.providers[0] == CUDA
+        # Why CUDA was asked for and not given (None: it was given, or not asked for).
+        self.cuda_fallback: str | None = None
         if CUDA in requested and not self.on_cuda:
-            with _lock:
-                first = not _cuda_failed
-                _cuda_failed = True
-            if first:
-                log.warning("CUDA requested but not usable here: ONNX Runtime fell back to CPU")
-        log.info("model %s (%s): providers in use %s", self.name, self.cell, self.providers)
+            self.cuda_fallback = "ONNX Runtime could not start its CUDA provider"
+            # Later sessions of this model (the state pool's) ask only for what this got.
+            self._providers = list(self.providers)
         have = {i.name for i in self.session.get_inputs()} | {
             o.name for o in self.session.get_outputs()
         }
@@ -163,6 +211,14 @@ class OrtModel:
         self.start = self.run(
             np.array([[self.vocab.eos_id]], dtype=np.int64), self.zero_state(1), want_probs=True
         )
+
+    def describe_providers(self, cuda_wanted: bool) -> str:
+        """Where this model runs and, if CUDA was wanted and is not used, why (one line)."""
+        where = f"model {self.name} ({self.cell}) runs on {', '.join(self.providers)}"
+        if self.on_cuda or not cuda_wanted:
+            return where
+        why = self.cuda_fallback or check_cuda().reason
+        return f"{where}; CUDA not used: {why}"
 
     def new_session(self, model: bytes) -> ort.InferenceSession:
         """Another graph on this model's providers and options (the state pool's)."""
