@@ -168,15 +168,23 @@ def session_tokens(url: str, session_id: str) -> int | None:
 
 
 async def crash_under_load(
-    server: ServerProcess, streams: int, words: list[str], warmup_s: float, after_s: float
+    url: str,
+    supervisor_pid: int,
+    streams: int,
+    words: list[str],
+    warmup_s: float = 3.0,
+    after_s: float = 3.0,
 ) -> dict[str, Any]:
-    """Streams type; SIGKILL the engine; measure readiness, connections and token counts."""
+    """Streams type; SIGKILL the engine; measure readiness, connections and token counts.
+
+    `url`: the service's http://127.0.0.1:PORT; `supervisor_pid`: its `nextword serve`."""
     stop = asyncio.Event()
-    uri = f"ws://127.0.0.1:{server.port}/v1/stream"
+    port = int(url.rsplit(":", 1)[1])
+    uri = f"ws://127.0.0.1:{port}/v1/stream"
     typists = [Typist(uri, words) for _ in range(streams)]
     tasks = [asyncio.create_task(t.run(stop)) for t in typists]
     await asyncio.sleep(warmup_s)
-    engine = engine_process(server.pid, server.port)
+    engine = engine_process(supervisor_pid, port)
     answers_before = sum(t.answers for t in typists)
     engine.kill()
     killed_at = time.monotonic()
@@ -184,8 +192,8 @@ async def crash_under_load(
     ready_after = None
     while time.monotonic() - killed_at < 120:
         ready, live = await asyncio.gather(
-            asyncio.to_thread(http_status, server.url + "/readyz"),
-            asyncio.to_thread(http_status, server.url + "/healthz"),
+            asyncio.to_thread(http_status, url + "/readyz"),
+            asyncio.to_thread(http_status, url + "/healthz"),
         )
         statuses[f"readyz {ready}"] += 1
         statuses[f"healthz {live}"] += 1
@@ -200,7 +208,7 @@ async def crash_under_load(
     exact = 0
     for typist in typists:
         if typist.session_id and not typist.problem:
-            tokens = await asyncio.to_thread(session_tokens, server.url, typist.session_id)
+            tokens = await asyncio.to_thread(session_tokens, url, typist.session_id)
             exact += tokens == typist.acked
     kept = [t for t in typists if t.close_code is None and not t.hung]
     answering = [t for t in kept if any(at > back_at for at in t.answers_at)]
@@ -317,7 +325,9 @@ def main(argv: list[str] | None = None) -> None:
         runs = []
         for run in range(args.runs):
             result = asyncio.run(
-                crash_under_load(server, args.streams, words, args.warmup, args.after)
+                crash_under_load(
+                    server.url, server.pid, args.streams, words, args.warmup, args.after
+                )
             )
             print(f"run {run + 1}: {json.dumps(result)}", file=sys.stderr, flush=True)
             runs.append(result)
