@@ -16,11 +16,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from service.client import Client
 from tests.live_server import BUNDLED_MODELS, ROOT, LiveServer
-from tests.redis_server import RedisServer, needs_redis
+from tests.redis_server import REDIS_SERVER, RedisServer, needs_redis
 
 try:
     from playwright.sync_api import Browser, Page, expect, sync_playwright
@@ -419,6 +420,59 @@ def test_a_restart_without_redis_starts_a_new_session_with_the_text(
         live.stop()
 
 
+def kill_engine(live: LiveServer) -> None:
+    """SIGKILL the engine process: the child of `nextword serve` not listening on its port."""
+    assert live.proc is not None
+    for child in psutil.Process(live.proc.pid).children():
+        if "--multiprocessing-fork" not in " ".join(child.cmdline()):
+            continue
+        if not any(c.laddr and c.laddr.port == live.port for c in child.net_connections()):
+            child.kill()
+            return
+    pytest.fail("no engine process")
+
+
+@pytest.mark.parametrize("store", ["redis", "memory"])
+def test_an_engine_crash_shows_reconnecting_and_typing_continues(
+    tab: Tab, tmp_path: Path, store: str
+) -> None:
+    if store == "redis" and REDIS_SERVER is None:
+        pytest.skip("no redis-server binary")
+    redis = RedisServer()
+    env = {"NEXTWORD_ENGINE_RESTART_WAIT_S": "0"}  # answered engine_restarting at once
+    if store == "redis":
+        redis.start()
+        env["NEXTWORD_SESSION_STORE"] = redis.url
+    live = LiveServer(BUNDLED_MODELS, tmp_path / "serve.log", **env)
+    tab.allowed.append(REFUSED_WEBSOCKET)  # once the test stops the server, not before
+    try:
+        live.start()
+        page = tab.page
+        open_page(page, live.url)
+        text = page.locator("#text")
+        text.press_sequentially("I am coming ")
+        expect(page.locator("#tokens")).to_have_text("3")
+        session_id = page.locator("#session-id").inner_text()
+
+        kill_engine(live)
+        text.press_sequentially("home ")  # typed while the engine restarts
+        connection = page.locator("#connection")
+        expect(connection).to_have_attribute("data-state", "reconnecting")
+        expect(connection).to_have_text(re.compile("The server is restarting: reconnecting"))
+        expect(connection).to_have_attribute("data-state", "open")
+        expect(page.locator("#tokens")).to_have_text("4")
+        expect_suggestions(page, predicted(live, "I am coming home"))
+        if store == "redis":  # the same session, every word once
+            expect(page.locator("#session-id")).to_have_text(session_id)
+            with Client(live.url) as client:
+                assert client.session(session_id).tokens == 4
+        else:  # the session died with the engine: a new one, fed the whole text
+            expect(page.locator("#session-id")).not_to_have_text(session_id)
+    finally:
+        live.stop()
+        redis.stop()
+
+
 # --- the operations view ---------------------------------------------------------------------
 
 
@@ -445,3 +499,4 @@ def test_the_operations_view_shows_live_figures(tab: Tab, server: LiveServer) ->
         expect(page.locator("#active-sessions")).to_have_text(re.compile(r"^[1-9]\d*$"))
         expect(page.locator("#ws-connections")).to_have_text(re.compile(r"^[1-9]\d*$"))
         expect(page.locator("#batches .bar").first).to_be_visible()
+        expect(page.locator("#engine-restarts")).to_have_text("0")
