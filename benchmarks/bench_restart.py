@@ -105,9 +105,20 @@ class Typist:
                         self.hung = True
                         return
                     if self.problem:
+                        await self._await_close(ws)
                         return
         except ConnectionClosed as closed:
             self.close_code = closed.rcvd.code if closed.rcvd is not None else 1006
+
+    async def _await_close(self, ws: ClientConnection) -> None:
+        """After an error that ends the stream (unknown_session: 4404), note the close."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(5):
+                try:
+                    while True:
+                        await ws.recv()
+                except ConnectionClosed as closed:
+                    self.close_code = closed.rcvd.code if closed.rcvd is not None else 1006
 
     async def _type(self, ws: ClientConnection, word: str) -> None:
         """Send one word until it is acknowledged (or known applied)."""

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import zmq
 import zmq.asyncio
-from zmq.utils.monitor import recv_monitor_message
+from zmq.utils.monitor import parse_monitor_message, recv_monitor_message
 
 from service.config import Settings
 from service.contract.protocol import (
@@ -169,7 +169,9 @@ class ZmqClient:
         self._receiver.setsockopt(zmq.LINGER, 0)
         self._receiver.connect(outputs_at)
         # The engine's end of the output socket closes when its process dies.
-        self._monitor = self._receiver.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self._monitor = self._receiver.get_monitor_socket(
+            zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
+        )
 
     def _close_sockets(self) -> None:
         if self._sender.closed:
@@ -305,17 +307,38 @@ class ZmqClient:
     async def _watch(self) -> None:
         """Each time the engine's connection closes: fail what it held, and reconnect."""
         assert self._loop is not None
+        lost = False
         while True:
-            event = await recv_monitor_message(self._monitor)
-            if event["event"] != zmq.EVENT_DISCONNECTED:
-                continue
+            if not lost:
+                event = await recv_monitor_message(self._monitor)
+                if event["event"] != zmq.EVENT_DISCONNECTED:
+                    continue
             self.restarts += 1
             log.warning("the engine process went away: failing its requests, reconnecting")
             await self._engine_lost()
             self._open_sockets()
             self._reader = self._loop.create_task(self._read(), name="engine-outputs")
             await self._await_engine()
-            log.info("reconnected to the restarted engine")
+            lost = self._lost_meanwhile()
+            if not lost:
+                log.info("reconnected to the restarted engine")
+
+    def _lost_meanwhile(self) -> bool:
+        """Whether the connection events queued while reconnecting end with a disconnect.
+
+        While a killed engine's process is torn down, its listening socket can outlive its
+        connections for a moment: the new sockets may connect to it and be dropped, and then
+        connect to the new engine. Such a disconnect, followed by a connect, is stale; one
+        that comes last means the new engine died too.
+        """
+        monitor: zmq.Socket[bytes] = zmq.Socket.shadow(self._monitor.underlying)
+        lost = False
+        while True:
+            try:
+                frames = monitor.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return lost
+            lost = parse_monitor_message(frames)["event"] == zmq.EVENT_DISCONNECTED
 
     async def _engine_lost(self) -> None:
         assert self._up is not None and self._reader is not None
