@@ -11,6 +11,7 @@ memory store), --streams WebSocket streams (default 50) each typing one word at 
     answering        kept streams that got predictions again after /readyz came back
     exact            sessions whose token count (GET /v1/sessions/{id}) equals the words the
                      stream saw acknowledged: none lost, none applied twice
+    longest pause    per kept stream, the longest time between two answers (the restart)
     errors           `engine_restarting` answers (maybe applied / not applied), and others
 
 Each stream follows the documented protocol: on `engine_restarting` it waits
@@ -273,8 +274,9 @@ def table(report: dict[str, Any]) -> str:
         f"{report['models']}; {report['store']}; {report['workers']} API processes",
         "",
         "| run | streams | /readyz 200 again | kept | answering again | exact tokens | "
-        "engine_restarting (maybe / not applied) | other |",
-        "|---|---|---|---|---|---|---|---|",
+        "longest pause of a stream (median / max) | engine_restarting (maybe / not applied) "
+        "| other |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for index, run in enumerate(report["runs"], 1):
         errors = dict(run["errors"])
@@ -284,12 +286,14 @@ def table(report: dict[str, Any]) -> str:
         if run["closed"]:
             other += "; closed " + ", ".join(f"{k}: {v}" for k, v in run["closed"].items())
         ready = run["ready_again_s"]
+        gaps = run["longest_gap_s_median"], run["longest_gap_s_max"]
+        pause = "-" if gaps[0] is None else f"{gaps[0]:.2f} / {gaps[1]:.2f} s"
         lines.append(
             f"| {index} | {run['streams']} | "
             + (f"{ready:.2f} s" if ready is not None else "never")
             + f" | {run['kept']} ({percent(run['kept'], run['streams'])}) | "
             f"{run['answering']} ({percent(run['answering'], run['streams'])}) | "
-            f"{run['exact']} ({percent(run['exact'], run['streams'])}) | "
+            f"{run['exact']} ({percent(run['exact'], run['streams'])}) | {pause} | "
             f"{maybe} / {not_applied} | {other} |"
         )
     return "\n".join(lines)
