@@ -20,6 +20,7 @@ from websockets.exceptions import ConnectionClosed
 
 from benchmarks.bench_restart import crash_under_load, single_token_words
 from service.client import Client
+from service.supervisor import describe_exit, restart_delay
 from tests.redis_server import RedisServer, free_port, needs_redis, running_redis
 
 pytestmark = pytest.mark.slow
@@ -263,3 +264,9 @@ async def stream_then_terminate(service: Service) -> tuple[list[dict[str, object
                 answers.append(json.loads(await asyncio.wait_for(ws.recv(), 20)))
         except ConnectionClosed as closed:
             return answers, None if closed.rcvd is None else closed.rcvd.code
+
+
+def test_restarts_back_off_and_deaths_are_named() -> None:
+    assert [restart_delay(n) for n in range(1, 8)] == [0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 10.0]
+    assert describe_exit(-signal.SIGKILL) == "killed by SIGKILL"
+    assert describe_exit(1) == "exit code 1"
