@@ -270,3 +270,21 @@ def test_restarts_back_off_and_deaths_are_named() -> None:
     assert [restart_delay(n) for n in range(1, 8)] == [0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 10.0]
     assert describe_exit(-signal.SIGKILL) == "killed by SIGKILL"
     assert describe_exit(1) == "exit code 1"
+
+
+def test_the_restart_benchmark_runs_and_writes_its_table(
+    tiny_artifacts: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "restart.json"
+    command = [
+        *(sys.executable, "-m", "benchmarks.bench_restart", "--store", "memory"),
+        *("--models", str(tiny_artifacts), "--streams", "4", "--runs", "1"),
+        *("--warmup", "1", "--after", "1", "--out", str(out)),
+    ]
+    run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    (result,) = json.loads(out.read_text())["runs"]
+    assert result["ready_again_s"] is not None and result["hung"] == 0, result
+    # The memory store loses the sessions: each stream is told so and closed with 4404.
+    assert result["closed"] == {"4404": 4}, result
+    assert "| 1 | 4 |" in out.with_suffix(".txt").read_text()
