@@ -15,7 +15,13 @@ Results are frozen dataclasses (`PredictResult`, `SessionResult`, `SessionInfo`,
 A stream reconnects by itself when its connection drops (a server restart, an API process
 replaced, a network blip) and continues the same session. A message whose answer was lost
 is sent again only if the session's token count shows it was not applied, so no text is
-fed twice or lost. Errors, all `ClientError`:
+fed twice or lost. While the server's engine process restarts after a crash, a message
+answered `engine_restarting` is retried with back-off on the same connection (after an
+empty text whose `tokens` shows whether it was applied, when the answer says it may have
+been); REST calls retry it when it was not applied. A stream whose session the server lost
+(a restart with the memory store) starts a new one and feeds it the text it had fed, when
+it knows that text (it created the session, or reset it); `renewals` counts these. Errors,
+all `ClientError`:
 
     ClientError
      ├─ APIError             the server refused a request: `status`, `code`, `message`
@@ -66,8 +72,22 @@ __all__ = [
 DEFAULT_URL = "http://127.0.0.1:8000"
 # Errors after which a connect is worth retrying: the server is starting, draining or busy.
 RETRY_CODES = frozenset(
-    {"not_ready", "overloaded", "store_unavailable", "contended", "step_failed", "internal"}
+    {
+        "not_ready",
+        "engine_restarting",
+        "overloaded",
+        "store_unavailable",
+        "contended",
+        "step_failed",
+        "internal",
+    }
 )
+# Errors a request is retried after, with back-off, on the same connection.
+RESTARTING = "engine_restarting"
+# A lost session is fed its text again in chunks of at most this many tokens and characters
+# (under the server's default limits of 2,048 tokens and 10,000 characters a request).
+REFEED_TOKENS = 1_000
+REFEED_CHARS = 8_000
 MAX_BACKOFF_S = 2.0
 # Reconnects while one message waits for its answer; past this the message itself may be
 # what ends the connection (StreamLost), and sending it again would loop.
@@ -86,6 +106,7 @@ STATUS_OF_CODE = {
     "store_unavailable": 503,
     "contended": 503,
     "not_ready": 503,
+    "engine_restarting": 503,
 }
 
 
@@ -300,6 +321,40 @@ def _token_count(text: str) -> int:
     return len(tokenize(text))
 
 
+def _restart_delay(error: APIError, attempt: int, deadline: float) -> float | None:
+    """Seconds to wait before retrying after `error`, or None: not an error to retry (or the
+    retries ran out of time)."""
+    if error.code != RESTARTING:
+        return None
+    advised = float(error.details.get("retry_after_ms", 1000)) / 1000
+    delay = min(max(advised, 0.05 * 2**attempt), max(advised, MAX_BACKOFF_S))
+    if time.monotonic() + delay > deadline:
+        return None
+    return delay
+
+
+def _maybe_applied(error: APIError) -> bool:
+    return bool(error.details.get("maybe_applied"))
+
+
+def _chunks(texts: list[str]) -> list[str]:
+    """Texts joined at word boundaries into requests under the refeed limits."""
+    chunks: list[str] = []
+    current: list[str] = []
+    tokens = chars = 0
+    for text in texts:
+        count = _token_count(text)
+        if current and (tokens + count > REFEED_TOKENS or chars + len(text) > REFEED_CHARS):
+            chunks.append(" ".join(current))
+            current, tokens, chars = [], 0, 0
+        current.append(text)
+        tokens += count
+        chars += len(text) + 1
+    if current:
+        chunks.append(" ".join(current))
+    return chunks
+
+
 def _resume(message: dict[str, Any], before: int, now: int) -> dict[str, Any]:
     """What to send, after a reconnect, for a message whose answer was lost.
 
@@ -390,8 +445,19 @@ class Client:
         self._http.close()
 
     def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-        response = self._http.request(method, path, json=body)
-        _raise_for_status(response)
+        deadline = time.monotonic() + self.timeout
+        for attempt in itertools.count():
+            response = self._http.request(method, path, json=body)
+            try:
+                _raise_for_status(response)
+            except APIError as exc:
+                # Retried only when not applied: otherwise the caller compares tokens.
+                delay = None if _maybe_applied(exc) else _restart_delay(exc, attempt, deadline)
+                if delay is None:
+                    raise
+                time.sleep(delay)
+                continue
+            break
         return None if response.status_code == 204 else response.json()
 
     def ready(self) -> bool:
@@ -506,6 +572,10 @@ class _StreamState:
         self.tokens = 0
         self.last: SessionResult | None = None
         self.reconnects = 0
+        self.renewals = 0
+        # The texts fed to the session since it began (or was reset), to feed a new one if
+        # the server loses it; None when unknown (the stream joined an existing session).
+        self.history: list[str] | None = None
         self._ids = itertools.count(1)
 
     @property
@@ -516,15 +586,51 @@ class _StreamState:
         return {**_body(**fields), "id": next(self._ids)}
 
     def opened(self, ready: dict[str, Any]) -> SessionResult:
+        if ready["session_id"] != self.session_id:
+            # A new session: its text is what this stream feeds it from now on.
+            self.history = [] if ready["tokens"] == 0 else None
         self.session_id = ready["session_id"]
         self.model = ready["model"]
         return self.answered(ready)
 
-    def answered(self, answer: dict[str, Any]) -> SessionResult:
+    def answered(
+        self, answer: dict[str, Any], message: dict[str, Any] | None = None
+    ) -> SessionResult:
+        """Record an answer (to `message`, when it was one)."""
         result = SessionResult.from_json(answer, self.model)
         self.tokens = result.tokens
         self.last = result
+        if message is not None and self.history is not None:
+            if message.get("type") == "reset":
+                self.history = []
+            elif message.get("text"):
+                self.history.append(message["text"])
         return result
+
+    def renewable(self) -> bool:
+        """Whether a lost session can be replaced by a new one fed the same text."""
+        return self.history is not None
+
+    def renew(self) -> list[dict[str, Any]]:
+        """Forget the lost session; the messages that feed its text to the next one."""
+        assert self.history is not None
+        texts, self.history = self.history, None
+        self.session_id = None
+        self.renewals += 1
+        return [self.message(text=chunk) for chunk in _chunks(texts)]
+
+    def settle(self, message: dict[str, Any], before: int, now: int) -> dict[str, Any]:
+        """`message` after a lost answer, the session holding `now` tokens (`before` when
+        it was sent): itself (not applied: send it again), or, applied, an empty text that
+        asks only for its predictions (see `_resume`)."""
+        resumed = _resume(message, before, now)
+        if resumed is not message and self.history is not None and message.get("text"):
+            self.history.append(message["text"])
+        return resumed
+
+    def probe(self, message: dict[str, Any]) -> dict[str, Any]:
+        """An empty text with `message`'s options: its `tokens` tells if `message` applied."""
+        return {**message, "text": "", "id": next(self._ids)}
 
     @staticmethod
     def answer_of(raw: str | bytes, message_id: int) -> dict[str, Any] | None:
@@ -587,6 +693,11 @@ class Stream:
     def reconnects(self) -> int:
         """How many times the stream has reconnected to its session."""
         return self._state.reconnects
+
+    @property
+    def renewals(self) -> int:
+        """How many times the server lost the session and the stream started a new one."""
+        return self._state.renewals
 
     def __enter__(self) -> Stream:
         self.open()
@@ -654,21 +765,64 @@ class Stream:
         return opened
 
     def _exchange(self, message: dict[str, Any]) -> SessionResult:
-        before, drops = self._state.tokens, 0
-        while True:
+        state = self._state
+        before, drops = state.tokens, 0
+        probe: dict[str, Any] | None = None  # asks whether `message` was applied
+        deadline = time.monotonic() + state.reconnect_timeout
+        for attempt in itertools.count():
             try:
-                return self._state.answered(self._roundtrip(message))
+                if probe is None:
+                    return state.answered(self._roundtrip(message), message)
+                answer = self._roundtrip(probe)
+                probe = None
+                settled = state.settle(message, before, answer["tokens"])
+                if settled is not message:
+                    return state.answered(answer)  # applied: the probe's answer is its answer
+                continue  # not applied: send it again
+            except SessionNotFound:
+                if not state.renewable():
+                    raise
+                self._renew()
+                before, probe = state.tokens, None
+                continue
+            except APIError as exc:
+                delay = _restart_delay(exc, attempt, deadline)
+                if delay is None:
+                    raise
+                time.sleep(delay)
+                if _maybe_applied(exc) and message.get("type") != "reset" and message.get("text"):
+                    probe = state.probe(message)
+                continue
             except ConnectionClosed as exc:
                 if (error := _closed_error(exc)) is not None:
                     self._ws = None  # the next message reconnects
-                    raise error from exc
+                    if not (isinstance(error, SessionNotFound) and state.renewable()):
+                        raise error from exc
+                    self._renew()
+                    before, probe = state.tokens, None
+                    continue
                 drops += 1
             except (OSError, TimeoutError):
                 drops += 1  # dropped: resume the session below
-            self._state.dropped(drops)
-            self._connect()
-            message = _resume(message, before, self._state.tokens)
-            before = self._state.tokens
+            state.dropped(drops)
+            try:
+                self._connect()
+            except SessionNotFound:  # the server restarted without the session
+                if not state.renewable():
+                    raise
+                self._renew()
+                before, probe = state.tokens, None
+                continue
+            message, probe = state.settle(message, before, state.tokens), None
+            before = state.tokens
+        raise AssertionError("unreachable")
+
+    def _renew(self) -> None:
+        """The server lost the session: open a new one and feed it the text fed so far."""
+        refeed = self._state.renew()
+        self._connect()
+        for chunk in refeed:
+            self._state.answered(self._roundtrip(chunk), chunk)
 
     def _roundtrip(self, message: dict[str, Any]) -> dict[str, Any]:
         if self._ws is None:
@@ -713,8 +867,19 @@ class AsyncClient:
         await self._http.aclose()
 
     async def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-        response = await self._http.request(method, path, json=body)
-        _raise_for_status(response)
+        deadline = time.monotonic() + self.timeout
+        for attempt in itertools.count():
+            response = await self._http.request(method, path, json=body)
+            try:
+                _raise_for_status(response)
+            except APIError as exc:
+                # Retried only when not applied: otherwise the caller compares tokens.
+                delay = None if _maybe_applied(exc) else _restart_delay(exc, attempt, deadline)
+                if delay is None:
+                    raise
+                await asyncio.sleep(delay)
+                continue
+            break
         return None if response.status_code == 204 else response.json()
 
     async def ready(self) -> bool:
@@ -851,6 +1016,11 @@ class AsyncStream:
         """How many times the stream has reconnected to its session."""
         return self._state.reconnects
 
+    @property
+    def renewals(self) -> int:
+        """How many times the server lost the session and the stream started a new one."""
+        return self._state.renewals
+
     async def __aenter__(self) -> AsyncStream:
         await self.open()
         return self
@@ -920,21 +1090,68 @@ class AsyncStream:
 
     async def _exchange(self, message: dict[str, Any]) -> SessionResult:
         async with self._lock:
-            before, drops = self._state.tokens, 0
-            while True:
+            state = self._state
+            before, drops = state.tokens, 0
+            probe: dict[str, Any] | None = None  # asks whether `message` was applied
+            deadline = time.monotonic() + state.reconnect_timeout
+            for attempt in itertools.count():
                 try:
-                    return self._state.answered(await self._roundtrip(message))
+                    if probe is None:
+                        return state.answered(await self._roundtrip(message), message)
+                    answer = await self._roundtrip(probe)
+                    probe = None
+                    settled = state.settle(message, before, answer["tokens"])
+                    if settled is not message:
+                        return state.answered(answer)  # applied: the probe's answer is its answer
+                    continue  # not applied: send it again
+                except SessionNotFound:
+                    if not state.renewable():
+                        raise
+                    await self._renew()
+                    before, probe = state.tokens, None
+                    continue
+                except APIError as exc:
+                    delay = _restart_delay(exc, attempt, deadline)
+                    if delay is None:
+                        raise
+                    await asyncio.sleep(delay)
+                    if (
+                        _maybe_applied(exc)
+                        and message.get("type") != "reset"
+                        and message.get("text")
+                    ):
+                        probe = state.probe(message)
+                    continue
                 except ConnectionClosed as exc:
                     if (error := _closed_error(exc)) is not None:
                         self._ws = None  # the next message reconnects
-                        raise error from exc
+                        if not (isinstance(error, SessionNotFound) and state.renewable()):
+                            raise error from exc
+                        await self._renew()
+                        before, probe = state.tokens, None
+                        continue
                     drops += 1
                 except (OSError, TimeoutError):
                     drops += 1  # dropped: resume the session below
-                self._state.dropped(drops)
-                await self._connect()
-                message = _resume(message, before, self._state.tokens)
-                before = self._state.tokens
+                state.dropped(drops)
+                try:
+                    await self._connect()
+                except SessionNotFound:  # the server restarted without the session
+                    if not state.renewable():
+                        raise
+                    await self._renew()
+                    before, probe = state.tokens, None
+                    continue
+                message, probe = state.settle(message, before, state.tokens), None
+                before = state.tokens
+            raise AssertionError("unreachable")
+
+    async def _renew(self) -> None:
+        """The server lost the session: open a new one and feed it the text fed so far."""
+        refeed = self._state.renew()
+        await self._connect()
+        for chunk in refeed:
+            self._state.answered(await self._roundtrip(chunk), chunk)
 
     async def _roundtrip(self, message: dict[str, Any]) -> dict[str, Any]:
         if self._ws is None:

@@ -78,6 +78,22 @@ class Settings(BaseSettings):
         validation_alias="PROMETHEUS_MULTIPROC_DIR",
         description="prometheus_client's multiprocess directory (set by `nextword serve`)",
     )
+    engine_restarts: int = Field(
+        default=5,
+        ge=0,
+        description="engine process deaths within engine_restart_window_s that `nextword "
+        "serve` restarts (with back-off, API processes keeping their connections); the next "
+        "death stops the service with exit status 1. 0 = the first death stops it",
+    )
+    engine_restart_window_s: float = Field(
+        default=300.0, gt=0, description="the window over which engine deaths are counted"
+    )
+    engine_restart_wait_s: float = Field(
+        default=5.0,
+        ge=0,
+        description="while the engine restarts, how long a request waits for it before it "
+        "is answered `engine_restarting` (503, retry later). 0 = answered at once",
+    )
     ws_per_message_deflate: bool = Field(
         default=False,
         description="offer WebSocket per-message compression (costs CPU on small messages)",

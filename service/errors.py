@@ -7,12 +7,17 @@ NextwordError            code, status (HTTP), ws_close (None: answered in-band)
 ├── Overloaded           503  overloaded       queue full
 ├── StoreUnavailable     503  store_unavailable  session store (Redis) unreachable
 ├── NotReady             503  not_ready        starting, shutting down, or the engine is away
+│   └── EngineRestarting 503  engine_restarting  the engine process died and is restarting
 └── StepFailed           500  step_failed      the model run failed; sessions keep their state
     └── Contended        503  contended        the session kept changing under the step (other
                                                replicas wrote it first) past the retries: retry
 
 A `Contended` step was not applied, like any `StepFailed` one; it is a 503 with Retry-After
-(the client should simply retry), never a 500.
+(the client should simply retry), never a 500. An `EngineRestarting` step was not applied
+unless its `maybe_applied` says it may have been (it reached the engine, and the store is
+Redis, written before the engine died): the session's `tokens` then tells which.
+
+`details()` holds the fields an error adds to its body beyond `code` and `message`.
 
 The engine sends only the `code` and the message over the wire (`error_from_code` rebuilds
 the error in the API process); the API maps each type to an HTTP status and a WebSocket
@@ -20,6 +25,9 @@ close code in one place (`service.api.errors`).
 """
 
 from __future__ import annotations
+
+import math
+from typing import Any
 
 
 class NextwordError(Exception):
@@ -31,6 +39,10 @@ class NextwordError(Exception):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
+
+    def details(self) -> dict[str, Any]:
+        """Fields of the error's body besides `code` and `message` (none by default)."""
+        return {}
 
 
 class BadInput(NextwordError):
@@ -92,12 +104,37 @@ class RateLimited(NextwordError):
         super().__init__(message)
         self.retry_after_s = retry_after_s
 
+    def details(self) -> dict[str, Any]:
+        return {"retry_after_ms": math.ceil(self.retry_after_s * 1000)}
+
 
 class NotReady(NextwordError):
     """The service is starting or shutting down, or the engine process does not answer."""
 
     code = "not_ready"
     status = 503
+
+
+class EngineRestarting(NotReady):
+    """The engine process died and the supervisor is starting another: retry after
+    `retry_after_s`. `maybe_applied`: the step had reached the engine before it died and the
+    store is durable (Redis), so it may have been applied; False: it was not."""
+
+    code = "engine_restarting"
+    status = 503
+
+    def __init__(
+        self, message: str, retry_after_s: float = 1.0, maybe_applied: bool = False
+    ) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+        self.maybe_applied = maybe_applied
+
+    def details(self) -> dict[str, Any]:
+        return {
+            "retry_after_ms": math.ceil(self.retry_after_s * 1000),
+            "maybe_applied": self.maybe_applied,
+        }
 
 
 ERRORS_BY_CODE: dict[str, type[NextwordError]] = {
@@ -109,6 +146,7 @@ ERRORS_BY_CODE: dict[str, type[NextwordError]] = {
         Overloaded,
         StoreUnavailable,
         NotReady,
+        EngineRestarting,
         StepFailed,
         Contended,
     )

@@ -80,6 +80,11 @@ def render(multiprocess_dir: str = "") -> bytes:
 
 # --- engine, batcher and session store (core) ---------------------------------------
 
+ENGINE_RESTARTS = Counter(
+    "nextword_engine_restarts",
+    "Engine processes started by `nextword serve` to replace one that died.",
+)
+
 STEPS = Counter(
     "nextword_steps",
     "Steps answered (one per request: a single word or a prefill), by model and outcome.",

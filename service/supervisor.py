@@ -13,9 +13,13 @@ answers every step it has received). A child whose pipe closes (the supervisor w
 stops by itself.
 
 Failures. An API process that dies is replaced (readiness is false until its replacement is
-up); one that keeps dying at start stops the service. The engine dying stops the service with
-exit status 1 and an error naming it: the sessions it held are gone unless the store is Redis,
-and an orchestrator restarts the whole (no silent half-service).
+up); one that keeps dying at start stops the service. An engine process that dies is restarted
+in place, with back-off (at once, then 0.5, 1, 2, 4... s, at most 10): readiness is false
+until it is up again (liveness stays true), the API processes keep their connections and
+reconnect to it (`service.engine.client.ZmqClient`), and steps pending or arriving meanwhile
+are answered `engine_restarting`. The sessions it held survive with Redis and are lost with
+the memory store. More than `engine_restarts` deaths within `engine_restart_window_s` stop
+the service with exit status 1 and an error naming them (no silent half-service).
 
 Metrics. Every process writes prometheus_client's multiprocess files into one directory, so
 `/metrics` on any API process shows all of them (engine batches and queue, every API
@@ -52,6 +56,7 @@ ENGINE_START_TIMEOUT_S = 300.0  # loading and verifying every model (and a CUDA 
 API_START_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 30.0  # longest drain of an API process, then of the engine
 CRASH_LOOP = (5, 60.0)  # this many API process deaths within this many seconds: give up
+ENGINE_BACKOFF_S = (0.5, 10.0)  # delay before the 2nd restart in a window, doubling up to max
 STOP = "stop"
 UP = "up"
 
@@ -128,13 +133,36 @@ def run_api(config: uvicorn.Config, sockets: list[socket.socket], link: ApiLink)
 # --- the engine process side -----------------------------------------------------------
 
 
-def run_engine_process(settings: Settings, address: str, control: Connection) -> None:
-    """Entry point of the engine process: serve until the supervisor says stop."""
+def run_engine_process(
+    settings: Settings, address: str, control: Connection, restart: bool = False
+) -> None:
+    """Entry point of the engine process: serve until the supervisor says stop (`restart`:
+    this process replaces one that died, counted in `nextword_engine_restarts_total`)."""
     from service.engine.proc import run_engine
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, signal.SIG_IGN)
+    if restart:
+        from service import metrics
+
+        metrics.ENGINE_RESTARTS.inc()
     run_engine(settings, address, control)
+
+
+def restart_delay(deaths: int) -> float:
+    """Seconds before restarting an engine that died for the `deaths`-th time in the window."""
+    if deaths <= 1:
+        return 0.0  # a single crash: back as fast as the models load
+    first, most = ENGINE_BACKOFF_S
+    return float(min(first * 2 ** (deaths - 2), most))
+
+
+def describe_exit(code: int | None) -> str:
+    """An exit code as people read it: "exit code 1", or "killed by SIGKILL"."""
+    if code is not None and code < 0:
+        with suppress(ValueError):
+            return f"killed by {signal.Signals(-code).name}"
+    return f"exit code {code}"
 
 
 # --- the supervisor --------------------------------------------------------------------
@@ -170,6 +198,9 @@ class Supervisor:
         self.engine: Child | None = None
         self.apis: list[Child] = []
         self.deaths: list[float] = []
+        self.engine_deaths: list[float] = []
+        self.engine_down_since: float | None = None  # the engine died and is not up again
+        self.engine_restart_at = 0.0  # when the next engine starts (while self.engine is None)
         self.socket: socket.socket | None = None
 
     def run(self) -> int:
@@ -200,11 +231,11 @@ class Supervisor:
         self._stop_all()
         return status
 
-    def _start_engine(self) -> Child:
+    def _start_engine(self, restart: bool = False) -> Child:
         ours, theirs = self.context.Pipe()
         process = self.context.Process(
             target=run_engine_process,
-            args=(self.settings, self.address, theirs),
+            args=(self.settings, self.address, theirs, restart),
             name="nextword-engine",
         )
         process.start()
@@ -249,14 +280,8 @@ class Supervisor:
         """Watch the children until asked to stop (0) or the service cannot go on (1)."""
         from prometheus_client import multiprocess
 
-        assert self.engine is not None
         while not self.stopping.wait(0.1):
-            if not self.engine.process.is_alive():
-                log.error(
-                    "the engine process died (exit code %s): stopping the service; "
-                    "the sessions it held are lost unless the store is Redis",
-                    self.engine.process.exitcode,
-                )
+            if not self._watch_engine():
                 return 1
             for index, child in enumerate(self.apis):
                 if not child.up and child.control.poll():
@@ -287,11 +312,76 @@ class Supervisor:
                     child.process.exitcode,
                 )
                 self.apis[index] = self._start_api(index)
-            if not self.all_up.is_set() and all(c.up for c in self.apis):
+            engine_up = self.engine is not None and self.engine.up
+            if not self.all_up.is_set() and engine_up and all(c.up for c in self.apis):
                 self.all_up.set()
                 log.info("all %d API processes and the engine are up", len(self.apis))
         log.info("supervisor: stopping (draining the API processes, then the engine)")
         return 0
+
+    def _watch_engine(self) -> bool:
+        """Restart the engine when it dies; False when it died too often (stop the service)."""
+        from prometheus_client import multiprocess
+
+        now = time.monotonic()
+        engine = self.engine
+        if engine is None:  # dead, waiting for the back-off
+            if now >= self.engine_restart_at:
+                self.engine = self._start_engine(restart=True)
+            return True
+        if engine.process.is_alive():
+            if not engine.up:
+                if engine.control.poll():
+                    with suppress(EOFError):  # EOF: it is dying, seen on the next round
+                        engine.control.recv()
+                        engine.up = True
+                        down = now - (self.engine_down_since or now)
+                        self.engine_down_since = None
+                        log.info(
+                            "engine process %d up again, %.1f s after the last one died",
+                            engine.process.pid,
+                            down,
+                        )
+                elif now - engine.started_at > ENGINE_START_TIMEOUT_S:
+                    log.error("the restarted engine process did not start in time; killing it")
+                    engine.process.kill()
+            return True
+        # Its gauges (queue depth, sessions, pool rows) must not linger in /metrics.
+        multiprocess.mark_process_dead(engine.process.pid)
+        self.all_up.clear()
+        if self.engine_down_since is None:
+            self.engine_down_since = now
+        window = self.settings.engine_restart_window_s
+        self.engine_deaths = [t for t in self.engine_deaths if now - t < window] + [now]
+        deaths = len(self.engine_deaths)
+        if deaths > self.settings.engine_restarts:
+            log.error(
+                "the engine process died (%s), %d times within %.0f s: stopping the service; "
+                "the sessions it held are lost unless the store is Redis",
+                describe_exit(engine.process.exitcode),
+                deaths,
+                window,
+            )
+            return False
+        delay = restart_delay(deaths)
+        log.error(
+            "the engine process %d died (%s): restarting it in %.1f s (death %d of %d allowed "
+            "within %.0f s); the API processes keep their connections, steps in flight are "
+            "answered engine_restarting; sessions %s",
+            engine.process.pid,
+            describe_exit(engine.process.exitcode),
+            delay,
+            deaths,
+            self.settings.engine_restarts,
+            window,
+            "continue from Redis"
+            if self.settings.session_store != "memory"
+            else "are lost (memory store)",
+        )
+        engine.control.close()
+        self.engine = None
+        self.engine_restart_at = now + delay
+        return True
 
     def _stop(self, child: Child) -> None:
         child.stop()

@@ -12,7 +12,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.api import create_app
-from service.errors import Overloaded, StepFailed, StoreUnavailable
+from service.errors import EngineRestarting, Overloaded, StepFailed, StoreUnavailable
 from tests.api_support import TEXTS, api_settings, assert_same_predictions, splits
 
 MODELS = ["lstm", "gru"]
@@ -418,6 +418,36 @@ def test_predictor_errors_map_to_their_status(
     assert_error(r, status, code)
     if status == 503:
         assert r.headers["retry-after"] == "1"
+
+
+@pytest.mark.parametrize("maybe_applied", [False, True])
+def test_engine_restarting_says_when_to_retry_and_whether_it_applied(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch, maybe_applied: bool
+) -> None:
+    predictor = client.app.state.predictor  # type: ignore[attr-defined]
+    feed = predictor.feed
+
+    async def restarting(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        raise EngineRestarting("the engine process died", 2.5, maybe_applied)
+
+    with client.websocket_connect("/v1/stream") as ws:
+        session = ws.receive_json()["session_id"]
+        monkeypatch.setattr(predictor, "feed", restarting)
+        r = client.post(f"/v1/sessions/{session}/feed", json={"text": "a"})
+        assert_error(r, 503, "engine_restarting")
+        assert r.headers["retry-after"] == "3"  # whole seconds, rounded up
+        assert r.json()["error"]["retry_after_ms"] == 2500
+        assert r.json()["error"]["maybe_applied"] is maybe_applied
+
+        ws.send_json({"text": "a", "id": 7})  # in-band, and the connection stays open
+        answer = ws.receive_json()
+        assert answer["type"] == "error" and answer["id"] == 7
+        assert answer["error"]["code"] == "engine_restarting"
+        assert answer["error"]["retry_after_ms"] == 2500
+        assert answer["error"]["maybe_applied"] is maybe_applied
+        monkeypatch.setattr(predictor, "feed", feed)
+        ws.send_json({"text": "a", "id": 8})
+        assert ws.receive_json()["type"] == "predictions"
 
 
 def test_unexpected_error_is_a_json_500(tiny_artifacts: Path) -> None:

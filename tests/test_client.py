@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psutil
 import pytest
 from websockets.asyncio.server import ServerConnection, serve
@@ -282,3 +283,89 @@ async def test_a_session_that_moved_on_is_not_fed_twice() -> None:
             with pytest.raises(StreamLost, match="holds 7 tokens"):
                 await stream.send("coming home")
     assert [m["text"] for m in scripted.received] == ["coming home"]
+
+
+# --- an engine restart (a scripted server) ---------------------------------------------------
+
+
+class RestartingServer:
+    """A session of 2 tokens; the first text message is answered `engine_restarting`
+    (`maybe_applied` as given), having been applied or not; then answers normally."""
+
+    def __init__(self, maybe_applied: bool, applied: bool) -> None:
+        self.maybe_applied = maybe_applied
+        self.applied = applied
+        self.received: list[dict[str, Any]] = []
+
+    async def handler(self, ws: ServerConnection) -> None:
+        tokens = 2
+        await ws.send(json.dumps(ScriptedServer.answer("ready", tokens, None)))
+        async for raw in ws:
+            message = json.loads(raw)
+            self.received.append(message)
+            added = len(message["text"].split())
+            if len(self.received) == 1:
+                tokens += added if self.applied else 0
+                error = {
+                    "code": "engine_restarting",
+                    "message": "the engine process died",
+                    "retry_after_ms": 10,
+                    "maybe_applied": self.maybe_applied,
+                }
+                await ws.send(json.dumps({"type": "error", "error": error, "id": message["id"]}))
+                continue
+            tokens += added
+            await ws.send(json.dumps(ScriptedServer.answer("predictions", tokens, message["id"])))
+
+
+@pytest.mark.parametrize(
+    ("maybe_applied", "applied", "texts"),
+    [
+        (False, False, ["coming home", "coming home"]),
+        (True, False, ["coming home", "", "coming home"]),
+        (True, True, ["coming home", ""]),
+    ],
+    ids=["not applied: sent again", "maybe, was not: probed, sent again", "maybe, was: probed"],
+)
+async def test_engine_restarting_is_retried_on_the_same_connection_without_feeding_twice(
+    maybe_applied: bool, applied: bool, texts: list[str]
+) -> None:
+    scripted = RestartingServer(maybe_applied, applied)
+    async with serve(scripted.handler, "127.0.0.1", 0) as ws_server:
+        port = ws_server.sockets[0].getsockname()[1]
+        client = AsyncClient(f"http://127.0.0.1:{port}")
+        async with client, client.stream(reconnect_timeout=5) as stream:
+            answer = await stream.send("coming home", prefix="t")
+    assert [m["text"] for m in scripted.received] == texts
+    assert all(m["prefix"] == "t" for m in scripted.received)
+    assert answer.tokens == 4 and stream.reconnects == 0
+
+
+@pytest.mark.parametrize("maybe_applied", [False, True])
+def test_rest_retries_engine_restarting_only_when_not_applied(maybe_applied: bool) -> None:
+    calls: list[str] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        calls.append(request.url.path)
+        if len(calls) == 1:
+            error = {
+                "code": "engine_restarting",
+                "message": "the engine process died",
+                "retry_after_ms": 10,
+                "maybe_applied": maybe_applied,
+            }
+            return httpx.Response(503, json={"error": error}, headers={"Retry-After": "1"})
+        body = ScriptedServer.answer("predictions", 4, None)
+        return httpx.Response(200, json=body)
+
+    base = "http://nextword.test"
+    http = httpx.Client(base_url=base, transport=httpx.MockTransport(answer))
+    with Client(base, http=http) as client:
+        if maybe_applied:  # the caller compares the session's tokens before any retry
+            with pytest.raises(APIError) as refused:
+                client.feed("s1", "coming home")
+            assert refused.value.code == "engine_restarting"
+            assert refused.value.details["maybe_applied"] is True
+        else:
+            assert client.feed("s1", "coming home").tokens == 4
+    assert len(calls) == (1 if maybe_applied else 2)

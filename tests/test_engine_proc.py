@@ -25,6 +25,7 @@ from service.contract.protocol import (
 )
 from service.engine.client import ZmqClient, socket_addresses
 from service.engine.proc import run_engine
+from service.errors import EngineRestarting, NotReady
 from tests.api_support import TEXTS, assert_same_predictions
 
 
@@ -37,9 +38,9 @@ def engine_settings(models: Path, **overrides: Any) -> Settings:
 class EngineProcess:
     """`run_engine` in a child process, with its control pipe (as the supervisor has)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, address: str | None = None) -> None:
         self.dir = tempfile.TemporaryDirectory(prefix="nextword-test-")
-        self.address = f"ipc://{self.dir.name}/engine"
+        self.address = address or f"ipc://{self.dir.name}/engine"
         context = multiprocessing.get_context("spawn")
         self.control, theirs = context.Pipe()
         self.process = context.Process(target=run_engine, args=(settings, self.address, theirs))
@@ -168,3 +169,61 @@ def test_wire_format_is_compact() -> None:
     assert len(frame) < 40  # array-like: no field names on the wire
     output = output_decoder.decode(msgspec.msgpack.encode([EngineOutput(7, ids=[1], probs=[0.5])]))
     assert output[0].request_id == 7 and output[0].probs == [0.5]
+
+
+async def test_a_client_outlives_its_engine_and_reconnects_to_the_next_one(
+    tiny_artifacts: Path,
+) -> None:
+    # Each step waits 2 s for its batch to fill: the engine dies with the steps pending.
+    settings = engine_settings(tiny_artifacts, max_wait_ms=2000.0)
+    first = EngineProcess(settings)
+    client = await ZmqClient.connect(first.address, restart_wait_s=0.3, durable=True)
+    second = None
+    try:
+
+        def step(session_id: str | None = None) -> StepRequest:
+            return StepRequest(client.next_id(), "lstm", [5, 6], 3, session_id=session_id)
+
+        created = await client.call(
+            StepRequest(client.next_id(), "lstm", [5], 3, session_id="s1", create=True)
+        )
+        assert created.error is None
+        feed = asyncio.ensure_future(client.call(step("s1")))
+        predict = asyncio.ensure_future(client.call(step()))
+        await asyncio.sleep(0.2)  # both sent (a frame per tick), both waiting for a batch
+        first.process.kill()
+        with pytest.raises(EngineRestarting) as feed_lost:
+            await feed
+        # A session step that reached a durable store's engine may have been applied...
+        assert feed_lost.value.maybe_applied
+        with pytest.raises(EngineRestarting) as predict_lost:
+            await predict
+        assert not predict_lost.value.maybe_applied  # ...a stateless one changes nothing
+
+        # While no engine answers: a request waits restart_wait_s, then fails unsent.
+        with pytest.raises(EngineRestarting) as waited:
+            await client.call(step("s1"))
+        assert not waited.value.maybe_applied
+        with pytest.raises(NotReady, match="restarting"):
+            await client.ping()
+
+        second = EngineProcess(settings, address=first.address)
+        for _ in range(600):  # the client reconnects by itself
+            try:
+                output = await client.call(step())
+                break
+            except EngineRestarting:
+                await asyncio.sleep(0.1)
+        else:
+            pytest.fail("the client never reconnected to the new engine")
+        assert output.error is None and output.tokens == 2
+        await client.ping()
+        assert client.restarts == 1
+        # The memory store died with the first engine: its session is unknown to the second.
+        lost = await client.call(InfoRequest(client.next_id(), "s1"))
+        assert lost.error == "unknown_session"
+    finally:
+        await client.close()
+        if second is not None:
+            assert second.stop() == 0
+        first.stop()

@@ -10,20 +10,29 @@ docs/ops.png.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import os
 import re
 import shutil
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
+from websockets.asyncio.server import ServerConnection
+from websockets.asyncio.server import serve as ws_serve
+from websockets.datastructures import Headers
+from websockets.http11 import Request, Response
 
+from service.api.routes import STATIC_DIR as STATIC
 from service.client import Client
 from tests.live_server import BUNDLED_MODELS, ROOT, LiveServer
-from tests.redis_server import RedisServer, needs_redis
+from tests.redis_server import REDIS_SERVER, RedisServer, needs_redis
+from tests.test_client import RestartingServer
 
 try:
     from playwright.sync_api import Browser, Page, expect, sync_playwright
@@ -428,6 +437,135 @@ def test_a_restart_without_redis_starts_a_new_session_with_the_text(
         live.stop()
 
 
+def kill_engine(live: LiveServer) -> None:
+    """SIGKILL the engine process: the child of `nextword serve` not listening on its port."""
+    assert live.proc is not None
+    for child in psutil.Process(live.proc.pid).children():
+        if "--multiprocessing-fork" not in " ".join(child.cmdline()):
+            continue
+        if not any(c.laddr and c.laddr.port == live.port for c in child.net_connections()):
+            child.kill()
+            return
+    pytest.fail("no engine process")
+
+
+@pytest.mark.parametrize("store", ["redis", "memory"])
+def test_an_engine_crash_shows_reconnecting_and_typing_continues(
+    tab: Tab, tmp_path: Path, store: str
+) -> None:
+    if store == "redis" and REDIS_SERVER is None:
+        pytest.skip("no redis-server binary")
+    redis = RedisServer()
+    env = {"NEXTWORD_ENGINE_RESTART_WAIT_S": "0"}  # answered engine_restarting at once
+    if store == "redis":
+        redis.start()
+        env["NEXTWORD_SESSION_STORE"] = redis.url
+    live = LiveServer(BUNDLED_MODELS, tmp_path / "serve.log", **env)
+    tab.allowed.append(REFUSED_WEBSOCKET)  # once the test stops the server, not before
+    try:
+        live.start()
+        page = tab.page
+        open_page(page, live.url)
+        text = page.locator("#text")
+        text.press_sequentially("I am coming ")
+        expect(page.locator("#tokens")).to_have_text("3")
+        session_id = page.locator("#session-id").inner_text()
+
+        kill_engine(live)
+        text.press_sequentially("home ")  # typed while the engine restarts
+        connection = page.locator("#connection")
+        expect(connection).to_have_attribute("data-state", "reconnecting")
+        expect(connection).to_have_text(re.compile("The server is restarting: reconnecting"))
+        expect(connection).to_have_attribute("data-state", "open")
+        expect(page.locator("#tokens")).to_have_text("4")
+        expect_suggestions(page, predicted(live, "I am coming home"))
+        if store == "redis":  # the same session, every word once
+            expect(page.locator("#session-id")).to_have_text(session_id)
+            with Client(live.url) as client:
+                assert client.session(session_id).tokens == 4
+        else:  # the session died with the engine: a new one, fed the whole text
+            expect(page.locator("#session-id")).not_to_have_text(session_id)
+    finally:
+        live.stop()
+        redis.stop()
+
+
+class ScriptedOrigin:
+    """A scripted WebSocket server (`RestartingServer`) that also serves a blank page and
+    nextword.js over HTTP, so that the page and its stream share one origin."""
+
+    def __init__(self, scripted: RestartingServer) -> None:
+        self.scripted = scripted
+        self.port = 0
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._stop: asyncio.Future[None] | None = None
+        self._thread = threading.Thread(target=self._loop.run_until_complete, args=(self._serve(),))
+
+    def _respond(self, connection: ServerConnection, request: Request) -> Response | None:
+        if request.headers.get("Upgrade", "").lower() == "websocket":
+            return None
+        if request.path == "/nextword.js":
+            body, kind = (STATIC / "nextword.js").read_bytes(), "text/javascript"
+        else:
+            body, kind = b"<!doctype html><title>scripted</title>", "text/html"
+        headers = Headers([("Content-Type", kind), ("Content-Length", str(len(body)))])
+        return Response(200, "OK", headers, body)
+
+    async def _serve(self) -> None:
+        self._stop = self._loop.create_future()
+        async with ws_serve(
+            self.scripted.handler, "127.0.0.1", 0, process_request=self._respond
+        ) as server:
+            self.port = server.sockets[0].getsockname()[1]
+            self._ready.set()
+            await self._stop
+
+    def __enter__(self) -> ScriptedOrigin:
+        self._thread.start()
+        assert self._ready.wait(10)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        assert self._stop is not None
+        self._loop.call_soon_threadsafe(self._stop.set_result, None)
+        self._thread.join(10)
+        self._loop.close()
+
+
+@pytest.mark.parametrize(
+    ("maybe_applied", "applied", "texts"),
+    [
+        (False, False, ["coming home", "coming home"]),
+        (True, False, ["coming home", "", "coming home"]),
+        (True, True, ["coming home", ""]),
+    ],
+    ids=["not applied: sent again", "maybe, was not: probed, sent again", "maybe, was: probed"],
+)
+def test_the_browser_client_retries_engine_restarting_without_feeding_twice(
+    tab: Tab, maybe_applied: bool, applied: bool, texts: list[str]
+) -> None:
+    scripted = RestartingServer(maybe_applied, applied)
+    with ScriptedOrigin(scripted) as origin:
+        tab.page.goto(f"http://127.0.0.1:{origin.port}/")
+        result = tab.page.evaluate(
+            """async () => {
+                const { NextwordStream } = await import("/nextword.js");
+                const stream = new NextwordStream(location.origin);
+                const states = [];
+                stream.addEventListener("state", (e) => states.push(e.detail.reason || e.detail.state));
+                await stream.open();
+                const answer = await stream.send({ text: "coming home", prefix: "t" });
+                stream.close();
+                return { tokens: answer.tokens, reconnects: stream.reconnects, states };
+            }"""
+        )
+    assert [m["text"] for m in scripted.received] == texts
+    assert all(m["prefix"] == "t" for m in scripted.received)
+    assert result["tokens"] == 4 and result["reconnects"] == 0, result
+    assert "engine_restarting" in result["states"], result  # shown as reconnecting
+
+
 # --- the operations view ---------------------------------------------------------------------
 
 
@@ -454,6 +592,7 @@ def test_the_operations_view_shows_live_figures(tab: Tab, server: LiveServer) ->
         expect(page.locator("#active-sessions")).to_have_text(re.compile(r"^[1-9]\d*$"))
         expect(page.locator("#ws-connections")).to_have_text(re.compile(r"^[1-9]\d*$"))
         expect(page.locator("#batches .bar").first).to_be_visible()
+        expect(page.locator("#engine-restarts")).to_have_text("0")
         write_ops_screenshot(page)
 
 

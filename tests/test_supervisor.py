@@ -18,7 +18,10 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from tests.redis_server import free_port
+from benchmarks.bench_restart import crash_under_load, single_token_words
+from service.client import Client
+from service.supervisor import describe_exit, restart_delay
+from tests.redis_server import RedisServer, free_port, needs_redis, running_redis
 
 pytestmark = pytest.mark.slow
 
@@ -90,6 +93,11 @@ class Service:
 
 
 @pytest.fixture
+def redis() -> Iterator[RedisServer]:
+    yield from running_redis()
+
+
+@pytest.fixture
 def service(tiny_artifacts: Path, tmp_path: Path) -> Iterator[Service]:
     service = Service(tiny_artifacts, tmp_path / "serve.log")
     try:
@@ -135,13 +143,95 @@ def test_a_dead_api_process_is_replaced(service: Service) -> None:
     assert r.status_code == 200
 
 
-def test_a_dead_engine_stops_the_service_loudly(service: Service) -> None:
-    roles = service.children()
-    roles["engine"][0].kill()
-    assert service.proc.wait(30) == 1
-    assert "the engine process died" in service.log()
-    _, alive = psutil.wait_procs(roles["api"], timeout=10)
-    assert not alive  # no API process is left serving without an engine
+@needs_redis
+def test_a_dead_engine_is_restarted_and_every_stream_keeps_its_connection_and_its_words(
+    tiny_artifacts: Path, tmp_path: Path, redis: RedisServer
+) -> None:
+    service = Service(
+        tiny_artifacts,
+        tmp_path / "serve.log",
+        NEXTWORD_SESSION_STORE=redis.url,
+        NEXTWORD_MAX_WAIT_MS="20",  # steps wait for their batch: some are pending at the kill
+    )
+    try:
+        service.wait_ready()
+        words = single_token_words(tiny_artifacts)
+        result = asyncio.run(crash_under_load(service.url, service.proc.pid, 12, words, 2.0, 2.0))
+        assert result["ready_again_s"] is not None, service.log()
+        assert result["problems"] == [] and result["hung"] == 0, result
+        assert result["kept"] == result["answering"] == 12, result  # no connection closed
+        assert result["exact"] == 12, result  # no acknowledged word lost, none applied twice
+        assert set(result["errors"]) <= {"engine_restarting", "engine_restarting/maybe"}, result
+        assert result["probe_statuses"].get("readyz 503", 0) > 0, result  # not ready meanwhile
+        assert set(result["probe_statuses"]) == {"readyz 503", "readyz 200", "healthz 200"}
+        assert service.proc.poll() is None
+        assert "died (killed by SIGKILL): restarting it" in service.log()
+        metrics = httpx.get(f"{service.url}/metrics").text
+        assert "nextword_engine_restarts_total 1.0" in metrics
+        assert len(service.children()["engine"]) == 1
+    finally:
+        service.stop()
+
+
+def test_with_the_memory_store_the_sessions_are_lost_and_the_client_starts_anew(
+    tiny_artifacts: Path, tmp_path: Path
+) -> None:
+    service = Service(tiny_artifacts, tmp_path / "serve.log", workers=1)
+    try:
+        service.wait_ready()
+        with Client(service.url) as client, client.stream(k=3) as stream:
+            stream.send("i am")
+            first_id = stream.session_id
+
+            async def raw() -> tuple[dict[str, object], int | None]:
+                async with connect(f"ws://127.0.0.1:{service.port}/v1/stream") as ws:
+                    json.loads(await ws.recv())
+                    service.children()["engine"][0].kill()
+                    service.wait_ready()
+                    await ws.send(json.dumps({"text": "coming", "id": 1}))
+                    answer = json.loads(await ws.recv())
+                    try:
+                        await ws.recv()
+                    except ConnectionClosed as closed:
+                        return answer, None if closed.rcvd is None else closed.rcvd.code
+                    return answer, None
+
+            # The documented answer for a stream whose session went with the engine.
+            answer, close = asyncio.run(raw())
+            assert answer["type"] == "error" and answer["id"] == 1, answer
+            assert answer["error"]["code"] == "unknown_session", answer  # type: ignore[index]
+            assert close == 4404
+            # The client starts a new session and feeds it the text it had fed.
+            result = stream.send("coming home")
+            assert stream.session_id != first_id
+            assert result.tokens == 4  # "i am" again, then "coming home"
+            assert stream.renewals == 1
+            direct = client.predict("i am coming home", k=3)
+            assert result.words == direct.words
+    finally:
+        service.stop()
+
+
+def test_repeated_engine_deaths_stop_the_service_loudly(
+    tiny_artifacts: Path, tmp_path: Path
+) -> None:
+    service = Service(tiny_artifacts, tmp_path / "serve.log", NEXTWORD_ENGINE_RESTARTS="1")
+    try:
+        service.wait_ready()
+        service.children()["engine"][0].kill()  # the one allowed restart
+        deadline = time.monotonic() + 60
+        while "up again" not in service.log():
+            assert time.monotonic() < deadline and service.proc.poll() is None, service.log()
+            time.sleep(0.1)
+        service.wait_ready()
+        roles = service.children()
+        roles["engine"][0].kill()
+        assert service.proc.wait(60) == 1
+        assert "2 times within 300 s: stopping the service" in service.log()
+        _, alive = psutil.wait_procs(roles["api"], timeout=30)
+        assert not alive  # no API process is left serving without an engine
+    finally:
+        service.stop()
 
 
 def test_sigterm_answers_every_received_message_then_closes_1001(
@@ -174,3 +264,27 @@ async def stream_then_terminate(service: Service) -> tuple[list[dict[str, object
                 answers.append(json.loads(await asyncio.wait_for(ws.recv(), 20)))
         except ConnectionClosed as closed:
             return answers, None if closed.rcvd is None else closed.rcvd.code
+
+
+def test_restarts_back_off_and_deaths_are_named() -> None:
+    assert [restart_delay(n) for n in range(1, 8)] == [0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 10.0]
+    assert describe_exit(-signal.SIGKILL) == "killed by SIGKILL"
+    assert describe_exit(1) == "exit code 1"
+
+
+def test_the_restart_benchmark_runs_and_writes_its_table(
+    tiny_artifacts: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "restart.json"
+    command = [
+        *(sys.executable, "-m", "benchmarks.bench_restart", "--store", "memory"),
+        *("--models", str(tiny_artifacts), "--streams", "4", "--runs", "1"),
+        *("--warmup", "1", "--after", "1", "--out", str(out)),
+    ]
+    run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    (result,) = json.loads(out.read_text())["runs"]
+    assert result["ready_again_s"] is not None and result["hung"] == 0, result
+    # The memory store loses the sessions: each stream is told so and closed with 4404.
+    assert result["closed"] == {"4404": 4}, result
+    assert "| 1 | 4 |" in out.with_suffix(".txt").read_text()

@@ -150,6 +150,14 @@ connect the server sends `{"type": "ready", "session_id", "model", "tokens",
 "tokens", "predictions", "id"}`; a bad message by `{"type": "error", "error":
 {"code", "message"}, "id"}` (the connection stays open). An unknown `session_id`
 on connect closes with 4404, an over-size frame with 1009.
+
+If the engine process crashes, the service restarts it in place: connections stay open,
+and a message pending meanwhile is answered `{"type": "error", "error": {"code":
+"engine_restarting", "retry_after_ms", "maybe_applied"}, "id"}` (REST: 503 with
+`Retry-After`). With `maybe_applied` true, send an empty text first: its `tokens` shows
+whether the message was applied. With the memory store the sessions are lost: the next
+message is answered `unknown_session` and the connection closes with 4404; start a new
+session and feed it the text again.
 """
 
 

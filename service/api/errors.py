@@ -7,12 +7,14 @@
     Overloaded             503 + Retry-After        1013 (try again later)
     StoreUnavailable       503 + Retry-After        1013
     NotReady               503 + Retry-After        1013
+    EngineRestarting       503 + Retry-After        1013 (on connect; in-band on a message)
     Contended              503 + Retry-After        1013
     StepFailed             500                      1011
     anything else          500 "internal"           1011
 
 `ANSWERS` is that table; an error class not in it answers as its nearest listed base.
-Every HTTP error body is `{"error": {"code", "message"}}`; on the WebSocket the same object
+Every HTTP error body is `{"error": {"code", "message", ...}}` (plus the error's `details()`,
+e.g. `retry_after_ms`); on the WebSocket the same object
 is sent in-band as `{"type": "error", "error": {...}, "id"}` before any close (a message
 that fails with a retryable error is answered in-band and the connection stays open).
 A 405 lists in `Allow` the methods of every route of the path, not only the first one's.
@@ -21,6 +23,7 @@ A 405 lists in `Allow` the methods of every route of the path, not only the firs
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -96,9 +99,15 @@ def close_code(error: NextwordError) -> int:
 
 
 def retry_headers(error: NextwordError) -> dict[str, str] | None:
-    """`Retry-After` for an error the client should retry later, else None."""
+    """`Retry-After` for an error the client should retry later (the error's own delay when
+    it carries one), else None."""
     seconds = answer_of(error).retry_after_s
-    return None if seconds is None else {"Retry-After": str(seconds)}
+    if seconds is None:
+        return None
+    own = getattr(error, "retry_after_s", None)
+    if own is not None:
+        seconds = max(1, math.ceil(own))
+    return {"Retry-After": str(seconds)}
 
 
 def _route_table(app: Any) -> list[tuple[re.Pattern[str], frozenset[str]]]:
@@ -174,7 +183,9 @@ def install_error_handlers(app: FastAPI) -> None:
         assert isinstance(exc, NextwordError)
         if exc.status >= 500:
             log.warning("%s %s: %s (%s)", request.method, request.url.path, exc.code, exc.message)
-        return error_response(exc.status, exc.code, exc.message, retry_headers(exc))
+        return error_response(
+            exc.status, exc.code, exc.message, retry_headers(exc), **exc.details()
+        )
 
     async def validation_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)

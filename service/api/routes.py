@@ -46,8 +46,12 @@ ERROR_DOCS = {
     "`Retry-After` seconds.",
     500: "The model run failed (`step_failed`; no session was changed) or an internal error.",
     503: "Retry after `Retry-After` seconds: overloaded, session store unavailable, the "
-    "session contended by concurrent writers, or the service starting or stopping "
-    "(`overloaded`, `store_unavailable`, `contended`, `not_ready`).",
+    "session contended by concurrent writers, the service starting or stopping, or its "
+    "engine process restarting after a crash (`overloaded`, `store_unavailable`, "
+    "`contended`, `not_ready`, `engine_restarting`). An `engine_restarting` answer carries "
+    "`retry_after_ms` and `maybe_applied`: false, the request was not applied; true (a "
+    "session step that reached the engine, sessions kept in Redis), it may have been: the "
+    "session's `tokens` (`GET /v1/sessions/{id}`) tells which before a retry.",
 }
 RETRY_AFTER_HEADER = {
     "Retry-After": {

@@ -200,6 +200,15 @@ class ErrorDetail(BaseModel):
 
     code: str = Field(examples=["unknown_session"])
     message: str = Field(examples=["no session 'kq3Zb8M2rXb1yWc0n4LQ5w' (expired or deleted)"])
+    retry_after_ms: int | None = Field(
+        default=None,
+        description="`rate_limited`, `engine_restarting`: milliseconds to wait before a retry.",
+    )
+    maybe_applied: bool | None = Field(
+        default=None,
+        description="`engine_restarting`: whether the request may have been applied before "
+        "the engine died (compare the session's `tokens`); false: it was not.",
+    )
 
 
 class ErrorResponse(BaseModel):

@@ -11,7 +11,8 @@ the writer's own words into the predictions or not; absent, the session's defaul
 
 Messages are answered one at a time, in the order received. A bad message (binary,
 not JSON, wrong fields, text too long) is answered in-band and the connection stays
-open. Close codes (`service.api.errors.close_code`): 4404 for an unknown session (after an
+open; so is a retryable failure (`rate_limited`, `overloaded`, `engine_restarting` while
+the engine process restarts after a crash, with `retry_after_ms` and `maybe_applied`). Close codes (`service.api.errors.close_code`): 4404 for an unknown session (after an
 error message), 1009 for a frame over `max_ws_message_bytes`, 4000 + the HTTP status for
 other refusals on connect, 1013 (try again later) when overloaded, 1011 on an internal
 error, 1001 when the server drains on shutdown (after answering what it had received),
@@ -28,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from typing import Annotated, Any, Literal, Optional
 
@@ -364,9 +364,7 @@ class StreamConnection:
 
     async def send_error(self, error: NextwordError, message_id: Any) -> None:
         """An in-band error answer."""
-        body: dict[str, Any] = {"code": error.code, "message": error.message}
-        if isinstance(error, RateLimited):
-            body["retry_after_ms"] = math.ceil(error.retry_after_s * 1000)
+        body: dict[str, Any] = {"code": error.code, "message": error.message, **error.details()}
         await self.send({"type": "error", "error": body, "id": message_id})
 
     async def send(self, payload: dict[str, Any]) -> None:

@@ -12,7 +12,9 @@ Sockets (the engine binds, API processes connect; `address` is an ipc:// prefix)
     <address>-out   engine ROUTER  ->  DEALER of each API process   outputs
 
 Each API process gives both of its sockets the same random identity, so the engine's
-output ROUTER sends every answer back to the process that asked.
+output ROUTER sends every answer back to the process that asked. When the engine process
+dies (and the supervisor starts another), `ZmqClient` fails the requests it had pending with
+`EngineRestarting`, opens new sockets and waits for the new engine (see its docstring).
 """
 
 from __future__ import annotations
@@ -27,18 +29,21 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message, recv_monitor_message
 
 from service.config import Settings
 from service.contract.protocol import (
     AbortRequest,
+    DeleteRequest,
     EngineCall,
     EngineOutput,
     EngineRequest,
     PingRequest,
+    StepRequest,
     output_decoder,
     request_encoder,
 )
-from service.errors import NotReady, error_from_code
+from service.errors import EngineRestarting, NotReady, error_from_code
 
 if TYPE_CHECKING:  # the API side never imports onnxruntime
     from service.engine.core import EngineCore
@@ -47,6 +52,7 @@ log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 120.0  # the engine loads and verifies every model first
 PING_TIMEOUT_S = 2.0
+RESTART_RETRY_AFTER_S = 1.0  # what a client is told to wait while the engine restarts
 
 
 def socket_addresses(address: str) -> tuple[str, str]:
@@ -117,13 +123,38 @@ class InprocClient:
 
 
 class ZmqClient:
-    """The engine in its own process, over ZeroMQ; requests batched per event-loop tick."""
+    """The engine in its own process, over ZeroMQ; requests batched per event-loop tick.
 
-    def __init__(self, address: str) -> None:
+    Engine restarts. A monitor on the output socket sees the engine's connection close (the
+    process died: the supervisor starts another). Then every request waiting for an answer
+    fails with `EngineRestarting` (`maybe_applied` when it had been sent, changes a session
+    and the store is durable), the sockets are replaced (so nothing queued for the dead
+    engine reaches the new one late), and the client pings until the new engine answers.
+    A request made meanwhile waits up to `restart_wait_s` for it, then fails with
+    `EngineRestarting` too, not applied (never sent).
+    """
+
+    def __init__(self, address: str, restart_wait_s: float = 5.0, durable: bool = False) -> None:
         self.address = address
+        self.restart_wait_s = restart_wait_s
+        self.durable = durable  # sessions outlive the engine (Redis): a lost step may be applied
         self.models: list[dict[str, Any]] = []
+        self.restarts = 0  # engine restarts this client has seen
+        self._ids = itertools.count(1)
+        # request id -> (its answer, whether it changes a session's state)
+        self._waiting: dict[int, tuple[asyncio.Future[EngineOutput], bool]] = {}
+        self._outbox: list[EngineRequest] = []
+        self._aborted: list[int] = []
+        self._flush_scheduled = False
+        self._reader: asyncio.Task[None] | None = None
+        self._watcher: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._up: asyncio.Event | None = None  # set while the engine answers
+        self._open_sockets()
+
+    def _open_sockets(self) -> None:
         identity = secrets.token_bytes(8)
-        requests_at, outputs_at = socket_addresses(address)
+        requests_at, outputs_at = socket_addresses(self.address)
         # Sends happen on the event loop and never block (no high-water mark): a plain
         # socket. Outputs are awaited: an asyncio socket of its own context.
         self._context = zmq.Context()
@@ -138,44 +169,71 @@ class ZmqClient:
         self._receiver.setsockopt(zmq.RCVHWM, 0)
         self._receiver.setsockopt(zmq.LINGER, 0)
         self._receiver.connect(outputs_at)
-        self._ids = itertools.count(1)
-        self._waiting: dict[int, asyncio.Future[EngineOutput]] = {}
-        self._outbox: list[EngineRequest] = []
-        self._aborted: list[int] = []
-        self._flush_scheduled = False
-        self._reader: asyncio.Task[None] | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        # The engine's end of the output socket closes when its process dies.
+        self._monitor = self._receiver.get_monitor_socket(
+            zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
+        )
+
+    def _close_sockets(self) -> None:
+        if self._sender.closed:
+            return  # closed when the engine went away, not reopened yet
+        self._receiver.disable_monitor()
+        self._monitor.close(linger=0)
+        self._sender.close()
+        self._receiver.close()
+        self._context.term()
+        self._async_context.term()
+
+    def _start_tasks(self) -> None:
+        assert self._loop is not None
+        self._reader = self._loop.create_task(self._read(), name="engine-outputs")
+        self._watcher = self._loop.create_task(self._watch(), name="engine-watch")
 
     @classmethod
-    async def connect(cls, address: str, timeout: float = CONNECT_TIMEOUT_S) -> ZmqClient:
+    async def connect(
+        cls,
+        address: str,
+        timeout: float = CONNECT_TIMEOUT_S,
+        restart_wait_s: float = 5.0,
+        durable: bool = False,
+    ) -> ZmqClient:
         """Connect and wait until the engine answers a ping (it describes its models)."""
-        client = cls(address)
+        client = cls(address, restart_wait_s, durable)
         client._loop = asyncio.get_running_loop()
-        client._reader = client._loop.create_task(client._read(), name="engine-outputs")
-        deadline = time.monotonic() + timeout
+        client._up = asyncio.Event()
+        client._start_tasks()
+        try:
+            await client._await_engine(timeout)
+        except BaseException:
+            await client.close()
+            raise
+        return client
+
+    async def _await_engine(self, timeout: float | None = None) -> None:
+        """Ping until the engine answers (it has bound its sockets, and knows this process)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             # Until the engine's output socket knows this process, an answer is dropped
             # (ROUTER_MANDATORY on its side): ping again until one arrives.
             try:
-                output = await asyncio.wait_for(client._ping_once(), 0.25)
+                output = await asyncio.wait_for(self._send(PingRequest(self.next_id())), 0.25)
                 break
             except asyncio.TimeoutError:
-                if time.monotonic() > deadline:
-                    await client.close()
-                    raise NotReady(f"the engine at {address} did not answer") from None
+                if deadline is not None and time.monotonic() > deadline:
+                    raise NotReady(f"the engine at {self.address} did not answer") from None
         if output.error is None:
-            client.models = json.loads(output.message)
-        return client
+            self.models = json.loads(output.message)
+        assert self._up is not None
+        self._up.set()
 
     def next_id(self) -> int:
         return next(self._ids)
 
-    async def _ping_once(self) -> EngineOutput:
-        return await self.call(PingRequest(self.next_id()))
-
     async def ping(self) -> None:
+        if self._up is not None and not self._up.is_set():
+            raise NotReady("the engine process is restarting")
         try:
-            output = await asyncio.wait_for(self._ping_once(), PING_TIMEOUT_S)
+            output = await asyncio.wait_for(self._send(PingRequest(self.next_id())), PING_TIMEOUT_S)
         except asyncio.TimeoutError:
             raise NotReady("the engine process does not answer") from None
         if output.error is not None:
@@ -183,10 +241,27 @@ class ZmqClient:
         self.models = json.loads(output.message)
 
     async def call(self, request: EngineCall) -> EngineOutput:
+        up = self._up
+        if up is not None and not up.is_set():
+            # The engine is restarting: wait for it a bounded time. Nothing was sent.
+            try:
+                await asyncio.wait_for(up.wait(), self.restart_wait_s)
+            except asyncio.TimeoutError:
+                raise EngineRestarting(
+                    f"the engine process is restarting (waited {self.restart_wait_s:g} s); "
+                    "this request was not applied: retry",
+                    retry_after_s=RESTART_RETRY_AFTER_S,
+                ) from None
+        return await self._send(request)
+
+    async def _send(self, request: EngineCall) -> EngineOutput:
         loop = self._loop or asyncio.get_running_loop()
         future: asyncio.Future[EngineOutput] = loop.create_future()
         request_id = request.request_id
-        self._waiting[request_id] = future
+        changes = isinstance(request, DeleteRequest) or (
+            isinstance(request, StepRequest) and request.session_id is not None
+        )
+        self._waiting[request_id] = (future, changes)
         self._outbox.append(request)
         self._schedule_flush(loop)
         try:
@@ -214,36 +289,112 @@ class ZmqClient:
         self._outbox = []
         self._sender.send(request_encoder.encode(batch), copy=False)
 
+    def _deliver(self, frame: bytes | memoryview) -> None:
+        try:
+            outputs = output_decoder.decode(frame)
+        except Exception:
+            log.exception("undecodable frame from the engine")
+            return
+        for output in outputs:
+            entry = self._waiting.pop(output.request_id, None)
+            if entry is not None and not entry[0].done():
+                entry[0].set_result(output)
+
     async def _read(self) -> None:
         while True:
             frame = await self._receiver.recv(copy=False)
+            self._deliver(frame.buffer)
+
+    async def _watch(self) -> None:
+        """Each time the engine's connection closes: fail what it held, and reconnect."""
+        assert self._loop is not None
+        lost = False
+        while True:
+            if not lost:
+                event = await recv_monitor_message(self._monitor)
+                if event["event"] != zmq.EVENT_DISCONNECTED:
+                    continue
+            self.restarts += 1
+            log.warning("the engine process went away: failing its requests, reconnecting")
+            await self._engine_lost()
+            self._open_sockets()
+            self._reader = self._loop.create_task(self._read(), name="engine-outputs")
+            await self._await_engine()
+            lost = self._lost_meanwhile()
+            if not lost:
+                log.info("reconnected to the restarted engine")
+
+    def _lost_meanwhile(self) -> bool:
+        """Whether the connection events queued while reconnecting end with a disconnect.
+
+        While a killed engine's process is torn down, its listening socket can outlive its
+        connections for a moment: the new sockets may connect to it and be dropped, and then
+        connect to the new engine. Such a disconnect, followed by a connect, is stale; one
+        that comes last means the new engine died too.
+        """
+        monitor: zmq.Socket[bytes] = zmq.Socket.shadow(self._monitor.underlying)
+        lost = False
+        while True:
             try:
-                outputs = output_decoder.decode(frame.buffer)
-            except Exception:
-                log.exception("undecodable frame from the engine")
+                frames = monitor.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return lost
+            lost = parse_monitor_message(frames)["event"] == zmq.EVENT_DISCONNECTED
+
+    async def _engine_lost(self) -> None:
+        assert self._up is not None and self._reader is not None
+        self._up.clear()
+        self._reader.cancel()
+        await asyncio.wait([self._reader])
+        # Answers the engine sent before it died may still be queued: deliver them.
+        receiver: zmq.Socket[bytes] = zmq.Socket.shadow(self._receiver.underlying)
+        while True:
+            try:
+                frame = receiver.recv(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                break
+            self._deliver(frame.buffer)
+        unsent = {request.request_id for request in self._outbox if hasattr(request, "request_id")}
+        self._outbox = []
+        self._aborted = []
+        waiting, self._waiting = self._waiting, {}
+        for request_id, (future, changes) in waiting.items():
+            if future.done():
                 continue
-            for output in outputs:
-                future = self._waiting.pop(output.request_id, None)
-                if future is not None and not future.done():
-                    future.set_result(output)
+            maybe = self.durable and changes and request_id not in unsent
+            future.set_exception(
+                EngineRestarting(
+                    "the engine process died while this request was pending; it is being "
+                    + (
+                        "restarted: it may have been applied (compare the session's tokens)"
+                        if maybe
+                        else "restarted: it was not applied, retry"
+                    ),
+                    retry_after_s=RESTART_RETRY_AFTER_S,
+                    maybe_applied=maybe,
+                )
+            )
+        self._close_sockets()
 
     async def close(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
-            await asyncio.wait([self._reader])
-            self._reader = None
-        for future in self._waiting.values():
+        for task in (self._watcher, self._reader):
+            if task is not None:
+                task.cancel()
+                await asyncio.wait([task])
+        self._reader = self._watcher = None
+        for future, _ in self._waiting.values():
             if not future.done():
                 future.set_exception(NotReady("the connection to the engine was closed"))
         self._waiting.clear()
-        self._sender.close()
-        self._receiver.close()
-        self._context.term()
-        self._async_context.term()
+        self._close_sockets()
 
 
 async def connect_engine(settings: Settings) -> EngineClient:
     """The engine named by the settings: its process, or a new one in this process."""
     if settings.engine_address:
-        return await ZmqClient.connect(settings.engine_address)
+        return await ZmqClient.connect(
+            settings.engine_address,
+            restart_wait_s=settings.engine_restart_wait_s,
+            durable=settings.session_store != "memory",
+        )
     return await InprocClient.start(settings)

@@ -109,12 +109,14 @@ async function sync() {
 
 // --- what the page shows --------------------------------------------------------------------
 
-function showConnection({ state, attempt, retryInMs, error }) {
+function showConnection({ state, attempt, retryInMs, error, reason }) {
   connection.dataset.state = state;
+  // The connection stays open while the server restarts its engine after a crash.
+  const why = reason === "engine_restarting" ? "The server is restarting" : "Server unreachable";
   const messages = {
     connecting: "Connecting…",
     open: "Connected",
-    reconnecting: `Server unreachable: reconnecting in ${((retryInMs ?? 0) / 1000).toFixed(1)} s (attempt ${attempt ?? 1})…`,
+    reconnecting: `${why}: reconnecting in ${((retryInMs ?? 0) / 1000).toFixed(1)} s (attempt ${attempt ?? 1})…`,
     lost: "The server no longer knows this session: starting a new one with your text.",
     closed: `Disconnected${error ? `: ${error}` : ""}`,
     error: `Error: ${error}`,

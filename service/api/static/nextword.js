@@ -10,13 +10,18 @@
 // A stream reconnects by itself when its connection drops and continues the same session
 // (`session_id`); a message whose answer was lost is sent again only if the session's
 // token count shows it was not applied. It reports its state with "state" events and
-// a session the server forgot with a "lost" event. The tokenizer mirrors the server's
+// a session the server forgot with a "lost" event. While the server's engine process restarts
+// after a crash, a message answered `engine_restarting` is sent again with back-off on the
+// same connection (state "reconnecting", reason "engine_restarting"); when the answer says it
+// may have been applied, an empty text is sent first and its token count tells whether it
+// was. The tokenizer mirrors the server's
 // (service/contract/tokenizer.py) so that token counts can be compared.
 
 export const DEFAULT_K = 5;
 export const MAX_K = 50;
 
-const RETRY_CODES = new Set(["not_ready", "overloaded", "store_unavailable", "contended", "step_failed", "internal"]);
+const RETRY_CODES = new Set(["not_ready", "engine_restarting", "overloaded", "store_unavailable", "contended", "step_failed", "internal"]);
+const RESTARTING = "engine_restarting";
 const CLOSE_TOO_BIG = 1009;
 const CLOSE_TRY_AGAIN = 1013;
 
@@ -44,6 +49,7 @@ const STATUS_OF_CODE = {
   store_unavailable: 503,
   contended: 503,
   not_ready: 503,
+  engine_restarting: 503,
 };
 
 function errorOf(status, error) {
@@ -240,6 +246,7 @@ export class NextwordStream extends EventTarget {
     this._ids = 0;
     this._attempt = 0;
     this._timer = null;
+    this._retryTimer = null; // a message waiting to be sent again (engine restarting)
     this._opened = null;
   }
 
@@ -276,6 +283,7 @@ export class NextwordStream extends EventTarget {
   close() {
     this._setState("closed");
     clearTimeout(this._timer);
+    clearTimeout(this._retryTimer);
     if (this._ws) this._ws.close(1000);
     this._ws = null;
     this._failAll(new NextwordError(0, "closed", "the stream was closed"));
@@ -364,6 +372,7 @@ export class NextwordStream extends EventTarget {
   _resume() {
     const item = this._inflight;
     this._inflight = null;
+    item.probe = false; // the ready answer's token count tells already
     const added = item.message.type === "reset" ? 0 : tokenize(item.message.text || "").length;
     if (item.message.type !== "reset" && this.tokens !== item.before) {
       if (this.tokens !== item.before + added) {
@@ -379,12 +388,32 @@ export class NextwordStream extends EventTarget {
   _onAnswer(message) {
     const item = this._inflight;
     if (!item || message.id !== item.id) return;
+    if (message.type === "error" && message.error?.code === RESTARTING) {
+      this._retryLater(item, errorOf(0, message.error));
+      return;
+    }
     this._inflight = null;
     if (message.type === "error") {
       const error = errorOf(0, message.error);
       item.reject(error);
       if (error.code === "unknown_session") this._lost(error);
     } else {
+      if (item.probe) {
+        // The answer to an empty text: the token count tells whether the message was applied.
+        item.probe = false;
+        const added = tokenize(item.message.text || "").length;
+        if (message.tokens === item.before) {
+          this._queue.unshift(item); // not applied: send it again
+          this._pump();
+          return;
+        }
+        if (message.tokens !== item.before + added) {
+          item.reject(new NextwordError(0, "diverged", `the session holds ${message.tokens} tokens, expected ${item.before} or ${item.before + added}`));
+          this._pump();
+          return;
+        }
+        // Applied before the engine died: this answer is its answer.
+      }
       this.tokens = message.tokens;
       item.resolve({
         sessionId: message.session_id,
@@ -404,7 +433,26 @@ export class NextwordStream extends EventTarget {
     if (item.before === null) item.before = this.tokens;
     item.sentAt = performance.now();
     this._inflight = item;
-    this._ws.send(JSON.stringify({ ...item.message, id: item.id }));
+    const message = item.probe ? { ...item.message, text: "" } : item.message;
+    this._ws.send(JSON.stringify({ ...message, id: item.id }));
+  }
+
+  // The server's engine is restarting: send the message again after a back-off, on the same
+  // connection (asking first, when it may have been applied, whether it was).
+  _retryLater(item, error) {
+    item.retries = (item.retries || 0) + 1;
+    const advised = error.details.retry_after_ms ?? 1000;
+    const delay = Math.min(Math.max(advised, 250 * 2 ** (item.retries - 1)), Math.max(advised, this.maxBackoffMs)) * (0.8 + 0.4 * Math.random());
+    item.probe = Boolean(error.details.maybe_applied) && item.message.type !== "reset" && Boolean(item.message.text);
+    this._setState("reconnecting", { attempt: item.retries, retryInMs: delay, error: error.message, reason: RESTARTING });
+    clearTimeout(this._retryTimer);
+    this._retryTimer = setTimeout(() => {
+      if (this._inflight !== item || this.state !== "reconnecting" || !this._ws) return; // closed, lost or dropped meanwhile
+      this._inflight = null;
+      this._queue.unshift(item);
+      this._setState("open");
+      this._pump();
+    }, delay);
   }
 
   _scheduleReconnect(reason) {

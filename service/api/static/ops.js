@@ -12,7 +12,7 @@ const rates = []; // requests/s between consecutive snapshots, for the sparkline
 
 /** The figures of one scrape: counters and cumulative histogram buckets, summed over labels. */
 function snapshot(samples) {
-  const snap = { t: performance.now(), requests: 0, steps: 0, sessions: 0, connections: 0, queue: 0, latency: new Map(), batch: new Map(), batchSum: 0, batchCount: 0 };
+  const snap = { t: performance.now(), requests: 0, steps: 0, sessions: 0, connections: 0, queue: 0, restarts: 0, latency: new Map(), batch: new Map(), batchSum: 0, batchCount: 0 };
   const add = (map, le, value) => map.set(Number(le), (map.get(Number(le)) ?? 0) + value);
   for (const { name, labels, value } of samples) {
     const api = labels.route === undefined || labels.route.startsWith("/v1/");
@@ -22,6 +22,7 @@ function snapshot(samples) {
     else if (name === "nextword_active_sessions") snap.sessions += value;
     else if (name === "nextword_ws_connections") snap.connections += value;
     else if (name === "nextword_queue_depth") snap.queue += value;
+    else if (name === "nextword_engine_restarts_total") snap.restarts += value;
     else if (name === "nextword_batch_size_sum") snap.batchSum += value;
     else if (name === "nextword_batch_size_count") snap.batchCount += value;
     else if (name === "nextword_batch_size_bucket") add(snap.batch, labels.le, value);
@@ -58,6 +59,7 @@ function show(now, then) {
   $("active-sessions").textContent = String(now.sessions);
   $("ws-connections").textContent = String(now.connections);
   $("queue-depth").textContent = String(now.queue);
+  $("engine-restarts").textContent = String(now.restarts); // since the service started
   $("window").textContent = dt > 0 ? dt.toFixed(0) : String(WINDOW_S);
   showBatches(bucketDelta(now.batch, then.batch));
   showSpark();
