@@ -3,7 +3,7 @@
     supervisor (this process)    binds the port, starts and watches the others; ready only
        │                         when all are up; SIGTERM/SIGINT: drain, then exit
        ├── engine process        models, schedulers, every session's state (service.engine.proc)
-       └── API process x N       uvicorn + FastAPI on the shared listening socket (service.api)
+       └── API process x N       uvicorn + FastAPI on the shared listening socket (service.api.process)
 
 Control. Each child has a pipe to the supervisor and ignores SIGINT and SIGTERM itself, so a
 signal to the whole process group (Ctrl-C, `kill -TERM -PGID`) stops the service once, in
@@ -37,97 +37,24 @@ import socket
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.context import SpawnProcess
-from multiprocessing.synchronize import Event
 from pathlib import Path
 from typing import Any
 
 import uvicorn
 
+from service.api.process import STOP, STOP_TIMEOUT_S, UP, ApiLink, run_api
 from service.config import Settings
 
 log = logging.getLogger(__name__)
 
 ENGINE_START_TIMEOUT_S = 300.0  # loading and verifying every model (and a CUDA context)
 API_START_TIMEOUT_S = 120.0
-STOP_TIMEOUT_S = 30.0  # longest drain of an API process, then of the engine
 CRASH_LOOP = (5, 60.0)  # this many API process deaths within this many seconds: give up
 ENGINE_BACKOFF_S = (0.5, 10.0)  # delay before the 2nd restart in a window, doubling up to max
-STOP = "stop"
-UP = "up"
-
-
-# --- the API process side -------------------------------------------------------------
-
-
-@dataclass
-class ApiLink:
-    """What an API process shares with its supervisor."""
-
-    control: Connection  # sends "up" once serving; receives "stop" (EOF: supervisor gone)
-    all_up: Event  # set while every process of the service is up
-
-
-_link: ApiLink | None = None
-
-
-def api_link() -> ApiLink | None:
-    """The link of this API process to its supervisor (None when not supervised)."""
-    return _link
-
-
-def report_up() -> None:
-    """Tell the supervisor this API process serves (called once its lifespan started)."""
-    if _link is not None:
-        _link.control.send(UP)
-
-
-def all_processes_up() -> bool:
-    """Whether every process of the service is up (True when not supervised)."""
-    return _link is None or _link.all_up.is_set()
-
-
-class ApiServer(uvicorn.Server):
-    """uvicorn's server, stopped by the supervisor's pipe, draining streams first."""
-
-    @contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        # The supervisor decides when to stop: a group-wide signal must not stop this
-        # process twice over (uvicorn takes a second SIGTERM as "exit now").
-        yield
-
-    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        from service.api.stream import drain_streams
-
-        for server in self.servers:
-            server.close()  # no new connections while the streams drain
-        await drain_streams(self.config.timeout_graceful_shutdown or STOP_TIMEOUT_S)
-        await super().shutdown(sockets)
-
-
-def run_api(config: uvicorn.Config, sockets: list[socket.socket], link: ApiLink) -> None:
-    """Entry point of an API process."""
-    global _link
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, signal.SIG_IGN)
-    _link = link
-    config.configure_logging()
-    server = ApiServer(config)
-
-    def watch() -> None:
-        try:
-            while link.control.recv() != STOP:
-                pass
-        except (EOFError, OSError):
-            pass  # the supervisor is gone: stop too
-        server.should_exit = True
-
-    threading.Thread(target=watch, name="supervisor-link", daemon=True).start()
-    server.run(sockets=sockets)
 
 
 # --- the engine process side -----------------------------------------------------------

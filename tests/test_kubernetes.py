@@ -38,10 +38,11 @@ from starlette.routing import Match
 
 from service import metrics
 from service.api import create_app
+from service.api.process import STOP_TIMEOUT_S
 from service.config import BUNDLED_MODELS, Settings
 from service.contract.artifact import ModelArtifact
 from service.engine import adapt
-from service.supervisor import ENGINE_START_TIMEOUT_S, STOP_TIMEOUT_S
+from service.supervisor import ENGINE_START_TIMEOUT_S
 from tests.redis_server import free_port, needs_redis
 
 ROOT = Path(__file__).resolve().parent.parent

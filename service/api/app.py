@@ -27,10 +27,10 @@ from service.api.auth import AccessControl, ApiKeys, RateLimiter
 from service.api.deps import PredictorFactory
 from service.api.errors import BODY_TOO_LARGE, error_response, install_error_handlers
 from service.api.predictor import Predictor
+from service.api.process import api_link, report_up
 from service.api.routes import STATIC_DIR, PageFiles, ops_router, page_router, v1_router
 from service.api.stream import stream_router
 from service.config import Settings
-from service.supervisor import api_link, report_up
 
 log = logging.getLogger(__name__)
 

@@ -15,6 +15,7 @@ from pydantic import Field
 
 from service import metrics
 from service.api.deps import PredictorDep, get_predictor
+from service.api.process import all_processes_up
 from service.api.schemas import (
     TEXT_DOC,
     ErrorResponse,
@@ -30,7 +31,6 @@ from service.api.schemas import (
 from service.config import Settings
 from service.contract.limits import MAX_SESSION_ID_CHARS
 from service.errors import NotReady
-from service.supervisor import all_processes_up
 
 SessionId = Annotated[str, Path(max_length=MAX_SESSION_ID_CHARS, description="A session's id.")]
 
