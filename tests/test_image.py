@@ -79,7 +79,8 @@ def base(engine: ContainerEngine) -> str:
         text=True,
         timeout=900,
     )
-    can_build = os.geteuid() == 0 and shutil.which("debootstrap") is not None
+    bootstrap = shutil.which("mmdebstrap") or shutil.which("debootstrap")
+    can_build = os.geteuid() == 0 and bootstrap is not None
     if result.returncode != 0 and not can_build:
         pytest.skip(
             f"{BASE_IMAGE} is not here, cannot be pulled, and the stand-in needs root and "
