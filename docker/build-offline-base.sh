@@ -12,8 +12,9 @@
 # Nothing is done when an image of that name is already there: the real one (pulled, or
 # loaded with `docker load`), or a stand-in made by this very script (its sha256 is kept
 # in a label, so an edit of the script makes the next run rebuild). Otherwise the real
-# image is pulled when a registry answers (--no-pull skips the try), and only then is
-# the stand-in built (~1 minute). --force rebuilds it in any case.
+# image is pulled when a registry answers (--no-pull skips the try), and failing that
+# the stand-in is built (1 to 2.5 minutes). --force rebuilds it in any case. BASE_TAG
+# names another image (default docker.io/library/python:3.11-slim).
 set -euo pipefail
 
 TAG=${BASE_TAG:-docker.io/library/python:3.11-slim}
