@@ -17,7 +17,7 @@ no new privileges; and its own port on the host's network. Checked there:
 - two containers on one Redis: a session continues on the second after a SIGKILL
   of the first;
 - Dockerfile.gpu: the stage without a CUDA base is built; the rest only where the
-  CUDA base image is present (no registry is assumed).
+  CUDA base image is already present (never pulled by the tests).
 """
 
 from __future__ import annotations
@@ -88,6 +88,11 @@ def base(engine: ContainerEngine) -> str:
         )
     assert result.returncode == 0, result.stdout + result.stderr
     assert engine.has_image(BASE_IMAGE)
+    # An engine can answer `info` and still be unable to start a container (no user
+    # namespaces, a runtime refused by the host): that is this host's limit, not the image's.
+    probe = engine.call(["run", "--rm", "--network", "host", BASE_IMAGE, "true"], check=False)
+    if probe.returncode != 0:
+        pytest.skip(f"{engine.name} cannot run a container here: {probe.stderr.strip()[-300:]}")
     return BASE_IMAGE
 
 
@@ -379,12 +384,9 @@ def test_the_gpu_images_wheel_stage_builds(engine: ContainerEngine, base: str) -
 def test_the_gpu_image_on_its_cuda_base(engine: ContainerEngine, base: str) -> None:
     text = (DOCKER / "Dockerfile.gpu").read_text()
     cuda_image = text.split("ARG CUDA_IMAGE=", 1)[1].split()[0]
+    # Never pulled here: the CUDA base is gigabytes, too much to fetch in a test run.
     if not engine.has_image(cuda_image) and not engine.has_image(f"docker.io/{cuda_image}"):
-        pull = engine.call(["pull", cuda_image], check=False, timeout=600)
-        if pull.returncode != 0:
-            pytest.skip(
-                f"the CUDA stages need {cuda_image}, which is not here and cannot be pulled"
-            )
+        pytest.skip(f"the CUDA stages need {cuda_image}, which is not here ({engine.name} pull it)")
     tag = f"{TAG}-gpu"
     engine.build(ROOT, DOCKER / "Dockerfile.gpu", tag)
     config = engine.inspect_image(tag)["Config"]
