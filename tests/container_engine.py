@@ -99,8 +99,14 @@ class ContainerEngine:
 
     def build(
         self, context: Path, dockerfile: Path, tag: str, *, target: str | None = None
-    ) -> subprocess.CompletedProcess[str]:
-        """Build (layers cached by the engine) and tag; an error raises with the build log."""
+    ) -> None:
+        """Build (layers cached by the engine) and tag; an error raises with the build log.
+
+        The image the tag named before, if another, is removed unless something else
+        uses it: its last layers are the size of the image, and every edit of the
+        source would leave one more behind.
+        """
+        before = self.inspect_image(tag)["Id"] if self.has_image(tag) else None
         args: list[str | Path] = ["build", "--network", "host", "-f", dockerfile, "-t", tag]
         if target:
             args += ["--target", target]
@@ -108,7 +114,9 @@ class ContainerEngine:
             args += ["--isolation", "chroot", "--format", "docker"]
             if CA_BUNDLE.is_file():
                 args += ["--volume", f"{CA_BUNDLE}:{CA_BUNDLE}:ro"]
-        return self.call([*args, context], timeout=900)
+        self.call([*args, context], timeout=900)
+        if before not in (None, self.inspect_image(tag)["Id"]):
+            self.call(["rmi", before], check=False)
 
     def run(self, image: str, options: Sequence[str], env: dict[str, str]) -> Container:
         """Start a detached container on the host's network."""

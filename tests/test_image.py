@@ -99,14 +99,8 @@ def base(engine: ContainerEngine) -> str:
 @pytest.fixture(scope="module")
 def image(engine: ContainerEngine, base: str) -> dict[str, Any]:
     """The CPU image built from docker/Dockerfile; its `image inspect` record."""
-    before = engine.inspect_image(TAG)["Id"] if engine.has_image(TAG) else None
     engine.build(ROOT, DOCKER / "Dockerfile", TAG)
-    record = engine.inspect_image(TAG)
-    if before not in (None, record["Id"]):
-        # The build of an older source, now untagged: its last layers are the size of the
-        # image, and every edit would leave another behind. Kept if anything else uses it.
-        engine.call(["rmi", before], check=False)
-    return record
+    return engine.inspect_image(TAG)
 
 
 # ---- the Deployment's constraints -------------------------------------------
