@@ -102,6 +102,21 @@ def test_dockerfile_copies_what_the_context_holds(name: str) -> None:
     assert re.search(r'^CMD \["nextword", "serve"\]$', text, re.M)
 
 
+def test_offline_base_script_parses_and_explains_itself() -> None:
+    """docker/build-offline-base.sh: valid bash, --help prints its usage, a typo is refused.
+
+    It builds the base for real in tests/test_image.py, where a container engine works.
+    """
+    script = DOCKER / "build-offline-base.sh"
+    assert os.access(script, os.X_OK), "not executable"
+    assert subprocess.run(["bash", "-n", script], capture_output=True).returncode == 0
+    usage = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=30)
+    assert usage.returncode == 0 and "python:3.11-slim" in usage.stdout, usage.stderr
+    assert "set -euo" not in usage.stdout
+    typo = subprocess.run([script, "--no-pul"], capture_output=True, text=True, timeout=30)
+    assert typo.returncode == 2 and "--no-pul" in typo.stderr
+
+
 def test_compose_builds_the_images_and_checks_readiness() -> None:
     compose = yaml.safe_load((DOCKER / "compose.yaml").read_text())
     for name, service in compose["services"].items():
