@@ -85,6 +85,12 @@ class Settings(BaseSettings):
         description="seconds from a connection's (or a request's) first byte to the end of "
         "its headers, WebSocket upgrades included; then 408 and closed. 0 = no limit",
     )
+    max_header_bytes: int = Field(
+        default=32_768,
+        ge=0,
+        description="most bytes of a request's line and headers together (WebSocket upgrades "
+        "included); over it 431 and the connection closed. 0 = no cap",
+    )
     keep_alive_timeout_s: int = Field(
         default=5, ge=1, description="idle seconds before an HTTP keep-alive connection is closed"
     )

@@ -25,6 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service import heap, metrics
 from service.api.auth import AccessControl, ApiKeys, RateLimiter
 from service.api.deps import PredictorFactory
+from service.api.disconnects import ABANDONED, CancelOnDisconnect
 from service.api.errors import BODY_TOO_LARGE, error_response, install_error_handlers
 from service.api.predictor import Predictor
 from service.api.routes import STATIC_DIR, PageFiles, ops_router, page_router, v1_router
@@ -57,7 +58,12 @@ class BodySizeLimit:
             await self.app(scope, receive, send)
             return
         declared = Headers(scope=scope).get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+        if (
+            declared is not None
+            and declared.isascii()
+            and declared.isdigit()
+            and (len(declared) > 18 or int(declared) > self.limit)  # int(): at most 4,300 digits
+        ):
             await self.too_large()(scope, receive, send)
             return
         received = 0
@@ -77,7 +83,13 @@ class BodySizeLimit:
         await self.app(scope, receive_within_limit, send)
 
     def too_large(self) -> JSONResponse:
-        return error_response(413, "too_large", f"request body over the {self.limit}-byte limit")
+        # Closed after the answer: the rest of the body is never read.
+        return error_response(
+            413,
+            "too_large",
+            f"request body over the {self.limit}-byte limit",
+            headers={"Connection": "close"},
+        )
 
 
 # --- metrics -----------------------------------------------------------------------
@@ -110,6 +122,8 @@ class RequestMetrics:
             # The router leaves the matched route in the scope: label by its template
             # (bounded cardinality), never by the raw path.
             route = getattr(scope.get("route"), "path", "<unmatched>")
+            if scope.get(ABANDONED):
+                status = 499  # the client closed the connection before the answer
             method = scope["method"] if scope["method"] in KNOWN_METHODS else "OTHER"
             metrics.HTTP_REQUEST_SECONDS.labels(method, route).observe(time.perf_counter() - start)
             metrics.HTTP_REQUESTS.labels(method, route, str(status)).inc()
@@ -203,6 +217,7 @@ def create_app(
         limiter=app.state.rate_limiter,
         protect_metrics=settings.protect_metrics,
     )
+    app.add_middleware(CancelOnDisconnect)  # a client that leaves aborts its step
     app.add_middleware(RequestMetrics)  # outermost: refusals are counted too
     install_error_handlers(app)
     app.include_router(ops_router(settings))

@@ -182,7 +182,9 @@ def install_error_handlers(app: FastAPI) -> None:
     async def http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, HTTPException)
         if request.scope.get(BODY_TOO_LARGE):
-            return error_response(413, "too_large", "request body too large")
+            return error_response(
+                413, "too_large", "request body too large", {"Connection": "close"}
+            )
         headers = exc.headers
         if exc.status_code == 405:
             methods = allowed_methods(request)

@@ -70,7 +70,8 @@ def parse_k(raw: str | None) -> int:
     """The `k` query parameter: an integer in 1..50, 5 when absent."""
     if raw is None or raw == "":
         return DEFAULT_K
-    if not raw.isascii() or not raw.isdigit() or not 1 <= int(raw) <= MAX_K:
+    # The length first: int() refuses strings of over 4,300 digits with a ValueError.
+    if len(raw) > 3 or not raw.isascii() or not raw.isdigit() or not 1 <= int(raw) <= MAX_K:
         raise BadInput(f"k must be an integer in 1..{MAX_K}, got {raw[:20]!r}")
     return int(raw)
 

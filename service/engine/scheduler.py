@@ -588,6 +588,7 @@ class StepBatcher:
         going: list[_Row] = []
         for row in rows:
             if row.step.future.done():  # cancelled during the run: dropped, never written
+                self._steps["cancelled"].inc()  # a long step stops here, chunks left unrun
                 continue
             (done if row.final else going).append(row)
         for row in going:
