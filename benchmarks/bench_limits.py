@@ -38,6 +38,8 @@ server's log.
                 sessions, then alice --alice (one at a time); how many of each still answer
                 GET /v1/sessions/{id}. Without a quota (NEXTWORD_MAX_SESSIONS_PER_KEY=0, as
                 before the setting) and with --quota.
+    headers     hardening round 2 (a head that never ends; abandoned long predicts, also
+    abandon     against --before): see benchmarks/limits_round2.py.
 
 Two cores shared with other jobs make every time here noisy: the figures to read are counts
 and ratios.
@@ -74,10 +76,17 @@ from benchmarks.lib.models import models_dir
 from benchmarks.lib.results import RESULTS, write_report
 from benchmarks.lib.server import ServerProcess, free_port, http_status
 from benchmarks.lib.wsload import run_loop
+from benchmarks.limits_round2 import (
+    add_arguments,
+    probe_abandon,
+    probe_headers,
+    table_abandon,
+    table_headers,
+)
 from service.config import Settings
 
 MODULES = ("uvicorn", "websockets", "httpx", "psutil", "onnxruntime")
-PROBES = ("slowloris", "websockets", "sigterm", "burst", "quota")
+PROBES = ("slowloris", "websockets", "sigterm", "burst", "quota", "headers", "abandon")
 MB = 1024 * 1024
 WAVE = 100  # connections opened at once (the listen backlog holds 2,048)
 KEYS = {"alice": "alice-key-0123456789abcdef", "bob": "bob-key-0123456789abcdef"}
@@ -118,9 +127,10 @@ class Service:
 
 
 def service_process(
-    name: str, env: dict[str, str], args: argparse.Namespace, models: Path
+    name: str, env: dict[str, str], args: argparse.Namespace, models: Path, root: Path | None = None
 ) -> ServerProcess:
-    """`python -m service` with `env` on a free port (not started yet)."""
+    """`python -m service` with `env` on a free port (not started yet); `root`: the checkout
+    whose code runs (default: this one)."""
     port = free_port()
     environment = {
         "NEXTWORD_HOST": "127.0.0.1",
@@ -130,7 +140,9 @@ def service_process(
     }
     command = [sys.executable, "-m", "service", "--port", str(port)]
     command += ["--workers", str(args.workers), "--models", str(models)]
-    return ServerProcess(f"limits-{name}", command, environment, port=port, log_dir=args.log_dir)
+    return ServerProcess(
+        f"limits-{name}", command, environment, port=port, log_dir=args.log_dir, cwd=root
+    )
 
 
 def attach(server: ServerProcess, workers: int) -> Service:
@@ -147,10 +159,10 @@ def attach(server: ServerProcess, workers: int) -> Service:
 
 @contextmanager
 def service(
-    name: str, env: dict[str, str], args: argparse.Namespace, models: Path
+    name: str, env: dict[str, str], args: argparse.Namespace, models: Path, root: Path | None = None
 ) -> Iterator[Service]:
     """A fresh service; stopped (SIGTERM) on exit unless it has exited."""
-    with service_process(name, env, args, models) as server:
+    with service_process(name, env, args, models, root) as server:
         yield attach(server, args.workers)
 
 
@@ -890,6 +902,8 @@ def table(report: dict[str, Any]) -> str:
         ("sigterm", table_sigterm),
         ("burst", table_burst),
         ("quota", table_quota),
+        ("headers", table_headers),
+        ("abandon", table_abandon),
     ]
     for name, render in parts:
         if name in probes:
@@ -949,6 +963,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     quota.add_argument("--alice", type=int, default=1000)
     quota.add_argument("--quota", type=int, default=100, help="NEXTWORD_MAX_SESSIONS_PER_KEY")
     quota.add_argument("--session-cap", type=int, default=1000)
+    add_arguments(parser)  # round 2's probes: benchmarks/limits_round2.py
     parser.add_argument("--json", type=Path, default=RESULTS / "limits.json")
     return parser.parse_args(argv)
 
@@ -961,6 +976,8 @@ def main(argv: list[str] | None = None) -> None:
         "sigterm": probe_sigterm,
         "burst": probe_burst,
         "quota": probe_quota,
+        "headers": probe_headers,
+        "abandon": probe_abandon,
     }
     report: dict[str, Any] = {
         "command": command_line("benchmarks.bench_limits", argv),

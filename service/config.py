@@ -185,6 +185,15 @@ class Settings(BaseSettings):
     max_batch: int = Field(default=256, ge=1, description="most steps in one model run")
     max_wait_ms: float = Field(default=2.0, ge=0, description="longest wait for a batch to fill")
     max_queue: int = Field(default=10_000, ge=1, description="queued steps per model before 503")
+    queue_share: float = Field(
+        default=0.25,
+        gt=0,
+        le=1,
+        description="most of a model's queue (max_queue) one API key, or one client address "
+        "without keys, may hold (its steps waiting or running); past it that client's steps "
+        "get 503 overloaded while others' still queue. Retry-After comes from the measured "
+        "drain rate",
+    )
     prefill_chunk: int = Field(
         default=16,
         ge=0,

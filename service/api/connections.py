@@ -39,6 +39,7 @@ from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIO
 log = logging.getLogger(__name__)
 
 LOG_EVERY_S = 10.0
+LINGER_S = 2.0  # a refused request's connection drops what the client still sends this long
 
 
 @dataclass(frozen=True)
@@ -157,6 +158,7 @@ class HttpProtocol(HttpToolsProtocol):
     # bytes but is not counted: at most one read (256 KB) escapes the count.
     head_bytes: int | None = 0
     message_ended = False
+    discarding = False  # refused: what still arrives is read and dropped until the close
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -182,6 +184,8 @@ class HttpProtocol(HttpToolsProtocol):
             self.header_timer = None
 
     def data_received(self, data: bytes) -> None:
+        if self.discarding:
+            return
         self.message_ended = False
         super().data_received(data)
         if self.head_bytes is None or self.message_ended or self.transport.is_closing():
@@ -191,7 +195,16 @@ class HttpProtocol(HttpToolsProtocol):
         if cap and self.head_bytes > cap:
             self.stop_header_timer()
             self.transport.write(HEADERS_431)
-            self.transport.close()  # reads no more: the parser's buffer is freed with it
+            self.linger()
+
+    def linger(self) -> None:
+        """Close after an answer, reading (and dropping) what still comes for `LINGER_S`:
+        closing a socket with unread bytes resets it, and the client would lose the answer
+        (a lingering close, as nginx and Apache do it)."""
+        self.discarding = True
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self.loop.call_later(LINGER_S, self.transport.close)
 
     def header_timeout(self) -> None:
         self.header_timer = None

@@ -21,6 +21,7 @@ A 405 lists in `Allow` the methods of every route of the path, not only the firs
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -89,9 +90,20 @@ def close_code(error: NextwordError) -> int:
     return answer_of(error).close
 
 
+def retry_after_s(error: NextwordError) -> int | None:
+    """Seconds the client should wait before retrying (None: not to be retried as is): the
+    error's own figure (an `Overloaded` measured from the queue's drain rate), else the
+    table's."""
+    seconds = answer_of(error).retry_after_s
+    own = getattr(error, "retry_after_s", None)
+    if seconds is not None and own:
+        return max(1, math.ceil(own))
+    return seconds
+
+
 def retry_headers(error: NextwordError) -> dict[str, str] | None:
     """`Retry-After` for an error the client should retry later, else None."""
-    seconds = answer_of(error).retry_after_s
+    seconds = retry_after_s(error)
     return None if seconds is None else {"Retry-After": str(seconds)}
 
 

@@ -44,7 +44,13 @@ from service.api.predictor import Predictor
 from service.api.schemas import TEXT_DOC
 from service.config import Settings
 from service.contract.limits import DEFAULT_K, MAX_K, MAX_PREFIX_CHARS
-from service.errors import BadInput, NextwordError, NotReady, RateLimited, UnknownSession
+from service.errors import (
+    BadInput,
+    NextwordError,
+    NotReady,
+    RateLimited,
+    UnknownSession,
+)
 
 log = logging.getLogger(__name__)
 
@@ -366,8 +372,9 @@ class StreamConnection:
     async def send_error(self, error: NextwordError, message_id: Any) -> None:
         """An in-band error answer."""
         body: dict[str, Any] = {"code": error.code, "message": error.message}
-        if isinstance(error, RateLimited):
-            body["retry_after_ms"] = math.ceil(error.retry_after_s * 1000)
+        retry_after_s = getattr(error, "retry_after_s", None)  # rate limited, overloaded
+        if retry_after_s:
+            body["retry_after_ms"] = math.ceil(retry_after_s * 1000)
         await self.send({"type": "error", "error": body, "id": message_id})
 
     async def send(self, payload: dict[str, Any]) -> None:

@@ -141,7 +141,10 @@ def _failure(request_id: int, error: BaseException) -> EngineOutput:
     if not isinstance(error, NextwordError):
         log.error("request %d failed", request_id, exc_info=error)
         error = StepFailed(f"the step failed ({type(error).__name__})")
-    return EngineOutput(request_id, error=error.code, message=error.message)
+    retry_after_s = getattr(error, "retry_after_s", None) or 0.0
+    return EngineOutput(
+        request_id, error=error.code, message=error.message, retry_after_s=retry_after_s
+    )
 
 
 class EngineCore:
@@ -166,6 +169,7 @@ class EngineCore:
                 max_wait_ms=settings.max_wait_ms,
                 max_queue=settings.max_queue,
                 prefill_chunk=settings.prefill_chunk,
+                queue_share=settings.queue_share,
                 adaptation=Adaptation.of(model) if settings.adapt_memory else None,
                 adapt_default=settings.adapt,
             )
@@ -267,6 +271,7 @@ class EngineCore:
                     typed=request.typed,
                     prefix=request.prefix,
                     forget=request.forget,
+                    client=request.client,
                 )
             )
         except NextwordError as exc:

@@ -73,6 +73,7 @@ from service import metrics
 from service.arrays import stack_rows
 from service.contract.tokenizer import normalize
 from service.engine import adapt
+from service.engine.fairness import QueueShares
 from service.engine.pool import PoolExhausted, Slot, StatePool
 from service.engine.runtime import State, StepOutput, top_words
 from service.errors import (
@@ -136,6 +137,7 @@ class Step:
     typed: list[str] = field(default_factory=list)  # typed forms of the `<unk>` tokens
     prefix: str = ""  # the prefix, normalized (matches typed words)
     forget: bool = False  # forget the writer's words first
+    client: str = ""  # whose share of the queue it takes (service.engine.fairness)
     future: asyncio.Future[StepResult] = field(init=False, repr=False)
     attempts: int = field(default=0, repr=False)
     # A long step between its batches: what it has run so far (None: not started).
@@ -251,6 +253,7 @@ class StepBatcher:
         max_retries: int = 16,
         store_grace_ms: float = 10.0,
         prefill_chunk: int = 16,
+        queue_share: float = 1.0,
         max_batch_tokens: int | None = None,
         max_prefill_tokens: int | None = None,
         clock: Callable[[], float] = time.time,
@@ -264,6 +267,7 @@ class StepBatcher:
         self.max_batch = max_batch
         self.max_wait_s = max_wait_ms / 1000.0
         self.max_queue = max_queue
+        self.shares = QueueShares(max_queue, queue_share)
         self.max_retries = max_retries
         self.store_grace_s = store_grace_ms / 1000.0
         # prefill_chunk 0: no chunks and no token bound (every step runs whole, as one row).
@@ -368,8 +372,18 @@ class StepBatcher:
         if self._closing or self._task is None:
             raise Overloaded(f"model {self.name!r} is not taking steps (shutting down)")
         if self.queue_depth >= self.max_queue:
-            raise Overloaded(f"too many steps waiting for model {self.name!r}; retry later")
+            raise Overloaded(
+                f"too many steps waiting for model {self.name!r}; retry later",
+                retry_after_s=self.shares.rate.retry_after(self.queue_depth),
+            )
+        client = step.client
+        self.shares.admit(client, self.name)
         step.future = asyncio.get_running_loop().create_future()
+        step.future.add_done_callback(
+            lambda done: self.shares.release(
+                client, not done.cancelled() and done.exception() is None
+            )
+        )
         # The depth gauge is sampled once per batch, not per step.
         (self._pending if step.session_id is not None else self._stateless).append(step)
         self._wake()

@@ -1,0 +1,291 @@
+"""The probes of hardening round 2 (issue 26), run by `python -m benchmarks.bench_limits`.
+
+    headers   --header-connections connections each sending --header-mb MB of one header
+              that never ends (one request each, from 127.0.0.1): the API processes' RSS
+              before and at its peak, what each connection got, how many bytes it could
+              send. Without a cap (NEXTWORD_MAX_HEADER_BYTES=0: as before round 2) and with
+              the default cap.
+    abandon   --abandon predicts of --abandon-tokens tokens each (raw HTTP/1.1, one
+              connection each), every client gone --abandon-after seconds after sending:
+              from /metrics, the tokens the engine ran of them and the steps answered or
+              cancelled, and the queue depth --abandon-settle seconds after they left.
+              Against this checkout, and against --before (a checkout of the service
+              before round 2, e.g. /work/main) when given.
+    fair      API keys alice and bob: alice floods --flood predicts of --flood-tokens
+              tokens at once (one connection each), bob then sends --fair-steps one-word
+              feeds to his session, one at a time: how many of bob's were refused
+              (overloaded) and their latency; the Retry-After values alice got.
+              NEXTWORD_MAX_QUEUE=--fair-queue. Against this checkout and --before.
+
+Sessions, tokens and statuses are counted from this side and from the service's /metrics;
+times are noisy on a shared machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from benchmarks.lib.wsload import run_loop
+
+MB = 1024 * 1024
+WORDS = ("i", "am", "going", "to", "the", "store", "and", "then", "we", "will", "see", "what")
+KEYS = {"alice": "alice-key-0123456789abcdef", "bob": "bob-key-0123456789abcdef"}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of these probes."""
+    parser.add_argument(
+        "--before",
+        type=Path,
+        help="a checkout of the service before round 2 (e.g. /work/main): the abandon and "
+        "fair probes run against it too",
+    )
+    head = parser.add_argument_group("headers")
+    head.add_argument("--header-connections", type=int, default=24)
+    head.add_argument("--header-mb", type=float, default=8.0)
+    gone = parser.add_argument_group("abandon")
+    gone.add_argument("--abandon", type=int, default=100)
+    gone.add_argument("--abandon-tokens", type=int, default=2000)
+    gone.add_argument("--abandon-after", type=float, default=0.3)
+    gone.add_argument("--abandon-settle", type=float, default=10.0)
+    fair = parser.add_argument_group("fair")
+    fair.add_argument("--flood", type=int, default=500)
+    fair.add_argument("--flood-tokens", type=int, default=2000)
+    fair.add_argument("--fair-steps", type=int, default=50)
+    fair.add_argument("--fair-queue", type=int, default=256, help="NEXTWORD_MAX_QUEUE")
+
+
+def keys_env() -> dict[str, str]:
+    return {"NEXTWORD_API_KEYS": ",".join(f"{n}:{k}" for n, k in KEYS.items())}
+
+
+def long_text(tokens: int) -> str:
+    """A text of `tokens` words (each one token in the bundled vocabularies)."""
+    return " ".join(WORDS[i % len(WORDS)] for i in range(tokens))
+
+
+def post(path: str, body: dict[str, Any], key: str | None = None) -> bytes:
+    """A whole HTTP/1.1 POST of JSON."""
+    data = json.dumps(body).encode()
+    auth = f"Authorization: Bearer {key}\r\n" if key else ""
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}"
+        f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n"
+    ).encode() + data
+
+
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
+    """One response: status, headers (lower-case names), body."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in lines[1:]:
+        name, sep, value = line.partition(":")
+        if sep:
+            headers[name.strip().lower()] = value.strip()
+    body = await reader.readexactly(int(headers.get("content-length", "0")))
+    return int(lines[0].split()[1]), headers, body
+
+
+def engine_counts(url: str) -> dict[str, float]:
+    """Steps by outcome, tokens run and queue depth from /metrics, summed over models."""
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    found: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "nextword_steps_total":
+                key = "steps_" + sample.labels["outcome"]
+            elif sample.name == "nextword_tokens_total":
+                key = "tokens"
+            elif sample.name == "nextword_queue_depth":
+                key = "queue"
+            else:
+                continue
+            found[key] = found.get(key, 0.0) + sample.value
+    return found
+
+
+def delta(after: dict[str, float], before: dict[str, float], key: str) -> float:
+    return after.get(key, 0.0) - before.get(key, 0.0)
+
+
+# --- headers ---------------------------------------------------------------------------------
+
+
+async def header_flood(svc: Any, args: argparse.Namespace, deadline_s: float) -> dict[str, Any]:
+    """--header-connections connections, each one header of --header-mb MB, never ended."""
+    rss_before = svc.rss()
+    peak = dict(rss_before)
+    size = int(args.header_mb * MB)
+    chunk = b"a" * 65536
+    outcomes: Counter[str] = Counter()
+    sent_bytes: list[int] = []
+
+    async def one() -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", svc.port)
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: ")
+        sent = 0
+        try:
+            while sent < size:
+                writer.write(chunk)
+                await writer.drain()
+                sent += len(chunk)
+            first = await asyncio.wait_for(reader.read(65536), deadline_s + 30)
+            outcome = first[9:12].decode() if first.startswith(b"HTTP/1.") else "closed"
+        except OSError:  # a reset or broken pipe: refused while sending
+            # The answer, if it came before the reset, is already in the reader's buffer.
+            try:
+                first = await asyncio.wait_for(reader.read(65536), 5)
+                outcome = first[9:12].decode() if first.startswith(b"HTTP/1.") else "reset"
+            except (OSError, asyncio.TimeoutError):
+                outcome = "reset"
+        except asyncio.TimeoutError:
+            outcome = "held"
+        outcomes[outcome] += 1
+        sent_bytes.append(sent)
+        writer.close()
+
+    started = time.monotonic()
+    flood = asyncio.gather(*(one() for _ in range(args.header_connections)))
+    while not flood.done():
+        for role, value in svc.rss().items():
+            peak[role] = max(peak[role], value)
+        await asyncio.sleep(0.05)
+    await flood
+    elapsed = time.monotonic() - started
+    await asyncio.sleep(1.0)
+    return {
+        "connections": args.header_connections,
+        "header_mb": args.header_mb,
+        "seconds": elapsed,
+        "outcomes": dict(outcomes),
+        "sent_mb_max": max(sent_bytes) / MB,
+        "sent_mb_total": sum(sent_bytes) / MB,
+        "rss_before": rss_before,
+        "rss_peak": peak,
+        "rss_after": svc.rss(),
+        "api_growth_mb": (peak["api"] - rss_before["api"]) / MB,
+        "healthz_after": httpx.get(f"{svc.server.url}/healthz", timeout=30).status_code,
+    }
+
+
+def probe_headers(args: argparse.Namespace, models: Path) -> list[dict[str, Any]]:
+    from benchmarks.bench_limits import DEFAULTS, log_problems, service
+
+    rows = []
+    for variant, cap in (("no cap (before)", 0), ("default cap", DEFAULTS.max_header_bytes)):
+        print(f"headers, {variant} ...", file=sys.stderr, flush=True)
+        env = {"NEXTWORD_MAX_HEADER_BYTES": str(cap)}
+        with service(f"headers-{cap}", env, args, models) as svc:
+            row: dict[str, Any] = run_loop(header_flood(svc, args, DEFAULTS.header_timeout_s))
+        row.update(variant=variant, max_header_bytes=cap, server_log=log_problems(svc.server))
+        rows.append(row)
+    return rows
+
+
+def table_headers(rows: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        "headers: connections each sending one header that never ends",
+        "| variant | connections x MB | outcomes | most MB one could send | API RSS before "
+        "-> peak (growth) | /healthz after |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['variant']} | {r['connections']} x {r['header_mb']:g} | "
+            f"{', '.join(f'{k}: {v}' for k, v in sorted(r['outcomes'].items()))} | "
+            f"{r['sent_mb_max']:,.2f} | {r['rss_before']['api'] / MB:,.0f} -> "
+            f"{r['rss_peak']['api'] / MB:,.0f} MB (+{r['api_growth_mb']:,.0f}) | "
+            f"{r['healthz_after']} |"
+        )
+    return lines
+
+
+# --- abandoned requests ----------------------------------------------------------------------
+
+
+async def abandon_run(svc: Any, args: argparse.Namespace) -> dict[str, Any]:
+    url = svc.server.url
+    before = await asyncio.to_thread(engine_counts, url)
+    request = post("/v1/predict", {"text": long_text(args.abandon_tokens), "k": 5})
+    writers = []
+    for _ in range(args.abandon):
+        _, writer = await asyncio.open_connection("127.0.0.1", svc.port)
+        writer.write(request)
+        writers.append(writer)
+    await asyncio.gather(*(w.drain() for w in writers))
+    await asyncio.sleep(args.abandon_after)
+    for writer in writers:
+        writer.transport.abort()  # gone, as a client that gave up
+    left_at = time.monotonic()
+    queue_at: list[tuple[float, float]] = []
+    while time.monotonic() - left_at < args.abandon_settle:
+        await asyncio.sleep(0.5)
+        counts = await asyncio.to_thread(engine_counts, url)
+        queue_at.append((time.monotonic() - left_at, counts.get("queue", 0.0)))
+    after = await asyncio.to_thread(engine_counts, url)
+    emptied = next((t for t, depth in queue_at if depth == 0), None)
+    offered = args.abandon * args.abandon_tokens
+    return {
+        "requests": args.abandon,
+        "tokens_each": args.abandon_tokens,
+        "left_after_s": args.abandon_after,
+        "tokens_run": delta(after, before, "tokens"),
+        "tokens_share": delta(after, before, "tokens") / offered,
+        "steps_answered": delta(after, before, "steps_ok"),
+        "steps_cancelled": delta(after, before, "steps_cancelled"),
+        "queue_at_settle": after.get("queue", 0.0),
+        "settle_s": args.abandon_settle,
+        "queue_empty_after_s": emptied,
+    }
+
+
+def variants(args: argparse.Namespace) -> list[tuple[str, Path | None]]:
+    """(name, checkout root) of each service a before/after probe runs against."""
+    found: list[tuple[str, Path | None]] = []
+    if args.before is not None:
+        found.append((f"before ({args.before})", args.before))
+    found.append(("now", None))
+    return found
+
+
+def probe_abandon(args: argparse.Namespace, models: Path) -> list[dict[str, Any]]:
+    from benchmarks.bench_limits import log_problems, service
+
+    rows = []
+    for variant, root in variants(args):
+        print(f"abandon, {variant} ...", file=sys.stderr, flush=True)
+        with service("abandon", {}, args, models, root) as svc:
+            row: dict[str, Any] = run_loop(abandon_run(svc, args))
+        row.update(variant=variant, server_log=log_problems(svc.server))
+        rows.append(row)
+    return rows
+
+
+def table_abandon(rows: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        "abandon: long predicts whose clients leave before the answer",
+        "| variant | requests x tokens | left after | tokens run (share) | answered | "
+        "cancelled | queue after settle | queue empty after |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        emptied = r["queue_empty_after_s"]
+        lines.append(
+            f"| {r['variant']} | {r['requests']} x {r['tokens_each']:,} | "
+            f"{r['left_after_s']:g} s | {r['tokens_run']:,.0f} ({r['tokens_share']:.1%}) | "
+            f"{r['steps_answered']:,.0f} | {r['steps_cancelled']:,.0f} | "
+            f"{r['queue_at_settle']:,.0f} at {r['settle_s']:g} s | "
+            f"{'-' if emptied is None else f'{emptied:.1f} s'} |"
+        )
+    return lines
