@@ -289,3 +289,106 @@ def table_abandon(rows: list[dict[str, Any]]) -> list[str]:
             f"{'-' if emptied is None else f'{emptied:.1f} s'} |"
         )
     return lines
+
+
+# --- fair queueing ---------------------------------------------------------------------------
+
+
+async def fair_run(svc: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """alice keeps --flood long predicts in flight (each connection sends the next as soon
+    as it is answered, Retry-After ignored) while bob feeds one word at a time."""
+    port = svc.port
+    alice_key, bob_key = KEYS["alice"], KEYS["bob"]
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    status, _, body = await read_after(reader, writer, post("/v1/sessions", {}, bob_key))
+    if status != 201:
+        raise RuntimeError(f"bob's session: {status} {body[:200]!r}")
+    feed = post(f"/v1/sessions/{json.loads(body)['session_id']}/feed", {"text": "the"}, bob_key)
+    flood = post("/v1/predict", {"text": long_text(args.flood_tokens)}, alice_key)
+    alice: Counter[int] = Counter()
+    retry_after: Counter[str] = Counter()
+    done = asyncio.Event()
+
+    async def flooder() -> None:
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        while not done.is_set():
+            try:
+                status, headers, _ = await read_after(r, w, flood)
+            except (OSError, asyncio.IncompleteReadError):
+                w.close()
+                r, w = await asyncio.open_connection("127.0.0.1", port)
+                continue
+            alice[status] += 1
+            if "retry-after" in headers:
+                retry_after[headers["retry-after"]] += 1
+        w.close()
+
+    flooders = [asyncio.create_task(flooder()) for _ in range(args.flood)]
+    await asyncio.sleep(2.0)  # the flood under way
+    bob: Counter[int] = Counter()
+    latencies: list[float] = []
+    for _ in range(args.fair_steps):
+        started = time.perf_counter()
+        status, _, _ = await read_after(reader, writer, feed)
+        latencies.append((time.perf_counter() - started) * 1e3)
+        bob[status] += 1
+        await asyncio.sleep(0.05)
+    done.set()
+    writer.close()
+    for task in flooders:
+        task.cancel()
+    await asyncio.gather(*flooders, return_exceptions=True)
+    latencies.sort()
+    return {
+        "flood": args.flood,
+        "flood_tokens": args.flood_tokens,
+        "max_queue": args.fair_queue,
+        "bob_steps": args.fair_steps,
+        "bob_statuses": {str(k): v for k, v in sorted(bob.items())},
+        "bob_refused": bob[503],
+        "bob_ms_p50": latencies[len(latencies) // 2],
+        "bob_ms_max": latencies[-1],
+        "alice_statuses": {str(k): v for k, v in sorted(alice.items())},
+        "alice_retry_after": dict(sorted(retry_after.items(), key=lambda kv: int(kv[0]))),
+    }
+
+
+async def read_after(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes
+) -> tuple[int, dict[str, str], bytes]:
+    writer.write(request)
+    return await read_response(reader)
+
+
+def probe_fair(args: argparse.Namespace, models: Path) -> list[dict[str, Any]]:
+    from benchmarks.bench_limits import log_problems, service
+
+    env = {
+        **keys_env(),
+        "NEXTWORD_MAX_QUEUE": str(args.fair_queue),
+        "NEXTWORD_MAX_CONNECTIONS_PER_CLIENT": str(args.flood + 64),
+    }
+    rows = []
+    for variant, root in variants(args):
+        print(f"fair, {variant} ...", file=sys.stderr, flush=True)
+        with service("fair", env, args, models, root) as svc:
+            row: dict[str, Any] = run_loop(fair_run(svc, args))
+        row.update(variant=variant, server_log=log_problems(svc.server))
+        rows.append(row)
+    return rows
+
+
+def table_fair(rows: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        "fair: alice keeps long predicts in flight, bob feeds one word at a time",
+        "| variant | alice in flight x tokens | queue | bob's steps: statuses | bob p50 / max | "
+        "alice's statuses | alice's Retry-After (s: count) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['variant']} | {r['flood']} x {r['flood_tokens']:,} | {r['max_queue']} | "
+            f"{r['bob_statuses']} | {r['bob_ms_p50']:,.0f} / {r['bob_ms_max']:,.0f} ms | "
+            f"{r['alice_statuses']} | {r['alice_retry_after']} |"
+        )
+    return lines

@@ -166,6 +166,19 @@ class Settings(BaseSettings):
         description='with Redis: "through" writes each batch before answering (loses '
         'nothing answered); "behind" answers first and flushes every 50 ms',
     )
+    session_store_behind_window_s: float = Field(
+        default=1.0,
+        gt=0,
+        description='with "behind": once the oldest step not yet flushed to Redis is this '
+        "old, session steps are refused (503 store_unavailable, nothing applied) until Redis "
+        "catches up: what a crash can lose is bounded by it",
+    )
+    session_store_timeout_s: float = Field(
+        default=1.0,
+        gt=0,
+        description="a Redis command (read or write) not answered within this long fails "
+        "the steps that need it (503 store_unavailable): a hung Redis is treated as a dead one",
+    )
 
     # Adaptation (service/engine/adapt.py).
     adapt: bool = Field(

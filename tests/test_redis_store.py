@@ -282,3 +282,29 @@ async def test_typed_words_of_any_length_round_trip(store) -> None:
     assert await store.put_many([rec], [None]) == [True]
     got = await store.get(rec.session_id)
     assert got.memory is not None and got.memory.words == (long_word, "é")
+
+
+async def test_a_hung_redis_fails_reads_and_writes_then_recovers(
+    redis_server: RedisServer,
+) -> None:
+    import os
+    import signal
+
+    from service.errors import StoreUnavailable
+    from service.store.redis import RedisSessionStore
+
+    store = RedisSessionStore.from_url(redis_server.url, ttl_s=60, timeout_s=0.3)
+    first = record("hung")
+    assert await store.put_many([first], [None]) == [True]
+    assert redis_server.proc is not None
+    os.kill(redis_server.proc.pid, signal.SIGSTOP)  # up, but answering nothing
+    try:
+        with pytest.raises(StoreUnavailable):
+            await asyncio.wait_for(store.get_many(["hung"]), 60)
+        with pytest.raises(StoreUnavailable):
+            await asyncio.wait_for(store.put_many([record("hung")], [1]), 60)
+    finally:
+        os.kill(redis_server.proc.pid, signal.SIGCONT)
+    (got,) = await asyncio.wait_for(store.get_many(["hung"]), 60)  # back by itself
+    assert got is not None
+    await store.close()

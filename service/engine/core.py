@@ -190,6 +190,8 @@ class EngineCore:
             settings.session_cap,
             settings.session_store_write,
             owner_cap=settings.max_sessions_per_key,
+            timeout_s=settings.session_store_timeout_s,
+            behind_window_s=settings.session_store_behind_window_s,
         )
         core = cls(settings, models, store)
         for scheduler in core.schedulers.values():

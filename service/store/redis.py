@@ -304,7 +304,7 @@ class RedisSessionStore:
         ttl_s: float = 1800.0,
         cap: int | None = None,
         owner_cap: int = 0,
-        timeout_s: float = 2.0,
+        timeout_s: float = 1.0,
         prefix: str = "nextword:session:",
     ) -> RedisSessionStore:
         """A store on `redis://host:port/db` (or rediss://, unix://); connects lazily."""
@@ -315,8 +315,13 @@ class RedisSessionStore:
             socket_keepalive=True,
             # A short retry rides over a dropped idle connection (Redis restarted)
             # without failing the request; writes are idempotent (see the script).
-            # Retried: ConnectionError and TimeoutError.
-            retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), retries=2),
+            # Only connection errors: a Redis that does not answer within `timeout_s` is
+            # treated as down at once (retrying would triple the wait of every step).
+            retry=Retry(
+                ExponentialBackoff(cap=0.2, base=0.02),
+                retries=2,
+                supported_errors=(RedisConnectionError,),
+            ),
             health_check_interval=30,
         )
         return cls(client, ttl_s=ttl_s, cap=cap, owner_cap=owner_cap, prefix=prefix)
