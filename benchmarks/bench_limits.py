@@ -38,9 +38,10 @@ server's log.
                 sessions, then alice --alice (one at a time); how many of each still answer
                 GET /v1/sessions/{id}. Without a quota (NEXTWORD_MAX_SESSIONS_PER_KEY=0, as
                 before the setting) and with --quota.
-    headers     hardening round 2 (a head that never ends; abandoned long predicts and a
-    abandon     flood of one key, also against --before): see benchmarks/limits_round2.py.
-    fair
+    headers     hardening round 2 (a head that never ends; abandoned long predicts; a flood
+    abandon     of one key; write-behind under a frozen Redis, then a crash; the last three
+    fair        also against --before): see benchmarks/limits_round2.py.
+    behind
 
 Two cores shared with other jobs make every time here noisy: the figures to read are counts
 and ratios.
@@ -80,16 +81,28 @@ from benchmarks.lib.wsload import run_loop
 from benchmarks.limits_round2 import (
     add_arguments,
     probe_abandon,
+    probe_behind,
     probe_fair,
     probe_headers,
     table_abandon,
+    table_behind,
     table_fair,
     table_headers,
 )
 from service.config import Settings
 
 MODULES = ("uvicorn", "websockets", "httpx", "psutil", "onnxruntime")
-PROBES = ("slowloris", "websockets", "sigterm", "burst", "quota", "headers", "abandon", "fair")
+PROBES = (
+    "slowloris",
+    "websockets",
+    "sigterm",
+    "burst",
+    "quota",
+    "headers",
+    "abandon",
+    "fair",
+    "behind",
+)
 MB = 1024 * 1024
 WAVE = 100  # connections opened at once (the listen backlog holds 2,048)
 KEYS = {"alice": "alice-key-0123456789abcdef", "bob": "bob-key-0123456789abcdef"}
@@ -908,6 +921,7 @@ def table(report: dict[str, Any]) -> str:
         ("headers", table_headers),
         ("abandon", table_abandon),
         ("fair", table_fair),
+        ("behind", table_behind),
     ]
     for name, render in parts:
         if name in probes:
@@ -983,6 +997,7 @@ def main(argv: list[str] | None = None) -> None:
         "headers": probe_headers,
         "abandon": probe_abandon,
         "fair": probe_fair,
+        "behind": probe_behind,
     }
     report: dict[str, Any] = {
         "command": command_line("benchmarks.bench_limits", argv),

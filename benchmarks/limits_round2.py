@@ -16,6 +16,11 @@
               feeds to his session, one at a time: how many of bob's were refused
               (overloaded) and their latency; the Retry-After values alice got.
               NEXTWORD_MAX_QUEUE=--fair-queue. Against this checkout and --before.
+    behind    a redis-server, NEXTWORD_SESSION_STORE_WRITE=behind: --behind-streams
+              WebSocket streams type a word a message; Redis is frozen (SIGSTOP) for
+              --behind-frozen s, then every process of the service is killed (SIGKILL) and
+              Redis resumed: the words acknowledged against the tokens each session's record
+              in Redis holds. Against this checkout and --before.
 
 Sessions, tokens and statuses are counted from this side and from the service's /metrics;
 times are noisy on a shared machine.
@@ -63,6 +68,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     fair.add_argument("--flood-tokens", type=int, default=2000)
     fair.add_argument("--fair-steps", type=int, default=50)
     fair.add_argument("--fair-queue", type=int, default=256, help="NEXTWORD_MAX_QUEUE")
+    behind = parser.add_argument_group("behind")
+    behind.add_argument("--behind-streams", type=int, default=50)
+    behind.add_argument("--behind-frozen", type=float, default=5.0)
 
 
 def keys_env() -> dict[str, str]:
@@ -390,5 +398,111 @@ def table_fair(rows: list[dict[str, Any]]) -> list[str]:
             f"| {r['variant']} | {r['flood']} x {r['flood_tokens']:,} | {r['max_queue']} | "
             f"{r['bob_statuses']} | {r['bob_ms_p50']:,.0f} / {r['bob_ms_max']:,.0f} ms | "
             f"{r['alice_statuses']} | {r['alice_retry_after']} |"
+        )
+    return lines
+
+
+# --- write-behind under a frozen Redis, then a crash -----------------------------------------
+
+
+async def behind_run(
+    svc: Any, args: argparse.Namespace, url: str, redis_pid: int
+) -> dict[str, Any]:
+    """--behind-streams streams type a word per message; Redis is frozen (SIGSTOP) for
+    --behind-frozen seconds, then the whole service is killed (SIGKILL) and Redis resumed:
+    what each session's record in Redis holds against the words it had acknowledged."""
+    import os
+    import signal
+
+    import psutil
+    from websockets.asyncio.client import connect
+
+    from service.store.redis import RedisSessionStore
+
+    acked: dict[str, int] = {}
+    acked_frozen = 0
+    refused: Counter[str] = Counter()
+    frozen = asyncio.Event()
+    uri = f"ws://127.0.0.1:{svc.port}/v1/stream"
+
+    async def streamer() -> None:
+        nonlocal acked_frozen
+        async with connect(uri) as ws:
+            sid = json.loads(await ws.recv())["session_id"]
+            acked[sid] = 0
+            for i in range(10**9):
+                await ws.send(json.dumps({"text": WORDS[i % len(WORDS)], "id": i}))
+                answer = json.loads(await ws.recv())
+                if answer["type"] == "predictions":
+                    acked[sid] = answer["tokens"]
+                    acked_frozen += frozen.is_set()
+                else:
+                    refused[answer["error"]["code"]] += 1
+                    await asyncio.sleep(0.05)
+
+    tasks = [asyncio.create_task(streamer()) for _ in range(args.behind_streams)]
+    await asyncio.sleep(3.0)  # streaming, flushed every 50 ms
+    os.kill(redis_pid, signal.SIGSTOP)
+    frozen.set()
+    await asyncio.sleep(args.behind_frozen)
+    root = psutil.Process(svc.server.pid)
+    for process in [root, *root.children(recursive=True)]:
+        process.kill()  # a crash: nothing is flushed
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    os.kill(redis_pid, signal.SIGCONT)
+    store = RedisSessionStore.from_url(url, timeout_s=10)
+    stored = {}
+    for sid in acked:
+        try:
+            stored[sid] = (await store.get(sid)).tokens
+        except Exception:  # never flushed at all
+            stored[sid] = 0
+    await store.close()
+    lost = sorted(max(0, acked[sid] - stored[sid]) for sid in acked)
+    over = sum(stored[sid] > acked[sid] for sid in acked)
+    return {
+        "streams": args.behind_streams,
+        "frozen_s": args.behind_frozen,
+        "acked_words": sum(acked.values()),
+        "acked_while_frozen": acked_frozen,
+        "refused": dict(refused),
+        "lost_words": sum(lost),
+        "lost_per_session_max": lost[-1] if lost else 0,
+        "lost_per_session_median": lost[len(lost) // 2] if lost else 0,
+        "sessions_over_acked": over,
+    }
+
+
+def probe_behind(args: argparse.Namespace, models: Path) -> list[dict[str, Any]]:
+    from benchmarks.bench_limits import log_problems, service
+    from benchmarks.lib.server import redis_server
+
+    rows = []
+    for variant, root in variants(args):
+        print(f"behind, {variant} ...", file=sys.stderr, flush=True)
+        with redis_server() as (url, pid):
+            env = {"NEXTWORD_SESSION_STORE": url, "NEXTWORD_SESSION_STORE_WRITE": "behind"}
+            with service("behind", env, args, models, root) as svc:
+                row: dict[str, Any] = run_loop(behind_run(svc, args, url, pid))
+        row.update(variant=variant, server_log=log_problems(svc.server))
+        rows.append(row)
+    return rows
+
+
+def table_behind(rows: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        "behind: write-behind, Redis frozen (SIGSTOP), then the service killed (SIGKILL)",
+        "| variant | streams | Redis frozen | words acknowledged (of them while frozen) | "
+        "refused | words lost (per session: median, max) | sessions past their acks |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['variant']} | {r['streams']} | {r['frozen_s']:g} s | {r['acked_words']:,} "
+            f"({r['acked_while_frozen']:,}) | {r['refused']} | {r['lost_words']:,} "
+            f"({r['lost_per_session_median']}, {r['lost_per_session_max']}) | "
+            f"{r['sessions_over_acked']} |"
         )
     return lines

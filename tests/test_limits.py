@@ -273,3 +273,15 @@ def test_a_text_frame_that_is_not_utf8_closes_with_1007_and_one_log_line(
         time.sleep(0.1)
     assert "a text frame is not UTF-8" in server.log()
     assert "Traceback" not in server.log()
+
+
+def test_a_content_length_of_thousands_of_digits_is_refused(server: LiveServer) -> None:
+    sock = raw(server)
+    with sock:
+        sock.sendall(
+            b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: " + b"9" * 5000 + b"\r\n\r\n{}"
+        )
+        answer = read_all(sock)
+    assert answer.startswith((b"HTTP/1.1 400 ", b"HTTP/1.1 413 ")), answer[:200]
+    assert "Traceback" not in server.log()

@@ -163,7 +163,13 @@ connect the server sends `{"type": "ready", "session_id", "model", "tokens",
 "reset"}`) is answered, in order, by `{"type": "predictions", "session_id",
 "tokens", "predictions", "id"}`; a bad message by `{"type": "error", "error":
 {"code", "message"}, "id"}` (the connection stays open). An unknown `session_id`
-on connect closes with 4404, an over-size frame with 1009.
+on connect closes with 4404, an over-size frame with 1009, a text frame that is not
+UTF-8 with 1007.
+
+A request line and headers over `NEXTWORD_MAX_HEADER_BYTES` (32 KiB) together get 431
+`headers_too_large` and the connection is closed. A REST request whose client disconnects
+before its answer is cancelled: its step in the engine is dropped (or stops at its next
+chunk).
 """
 
 

@@ -40,14 +40,17 @@ ERROR_DOCS = {
     400: "The body is not JSON (code `bad_input`).",
     401: "With API keys configured: no key, or not a valid one (`unauthorized`).",
     404: "No such model or session (`unknown_model`, `unknown_session`).",
-    413: "The body is over the size limit (`too_large`).",
+    413: "The body is over the size limit (`too_large`); the connection is closed.",
     422: "A field or parameter is not acceptable (`bad_input`).",
     429: "Over the key's request rate (`rate_limited`, with `retry_after_ms`): retry after "
     "`Retry-After` seconds.",
     500: "The model run failed (`step_failed`; no session was changed) or an internal error.",
-    503: "Retry after `Retry-After` seconds: overloaded, session store unavailable, the "
-    "session contended by concurrent writers, or the service starting or stopping "
-    "(`overloaded`, `store_unavailable`, `contended`, `not_ready`).",
+    503: "Retry after `Retry-After` seconds: overloaded (the model's queue is full, or this "
+    "key, or this address without keys, holds its share of it: `Retry-After` then comes from "
+    "the queue's measured drain rate), session store unavailable (Redis down, not answering, "
+    "or written behind by more than its window; nothing was applied), the session contended "
+    "by concurrent writers, or the service starting or stopping (`overloaded`, "
+    "`store_unavailable`, `contended`, `not_ready`).",
 }
 RETRY_AFTER_HEADER = {
     "Retry-After": {

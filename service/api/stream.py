@@ -15,7 +15,8 @@ open. Close codes (`service.api.errors.close_code`): 4404 for an unknown session
 error message), 1009 for a frame over `max_ws_message_bytes`, 4000 + the HTTP status for
 other refusals on connect, 1013 (try again later) when overloaded, 1011 on an internal
 error, 1001 when the server drains on shutdown (after answering what it had received),
-1000 "idle timeout" after `ws_idle_timeout_s` without a client message. An `Origin` not in
+1000 "idle timeout" after `ws_idle_timeout_s` without a client message, 1007 for a text frame
+that is not UTF-8. An `Origin` not in
 `allowed_origins` (same origin by default) is refused with HTTP 403 before the upgrade.
 
 The hot path is per message: one msgspec decode into a Struct, one `Predictor.feed`, one
@@ -76,10 +77,11 @@ def parse_k(raw: str | None) -> int:
     """The `k` query parameter: an integer in 1..50, 5 when absent."""
     if raw is None or raw == "":
         return DEFAULT_K
-    # The length first: int() refuses strings of over 4,300 digits with a ValueError.
-    if len(raw) > 3 or not raw.isascii() or not raw.isdigit() or not 1 <= int(raw) <= MAX_K:
+    digits = raw.lstrip("0") or "0"
+    # The length before int(), which refuses over 4,300 digits with a ValueError.
+    if not raw.isascii() or not raw.isdigit() or len(digits) > 2 or not 1 <= int(digits) <= MAX_K:
         raise BadInput(f"k must be an integer in 1..{MAX_K}, got {raw[:20]!r}")
-    return int(raw)
+    return int(digits)
 
 
 def parse_adapt(raw: str | None) -> bool | None:
