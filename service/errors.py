@@ -5,7 +5,8 @@ NextwordError            code, status (HTTP), ws_close (None: answered in-band)
 ├── UnknownModel         404  unknown_model
 ├── UnknownSession       404  unknown_session  (WebSocket close 4404 on connect)
 ├── Overloaded           503  overloaded       queue full, or this client's share of it
-├── StoreUnavailable     503  store_unavailable  session store (Redis) unreachable
+├── StoreUnavailable     503  store_unavailable  session store (Redis) unreachable: not applied
+│   └── OutcomeUnknown   503  outcome_unknown  a write went unanswered: applied or not
 ├── NotReady             503  not_ready        starting, shutting down, or the engine is away
 └── StepFailed           500  step_failed      the model run failed; sessions keep their state
     └── Contended        503  contended        the session kept changing under the step (other
@@ -73,6 +74,15 @@ class StoreUnavailable(NextwordError):
     status = 503
 
 
+class OutcomeUnknown(StoreUnavailable):
+    """The session store did not answer a write in time: the step may have been applied (a
+    hung Redis applies it when it resumes) or not. Check the session's `tokens` before
+    sending the words again."""
+
+    code = "outcome_unknown"
+    status = 503
+
+
 class StepFailed(NextwordError):
     """The model run of a batch failed; no session state was changed."""
 
@@ -113,6 +123,7 @@ ERRORS_BY_CODE: dict[str, type[NextwordError]] = {
         UnknownSession,
         Overloaded,
         StoreUnavailable,
+        OutcomeUnknown,
         NotReady,
         StepFailed,
         Contended,

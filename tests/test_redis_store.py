@@ -290,7 +290,7 @@ async def test_a_hung_redis_fails_reads_and_writes_then_recovers(
     import os
     import signal
 
-    from service.errors import StoreUnavailable
+    from service.errors import OutcomeUnknown, StoreUnavailable
     from service.store.redis import RedisSessionStore
 
     store = RedisSessionStore.from_url(redis_server.url, ttl_s=60, timeout_s=0.3)
@@ -299,12 +299,29 @@ async def test_a_hung_redis_fails_reads_and_writes_then_recovers(
     assert redis_server.proc is not None
     os.kill(redis_server.proc.pid, signal.SIGSTOP)  # up, but answering nothing
     try:
-        with pytest.raises(StoreUnavailable):
-            await asyncio.wait_for(store.get_many(["hung"]), 60)
-        with pytest.raises(StoreUnavailable):
+        # On the connection already open: the write is sent, and never answered.
+        with pytest.raises(OutcomeUnknown):
             await asyncio.wait_for(store.put_many([record("hung")], [1]), 60)
+        with pytest.raises(StoreUnavailable) as read:
+            await asyncio.wait_for(store.get_many(["hung"]), 60)
+        assert not isinstance(read.value, OutcomeUnknown)  # a read changes nothing
     finally:
         os.kill(redis_server.proc.pid, signal.SIGCONT)
     (got,) = await asyncio.wait_for(store.get_many(["hung"]), 60)  # back by itself
-    assert got is not None
+    # Applied after all, when Redis resumed: why the error could not say "not applied".
+    assert got is not None and got.version == 2
+    await store.close()
+
+
+async def test_a_write_to_no_redis_at_all_is_not_applied() -> None:
+    from service.errors import StoreUnavailable
+    from service.store.redis import RedisSessionStore
+    from tests.redis_server import free_port
+
+    store = RedisSessionStore.from_url(f"redis://127.0.0.1:{free_port()}/0", timeout_s=0.3)
+    with pytest.raises(StoreUnavailable) as refused:
+        await store.put_many([record("nowhere")], [None])
+    from service.errors import OutcomeUnknown
+
+    assert not isinstance(refused.value, OutcomeUnknown)  # never sent: not applied
     await store.close()

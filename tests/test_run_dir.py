@@ -14,7 +14,10 @@ from pathlib import Path
 from service.run_dir import GRACE_S, LOCK, PREFIX, RunDir, remove_stale
 from tests.live_server import LiveServer
 
-LATER = time.time() + 2 * GRACE_S  # past the grace of a folder just made
+
+def later() -> float:
+    """A time past the grace of a folder made just now."""
+    return time.time() + 2 * GRACE_S
 
 
 def killed_supervisor_folder(root: Path) -> Path:
@@ -33,14 +36,16 @@ def killed_supervisor_folder(root: Path) -> Path:
 
 def test_a_killed_supervisors_folder_is_removed_and_a_living_ones_kept(tmp_path: Path) -> None:
     living = RunDir(str(tmp_path))
-    dead = killed_supervisor_folder(tmp_path)
-    (dead / "metrics").mkdir()
-    (dead / "metrics" / "counter_1.db").write_bytes(b"x")
-    unlocked = tmp_path / f"{PREFIX}older"  # no lock file: not known to be ours
-    unlocked.mkdir()
-    assert remove_stale(str(tmp_path), now=LATER) == [dead]
-    assert not dead.exists() and living.path.exists() and unlocked.exists()
-    living.remove()
+    try:
+        dead = killed_supervisor_folder(tmp_path)
+        (dead / "metrics").mkdir()
+        (dead / "metrics" / "counter_1.db").write_bytes(b"x")
+        unlocked = tmp_path / f"{PREFIX}older"  # no lock file: not known to be ours
+        unlocked.mkdir()
+        assert remove_stale(str(tmp_path), now=later()) == [dead]
+        assert not dead.exists() and living.path.exists() and unlocked.exists()
+    finally:
+        living.remove()
     assert not living.path.exists()
 
 
@@ -48,7 +53,7 @@ def test_a_folder_younger_than_the_grace_is_left(tmp_path: Path) -> None:
     dead = killed_supervisor_folder(tmp_path)
     assert (dead / LOCK).exists()
     assert remove_stale(str(tmp_path)) == []  # just made: its maker may not hold it yet
-    assert remove_stale(str(tmp_path), now=LATER) == [dead]
+    assert remove_stale(str(tmp_path), now=later()) == [dead]
 
 
 def test_the_next_serve_removes_the_folder_of_a_killed_one(

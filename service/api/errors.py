@@ -5,7 +5,7 @@
     UnknownModel           404                      4404
     UnknownSession         404                      4404
     Overloaded             503 + Retry-After        1013 (try again later)
-    StoreUnavailable       503 + Retry-After        1013
+    StoreUnavailable       503 + Retry-After        1013 (OutcomeUnknown too)
     NotReady               503 + Retry-After        1013
     Contended              503 + Retry-After        1013
     StepFailed             500                      1011

@@ -48,9 +48,11 @@ ERROR_DOCS = {
     503: "Retry after `Retry-After` seconds: overloaded (the model's queue is full, or this "
     "key, or this address without keys, holds its share of it: `Retry-After` then comes from "
     "the queue's measured drain rate), session store unavailable (Redis down, not answering, "
-    "or written behind by more than its window; nothing was applied), the session contended "
-    "by concurrent writers, or the service starting or stopping (`overloaded`, "
-    "`store_unavailable`, `contended`, `not_ready`).",
+    "or written behind by more than its window; nothing was applied), the store not "
+    "answering a write in time (`outcome_unknown`: the step may have been applied; check the "
+    "session's `tokens` before sending its words again), the session contended by concurrent "
+    "writers, or the service starting or stopping (`overloaded`, `store_unavailable`, "
+    "`outcome_unknown`, `contended`, `not_ready`).",
 }
 RETRY_AFTER_HEADER = {
     "Retry-After": {

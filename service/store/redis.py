@@ -58,7 +58,8 @@ store's `cap` is not enforced here: Redis evicts, and counts evictions and expir
 in `INFO stats`, `evicted_keys` and `expired_keys`).
 `count()` is `DBSIZE`: give the sessions a database of their own.
 
-Faults. Connection errors and timeouts become `StoreUnavailable` (HTTP 503). Its message
+Faults. Connection errors and timeouts become `StoreUnavailable` (HTTP 503), except a write
+that timed out: `OutcomeUnknown` (it may still be applied when a hung Redis resumes). Its message
 names no address (clients see it): where Redis is and what failed are logged here, at
 warning, once when the store becomes unreachable (then at debug until it answers again,
 which is logged at info). The client keeps no broken state: a failed connection is dropped from the pool and the
@@ -87,7 +88,7 @@ from redis.exceptions import OutOfMemoryError, ReadOnlyError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from service import metrics
-from service.errors import StoreUnavailable, UnknownSession
+from service.errors import OutcomeUnknown, StoreUnavailable, UnknownSession
 from service.store.base import SessionRecord, WordMemory
 
 log = logging.getLogger(__name__)
@@ -327,10 +328,21 @@ class RedisSessionStore:
         return cls(client, ttl_s=ttl_s, cap=cap, owner_cap=owner_cap, prefix=prefix)
 
     @contextmanager
-    def _reachable(self) -> Iterator[None]:
-        """Redis failures as `StoreUnavailable`; the details (address, cause) go to the log only."""
+    def _reachable(self, writing: bool = False) -> Iterator[None]:
+        """Redis failures as `StoreUnavailable`; the details (address, cause) go to the log only.
+
+        `writing`: a timeout is `OutcomeUnknown` (the write may have been sent: a hung Redis
+        applies it when it resumes), not "not applied"."""
         try:
             yield
+        except (RedisTimeoutError, TimeoutError) as exc:
+            self._log_failure("not answering", exc)
+            if writing:
+                raise OutcomeUnknown(
+                    "the session store did not answer in time: this step may or may not "
+                    "have been applied; check the session's tokens before sending it again"
+                ) from exc
+            raise StoreUnavailable("session store not answering (Redis); retry later") from exc
         except _UNREACHABLE as exc:
             self._log_failure("unreachable", exc)
             raise StoreUnavailable("session store unreachable (Redis); retry later") from exc
@@ -401,7 +413,7 @@ class RedisSessionStore:
             name: encode_record(record, (version or 0) + 1)
             for name, record, version in zip(staged, records, expected, strict=True)
         }
-        with self._reachable():
+        with self._reachable(writing=True):
             async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.mset(values)
                 # EVAL, not EVALSHA: Redis caches the compiled script by its hash, and
