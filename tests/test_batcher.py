@@ -771,3 +771,22 @@ async def test_a_cancelled_step_gives_its_share_back(
     runner.gate.set()
     await asyncio.gather(first, later)
     await b.stop()
+
+
+async def test_a_step_with_its_sessions_last_step_id_is_answered_not_applied_again(
+    batcher: StepBatcher, store: CountingStore
+) -> None:
+    await batcher.step(Step([4, 5], session_id="s", create=True))
+    first = await batcher.step(Step([6, 7], session_id="s", step_id="m1"))
+    record = await store.get("s")
+    assert (record.tokens, record.last_step) == (4, "m1")
+    again = await batcher.step(Step([6, 7], session_id="s", step_id="m1"))  # a retry
+    assert again.tokens == first.tokens == 4
+    assert np.array_equal(again.ids, first.ids) and np.allclose(again.probs, first.probs)
+    assert (await store.get("s")).tokens == 4
+    other = await batcher.step(Step([6, 7], session_id="s", step_id="m2"))  # a new step
+    assert other.tokens == 6
+    plain = await batcher.step(Step([8], session_id="s"))  # no id: always applied
+    assert plain.tokens == 7 and (await store.get("s")).last_step == ""
+    older = await batcher.step(Step([6, 7], session_id="s", step_id="m2"))  # not the last
+    assert older.tokens == 9

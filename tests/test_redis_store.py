@@ -6,6 +6,7 @@ import asyncio
 import itertools
 import time
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -221,13 +222,30 @@ async def test_format_1_records_are_still_read(store) -> None:
     rec = record("old")
     data = bytearray(encode_record(rec, 4))
     name_end = 47 + len(rec.model)
-    # Format 1: no owner, no memory header (both empty here: 2 + 5 bytes).
-    old = bytes(b"NWS\x01" + data[4:name_end] + data[name_end + 7 :])
+    # Format 1: no owner, no memory header, no last step (all empty here: 2 + 5 + 1 bytes).
+    old = bytes(b"NWS\x01" + data[4:name_end] + data[name_end + 8 :])
     await store._redis.set(store._key("old"), old)
     got = await store.get("old")
     assert (got.version, got.owner, got.tokens) == (4, "", rec.tokens)
     assert all(np.array_equal(a, b) for a, b in zip(got.state, rec.state))
     assert await store.put_many([rec], [4]) == [True]  # the CAS reads the version only
+
+
+async def test_format_2_records_are_still_read_and_the_last_step_round_trips(store) -> None:
+    from service.store.redis import encode_record
+
+    rec = record("two")
+    data = bytearray(encode_record(rec, 3))
+    name_end = 47 + len(rec.model)
+    # Format 2: no last step (its length byte follows the owner and the memory header).
+    old = bytes(b"NWS\x02" + data[4 : name_end + 7] + data[name_end + 8 :])
+    await store._redis.set(store._key("two"), old)
+    got = await store.get("two")
+    assert (got.version, got.last_step, got.tokens) == (3, "", rec.tokens)
+    stepped = replace(got, last_step="0123456789abcdef01234567")
+    assert await store.put_many([stepped], [3]) == [True]
+    again = await store.get("two")
+    assert again.last_step == "0123456789abcdef01234567" and again.version == 4
 
 
 async def test_the_writers_words_round_trip(store) -> None:

@@ -9,6 +9,7 @@ the ids and probabilities it gets back into words in their display form. It rais
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections import OrderedDict
 from datetime import datetime, timezone
@@ -38,6 +39,21 @@ def owned_id(session_id: str, owner: str) -> str:
     finds no session (404), exactly like an id that never existed.
     """
     return f"{owner}/{session_id}" if owner else session_id
+
+
+def step_id(key: str | None, tokens: list[int], typed: list[str], fresh: bool = False) -> str:
+    """The id of a session step ("" without a `key`): the client's key for the step (the
+    stream message's `id`, the `Idempotency-Key` header) and what the step adds, so that
+    two different steps under one key are not taken for one."""
+    if not key:
+        return ""
+    digest = hashlib.blake2b(digest_size=12)
+    digest.update(key.encode("utf-8", "surrogatepass"))
+    digest.update(b"\x00reset\x00" if fresh else b"\x00step\x00")
+    digest.update(np.asarray(tokens, dtype="<i8").tobytes())
+    for word in typed:
+        digest.update(b"\x00" + word.encode("utf-8", "surrogatepass"))
+    return digest.hexdigest()
 
 
 def _iso(timestamp: float) -> str:
@@ -205,6 +221,7 @@ class Predictor:
         prefix: str | None = None,
         forget: bool = False,
         client: str = "",
+        step_key: str = "",
     ) -> EngineOutput:
         request = StepRequest(
             self.engine.next_id(),
@@ -221,6 +238,7 @@ class Predictor:
             prefix=prefix or "",
             forget=forget,
             client=client,
+            step_id=step_key,
         )
         return await self._call(request)
 
@@ -295,9 +313,12 @@ class Predictor:
         owner: str = "",
         adapt: bool | None = None,
         client: str = "",
+        request_key: str | None = None,
     ) -> dict[str, Any]:
         """Append `text` to a session (of `owner`); its top k next words (`adapt`: with the
-        writer's words mixed in or not; None: the session's default)."""
+        writer's words mixed in or not; None: the session's default). `request_key`: the
+        client's id for this step; sent again with the same text after an unknown outcome,
+        the step is answered, not applied twice."""
         session_id = self._check_session_id(session_id)
         k = self._check_k(k)
         adapt = self._check_adapt(adapt)
@@ -318,6 +339,7 @@ class Predictor:
             typed=typed,
             prefix=prefix,
             client=client,
+            step_key=step_id(request_key, tokens, typed),
         )
         return self._session_answer(name, vocab, session_id, output)
 
@@ -328,9 +350,10 @@ class Predictor:
         prefix: str | None = None,
         owner: str = "",
         client: str = "",
+        request_key: str | None = None,
     ) -> dict[str, Any]:
         """Start a session's text afresh (its words forgotten too); the predictions for an
-        empty text."""
+        empty text (`request_key`: as for `feed`)."""
         session_id = self._check_session_id(session_id)
         k = self._check_k(k)
         engine_id = owned_id(session_id, owner)
@@ -338,7 +361,15 @@ class Predictor:
         vocab = self.vocabularies[name]
         prefix_ids = self._prefix_ids(vocab, prefix)
         output = await self._step(
-            name, [], k, prefix_ids, engine_id, fresh=True, prefix=prefix, client=client
+            name,
+            [],
+            k,
+            prefix_ids,
+            engine_id,
+            fresh=True,
+            prefix=prefix,
+            client=client,
+            step_key=step_id(request_key, [], [], fresh=True),
         )
         return self._session_answer(name, vocab, session_id, output)
 
@@ -438,14 +469,28 @@ class OwnedPredictor:
         k: int = 5,
         prefix: str | None = None,
         adapt: bool | None = None,
+        request_key: str | None = None,
     ) -> dict[str, Any]:
         return await self.predictor.feed(
-            session_id, text, k, prefix, owner=self.owner, adapt=adapt, client=self.client
+            session_id,
+            text,
+            k,
+            prefix,
+            owner=self.owner,
+            adapt=adapt,
+            client=self.client,
+            request_key=request_key,
         )
 
-    async def reset(self, session_id: str, k: int = 5, prefix: str | None = None) -> dict[str, Any]:
+    async def reset(
+        self,
+        session_id: str,
+        k: int = 5,
+        prefix: str | None = None,
+        request_key: str | None = None,
+    ) -> dict[str, Any]:
         return await self.predictor.reset(
-            session_id, k, prefix, owner=self.owner, client=self.client
+            session_id, k, prefix, owner=self.owner, client=self.client, request_key=request_key
         )
 
     async def session_info(self, session_id: str) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from http import HTTPStatus
 from pathlib import Path as FilePath
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Path, Request, Response
+from fastapi import APIRouter, Header, Path, Request, Response
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import Field
@@ -33,6 +33,15 @@ from service.errors import NotReady
 from service.supervisor import all_processes_up
 
 SessionId = Annotated[str, Path(max_length=MAX_SESSION_ID_CHARS, description="A session's id.")]
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        max_length=128,
+        description="The client's id for this feed. Sent again with the same text (a retry "
+        "after `outcome_unknown`, a timeout or a lost connection), the feed is answered as "
+        "the first was and not applied a second time, if it was the session's last step.",
+    ),
+]
 
 # Every status a route can answer is declared (schemathesis checks it in the tests); the
 # body of each is `ErrorResponse`. What the codes mean: `service.errors`, `service.api.errors`.
@@ -145,11 +154,19 @@ def v1_router(settings: Settings) -> APIRouter:
         responses=STEP_ERRORS,
     )
     async def feed(
-        session_id: SessionId, body: FeedRequest, predictor: PredictorDep
+        session_id: SessionId,
+        body: FeedRequest,
+        predictor: PredictorDep,
+        idempotency_key: IdempotencyKey = None,
     ) -> dict[str, Any]:
         """Append whole words to a session's context; answers the next-word predictions."""
         return await predictor.feed(
-            session_id, body.text, k=body.k, prefix=body.prefix, adapt=body.adapt
+            session_id,
+            body.text,
+            k=body.k,
+            prefix=body.prefix,
+            adapt=body.adapt,
+            request_key=idempotency_key,
         )
 
     @router.get(

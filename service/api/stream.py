@@ -333,13 +333,22 @@ class StreamConnection:
                 )
                 return True
         k = self.k if request.k is None else request.k
+        # A message's `id` names its step: sent again with the same text, it is a retry.
+        key = None if request.id is None else _encode(request.id).decode()
         try:
             if request.type == "reset":
-                answer = await self.predictor.reset(self.session_id, k=k, prefix=request.prefix)
+                answer = await self.predictor.reset(
+                    self.session_id, k=k, prefix=request.prefix, request_key=key
+                )
             else:
                 adapt = self.adapt if request.adapt is None else request.adapt
                 answer = await self.predictor.feed(
-                    self.session_id, request.text, k=k, prefix=request.prefix, adapt=adapt
+                    self.session_id,
+                    request.text,
+                    k=k,
+                    prefix=request.prefix,
+                    adapt=adapt,
+                    request_key=key,
                 )
         except UnknownSession as exc:  # expired or deleted while connected
             await self.send_error(exc, request.id)

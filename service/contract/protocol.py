@@ -37,6 +37,10 @@ class StepRequest(msgspec.Struct, array_like=True, gc=False, tag=1):
     prefix: str = ""
     forget: bool = False  # forget the writer's words (the context stays)
     client: str = ""  # whose share of the queue the step takes (service.engine.fairness)
+    # The step's id (a digest of the client's message id or Idempotency-Key and the step's
+    # content; "" = none): a session keeps its last step's id, and a step with that id
+    # again is a retry, answered without being applied a second time.
+    step_id: str = ""
 
 
 class InfoRequest(msgspec.Struct, array_like=True, gc=False, tag=2):

@@ -274,6 +274,7 @@ class EngineCore:
                     prefix=request.prefix,
                     forget=request.forget,
                     client=request.client,
+                    step_id=request.step_id,
                 )
             )
         except NextwordError as exc:

@@ -138,6 +138,7 @@ class Step:
     prefix: str = ""  # the prefix, normalized (matches typed words)
     forget: bool = False  # forget the writer's words first
     client: str = ""  # whose share of the queue it takes (service.engine.fairness)
+    step_id: str = ""  # its id: the session's last step's id again means a retry
     future: asyncio.Future[StepResult] = field(init=False, repr=False)
     attempts: int = field(default=0, repr=False)
     # A long step between its batches: what it has run so far (None: not started).
@@ -225,6 +226,15 @@ def _brought_back(row: _Row) -> bool:
         and record.resident is None
         and not (step.fresh or step.create)
     )
+
+
+def _as_retry(step: Step) -> None:
+    """A step whose id is its session's last step's: it was applied (its answer was lost, or
+    its outcome unknown to its client). It runs as a step of no new words (the answer the
+    first one had, for the same `k` and prefix), so the session's context is unchanged."""
+    step.tokens, step.typed = [], []
+    step.fresh = step.forget = False
+    metrics.STEPS_RETRIED.inc()
 
 
 def _resolve(future: asyncio.Future[Any], outcome: Any) -> bool:
@@ -580,6 +590,8 @@ class StepBatcher:
                 continue
             record = found.get(id(step))
             if id(step) in found:
+                if step.step_id and record is not None and record.last_step == step.step_id:
+                    _as_retry(step)
                 problem = self._problem(step, record)
                 if problem is not None:
                     self._fail([step], problem)
@@ -1037,5 +1049,6 @@ class StepBatcher:
             owner=step.owner if old is None or step.create else old.owner,
             memory=row.memory,
             adapt=self._session_adapt(step, old),
+            last_step=step.step_id,
         )
         return StepResult(ids, probs, tokens, record, words)
