@@ -40,8 +40,9 @@ server's log.
                 before the setting) and with --quota.
     headers     hardening round 2 (a head that never ends; abandoned long predicts; a flood
     abandon     of one key; write-behind under a frozen Redis, then a crash; the last three
-    fair        also against --before): see benchmarks/limits_round2.py.
-    behind
+    fair        also against --before): see benchmarks/limits_round2.py. Also behind and
+    behind      retry (streams resending across a frozen Redis).
+    retry
 
 Two cores shared with other jobs make every time here noisy: the figures to read are counts
 and ratios.
@@ -84,10 +85,12 @@ from benchmarks.limits_round2 import (
     probe_behind,
     probe_fair,
     probe_headers,
+    probe_retry,
     table_abandon,
     table_behind,
     table_fair,
     table_headers,
+    table_retry,
 )
 from service.config import Settings
 
@@ -102,6 +105,7 @@ PROBES = (
     "abandon",
     "fair",
     "behind",
+    "retry",
 )
 MB = 1024 * 1024
 WAVE = 100  # connections opened at once (the listen backlog holds 2,048)
@@ -922,6 +926,7 @@ def table(report: dict[str, Any]) -> str:
         ("abandon", table_abandon),
         ("fair", table_fair),
         ("behind", table_behind),
+        ("retry", table_retry),
     ]
     for name, render in parts:
         if name in probes:
@@ -998,6 +1003,7 @@ def main(argv: list[str] | None = None) -> None:
         "abandon": probe_abandon,
         "fair": probe_fair,
         "behind": probe_behind,
+        "retry": probe_retry,
     }
     report: dict[str, Any] = {
         "command": command_line("benchmarks.bench_limits", argv),

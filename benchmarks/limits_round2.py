@@ -21,6 +21,10 @@
               --behind-frozen s, then every process of the service is killed (SIGKILL) and
               Redis resumed: the words acknowledged against the tokens each session's record
               in Redis holds. Against this checkout and --before.
+    retry     a redis-server, written through: --retry-streams streams type --retry-words
+              words each, resending a message (same id) until it is answered; Redis frozen
+              --retry-frozen s meanwhile: the sessions whose tokens exceed their words
+              (a word applied twice). Against this checkout and --before.
 
 Sessions, tokens and statuses are counted from this side and from the service's /metrics;
 times are noisy on a shared machine.
@@ -71,6 +75,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     behind = parser.add_argument_group("behind")
     behind.add_argument("--behind-streams", type=int, default=50)
     behind.add_argument("--behind-frozen", type=float, default=5.0)
+    retry = parser.add_argument_group("retry")
+    retry.add_argument("--retry-streams", type=int, default=50)
+    retry.add_argument("--retry-words", type=int, default=60)
+    retry.add_argument("--retry-frozen", type=float, default=10.0)
 
 
 def keys_env() -> dict[str, str]:
@@ -504,5 +512,94 @@ def table_behind(rows: list[dict[str, Any]]) -> list[str]:
             f"({r['acked_while_frozen']:,}) | {r['refused']} | {r['lost_words']:,} "
             f"({r['lost_per_session_median']}, {r['lost_per_session_max']}) | "
             f"{r['sessions_over_acked']} |"
+        )
+    return lines
+
+
+# --- retries after a frozen Redis ------------------------------------------------------------
+
+
+async def retry_run(svc: Any, args: argparse.Namespace, redis_pid: int) -> dict[str, Any]:
+    """--retry-streams streams type --retry-words words each, resending a message (same
+    `id`) until it is answered; Redis frozen (SIGSTOP) --retry-frozen seconds meanwhile.
+    Then each session's tokens against the words its stream had acknowledged."""
+    import os
+    import signal
+
+    from websockets.asyncio.client import connect
+
+    acked: dict[str, int] = {}
+    errors: Counter[str] = Counter()
+    frozen = asyncio.Event()
+    uri = f"ws://127.0.0.1:{svc.port}/v1/stream"
+
+    async def streamer() -> None:
+        async with connect(uri) as ws:
+            sid = json.loads(await ws.recv())["session_id"]
+            acked[sid] = 0
+            for i in range(args.retry_words):
+                if i == args.retry_words // 4:
+                    await frozen.wait()  # every stream types across the freeze
+                message = json.dumps({"text": WORDS[i % len(WORDS)], "id": i})
+                while True:
+                    await ws.send(message)
+                    answer = json.loads(await ws.recv())
+                    if answer["type"] == "predictions":
+                        acked[sid] = answer["tokens"]
+                        break
+                    errors[answer["error"]["code"]] += 1
+                    await asyncio.sleep(0.05)
+
+    tasks = asyncio.gather(*(streamer() for _ in range(args.retry_streams)))
+    await asyncio.sleep(2.0)
+    os.kill(redis_pid, signal.SIGSTOP)
+    frozen.set()
+    await asyncio.sleep(args.retry_frozen)
+    os.kill(redis_pid, signal.SIGCONT)
+    await asyncio.wait_for(tasks, 600)
+    extra = []
+    async with httpx.AsyncClient(base_url=svc.server.url, timeout=30) as http:
+        for sid, words in acked.items():
+            stored = (await http.get(f"/v1/sessions/{sid}")).json()["tokens"]
+            extra.append(stored - words)  # words: the tokens its last answer reported
+    return {
+        "streams": args.retry_streams,
+        "words_each": args.retry_words,
+        "frozen_s": args.retry_frozen,
+        "errors": dict(errors),
+        "sessions_with_words_applied_twice": sum(e > 0 for e in extra),
+        "words_applied_twice": sum(e for e in extra if e > 0),
+        "sessions_short": sum(e < 0 for e in extra),
+    }
+
+
+def probe_retry(args: argparse.Namespace, models: Path) -> list[dict[str, Any]]:
+    from benchmarks.bench_limits import log_problems, service
+    from benchmarks.lib.server import redis_server
+
+    rows = []
+    for variant, root in variants(args):
+        print(f"retry, {variant} ...", file=sys.stderr, flush=True)
+        with redis_server() as (url, pid):
+            env = {"NEXTWORD_SESSION_STORE": url}  # written through
+            with service("retry", env, args, models, root) as svc:
+                row: dict[str, Any] = run_loop(retry_run(svc, args, pid))
+        row.update(variant=variant, server_log=log_problems(svc.server))
+        rows.append(row)
+    return rows
+
+
+def table_retry(rows: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        "retry: streams resend a message (same id) until answered, Redis frozen meanwhile",
+        "| variant | streams x words | Redis frozen | errors answered (then resent) | "
+        "sessions with a word applied twice | words applied twice |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['variant']} | {r['streams']} x {r['words_each']} | {r['frozen_s']:g} s | "
+            f"{r['errors']} | {r['sessions_with_words_applied_twice']} | "
+            f"{r['words_applied_twice']} |"
         )
     return lines

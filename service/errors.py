@@ -76,8 +76,8 @@ class StoreUnavailable(NextwordError):
 
 class OutcomeUnknown(StoreUnavailable):
     """The session store did not answer a write in time: the step may have been applied (a
-    hung Redis applies it when it resumes) or not. Check the session's `tokens` before
-    sending the words again."""
+    hung Redis applies it when it resumes) or not. Resent with its id (the stream message's
+    `id`, the `Idempotency-Key` header), it is recognised if it was applied."""
 
     code = "outcome_unknown"
     status = 503

@@ -166,6 +166,10 @@ connect the server sends `{"type": "ready", "session_id", "model", "tokens",
 on connect closes with 4404, an over-size frame with 1009, a text frame that is not
 UTF-8 with 1007.
 
+A message sent again with the same `id` and text as the session's last step (a retry
+after `outcome_unknown` or a lost connection) is answered, not applied twice; a REST feed
+does the same with an `Idempotency-Key` header.
+
 A request line and headers over `NEXTWORD_MAX_HEADER_BYTES` (32 KiB) together get 431
 `headers_too_large` and the connection is closed. A REST request whose client disconnects
 before its answer is cancelled: its step in the engine is dropped (or stops at its next

@@ -58,8 +58,8 @@ ERROR_DOCS = {
     "key, or this address without keys, holds its share of it: `Retry-After` then comes from "
     "the queue's measured drain rate), session store unavailable (Redis down, not answering, "
     "or written behind by more than its window; nothing was applied), the store not "
-    "answering a write in time (`outcome_unknown`: the step may have been applied; check the "
-    "session's `tokens` before sending its words again), the session contended by concurrent "
+    "answering a write in time (`outcome_unknown`: the step may have been applied; resend it "
+    "with the same `Idempotency-Key`), the session contended by concurrent "
     "writers, or the service starting or stopping (`overloaded`, `store_unavailable`, "
     "`outcome_unknown`, `contended`, `not_ready`).",
 }

@@ -9,7 +9,8 @@ the writer's own words into the predictions or not; absent, the session's defaul
     server, per message   {"type": "predictions", "session_id", "tokens", "predictions", "id"}
                           {"type": "error", "error": {"code", "message"}, "id"}
 
-Messages are answered one at a time, in the order received. A bad message (binary,
+Messages are answered one at a time, in the order received. A message with the same `id`
+and text as the last step applied to the session is its retry: answered, not applied again. A bad message (binary,
 not JSON, wrong fields, text too long) is answered in-band and the connection stays
 open. Close codes (`service.api.errors.close_code`): 4404 for an unknown session (after an
 error message), 1009 for a frame over `max_ws_message_bytes`, 4000 + the HTTP status for

@@ -354,7 +354,7 @@ class RedisSessionStore:
             if writing:
                 raise OutcomeUnknown(
                     "the session store did not answer in time: this step may or may not "
-                    "have been applied; check the session's tokens before sending it again"
+                    "have been applied; resend it with the same id (or Idempotency-Key)"
                 ) from exc
             raise StoreUnavailable("session store not answering (Redis); retry later") from exc
         except _UNREACHABLE as exc:
