@@ -909,7 +909,7 @@ def table_quota(rows: list[dict[str, Any]]) -> list[str]:
 
 def table(report: dict[str, Any]) -> str:
     lines = [
-        "Abuse and limits of nextword serve (issue 10)",
+        "Abuse and limits of nextword serve (issues 10 and 26)",
         *machine_lines(report["machine"], MODULES),
         f"command: {report['command']}",
         f"{report['models_note']}; {report['workers']} API process(es); counts and ratios are "

@@ -528,7 +528,7 @@ async def retry_run(svc: Any, args: argparse.Namespace, redis_pid: int) -> dict[
 
     from websockets.asyncio.client import connect
 
-    acked: dict[str, int] = {}
+    acked: dict[str, int] = {}  # words acknowledged (one token each), not `tokens`
     errors: Counter[str] = Counter()
     frozen = asyncio.Event()
     uri = f"ws://127.0.0.1:{svc.port}/v1/stream"
@@ -545,7 +545,8 @@ async def retry_run(svc: Any, args: argparse.Namespace, redis_pid: int) -> dict[
                     await ws.send(message)
                     answer = json.loads(await ws.recv())
                     if answer["type"] == "predictions":
-                        acked[sid] = answer["tokens"]
+                        # Its `tokens` would count a word applied twice: count the words.
+                        acked[sid] += 1
                         break
                     errors[answer["error"]["code"]] += 1
                     await asyncio.sleep(0.05)
@@ -561,7 +562,7 @@ async def retry_run(svc: Any, args: argparse.Namespace, redis_pid: int) -> dict[
     async with httpx.AsyncClient(base_url=svc.server.url, timeout=30) as http:
         for sid, words in acked.items():
             stored = (await http.get(f"/v1/sessions/{sid}")).json()["tokens"]
-            extra.append(stored - words)  # words: the tokens its last answer reported
+            extra.append(stored - words)
     return {
         "streams": args.retry_streams,
         "words_each": args.retry_words,
