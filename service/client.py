@@ -66,7 +66,15 @@ __all__ = [
 DEFAULT_URL = "http://127.0.0.1:8000"
 # Errors after which a connect is worth retrying: the server is starting, draining or busy.
 RETRY_CODES = frozenset(
-    {"not_ready", "overloaded", "store_unavailable", "contended", "step_failed", "internal"}
+    {
+        "not_ready",
+        "overloaded",
+        "store_unavailable",
+        "outcome_unknown",
+        "contended",
+        "step_failed",
+        "internal",
+    }
 )
 MAX_BACKOFF_S = 2.0
 # Reconnects while one message waits for its answer; past this the message itself may be
@@ -84,6 +92,7 @@ STATUS_OF_CODE = {
     "internal": 500,
     "overloaded": 503,
     "store_unavailable": 503,
+    "outcome_unknown": 503,
     "contended": 503,
     "not_ready": 503,
 }
