@@ -38,6 +38,11 @@ server's log.
                 sessions, then alice --alice (one at a time); how many of each still answer
                 GET /v1/sessions/{id}. Without a quota (NEXTWORD_MAX_SESSIONS_PER_KEY=0, as
                 before the setting) and with --quota.
+    headers     hardening round 2 (a head that never ends; abandoned long predicts; a flood
+    abandon     of one key; write-behind under a frozen Redis, then a crash; the last three
+    fair        also against --before): see benchmarks/limits_round2.py. Also behind and
+    behind      retry (streams resending across a frozen Redis).
+    retry
 
 Two cores shared with other jobs make every time here noisy: the figures to read are counts
 and ratios.
@@ -74,10 +79,34 @@ from benchmarks.lib.models import models_dir
 from benchmarks.lib.results import RESULTS, write_report
 from benchmarks.lib.server import ServerProcess, free_port, http_status
 from benchmarks.lib.wsload import run_loop
+from benchmarks.limits_round2 import (
+    add_arguments,
+    probe_abandon,
+    probe_behind,
+    probe_fair,
+    probe_headers,
+    probe_retry,
+    table_abandon,
+    table_behind,
+    table_fair,
+    table_headers,
+    table_retry,
+)
 from service.config import Settings
 
 MODULES = ("uvicorn", "websockets", "httpx", "psutil", "onnxruntime")
-PROBES = ("slowloris", "websockets", "sigterm", "burst", "quota")
+PROBES = (
+    "slowloris",
+    "websockets",
+    "sigterm",
+    "burst",
+    "quota",
+    "headers",
+    "abandon",
+    "fair",
+    "behind",
+    "retry",
+)
 MB = 1024 * 1024
 WAVE = 100  # connections opened at once (the listen backlog holds 2,048)
 KEYS = {"alice": "alice-key-0123456789abcdef", "bob": "bob-key-0123456789abcdef"}
@@ -118,9 +147,10 @@ class Service:
 
 
 def service_process(
-    name: str, env: dict[str, str], args: argparse.Namespace, models: Path
+    name: str, env: dict[str, str], args: argparse.Namespace, models: Path, root: Path | None = None
 ) -> ServerProcess:
-    """`python -m service` with `env` on a free port (not started yet)."""
+    """`python -m service` with `env` on a free port (not started yet); `root`: the checkout
+    whose code runs (default: this one)."""
     port = free_port()
     environment = {
         "NEXTWORD_HOST": "127.0.0.1",
@@ -130,7 +160,9 @@ def service_process(
     }
     command = [sys.executable, "-m", "service", "--port", str(port)]
     command += ["--workers", str(args.workers), "--models", str(models)]
-    return ServerProcess(f"limits-{name}", command, environment, port=port, log_dir=args.log_dir)
+    return ServerProcess(
+        f"limits-{name}", command, environment, port=port, log_dir=args.log_dir, cwd=root
+    )
 
 
 def attach(server: ServerProcess, workers: int) -> Service:
@@ -147,10 +179,10 @@ def attach(server: ServerProcess, workers: int) -> Service:
 
 @contextmanager
 def service(
-    name: str, env: dict[str, str], args: argparse.Namespace, models: Path
+    name: str, env: dict[str, str], args: argparse.Namespace, models: Path, root: Path | None = None
 ) -> Iterator[Service]:
     """A fresh service; stopped (SIGTERM) on exit unless it has exited."""
-    with service_process(name, env, args, models) as server:
+    with service_process(name, env, args, models, root) as server:
         yield attach(server, args.workers)
 
 
@@ -877,7 +909,7 @@ def table_quota(rows: list[dict[str, Any]]) -> list[str]:
 
 def table(report: dict[str, Any]) -> str:
     lines = [
-        "Abuse and limits of nextword serve (issue 10)",
+        "Abuse and limits of nextword serve (issues 10 and 26)",
         *machine_lines(report["machine"], MODULES),
         f"command: {report['command']}",
         f"{report['models_note']}; {report['workers']} API process(es); counts and ratios are "
@@ -890,6 +922,11 @@ def table(report: dict[str, Any]) -> str:
         ("sigterm", table_sigterm),
         ("burst", table_burst),
         ("quota", table_quota),
+        ("headers", table_headers),
+        ("abandon", table_abandon),
+        ("fair", table_fair),
+        ("behind", table_behind),
+        ("retry", table_retry),
     ]
     for name, render in parts:
         if name in probes:
@@ -949,6 +986,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     quota.add_argument("--alice", type=int, default=1000)
     quota.add_argument("--quota", type=int, default=100, help="NEXTWORD_MAX_SESSIONS_PER_KEY")
     quota.add_argument("--session-cap", type=int, default=1000)
+    add_arguments(parser)  # round 2's probes: benchmarks/limits_round2.py
     parser.add_argument("--json", type=Path, default=RESULTS / "limits.json")
     return parser.parse_args(argv)
 
@@ -961,6 +999,11 @@ def main(argv: list[str] | None = None) -> None:
         "sigterm": probe_sigterm,
         "burst": probe_burst,
         "quota": probe_quota,
+        "headers": probe_headers,
+        "abandon": probe_abandon,
+        "fair": probe_fair,
+        "behind": probe_behind,
+        "retry": probe_retry,
     }
     report: dict[str, Any] = {
         "command": command_line("benchmarks.bench_limits", argv),

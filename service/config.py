@@ -109,6 +109,12 @@ class Settings(BaseSettings):
         description="seconds from a connection's (or a request's) first byte to the end of "
         "its headers, WebSocket upgrades included; then 408 and closed. 0 = no limit",
     )
+    max_header_bytes: int = Field(
+        default=32_768,
+        ge=0,
+        description="most bytes of a request's line and headers together (WebSocket upgrades "
+        "included); over it 431 and the connection closed. 0 = no cap",
+    )
     keep_alive_timeout_s: int = Field(
         default=5, ge=1, description="idle seconds before an HTTP keep-alive connection is closed"
     )
@@ -198,6 +204,19 @@ class Settings(BaseSettings):
         description='with Redis: "through" writes each batch before answering (loses '
         'nothing answered); "behind" answers first and flushes every 50 ms',
     )
+    session_store_behind_window_s: float = Field(
+        default=1.0,
+        gt=0,
+        description='with "behind": once the oldest step not yet flushed to Redis is this '
+        "old, session steps are refused (503 store_unavailable, nothing applied) until Redis "
+        "catches up: what a crash can lose is bounded by it",
+    )
+    session_store_timeout_s: float = Field(
+        default=1.0,
+        gt=0,
+        description="a Redis command (read or write) not answered within this long fails "
+        "the steps that need it (503 store_unavailable): a hung Redis is treated as a dead one",
+    )
 
     # Adaptation (service/engine/adapt.py).
     adapt: bool = Field(
@@ -220,6 +239,15 @@ class Settings(BaseSettings):
         default=10_000,
         ge=1,
         description="steps waiting per model before requests get 503 `overloaded`",
+    )
+    queue_share: float = Field(
+        default=0.25,
+        gt=0,
+        le=1,
+        description="most of a model's queue (max_queue) one API key, or one client address "
+        "without keys, may hold (its steps waiting or running); past it that client's steps "
+        "get 503 overloaded while others' still queue. Retry-After comes from the measured "
+        "drain rate",
     )
     prefill_chunk: int = Field(
         default=16,

@@ -4,8 +4,9 @@ NextwordError            code, status (HTTP), ws_close (None: answered in-band)
 ├── BadInput             422  bad_input        text too long, k out of range, wrong fields
 ├── UnknownModel         404  unknown_model
 ├── UnknownSession       404  unknown_session  (WebSocket close 4404 on connect)
-├── Overloaded           503  overloaded       queue full
-├── StoreUnavailable     503  store_unavailable  session store (Redis) unreachable
+├── Overloaded           503  overloaded       queue full, or this client's share of it
+├── StoreUnavailable     503  store_unavailable  session store (Redis) unreachable: not applied
+│   └── OutcomeUnknown   503  outcome_unknown  a write went unanswered: applied or not
 ├── NotReady             503  not_ready        starting, shutting down, or the engine is away
 │   └── EngineRestarting 503  engine_restarting  the engine process died and is restarting
 └── StepFailed           500  step_failed      the model run failed; sessions keep their state
@@ -67,16 +68,35 @@ class UnknownSession(NextwordError):
 
 
 class Overloaded(NextwordError):
-    """Too many steps are waiting; the client should retry later."""
+    """Too many steps are waiting (in all, or of this client); retry after `retry_after_s`
+    (None: the default)."""
 
     code = "overloaded"
     status = 503
+
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+    def details(self) -> dict[str, Any]:
+        if not self.retry_after_s:
+            return {}
+        return {"retry_after_ms": math.ceil(self.retry_after_s * 1000)}
 
 
 class StoreUnavailable(NextwordError):
     """The session store cannot be reached."""
 
     code = "store_unavailable"
+    status = 503
+
+
+class OutcomeUnknown(StoreUnavailable):
+    """The session store did not answer a write in time: the step may have been applied (a
+    hung Redis applies it when it resumes) or not. Resent with its id (the stream message's
+    `id`, the `Idempotency-Key` header), it is recognised if it was applied."""
+
+    code = "outcome_unknown"
     status = 503
 
 
@@ -145,6 +165,7 @@ ERRORS_BY_CODE: dict[str, type[NextwordError]] = {
         UnknownSession,
         Overloaded,
         StoreUnavailable,
+        OutcomeUnknown,
         NotReady,
         EngineRestarting,
         StepFailed,
@@ -153,6 +174,9 @@ ERRORS_BY_CODE: dict[str, type[NextwordError]] = {
 }
 
 
-def error_from_code(code: str, message: str) -> NextwordError:
-    """The typed error of a code received from the engine (StepFailed when unknown)."""
+def error_from_code(code: str, message: str, retry_after_s: float = 0.0) -> NextwordError:
+    """The typed error of a code received from the engine (StepFailed when unknown);
+    `retry_after_s` (0: none) of an `Overloaded` one."""
+    if code == Overloaded.code:
+        return Overloaded(message, retry_after_s or None)
     return ERRORS_BY_CODE.get(code, StepFailed)(message)

@@ -90,6 +90,11 @@ STEPS = Counter(
     "Steps answered (one per request: a single word or a prefill), by model and outcome.",
     ["model", "outcome"],
 )
+STEPS_RETRIED = Counter(
+    "nextword_steps_retried",
+    "Session steps recognised as a retry of the session's last step (by their id): "
+    "answered, not applied a second time.",
+)
 TOKENS = Counter(
     "nextword_tokens",
     "Tokens run through a model (prefill and streaming steps).",

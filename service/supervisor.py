@@ -23,7 +23,8 @@ the service with exit status 1 and an error naming them (no silent half-service)
 
 Metrics. Every process writes prometheus_client's multiprocess files into one directory, so
 `/metrics` on any API process shows all of them (engine batches and queue, every API
-process's requests).
+process's requests). The run folder (those files, the engine's sockets) is removed at exit,
+or, when this process was killed, by the next `nextword serve` (`service.run_dir`).
 """
 
 from __future__ import annotations
@@ -31,10 +32,8 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
-import shutil
 import signal
 import socket
-import tempfile
 import threading
 import time
 from contextlib import suppress
@@ -48,6 +47,8 @@ import uvicorn
 
 from service.api.process import STOP, STOP_TIMEOUT_S, UP, ApiLink, run_api
 from service.config import Settings
+from service.run_dir import RunDir
+from service.run_dir import remove_stale as remove_stale_run_dirs
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +133,9 @@ class Supervisor:
 
     def run(self) -> int:
         """Serve until SIGINT/SIGTERM (0) or a failure that stops the service (1)."""
-        self.run_dir = Path(tempfile.mkdtemp(prefix="nextword-"))
+        remove_stale_run_dirs()  # left by a supervisor that was killed
+        run_dir = RunDir()
+        self.run_dir = run_dir.path
         self.address = f"ipc://{self.run_dir}/engine"
         metrics_dir = self.run_dir / "metrics"
         metrics_dir.mkdir()
@@ -144,7 +147,7 @@ class Supervisor:
         try:
             return self._run()
         finally:
-            shutil.rmtree(self.run_dir, ignore_errors=True)
+            run_dir.remove()
 
     def _run(self) -> int:
         self.engine = self._start_engine()
@@ -337,6 +340,7 @@ def serve(settings: Settings, **uvicorn_options: Any) -> int:
 
     limits = ConnectionLimits(
         header_timeout_s=settings.header_timeout_s,
+        max_header_bytes=settings.max_header_bytes,
         max_connections=settings.max_connections,
         max_connections_per_client=settings.max_connections_per_client,
         ws_send_timeout_s=settings.ws_send_timeout_s,

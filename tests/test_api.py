@@ -469,3 +469,24 @@ def test_lifespan_closes_the_predictor(tiny_artifacts: Path) -> None:
     assert app.state.predictor is None and not predictor.ready
     with TestClient(app) as client:  # a restart starts a fresh predictor
         assert client.get("/readyz").status_code == 200
+
+
+def test_a_feed_sent_again_with_its_idempotency_key_is_not_applied_twice(client: Any) -> None:
+    sid = client.post("/v1/sessions", json={"text": "the"}).json()["session_id"]
+    key = {"Idempotency-Key": "feed-1"}
+    first = client.post(f"/v1/sessions/{sid}/feed", json={"text": "cat sat"}, headers=key)
+    again = client.post(f"/v1/sessions/{sid}/feed", json={"text": "cat sat"}, headers=key)
+    assert first.status_code == again.status_code == 200
+    # The same answer (to batching's float rounding), the context unchanged.
+    assert again.json()["tokens"] == first.json()["tokens"]
+    assert_same_predictions(again.json()["predictions"], first.json()["predictions"])
+    assert client.get(f"/v1/sessions/{sid}").json()["tokens"] == first.json()["tokens"]
+    # Another text under the same key is another step; no key: always applied.
+    other = client.post(f"/v1/sessions/{sid}/feed", json={"text": "on"}, headers=key)
+    assert other.json()["tokens"] == first.json()["tokens"] + 1
+    plain = [client.post(f"/v1/sessions/{sid}/feed", json={"text": "on"}) for _ in range(2)]
+    assert [p.json()["tokens"] for p in plain] == [other.json()["tokens"] + i for i in (1, 2)]
+    too_long = client.post(
+        f"/v1/sessions/{sid}/feed", json={"text": "on"}, headers={"Idempotency-Key": "x" * 200}
+    )
+    assert too_long.status_code == 422

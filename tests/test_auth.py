@@ -211,3 +211,30 @@ def test_the_access_log_is_redacted() -> None:
     )
     assert all(f.filter(record) for f in handler.filters)
     assert "s3cret" not in record.getMessage()
+
+
+@pytest.mark.parametrize("keys", [True, False])
+def test_every_step_names_whose_queue_share_it_takes(tiny_artifacts: Path, keys: bool) -> None:
+    settings = api_settings(tiny_artifacts, api_keys=f"alice:{ALICE}" if keys else "")
+    headers = {"Authorization": f"Bearer {ALICE}"} if keys else {}
+    with TestClient(create_app(settings)) as client:
+        engine = client.app.state.predictor.engine  # type: ignore[attr-defined]
+        clients: list[str] = []
+        call = engine.call
+
+        async def recording(request: Any) -> Any:
+            clients.append(getattr(request, "client", None))
+            return await call(request)
+
+        engine.call = recording
+        assert client.post("/v1/predict", json={"text": "the"}, headers=headers).status_code == 200
+        made = client.post("/v1/sessions", json={"text": "the"}, headers=headers)
+        sid = made.json()["session_id"]
+        fed = client.post(f"/v1/sessions/{sid}/feed", json={"text": "cat"}, headers=headers)
+        assert fed.status_code == 200
+        with client.websocket_connect("/v1/stream", headers=headers) as ws:
+            ws.receive_json()
+            ws.send_json({"text": "the"})
+            assert ws.receive_json()["type"] == "predictions"
+    expected = "alice" if keys else "addr:testclient"
+    assert clients and set(clients) == {expected}

@@ -727,3 +727,66 @@ async def test_chunked_equals_whole_with_the_bundled_lstm() -> None:
         np.testing.assert_allclose(result.probs, want.probs, atol=1e-4)
     assert answers[0].ids.tolist() == answers[1].ids.tolist()  # session == stateless
     np.testing.assert_allclose(answers[0].probs, answers[1].probs, atol=1e-4)
+
+
+async def test_a_client_over_its_queue_share_is_refused_and_others_still_queue(
+    runner: FakeRunner, store: CountingStore
+) -> None:
+    b = StepBatcher(runner, store, max_batch=1, max_wait_ms=0, max_queue=8, queue_share=0.25)
+    await b.start()
+    runner.gate = threading.Event()
+    first = asyncio.ensure_future(b.step(Step([4], client="alice")))
+    assert await asyncio.to_thread(runner.entered.wait, 10)
+    alice = [asyncio.ensure_future(b.step(Step([5], client="alice")))]  # 2 of her 2
+    await asyncio.sleep(0)
+    with pytest.raises(Overloaded) as refused:
+        b.submit(Step([6], client="alice"))
+    assert "share" in refused.value.message and refused.value.retry_after_s is not None
+    bob = [asyncio.ensure_future(b.step(Step([7], client="bob"))) for _ in range(2)]
+    anyone = asyncio.ensure_future(b.step(Step([8])))  # no client: takes no share
+    await asyncio.sleep(0)
+    assert b.queue_depth == 4
+    runner.gate.set()
+    await asyncio.gather(first, *alice, *bob, anyone)
+    assert b.shares.held == {}  # every answered step gave its place back
+    again = await b.step(Step([6], client="alice"))
+    assert again.ids.size
+    await b.stop()
+
+
+async def test_a_cancelled_step_gives_its_share_back(
+    runner: FakeRunner, store: CountingStore
+) -> None:
+    b = StepBatcher(runner, store, max_batch=1, max_wait_ms=0, max_queue=4, queue_share=0.25)
+    await b.start()
+    runner.gate = threading.Event()
+    first = asyncio.ensure_future(b.step(Step([4], client="bob")))
+    assert await asyncio.to_thread(runner.entered.wait, 10)
+    waiting = b.submit(Step([5], client="alice"))
+    with pytest.raises(Overloaded):
+        b.submit(Step([5], client="alice"))
+    waiting.cancel()  # her client left
+    await asyncio.sleep(0)
+    later = b.submit(Step([5], client="alice"))
+    runner.gate.set()
+    await asyncio.gather(first, later)
+    await b.stop()
+
+
+async def test_a_step_with_its_sessions_last_step_id_is_answered_not_applied_again(
+    batcher: StepBatcher, store: CountingStore
+) -> None:
+    await batcher.step(Step([4, 5], session_id="s", create=True))
+    first = await batcher.step(Step([6, 7], session_id="s", step_id="m1"))
+    record = await store.get("s")
+    assert (record.tokens, record.last_step) == (4, "m1")
+    again = await batcher.step(Step([6, 7], session_id="s", step_id="m1"))  # a retry
+    assert again.tokens == first.tokens == 4
+    assert np.array_equal(again.ids, first.ids) and np.allclose(again.probs, first.probs)
+    assert (await store.get("s")).tokens == 4
+    other = await batcher.step(Step([6, 7], session_id="s", step_id="m2"))  # a new step
+    assert other.tokens == 6
+    plain = await batcher.step(Step([8], session_id="s"))  # no id: always applied
+    assert plain.tokens == 7 and (await store.get("s")).last_step == ""
+    older = await batcher.step(Step([6, 7], session_id="s", step_id="m2"))  # not the last
+    assert older.tokens == 9

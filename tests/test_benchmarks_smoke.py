@@ -275,3 +275,17 @@ def test_the_adaptation_benchmark_measures_every_mode(tiny_artifacts: Path, tmp_
     remembered = [r for r in rows if r["mode"] != "no memory"]
     assert all(r["memory_bytes"] == 0 and r["remembered"] == 0 for r in no_memory)
     assert all(r["memory_bytes"] > 0 and r["remembered"] > 0 for r in remembered)
+
+
+@pytest.mark.parametrize("probe", ["headers", "abandon", "fair", "behind", "retry"])
+def test_bench_limits_round2_reports_render(probe: str) -> None:
+    # The probes of hardening round 2 start servers (and Redis) of their own for minutes:
+    # their committed reports are rendered again by today's table code.
+    from benchmarks import bench_limits as bench
+    from benchmarks.lib.results import RESULTS
+
+    report = json.loads((RESULTS / f"limits-round2-{probe}.json").read_text())
+    assert probe in bench.PROBES and list(report["probes"]) == [probe]
+    text = bench.table(report)
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "variant" not in line]
+    assert f"{probe}:" in text and len(rows) >= 2  # before and now (behind: and through)

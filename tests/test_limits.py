@@ -218,3 +218,70 @@ def test_a_client_that_pipelines_and_leaves_logs_no_traceback(server: LiveServer
 
     asyncio.run(probe())
     assert "Traceback" not in server.log()
+
+
+def test_a_head_over_the_byte_cap_gets_431_and_is_closed(server: LiveServer) -> None:
+    # 40 KB of one header, never finished: refused for its bytes, not at the deadline.
+    upgrade = b"GET /v1/stream HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    for start in (b"GET /healthz HTTP/1.1\r\n", upgrade):
+        sock = raw(server)
+        with sock:
+            sock.sendall(start + b"Host: x\r\nX-Big: " + b"a" * 40_000)
+            answer = read_all(sock)
+        assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
+        assert b"headers_too_large" in answer
+
+
+def test_many_headers_under_the_byte_cap_are_served(server: LiveServer) -> None:
+    sock = raw(server)
+    with sock:
+        headers = "".join(f"X-H{i}: {'v' * 200}\r\n" for i in range(100))  # ~21 KB
+        sock.sendall(f"GET /healthz HTTP/1.1\r\nHost: x\r\n{headers}\r\n".encode())
+        assert read_response(sock).startswith(b"HTTP/1.1 200 ")
+        # The count starts again with each request of a keep-alive connection.
+        sock.sendall(f"GET /healthz HTTP/1.1\r\nHost: x\r\n{headers}\r\n".encode())
+        assert read_response(sock).startswith(b"HTTP/1.1 200 ")
+
+
+def test_a_declared_body_over_the_limit_gets_413_and_the_connection_closes(
+    server: LiveServer,
+) -> None:
+    sock = raw(server)
+    with sock:
+        sock.sendall(
+            b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 100000000\r\n\r\n" + b"{" * 1000
+        )
+        answer = read_all(sock)  # closed: the 100 MB are never read
+    assert answer.startswith(b"HTTP/1.1 413 ")
+
+
+def test_a_text_frame_that_is_not_utf8_closes_with_1007_and_one_log_line(
+    server: LiveServer,
+) -> None:
+    async def probe() -> None:
+        async with connect(ws_url(server)) as ws:
+            assert json.loads(await ws.recv())["type"] == "ready"
+            await ws.send(b'{"text": "\xff\xfe"}', text=True)
+            with pytest.raises(websockets.ConnectionClosed):
+                await asyncio.wait_for(ws.recv(), 30)
+            assert ws.close_code == 1007
+
+    asyncio.run(probe())
+    deadline = time.monotonic() + 10
+    while "is not UTF-8" not in server.log() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "a text frame is not UTF-8" in server.log()
+    assert "Traceback" not in server.log()
+
+
+def test_a_content_length_of_thousands_of_digits_is_refused(server: LiveServer) -> None:
+    sock = raw(server)
+    with sock:
+        sock.sendall(
+            b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: " + b"9" * 5000 + b"\r\n\r\n{}"
+        )
+        answer = read_all(sock)
+    assert answer.startswith((b"HTTP/1.1 400 ", b"HTTP/1.1 413 ")), answer[:200]
+    assert "Traceback" not in server.log()

@@ -6,6 +6,7 @@ import asyncio
 import itertools
 import time
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -221,13 +222,30 @@ async def test_format_1_records_are_still_read(store) -> None:
     rec = record("old")
     data = bytearray(encode_record(rec, 4))
     name_end = 47 + len(rec.model)
-    # Format 1: no owner, no memory header (both empty here: 2 + 5 bytes).
-    old = bytes(b"NWS\x01" + data[4:name_end] + data[name_end + 7 :])
+    # Format 1: no owner, no memory header, no last step (all empty here: 2 + 5 + 1 bytes).
+    old = bytes(b"NWS\x01" + data[4:name_end] + data[name_end + 8 :])
     await store._redis.set(store._key("old"), old)
     got = await store.get("old")
     assert (got.version, got.owner, got.tokens) == (4, "", rec.tokens)
     assert all(np.array_equal(a, b) for a, b in zip(got.state, rec.state))
     assert await store.put_many([rec], [4]) == [True]  # the CAS reads the version only
+
+
+async def test_format_2_records_are_still_read_and_the_last_step_round_trips(store) -> None:
+    from service.store.redis import encode_record
+
+    rec = record("two")
+    data = bytearray(encode_record(rec, 3))
+    name_end = 47 + len(rec.model)
+    # Format 2: no last step (its length byte follows the owner and the memory header).
+    old = bytes(b"NWS\x02" + data[4 : name_end + 7] + data[name_end + 8 :])
+    await store._redis.set(store._key("two"), old)
+    got = await store.get("two")
+    assert (got.version, got.last_step, got.tokens) == (3, "", rec.tokens)
+    stepped = replace(got, last_step="0123456789abcdef01234567")
+    assert await store.put_many([stepped], [3]) == [True]
+    again = await store.get("two")
+    assert again.last_step == "0123456789abcdef01234567" and again.version == 4
 
 
 async def test_the_writers_words_round_trip(store) -> None:
@@ -282,3 +300,46 @@ async def test_typed_words_of_any_length_round_trip(store) -> None:
     assert await store.put_many([rec], [None]) == [True]
     got = await store.get(rec.session_id)
     assert got.memory is not None and got.memory.words == (long_word, "é")
+
+
+async def test_a_hung_redis_fails_reads_and_writes_then_recovers(
+    redis_server: RedisServer,
+) -> None:
+    import os
+    import signal
+
+    from service.errors import OutcomeUnknown, StoreUnavailable
+    from service.store.redis import RedisSessionStore
+
+    store = RedisSessionStore.from_url(redis_server.url, ttl_s=60, timeout_s=0.3)
+    first = record("hung")
+    assert await store.put_many([first], [None]) == [True]
+    assert redis_server.proc is not None
+    os.kill(redis_server.proc.pid, signal.SIGSTOP)  # up, but answering nothing
+    try:
+        # On the connection already open: the write is sent, and never answered.
+        with pytest.raises(OutcomeUnknown):
+            await asyncio.wait_for(store.put_many([record("hung")], [1]), 60)
+        with pytest.raises(StoreUnavailable) as read:
+            await asyncio.wait_for(store.get_many(["hung"]), 60)
+        assert not isinstance(read.value, OutcomeUnknown)  # a read changes nothing
+    finally:
+        os.kill(redis_server.proc.pid, signal.SIGCONT)
+    (got,) = await asyncio.wait_for(store.get_many(["hung"]), 60)  # back by itself
+    # Applied after all, when Redis resumed: why the error could not say "not applied".
+    assert got is not None and got.version == 2
+    await store.close()
+
+
+async def test_a_write_to_no_redis_at_all_is_not_applied() -> None:
+    from service.errors import StoreUnavailable
+    from service.store.redis import RedisSessionStore
+    from tests.redis_server import free_port
+
+    store = RedisSessionStore.from_url(f"redis://127.0.0.1:{free_port()}/0", timeout_s=0.3)
+    with pytest.raises(StoreUnavailable) as refused:
+        await store.put_many([record("nowhere")], [None])
+    from service.errors import OutcomeUnknown
+
+    assert not isinstance(refused.value, OutcomeUnknown)  # never sent: not applied
+    await store.close()

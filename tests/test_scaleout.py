@@ -263,3 +263,67 @@ def test_redis_down_gives_503_then_recovers(
         )
     # The old session went with the old Redis (no persistence): a clean 404.
     assert httpx.get(f"{a}/v1/sessions/{sid}", timeout=10).status_code == 404
+
+
+async def test_retries_after_a_frozen_redis_never_apply_a_word_twice(
+    tiny_artifacts: Path, tmp_path: Path
+) -> None:
+    """Streams that resend a message (same `id`) until it is answered; Redis frozen
+    (SIGSTOP) meanwhile: a write sent before the freeze is applied when Redis resumes, and
+    its retry must be recognised. No session may hold more words than it acknowledged."""
+    from tests.live_server import LiveServer
+
+    redis = RedisServer()
+    redis.start()
+    live = LiveServer(
+        tiny_artifacts,
+        tmp_path / "server.log",
+        NEXTWORD_SESSION_STORE=redis.url,
+        NEXTWORD_SESSION_STORE_TIMEOUT_S="0.3",
+    )
+    try:
+        live.start()
+        uri = f"ws://127.0.0.1:{live.port}/v1/stream"
+        acked: dict[str, int] = {}
+        errors: dict[str, int] = {}
+        frozen = asyncio.Event()
+        thawed = asyncio.Event()
+
+        async def stream(words: int) -> None:
+            async with websockets.connect(uri) as ws:
+                sid = json.loads(await ws.recv())["session_id"]
+                acked[sid] = 0
+                for i in range(words):
+                    if i == words // 3:
+                        await frozen.wait()  # every stream types across the freeze
+                    message = json.dumps({"text": WORDS[i % len(WORDS)], "id": i})
+                    while True:  # resent, same id, until answered
+                        await ws.send(message)
+                        answer = json.loads(await ws.recv())
+                        if answer["type"] == "predictions":
+                            assert answer["id"] == i
+                            acked[sid] = answer["tokens"]
+                            break
+                        code = answer["error"]["code"]
+                        errors[code] = errors.get(code, 0) + 1
+                        await asyncio.sleep(0.05)
+
+        streams = asyncio.gather(*(stream(30) for _ in range(8)))
+        await asyncio.sleep(1.0)
+        assert redis.proc is not None
+        os.kill(redis.proc.pid, signal.SIGSTOP)
+        frozen.set()
+        await asyncio.sleep(2.0)
+        os.kill(redis.proc.pid, signal.SIGCONT)
+        thawed.set()
+        await asyncio.wait_for(streams, 240)
+        assert errors, "the freeze failed no step: the test tested nothing"
+        async with httpx.AsyncClient(base_url=live.url, timeout=30) as http:
+            for sid, words in acked.items():
+                stored = (await http.get(f"/v1/sessions/{sid}")).json()["tokens"]
+                assert stored == words == 30, (sid, stored, words, errors)
+    finally:
+        if redis.proc is not None and redis.proc.poll() is None:
+            os.kill(redis.proc.pid, signal.SIGCONT)
+        live.stop()
+        redis.stop()

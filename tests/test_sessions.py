@@ -512,3 +512,19 @@ async def test_a_state_read_is_a_copy_of_its_own(clock: Clock) -> None:
     # A long step holds its record across batches: it must not keep the batch's read alive.
     base = got[0].state[0].base
     assert base is not None and base.nbytes == sum(a.nbytes for a in got[0].state)
+
+
+async def test_the_last_step_id_is_kept_with_the_session_and_forgotten_with_it() -> None:
+    from dataclasses import replace
+
+    store = MemorySessionStore(ttl_s=60.0, cap=10)
+    assert await store.put_many([replace(record("a"), last_step="abc")], [None]) == [True]
+    (got,) = await store.get_many(["a"])
+    assert got is not None and got.last_step == "abc"
+    assert await store.put_many([replace(got, last_step="")], [got.version]) == [True]
+    assert (await store.get("a")).last_step == ""  # a step without an id clears it
+    await store.put_many([replace(record("b"), last_step="x")], [None])
+    await store.delete("b")
+    await store.put_many([record("b")], [None])
+    assert (await store.get("b")).last_step == ""
+    await store.close()

@@ -169,3 +169,96 @@ async def test_flushes_never_overlap(redis_url: str) -> None:
     assert seen is not None and seen.tokens == 6
     await store.close()
     await other.close()
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Gated(Counting):
+    """A shared store whose writes wait for `open` (a hung Redis, until it is set)."""
+
+    def __init__(self, inner: Any) -> None:
+        super().__init__(inner)
+        self.open = asyncio.Event()
+        self.open.set()
+
+    def __getattr__(self, name: str) -> Any:
+        attr = super().__getattr__(name)
+        if name != "put_many":
+            return attr
+
+        async def gated(*args: Any) -> Any:
+            await self.open.wait()
+            return await attr(*args)
+
+        return gated
+
+
+def behind_over_memory(window_s: float = 1.0) -> tuple[TieredSessionStore, Gated, Clock]:
+    from service.store import MemorySessionStore
+
+    clock = Clock()
+    shared = Gated(MemorySessionStore(ttl_s=60, cap=100))
+    store = TieredSessionStore(
+        shared,  # type: ignore[arg-type]
+        write="behind",
+        ttl_s=60,
+        behind_window_s=window_s,
+        flush_interval_s=3600,  # flushed by the test
+        clock=clock,
+    )
+    return store, shared, clock
+
+
+async def test_write_behind_stops_answering_once_the_window_is_full() -> None:
+    from service.errors import StoreUnavailable
+
+    store, shared, clock = behind_over_memory(window_s=1.0)
+    shared.open.clear()  # Redis hangs: nothing is flushed
+    assert await store.put_many([record("w")], [None]) == [True]
+    flushing = asyncio.ensure_future(store.flush())
+    clock.now += 0.9
+    (got,) = await store.get_many(["w"])
+    assert got is not None and store.unflushed_age() == pytest.approx(0.9)
+    assert await store.put_many([replace(got, tokens=4)], [got.version]) == [True]  # within
+    clock.now += 0.2  # the oldest step not flushed is now 1.1 s old
+    (got,) = await store.get_many(["w"])
+    assert got is not None
+    with pytest.raises(StoreUnavailable, match="behind"):
+        await store.put_many([replace(got, tokens=5)], [got.version])
+    assert (await store.get("w")).tokens == 4  # the refused step was not applied
+    shared.open.set()  # Redis is back: the flush catches up
+    await flushing
+    await store.flush()  # the step written during the first flush
+    assert store.unflushed_age() == 0.0
+    (got,) = await store.get_many(["w"])
+    assert got is not None
+    assert await store.put_many([replace(got, tokens=5)], [got.version]) == [True]
+    await store.flush()
+    assert (await shared.inner.get("w")).tokens == 5  # every answered step reached it
+    before = REGISTRY.get_sample_value("nextword_store_conflicts_total") or 0.0
+    assert (REGISTRY.get_sample_value("nextword_store_conflicts_total") or 0.0) == before
+    await store.close()
+
+
+async def test_a_session_written_again_during_a_flush_is_flushed_without_a_conflict() -> None:
+    store, shared, _ = behind_over_memory()
+    before = REGISTRY.get_sample_value("nextword_store_conflicts_total") or 0.0
+    await store.put_many([record("x")], [None])
+    shared.open.clear()
+    flushing = asyncio.ensure_future(store.flush())
+    await asyncio.sleep(0)
+    (got,) = await store.get_many(["x"])
+    assert got is not None
+    await store.put_many([replace(got, tokens=7)], [got.version])  # during the flush
+    shared.open.set()
+    await flushing
+    await store.flush()
+    assert (REGISTRY.get_sample_value("nextword_store_conflicts_total") or 0.0) == before
+    assert (await shared.inner.get("x")).tokens == 7
+    await store.close()

@@ -115,6 +115,9 @@ def test_session_deleted_while_connected_gets_an_error_then_4404(client: TestCli
         ("k=0", "bad_input", 4422),
         ("k=1000", "bad_input", 4422),
         ("k=five", "bad_input", 4422),
+        ("k=" + "9" * 5000, "bad_input", 4422),  # past int()'s 4,300 digits: no traceback
+        ("k=" + "0" * 5000, "bad_input", 4422),
+        ("adapt=" + "x" * 5000, "bad_input", 4422),
     ],
 )
 def test_bad_connect_parameters_get_an_error_then_close(
@@ -354,3 +357,18 @@ def test_an_integral_float_k_is_an_integer_as_over_rest(client: TestClient) -> N
         ws.receive_json()
         assert len(ask(ws, {"text": "i", "k": 3.0})["predictions"]) == 3
         assert_in_band_error(ask(ws, {"text": "i", "k": 2.5, "id": 1}), id=1)
+
+
+def test_a_message_sent_again_with_its_id_is_answered_not_applied_twice(
+    client: TestClient,
+) -> None:
+    with client.websocket_connect("/v1/stream") as ws:
+        ws.receive_json()
+        first = ask(ws, {"text": "the cat", "id": "m-1"})
+        again = ask(ws, {"text": "the cat", "id": "m-1"})  # a retry: its answer was lost
+        assert again["tokens"] == first["tokens"] == 2
+        assert_same_predictions(again["predictions"], first["predictions"])
+        assert ask(ws, {"text": "the cat", "id": "m-2"})["tokens"] == 4
+        assert ask(ws, {"type": "reset", "id": 9})["tokens"] == 0
+        assert ask(ws, {"text": "sat", "id": 10})["tokens"] == 1
+        assert ask(ws, {"type": "reset", "id": 9})["tokens"] == 0  # not the last step: applied

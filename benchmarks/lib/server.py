@@ -68,8 +68,10 @@ class ServerProcess:
         ready_path: str = "/readyz",
         ready: Callable[[], bool] | None = None,
         log_dir: Path | None = None,
+        cwd: Path | None = None,
     ) -> None:
         self.name = name
+        self.cwd = cwd or ROOT  # another checkout's root runs that checkout's code
         self.command = command
         self.env = env or {}
         self.port = port
@@ -95,7 +97,7 @@ class ServerProcess:
         with self.log.open("wb") as out:
             self.proc = subprocess.Popen(
                 self.command,
-                cwd=ROOT,
+                cwd=self.cwd,
                 env={**os.environ, **self.env},
                 stdout=out,
                 stderr=subprocess.STDOUT,

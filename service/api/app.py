@@ -25,6 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service import heap, metrics
 from service.api.auth import AccessControl, ApiKeys, RateLimiter
 from service.api.deps import PredictorFactory
+from service.api.disconnects import ABANDONED, CancelOnDisconnect
 from service.api.errors import BODY_TOO_LARGE, error_response, install_error_handlers
 from service.api.predictor import Predictor
 from service.api.process import api_link, report_up
@@ -57,7 +58,12 @@ class BodySizeLimit:
             await self.app(scope, receive, send)
             return
         declared = Headers(scope=scope).get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+        if (
+            declared is not None
+            and declared.isascii()
+            and declared.isdigit()
+            and (len(declared) > 18 or int(declared) > self.limit)  # int(): at most 4,300 digits
+        ):
             await self.too_large()(scope, receive, send)
             return
         received = 0
@@ -77,7 +83,13 @@ class BodySizeLimit:
         await self.app(scope, receive_within_limit, send)
 
     def too_large(self) -> JSONResponse:
-        return error_response(413, "too_large", f"request body over the {self.limit}-byte limit")
+        # Closed after the answer: the rest of the body is never read.
+        return error_response(
+            413,
+            "too_large",
+            f"request body over the {self.limit}-byte limit",
+            headers={"Connection": "close"},
+        )
 
 
 # --- metrics -----------------------------------------------------------------------
@@ -110,6 +122,8 @@ class RequestMetrics:
             # The router leaves the matched route in the scope: label by its template
             # (bounded cardinality), never by the raw path.
             route = getattr(scope.get("route"), "path", "<unmatched>")
+            if scope.get(ABANDONED):
+                status = 499  # the client closed the connection before the answer
             method = scope["method"] if scope["method"] in KNOWN_METHODS else "OTHER"
             metrics.HTTP_REQUEST_SECONDS.labels(method, route).observe(time.perf_counter() - start)
             metrics.HTTP_REQUESTS.labels(method, route, str(status)).inc()
@@ -149,7 +163,17 @@ connect the server sends `{"type": "ready", "session_id", "model", "tokens",
 "reset"}`) is answered, in order, by `{"type": "predictions", "session_id",
 "tokens", "predictions", "id"}`; a bad message by `{"type": "error", "error":
 {"code", "message"}, "id"}` (the connection stays open). An unknown `session_id`
-on connect closes with 4404, an over-size frame with 1009.
+on connect closes with 4404, an over-size frame with 1009, a text frame that is not
+UTF-8 with 1007.
+
+A message sent again with the same `id` and text as the session's last step (a retry
+after `outcome_unknown` or a lost connection) is answered, not applied twice; a REST feed
+does the same with an `Idempotency-Key` header.
+
+A request line and headers over `NEXTWORD_MAX_HEADER_BYTES` (32 KiB) together get 431
+`headers_too_large` and the connection is closed. A REST request whose client disconnects
+before its answer is cancelled: its step in the engine is dropped (or stops at its next
+chunk).
 
 If the engine process crashes, the service restarts it in place: connections stay open,
 and a message pending meanwhile is answered `{"type": "error", "error": {"code":
@@ -211,6 +235,7 @@ def create_app(
         limiter=app.state.rate_limiter,
         protect_metrics=settings.protect_metrics,
     )
+    app.add_middleware(CancelOnDisconnect)  # a client that leaves aborts its step
     app.add_middleware(RequestMetrics)  # outermost: refusals are counted too
     install_error_handlers(app)
     app.include_router(ops_router(settings))

@@ -5,12 +5,19 @@ uvicorn's own protocols, with what they lack on an open network:
 - a header deadline: a request (or WebSocket upgrade) whose headers are not complete
   `header_timeout_s` after its first byte (or after the connection opened) is closed,
   with 408 if a request had begun; slow-loris connections are not held;
+- a cap on a request's head (request line and headers together, `max_header_bytes`):
+  httptools keeps an unfinished header in memory whatever its length, so the bytes of a
+  head still incomplete are counted as they arrive, and past the cap the request gets 431
+  and the connection is closed (the deadline bounds time, this bounds bytes). A body is
+  held to 64 KB by uvicorn's flow control and to the body limit by `BodySizeLimit`;
 - a cap on open connections (HTTP and WebSocket together), total and per client address,
   checked when the connection opens: over it, 503 (total) or 429 (per address), closed;
 - a WebSocket whose client does not read: once the send buffer is over the high-water
   mark for `ws_send_timeout_s`, the connection is aborted (a close frame cannot reach
   a client that does not read); an unanswered ping or a close that cannot be delivered
   also ends in an abort instead of holding the socket;
+- a text frame that is not UTF-8 closes the stream with 1007 and one log line (uvicorn
+  logs a traceback at ERROR for each);
 - an upgrade request refused by the WebSocket parser (a request line over 8 KB: 414,
   header fields too large: 431) gets its answer and is closed (uvicorn drops it).
 
@@ -32,6 +39,7 @@ from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIO
 log = logging.getLogger(__name__)
 
 LOG_EVERY_S = 10.0
+LINGER_S = 2.0  # a refused request's connection drops what the client still sends this long
 
 
 @dataclass(frozen=True)
@@ -39,6 +47,7 @@ class ConnectionLimits:
     """The limits of one API process (0 = no limit)."""
 
     header_timeout_s: float = 10.0
+    max_header_bytes: int = 0
     max_connections: int = 0
     max_connections_per_client: int = 0
     ws_send_timeout_s: float = 20.0
@@ -134,6 +143,9 @@ REFUSALS = {
     ),
 }
 TIMEOUT_408 = plain_response(408, "request_timeout", "request headers not received in time")
+HEADERS_431 = plain_response(
+    431, "headers_too_large", "the request line and headers are over the size limit"
+)
 
 
 class HttpProtocol(HttpToolsProtocol):
@@ -141,6 +153,12 @@ class HttpProtocol(HttpToolsProtocol):
 
     header_timer: asyncio.TimerHandle | None = None
     request_begun = False
+    # Bytes of the head being received (request line and headers, not complete yet); None
+    # while a body is read. A chunk in which a message ends holds the next head's first
+    # bytes but is not counted: at most one read (256 KB) escapes the count.
+    head_bytes: int | None = 0
+    message_ended = False
+    discarding = False  # refused: what still arrives is read and dropped until the close
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -165,6 +183,29 @@ class HttpProtocol(HttpToolsProtocol):
             self.header_timer.cancel()
             self.header_timer = None
 
+    def data_received(self, data: bytes) -> None:
+        if self.discarding:
+            return
+        self.message_ended = False
+        super().data_received(data)
+        if self.head_bytes is None or self.message_ended or self.transport.is_closing():
+            return
+        self.head_bytes += len(data)
+        cap = self.limits.max_header_bytes
+        if cap and self.head_bytes > cap:
+            self.stop_header_timer()
+            self.transport.write(HEADERS_431)
+            self.linger()
+
+    def linger(self) -> None:
+        """Close after an answer, reading (and dropping) what still comes for `LINGER_S`:
+        closing a socket with unread bytes resets it, and the client would lose the answer
+        (a lingering close, as nginx and Apache do it)."""
+        self.discarding = True
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self.loop.call_later(LINGER_S, self.transport.close)
+
     def header_timeout(self) -> None:
         self.header_timer = None
         if self.transport.is_closing():
@@ -182,7 +223,13 @@ class HttpProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self.stop_header_timer()
         self.request_begun = False
+        self.head_bytes = None  # the body follows: bounded by flow control and BodySizeLimit
         super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self.head_bytes = 0  # the next request's head starts
+        self.message_ended = True
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.stop_header_timer()
@@ -203,6 +250,21 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
             # which uvicorn never sends: send it, then close.
             self.transport.write(b"".join(self.conn.data_to_send()))
             self.transport.close()
+
+    def send_receive_event_to_app(self) -> None:
+        if self.curr_msg_data_type == "text" and self.frames and not self.close_sent:
+            try:
+                b"".join(self.frames).decode()
+            except UnicodeDecodeError:
+                # uvicorn logs this with a traceback (at ERROR) for every such frame: a
+                # client's mistake, told in one line.
+                client = "%s:%d" % self.client if self.client else "?"  # noqa: UP031
+                log.info("%s - WebSocket closed (1007): a text frame is not UTF-8", client)
+                self.frames = []
+                self.conn.send_close(1007)
+                self.handle_parser_exception()
+                return
+        super().send_receive_event_to_app()
 
     def pause_writing(self) -> None:
         super().pause_writing()

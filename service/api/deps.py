@@ -24,10 +24,10 @@ def get_predictor(connection: HTTPConnection) -> Predictor:
     owner = connection.scope.get(OWNER)
     if owner:
         return cast(Predictor, OwnedPredictor(predictor, owner))
-    if predictor.settings.max_sessions_per_key > 0:  # an open service: quotas per address
-        quota = f"addr:{client_address(connection.scope)}"
-        return cast(Predictor, OwnedPredictor(predictor, "", quota))
-    return predictor
+    # An open service: queue shares (and session quotas, when set) per client address.
+    address = f"addr:{client_address(connection.scope)}"
+    quota = address if predictor.settings.max_sessions_per_key > 0 else ""
+    return cast(Predictor, OwnedPredictor(predictor, "", quota, client=address))
 
 
 PredictorDep = Annotated[Predictor, Depends(get_predictor)]

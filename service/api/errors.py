@@ -5,7 +5,7 @@
     UnknownModel           404                      4404
     UnknownSession         404                      4404
     Overloaded             503 + Retry-After        1013 (try again later)
-    StoreUnavailable       503 + Retry-After        1013
+    StoreUnavailable       503 + Retry-After        1013 (OutcomeUnknown too)
     NotReady               503 + Retry-After        1013
     EngineRestarting       503 + Retry-After        1013 (on connect; in-band on a message)
     Contended              503 + Retry-After        1013
@@ -98,16 +98,21 @@ def close_code(error: NextwordError) -> int:
     return answer_of(error).close
 
 
-def retry_headers(error: NextwordError) -> dict[str, str] | None:
-    """`Retry-After` for an error the client should retry later (the error's own delay when
-    it carries one), else None."""
+def retry_after_s(error: NextwordError) -> int | None:
+    """Seconds the client should wait before retrying (None: not to be retried as is): the
+    error's own figure (an `Overloaded` measured from the queue's drain rate), else the
+    table's."""
     seconds = answer_of(error).retry_after_s
-    if seconds is None:
-        return None
     own = getattr(error, "retry_after_s", None)
-    if own is not None:
-        seconds = max(1, math.ceil(own))
-    return {"Retry-After": str(seconds)}
+    if seconds is not None and own:
+        return max(1, math.ceil(own))
+    return seconds
+
+
+def retry_headers(error: NextwordError) -> dict[str, str] | None:
+    """`Retry-After` for an error the client should retry later, else None."""
+    seconds = retry_after_s(error)
+    return None if seconds is None else {"Retry-After": str(seconds)}
 
 
 def _route_table(app: Any) -> list[tuple[re.Pattern[str], frozenset[str]]]:
@@ -199,7 +204,9 @@ def install_error_handlers(app: FastAPI) -> None:
     async def http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, HTTPException)
         if request.scope.get(BODY_TOO_LARGE):
-            return error_response(413, "too_large", "request body too large")
+            return error_response(
+                413, "too_large", "request body too large", {"Connection": "close"}
+            )
         headers = exc.headers
         if exc.status_code == 405:
             methods = allowed_methods(request)

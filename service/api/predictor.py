@@ -9,6 +9,7 @@ the ids and probabilities it gets back into words in their display form. It rais
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections import OrderedDict
 from datetime import datetime, timezone
@@ -38,6 +39,21 @@ def owned_id(session_id: str, owner: str) -> str:
     finds no session (404), exactly like an id that never existed.
     """
     return f"{owner}/{session_id}" if owner else session_id
+
+
+def step_id(key: str | None, tokens: list[int], typed: list[str], fresh: bool = False) -> str:
+    """The id of a session step ("" without a `key`): the client's key for the step (the
+    stream message's `id`, the `Idempotency-Key` header) and what the step adds, so that
+    two different steps under one key are not taken for one."""
+    if not key:
+        return ""
+    digest = hashlib.blake2b(digest_size=12)
+    digest.update(key.encode("utf-8", "surrogatepass"))
+    digest.update(b"\x00reset\x00" if fresh else b"\x00step\x00")
+    digest.update(np.asarray(tokens, dtype="<i8").tobytes())
+    for word in typed:
+        digest.update(b"\x00" + word.encode("utf-8", "surrogatepass"))
+    return digest.hexdigest()
 
 
 def _iso(timestamp: float) -> str:
@@ -187,7 +203,7 @@ class Predictor:
     async def _call(self, request: Any) -> EngineOutput:
         output = await self.engine.call(request)
         if output.error is not None:
-            raise error_from_code(output.error, output.message)
+            raise error_from_code(output.error, output.message, output.retry_after_s)
         return output
 
     async def _step(
@@ -204,6 +220,8 @@ class Predictor:
         typed: list[str] | None = None,
         prefix: str | None = None,
         forget: bool = False,
+        client: str = "",
+        step_key: str = "",
     ) -> EngineOutput:
         request = StepRequest(
             self.engine.next_id(),
@@ -219,6 +237,8 @@ class Predictor:
             typed=typed or [],
             prefix=prefix or "",
             forget=forget,
+            client=client,
+            step_id=step_key,
         )
         return await self._call(request)
 
@@ -229,15 +249,17 @@ class Predictor:
         model: str | None = None,
         prefix: str | None = None,
         adapt: bool | None = None,
+        client: str = "",
     ) -> dict[str, Any]:
-        """Top k next words after `text` (stateless; adapted to the text itself)."""
+        """Top k next words after `text` (stateless; adapted to the text itself); `client`:
+        whose share of the engine's queue the step takes."""
         name, vocab = self._vocabulary(model)
         k = self._check_k(k)
         adapt = self._check_adapt(adapt)
         prefix_ids = self._prefix_ids(vocab, prefix)
         tokens, typed = self._tokens(vocab, text)
         output = await self._step(
-            name, tokens, k, prefix_ids, adapt=adapt, typed=typed, prefix=prefix
+            name, tokens, k, prefix_ids, adapt=adapt, typed=typed, prefix=prefix, client=client
         )
         return {
             "model": name,
@@ -254,6 +276,7 @@ class Predictor:
         owner: str = "",
         quota: str = "",
         adapt: bool | None = None,
+        client: str = "",
     ) -> dict[str, Any]:
         """A new session holding `text`, and its top k next words; it belongs to `owner`
         and counts against the session quota of `quota` (`NEXTWORD_MAX_SESSIONS_PER_KEY`).
@@ -276,6 +299,7 @@ class Predictor:
             adapt=adapt,
             typed=typed,
             prefix=prefix,
+            client=client,
         )
         self._remember(engine_id, name)
         return self._session_answer(name, vocab, session_id, output)
@@ -288,9 +312,13 @@ class Predictor:
         prefix: str | None = None,
         owner: str = "",
         adapt: bool | None = None,
+        client: str = "",
+        request_key: str | None = None,
     ) -> dict[str, Any]:
         """Append `text` to a session (of `owner`); its top k next words (`adapt`: with the
-        writer's words mixed in or not; None: the session's default)."""
+        writer's words mixed in or not; None: the session's default). `request_key`: the
+        client's id for this step; sent again with the same text after an unknown outcome,
+        the step is answered, not applied twice."""
         session_id = self._check_session_id(session_id)
         k = self._check_k(k)
         adapt = self._check_adapt(adapt)
@@ -302,30 +330,55 @@ class Predictor:
         prefix_ids = self._prefix_ids(vocab, prefix)
         tokens, typed = self._tokens(vocab, text)
         output = await self._step(
-            name, tokens, k, prefix_ids, engine_id, adapt=adapt, typed=typed, prefix=prefix
+            name,
+            tokens,
+            k,
+            prefix_ids,
+            engine_id,
+            adapt=adapt,
+            typed=typed,
+            prefix=prefix,
+            client=client,
+            step_key=step_id(request_key, tokens, typed),
         )
         return self._session_answer(name, vocab, session_id, output)
 
     async def reset(
-        self, session_id: str, k: int = 5, prefix: str | None = None, owner: str = ""
+        self,
+        session_id: str,
+        k: int = 5,
+        prefix: str | None = None,
+        owner: str = "",
+        client: str = "",
+        request_key: str | None = None,
     ) -> dict[str, Any]:
         """Start a session's text afresh (its words forgotten too); the predictions for an
-        empty text."""
+        empty text (`request_key`: as for `feed`)."""
         session_id = self._check_session_id(session_id)
         k = self._check_k(k)
         engine_id = owned_id(session_id, owner)
         name = await self._model_of(engine_id)
         vocab = self.vocabularies[name]
         prefix_ids = self._prefix_ids(vocab, prefix)
-        output = await self._step(name, [], k, prefix_ids, engine_id, fresh=True, prefix=prefix)
+        output = await self._step(
+            name,
+            [],
+            k,
+            prefix_ids,
+            engine_id,
+            fresh=True,
+            prefix=prefix,
+            client=client,
+            step_key=step_id(request_key, [], [], fresh=True),
+        )
         return self._session_answer(name, vocab, session_id, output)
 
-    async def forget_words(self, session_id: str, owner: str = "") -> None:
+    async def forget_words(self, session_id: str, owner: str = "", client: str = "") -> None:
         """Forget the words a session remembers of its writer; its context stays."""
         session_id = self._check_session_id(session_id)
         engine_id = owned_id(session_id, owner)
         name = await self._model_of(engine_id)
-        await self._step(name, [], 1, None, engine_id, forget=True)
+        await self._step(name, [], 1, None, engine_id, forget=True, client=client)
 
     def _session_answer(
         self, name: str, vocab: Vocabulary, session_id: str, output: EngineOutput
@@ -364,18 +417,31 @@ class Predictor:
 
 
 class OwnedPredictor:
-    """The predictor as one API key sees it: the sessions that key created, no others.
+    """The predictor as one API key (or one client address) sees it: the sessions that key
+    created, no others, and its share of the engine's queue.
 
     `quota` is whose session quota a new session counts against: the key (`owner`), or
-    on an open service (no owner: every session is shared) the client's address."""
+    on an open service (no owner: every session is shared) the client's address. `client`
+    is whose share of the engine's queue its steps take (the key, else the address)."""
 
-    def __init__(self, predictor: Predictor, owner: str, quota: str = "") -> None:
+    def __init__(self, predictor: Predictor, owner: str, quota: str = "", client: str = "") -> None:
         self.predictor = predictor
         self.owner = owner
         self.quota = quota or owner
+        self.client = client or owner
 
-    def __getattr__(self, name: str) -> Any:  # models, predict, ready, ...: shared
+    def __getattr__(self, name: str) -> Any:  # models, ready, ...: shared
         return getattr(self.predictor, name)
+
+    async def predict(
+        self,
+        text: str,
+        k: int = 5,
+        model: str | None = None,
+        prefix: str | None = None,
+        adapt: bool | None = None,
+    ) -> dict[str, Any]:
+        return await self.predictor.predict(text, k, model, prefix, adapt, client=self.client)
 
     async def create_session(
         self,
@@ -386,7 +452,14 @@ class OwnedPredictor:
         adapt: bool | None = None,
     ) -> dict[str, Any]:
         return await self.predictor.create_session(
-            text, k, model, prefix, owner=self.owner, quota=self.quota, adapt=adapt
+            text,
+            k,
+            model,
+            prefix,
+            owner=self.owner,
+            quota=self.quota,
+            adapt=adapt,
+            client=self.client,
         )
 
     async def feed(
@@ -396,11 +469,29 @@ class OwnedPredictor:
         k: int = 5,
         prefix: str | None = None,
         adapt: bool | None = None,
+        request_key: str | None = None,
     ) -> dict[str, Any]:
-        return await self.predictor.feed(session_id, text, k, prefix, owner=self.owner, adapt=adapt)
+        return await self.predictor.feed(
+            session_id,
+            text,
+            k,
+            prefix,
+            owner=self.owner,
+            adapt=adapt,
+            client=self.client,
+            request_key=request_key,
+        )
 
-    async def reset(self, session_id: str, k: int = 5, prefix: str | None = None) -> dict[str, Any]:
-        return await self.predictor.reset(session_id, k, prefix, owner=self.owner)
+    async def reset(
+        self,
+        session_id: str,
+        k: int = 5,
+        prefix: str | None = None,
+        request_key: str | None = None,
+    ) -> dict[str, Any]:
+        return await self.predictor.reset(
+            session_id, k, prefix, owner=self.owner, client=self.client, request_key=request_key
+        )
 
     async def session_info(self, session_id: str) -> dict[str, Any]:
         return await self.predictor.session_info(session_id, owner=self.owner)
@@ -409,4 +500,4 @@ class OwnedPredictor:
         await self.predictor.delete_session(session_id, owner=self.owner)
 
     async def forget_words(self, session_id: str) -> None:
-        await self.predictor.forget_words(session_id, owner=self.owner)
+        await self.predictor.forget_words(session_id, owner=self.owner, client=self.client)

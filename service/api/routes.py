@@ -8,7 +8,7 @@ from http import HTTPStatus
 from pathlib import Path as FilePath
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Path, Request, Response
+from fastapi import APIRouter, Header, Path, Request, Response
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import Field
@@ -33,6 +33,15 @@ from service.contract.limits import MAX_SESSION_ID_CHARS
 from service.errors import NotReady
 
 SessionId = Annotated[str, Path(max_length=MAX_SESSION_ID_CHARS, description="A session's id.")]
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        max_length=128,
+        description="The client's id for this feed. Sent again with the same text (a retry "
+        "after `outcome_unknown`, a timeout or a lost connection), the feed is answered as "
+        "the first was and not applied a second time, if it was the session's last step.",
+    ),
+]
 
 # Every status a route can answer is declared (schemathesis checks it in the tests); the
 # body of each is `ErrorResponse`. What the codes mean: `service.errors`, `service.api.errors`.
@@ -40,18 +49,23 @@ ERROR_DOCS = {
     400: "The body is not JSON (code `bad_input`).",
     401: "With API keys configured: no key, or not a valid one (`unauthorized`).",
     404: "No such model or session (`unknown_model`, `unknown_session`).",
-    413: "The body is over the size limit (`too_large`).",
+    413: "The body is over the size limit (`too_large`); the connection is closed.",
     422: "A field or parameter is not acceptable (`bad_input`).",
     429: "Over the key's request rate (`rate_limited`, with `retry_after_ms`): retry after "
     "`Retry-After` seconds.",
     500: "The model run failed (`step_failed`; no session was changed) or an internal error.",
-    503: "Retry after `Retry-After` seconds: overloaded, session store unavailable, the "
-    "session contended by concurrent writers, the service starting or stopping, or its "
-    "engine process restarting after a crash (`overloaded`, `store_unavailable`, "
-    "`contended`, `not_ready`, `engine_restarting`). An `engine_restarting` answer carries "
-    "`retry_after_ms` and `maybe_applied`: false, the request was not applied; true (a "
-    "session step that reached the engine, sessions kept in Redis), it may have been: the "
-    "session's `tokens` (`GET /v1/sessions/{id}`) tells which before a retry.",
+    503: "Retry after `Retry-After` seconds: overloaded (the model's queue is full, or this "
+    "key, or this address without keys, holds its share of it: `Retry-After` then comes from "
+    "the queue's measured drain rate), session store unavailable (Redis down, not answering, "
+    "or written behind by more than its window; nothing was applied), the store not "
+    "answering a write in time (`outcome_unknown`: the step may have been applied; resend it "
+    "with the same `Idempotency-Key`), the session contended by concurrent "
+    "writers, the service starting or stopping, or its engine process restarting after a "
+    "crash (`overloaded`, `store_unavailable`, `outcome_unknown`, `contended`, `not_ready`, "
+    "`engine_restarting`). An `engine_restarting` answer carries `retry_after_ms` and "
+    "`maybe_applied`: false, the request was not applied; true (a session step that reached "
+    "the engine, sessions kept in Redis), it may have been: the session's `tokens` "
+    "(`GET /v1/sessions/{id}`) tells which before a retry.",
 }
 RETRY_AFTER_HEADER = {
     "Retry-After": {
@@ -144,11 +158,19 @@ def v1_router(settings: Settings) -> APIRouter:
         responses=STEP_ERRORS,
     )
     async def feed(
-        session_id: SessionId, body: FeedRequest, predictor: PredictorDep
+        session_id: SessionId,
+        body: FeedRequest,
+        predictor: PredictorDep,
+        idempotency_key: IdempotencyKey = None,
     ) -> dict[str, Any]:
         """Append whole words to a session's context; answers the next-word predictions."""
         return await predictor.feed(
-            session_id, body.text, k=body.k, prefix=body.prefix, adapt=body.adapt
+            session_id,
+            body.text,
+            k=body.k,
+            prefix=body.prefix,
+            adapt=body.adapt,
+            request_key=idempotency_key,
         )
 
     @router.get(

@@ -9,14 +9,16 @@ the writer's own words into the predictions or not; absent, the session's defaul
     server, per message   {"type": "predictions", "session_id", "tokens", "predictions", "id"}
                           {"type": "error", "error": {"code", "message"}, "id"}
 
-Messages are answered one at a time, in the order received. A bad message (binary,
+Messages are answered one at a time, in the order received. A message with the same `id`
+and text as the last step applied to the session is its retry: answered, not applied again. A bad message (binary,
 not JSON, wrong fields, text too long) is answered in-band and the connection stays
 open; so is a retryable failure (`rate_limited`, `overloaded`, `engine_restarting` while
 the engine process restarts after a crash, with `retry_after_ms` and `maybe_applied`). Close codes (`service.api.errors.close_code`): 4404 for an unknown session (after an
 error message), 1009 for a frame over `max_ws_message_bytes`, 4000 + the HTTP status for
 other refusals on connect, 1013 (try again later) when overloaded, 1011 on an internal
 error, 1001 when the server drains on shutdown (after answering what it had received),
-1000 "idle timeout" after `ws_idle_timeout_s` without a client message. An `Origin` not in
+1000 "idle timeout" after `ws_idle_timeout_s` without a client message, 1007 for a text frame
+that is not UTF-8. An `Origin` not in
 `allowed_origins` (same origin by default) is refused with HTTP 403 before the upgrade.
 
 The hot path is per message: one msgspec decode into a Struct, one `Predictor.feed`, one
@@ -44,7 +46,13 @@ from service.api.predictor import Predictor
 from service.api.schemas import TEXT_DOC
 from service.config import Settings
 from service.contract.limits import DEFAULT_K, MAX_K, MAX_PREFIX_CHARS
-from service.errors import BadInput, NextwordError, NotReady, RateLimited, UnknownSession
+from service.errors import (
+    BadInput,
+    NextwordError,
+    NotReady,
+    RateLimited,
+    UnknownSession,
+)
 
 log = logging.getLogger(__name__)
 
@@ -70,9 +78,11 @@ def parse_k(raw: str | None) -> int:
     """The `k` query parameter: an integer in 1..50, 5 when absent."""
     if raw is None or raw == "":
         return DEFAULT_K
-    if not raw.isascii() or not raw.isdigit() or not 1 <= int(raw) <= MAX_K:
+    digits = raw.lstrip("0") or "0"
+    # The length before int(), which refuses over 4,300 digits with a ValueError.
+    if not raw.isascii() or not raw.isdigit() or len(digits) > 2 or not 1 <= int(digits) <= MAX_K:
         raise BadInput(f"k must be an integer in 1..{MAX_K}, got {raw[:20]!r}")
-    return int(raw)
+    return int(digits)
 
 
 def parse_adapt(raw: str | None) -> bool | None:
@@ -324,13 +334,22 @@ class StreamConnection:
                 )
                 return True
         k = self.k if request.k is None else request.k
+        # A message's `id` names its step: sent again with the same text, it is a retry.
+        key = None if request.id is None else _encode(request.id).decode()
         try:
             if request.type == "reset":
-                answer = await self.predictor.reset(self.session_id, k=k, prefix=request.prefix)
+                answer = await self.predictor.reset(
+                    self.session_id, k=k, prefix=request.prefix, request_key=key
+                )
             else:
                 adapt = self.adapt if request.adapt is None else request.adapt
                 answer = await self.predictor.feed(
-                    self.session_id, request.text, k=k, prefix=request.prefix, adapt=adapt
+                    self.session_id,
+                    request.text,
+                    k=k,
+                    prefix=request.prefix,
+                    adapt=adapt,
+                    request_key=key,
                 )
         except UnknownSession as exc:  # expired or deleted while connected
             await self.send_error(exc, request.id)

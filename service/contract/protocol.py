@@ -37,6 +37,11 @@ class StepRequest(msgspec.Struct, array_like=True, gc=False, tag=1):
     typed: list[str] = []
     prefix: str = ""
     forget: bool = False  # forget the writer's words (the context stays)
+    client: str = ""  # whose share of the queue the step takes (service.engine.fairness)
+    # The step's id (a digest of the client's message id or Idempotency-Key and the step's
+    # content; "" = none): a session keeps its last step's id, and a step with that id
+    # again is a retry, answered without being applied a second time.
+    step_id: str = ""
 
 
 class InfoRequest(msgspec.Struct, array_like=True, gc=False, tag=2):
@@ -85,6 +90,7 @@ class EngineOutput(msgspec.Struct, array_like=True, gc=False):
     adapt: bool = True  # (info) the session's default for `adapt`
     remembered: int = 0  # (info) distinct words the session remembers
     memory_bytes: int = 0  # (info) bytes its memory holds
+    retry_after_s: float = 0.0  # (error `overloaded`) when to retry, from the drain rate
 
 
 request_encoder = msgspec.msgpack.Encoder()

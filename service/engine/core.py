@@ -158,7 +158,10 @@ def _failure(request_id: int, error: BaseException) -> EngineOutput:
     if not isinstance(error, NextwordError):
         log.error("request %d failed", request_id, exc_info=error)
         error = StepFailed(f"the step failed ({type(error).__name__})")
-    return EngineOutput(request_id, error=error.code, message=error.message)
+    retry_after_s = getattr(error, "retry_after_s", None) or 0.0
+    return EngineOutput(
+        request_id, error=error.code, message=error.message, retry_after_s=retry_after_s
+    )
 
 
 class EngineCore:
@@ -188,6 +191,7 @@ class EngineCore:
                 max_wait_ms=settings.max_wait_ms,
                 max_queue=settings.max_queue,
                 prefill_chunk=settings.prefill_chunk,
+                queue_share=settings.queue_share,
                 adaptation=Adaptation.of(model) if settings.adapt_memory else None,
                 adapt_default=settings.adapt,
                 pool=self.pools.get(name),
@@ -210,6 +214,8 @@ class EngineCore:
             settings.session_cap,
             settings.session_store_write,
             owner_cap=settings.max_sessions_per_key,
+            timeout_s=settings.session_store_timeout_s,
+            behind_window_s=settings.session_store_behind_window_s,
         )
         core = cls(settings, models, store, pools)
         for scheduler in core.schedulers.values():

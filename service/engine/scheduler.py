@@ -74,6 +74,7 @@ from service.arrays import stack_rows
 from service.contract.protocol import StepRequest
 from service.contract.tokenizer import normalize
 from service.engine import adapt
+from service.engine.fairness import QueueShares
 from service.engine.pool import PoolExhausted, ResidentOutput, Slot, StatePool
 from service.engine.runtime import State, StepOutput, top_words
 from service.errors import (
@@ -137,6 +138,8 @@ class Step:
     typed: list[str] = field(default_factory=list)  # typed forms of the `<unk>` tokens
     prefix: str = ""  # the prefix as typed (normalized where it is matched to typed words)
     forget: bool = False  # forget the writer's words first
+    client: str = ""  # whose share of the queue it takes (service.engine.fairness)
+    step_id: str = ""  # its id: the session's last step's id again means a retry
     future: asyncio.Future[StepResult] = field(init=False, repr=False)
     attempts: int = field(default=0, repr=False)
     # A long step between its batches: what it has run so far (None: not started).
@@ -158,6 +161,8 @@ class Step:
             typed=request.typed,
             prefix=request.prefix,
             forget=request.forget,
+            client=request.client,
+            step_id=request.step_id,
         )
 
 
@@ -249,6 +254,15 @@ def _slots(output: StepOutput) -> tuple[Slot, ...]:
     return output.slots if isinstance(output, ResidentOutput) else ()
 
 
+def _as_retry(step: Step) -> None:
+    """A step whose id is its session's last step's: it was applied (its answer was lost, or
+    its outcome unknown to its client). It runs as a step of no new words (the answer the
+    first one had, for the same `k` and prefix), so the session's context is unchanged."""
+    step.tokens, step.typed = [], []
+    step.fresh = step.forget = False
+    metrics.STEPS_RETRIED.inc()
+
+
 def _resolve(future: asyncio.Future[Any], outcome: Any) -> bool:
     if future.done():
         return False
@@ -275,6 +289,7 @@ class StepBatcher:
         max_retries: int = 16,
         store_grace_ms: float = 10.0,
         prefill_chunk: int = 16,
+        queue_share: float = 1.0,
         max_batch_tokens: int | None = None,
         max_prefill_tokens: int | None = None,
         clock: Callable[[], float] = time.time,
@@ -289,6 +304,7 @@ class StepBatcher:
         self.max_batch = max_batch
         self.max_wait_s = max_wait_ms / 1000.0
         self.max_queue = max_queue
+        self.shares = QueueShares(max_queue, queue_share)
         self.max_retries = max_retries
         self.store_grace_s = store_grace_ms / 1000.0
         # prefill_chunk 0: no chunks and no token bound (every step runs whole, as one row).
@@ -393,8 +409,18 @@ class StepBatcher:
         if self._closing or self._task is None:
             raise Overloaded(f"model {self.name!r} is not taking steps (shutting down)")
         if self.queue_depth >= self.max_queue:
-            raise Overloaded(f"too many steps waiting for model {self.name!r}; retry later")
+            raise Overloaded(
+                f"too many steps waiting for model {self.name!r}; retry later",
+                retry_after_s=self.shares.rate.retry_after(self.queue_depth),
+            )
+        client = step.client
+        self.shares.admit(client, self.name)
         step.future = asyncio.get_running_loop().create_future()
+        step.future.add_done_callback(
+            lambda done: self.shares.release(
+                client, not done.cancelled() and done.exception() is None
+            )
+        )
         # The depth gauge is sampled once per batch, not per step.
         (self._pending if step.session_id is not None else self._stateless).append(step)
         self._wake()
@@ -591,6 +617,8 @@ class StepBatcher:
                 continue
             record = found.get(id(step))
             if id(step) in found:
+                if step.step_id and record is not None and record.last_step == step.step_id:
+                    _as_retry(step)
                 problem = self._problem(step, record)
                 if problem is not None:
                     self._fail([step], problem)
@@ -613,6 +641,7 @@ class StepBatcher:
         going: list[_Row] = []
         for row in rows:
             if row.step.future.done():  # cancelled during the run: dropped, never written
+                self._steps["cancelled"].inc()  # a long step stops here, chunks left unrun
                 continue
             (done if row.final else going).append(row)
         for row in going:
@@ -1047,5 +1076,6 @@ class StepBatcher:
             owner=step.owner if old is None or step.create else old.owner,
             memory=row.memory,
             adapt=self._session_adapt(step, old),
+            last_step=step.step_id,
         )
         return StepResult(ids, probs, tokens, record, words)

@@ -75,6 +75,9 @@ class SessionRecord:
     # a request does not say (`adapt`).
     memory: WordMemory | None = None
     adapt: bool = True
+    # The id of the last step applied (`StepRequest.step_id`; "" when it had none): a retry
+    # of that step is recognised and answered, not applied a second time.
+    last_step: str = ""
     # The state kept on the model's device instead (`service.engine.pool`): the rows of
     # the current and the previous state; `state` is then empty. Only a store that says
     # `keeps_resident` is given such records; the others get `state`.

@@ -350,6 +350,7 @@ class MemorySessionStore:
         self._owned: dict[str, OrderedDict[str, None]] = {}  # owner -> its sessions
         self._owner_of: dict[str, str] = {}  # session -> owner (owned sessions only)
         self._words: dict[str, tuple[str, ...]] = {}  # session -> its typed words (if any)
+        self._last_steps: dict[str, str] = {}  # session -> its last step's id (if it had one)
         # Sessions whose state is resident in a model's pool: their rows, in write order.
         self._resident: OrderedDict[str, tuple[Slot, Slot]] = OrderedDict()
 
@@ -391,6 +392,7 @@ class MemorySessionStore:
         pool.release(row)
         self._key_bytes -= _block(sys.getsizeof(session_id))
         self._words.pop(session_id, None)
+        self._last_steps.pop(session_id, None)
         self._resident.pop(session_id, None)
         owner = self._owner_of.pop(session_id, None)
         if owner is not None:
@@ -469,6 +471,7 @@ class MemorySessionStore:
                     owner=self._owner_of.get(session_id, ""),
                     memory=memory,
                     adapt=bool(adapt),
+                    last_step=self._last_steps.get(session_id, ""),
                     resident=self._resident.get(session_id),
                 )
         if expired:
@@ -606,6 +609,10 @@ class MemorySessionStore:
             self._words[record.session_id] = record.memory.words
         else:
             self._words.pop(record.session_id, None)
+        if record.last_step:
+            self._last_steps[record.session_id] = record.last_step
+        else:
+            self._last_steps.pop(record.session_id, None)
         if record.resident is not None:
             self._resident[record.session_id] = record.resident
             self._resident.move_to_end(record.session_id)
@@ -655,6 +662,7 @@ class MemorySessionStore:
         self._owned.clear()
         self._owner_of.clear()
         self._words.clear()
+        self._last_steps.clear()
         self._resident.clear()
         self._key_bytes = 0
         metrics.ACTIVE_SESSIONS.set(0)

@@ -18,7 +18,7 @@ Redis Cluster.
 Record. One binary string per session, key `nextword:session:<id>`:
 
     offset  size  field
-    0       4     magic b"NWS" + format version (2; format 1 had no owner)
+    0       4     magic b"NWS" + format version (3; 2 had no last step, 1 no owner)
     4       8     version        u64   (the CAS compares bytes 4..11)
     12      4     tokens         u32
     16      4     last_token     i32   id of the last token run (-1: none yet)
@@ -35,6 +35,7 @@ Record. One binary string per session, key `nextword:session:<id>`:
     49+n+m  1     adapt          u8    the session's default for `adapt`
             2     slots          u16   C: the memory's slots (0: no memory)
             2     words          u16   typed words, then each: u16 length, UTF-8
+            1     len(last step) u8    (format 3) then the id of the last step applied, ASCII
     ...           state          arrays * layers * hidden * 4 bytes, raw little-endian float32
     ...           memory         C keys (i32), then C weights (f32)
 
@@ -46,19 +47,20 @@ owner's least recently written sessions (in the same atomic script as the write)
 Expiry. Every write sets the key's TTL to `ttl_s` (PEXPIRE), so Redis drops idle
 sessions itself. Reading does not refresh it; every step writes.
 
-Memory sizing. Bytes per session = 54 + len(model) + len(owner) + the typed words +
-arrays * layers * hidden * 4 + 8 * C (the memory's slots), plus Redis's per-key
-overhead (key, dict and expiry entries, allocator rounding). Arrays is 4 for an LSTM (h
-and c, now and one token back), 2 for a GRU. The 2 x 512 LSTM without a memory:
-54 + 4 + 4*2*512*4 = 16,442 bytes of value; `MEMORY USAGE` reports ~20.5 KB per key
-(jemalloc rounds the value up to its 20,480-byte size class), so 100,000 live sessions
-take about 2 GB. A 1 x 512 GRU: 54 + 3 + 2*1*512*4 = 4,153 bytes of value (~5 KB a
-key). Bound it with Redis's own `maxmemory` and `maxmemory-policy volatile-lru` (the
+Memory sizing. Bytes per session = 55 + len(model) + len(owner) + len(last step id: 0
+or 24) + the typed words + arrays * layers * hidden * 4 + 8 * C (the memory's slots), plus
+Redis's per-key overhead (key, dict and expiry entries, allocator rounding). Arrays is 4
+for an LSTM (h and c, now and one token back), 2 for a GRU. The 2 x 512 LSTM without a
+memory: 55 + 4 + 4*2*512*4 = 16,443 bytes of value (16,467 with a step id); `MEMORY
+USAGE` reported ~20.5 KB per key for format 2 (jemalloc rounds the value up to its
+20,480-byte size class, which format 3 stays in), so 100,000 live sessions take about
+2 GB. A 1 x 512 GRU: 55 + 3 + 2*1*512*4 = 4,154 bytes of value (~5 KB a key). Bound it with Redis's own `maxmemory` and `maxmemory-policy volatile-lru` (the
 store's `cap` is not enforced here: Redis evicts, and counts evictions and expirations
 in `INFO stats`, `evicted_keys` and `expired_keys`).
 `count()` is `DBSIZE`: give the sessions a database of their own.
 
-Faults. Connection errors and timeouts become `StoreUnavailable` (HTTP 503). Its message
+Faults. Connection errors and timeouts become `StoreUnavailable` (HTTP 503), except a write
+that timed out: `OutcomeUnknown` (it may still be applied when a hung Redis resumes). Its message
 names no address (clients see it): where Redis is and what failed are logged here, at
 warning, once when the store becomes unreachable (then at debug until it answers again,
 which is logged at info). The client keeps no broken state: a failed connection is dropped from the pool and the
@@ -87,14 +89,17 @@ from redis.exceptions import OutOfMemoryError, ReadOnlyError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from service import metrics
-from service.errors import StoreUnavailable, UnknownSession
+from service.errors import OutcomeUnknown, StoreUnavailable, UnknownSession
 from service.store.base import SessionRecord, WordMemory
 
 log = logging.getLogger(__name__)
 
-FORMAT = 2  # 2 added the owner; format 1 records are still read (owner "")
+# 2 added the owner and the memory, 3 the last step's id; formats 1 and 2 are still read
+# (owner "", last step "").
+FORMAT = 3
 MAGIC = b"NWS" + bytes([FORMAT])
-_MAGICS = {b"NWS\x01": 1, MAGIC: FORMAT}
+_MAGICS = {b"NWS\x01": 1, b"NWS\x02": 2, MAGIC: FORMAT}
+_STEP_LEN = struct.Struct("<B")
 _OWNER_LEN = struct.Struct("<H")
 _MEMORY_HEAD = struct.Struct("<BHH")  # adapt, memory slots, typed words
 _WORD_LEN = struct.Struct("<H")
@@ -197,6 +202,10 @@ def encode_record(record: SessionRecord, version: int) -> bytes:
     parts.append(_MEMORY_HEAD.pack(record.adapt, slots, len(words)))
     for word in words:
         parts += (_WORD_LEN.pack(len(word)), word)
+    last_step = record.last_step.encode()
+    if len(last_step) > 255:
+        raise ValueError("step id too long for the record format")
+    parts += (_STEP_LEN.pack(len(last_step)), last_step)
     parts.append(state.tobytes())
     if memory is not None:
         parts.append(np.ascontiguousarray(memory.keys, dtype="<i4").tobytes())
@@ -224,7 +233,7 @@ def decode_record(session_id: str, data: bytes) -> SessionRecord:
     ) = _HEAD.unpack_from(data)
     start = _HEAD.size + name_len
     model = data[_HEAD.size : start].decode()
-    owner, adapt, slots, words = "", True, 0, []
+    owner, adapt, slots, words, last_step = "", True, 0, [], ""
     if form >= 2:
         try:
             (owner_len,) = _OWNER_LEN.unpack_from(data, start)
@@ -238,6 +247,11 @@ def decode_record(session_id: str, data: bytes) -> SessionRecord:
                 (size,) = _WORD_LEN.unpack_from(data, start)
                 start += _WORD_LEN.size
                 words.append(data[start : start + size].decode())
+                start += size
+            if form >= 3:
+                (size,) = _STEP_LEN.unpack_from(data, start)
+                start += _STEP_LEN.size
+                last_step = data[start : start + size].decode()
                 start += size
         except (struct.error, UnicodeDecodeError) as exc:
             raise ValueError(f"record of {len(data)} bytes does not match its header") from exc
@@ -264,6 +278,7 @@ def decode_record(session_id: str, data: bytes) -> SessionRecord:
         owner=owner,
         memory=memory,
         adapt=adapt,
+        last_step=last_step,
     )
 
 
@@ -304,7 +319,7 @@ class RedisSessionStore:
         ttl_s: float = 1800.0,
         cap: int | None = None,
         owner_cap: int = 0,
-        timeout_s: float = 2.0,
+        timeout_s: float = 1.0,
         prefix: str = "nextword:session:",
     ) -> RedisSessionStore:
         """A store on `redis://host:port/db` (or rediss://, unix://); connects lazily."""
@@ -315,17 +330,33 @@ class RedisSessionStore:
             socket_keepalive=True,
             # A short retry rides over a dropped idle connection (Redis restarted)
             # without failing the request; writes are idempotent (see the script).
-            # Retried: ConnectionError and TimeoutError.
-            retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), retries=2),
+            # Only connection errors: a Redis that does not answer within `timeout_s` is
+            # treated as down at once (retrying would triple the wait of every step).
+            retry=Retry(
+                ExponentialBackoff(cap=0.2, base=0.02),
+                retries=2,
+                supported_errors=(RedisConnectionError,),
+            ),
             health_check_interval=30,
         )
         return cls(client, ttl_s=ttl_s, cap=cap, owner_cap=owner_cap, prefix=prefix)
 
     @contextmanager
-    def _reachable(self) -> Iterator[None]:
-        """Redis failures as `StoreUnavailable`; the details (address, cause) go to the log only."""
+    def _reachable(self, writing: bool = False) -> Iterator[None]:
+        """Redis failures as `StoreUnavailable`; the details (address, cause) go to the log only.
+
+        `writing`: a timeout is `OutcomeUnknown` (the write may have been sent: a hung Redis
+        applies it when it resumes), not "not applied"."""
         try:
             yield
+        except (RedisTimeoutError, TimeoutError) as exc:
+            self._log_failure("not answering", exc)
+            if writing:
+                raise OutcomeUnknown(
+                    "the session store did not answer in time: this step may or may not "
+                    "have been applied; resend it with the same id (or Idempotency-Key)"
+                ) from exc
+            raise StoreUnavailable("session store not answering (Redis); retry later") from exc
         except _UNREACHABLE as exc:
             self._log_failure("unreachable", exc)
             raise StoreUnavailable("session store unreachable (Redis); retry later") from exc
@@ -396,7 +427,7 @@ class RedisSessionStore:
             name: encode_record(record, (version or 0) + 1)
             for name, record, version in zip(staged, records, expected, strict=True)
         }
-        with self._reachable():
+        with self._reachable(writing=True):
             async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.mset(values)
                 # EVAL, not EVALSHA: Redis caches the compiled script by its hash, and

@@ -22,6 +22,12 @@ Writes, `write`:
   meanwhile the flush loses the compare-and-set: Redis keeps the other engine's state and
   this engine's steps are dropped (counted in `nextword_store_conflicts`). For one engine
   per session (sticky routing) where losing the last moments of typing is acceptable.
+
+  The window is a bound, not a hope: once the oldest step not yet flushed is older than
+  `behind_window_s` (Redis down, hung or slower than the steps), `put_many` refuses new
+  writes with `StoreUnavailable` (retryable: nothing was applied) until a flush catches
+  up. So a crash loses at most the steps acknowledged in the last `behind_window_s` plus
+  one flush's round trip, however long Redis has been away.
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ from typing import Literal
 import numpy as np
 
 from service import metrics
-from service.errors import NextwordError, UnknownSession
+from service.errors import NextwordError, StoreUnavailable, UnknownSession
 from service.store.base import SessionRecord, SessionStore
 
 log = logging.getLogger(__name__)
@@ -76,11 +82,15 @@ class TieredSessionStore:
     cap: int = 100_000
     ttl_s: float = 1800.0
     flush_interval_s: float = 0.05
+    behind_window_s: float = 1.0
     clock: Callable[[], float] = time.monotonic
     _local: OrderedDict[str, _Local] = field(default_factory=OrderedDict, repr=False)
     _flusher: asyncio.Task[None] | None = field(default=None, repr=False)
     # One flush at a time: two would send the same versions and one would lose the CAS.
     _flushing: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
+    # Sessions written behind and not flushed, by the time of their first such write
+    # (oldest first): the age of the window.
+    _unflushed: OrderedDict[str, float] = field(default_factory=OrderedDict, repr=False)
 
     @property
     def evictions(self) -> int:
@@ -149,7 +159,26 @@ class TieredSessionStore:
                 self._local.pop(record.session_id, None)  # stale: the retry reads Redis
         return written
 
+    def unflushed_age(self) -> float:
+        """Seconds since the oldest step not yet flushed to Redis was written (0.0: none)."""
+        while self._unflushed:
+            session_id, since = next(iter(self._unflushed.items()))
+            local = self._local.get(session_id)
+            if local is None or not local.dirty:  # dropped (expired, a conflict) meanwhile
+                del self._unflushed[session_id]
+                continue
+            return max(0.0, self.clock() - since)
+        return 0.0
+
     def _put_behind(self, records: list[SessionRecord], expected: list[int | None]) -> list[bool]:
+        self._start_flusher()
+        age = self.unflushed_age()
+        if age > self.behind_window_s:
+            raise StoreUnavailable(
+                f"the session store is {age:.1f} s behind (its limit is "
+                f"{self.behind_window_s:g} s): steps are refused until it catches up; retry"
+            )
+        now = self.clock()
         written = []
         for record, version in zip(records, expected):
             local = self._fresh(record.session_id)
@@ -163,8 +192,8 @@ class TieredSessionStore:
                 record.session_id,
                 _Local(_own(record, (version or 0) + 1), shared_version, dirty=True),
             )
+            self._unflushed.setdefault(record.session_id, now)
             written.append(True)
-        self._start_flusher()
         return written
 
     def _start_flusher(self) -> None:
@@ -192,14 +221,18 @@ class TieredSessionStore:
         written = await self.shared.put_many(records, [local.shared_version for _, local in dirty])
         conflicts = 0
         for (session_id, local), ok in zip(dirty, written):
-            if self._local.get(session_id) is not local:
-                continue  # written again during the flush: flushed next time
+            current = self._local.get(session_id)
+            if current is not local:  # written again during the flush: flushed next time,
+                if ok and current is not None:  # on the version this flush wrote
+                    current.shared_version = (local.shared_version or 0) + 1
+                continue
             if ok:
                 local.dirty = False
                 local.shared_version = (local.shared_version or 0) + 1
             else:
                 conflicts += 1
                 del self._local[session_id]
+            self._unflushed.pop(session_id, None)
         if conflicts:
             metrics.STORE_CONFLICTS.inc(conflicts)
             log.warning(
@@ -217,6 +250,7 @@ class TieredSessionStore:
 
     async def delete(self, session_id: str) -> None:
         local = self._local.pop(session_id, None)
+        self._unflushed.pop(session_id, None)
         try:
             await self.shared.delete(session_id)
         except UnknownSession:
@@ -239,4 +273,5 @@ class TieredSessionStore:
             await self.flush()
         finally:
             self._local.clear()
+            self._unflushed.clear()
             await self.shared.close()
