@@ -528,3 +528,22 @@ async def test_the_last_step_id_is_kept_with_the_session_and_forgotten_with_it()
     await store.put_many([record("b")], [None])
     assert (await store.get("b")).last_step == ""
     await store.close()
+
+
+async def test_an_owner_evicts_its_least_recently_written_session_whatever_a_write_names(
+    clock: Clock,
+) -> None:
+    """A session keeps the owner it was created with, and each write moves it to the end of
+    that owner's order even when the record names no owner (found by tests/test_store_model)."""
+    store = MemorySessionStore(ttl_s=60.0, cap=10, clock=clock, owner_cap=2)
+    a, b = record("a"), record("b")
+    a.owner = b.owner = "alice"
+    assert await store.put_many([a, b], [None, None]) == [True, True]
+    again = record("a", fill=1.0)  # a step of a: the record names no owner
+    assert await store.put_many([again], [1]) == [True]
+    c = record("c")
+    c.owner = "alice"
+    assert await store.put_many([c], [None]) == [True]
+    got = await store.get_many(["a", "b", "c"])
+    assert [r is not None for r in got] == [True, False, True]  # b was alice's oldest write
+    assert got[0] is not None and got[0].owner == "alice"

@@ -620,8 +620,12 @@ class MemorySessionStore:
             self._resident.pop(record.session_id, None)
         self._index[record.session_id] = row << _POOL_BITS | pool_id
         self._index.move_to_end(record.session_id)
-        if self.owner_cap > 0 and record.owner:
-            owner = self._owner_of.setdefault(record.session_id, record.owner)
+        # A session keeps the owner it was first written with; every write moves it to the
+        # end of that owner's order, whatever owner the record names.
+        owner = self._owner_of.get(record.session_id)
+        if owner is None and self.owner_cap > 0 and record.owner:
+            owner = self._owner_of[record.session_id] = record.owner
+        if owner is not None:
             sessions = self._owned.setdefault(owner, OrderedDict())
             sessions[record.session_id] = None
             sessions.move_to_end(record.session_id)
