@@ -154,7 +154,12 @@ class Settings(BaseSettings):
         description="most sessions per API key (per client address without keys); a new one "
         "past it evicts that key's least recently used session, never another key's. 0 = no cap",
     )
-    session_store: str = Field(default="memory", description='"memory" or "redis://host:port/db"')
+    session_store: str = Field(
+        default="memory",
+        description='"memory", "redis://host:port/db" (one Redis), or '
+        '"redis+cluster://host:port[,host:port...]" (a Redis Cluster, seed nodes; '
+        "`?wait_replicas=N` makes each write wait for N replicas)",
+    )
     session_store_write: Literal["through", "behind"] = Field(
         default="through",
         description='with Redis: "through" writes each batch before answering (loses '
@@ -205,6 +210,11 @@ class Settings(BaseSettings):
     @field_validator("session_store")
     @classmethod
     def _store_url(cls, value: str) -> str:
+        if value.startswith(("redis+cluster://", "rediss+cluster://")):
+            from service.store.redis_cluster import parse_cluster_url  # noqa: PLC0415
+
+            parse_cluster_url(value)  # a clear error at start, not at the first request
+            return value
         if value != "memory" and not value.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError('session_store must be "memory" or a redis:// URL')
+            raise ValueError('session_store must be "memory", a redis:// or redis+cluster:// URL')
         return value

@@ -20,12 +20,18 @@ __all__ = [
 def open_store(
     url: str, ttl_s: float, cap: int, write: WriteMode = "through", owner_cap: int = 0
 ) -> SessionStore:
-    """The store a `session_store` setting names: "memory", or a redis:// URL (Redis with
-    the engine's own copy in front, written `write` "through" or "behind"); `owner_cap`
-    sessions at most per owner (0: no cap)."""
+    """The store a `session_store` setting names: "memory", a redis:// URL or a
+    redis+cluster:// one (Redis with the engine's own copy in front, written `write`
+    "through" or "behind"); `owner_cap` sessions at most per owner (0: no cap)."""
     if url == "memory":
         return MemorySessionStore(ttl_s=ttl_s, cap=cap, owner_cap=owner_cap)
-    from service.store.redis import RedisSessionStore  # noqa: PLC0415 (redis only when asked)
+    # redis only when asked
+    from service.store.redis import RedisSessionStore  # noqa: PLC0415
+    from service.store.redis_cluster import SCHEMES, RedisClusterSessionStore  # noqa: PLC0415
 
-    shared = RedisSessionStore.from_url(url, ttl_s=ttl_s, cap=cap, owner_cap=owner_cap)
+    shared: RedisSessionStore
+    if url.startswith(SCHEMES):
+        shared = RedisClusterSessionStore.from_url(url, ttl_s=ttl_s, cap=cap, owner_cap=owner_cap)
+    else:
+        shared = RedisSessionStore.from_url(url, ttl_s=ttl_s, cap=cap, owner_cap=owner_cap)
     return TieredSessionStore(shared, write=write, cap=cap, ttl_s=ttl_s)

@@ -270,6 +270,9 @@ def decode_record(session_id: str, data: bytes) -> SessionRecord:
 class RedisSessionStore:
     """Sessions in Redis: binary records, TTL by key expiry, batched CAS writes."""
 
+    # What reaching Redis failed with (`StoreUnavailable`); a cluster adds its own.
+    unreachable: tuple[type[BaseException], ...] = _UNREACHABLE
+
     def __init__(
         self,
         client: redis.Redis,
@@ -326,7 +329,7 @@ class RedisSessionStore:
         """Redis failures as `StoreUnavailable`; the details (address, cause) go to the log only."""
         try:
             yield
-        except _UNREACHABLE as exc:
+        except self.unreachable as exc:
             self._log_failure("unreachable", exc)
             raise StoreUnavailable("session store unreachable (Redis); retry later") from exc
         except ResponseError as exc:
@@ -459,8 +462,10 @@ class RedisSessionStore:
         await self._redis.aclose()
 
 
-def _describe(client: redis.Redis) -> str:
+def _describe(client: Any) -> str:
     """host:port/db (or the socket path) of a client, without credentials."""
+    if not hasattr(client, "connection_pool"):  # a cluster client: its seed nodes
+        return "cluster " + ",".join(n.name for n in client.nodes_manager.startup_nodes.values())
     kw = client.connection_pool.connection_kwargs
     if "path" in kw:
         return f"{kw['path']} db {kw.get('db', 0)}"
