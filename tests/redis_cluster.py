@@ -179,6 +179,13 @@ class RedisCluster:
     def primaries(self) -> list[ClusterNode]:
         return [n for n in self.nodes if n.proc is not None and n.role() == "master"]
 
+    def primary_of(self, key: str) -> ClusterNode:
+        """The primary that holds `key` (the others answer MOVED)."""
+        for node in self.primaries():
+            if _command(node.port, "EXISTS", key).strip() == "1":
+                return node
+        raise LookupError(f"no primary holds {key!r}")
+
     def replica_of(self, primary: ClusterNode) -> ClusterNode:
         """A running replica of `primary`."""
         for node in self.nodes:

@@ -1,8 +1,9 @@
-"""Scale-out end to end: service processes on loopback ports sharing one real Redis.
+"""Scale-out end to end: service processes on loopback ports sharing one real Redis, then
+the same tests on a local Redis Cluster (three primaries, each with a replica).
 
 Replica A runs one worker, replica B two uvicorn workers (`--workers 2`), so a
 session also moves between the processes of one replica. Every test builds its own
-sessions; the last one stops and restarts Redis.
+sessions; the last one stops and restarts Redis (the single node only).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import pytest
 import websockets
 
 from tests.api_support import assert_same_predictions
+from tests.redis_cluster import RedisCluster, needs_redis_cluster, running_cluster
 from tests.redis_server import RedisServer, free_port, needs_redis, running_redis
 
 pytestmark = [needs_redis, pytest.mark.redis, pytest.mark.slow]
@@ -99,9 +101,18 @@ class Replica:
                 self.kill()
 
 
-@pytest.fixture(scope="module")
-def redis_server() -> Iterator[RedisServer]:
-    yield from running_redis()
+@pytest.fixture(
+    scope="module",
+    params=["single", pytest.param("cluster", marks=needs_redis_cluster)],
+)
+def redis_server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RedisServer | RedisCluster]:
+    """One redis-server, or a three-primary cluster (its `url` is a redis+cluster:// URL)."""
+    if request.param == "single":
+        yield from running_redis()
+    else:
+        yield from running_cluster(tmp_path_factory.mktemp("cluster"))
 
 
 @pytest.fixture(scope="module")
@@ -230,6 +241,8 @@ async def test_concurrent_feeds_through_both_replicas_lose_no_update(
 def test_redis_down_gives_503_then_recovers(
     redis_server: RedisServer, replicas: tuple[str, str]
 ) -> None:
+    if isinstance(redis_server, RedisCluster):
+        pytest.skip("stops the one Redis; a cluster primary's failover is tested below")
     a, b = replicas
     sid = post(a, "/v1/sessions", {"text": "i am"}, 201)["session_id"]
     redis_server.stop()
@@ -263,3 +276,42 @@ def test_redis_down_gives_503_then_recovers(
         )
     # The old session went with the old Redis (no persistence): a clean 404.
     assert httpx.get(f"{a}/v1/sessions/{sid}", timeout=10).status_code == 404
+
+
+def test_a_cluster_primarys_failover_costs_at_most_the_step_in_flight(
+    redis_server: RedisServer | RedisCluster, replicas: tuple[str, str]
+) -> None:
+    """SIGKILL of the primary that holds a session, fed word by word through both replicas:
+    refused steps are retryable 503s, and every word is applied once; at most the last
+    acknowledged one is lost, if the replica had not received it (asynchronous replication)."""
+    if not isinstance(redis_server, RedisCluster):
+        pytest.skip("a Redis Cluster's failover")
+    a, b = replicas
+    words = TEXT.split()
+    sid = post(a, "/v1/sessions", {"text": words[0]}, 201)["session_id"]
+    primary = redis_server.primary_of(f"nextword:session:{{{sid}}}")
+    replica = redis_server.replica_of(primary)
+    refused = 0
+    try:
+        for i, word in enumerate(words[1:], start=1):
+            if i == len(words) // 2:
+                primary.kill()
+            while True:
+                r = httpx.post(
+                    f"{b if i % 2 else a}/v1/sessions/{sid}/feed", json={"text": word}, timeout=30
+                )
+                if r.status_code != 503:
+                    break
+                assert r.json()["error"]["code"] in ("store_unavailable", "engine_restarting")
+                assert "Retry-After" in r.headers
+                refused += 1
+                time.sleep(0.2)
+            assert r.status_code == 200, r.text
+        assert replica.role() == "master"
+    finally:
+        if primary.proc is None:
+            primary.start()  # back as the new primary's replica
+            redis_server.wait_healthy()
+    tokens = httpx.get(f"{a}/v1/sessions/{sid}", timeout=10).json()["tokens"]
+    assert tokens in (len(words) - 1, len(words))
+    assert refused > 0  # the slot was down until the replica took over
