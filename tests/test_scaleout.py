@@ -53,7 +53,9 @@ WORDS = [
 class Replica:
     """`python -m service` on a free loopback port, with the Redis session store."""
 
-    def __init__(self, models: Path, redis_url: str, workers: int = 1) -> None:
+    def __init__(
+        self, models: Path, redis_url: str, workers: int = 1, env: dict[str, str] | None = None
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {
@@ -66,6 +68,7 @@ class Replica:
             "NEXTWORD_PROVIDERS": "CPUExecutionProvider",
             "NEXTWORD_INTRA_OP_THREADS": "1",
             "NEXTWORD_LOG_LEVEL": "warning",
+            **(env or {}),
         }
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "service"], cwd=ROOT, env=env, start_new_session=True
@@ -236,6 +239,47 @@ async def test_concurrent_feeds_through_both_replicas_lose_no_update(
     for answer in answers:
         want = reference(b, " ".join(order[: answer["tokens"]]))
         assert_same_predictions(answer["predictions"], want["predictions"])
+
+
+def test_a_keys_rate_holds_across_replicas(
+    tiny_artifacts: Path, redis_server: RedisServer | RedisCluster
+) -> None:
+    """One key's requests spread over three API processes (replica A, and B's two workers)
+    take one bucket in Redis: its burst, once, not once per process. The rate (one request
+    per 1,000 s) refills nothing while the test runs."""
+    key = "k" * 20
+    env = {
+        "NEXTWORD_API_KEYS": f"alice:{key},bob:{'b' * 20}",
+        "NEXTWORD_RATE_LIMIT": "0.001",
+        "NEXTWORD_RATE_BURST": "6",
+    }
+    started = [Replica(tiny_artifacts, redis_server.url, workers, env) for workers in (1, 2)]
+    try:
+        for replica in started:
+            replica.wait_ready()
+        statuses = []
+        for i in range(18):
+            r = httpx.post(
+                f"{started[i % 2].url}/v1/predict",
+                json={"text": "i am"},
+                headers={"Authorization": f"Bearer {key}"},
+                timeout=30,
+            )
+            statuses.append(r.status_code)
+            if r.status_code == 429:
+                assert r.json()["error"]["code"] == "rate_limited"
+                assert int(r.headers["Retry-After"]) > 100  # 1/rate away
+        assert statuses.count(200) == 6 and statuses.count(429) == 12, statuses
+        other = httpx.post(
+            f"{started[1].url}/v1/predict",
+            json={"text": "i am"},
+            headers={"Authorization": f"Bearer {'b' * 20}"},
+            timeout=30,
+        )
+        assert other.status_code == 200  # another key has a bucket of its own
+    finally:
+        for replica in started:
+            replica.stop()
 
 
 def test_redis_down_gives_503_then_recovers(

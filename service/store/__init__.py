@@ -2,12 +2,43 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from service.store.base import SessionRecord, SessionStore, State, new_session_id
 from service.store.memory import MemorySessionStore
 from service.store.tiered import TieredSessionStore, WriteMode
 
+
+def redis_client(url: str, timeout_s: float) -> Any:
+    """A redis-py asyncio client for a redis:// or redis+cluster:// URL, with no retries
+    (for callers that have a fallback of their own): `redis.asyncio.Redis` or `RedisCluster`."""
+    from redis.asyncio import Redis  # noqa: PLC0415 (redis only when asked)
+    from redis.asyncio.cluster import ClusterNode, RedisCluster  # noqa: PLC0415
+    from redis.asyncio.retry import Retry  # noqa: PLC0415
+    from redis.backoff import NoBackoff  # noqa: PLC0415
+
+    from service.store.redis_cluster import SCHEMES, parse_cluster_url  # noqa: PLC0415
+
+    options: dict[str, Any] = {
+        "socket_timeout": timeout_s,
+        "socket_connect_timeout": timeout_s,
+        "retry": Retry(NoBackoff(), retries=0),
+    }
+    if not url.startswith(SCHEMES):
+        return Redis.from_url(url, **options)
+    parts = parse_cluster_url(url)
+    return RedisCluster(
+        startup_nodes=[ClusterNode(host, port) for host, port in parts["seeds"]],
+        username=parts["username"],
+        password=parts["password"],
+        ssl=parts["ssl"],
+        **options,
+    )
+
+
 __all__ = [
     "MemorySessionStore",
+    "redis_client",
     "SessionRecord",
     "SessionStore",
     "State",

@@ -42,6 +42,7 @@ that window except for a failure during the wait; its cost is measured in
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import secrets
@@ -195,6 +196,19 @@ class RedisClusterSessionStore(RedisSessionStore):
         self.wait_replicas = wait_replicas
         self.wait_timeout_ms = wait_timeout_ms
         self.unreplicated = 0  # writes WAIT returned from before enough replicas had them
+        self._initialized = False
+        self._initializing = asyncio.Lock()
+
+    async def _connect(self) -> None:
+        """Read the slot map once before any concurrent use: redis-py's cluster client, used
+        concurrently before its first `initialize()`, races itself (commands fail with
+        ConnectionError, even AttributeError, on connections being set up)."""
+        if self._initialized:
+            return
+        async with self._initializing:
+            if not self._initialized:
+                await self._cluster.initialize()
+                self._initialized = True
 
     @classmethod
     def from_url(  # type: ignore[override]
@@ -244,6 +258,7 @@ class RedisClusterSessionStore(RedisSessionStore):
         if not ids:
             return []
         with self._reachable():
+            await self._connect()
             values = await self._cluster.mget_nonatomic([self._key(i) for i in ids])
         return [self._decode(i, v) for i, v in zip(ids, values, strict=True)]
 
@@ -266,6 +281,7 @@ class RedisClusterSessionStore(RedisSessionStore):
             slots.setdefault(key_slot(key.encode()), []).append(i)
         written = [False] * len(records)
         with self._reachable():
+            await self._connect()
             async with self._cluster.pipeline() as pipe:
                 scripts = []
                 for members in slots.values():
@@ -347,6 +363,7 @@ class RedisClusterSessionStore(RedisSessionStore):
         """Forget a session (and its place in its owner's quota); raises `UnknownSession`."""
         key = self._key(session_id)
         with self._reachable():
+            await self._connect()
             record = self._decode(session_id, await self._cluster.get(key))
             deleted = await self._cluster.delete(key)
             if record is not None and record.owner:
@@ -357,6 +374,7 @@ class RedisClusterSessionStore(RedisSessionStore):
     async def count(self) -> int:
         """Live sessions: the keys of every primary (DBSIZE, summed)."""
         with self._reachable():
+            await self._connect()
             sizes = await self._cluster.dbsize(target_nodes=RedisCluster.PRIMARIES)
         n = sum(sizes.values()) if isinstance(sizes, dict) else int(sizes)
         metrics.ACTIVE_SESSIONS.set(n)
@@ -365,12 +383,20 @@ class RedisClusterSessionStore(RedisSessionStore):
     async def ping(self) -> None:
         """Raise `StoreUnavailable` unless every primary answers."""
         with self._reachable():
+            await self._connect()
             await self._cluster.ping(target_nodes=RedisCluster.PRIMARIES)
 
     async def close(self) -> None:
         """Close every node's connections (sessions stay in the cluster)."""
         await self._cluster.aclose()
 
+    async def get(self, session_id: str) -> SessionRecord:
+        """One live record; raises `UnknownSession`."""
+        with self._reachable():
+            await self._connect()
+        return await super().get(session_id)
+
     async def flush(self) -> None:
         """Empty every primary (tests and benchmarks only)."""
+        await self._connect()
         await self._cluster.flushdb(target_nodes=RedisCluster.PRIMARIES)
