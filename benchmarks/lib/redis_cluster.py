@@ -55,9 +55,10 @@ def _command(port: int, *args: str, timeout: float = 5.0) -> str:
 class ClusterNode:
     """One redis-server in cluster mode; its node file (identity, role) lives in `folder`."""
 
-    def __init__(self, port: int, folder: Path) -> None:
+    def __init__(self, port: int, folder: Path, node_timeout_ms: int = NODE_TIMEOUT_MS) -> None:
         self.port = port
         self.folder = folder
+        self.node_timeout_ms = node_timeout_ms
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -74,7 +75,7 @@ class ClusterNode:
                 "--cluster-config-file",
                 f"nodes-{self.port}.conf",
                 "--cluster-node-timeout",
-                str(NODE_TIMEOUT_MS),
+                str(self.node_timeout_ms),
                 "--dir",
                 str(self.folder),
                 "--save",
@@ -125,10 +126,21 @@ class ClusterNode:
 class RedisCluster:
     """Three primaries and three replicas on loopback; `url` names two seed nodes."""
 
-    def __init__(self, folder: Path, primaries: int = 3, replicas: int = 1) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        primaries: int = 3,
+        replicas: int = 1,
+        node_timeout_ms: int = NODE_TIMEOUT_MS,
+    ) -> None:
         count = primaries * (1 + replicas)
-        self.nodes = [ClusterNode(port, folder) for port in cluster_ports(count)]
+        self.nodes = [ClusterNode(p, folder, node_timeout_ms) for p in cluster_ports(count)]
         self.replicas = replicas
+
+    @staticmethod
+    def command(port: int, *args: str) -> str:
+        """What redis-cli prints for one command to the node on `port`."""
+        return _command(port, *args)
 
     @property
     def url(self) -> str:
