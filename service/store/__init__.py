@@ -32,6 +32,7 @@ def redis_client(url: str, timeout_s: float) -> Any:
         username=parts["username"],
         password=parts["password"],
         ssl=parts["ssl"],
+        require_full_coverage=False,
         **options,
     )
 

@@ -227,6 +227,8 @@ class RedisClusterSessionStore(RedisSessionStore):
             username=options["username"],
             password=options["password"],
             ssl=options["ssl"],
+            # While one shard fails over, the others' sessions go on.
+            require_full_coverage=False,
             socket_timeout=timeout_s,
             socket_connect_timeout=timeout_s,
             socket_keepalive=True,
