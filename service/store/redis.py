@@ -12,8 +12,8 @@ session at once cannot both win: the loser's step is retried on the new state (n
 lost update). The records never pass through Lua: a script's arguments are copied
 into Lua strings, which for 8 KB records costs Redis ~2x the time of the whole
 staged transaction (measured with `benchmarks/bench_store.py`). Keys of one batch
-may live anywhere: this needs a single Redis (or a Sentinel-managed primary), not
-Redis Cluster.
+may live anywhere: this needs a single Redis (or a Sentinel-managed primary); on a Redis
+Cluster, `service.store.redis_cluster` writes a batch per hash slot instead.
 
 Record. One binary string per session, key `nextword:session:<id>`:
 
