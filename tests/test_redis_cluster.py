@@ -204,3 +204,19 @@ async def test_writes_can_wait_for_a_replica(cluster: RedisCluster) -> None:
         assert store.unreplicated == 3  # one WAIT per primary came back short
     finally:
         await store.close()
+
+
+def test_a_reply_out_of_turn_is_never_taken_for_a_result() -> None:
+    from service.store.redis_cluster import _well_formed
+
+    # Two slots: 2 sessions (SET, SET, EVAL) then 1 (SET, EVAL).
+    good = [True, True, [1, 0], True, [-1]]
+    assert _well_formed(good, [2, 4], [2, 1])
+    for bad in (
+        [True, True, [1], True, [-1]],  # a flag short
+        [True, True, [1, 0], True, [1, 1]],  # another slot's answer
+        [True, True, [1, 7], True, [0]],  # not a flag
+        [True, [1, 0], True, True, [0]],  # shifted
+        [True, b"OK", [1, 0], True, [0]],
+    ):
+        assert not _well_formed(bad, [2, 4], [2, 1])

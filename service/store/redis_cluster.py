@@ -56,7 +56,7 @@ from redis.crc import key_slot
 from redis.exceptions import ClusterError, MasterDownError, RedisClusterException, TryAgainError
 
 from service import metrics
-from service.errors import UnknownSession
+from service.errors import StoreUnavailable, UnknownSession
 from service.store.base import SessionRecord
 from service.store.redis import _UNREACHABLE, _VERSION, RedisSessionStore, encode_record
 
@@ -139,6 +139,24 @@ def _tag(session_id: str) -> tuple[str, str]:
     if session_id and "{" not in session_id and "}" not in session_id:
         return session_id, ""
     return hashlib.sha1(session_id.encode("utf-8", "surrogatepass")).hexdigest(), session_id
+
+
+def _well_formed(replies: list[Any], scripts: list[int], sizes: list[int]) -> bool:
+    """Whether a batch's replies are what its commands answer: OK for each staged record,
+    then one flag (-1, 0, 1) per session for each slot's script. A reply read out of turn
+    (a connection left with an unread answer, seen once during a failover under load) must
+    never be taken for a compare-and-set's result."""
+    start = 0
+    for at, size in zip(scripts, sizes, strict=True):
+        if any(r is not True for r in replies[start:at]):
+            return False
+        flags = replies[at]
+        if not isinstance(flags, list) or len(flags) != size:
+            return False
+        if any(f not in (-1, 0, 1) for f in flags):
+            return False
+        start = at + 1
+    return True
 
 
 def parse_cluster_url(url: str) -> dict[str, Any]:
@@ -309,6 +327,9 @@ class RedisClusterSessionStore(RedisSessionStore):
                 if self.wait_replicas:
                     self._queue_waits(pipe, slots)
                 replies = await pipe.execute()
+            if not _well_formed(replies, scripts, [len(m) for m in slots.values()]):
+                await self._reset("a reply of the wrong shape")
+                raise StoreUnavailable("session store answered out of turn (Redis); retry later")
             for members, at in zip(slots.values(), scripts, strict=True):
                 for i, flag in zip(members, replies[at], strict=True):
                     written[i] = int(flag) == 1
@@ -318,6 +339,12 @@ class RedisClusterSessionStore(RedisSessionStore):
             if self.owner_cap > 0:
                 await self._keep_quotas(records, keys, written)
         return written
+
+    async def _reset(self, why: str) -> None:
+        """Drop every connection and the slot map: read afresh at the next call."""
+        log.warning("session store: Redis Cluster %s; reconnecting", why)
+        self._initialized = False
+        await self._cluster.aclose()
 
     def _queue_waits(self, pipe: Any, slots: dict[int, list[int]]) -> None:
         """WAIT on every node the batch writes to, on the connection that wrote."""
