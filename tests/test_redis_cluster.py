@@ -194,7 +194,9 @@ async def test_writes_can_wait_for_a_replica(cluster: RedisCluster) -> None:
     from service.store.redis_cluster import RedisClusterSessionStore
 
     url = cluster.url + "?wait_replicas=1&wait_timeout_ms=5000"  # a replica may be resyncing
-    store = RedisClusterSessionStore.from_url(url, ttl_s=60)
+    with pytest.raises(ValueError, match="under half the store's timeout"):
+        RedisClusterSessionStore.from_url(url, ttl_s=60, timeout_s=2.0)
+    store = RedisClusterSessionStore.from_url(url, ttl_s=60, timeout_s=20.0)
     try:
         ids = [store.new_id() for _ in range(50)]
         assert await store.put_many([record(i, 1) for i in ids], [None] * 50) == [True] * 50

@@ -240,6 +240,12 @@ class RedisClusterSessionStore(RedisSessionStore):
     ) -> RedisClusterSessionStore:
         """A store on `redis+cluster://host:port[,host:port...]`; connects lazily."""
         options = parse_cluster_url(url)
+        if options["wait_timeout_ms"] >= timeout_s * 500:
+            # A WAIT that outlasts the socket timeout fails the whole batch instead of
+            # answering it (a primary without a replica, after a failover, waits it in full).
+            raise ValueError(
+                f"wait_timeout_ms must be under half the store's timeout ({timeout_s} s)"
+            )
         client = RedisCluster(
             startup_nodes=[ClusterNode(host, port) for host, port in options["seeds"]],
             username=options["username"],
