@@ -23,7 +23,7 @@ import time
 from typing import Any
 
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from service.api.auth import RateLimiter
 
@@ -88,7 +88,7 @@ class SharedRateLimiter:
                 wait_us = await self._script(
                     keys=[self.prefix + owner], args=[self._interval_us, self.burst]
                 )
-            except (RedisError, OSError) as exc:
+            except (RedisError, RedisClusterException, OSError) as exc:
                 self._down_until = time.monotonic() + self.retry_s
                 if self.global_scope:
                     self.global_scope = False

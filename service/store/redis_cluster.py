@@ -342,8 +342,13 @@ class RedisClusterSessionStore(RedisSessionStore):
             if self.wait_replicas:
                 acked = [int(r) for r in replies[scripts[-1] + 1 :]]
                 self.unreplicated += sum(1 for n in acked if n < self.wait_replicas)
-            if self.owner_cap > 0:
+        if self.owner_cap > 0:
+            try:
                 await self._keep_quotas(records, keys, written)
+            except self.unreachable as exc:
+                # The steps are written: failing them now would have clients send them
+                # again. The owners' sets catch up at their sessions' next writes.
+                self._log_failure("unreachable for the owners' quotas", exc)
         return written
 
     async def _reset(self, why: str) -> None:
