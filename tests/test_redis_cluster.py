@@ -1,7 +1,7 @@
 """The Redis Cluster store under the cluster's own events, on a real local cluster.
 
-Keys spread over every primary; a slot moved to another primary (MOVED) is followed; a
-primary's failover, graceful (CLUSTER FAILOVER) or not (SIGKILL), costs at most the writes
+Keys spread over every primary; a slot moved to another primary (MOVED) and one being
+migrated (ASK) are followed; a primary's failover, graceful (CLUSTER FAILOVER) or not (SIGKILL), costs at most the writes
 in flight, each answered with a retryable error, and no write is ever applied twice.
 """
 
@@ -107,6 +107,34 @@ async def test_a_slot_moved_to_another_primary_is_followed(
     assert await store.put_many([record(sid, 3)], [1]) == [False]  # still a CAS
     assert (await store.get(sid)).tokens == 2
     assert cli(target.port, "CLUSTER", "COUNTKEYSINSLOT", str(slot)) == "1"
+
+
+async def test_a_slot_being_migrated_is_followed_by_ask(store: Any, cluster: RedisCluster) -> None:
+    """Mid-resharding: the session's key already moved, its slot still migrating. The old
+    node answers ASK for it, and the write (staged record and script) goes to the new one."""
+    from redis.crc import key_slot
+
+    sid = store.new_id()
+    assert await store.put_many([record(sid, 1)], [None]) == [True]
+    key = store._key(sid)
+    slot = str(key_slot(key.encode()))
+    source = cluster.primary_of(key)
+    target = next(n for n in cluster.primaries() if n is not source)
+    source_id, target_id = cli(source.port, "CLUSTER", "MYID"), cli(target.port, "CLUSTER", "MYID")
+    cli(target.port, "CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
+    cli(source.port, "CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
+    try:
+        cli(source.port, "MIGRATE", "127.0.0.1", str(target.port), key, "0", "5000")
+        assert (await store.get(sid)).tokens == 1
+        assert await store.put_many([record(sid, 2)], [1]) == [True]
+        assert await store.put_many([record(sid, 3)], [1]) == [False]
+        assert (await store.get(sid)).tokens == 2
+    finally:  # the migration completed, as redis-cli --cluster reshard would
+        for node in cluster.primaries():
+            cli(node.port, "CLUSTER", "SETSLOT", slot, "NODE", target_id)
+    assert cli(target.port, "CLUSTER", "COUNTKEYSINSLOT", slot) == "1"
+    for node in cluster.primaries():  # each staged record was renamed or deleted
+        assert cli(node.port, "--scan", "--pattern", "nextword:stage:*") == ""
 
 
 async def step_until_stopped(
