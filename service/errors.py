@@ -68,6 +68,16 @@ class StoreUnavailable(NextwordError):
     status = 503
 
 
+class PartlyWritten(StoreUnavailable):
+    """A batch's write failed part-way (a Redis Cluster shard lost mid-write): `written[i]`
+    is True where record i is known to be stored, None where that is not known. The
+    known ones are answered; the others fail with this error (a 503)."""
+
+    def __init__(self, message: str, written: list[bool | None]) -> None:
+        super().__init__(message)
+        self.written = written
+
+
 class StepFailed(NextwordError):
     """The model run of a batch failed; no session state was changed."""
 

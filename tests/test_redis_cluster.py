@@ -250,3 +250,32 @@ def test_a_reply_out_of_turn_is_never_taken_for_a_result() -> None:
         [True, b"OK", [1, 0], True, [0]],
     ):
         assert not _well_formed(bad, [2, 4], [2, 1])
+
+
+async def test_a_write_cut_by_a_lost_shard_says_which_sessions_it_wrote(
+    store: Any, cluster: RedisCluster
+) -> None:
+    """A shard lost whole (its primary and replica) mid-stream: the batch's other slots are
+    written, and the error says which, so that those steps are answered, not refused."""
+    from service.errors import PartlyWritten
+
+    ids = [store.new_id() for _ in range(60)]
+    assert await store.put_many([record(i, 1) for i in ids], [None] * 60) == [True] * 60
+    lost = cluster.primaries()[0]
+    lost_keys = {i for i in ids if cli(lost.port, "EXISTS", store._key(i)) == "1"}
+    assert 0 < len(lost_keys) < 60
+    replica = cluster.replica_of(lost)
+    replica.kill()
+    lost.kill()
+    try:
+        with pytest.raises(PartlyWritten) as refused:
+            await store.put_many([record(i, 2) for i in ids], [1] * 60)
+        written = refused.value.written
+        assert [w is None for w in written] == [i in lost_keys for i in ids]
+        assert all(w is True for i, w in zip(ids, written, strict=True) if i not in lost_keys)
+        alive = [i for i in ids if i not in lost_keys]
+        assert [r.tokens for r in await store.get_many(alive)] == [2] * len(alive)
+    finally:
+        lost.start()
+        replica.start()
+        await asyncio.to_thread(cluster.wait_healthy)

@@ -76,6 +76,10 @@ class ClusterNode:
                 f"nodes-{self.port}.conf",
                 "--cluster-node-timeout",
                 str(self.node_timeout_ms),
+                # As recommended for the session store: the other shards answer while one
+                # has no primary.
+                "--cluster-require-full-coverage",
+                "no",
                 "--dir",
                 str(self.folder),
                 "--save",

@@ -56,7 +56,7 @@ from redis.crc import key_slot
 from redis.exceptions import ClusterError, MasterDownError, RedisClusterException, TryAgainError
 
 from service import metrics
-from service.errors import StoreUnavailable, UnknownSession
+from service.errors import PartlyWritten, StoreUnavailable, UnknownSession
 from service.store.base import SessionRecord
 from service.store.redis import _UNREACHABLE, _VERSION, RedisSessionStore, encode_record
 
@@ -306,6 +306,37 @@ class RedisClusterSessionStore(RedisSessionStore):
         for i, key in enumerate(keys):
             slots.setdefault(key_slot(key.encode()), []).append(i)
         written = [False] * len(records)
+        values = [encode_record(r, (v or 0) + 1) for r, v in zip(records, expected, strict=True)]
+        try:
+            await self._write(records, expected, keys, values, slots, nonce, written)
+        except StoreUnavailable as exc:
+            # Some slots' parts may be written: say which, so that those steps are answered
+            # (a 503 for a step that was written would have its client send it again).
+            known = await self._read_back(keys, values)
+            if any(known):
+                raise PartlyWritten(str(exc), known) from exc
+            raise
+        if self.owner_cap > 0:
+            try:
+                await self._keep_quotas(records, keys, written)
+            except self.unreachable as exc:
+                # The steps are written: failing them now would have clients send them
+                # again. The owners' sets catch up at their sessions' next writes.
+                self._log_failure("unreachable for the owners' quotas", exc)
+        return written
+
+    async def _write(
+        self,
+        records: list[SessionRecord],
+        expected: list[int | None],
+        keys: list[str],
+        values: list[bytes],
+        slots: dict[int, list[int]],
+        nonce: str,
+        written: list[bool],
+    ) -> None:
+        """The pipeline of `put_many`: each slot's staged records and script; `written` is
+        filled in."""
         with self._reachable():
             await self._connect()
             async with self._cluster.pipeline() as pipe:
@@ -315,8 +346,7 @@ class RedisClusterSessionStore(RedisSessionStore):
                     for i in members:
                         tag, rest = _tag(records[i].session_id)
                         name = f"{self.stage_prefix}{{{tag}}}{rest}:{nonce}:{i}"
-                        value = encode_record(records[i], (expected[i] or 0) + 1)
-                        pipe.set(name, value, px=STAGE_TTL_MS)
+                        pipe.set(name, values[i], px=STAGE_TTL_MS)
                         staged.append(name)
                     expect = [
                         b"" if expected[i] is None else _VERSION.pack(expected[i]) for i in members
@@ -342,14 +372,42 @@ class RedisClusterSessionStore(RedisSessionStore):
             if self.wait_replicas:
                 acked = [int(r) for r in replies[scripts[-1] + 1 :]]
                 self.unreplicated += sum(1 for n in acked if n < self.wait_replicas)
-        if self.owner_cap > 0:
+
+    async def _read_back(self, keys: list[str], values: list[bytes]) -> list[bool | None]:
+        """After a failed write: True where the key holds exactly the record written (ours:
+        the record carries its new version), None where it does not or cannot be read. One
+        read per node, each on its own, so that a node that is down costs only its keys."""
+        try:
+            # The slot map afresh, once, before the reads run side by side (a failed
+            # pipeline leaves the client to re-initialise, which concurrent calls race).
+            async with self._initializing:
+                await self._cluster.initialize()
+        except self.unreachable as exc:
+            log.debug("session store: no fresh slot map after a failed write: %s", exc)
+        by_node: dict[str, list[int]] = {}
+        for i, key in enumerate(keys):
             try:
-                await self._keep_quotas(records, keys, written)
-            except self.unreachable as exc:
-                # The steps are written: failing them now would have clients send them
-                # again. The owners' sets catch up at their sessions' next writes.
-                self._log_failure("unreachable for the owners' quotas", exc)
-        return written
+                node = self._cluster.nodes_manager.get_node_from_slot(key_slot(key.encode()))
+            except (*self.unreachable, KeyError):
+                continue  # a slot no node serves now: not known
+            by_node.setdefault(node.name, []).append(i)
+
+        async def read(members: list[int]) -> list[Any]:
+            async with self._cluster.pipeline() as pipe:
+                for i in members:
+                    pipe.get(keys[i])
+                return await pipe.execute(raise_on_error=False)
+
+        known: list[bool | None] = [None] * len(keys)
+        groups = list(by_node.values())
+        answers = await asyncio.gather(*(read(m) for m in groups), return_exceptions=True)
+        for members, answer in zip(groups, answers, strict=True):
+            if isinstance(answer, BaseException):
+                continue
+            for i, value in zip(members, answer, strict=True):
+                if value == values[i]:
+                    known[i] = True
+        return known
 
     async def _reset(self, why: str) -> None:
         """Drop every connection and the slot map: read afresh at the next call."""
