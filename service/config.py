@@ -8,12 +8,43 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 BUNDLED_MODELS = Path(__file__).resolve().parent / "models"
+
+
+CLUSTER_SCHEMES = ("redis+cluster://", "rediss+cluster://")  # a Redis Cluster's store URLs
+
+
+def parse_cluster_url(url: str) -> dict[str, Any]:
+    """Seeds, credentials, TLS and the WAIT options of a `redis+cluster://` URL."""
+    parts = urlsplit(url)
+    if not url.startswith(CLUSTER_SCHEMES) or not parts.netloc:
+        raise ValueError("expected redis+cluster://host:port[,host:port...]")
+    credentials, _, hosts = parts.netloc.rpartition("@")
+    username, _, password = credentials.partition(":")
+    seeds = []
+    for seed in hosts.split(","):
+        host, _, port = seed.strip().rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"cluster seed {seed!r}: expected host:port")
+        seeds.append((host.strip("[]"), int(port)))
+    query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+    unknown = set(query) - {"wait_replicas", "wait_timeout_ms"}
+    if unknown:
+        raise ValueError(f"unknown option(s) in the cluster URL: {', '.join(sorted(unknown))}")
+    return {
+        "seeds": seeds,
+        "username": unquote(username) or None,
+        "password": unquote(password) or None,
+        "ssl": url.startswith("rediss+"),
+        "wait_replicas": int(query.get("wait_replicas", 0)),
+        "wait_timeout_ms": int(query.get("wait_timeout_ms", 100)),
+    }
 
 
 class Settings(BaseSettings):
@@ -196,8 +227,9 @@ class Settings(BaseSettings):
     )
     session_store: str = Field(
         default="memory",
-        description='"memory", or "redis://host:port/db" to share sessions between replicas '
-        "and keep them across restarts",
+        description='"memory", "redis://host:port/db" (one Redis), or '
+        '"redis+cluster://host:port[,host:port...]" (a Redis Cluster, seed nodes; '
+        "`?wait_replicas=N` makes each write wait for N replicas)",
     )
     session_store_write: Literal["through", "behind"] = Field(
         default="through",
@@ -283,6 +315,9 @@ class Settings(BaseSettings):
     @field_validator("session_store")
     @classmethod
     def _store_url(cls, value: str) -> str:
+        if value.startswith(CLUSTER_SCHEMES):
+            parse_cluster_url(value)  # a clear error at start, not at the first request
+            return value
         if value != "memory" and not value.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError('session_store must be "memory" or a redis:// URL')
+            raise ValueError('session_store must be "memory", a redis:// or redis+cluster:// URL')
         return value

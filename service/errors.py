@@ -100,6 +100,17 @@ class OutcomeUnknown(StoreUnavailable):
     status = 503
 
 
+class PartlyWritten(OutcomeUnknown):
+    """A batch's write failed part-way (a Redis Cluster shard lost mid-write): `written[i]`
+    is True where record i is known to be stored, None where that is not known. The
+    known ones are answered; the others fail with this error: `outcome_unknown`, since a
+    part not read back may have been stored (resent with its id, it is recognised)."""
+
+    def __init__(self, message: str, written: list[bool | None]) -> None:
+        super().__init__(message)
+        self.written = written
+
+
 class StepFailed(NextwordError):
     """The model run of a batch failed; no session state was changed."""
 

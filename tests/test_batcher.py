@@ -485,6 +485,35 @@ async def test_a_failed_write_fails_only_the_sessions_steps(
     store.before_put = None
 
 
+async def test_a_partly_written_batch_answers_the_steps_it_wrote(
+    batcher: StepBatcher, store: CountingStore, runner: FakeRunner
+) -> None:
+    """A store that loses part of a batch's write (a Redis Cluster shard) says which records
+    it stored: those steps are answered, the others fail with its 503."""
+    from service.errors import PartlyWritten
+
+    await new_session(batcher, "a")
+    await new_session(batcher, "b")
+
+    async def half(records: list[SessionRecord]) -> None:
+        if len(records) < 2:
+            return
+        store.before_put = None
+        kept = [r for r in records if r.session_id == "a"]
+        assert await MemorySessionStore.put_many(store, kept, [1]) == [True]
+        raise PartlyWritten("shard lost (test)", [r.session_id == "a" or None for r in records])
+
+    store.before_put = half
+    # One batch with both steps: queued before the scheduler wakes.
+    fed_a = batcher.submit(Step([4], session_id="a"))
+    fed_b = batcher.submit(Step([5], session_id="b"))
+    assert (await fed_a).tokens == 1
+    with pytest.raises(PartlyWritten):
+        await fed_b
+    assert store.writes[-1] == ["a", "b"]
+    assert (await store.get("a")).tokens == 1 and (await store.get("b")).tokens == 0
+
+
 # --- long steps: chunked prefill ------------------------------------------------------------
 
 

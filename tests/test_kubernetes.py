@@ -52,12 +52,23 @@ K8S = ROOT / "deploy" / "kubernetes"
 # newest that kubernetes-validate bundles schemas for.
 KUBERNETES_VERSIONS = ("1.30", "1.37")
 # Every kustomization an operator applies, and the ones they are built from.
-KUSTOMIZATIONS = ("base", "redis", "monitoring", "overlays/cpu", "overlays/gpu")
-OVERLAYS = ("overlays/cpu", "overlays/gpu")
+KUSTOMIZATIONS = (
+    "base",
+    "redis",
+    "monitoring",
+    "overlays/cpu",
+    "overlays/gpu",
+    "overlays/redis-cluster",
+)
+OVERLAYS = ("overlays/cpu", "overlays/gpu", "overlays/redis-cluster")
 QUEUE_COMPONENT = "components/queue-depth-autoscaling"
 ADAPTER_VALUES = f"{QUEUE_COMPONENT}/prometheus-adapter-values.yaml"
 # Files in the tree that kustomize does not read, with the reason.
-NOT_KUSTOMIZED = {ADAPTER_VALUES: "values of the prometheus-adapter Helm chart"}
+CLUSTER_VALUES = "overlays/redis-cluster/redis-cluster-values.yaml"
+NOT_KUSTOMIZED = {
+    ADAPTER_VALUES: "values of the prometheus-adapter Helm chart",
+    CLUSTER_VALUES: "values of the redis-cluster Helm chart",
+}
 # Variables that hold a secret (the session store's URL carries Redis's password).
 SECRET_ENV = re.compile(r"(KEYS?|PASSWORD|TOKEN|SECRET|AUTH|SESSION_STORE)$")
 
@@ -518,14 +529,15 @@ def test_selectors_match_the_pods(overlay: str) -> None:
     assert matches(pdb["spec"]["selector"]["matchLabels"], labels)
     for spread in deployment["spec"]["template"]["spec"]["topologySpreadConstraints"]:
         assert matches(spread["labelSelector"]["matchLabels"], labels)
-    redis = one(objects, "StatefulSet", "nextword-redis")
-    redis_labels = redis["spec"]["template"]["metadata"]["labels"]
-    for name in ("nextword-redis", "nextword-redis-headless"):
-        assert matches(one(objects, "Service", name)["spec"]["selector"], redis_labels)
-    policy = one(objects, "NetworkPolicy", "nextword-redis")
-    assert matches(policy["spec"]["podSelector"]["matchLabels"], redis_labels)
-    (rule,) = policy["spec"]["ingress"]
-    assert matches(rule["from"][0]["podSelector"]["matchLabels"], labels)
+    if overlay != "overlays/redis-cluster":  # the others bring their own Redis
+        redis = one(objects, "StatefulSet", "nextword-redis")
+        redis_labels = redis["spec"]["template"]["metadata"]["labels"]
+        for name in ("nextword-redis", "nextword-redis-headless"):
+            assert matches(one(objects, "Service", name)["spec"]["selector"], redis_labels)
+        policy = one(objects, "NetworkPolicy", "nextword-redis")
+        assert matches(policy["spec"]["podSelector"]["matchLabels"], redis_labels)
+        (rule,) = policy["spec"]["ingress"]
+        assert matches(rule["from"][0]["podSelector"]["matchLabels"], labels)
     monitor = one(rendered("monitoring"), "ServiceMonitor", "nextword")
     service_labels = one(objects, "Service", "nextword")["metadata"]["labels"]
     assert matches(monitor["spec"]["selector"]["matchLabels"], service_labels)
@@ -677,6 +689,60 @@ def test_redis_config_starts_a_redis(tmp_path: Path) -> None:
         proc.terminate()
         proc.wait(timeout=10)
     assert (tmp_path / "appendonlydir").is_dir()
+
+
+def test_redis_cluster_overlay_uses_an_existing_cluster() -> None:
+    """No in-cluster Redis; the Secret's URL as the overlay documents it is a valid setting."""
+    objects = rendered("overlays/redis-cluster")
+    assert not [o for o in objects if o["kind"] == "StatefulSet"]
+    deployment, spec = server(objects)
+    ref = next(e for e in spec["env"] if e["name"] == "NEXTWORD_SESSION_STORE")["valueFrom"]
+    assert ref["secretKeyRef"] == {"name": "nextword-session-store", "key": "url"}
+    comment = (K8S / "overlays/redis-cluster/kustomization.yaml").read_text()
+    url = re.search(r"'(redis\+cluster://[^']+)'", comment.replace("\\\n#     ", ""))
+    assert url is not None
+    assert Settings(session_store=url.group(1)).session_store == url.group(1)
+
+
+@pytest.mark.redis
+@needs_redis
+def test_redis_cluster_values_start_a_cluster_node(tmp_path: Path) -> None:
+    """The Helm values' Redis settings, on a real redis-server in cluster mode."""
+    import redis
+
+    values = yaml.safe_load((K8S / CLUSTER_VALUES).read_text())
+    assert values["cluster"] == {"nodes": 6, "replicas": 1}
+    config = dict(line.split(" ", 1) for line in values["redis"]["configmap"].splitlines())
+    port = free_port()
+    (tmp_path / "redis.conf").write_text(
+        values["redis"]["configmap"]
+        + f"\ncluster-enabled yes\nport {port}\nbind 127.0.0.1\ndir {tmp_path}\n"
+    )
+    server_bin = shutil.which("redis-server")
+    assert server_bin is not None
+    proc = subprocess.Popen(
+        [server_bin, str(tmp_path / "redis.conf")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    client = redis.Redis(port=port, socket_timeout=5, retry_on_error=[redis.ConnectionError])
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            assert proc.poll() is None, "redis-server exited"
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                assert time.monotonic() < deadline, "redis-server did not answer"
+                time.sleep(0.05)
+        for name, value in config.items():
+            assert client.config_get(name) == {name: value}
+        assert client.info("cluster")["cluster_enabled"] == 1
+    finally:
+        client.close()
+        proc.terminate()
+        proc.wait(timeout=10)
 
 
 # ---- monitoring ----------------------------------------------------------------------

@@ -1,8 +1,9 @@
-"""Scale-out end to end: service processes on loopback ports sharing one real Redis.
+"""Scale-out end to end: service processes on loopback ports sharing one real Redis, then
+the same tests on a local Redis Cluster (three primaries, each with a replica).
 
 Replica A runs one worker, replica B two uvicorn workers (`--workers 2`), so a
 session also moves between the processes of one replica. Every test builds its own
-sessions; the last one stops and restarts Redis.
+sessions; the last one stops and restarts Redis (the single node only).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import pytest
 import websockets
 
 from tests.api_support import assert_same_predictions
+from tests.redis_cluster import RedisCluster, needs_redis_cluster, running_cluster
 from tests.redis_server import RedisServer, free_port, needs_redis, running_redis
 
 pytestmark = [needs_redis, pytest.mark.redis, pytest.mark.slow]
@@ -51,7 +53,9 @@ WORDS = [
 class Replica:
     """`python -m service` on a free loopback port, with the Redis session store."""
 
-    def __init__(self, models: Path, redis_url: str, workers: int = 1) -> None:
+    def __init__(
+        self, models: Path, redis_url: str, workers: int = 1, env: dict[str, str] | None = None
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {
@@ -64,6 +68,7 @@ class Replica:
             "NEXTWORD_PROVIDERS": "CPUExecutionProvider",
             "NEXTWORD_INTRA_OP_THREADS": "1",
             "NEXTWORD_LOG_LEVEL": "warning",
+            **(env or {}),
         }
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "service"], cwd=ROOT, env=env, start_new_session=True
@@ -99,9 +104,18 @@ class Replica:
                 self.kill()
 
 
-@pytest.fixture(scope="module")
-def redis_server() -> Iterator[RedisServer]:
-    yield from running_redis()
+@pytest.fixture(
+    scope="module",
+    params=["single", pytest.param("cluster", marks=needs_redis_cluster)],
+)
+def redis_server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RedisServer | RedisCluster]:
+    """One redis-server, or a three-primary cluster (its `url` is a redis+cluster:// URL)."""
+    if request.param == "single":
+        yield from running_redis()
+    else:
+        yield from running_cluster(tmp_path_factory.mktemp("cluster"))
 
 
 @pytest.fixture(scope="module")
@@ -227,9 +241,52 @@ async def test_concurrent_feeds_through_both_replicas_lose_no_update(
         assert_same_predictions(answer["predictions"], want["predictions"])
 
 
+def test_a_keys_rate_holds_across_replicas(
+    tiny_artifacts: Path, redis_server: RedisServer | RedisCluster
+) -> None:
+    """One key's requests spread over three API processes (replica A, and B's two workers)
+    take one bucket in Redis: its burst, once, not once per process. The rate (one request
+    per 1,000 s) refills nothing while the test runs."""
+    key = "k" * 20
+    env = {
+        "NEXTWORD_API_KEYS": f"alice:{key},bob:{'b' * 20}",
+        "NEXTWORD_RATE_LIMIT": "0.001",
+        "NEXTWORD_RATE_BURST": "6",
+    }
+    started = [Replica(tiny_artifacts, redis_server.url, workers, env) for workers in (1, 2)]
+    try:
+        for replica in started:
+            replica.wait_ready()
+        statuses = []
+        for i in range(18):
+            r = httpx.post(
+                f"{started[i % 2].url}/v1/predict",
+                json={"text": "i am"},
+                headers={"Authorization": f"Bearer {key}"},
+                timeout=30,
+            )
+            statuses.append(r.status_code)
+            if r.status_code == 429:
+                assert r.json()["error"]["code"] == "rate_limited"
+                assert int(r.headers["Retry-After"]) > 100  # 1/rate away
+        assert statuses.count(200) == 6 and statuses.count(429) == 12, statuses
+        other = httpx.post(
+            f"{started[1].url}/v1/predict",
+            json={"text": "i am"},
+            headers={"Authorization": f"Bearer {'b' * 20}"},
+            timeout=30,
+        )
+        assert other.status_code == 200  # another key has a bucket of its own
+    finally:
+        for replica in started:
+            replica.stop()
+
+
 def test_redis_down_gives_503_then_recovers(
     redis_server: RedisServer, replicas: tuple[str, str]
 ) -> None:
+    if isinstance(redis_server, RedisCluster):
+        pytest.skip("stops the one Redis; a cluster primary's failover is tested below")
     a, b = replicas
     sid = post(a, "/v1/sessions", {"text": "i am"}, 201)["session_id"]
     redis_server.stop()
@@ -327,3 +384,49 @@ async def test_retries_after_a_frozen_redis_never_apply_a_word_twice(
             os.kill(redis.proc.pid, signal.SIGCONT)
         live.stop()
         redis.stop()
+
+
+def test_a_cluster_primarys_failover_costs_at_most_the_step_in_flight(
+    redis_server: RedisServer | RedisCluster, replicas: tuple[str, str]
+) -> None:
+    """SIGKILL of the primary that holds a session, fed word by word through both replicas:
+    refused steps are retryable 503s, and every word is applied once; at most the last
+    acknowledged one is lost, if the replica had not received it (asynchronous replication)."""
+    if not isinstance(redis_server, RedisCluster):
+        pytest.skip("a Redis Cluster's failover")
+    a, b = replicas
+    words = TEXT.split()
+    sid = post(a, "/v1/sessions", {"text": words[0]}, 201)["session_id"]
+    primary = redis_server.primary_of(f"nextword:session:{{{sid}}}")
+    replica = redis_server.replica_of(primary)
+    refused = 0
+    try:
+        for i, word in enumerate(words[1:], start=1):
+            if i == len(words) // 2:
+                primary.kill()
+            while True:
+                r = httpx.post(  # resent with its key: a write whose outcome was unknown
+                    f"{b if i % 2 else a}/v1/sessions/{sid}/feed",  # is recognised
+                    json={"text": word},
+                    headers={"Idempotency-Key": f"word-{i}"},
+                    timeout=30,
+                )
+                if r.status_code != 503:
+                    break
+                assert r.json()["error"]["code"] in (
+                    "store_unavailable",
+                    "outcome_unknown",
+                    "engine_restarting",
+                )
+                assert "Retry-After" in r.headers
+                refused += 1
+                time.sleep(0.2)
+            assert r.status_code == 200, r.text
+        assert replica.role() == "master"
+    finally:
+        if primary.proc is None:
+            primary.start()  # back as the new primary's replica
+            redis_server.wait_healthy()
+    tokens = httpx.get(f"{a}/v1/sessions/{sid}", timeout=10).json()["tokens"]
+    assert tokens in (len(words) - 1, len(words))
+    assert refused > 0  # the slot was down until the replica took over

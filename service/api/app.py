@@ -23,19 +23,23 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import heap, metrics
-from service.api.auth import AccessControl, ApiKeys, RateLimiter
+from service.api.auth import AccessControl, ApiKeys, Limiter, RateLimiter
 from service.api.deps import PredictorFactory
 from service.api.disconnects import ABANDONED, CancelOnDisconnect
 from service.api.errors import BODY_TOO_LARGE, error_response, install_error_handlers
 from service.api.predictor import Predictor
 from service.api.process import api_link, report_up
+from service.api.rate_limit import SharedRateLimiter
 from service.api.routes import STATIC_DIR, PageFiles, ops_router, page_router, v1_router
 from service.api.stream import stream_router
 from service.config import Settings
+from service.store import redis_client
 
 log = logging.getLogger(__name__)
 
 VERSION = "1"
+# A rate check waits this long for Redis at most, then the process's own bucket answers.
+RATE_LIMIT_TIMEOUT_S = 0.5
 
 
 # --- request size -----------------------------------------------------------------
@@ -185,13 +189,20 @@ session and feed it the text again.
 """
 
 
-def rate_limiter(settings: Settings) -> RateLimiter | None:
-    """This process's share of the per-key rate (each API process has its own buckets)."""
+def rate_limiter(settings: Settings) -> Limiter | None:
+    """The per-key rate: one bucket per key in Redis with a Redis session store (this
+    process's share of the rate as the fallback), else this process's share alone."""
     if not settings.rate_limit:
         return None
     share = settings.rate_limit / (settings.api_processes() if api_link() else 1)
     burst = settings.rate_burst or max(1.0, 2 * settings.rate_limit)
-    return RateLimiter(rate=share, burst=burst)
+    local = RateLimiter(rate=share, burst=burst)
+    if settings.session_store == "memory":
+        log.info("rate limits: per API process (%.3g/s each; no Redis store)", share)
+        return local
+    client = redis_client(settings.session_store, timeout_s=RATE_LIMIT_TIMEOUT_S)
+    log.info("rate limits: global, one bucket per key in the Redis session store")
+    return SharedRateLimiter(client, settings.rate_limit, burst, fallback=local)
 
 
 def create_app(
@@ -216,6 +227,8 @@ def create_app(
             app.state.predictor = None
             await predictor.close()
             log.info("predictor closed")
+            if isinstance(app.state.rate_limiter, SharedRateLimiter):
+                await app.state.rate_limiter.close()
 
     app = FastAPI(
         title="nextword",

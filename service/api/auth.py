@@ -9,8 +9,10 @@ for the same id finds nothing (404). Without keys the service is open and every 
 its client address's, for rate limiting only.
 
 `NEXTWORD_RATE_LIMIT` is requests per second per owner (WebSocket messages count), with
-bursts up to `NEXTWORD_RATE_BURST`: a token bucket per owner in each API process, filled at
-the rate divided by the number of API processes (the kernel spreads connections evenly).
+bursts up to `NEXTWORD_RATE_BURST`: a token bucket per owner. With a Redis session store the
+bucket is in Redis, one for every process and replica (`service.api.rate_limit`); without
+one (or while Redis is unreachable) each API process keeps its own, filled at the rate
+divided by the number of API processes (the kernel spreads connections evenly).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -108,9 +111,17 @@ def presented_key(scope: Scope) -> str | None:
     return None
 
 
+class Limiter(Protocol):
+    """Whether an owner's request may go now: this process's buckets or Redis's."""
+
+    async def admit(self, owner: str) -> float:
+        """0.0 when a request may go now, else the seconds until it may."""
+        ...
+
+
 @dataclass
 class RateLimiter:
-    """A token bucket per owner: `rate` per second, up to `burst` at once."""
+    """A token bucket per owner in this process: `rate` per second, up to `burst` at once."""
 
     rate: float
     burst: float
@@ -132,6 +143,10 @@ class RateLimiter:
             self._buckets.popitem(last=False)
         return wait
 
+    async def admit(self, owner: str) -> float:
+        """`take`, as the `Limiter` protocol asks."""
+        return self.take(owner)
+
 
 def client_address(scope: Scope) -> str:
     """The peer address of a connection (the bucket of an open service's requests)."""
@@ -147,7 +162,7 @@ class AccessControl:
         self,
         app: ASGIApp,
         keys: ApiKeys | None,
-        limiter: RateLimiter | None,
+        limiter: Limiter | None,
         protect_metrics: bool = False,
     ) -> None:
         self.app = app
@@ -169,7 +184,7 @@ class AccessControl:
             scope[OWNER] = owner
         # The stream's messages are limited one by one (in-band); its connect is not.
         if self.limiter is not None and scope["type"] == "http" and path.startswith("/v1"):
-            wait = self.limiter.take(owner or client_address(scope))
+            wait = await self.limiter.admit(owner or client_address(scope))
             if wait > 0:
                 await self.too_fast(wait)(scope, receive, send)
                 return

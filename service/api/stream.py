@@ -39,7 +39,7 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from starlette.types import Message
 
 from service import metrics
-from service.api.auth import OWNER, RateLimiter, client_address
+from service.api.auth import OWNER, Limiter, client_address
 from service.api.deps import get_predictor
 from service.api.errors import close_code
 from service.api.predictor import Predictor
@@ -164,8 +164,8 @@ class StreamConnection:
         self.last_message = 0.0  # loop time of the last client message
         self._idle_timer: asyncio.TimerHandle | None = None
         self.predictor = predictor
-        # This process's rate buckets, and whose bucket this connection's messages take.
-        self.limiter: RateLimiter | None = getattr(websocket.app.state, "rate_limiter", None)
+        # The rate buckets (Redis's or this process's), and whose this connection's messages take.
+        self.limiter: Limiter | None = getattr(websocket.app.state, "rate_limiter", None)
         self.bucket = websocket.scope.get(OWNER) or client_address(websocket.scope)
         self.decoder = decoder
         self.max_message_bytes = max_message_bytes
@@ -327,7 +327,7 @@ class StreamConnection:
             await self.send_error(BadInput(problem), request.id)
             return True
         if self.limiter is not None:
-            wait = self.limiter.take(self.bucket)
+            wait = await self.limiter.admit(self.bucket)
             if wait > 0:
                 await self.send_error(
                     RateLimited("over this key's message rate; retry later", wait), request.id

@@ -81,6 +81,7 @@ from service.errors import (
     Contended,
     NextwordError,
     Overloaded,
+    PartlyWritten,
     StepFailed,
     StoreUnavailable,
     UnknownSession,
@@ -750,6 +751,12 @@ class StepBatcher:
                         self._executor, _to_host, records
                     )
                 written = await self.store.put_many(records, expected)
+            except PartlyWritten as exc:
+                # The steps known to be written are answered; the others get the error.
+                self._fail([r.step for r, ok in zip(writes, exc.written) if not ok], exc)
+                rows = [r for r, ok in zip(writes, exc.written) if ok]
+                self._steps["ok"].inc(sum(_resolve(row.step.future, row.result) for row in rows))
+                return
             except NextwordError as exc:
                 self._fail([r.step for r in writes], exc)
                 return

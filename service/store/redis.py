@@ -12,8 +12,8 @@ session at once cannot both win: the loser's step is retried on the new state (n
 lost update). The records never pass through Lua: a script's arguments are copied
 into Lua strings, which for 8 KB records costs Redis ~2x the time of the whole
 staged transaction (measured with `benchmarks/bench_store.py`). Keys of one batch
-may live anywhere: this needs a single Redis (or a Sentinel-managed primary), not
-Redis Cluster.
+may live anywhere: this needs a single Redis (or a Sentinel-managed primary); on a Redis
+Cluster, `service.store.redis_cluster` writes a batch per hash slot instead.
 
 Record. One binary string per session, key `nextword:session:<id>`:
 
@@ -285,6 +285,9 @@ def decode_record(session_id: str, data: bytes) -> SessionRecord:
 class RedisSessionStore:
     """Sessions in Redis: binary records, TTL by key expiry, batched CAS writes."""
 
+    # What reaching Redis failed with (`StoreUnavailable`); a cluster adds its own.
+    unreachable: tuple[type[BaseException], ...] = _UNREACHABLE
+
     def __init__(
         self,
         client: redis.Redis,
@@ -357,7 +360,7 @@ class RedisSessionStore:
                     "have been applied; resend it with the same id (or Idempotency-Key)"
                 ) from exc
             raise StoreUnavailable("session store not answering (Redis); retry later") from exc
-        except _UNREACHABLE as exc:
+        except self.unreachable as exc:
             self._log_failure("unreachable", exc)
             raise StoreUnavailable("session store unreachable (Redis); retry later") from exc
         except ResponseError as exc:
@@ -490,8 +493,10 @@ class RedisSessionStore:
         await self._redis.aclose()
 
 
-def _describe(client: redis.Redis) -> str:
+def _describe(client: Any) -> str:
     """host:port/db (or the socket path) of a client, without credentials."""
+    if not hasattr(client, "connection_pool"):  # a cluster client: its seed nodes
+        return "cluster " + ",".join(n.name for n in client.nodes_manager.startup_nodes.values())
     kw = client.connection_pool.connection_kwargs
     if "path" in kw:
         return f"{kw['path']} db {kw.get('db', 0)}"

@@ -44,7 +44,7 @@ from typing import Literal
 import numpy as np
 
 from service import metrics
-from service.errors import NextwordError, StoreUnavailable, UnknownSession
+from service.errors import NextwordError, PartlyWritten, StoreUnavailable, UnknownSession
 from service.store.base import SessionRecord, SessionStore
 
 log = logging.getLogger(__name__)
@@ -150,14 +150,24 @@ class TieredSessionStore:
             local = self._local.get(record.session_id)
             # The version read was the shared one unless this copy is ahead of Redis.
             shared_expected.append(version if local is None else local.shared_version)
-        written = await self.shared.put_many(records, shared_expected)
-        for record, version, ok in zip(records, shared_expected, written):
+        try:
+            written = await self.shared.put_many(records, shared_expected)
+        except PartlyWritten as exc:  # the known part is kept as written, then re-raised
+            self._follow(records, shared_expected, [bool(w) for w in exc.written])
+            raise
+        self._follow(records, shared_expected, written)
+        return written
+
+    def _follow(
+        self, records: list[SessionRecord], versions: list[int | None], written: list[bool]
+    ) -> None:
+        """The local copies after a write through: the new record where written."""
+        for record, version, ok in zip(records, versions, written):
             if ok:
                 new_version = (version or 0) + 1
                 self._keep(record.session_id, _Local(_own(record, new_version), new_version))
             else:
                 self._local.pop(record.session_id, None)  # stale: the retry reads Redis
-        return written
 
     def unflushed_age(self) -> float:
         """Seconds since the oldest step not yet flushed to Redis was written (0.0: none)."""
@@ -218,7 +228,12 @@ class TieredSessionStore:
         if not dirty:
             return
         records = [local.record for _, local in dirty]
-        written = await self.shared.put_many(records, [local.shared_version for _, local in dirty])
+        try:
+            written: list[bool | None] = list(
+                await self.shared.put_many(records, [local.shared_version for _, local in dirty])
+            )
+        except PartlyWritten as exc:
+            written = exc.written  # None: not known to be written, still dirty
         conflicts = 0
         for (session_id, local), ok in zip(dirty, written):
             current = self._local.get(session_id)
@@ -226,6 +241,8 @@ class TieredSessionStore:
                 if ok and current is not None:  # on the version this flush wrote
                     current.shared_version = (local.shared_version or 0) + 1
                 continue
+            if ok is None:
+                continue  # not known to be written: still dirty, flushed next time
             if ok:
                 local.dirty = False
                 local.shared_version = (local.shared_version or 0) + 1
