@@ -77,7 +77,7 @@ if ! why=$("$PYTHON" -m pytest --version 2>&1); then
         | tee -a "$OUT/status.txt"
 else
     part pytest_gpu env NEXTWORD_PROVIDERS=auto "$PYTHON" -m pytest -q -p no:cacheprovider \
-        -m gpu tests/test_engine_gpu.py tests/test_pool.py -rs
+        -m gpu tests/engine/test_engine_gpu.py tests/engine/test_pool.py -rs
 fi
 part e2e env NEXTWORD_PROVIDERS=auto "$PYTHON" -m benchmarks.bench_e2e \
     --configs lstm,paced --variant copied:NEXTWORD_STATE_POOL=false \

@@ -6,7 +6,7 @@ the same `onnxruntime` import package, so an image installs these requirements
 first and then the project's wheel with `--no-deps`. They are read from
 pyproject.toml, the single list. `make lock` compiles this output into the locks
 the images install (requirements/runtime.txt with `onnxruntime`,
-requirements/runtime-gpu.txt with `onnxruntime-gpu`); tests/test_lock.py checks
+requirements/runtime-gpu.txt with `onnxruntime-gpu`); tests/system/test_lock.py checks
 that the locks still pin every requirement it prints. Standard library only.
 
     python docker/runtime_requirements.py pyproject.toml --onnxruntime onnxruntime

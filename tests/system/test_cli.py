@@ -10,8 +10,9 @@ from typing import Any
 import pytest
 
 from service import cli
+from tests.paths import ROOT as REPO_ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO_ROOT
 SERVE_ENV = (
     "NEXTWORD_HOST",
     "NEXTWORD_PORT",

@@ -12,7 +12,7 @@ It runs schemathesis's command line, `st run ... --checks all`, in a subprocess:
 interface that runs every phase (its pytest plugin covers fewer, and its fixture loader
 does not work with pytest 9). Bounded: `MAX_EXAMPLES` per operation and phase, a fixed
 seed (the same cases on every run), ~10 s on two cores. Explore further with, e.g.,
-`NEXTWORD_CONTRACT_EXAMPLES=1000 NEXTWORD_CONTRACT_SEED=7 pytest tests/test_contract.py`.
+`NEXTWORD_CONTRACT_EXAMPLES=1000 NEXTWORD_CONTRACT_SEED=7 pytest tests/api/test_contract.py`.
 """
 
 from __future__ import annotations

@@ -43,9 +43,10 @@ from service.config import BUNDLED_MODELS, Settings
 from service.contract.artifact import ModelArtifact
 from service.engine import adapt
 from service.supervisor import ENGINE_START_TIMEOUT_S
+from tests.paths import ROOT as REPO_ROOT
 from tests.redis_server import free_port, needs_redis
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = REPO_ROOT
 K8S = ROOT / "deploy" / "kubernetes"
 # The oldest Kubernetes these manifests are meant for (every field they use is there and
 # on by default from 1.27: topologySpreadConstraints.matchLabelKeys is the latest) and the

@@ -20,8 +20,9 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from tests.api_support import TEXTS, assert_same_predictions
+from tests.paths import ROOT as REPO_ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO_ROOT
 START_TIMEOUT_S = 60
 
 

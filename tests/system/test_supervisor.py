@@ -21,11 +21,12 @@ from websockets.exceptions import ConnectionClosed
 from benchmarks.bench_restart import crash_under_load, single_token_words
 from service.client import Client
 from service.supervisor import describe_exit, restart_delay
+from tests.paths import ROOT as REPO_ROOT
 from tests.redis_server import RedisServer, free_port, needs_redis, running_redis
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = REPO_ROOT
 
 
 class Service:

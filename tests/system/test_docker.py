@@ -28,7 +28,9 @@ import pytest
 import yaml
 from websockets.sync.client import connect
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.paths import ROOT as REPO_ROOT
+
+ROOT = REPO_ROOT
 DOCKER = ROOT / "docker"
 DOCKERFILES = ["Dockerfile", "Dockerfile.gpu"]
 SOURCES = ["pyproject.toml", "README.md", "service", "model_export"]  # what the wheel is built from
@@ -105,7 +107,7 @@ def test_dockerfile_copies_what_the_context_holds(name: str) -> None:
 def test_offline_base_script_parses_and_explains_itself() -> None:
     """docker/build-offline-base.sh: valid bash, --help prints its usage, a typo is refused.
 
-    It builds the base for real in tests/test_image.py, where a container engine works.
+    It builds the base for real in tests/system/test_image.py, where a container engine works.
     """
     script = DOCKER / "build-offline-base.sh"
     assert os.access(script, os.X_OK), "not executable"

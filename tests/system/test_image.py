@@ -29,7 +29,6 @@ import shutil
 import subprocess
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -41,11 +40,12 @@ from websockets.sync.client import ClientConnection, connect
 from tests.api_support import assert_same_predictions
 from tests.container_engine import Container, ContainerEngine, EngineUnavailable
 from tests.live_server import BUNDLED_MODELS, LiveServer
+from tests.paths import ROOT as REPO_ROOT
 from tests.redis_server import RedisServer, free_port, needs_redis, running_redis
 
 pytestmark = [pytest.mark.slow, pytest.mark.container]
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = REPO_ROOT
 DOCKER = ROOT / "docker"
 DEPLOYMENT = ROOT / "deploy" / "kubernetes" / "base" / "deployment.yaml"
 BASE_SCRIPT = DOCKER / "build-offline-base.sh"

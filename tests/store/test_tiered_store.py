@@ -14,7 +14,7 @@ from prometheus_client import REGISTRY
 from service.errors import UnknownSession
 from service.store import SessionRecord, SessionStore, TieredSessionStore
 from tests.redis_server import RedisServer, needs_redis, running_redis
-from tests.test_redis_store import record
+from tests.store.test_redis_store import record
 
 pytestmark = [needs_redis, pytest.mark.redis]
 

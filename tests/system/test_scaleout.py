@@ -24,12 +24,13 @@ import pytest
 import websockets
 
 from tests.api_support import assert_same_predictions
+from tests.paths import ROOT as REPO_ROOT
 from tests.redis_cluster import RedisCluster, needs_redis_cluster, running_cluster
 from tests.redis_server import RedisServer, free_port, needs_redis, running_redis
 
 pytestmark = [needs_redis, pytest.mark.redis, pytest.mark.slow]
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = REPO_ROOT
 TEXT = "the cat and the dog went home . they were very good and i think we should go now"
 # One token each: the words of concurrent feeds (their order is decided by the race).
 WORDS = [

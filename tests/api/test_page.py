@@ -32,7 +32,7 @@ from service.api.routes import STATIC_DIR as STATIC
 from service.client import Client
 from tests.live_server import BUNDLED_MODELS, ROOT, LiveServer
 from tests.redis_server import REDIS_SERVER, RedisServer, needs_redis
-from tests.test_client import RestartingServer
+from tests.system.test_client import RestartingServer
 
 try:
     from playwright.sync_api import Browser, Page, expect, sync_playwright

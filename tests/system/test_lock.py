@@ -11,7 +11,6 @@ from __future__ import annotations
 import importlib.util
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import tomllib
@@ -20,7 +19,9 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.paths import ROOT as REPO_ROOT
+
+ROOT = REPO_ROOT
 LOCKS = ROOT / "requirements"
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 # runtime*.txt are universal (markers on the pins); dev.txt is resolved for this platform.

@@ -24,6 +24,7 @@ from benchmarks.trigram_baseline import (
 from model_export.evaluate import evaluate_stream
 from service.contract.tokenizer import EOS, SPECIALS, is_word, tokenize
 from service.contract.vocab import Vocabulary
+from tests.paths import ROOT as REPO_ROOT
 
 TRAIN = "the cat sat on the mat. the cat sat down. the dog ran home. a dog sat. my dog ran."
 RANKERS = {"kneser_ney": KneserNey, "stupid_backoff": StupidBackoff}
@@ -128,7 +129,7 @@ def test_the_e2e_benchmark_measures_every_row(tiny_artifacts: Path, tmp_path: Pa
         *("--models", str(tiny_artifacts), "--ceiling-models", str(tiny_artifacts)),
         *("--json", str(out)),
     ]
-    root = Path(__file__).resolve().parent.parent
+    root = REPO_ROOT
     run = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     summary = json.loads(out.read_text())["summary"]
