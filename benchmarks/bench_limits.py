@@ -200,10 +200,10 @@ def bare_app(args: argparse.Namespace) -> Iterator[Service]:
 
 def log_problems(server: ServerProcess) -> dict[str, Any]:
     """Tracebacks and ERROR lines in a server's log, with the first few of them."""
-    text = server.log.read_text(errors="replace") if server.log.exists() else ""
+    text = server.log_file.read_text(errors="replace") if server.log_file.exists() else ""
     lines = [line for line in text.splitlines() if re.search(r"Traceback|\bERROR\b", line)]
     return {
-        "log": server.log.name,  # in --log-dir
+        "log": server.log_file.name,  # in --log-dir
         "tracebacks": text.count("Traceback"),
         "error_lines": len(lines),
         "samples": lines[:5],

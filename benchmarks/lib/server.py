@@ -3,7 +3,8 @@
     with ServerProcess("service", [sys.executable, "-m", "service"], env, port=port) as server:
         ...  # started, and /readyz answered 200; stopped with SIGTERM on exit
 
-Several servers can start side by side: `start()` each, then `wait_ready()` each.
+Several servers can start side by side: `start()` each, then `wait_ready()` each. The
+tests' `tests.live_server.LiveServer` is this class too (one launcher for both).
 """
 
 from __future__ import annotations
@@ -54,8 +55,10 @@ class ServerProcess:
     """A server subprocess (run from the repository root) listening on 127.0.0.1:`port`.
 
     Ready once GET `ready_path` answers 200 and `ready` (if given) returns True; stopped
-    with SIGTERM (a graceful drain), SIGKILL to the whole tree after `STOP_TIMEOUT_S`.
-    Its output goes to `log` (a file in `log_dir`, or the system's temp directory).
+    with SIGTERM (a graceful drain), SIGKILL to the whole tree after `stop_timeout_s`.
+    Its output goes to `log_file` (in `log_dir`, or the system's temp directory; `log` names
+    the file itself, appended to). With `group`, it runs in a process group of its
+    own and the signals go to the whole group (a supervisor and its children at once).
     """
 
     def __init__(
@@ -69,6 +72,9 @@ class ServerProcess:
         ready: Callable[[], bool] | None = None,
         log_dir: Path | None = None,
         cwd: Path | None = None,
+        log: Path | None = None,
+        group: bool = False,
+        stop_timeout_s: float = STOP_TIMEOUT_S,
     ) -> None:
         self.name = name
         self.cwd = cwd or ROOT  # another checkout's root runs that checkout's code
@@ -78,7 +84,13 @@ class ServerProcess:
         self.ready_path = ready_path
         self.ready = ready
         slug = "".join(c if c.isalnum() else "_" for c in name)
-        self.log = (log_dir or Path(os.environ.get("TMPDIR", "/tmp"))) / f"{slug}-{port}.log"
+        self.log_file = (
+            log or (log_dir or Path(os.environ.get("TMPDIR", "/tmp"))) / f"{slug}-{port}.log"
+        )
+        self._append = log is not None  # a log named by the caller survives restarts
+        self.group = group
+        self.stop_timeout_s = stop_timeout_s
+        self.timed_out = False  # the last `stop` had to kill: no exit after SIGTERM
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -94,19 +106,20 @@ class ServerProcess:
 
     def start(self) -> None:
         """Start the process (no waiting)."""
-        with self.log.open("wb") as out:
+        with self.log_file.open("ab" if self._append else "wb") as out:
             self.proc = subprocess.Popen(
                 self.command,
                 cwd=self.cwd,
                 env={**os.environ, **self.env},
                 stdout=out,
                 stderr=subprocess.STDOUT,
+                start_new_session=self.group,
             )
 
     def log_tail(self, chars: int = 3000) -> str:
         """The end of the server's output."""
         try:
-            return self.log.read_text(errors="replace")[-chars:]
+            return self.log_file.read_text(errors="replace")[-chars:]
         except OSError:
             return ""
 
@@ -126,8 +139,24 @@ class ServerProcess:
             time.sleep(0.1)
         raise ServerFailed(f"{self.name}: not ready after {timeout:.0f} s:\n{self.log_tail()}")
 
+    def signal(self, signum: int) -> None:
+        """Send `signum` to the server (to its whole group with `group`)."""
+        assert self.proc is not None, "not started"
+        if self.group:
+            with suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signum)
+        else:
+            self.proc.send_signal(signum)
+
+    def kill(self) -> None:
+        """SIGKILL (the whole group with `group`): no shutdown at all."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.signal(signal.SIGKILL)
+            self.proc.wait()
+
     def stop(self) -> int | None:
-        """SIGTERM and wait; SIGKILL the whole tree after `STOP_TIMEOUT_S`. The exit status."""
+        """SIGTERM and wait; SIGKILL the whole tree after `stop_timeout_s`. The exit status."""
+        self.timed_out = False
         if self.proc is None:
             return None
         if self.proc.poll() is None:
@@ -135,16 +164,16 @@ class ServerProcess:
                 tree = psutil.Process(self.proc.pid).children(recursive=True)
             except psutil.Error:
                 tree = []
-            self.proc.send_signal(signal.SIGTERM)
+            self.signal(signal.SIGTERM)
             try:
-                self.proc.wait(timeout=STOP_TIMEOUT_S)
+                self.proc.wait(timeout=self.stop_timeout_s)
             except subprocess.TimeoutExpired:
                 print(
-                    f"{self.name}: no exit {STOP_TIMEOUT_S:.0f} s after SIGTERM; killing it",
+                    f"{self.name}: no exit {self.stop_timeout_s:.0f} s after SIGTERM; killing it",
                     file=sys.stderr,
                 )
-                self.proc.kill()
-                self.proc.wait()
+                self.timed_out = True
+                self.kill()
             for child in tree:  # whatever outlived its parent
                 with suppress(psutil.Error):
                     child.kill()

@@ -4,12 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,60 +15,25 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from tests.api_support import TEXTS, assert_same_predictions
+from tests.live_server import LiveServer
 from tests.paths import ROOT as REPO_ROOT
 
 ROOT = REPO_ROOT
 START_TIMEOUT_S = 60
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def server(tiny_artifacts: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real server over the tiny models; stopped with SIGTERM (graceful) at the end."""
-    port = free_port()
-    env = {
-        **os.environ,
-        "NEXTWORD_MODELS_DIR": str(tiny_artifacts),
-        "NEXTWORD_PROVIDERS": "CPUExecutionProvider",
-    }
     log_path = tmp_path_factory.mktemp("server") / "server.log"
-    with log_path.open("w") as log:  # a file, not a pipe: a full pipe would block the server
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port)],
-            cwd=ROOT,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    base = f"127.0.0.1:{port}"
+    live = LiveServer(tiny_artifacts, log_path).start(START_TIMEOUT_S)
     try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            assert proc.poll() is None, f"server exited:\n{log_path.read_text()}"
-            try:
-                if httpx.get(f"http://{base}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server did not become ready"
-            time.sleep(0.1)
-        yield base
+        yield f"127.0.0.1:{live.port}"
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            pytest.fail(f"server did not stop on SIGTERM:\n{log_path.read_text()}")
+        status = live.stop(30)
     output = log_path.read_text()
     # uvicorn re-raises the signal after a graceful shutdown: the exit status is -SIGTERM.
-    assert proc.returncode in (0, -signal.SIGTERM), output
+    assert status in (0, -signal.SIGTERM), output
     assert "predictor closed" in output and "Application shutdown complete" in output, output
     assert "Traceback" not in output, output
 

@@ -12,8 +12,7 @@ import asyncio
 import json
 import os
 import signal
-import subprocess
-import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +22,9 @@ import httpx
 import pytest
 import websockets
 
+from benchmarks.lib.server import ServerProcess
 from tests.api_support import assert_same_predictions
+from tests.live_server import LiveServer
 from tests.paths import ROOT as REPO_ROOT
 from tests.redis_cluster import RedisCluster, needs_redis_cluster, running_cluster
 from tests.redis_server import RedisServer, free_port, needs_redis, running_redis
@@ -51,58 +52,24 @@ WORDS = [
 ]
 
 
-class Replica:
-    """`python -m service` on a free loopback port, with the Redis session store."""
+class Replica(LiveServer):
+    """`python -m service` on a free loopback port with the Redis session store, started at
+    once (several start side by side; `wait_ready` each)."""
 
     def __init__(
         self, models: Path, redis_url: str, workers: int = 1, env: dict[str, str] | None = None
     ) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {
-            **os.environ,
-            "NEXTWORD_HOST": "127.0.0.1",
-            "NEXTWORD_PORT": str(self.port),
-            "NEXTWORD_MODELS_DIR": str(models),
-            "NEXTWORD_SESSION_STORE": redis_url,
-            "NEXTWORD_WORKERS": str(workers),
-            "NEXTWORD_PROVIDERS": "CPUExecutionProvider",
-            "NEXTWORD_INTRA_OP_THREADS": "1",
-            "NEXTWORD_LOG_LEVEL": "warning",
+        port = free_port()
+        super().__init__(
+            models,
+            Path(tempfile.gettempdir()) / f"nextword-replica-{port}.log",
+            port=port,
+            workers=workers,
+            NEXTWORD_SESSION_STORE=redis_url,
+            NEXTWORD_LOG_LEVEL="warning",
             **(env or {}),
-        }
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "service"], cwd=ROOT, env=env, start_new_session=True
         )
-
-    def wait_ready(self, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"replica on port {self.port} exited with {self.proc.returncode}"
-                )
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=1.0).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError(f"replica on port {self.port} not ready after {timeout} s")
-
-    def kill(self) -> None:
-        """SIGKILL the whole process group (uvicorn's workers too): no shutdown at all."""
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        ServerProcess.start(self)
 
 
 @pytest.fixture(
@@ -329,8 +296,6 @@ async def test_retries_after_a_frozen_redis_never_apply_a_word_twice(
     """Streams that resend a message (same `id`) until it is answered; Redis frozen
     (SIGSTOP) meanwhile: a write sent before the freeze is applied when Redis resumes, and
     its retry must be recognised. No session may hold more words than it acknowledged."""
-    from tests.live_server import LiveServer
-
     redis = RedisServer()
     redis.start()
     live = LiveServer(
