@@ -36,6 +36,9 @@ class StepRequest(msgspec.Struct, array_like=True, gc=False, tag=1):
     typed: list[str] = []
     prefix: str = ""
     forget: bool = False  # forget the writer's words (the context stays)
+    # float32 per prefix id: how likely the prefix was typed for it (1: a clean prefix, less:
+    # a slip, `service.contract.slips`); the words rank by probability times it. None: all 1.
+    prefix_slips: bytes | None = None
 
 
 class InfoRequest(msgspec.Struct, array_like=True, gc=False, tag=2):
@@ -81,6 +84,7 @@ class EngineOutput(msgspec.Struct, array_like=True, gc=False):
     created_at: float = 0.0
     last_used_at: float = 0.0
     words: list[str] = []  # the session's typed words, when an id >= V refers to them
+    last_token: int = -1  # the context's last token (its end-of-sentence id at a start)
     adapt: bool = True  # (info) the session's default for `adapt`
     remembered: int = 0  # (info) distinct words the session remembers
     memory_bytes: int = 0  # (info) bytes its memory holds

@@ -33,7 +33,7 @@ from service.engine import adapt
 from service.engine.pool import device_free_bytes, pool_rows, row_bytes
 from service.engine.runtime import OrtModel, choose_providers
 from service.engine.scheduler import Adaptation, Step, StepBatcher, StepResult
-from service.errors import NextwordError, StepFailed, UnknownModel
+from service.errors import BadInput, NextwordError, StepFailed, UnknownModel
 from service.store import SessionStore, open_store
 
 log = logging.getLogger(__name__)
@@ -254,6 +254,13 @@ class EngineCore:
                 if request.prefix_ids is None
                 else np.frombuffer(request.prefix_ids, dtype=np.int64)
             )
+            slips = (
+                None
+                if request.prefix_slips is None
+                else np.frombuffer(request.prefix_slips, dtype=np.float32)
+            )
+            if slips is not None and (prefix_ids is None or len(slips) != len(prefix_ids)):
+                raise BadInput("prefix_slips must give one likelihood per prefix id")
             future = scheduler.submit(
                 Step(
                     request.tokens,
@@ -267,6 +274,7 @@ class EngineCore:
                     typed=request.typed,
                     prefix=request.prefix,
                     forget=request.forget,
+                    prefix_slips=slips,
                 )
             )
         except NextwordError as exc:
@@ -293,6 +301,7 @@ class EngineCore:
                     tokens=result.tokens,
                     model=model,
                     words=list(result.words),
+                    last_token=result.last_token,
                 )
             )
 
