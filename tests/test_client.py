@@ -131,6 +131,20 @@ def test_the_writers_words_through_both_clients(server: LiveServer) -> None:
             assert "Zorblax" in stream.send("", adapt=True).words
 
 
+def test_corrections_and_casing_through_both_clients(server: LiveServer) -> None:
+    with Client(server.url) as client:
+        answer = client.predict("we saw", k=50, prefix="teh", adapt=False)
+        assert any(p.word == "the" and p.corrected for p in answer.predictions)
+        assert all(p.corrected for p in answer.predictions)
+        assert not any(p.corrected for p in client.predict("we saw", prefix="th").predictions)
+        assert all(w[0].isupper() for w in client.predict("", k=5).words)
+        with client.stream(k=50, adapt=False) as stream:
+            streamed = stream.send("we saw", prefix="teh").predictions
+            assert [(p.word, p.corrected) for p in streamed] == [
+                (p.word, p.corrected) for p in answer.predictions
+            ]
+
+
 async def test_the_async_client_forgets_words(server: LiveServer) -> None:
     async with AsyncClient(server.url) as client:
         session = await client.create_session("hello Zorblax , Zorblax")
