@@ -59,6 +59,36 @@ def _adaptation_lines(section: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _keyboard_lines(section: dict[str, Any]) -> list[str]:
+    """The card's section on suggestions as a keyboard user takes them (manifest "keyboard")."""
+    if not section:
+        return []
+    lines = [
+        "",
+        "## As a keyboard user sees it",
+        "",
+        "Documents typed through the service itself, one session each, k = 3, a suggestion "
+        "counting only when it is the word exactly as written (case included); the figures "
+        "and the slip model are defined in `model_export/keyboard.py` "
+        "(`nextword evaluate --keyboard --record`). With adaptation on (the service's "
+        'default) unless marked "plain".',
+        "",
+        "| text | words | next top-1 | next top-3 | next top-3 plain | completion top-1 | "
+        "completion top-3 | with a slip top-1 | with a slip top-3 | echo | echo plain | "
+        "keystrokes saved |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    keys = (
+        "next_top1", "next_top3", "next_top3_plain", "completion_top1", "completion_top3",
+        "slip_completion_top1", "slip_completion_top3", "echo_top3", "echo_top3_plain",
+        "keystroke_savings",
+    )  # fmt: skip
+    for dataset, m in section.items():
+        cells = " | ".join(f"{100 * m[k]:.1f}%" for k in keys)
+        lines.append(f"| {dataset} | {int(m['words']):,} | {cells} |")
+    return lines
+
+
 def render(
     artifact: Path,
     train_seconds: float | None = None,
@@ -172,6 +202,7 @@ def render(
                     f"{100 * b.get('oov_rate', 0):.1f}% | {b.get('tokens', 0):,} |"
                 )
     lines += _adaptation_lines(m.get("adaptation") or {})
+    lines += _keyboard_lines(m.get("keyboard") or {})
     lines += [
         "",
         "## Intended use and limits",
@@ -198,6 +229,7 @@ def main() -> None:
         "--fp32-metrics", type=Path, default=None, help="metrics JSON of the float32 model"
     )
     p.add_argument("--command", default=None, help="the exact training command")
+    # (The bundled cards: `--baseline benchmarks/results/trigram.json`.)
     args = p.parse_args()
     text = render(
         args.artifact,

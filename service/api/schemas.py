@@ -174,6 +174,13 @@ class ModelInfo(BaseModel):
     vocab_size: int
     layers: int
     hidden_size: int
+    keyboard: dict[str, dict[str, float]] = Field(
+        default_factory=dict,
+        description="Held-out figures as a keyboard user takes the suggestions (k = 3, case "
+        "exact), by text: next-word and completion top-1/3, completion with a typing slip, "
+        "the share of lists echoing the word just typed, keystroke savings "
+        "(`nextword evaluate --keyboard`; see docs/models.md).",
+    )
 
 
 class ModelsResponse(BaseModel):

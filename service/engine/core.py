@@ -107,6 +107,8 @@ def describe_model(model: OrtModel) -> dict[str, Any]:
         "quantization": (manifest.get("quantization") or {}).get("type", "none"),
         "providers": list(model.providers),
         "metrics": manifest.get("metrics", {}),
+        # As a keyboard user takes the suggestions (`nextword evaluate --keyboard`).
+        "keyboard": manifest.get("keyboard", {}),
         "adaptation": describe_adaptation(model),
         "state_pool": describe_pool(model),
     }
