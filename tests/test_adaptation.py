@@ -14,7 +14,14 @@ from fastapi.testclient import TestClient
 from service.api import create_app
 from tests.api_support import api_settings, assert_same_predictions
 
-NAMES = "hello Zorblax , i am here . Zorblax and i went home . then Zorblax"
+# Long enough for the memory to mix at full weight (it waits for twice the default
+# `warmup`'s words), and the last "Zorblax" more than `recent` words back (the words just
+# typed are never raised).
+NAMES = (
+    "hello Zorblax , i am here . Zorblax and i went home . then Zorblax came to see the "
+    "house and the garden , and Zorblax said that it was a good day for Zorblax and "
+    "for me . then"
+)
 
 
 @pytest.fixture(scope="module")

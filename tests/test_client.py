@@ -114,8 +114,16 @@ async def test_async_rest(server: LiveServer) -> None:
             await client.feed(session.session_id, "home")
 
 
+# A writer's text long enough for the memory to mix at full weight, its last "Zorblax"
+# more than the few words back that are never raised (no echo).
+WRITER = (
+    "hello Zorblax , i am here . Zorblax went home . then Zorblax came to see the house and "
+    "the garden , and Zorblax said that it was a good day for Zorblax and for me . then said"
+)
+
+
 def test_the_writers_words_through_both_clients(server: LiveServer) -> None:
-    text = "hello Zorblax , i am here . Zorblax went home . then Zorblax said"
+    text = WRITER
     with Client(server.url) as client:
         assert "Zorblax" in client.predict(text, k=10).words
         assert "Zorblax" not in client.predict(text, k=10, adapt=False).words
@@ -152,7 +160,7 @@ async def test_the_async_client_forgets_words(server: LiveServer) -> None:
         await client.forget_words(session.session_id)
         assert (await client.session(session.session_id)).memory_words == 0
         async with client.stream(adapt=True, k=10) as stream:
-            answer = await stream.send("hello Zorblax , i am Zorblax . Zorblax said")
+            answer = await stream.send(WRITER)
             assert "Zorblax" in answer.words
 
 

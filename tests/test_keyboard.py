@@ -84,6 +84,8 @@ def test_a_run_through_the_service_and_its_record(tiny_artifacts: Path, tmp_path
     results = evaluate_keyboard(str(artifact), [str(text)], [], max_words=25, record=True)
     m = results["held-out.txt"]
     assert m["words"] == 25
+    # The memory never raises the word just typed: no more echoes than the model alone.
+    assert m["echo_top3"] <= m["echo_top3_plain"]
     for key, value in m.items():
         if key != "words":
             assert 0.0 <= value <= 1.0, key

@@ -159,10 +159,19 @@ class Layout:
         return (keys >= 0) & (keys < self.words)
 
 
-# What a model without tuned parameters uses: between the bundled models' own (tuned on the
-# six NLTK corpora's valid split by model_export/tune_adapt.py: gru 0.05, 0.995, 460, 128,
-# 16; lstm 0.05, 0.998, 1151, 256, 64).
-DEFAULT_PARAMS = AdaptParams(lam=0.05, decay=0.995, window=919, capacity=256, max_oov=64)
+# What a model without tuned parameters uses: near the bundled models' own (tuned on
+# WikiText-2 valid by article: see their manifests' "adaptation" "tuning").
+DEFAULT_PARAMS = AdaptParams(
+    lam=0.1,
+    decay=0.995,
+    window=919,
+    capacity=512,
+    max_oov=64,
+    warmup=10.0,
+    recent=3,
+    oov_share=0.1,
+    lam_bigram=0.2,
+)
 
 
 def params_of(manifest: Mapping[str, Any]) -> AdaptParams:
