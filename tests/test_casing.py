@@ -67,3 +67,24 @@ def test_a_capital_typed_in_the_prefix_is_kept(client: TestClient) -> None:
     lower = words(client, text="we went", prefix="th")
     upper = words(client, text="we went", prefix="Th")
     assert upper == [w[0].upper() + w[1:] for w in lower]
+
+
+def test_display_forms_count_names_and_acronyms(tmp_path: Path) -> None:
+    from model_export.casing import display_forms
+    from service.contract.vocab import Vocabulary
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(
+        "we saw the NASA team and I said Paris was fine .\n" * 6
+        + "Nasa said so . US troops and us .\n" * 2
+        + "THE TV SHOW WAS LOUD .\nwe watched TV at home .\n" * 6
+        + "the us and them , us again .\n" * 3
+    )
+    vocab = Vocabulary(
+        ["<pad>", "<unk>", "</s>", "we", "saw", "the", "nasa", "paris", "tv", "us", "i"]
+    )
+    forms = display_forms([str(corpus)], vocab)
+    assert forms["nasa"] == "NASA"  # capitals outside sentence starts
+    assert forms["paris"] == "Paris" and forms["i"] == "I"
+    assert forms["tv"] == "TV"  # the lines in capitals not counted, the others are
+    assert "us" not in forms and "the" not in forms  # mostly lower-case
