@@ -615,3 +615,40 @@ def test_old_manifests_load_with_neutral_new_parameters() -> None:
     assert (p.warmup, p.recent, p.oov_share, p.lam_bigram) == (0.0, 0, 1.0, 0.0)
     with pytest.raises(ValueError):
         params(lam=0.8, lam_bigram=0.3)  # more than all of the mixture
+
+
+def test_gathered_probabilities_serve_recency_and_pairs_as_the_full_distribution() -> None:
+    """The resident (device) path: each row's probabilities at its keys and at <unk> give
+    the same answers as the full distribution, with the no-echo rule and pairs on."""
+    rng = np.random.default_rng(16)
+    p = params(capacity=48, decay=0.95, window=200, lam=0.2, lam_bigram=0.3, recent=2, warmup=3.0)
+    batch = 8
+    keys, weights = adapt.empty_cache(batch, p.capacity)
+    history = rng.integers(3, 15, size=(batch, 40)).astype(np.int64)  # few words: pairs repeat
+    before = np.full(batch, 2)
+    adapt.update(keys, weights, history.astype(np.int32), np.full(batch, 40), p, V, history, before)
+    last = history[:, -1]
+    probs = model_probs(rng, batch)
+    ids, tp = graph_topk(probs, SUGGESTIBLE, 12)
+    at_keys = np.take_along_axis(probs, adapt.gather_ids(keys, V, UNK).astype(np.int64), 1)
+    full = adapt.top_k(
+        keys, weights, probs, ids, tp, UNK, SUGGESTIBLE, 5, p.lam, params=p, last=last
+    )
+    gathered = adapt.top_k(
+        keys, weights, None, ids, tp, UNK, SUGGESTIBLE, 5, p.lam,
+        at_keys=at_keys, params=p, last=last,
+    )  # fmt: skip
+    np.testing.assert_array_equal(gathered[0], full[0])
+    np.testing.assert_allclose(gathered[1], full[1], rtol=1e-6)
+    # And each shown probability is the one `probability` gives that word.
+    for j in range(5):
+        again = adapt.probability(
+            keys, weights, probs, full[0][:, j], UNK, SUGGESTIBLE, p.lam, p, last
+        )
+        np.testing.assert_allclose(full[1][:, j], again, rtol=1e-5)
+    # The last word typed is never shown above the model's own rank for it.
+    for b in range(batch):
+        if last[b] in full[0][b]:
+            model_rank = int((probs[b][SUGGESTIBLE] > probs[b, last[b]]).sum())
+            assert list(full[0][b]).index(last[b]) >= model_rank
+            assert full[1][b][list(full[0][b]).index(last[b])] <= probs[b, last[b]]
