@@ -32,10 +32,12 @@ def _adaptation_lines(section: dict[str, Any]) -> list[str]:
         "## Adaptation (suggestions that learn the writer)",
         "",
         "A session remembers the words it typed (decayed counts, typed out-of-vocabulary "
-        "words included) and mixes them into the model's suggestions "
-        "(`service/engine/adapt.py`). Parameters: "
+        'words included) and the pairs it typed ("last word -> next word"), and mixes '
+        "them into the model's suggestions once it holds enough text; it never raises the "
+        "last few words typed (`service/engine/adapt.py`). Parameters: "
         + ", ".join(f"{k} {v}" for k, v in params.items())
-        + f"; tuned on {section.get('tuned_on', '?')} (`python -m model_export.tune_adapt`).",
+        + f"; tuned on {section.get('tuned_on', '?')} (the points tried: the manifest's "
+        "`adaptation.tuning`).",
     ]
     metrics = section.get("metrics") or {}
     if metrics:
@@ -208,8 +210,9 @@ def render(
         "## Intended use and limits",
         "",
         "Next-word suggestions for English typing. The model sees lower-cased text and "
-        "suggests words only (no punctuation); display case (`I`, `America`) comes from a "
-        "table (`display.tsv`). Trained on ~4M words of mostly 20th-century American and "
+        "suggests words only (no punctuation); the service writes them as typed there: "
+        "names and acronyms from a table (`display.tsv`: `I`, `America`, `NASA`), "
+        "capitals at sentence starts and as typed in the prefix. Trained on ~4M words of mostly 20th-century American and "
         "Australian English (news, fiction, speeches, film reviews, web forums); it knows "
         "no recent vocabulary, reflects the biases of those texts, and is small by design "
         "(a few MB). It is not a source of facts.",

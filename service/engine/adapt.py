@@ -361,10 +361,17 @@ class _Mixture:
     recent: np.ndarray  # which word slots were typed among the last `recent` tokens
 
 
-def _ramp(weights: np.ndarray, keys: np.ndarray, layout: Layout, params: AdaptParams) -> np.ndarray:
+def _ramp(
+    weights: np.ndarray,
+    keys: np.ndarray,
+    layout: Layout,
+    params: AdaptParams,
+    total: np.ndarray | None = None,
+) -> np.ndarray:
     """(R, 1) how much of its weights the memory of each row gets: 0 until its words weigh
-    `warmup`, growing to 1 at twice that."""
-    total = np.where(layout.word_keys(keys), weights, np.float32(0.0)).sum(1, keepdims=True)
+    `warmup`, growing to 1 at twice that (`total`: the words' weight, when known)."""
+    if total is None:
+        total = np.where(layout.word_keys(keys), weights, np.float32(0.0)).sum(1, keepdims=True)
     if params.warmup <= 0:
         return (total > 0).astype(np.float32)
     return np.clip((total - np.float32(params.warmup)) / np.float32(params.warmup), 0.0, 1.0)
@@ -400,7 +407,7 @@ def _mix(
     words = layout.word_keys(keys)
     w_words = np.where(words, weights, np.float32(0.0))
     total = w_words.sum(1, keepdims=True)
-    ramp = _ramp(weights, keys, layout, params)
+    ramp = _ramp(weights, keys, layout, params, total)
     lu = np.float32(params.lam) * ramp
     oov = words & (keys >= vocab_size)
     oov_total = np.where(oov, weights, np.float32(0.0)).sum(1, keepdims=True)
@@ -409,10 +416,9 @@ def _mix(
     lb = np.zeros_like(lu)
     pairs = None
     if layout.bigrams and last is not None:
-        pair = keys >= 2 * layout.words
-        w = np.int64(layout.words)
-        prev = (keys.astype(np.int64) - 2 * w) // w
-        pairs = pair & (prev == np.asarray(last, dtype=np.int64)[:, None])
+        # The pairs after `last` are the keys in [2W + last W, 2W + (last + 1) W).
+        lo = 2 * np.int64(layout.words) + np.asarray(last, dtype=np.int64)[:, None] * layout.words
+        pairs = (keys >= lo) & (keys < lo + layout.words)
         n = np.where(pairs, weights, np.float32(0.0)).sum(1, keepdims=True)
         lb = np.float32(params.lam_bigram) * ramp * n / (n + np.float32(1.0))
     model = np.float32(1.0) - lu - lb
@@ -420,11 +426,10 @@ def _mix(
     scores = base + lu * w_words / np.maximum(total, np.float32(1e-30))
     if pairs is not None and pairs.any():
         r, c = np.divmod(np.flatnonzero(pairs), keys.shape[1])
-        nxt = (keys[r, c].astype(np.int64) - 2 * np.int64(layout.words)) % layout.words
+        nxt = keys[r, c] - lo[r, 0]
         same = keys[r] == nxt[:, None]  # the word's own slot
         held = same.any(1)
-        n_of = np.where(pairs, weights, np.float32(0.0)).sum(1)
-        part = lb[r, 0] * weights[r, c] / np.maximum(n_of[r], np.float32(1e-30))
+        part = lb[r, 0] * weights[r, c] / np.maximum(n[r, 0], np.float32(1e-30))
         np.add.at(scores, (r[held], same.argmax(1)[held]), part[held])
     recent = np.zeros(keys.shape, dtype=bool)
     if layout.recent:
