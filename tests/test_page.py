@@ -180,7 +180,12 @@ def test_a_name_typed_twice_is_suggested_until_forgotten(tab: Tab, server: LiveS
     page = tab.page
     open_page(page, server.url)
     text = page.locator("#text")
-    typed = "Say hello to Zorblax. Zorblax said hi to"
+    # Long enough for the memory to mix (it waits for ~20 words), the name a few words back
+    # (the words just typed are never raised).
+    typed = (
+        "Say hello to Zorblax. Zorblax said hi to the team and the team said hi to Zorblax. "
+        "Then we all went home and said hi to"
+    )
     text.press_sequentially(typed + " ")
     adapted = predicted(server, typed)
     assert "Zorblax" in adapted and "Zorblax" not in predicted(server, typed, adapt=False)
