@@ -82,6 +82,8 @@ class AdaptParams:
                 f"window and capacity must be >= 1 and max_oov >= 0, got {self.window}, "
                 f"{self.capacity}, {self.max_oov}"
             )
+        if self.recent >= self.capacity:
+            raise ValueError(f"recent ({self.recent}) must be less than capacity ({self.capacity})")
         if self.warmup < 0 or self.recent < 0 or not 0.0 <= self.oov_share <= 1.0:
             raise ValueError(
                 f"warmup and recent must be >= 0 and oov_share in [0, 1], got {self.warmup}, "
@@ -92,12 +94,6 @@ class AdaptParams:
     def threshold(self) -> float:
         """The weight below which an entry is dropped: decay**window."""
         return float(self.decay**self.window)
-
-    @property
-    def recent_threshold(self) -> float:
-        """A recency mark below this weight is dropped: between decay**(recent - 1) (the
-        word was among the last `recent` tokens) and decay**recent."""
-        return float(self.decay ** (self.recent - 0.5))
 
     def to_dict(self) -> dict[str, Any]:
         """The parameters as JSON-ready values."""
@@ -133,8 +129,8 @@ class Layout:
     (W = V + M word keys):
 
     - a word: a vocabulary id `k < V`, or `V + j` for typed word j (`k < W`);
-    - a recency mark of word k: `W + k` (weight 1 when the word is typed, decayed, dropped
-      once it is `recent` tokens old): the word is among the last few typed;
+    - a recency mark of word k: `W + k`, in one of the first `recent` slots (weight 0):
+      the word is among the last `recent` tokens typed;
     - a bigram: `2W + prev * W + k`, the writer typed word k after the token `prev` (a
       vocabulary id, `<unk>` for every word outside it).
     """
@@ -188,10 +184,10 @@ def empty_cache(batch: int, capacity: int) -> tuple[np.ndarray, np.ndarray]:
     )
 
 
-def _insert(keys: np.ndarray, weights: np.ndarray, key: np.ndarray, reset: bool = False) -> None:
+def _insert(keys: np.ndarray, weights: np.ndarray, key: np.ndarray) -> None:
     """Count one key per row of (R, C) `keys`/`weights` (key -1: none), in place: a held key
-    gains 1 (`reset`: is set to 1), a new one takes the lowest empty slot, else the smallest
-    weight (ties: lowest slot)."""
+    gains 1, a new one takes the lowest empty slot, else the smallest weight (ties: lowest
+    slot)."""
     rows = np.flatnonzero(key >= 0)
     if not len(rows):
         return
@@ -200,7 +196,7 @@ def _insert(keys: np.ndarray, weights: np.ndarray, key: np.ndarray, reset: bool 
     found = match.any(1)
     free = np.where(keys < 0, np.float32(-1.0), weights).argmin(1)
     slot = np.where(found, match.argmax(1), free)[rows]
-    kept = found[rows] & (not reset)
+    kept = found[rows]
     weights[rows, slot] = np.where(kept, weights[rows, slot], np.float32(0.0)) + np.float32(1.0)
     keys[rows, slot] = key[rows]
 
@@ -215,20 +211,24 @@ def _count_token(
 ) -> None:
     """One token for every row of (R, C) `keys`/`weights`, in place: decay, count its word
     (and, with a layout, its recency mark and its bigram after `prev`, the raw id of the
-    token before it, -1: none), drop what fell below the window."""
-    weights *= np.float32(params.decay)
+    token before it, -1: none), drop what fell below the window.
+
+    The recency marks of the last `recent` tokens hold the first `recent` slots, newest
+    first (weight 0): a token shifts them by one, so the oldest falls out, and the other
+    slots never hold one (no search, no eviction)."""
     token = token.astype(np.int32)
-    _insert(keys, weights, token)
     if layout is not None and layout.recent:
-        _insert(keys, weights, np.where(token >= 0, token + layout.words, EMPTY), reset=True)
+        marks = params.recent
+        keys[:, 1:marks] = keys[:, : marks - 1]
+        keys[:, 0] = np.where(token >= 0, token + layout.words, EMPTY)
+        keys, weights = keys[:, marks:], weights[:, marks:]  # views: the counted slots
+    weights *= np.float32(params.decay)
+    _insert(keys, weights, token)
     if layout is not None and layout.bigrams and prev is not None:
         w = np.int64(layout.words)
         pair = 2 * w + prev.astype(np.int64) * w + token
         _insert(keys, weights, np.where((token >= 0) & (prev >= 0), pair, EMPTY).astype(np.int32))
     stale = weights < np.float32(params.threshold)  # empty slots too: clearing them is harmless
-    if layout is not None and layout.recent:
-        mark = (keys >= layout.words) & (keys < 2 * layout.words)
-        stale |= mark & (weights < np.float32(params.recent_threshold))
     np.copyto(keys, EMPTY, where=stale)
     np.copyto(weights, np.float32(0.0), where=stale)
 
@@ -427,18 +427,22 @@ def _mix(
     if pairs is not None and pairs.any():
         r, c = np.divmod(np.flatnonzero(pairs), keys.shape[1])
         nxt = keys[r, c] - lo[r, 0]
-        same = keys[r] == nxt[:, None]  # the word's own slot
-        held = same.any(1)
         part = lb[r, 0] * weights[r, c] / np.maximum(n[r, 0], np.float32(1e-30))
-        np.add.at(scores, (r[held], same.argmax(1)[held]), part[held])
+        # Joined to each word's slot by (row, word) code: a row's pairs after `last` name
+        # distinct words, so the sorted codes of the pairs are looked up once per slot.
+        width = np.int64(layout.words)
+        code = r * width + nxt  # ascending in r; sorted within a row below
+        order = np.argsort(code, kind="stable")
+        code, part = code[order], part[order]
+        slot = np.arange(len(keys), dtype=np.int64)[:, None] * width + np.where(words, keys, 0)
+        found = np.minimum(np.searchsorted(code, slot), len(code) - 1)
+        scores += np.where(words & (code[found] == slot), part[found], np.float32(0.0))
     recent = np.zeros(keys.shape, dtype=bool)
     if layout.recent:
-        marks = (keys >= layout.words) & (keys < 2 * layout.words)
-        if marks.any():
-            r, c = np.divmod(np.flatnonzero(marks), keys.shape[1])
-            same = keys[r] == (keys[r, c] - layout.words)[:, None]
-            held = same.any(1)
-            recent[r[held], same.argmax(1)[held]] = True
+        # The marks hold the first `recent` slots (`_count_token`); -1: no word there.
+        for j in range(min(params.recent, keys.shape[1])):
+            word = keys[:, j : j + 1] - layout.words
+            recent |= (keys == word) & (word >= 0)
     shown = words & ~recent & (oov | suggestible[np.clip(keys, 0, vocab_size - 1)])
     return _Mixture(scores, base, model, shown, recent)
 
