@@ -84,10 +84,12 @@ class EngineOutput(msgspec.Struct, array_like=True, gc=False):
     created_at: float = 0.0
     last_used_at: float = 0.0
     words: list[str] = []  # the session's typed words, when an id >= V refers to them
-    last_token: int = -1  # the context's last token (its end-of-sentence id at a start)
     adapt: bool = True  # (info) the session's default for `adapt`
     remembered: int = 0  # (info) distinct words the session remembers
     memory_bytes: int = 0  # (info) bytes its memory holds
+    # Last, so that an output without it decodes (array_like): the context's last token,
+    # the end-of-sentence id at the start of a text (where a word is capitalised).
+    last_token: int = -1
 
 
 request_encoder = msgspec.msgpack.Encoder()
