@@ -63,6 +63,7 @@ def fill(
     rows = len(tokens)
     keys, weights = adapt.empty_cache(rows, params.capacity)
     tables: list[list[str]] = [[] for _ in range(rows)]
+    ids = np.array([vocab.encode_tokens(row) for row in tokens], dtype=np.int64)
     for t in range(len(tokens[0])):
         new = np.full((rows, 1), adapt.EMPTY, dtype=np.int32)
         for b in range(rows):
@@ -74,7 +75,11 @@ def fill(
                 new[b, 0] = adapt.oov_keys(
                     tables[b], [token], len(vocab), keys[b], weights[b], params
                 )[0]
-        adapt.update(keys, weights, new, np.ones(rows, dtype=np.int64), params)
+        before = ids[:, t - 1] if t else np.full(rows, vocab.eos_id)
+        adapt.update(
+            keys, weights, new, np.ones(rows, dtype=np.int64), params, len(vocab),
+            ids[:, t : t + 1], before,
+        )  # fmt: skip
     return keys, weights, tables
 
 
@@ -109,12 +114,15 @@ def bench_model(
             t2 = time.perf_counter()
             new = np.where(vocab.suggestible[x], x, adapt.EMPTY).astype(np.int32)
             t3 = time.perf_counter()
-            adapt.update(keys, weights, new, np.ones(BATCH, dtype=np.int64), params)
+            before = ids[:, history + r - 1]
+            adapt.update(
+                keys, weights, new, np.ones(BATCH, dtype=np.int64), params, len(vocab), x, before
+            )
             t4 = time.perf_counter()
             assert step.probs is not None
             adapt.top_k(
                 keys, weights, step.probs, step.topk_ids, step.topk_probs, vocab.unk_id,
-                vocab.suggestible, 5, params.lam,
+                vocab.suggestible, 5, params.lam, params=params, last=x[:, 0],
             )  # fmt: skip
             t5 = time.perf_counter()
             step_state = step.state

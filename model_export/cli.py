@@ -144,6 +144,17 @@ def _add_evaluate(sub) -> None:
         help="with --adapt: override one of the artifact's adaptation parameters (lam, decay, "
         "window, capacity, max_oov)",
     )
+    p.add_argument(
+        "--keyboard",
+        action="store_true",
+        help="type the documents through the service as a keyboard user would (k = 3, case "
+        "exact): next-word and completion top-1/3, with a simulated slip, the share of lists "
+        "echoing the last word, keystroke savings (--artifact only; --record stores them "
+        "under the manifest's 'keyboard')",
+    )
+    p.add_argument(
+        "--max-words", type=int, default=2000, help="with --keyboard: words typed per set"
+    )
     p.set_defaults(handler=_run_evaluate)
 
 
@@ -153,6 +164,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     if not args.text and not args.corpora:
         print("nothing to evaluate: give --text and/or --corpora", file=sys.stderr)
         return 2
+    if args.keyboard:
+        return _run_evaluate_keyboard(args)
     if args.adapt or args.adapt_param:
         return _run_evaluate_adapt(args)
     results = evaluate(
@@ -167,6 +180,28 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         args.record,
         args.record_in,
         args.record_key,
+    )
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+def _run_evaluate_keyboard(args: argparse.Namespace) -> int:
+    from model_export.keyboard import evaluate_keyboard  # noqa: PLC0415
+
+    if not args.artifact or args.adapt or args.record_in:
+        print(
+            "--keyboard evaluates an --artifact (not with --adapt or --record-in)", file=sys.stderr
+        )
+        return 2
+    results = evaluate_keyboard(
+        args.artifact,
+        args.text,
+        args.corpora,
+        args.split,
+        args.nltk_data,
+        args.max_words,
+        args.record,
     )
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(results, indent=2))

@@ -15,6 +15,8 @@ suggests) split into in-vocabulary (IV) and out-of-vocabulary (OOV) ones:
   when a suggested typed word normalizes to it (only the cache can suggest one: without
   adaptation OOV targets are always misses). A WikiText `<unk>` is no typed word: never
   remembered, always a miss (counted in `oov_untyped`).
+- echo_top3: the share of suggestion lists, after a word, whose top 3 holds that word
+  again (the word just typed suggested as the next one).
 - perplexity: over every target with OOV ones as the `<unk>` class (the mixture's mass
   on it: the model's share of `<unk>` plus the cache's on typed words), as
   `evaluate_stream` counts it; `perplexity_iv` over IV targets only, comparable with
@@ -66,6 +68,8 @@ class Tally:
     hits: dict[int, int] = field(default_factory=lambda: dict.fromkeys(KS, 0))
     hits_iv: dict[int, int] = field(default_factory=lambda: dict.fromkeys(KS, 0))
     hits_oov: dict[int, int] = field(default_factory=lambda: dict.fromkeys(KS, 0))
+    after_word: int = 0  # suggestion lists given right after a word
+    echoes: int = 0  # ... whose top 3 holds that word again
 
     def metrics(self) -> dict[str, float]:
         """The figures (see the module docstring)."""
@@ -81,6 +85,7 @@ class Tally:
             out[f"top{k}"] = self.hits[k] / max(self.words, 1)
             out[f"top{k}_iv"] = self.hits_iv[k] / max(self.iv_words, 1)
             out[f"top{k}_oov"] = self.hits_oov[k] / max(self.oov_words, 1)
+        out["echo_top3"] = self.echoes / max(self.after_word, 1)
         if self.oov_cached:
             out["oov_cached"] = self.oov_cached
             out["perplexity_oov_cached"] = ppl(self.nll_oov_cached, self.oov_cached)
@@ -236,6 +241,10 @@ def _score_base(
         hit = int(((topk_ids[:, :k] == y[:, None]).any(1) & iv_word).sum())
         tally.hits[k] += hit
         tally.hits_iv[k] += hit
+    typed = np.array([d.words[i] for d, i in zip(active, t)], dtype=bool)
+    x = np.array([d.ids[i] for d, i in zip(active, t)], dtype=np.int64)
+    tally.after_word += int(typed.sum())
+    tally.echoes += int(((topk_ids[:, :3] == x[:, None]).any(1) & typed).sum())
 
 
 def _step_session(
@@ -263,17 +272,26 @@ def _step_session(
             s.tables[row], [token], vocab_size, s.keys[row], s.weights[row], params
         )[0]
     ones = np.ones(len(act), dtype=np.int64)
+    x = np.array([d.ids[i] for d, i in zip(active, t)], dtype=np.int64)
+    # The token before: a document starts after a sentence end, as a service session does.
+    before = np.array([d.ids[i - 1] if i else vocab.eos_id for d, i in zip(active, t)])
     if full:
         keys, weights = s.keys, s.weights
-        adapt.update(keys, weights, new[:, None], ones, params)
+        adapt.update(keys, weights, new[:, None], ones, params, vocab_size, x[:, None], before)
     else:
         keys, weights = s.keys[act], s.weights[act]
-        adapt.update(keys, weights, new[:, None], ones, params)
+        adapt.update(keys, weights, new[:, None], ones, params, vocab_size, x[:, None], before)
         s.keys[act], s.weights[act] = keys, weights
     suggested, _ = adapt.top_k(
         keys, weights, out.probs, out.topk_ids, out.topk_probs, unk, suggestible, max(KS),
-        params.lam,
+        params.lam, params=params, last=x,
     )  # fmt: skip
+    typed = np.array([d.words[i] for d, i in zip(active, t)], dtype=bool)
+    tally.after_word += int(typed.sum())
+    # The word just typed: its id, or its typed-word key.
+    top3 = suggested[:, :3]
+    echo = (top3 == x[:, None]).any(1) | ((top3 == new[:, None]).any(1) & (new >= 0))
+    tally.echoes += int((echo & typed).sum())
     # The target's key: its id, or its slot in the row's table (typed OOV words).
     target = y.copy()
     cached_oov = np.zeros(len(act), dtype=bool)
@@ -286,7 +304,9 @@ def _step_session(
             target[i] = key
             cached_oov[i] = bool((keys[i] == key).any())
     # OOV targets as the <unk> class (y is <unk> there): comparable with the model alone.
-    p_class = adapt.probability(keys, weights, out.probs, y, unk, suggestible, params.lam)
+    p_class = adapt.probability(
+        keys, weights, out.probs, y, unk, suggestible, params.lam, params, x
+    )
     nll = -np.log(np.maximum(p_class.astype(np.float64), 1e-30))
     tally.nll += float(nll.sum())
     tally.targets += len(y)
@@ -302,6 +322,8 @@ def _step_session(
             unk,
             suggestible,
             params.lam,
+            params,
+            x[rows],
         )
         tally.nll_oov_cached += float(-np.log(np.maximum(p_word.astype(np.float64), 1e-30)).sum())
         tally.nll_oov_cached_unk += float(-np.log(np.maximum(p_y[rows], 1e-30)).sum())
@@ -369,7 +391,7 @@ def format_table(name: str, result: dict[str, Any]) -> str:
         f"{result['oov_untyped']:,} of them <unk>)",
         f"  {'':22} {'without':>9} {'with':>9} {'change':>9}",
     ]
-    for key in ("top1", "top3", "top5", "top1_iv", "top3_iv", "top5_iv", "top3_oov"):
+    for key in ("top1", "top3", "top5", "top1_iv", "top3_iv", "top5_iv", "top3_oov", "echo_top3"):
         a, b = 100 * without[key], 100 * with_[key]
         lines.append(f"  {key + ' %':22} {a:9.2f} {b:9.2f} {b - a:+9.2f}")
     for key in ("perplexity", "perplexity_iv"):

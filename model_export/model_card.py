@@ -32,10 +32,12 @@ def _adaptation_lines(section: dict[str, Any]) -> list[str]:
         "## Adaptation (suggestions that learn the writer)",
         "",
         "A session remembers the words it typed (decayed counts, typed out-of-vocabulary "
-        "words included) and mixes them into the model's suggestions "
-        "(`service/engine/adapt.py`). Parameters: "
+        'words included) and the pairs it typed ("last word -> next word"), and mixes '
+        "them into the model's suggestions once it holds enough text; it never raises the "
+        "last few words typed (`service/engine/adapt.py`). Parameters: "
         + ", ".join(f"{k} {v}" for k, v in params.items())
-        + f"; tuned on {section.get('tuned_on', '?')} (`python -m model_export.tune_adapt`).",
+        + f"; tuned on {section.get('tuned_on', '?')} (the points tried: the manifest's "
+        "`adaptation.tuning`).",
     ]
     metrics = section.get("metrics") or {}
     if metrics:
@@ -56,6 +58,36 @@ def _adaptation_lines(section: dict[str, Any]) -> list[str]:
                     f"{100 * r['top5']:.2f}% | {100 * r['top3_iv']:.2f}% | "
                     f"{100 * r['top3_oov']:.2f}% | {r['perplexity_iv']:.1f} |"
                 )
+    return lines
+
+
+def _keyboard_lines(section: dict[str, Any]) -> list[str]:
+    """The card's section on suggestions as a keyboard user takes them (manifest "keyboard")."""
+    if not section:
+        return []
+    lines = [
+        "",
+        "## As a keyboard user sees it",
+        "",
+        "Documents typed through the service itself, one session each, k = 3, a suggestion "
+        "counting only when it is the word exactly as written (case included); the figures "
+        "and the slip model are defined in `model_export/keyboard.py` "
+        "(`nextword evaluate --keyboard --record`). With adaptation on (the service's "
+        'default) unless marked "plain".',
+        "",
+        "| text | words | next top-1 | next top-3 | next top-3 plain | completion top-1 | "
+        "completion top-3 | with a slip top-1 | with a slip top-3 | echo | echo plain | "
+        "keystrokes saved |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    keys = (
+        "next_top1", "next_top3", "next_top3_plain", "completion_top1", "completion_top3",
+        "slip_completion_top1", "slip_completion_top3", "echo_top3", "echo_top3_plain",
+        "keystroke_savings",
+    )  # fmt: skip
+    for dataset, m in section.items():
+        cells = " | ".join(f"{100 * m[k]:.1f}%" for k in keys)
+        lines.append(f"| {dataset} | {int(m['words']):,} | {cells} |")
     return lines
 
 
@@ -172,13 +204,15 @@ def render(
                     f"{100 * b.get('oov_rate', 0):.1f}% | {b.get('tokens', 0):,} |"
                 )
     lines += _adaptation_lines(m.get("adaptation") or {})
+    lines += _keyboard_lines(m.get("keyboard") or {})
     lines += [
         "",
         "## Intended use and limits",
         "",
         "Next-word suggestions for English typing. The model sees lower-cased text and "
-        "suggests words only (no punctuation); display case (`I`, `America`) comes from a "
-        "table (`display.tsv`). Trained on ~4M words of mostly 20th-century American and "
+        "suggests words only (no punctuation); the service writes them as typed there: "
+        "names and acronyms from a table (`display.tsv`: `I`, `America`, `NASA`), "
+        "capitals at sentence starts and as typed in the prefix. Trained on ~4M words of mostly 20th-century American and "
         "Australian English (news, fiction, speeches, film reviews, web forums); it knows "
         "no recent vocabulary, reflects the biases of those texts, and is small by design "
         "(a few MB). It is not a source of facts.",
@@ -198,6 +232,7 @@ def main() -> None:
         "--fp32-metrics", type=Path, default=None, help="metrics JSON of the float32 model"
     )
     p.add_argument("--command", default=None, help="the exact training command")
+    # (The bundled cards: `--baseline benchmarks/results/trigram.json`.)
     args = p.parse_args()
     text = render(
         args.artifact,

@@ -167,14 +167,19 @@ def _raise_for_status(response: httpx.Response) -> None:
 
 @dataclass(frozen=True, slots=True)
 class Prediction:
-    """A candidate next word and the model's probability of it (not renormalised)."""
+    """A candidate next word, as it would be typed there, and the model's probability of it
+    (not renormalised); `corrected`: the prefix does not start it (a typing slip away)."""
 
     word: str
     probability: float
+    corrected: bool = False
 
 
 def _predictions(items: list[dict[str, Any]]) -> tuple[Prediction, ...]:
-    return tuple(Prediction(p["word"], float(p["probability"])) for p in items)
+    return tuple(
+        Prediction(p["word"], float(p["probability"]), bool(p.get("corrected", False)))
+        for p in items
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections import OrderedDict
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,9 @@ from typing import Any
 import numpy as np
 
 from service.config import Settings
+from service.contract import slips
 from service.contract.artifact import DISPLAY_FILE, VOCAB_FILE, ArtifactError, ModelArtifact
+from service.contract.casing import at_sentence_start, written_form
 from service.contract.ids import new_session_id
 from service.contract.limits import MAX_K, MAX_PREFIX_CHARS, MAX_SESSION_ID_CHARS
 from service.contract.protocol import DeleteRequest, EngineOutput, InfoRequest, StepRequest
@@ -54,6 +57,20 @@ def step_id(key: str | None, tokens: list[int], typed: list[str], fresh: bool = 
     for word in typed:
         digest.update(b"\x00" + word.encode("utf-8", "surrogatepass"))
     return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class _Prefix:
+    """A prefix as the engine gets it (its candidate ids and their slip likelihoods), and
+    what the answer needs of it (what was typed; how many ids complete it cleanly)."""
+
+    typed: str = ""
+    ids: bytes | None = None  # sorted int64
+    slips: bytes | None = None  # float32 per id; None when every id completes it cleanly
+    clean: frozenset[int] = frozenset()
+
+
+NO_PREFIX = _Prefix()
 
 
 def _iso(timestamp: float) -> str:
@@ -173,14 +190,23 @@ class Predictor:
         return k
 
     @staticmethod
-    def _prefix_ids(vocab: Vocabulary, prefix: Any) -> bytes | None:
+    def _prefix(vocab: Vocabulary, prefix: Any) -> _Prefix:
+        """The words a prefix may complete to: those it starts (case-insensitive), and
+        those one typing slip away (`service.contract.slips`), less likely."""
         if prefix is None or prefix == "":
-            return None
+            return NO_PREFIX
         if not isinstance(prefix, str):
             raise BadInput("prefix must be a string")
         if len(prefix) > MAX_PREFIX_CHARS:
             raise BadInput(f"prefix has {len(prefix)} characters; the limit is {MAX_PREFIX_CHARS}")
-        return np.ascontiguousarray(vocab.ids_with_prefix(prefix), dtype=np.int64).tobytes()
+        ids, likelihoods, clean = slips.candidates(vocab, prefix)
+        clean_ids = frozenset(ids[likelihoods >= 1.0].tolist())
+        return _Prefix(
+            prefix,
+            np.ascontiguousarray(ids, dtype=np.int64).tobytes(),
+            None if clean == len(ids) else likelihoods.tobytes(),
+            clean_ids,
+        )
 
     @staticmethod
     def _check_session_id(session_id: Any) -> str:
@@ -189,12 +215,25 @@ class Predictor:
         return session_id
 
     @staticmethod
-    def _predictions(vocab: Vocabulary, output: EngineOutput) -> list[dict[str, Any]]:
+    def _predictions(
+        vocab: Vocabulary, output: EngineOutput, prefix: _Prefix = NO_PREFIX
+    ) -> list[dict[str, Any]]:
+        """Each word as it would be typed there (`service.contract.casing`), and whether it
+        is a correction (the prefix does not start it: a slip away)."""
         words = vocab.display  # how each word is shown ("I", not "i")
         size = len(words)
-        # An id past the vocabulary is one of the writer's own typed words.
+        start = at_sentence_start(output.last_token, vocab.eos_id, output.tokens)
+        corrected = prefix.ids is not None and prefix.slips is not None
+        # An id past the vocabulary is one of the writer's own typed words (they match
+        # the prefix cleanly).
         return [
-            {"word": words[i] if i < size else output.words[i - size], "probability": p}
+            {
+                "word": written_form(
+                    words[i] if i < size else output.words[i - size], start, prefix.typed
+                ),
+                "probability": p,
+                "corrected": corrected and i < size and i not in prefix.clean,
+            }
             for i, p in zip(output.ids, output.probs)
         ]
 
@@ -211,14 +250,13 @@ class Predictor:
         model: str,
         tokens: list[int],
         k: int,
-        prefix_ids: bytes | None,
+        prefix: _Prefix,
         session_id: str | None = None,
         create: bool = False,
         fresh: bool = False,
         owner: str = "",
         adapt: bool | None = None,
         typed: list[str] | None = None,
-        prefix: str | None = None,
         forget: bool = False,
         client: str = "",
         step_key: str = "",
@@ -231,14 +269,15 @@ class Predictor:
             session_id=session_id,
             create=create,
             fresh=fresh,
-            prefix_ids=prefix_ids,
+            prefix_ids=prefix.ids,
             owner=owner,
             adapt=adapt,
             typed=typed or [],
-            prefix=prefix or "",
+            prefix=prefix.typed,
             forget=forget,
             client=client,
             step_id=step_key,
+            prefix_slips=prefix.slips,
         )
         return await self._call(request)
 
@@ -256,15 +295,15 @@ class Predictor:
         name, vocab = self._vocabulary(model)
         k = self._check_k(k)
         adapt = self._check_adapt(adapt)
-        prefix_ids = self._prefix_ids(vocab, prefix)
+        typed_prefix = self._prefix(vocab, prefix)
         tokens, typed = self._tokens(vocab, text)
         output = await self._step(
-            name, tokens, k, prefix_ids, adapt=adapt, typed=typed, prefix=prefix, client=client
+            name, tokens, k, typed_prefix, adapt=adapt, typed=typed, client=client
         )
         return {
             "model": name,
             "tokens": len(tokens),
-            "predictions": self._predictions(vocab, output),
+            "predictions": self._predictions(vocab, output, typed_prefix),
         }
 
     async def create_session(
@@ -284,7 +323,7 @@ class Predictor:
         name, vocab = self._vocabulary(model)
         k = self._check_k(k)
         adapt = self._check_adapt(adapt)
-        prefix_ids = self._prefix_ids(vocab, prefix)
+        typed_prefix = self._prefix(vocab, prefix)
         tokens, typed = self._tokens(vocab, text)
         session_id = new_session_id()
         engine_id = owned_id(session_id, owner)
@@ -292,17 +331,16 @@ class Predictor:
             name,
             tokens,
             k,
-            prefix_ids,
+            typed_prefix,
             engine_id,
             create=True,
             owner=quota or owner,
             adapt=adapt,
             typed=typed,
-            prefix=prefix,
             client=client,
         )
         self._remember(engine_id, name)
-        return self._session_answer(name, vocab, session_id, output)
+        return self._session_answer(name, vocab, session_id, output, typed_prefix)
 
     async def feed(
         self,
@@ -327,21 +365,20 @@ class Predictor:
         engine_id = owned_id(session_id, owner)
         name = await self._model_of(engine_id)
         vocab = self.vocabularies[name]
-        prefix_ids = self._prefix_ids(vocab, prefix)
+        typed_prefix = self._prefix(vocab, prefix)
         tokens, typed = self._tokens(vocab, text)
         output = await self._step(
             name,
             tokens,
             k,
-            prefix_ids,
+            typed_prefix,
             engine_id,
             adapt=adapt,
             typed=typed,
-            prefix=prefix,
             client=client,
             step_key=step_id(request_key, tokens, typed),
         )
-        return self._session_answer(name, vocab, session_id, output)
+        return self._session_answer(name, vocab, session_id, output, typed_prefix)
 
     async def reset(
         self,
@@ -359,35 +396,39 @@ class Predictor:
         engine_id = owned_id(session_id, owner)
         name = await self._model_of(engine_id)
         vocab = self.vocabularies[name]
-        prefix_ids = self._prefix_ids(vocab, prefix)
+        typed_prefix = self._prefix(vocab, prefix)
         output = await self._step(
             name,
             [],
             k,
-            prefix_ids,
+            typed_prefix,
             engine_id,
             fresh=True,
-            prefix=prefix,
             client=client,
             step_key=step_id(request_key, [], [], fresh=True),
         )
-        return self._session_answer(name, vocab, session_id, output)
+        return self._session_answer(name, vocab, session_id, output, typed_prefix)
 
     async def forget_words(self, session_id: str, owner: str = "", client: str = "") -> None:
         """Forget the words a session remembers of its writer; its context stays."""
         session_id = self._check_session_id(session_id)
         engine_id = owned_id(session_id, owner)
         name = await self._model_of(engine_id)
-        await self._step(name, [], 1, None, engine_id, forget=True, client=client)
+        await self._step(name, [], 1, NO_PREFIX, engine_id, forget=True, client=client)
 
     def _session_answer(
-        self, name: str, vocab: Vocabulary, session_id: str, output: EngineOutput
+        self,
+        name: str,
+        vocab: Vocabulary,
+        session_id: str,
+        output: EngineOutput,
+        prefix: _Prefix = NO_PREFIX,
     ) -> dict[str, Any]:
         return {
             "session_id": session_id,
             "model": name,
             "tokens": output.tokens,
-            "predictions": self._predictions(vocab, output),
+            "predictions": self._predictions(vocab, output, prefix),
         }
 
     async def session_info(self, session_id: str, owner: str = "") -> dict[str, Any]:

@@ -38,8 +38,10 @@ Prefix = Annotated[
     str | None,
     Field(
         max_length=MAX_PREFIX_CHARS,
-        description="The partly typed current word: only words starting with it "
-        "(case-insensitive) are predicted. It is not added to the context.",
+        description="The partly typed current word: words starting with it "
+        "(case-insensitive) are predicted, then words one typing slip away from it, marked "
+        "`corrected`; a capital typed in it is kept in the words. It is not added to the "
+        "context.",
     ),
 ]
 
@@ -66,14 +68,28 @@ class Request(BaseModel):
 class Prediction(BaseModel):
     """One candidate next word and the model's probability of it (not renormalised)."""
 
-    word: str
-    probability: float
+    word: str = Field(
+        description="The word as it would be typed at this position: capitalised at the start "
+        'of a sentence, names and acronyms in their usual case, "I" always, and any capital '
+        "typed in the prefix kept. (Before 2026-12 words came lower-cased.)"
+    )
+    probability: float = Field(
+        description="The model's probability of the word next (mixed with the writer's own "
+        "words when adapting), not renormalised. Words are ranked by it, times the slip's "
+        "likelihood for a corrected word."
+    )
+    corrected: bool = Field(
+        False,
+        description="True when the prefix does not start the word: the word is one typing slip "
+        "away from it (a neighbouring QWERTY key, two letters swapped, a letter missing or "
+        "extra). Such words rank below clean completions unless much more likely.",
+    )
 
 
 PREDICTIONS_EXAMPLE: list[JsonValue] = [
-    {"word": "now", "probability": 0.1843},
-    {"word": "soon", "probability": 0.0721},
-    {"word": "late", "probability": 0.0412},
+    {"word": "now", "probability": 0.1843, "corrected": False},
+    {"word": "soon", "probability": 0.0721, "corrected": False},
+    {"word": "late", "probability": 0.0412, "corrected": False},
 ]
 
 
@@ -158,6 +174,13 @@ class ModelInfo(BaseModel):
     vocab_size: int
     layers: int
     hidden_size: int
+    keyboard: dict[str, dict[str, float]] = Field(
+        default_factory=dict,
+        description="Held-out figures as a keyboard user takes the suggestions (k = 3, case "
+        "exact), by text: next-word and completion top-1/3, completion with a typing slip, "
+        "the share of lists echoing the word just typed, keystroke savings "
+        "(`nextword evaluate --keyboard`; see docs/models.md).",
+    )
 
 
 class ModelsResponse(BaseModel):

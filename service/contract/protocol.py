@@ -42,6 +42,9 @@ class StepRequest(msgspec.Struct, array_like=True, gc=False, tag=1):
     # content; "" = none): a session keeps its last step's id, and a step with that id
     # again is a retry, answered without being applied a second time.
     step_id: str = ""
+    # float32 per prefix id: how likely the prefix was typed for it (1: a clean prefix, less:
+    # a slip, `service.contract.slips`); the words rank by probability times it. None: all 1.
+    prefix_slips: bytes | None = None
 
 
 class InfoRequest(msgspec.Struct, array_like=True, gc=False, tag=2):
@@ -91,6 +94,9 @@ class EngineOutput(msgspec.Struct, array_like=True, gc=False):
     remembered: int = 0  # (info) distinct words the session remembers
     memory_bytes: int = 0  # (info) bytes its memory holds
     retry_after_s: float = 0.0  # (error `overloaded`) when to retry, from the drain rate
+    # Last, so that an output without it decodes (array_like): the context's last token,
+    # the end-of-sentence id at the start of a text (where a word is capitalised).
+    last_token: int = -1
 
 
 request_encoder = msgspec.msgpack.Encoder()

@@ -48,23 +48,46 @@ EMPTY = -1  # the key of an empty slot, and of a token that is not remembered
 
 @dataclass(frozen=True)
 class AdaptParams:
-    """Parameters of the cache (tuned per model: `manifest.json` "adaptation" "params")."""
+    """Parameters of the cache (tuned per model: `manifest.json` "adaptation" "params").
+
+    The last four have neutral defaults (the cache as it was before them), so that a
+    manifest written before them still loads; `DEFAULT_PARAMS` and the bundled models set
+    them."""
 
     lam: float  # mixture weight of the cache
     decay: float  # per-token decay of a remembered word's weight (occurrence t back: decay**t)
     window: int  # an entry whose weight falls below decay**window is dropped
-    capacity: int  # C: distinct words kept per session (a new word when full evicts the smallest)
+    capacity: int  # C: entries kept per session (a new one when full evicts the smallest)
     max_oov: int  # M: typed out-of-vocabulary words kept per session
+    # Mixing starts once the memory's word weight exceeds `warmup` and reaches its full
+    # weight at twice that (0: at once).
+    warmup: float = 0.0
+    # The words of the last `recent` tokens are never raised by the memory (no echo).
+    recent: int = 0
+    # The part of p(<unk>) a typed out-of-vocabulary word may take as its model share.
+    oov_share: float = 1.0
+    # Mixture weight of the writer's own "last word -> next word" counts (0: none kept).
+    lam_bigram: float = 0.0
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.lam <= 1.0:
-            raise ValueError(f"lam must be in [0, 1], got {self.lam}")
+        if not 0.0 <= self.lam <= 1.0 or not 0.0 <= self.lam_bigram <= 1.0 - self.lam:
+            raise ValueError(
+                f"lam and lam_bigram must be in [0, 1] with a sum <= 1, got {self.lam}, "
+                f"{self.lam_bigram}"
+            )
         if not 0.0 < self.decay <= 1.0:
             raise ValueError(f"decay must be in (0, 1], got {self.decay}")
         if self.window < 1 or self.capacity < 1 or self.max_oov < 0:
             raise ValueError(
                 f"window and capacity must be >= 1 and max_oov >= 0, got {self.window}, "
                 f"{self.capacity}, {self.max_oov}"
+            )
+        if self.recent >= self.capacity:
+            raise ValueError(f"recent ({self.recent}) must be less than capacity ({self.capacity})")
+        if self.warmup < 0 or self.recent < 0 or not 0.0 <= self.oov_share <= 1.0:
+            raise ValueError(
+                f"warmup and recent must be >= 0 and oov_share in [0, 1], got {self.warmup}, "
+                f"{self.recent}, {self.oov_share}"
             )
 
     @property
@@ -78,23 +101,73 @@ class AdaptParams:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> AdaptParams:
-        """Parameters from `to_dict`'s form (every field, no other key)."""
+        """Parameters from `to_dict`'s form (the first five fields required, no other key)."""
         names = [f.name for f in dataclasses.fields(cls)]
-        if set(d) != set(names):
-            raise ValueError(f"adaptation params must have exactly {names}, got {sorted(d)}")
+        required = names[:5]
+        if not set(required) <= set(d) <= set(names):
+            raise ValueError(
+                f"adaptation params must have {required} and may have {names[5:]}, got {sorted(d)}"
+            )
+        defaults = cls(1.0, 1.0, 1, 1, 0)
+        get = lambda name: d.get(name, getattr(defaults, name))  # noqa: E731
         return cls(
             lam=float(d["lam"]),
             decay=float(d["decay"]),
             window=int(d["window"]),
             capacity=int(d["capacity"]),
             max_oov=int(d["max_oov"]),
+            warmup=float(get("warmup")),
+            recent=int(get("recent")),
+            oov_share=float(get("oov_share")),
+            lam_bigram=float(get("lam_bigram")),
         )
 
 
-# What a model without tuned parameters uses: between the bundled models' own (tuned on the
-# six NLTK corpora's valid split by model_export/tune_adapt.py: gru 0.05, 0.995, 460, 128,
-# 16; lstm 0.05, 0.998, 1151, 256, 64).
-DEFAULT_PARAMS = AdaptParams(lam=0.05, decay=0.995, window=919, capacity=256, max_oov=64)
+@dataclass(frozen=True)
+class Layout:
+    """How a row's keys split into kinds, for a vocabulary of V words and M typed words
+    (W = V + M word keys):
+
+    - a word: a vocabulary id `k < V`, or `V + j` for typed word j (`k < W`);
+    - a recency mark of word k: `W + k`, in one of the first `recent` slots (weight 0):
+      the word is among the last `recent` tokens typed;
+    - a bigram: `2W + prev * W + k`, the writer typed word k after the token `prev` (a
+      vocabulary id, `<unk>` for every word outside it).
+    """
+
+    vocab_size: int
+    words: int  # W
+    recent: bool
+    bigrams: bool
+
+    @classmethod
+    def of(cls, vocab_size: int, params: AdaptParams) -> Layout:
+        """The layout of a model's caches (bigrams off where their keys would overflow int32)."""
+        words = vocab_size + params.max_oov
+        fits = 2 * words + vocab_size * words < np.iinfo(np.int32).max
+        recent, bigrams = params.recent > 0, params.lam_bigram > 0 and fits
+        if not (recent or bigrams):  # every key is a word (a cache counted without them)
+            words = int(np.iinfo(np.int32).max)
+        return cls(vocab_size, words, recent, bigrams)
+
+    def word_keys(self, keys: np.ndarray) -> np.ndarray:
+        """Which keys are words (vocabulary ids or typed words)."""
+        return (keys >= 0) & (keys < self.words)
+
+
+# What a model without tuned parameters uses: near the bundled models' own (tuned on
+# WikiText-2 valid by article: see their manifests' "adaptation" "tuning").
+DEFAULT_PARAMS = AdaptParams(
+    lam=0.1,
+    decay=0.995,
+    window=919,
+    capacity=512,
+    max_oov=64,
+    warmup=10.0,
+    recent=3,
+    oov_share=0.1,
+    lam_bigram=0.2,
+)
 
 
 def params_of(manifest: Mapping[str, Any]) -> AdaptParams:
@@ -111,24 +184,51 @@ def empty_cache(batch: int, capacity: int) -> tuple[np.ndarray, np.ndarray]:
     )
 
 
+def _insert(keys: np.ndarray, weights: np.ndarray, key: np.ndarray) -> None:
+    """Count one key per row of (R, C) `keys`/`weights` (key -1: none), in place: a held key
+    gains 1, a new one takes the lowest empty slot, else the smallest weight (ties: lowest
+    slot)."""
+    rows = np.flatnonzero(key >= 0)
+    if not len(rows):
+        return
+    # -2 matches no slot (an empty slot's key is -1).
+    match = keys == np.where(key >= 0, key, -2)[:, None]
+    found = match.any(1)
+    free = np.where(keys < 0, np.float32(-1.0), weights).argmin(1)
+    slot = np.where(found, match.argmax(1), free)[rows]
+    kept = found[rows]
+    weights[rows, slot] = np.where(kept, weights[rows, slot], np.float32(0.0)) + np.float32(1.0)
+    keys[rows, slot] = key[rows]
+
+
 def _count_token(
-    keys: np.ndarray, weights: np.ndarray, token: np.ndarray, decay: np.float32, floor: np.float32
+    keys: np.ndarray,
+    weights: np.ndarray,
+    token: np.ndarray,
+    params: AdaptParams,
+    layout: Layout | None,
+    prev: np.ndarray | None,
 ) -> None:
-    """One token for every row of (R, C) `keys`/`weights`, in place: decay, count, drop."""
-    weights *= decay
+    """One token for every row of (R, C) `keys`/`weights`, in place: decay, count its word
+    (and, with a layout, its recency mark and its bigram after `prev`, the raw id of the
+    token before it, -1: none), drop what fell below the window.
+
+    The recency marks of the last `recent` tokens hold the first `recent` slots, newest
+    first (weight 0): a token shifts them by one, so the oldest falls out, and the other
+    slots never hold one (no search, no eviction)."""
     token = token.astype(np.int32)
-    rows = np.flatnonzero(token >= 0)
-    if len(rows):
-        # -2 matches no slot (an empty slot's key is -1).
-        match = keys == np.where(token >= 0, token, -2)[:, None]
-        found = match.any(1)
-        # Not found: the lowest empty slot, else the smallest weight (ties: lowest slot).
-        free = np.where(keys < 0, np.float32(-1.0), weights).argmin(1)
-        slot = np.where(found, match.argmax(1), free)[rows]
-        kept = found[rows]
-        weights[rows, slot] = np.where(kept, weights[rows, slot], np.float32(0.0)) + np.float32(1.0)
-        keys[rows, slot] = token[rows]
-    stale = weights < floor  # empty slots too (weight 0): clearing them again is harmless
+    if layout is not None and layout.recent:
+        marks = params.recent
+        keys[:, 1:marks] = keys[:, : marks - 1]
+        keys[:, 0] = np.where(token >= 0, token + layout.words, EMPTY)
+        keys, weights = keys[:, marks:], weights[:, marks:]  # views: the counted slots
+    weights *= np.float32(params.decay)
+    _insert(keys, weights, token)
+    if layout is not None and layout.bigrams and prev is not None:
+        w = np.int64(layout.words)
+        pair = 2 * w + prev.astype(np.int64) * w + token
+        _insert(keys, weights, np.where((token >= 0) & (prev >= 0), pair, EMPTY).astype(np.int32))
+    stale = weights < np.float32(params.threshold)  # empty slots too: clearing them is harmless
     np.copyto(keys, EMPTY, where=stale)
     np.copyto(weights, np.float32(0.0), where=stale)
 
@@ -139,6 +239,9 @@ def update(
     new: np.ndarray,
     lengths: np.ndarray,
     params: AdaptParams,
+    vocab_size: int = 0,
+    ids: np.ndarray | None = None,
+    before: np.ndarray | None = None,
 ) -> None:
     """Count each row's new tokens into its cache, in place.
 
@@ -148,6 +251,11 @@ def update(
     key, a new key taking an empty slot or evicting the smallest weight (ties: lowest slot),
     and entries below decay**window dropped. Applied token by token (vectorised over the
     rows), so that a step of n tokens is exactly n steps of one.
+
+    With recency marks or bigrams (`params.recent`, `params.lam_bigram`) the `Layout` needs
+    `vocab_size`, and bigrams the raw token ids: `ids` (B, T) aligned with `new`, and
+    `before` (B,) the id of the token before each row's first new one (-1: none), so that
+    a text split anywhere counts the same pairs.
     """
     lengths = np.asarray(lengths)
     if keys.shape != weights.shape or keys.ndim != 2:
@@ -157,15 +265,24 @@ def update(
     steps = int(lengths.max(initial=0))
     if steps > new.shape[1]:
         raise ValueError(f"lengths up to {steps} for {new.shape[1]} columns of new tokens")
-    decay = np.float32(params.decay)
-    floor = np.float32(params.threshold)
+    layout = None
+    if params.recent or params.lam_bigram:
+        if vocab_size <= 0:
+            raise ValueError("recency marks and bigrams need the vocabulary's size")
+        layout = Layout.of(vocab_size, params)
+        if layout.bigrams and (ids is None or before is None):
+            raise ValueError("bigrams need the tokens' ids and the id before them")
     for t in range(steps):
+        prev = None
+        if layout is not None and layout.bigrams:
+            assert ids is not None and before is not None
+            prev = np.asarray(before) if t == 0 else ids[:, t - 1]
         if bool((lengths > t).all()):
-            _count_token(keys, weights, new[:, t], decay, floor)
+            _count_token(keys, weights, new[:, t], params, layout, prev)
             continue
         rows = np.flatnonzero(lengths > t)
         k, w = keys[rows], weights[rows]
-        _count_token(k, w, new[rows, t], decay, floor)
+        _count_token(k, w, new[rows, t], params, layout, None if prev is None else prev[rows])
         keys[rows], weights[rows] = k, w
 
 
@@ -183,13 +300,15 @@ def oov_keys(
     normalized form (the display form kept is the latest typed), a new word takes a new
     slot while fewer than `max_oov` are used, else reuses the slot whose cache weight is
     smallest (absent from the cache: 0; ties: lowest slot; never a slot this call gave
-    out), whose cache entry is cleared first (`keys_row`/`weights_row`, the row's views
-    into the batch's cache, in place). Blocked words and non-words are not kept (-1).
+    out), whose cache entries (the word, its recency mark, its bigrams) are cleared first
+    (`keys_row`/`weights_row`, the row's views into the batch's cache, in place). Blocked
+    words and non-words are not kept (-1).
 
     The weights compared are those before this step's tokens are counted, so when the table
     is full the slot reused can depend on how a text was split (a smaller max_oov than the
     words in the window is the only case).
     """
+    layout = Layout.of(vocab_size, params)
     table_forms = [normalize(word) for word in table]
     given: set[int] = set()
     out: list[int] = []
@@ -206,14 +325,22 @@ def oov_keys(
             table_forms.append(form)
         else:
             slot_weight = np.zeros(len(table), dtype=np.float64)
-            held = keys_row >= vocab_size
+            held = (keys_row >= vocab_size) & (keys_row < layout.words)
             slot_weight[keys_row[held] - vocab_size] = weights_row[held]
             slot_weight[list(given)] = np.inf
             slot = int(slot_weight.argmin())
             if slot in given:  # every slot already given out in this step
                 out.append(EMPTY)
                 continue
-            cleared = keys_row == vocab_size + slot
+            key = vocab_size + slot
+            cleared = keys_row == key
+            if layout.recent:
+                cleared |= keys_row == layout.words + key
+            if layout.bigrams:
+                pairs = keys_row >= 2 * layout.words
+                cleared |= pairs & (
+                    (keys_row.astype(np.int64) - 2 * layout.words) % layout.words == key
+                )
             keys_row[cleared] = EMPTY
             weights_row[cleared] = 0.0
             table_forms[slot] = form
@@ -223,43 +350,117 @@ def oov_keys(
     return out
 
 
-def _cache_scores(
+@dataclass(frozen=True)
+class _Mixture:
+    """A batch's mixture at its cache slots (R, C), from `_mix`."""
+
+    scores: np.ndarray  # each word slot's probability in the mixture (other slots: unspecified)
+    base: np.ndarray  # its model part alone: model * its share of the model
+    model: np.ndarray  # (R, 1) the model's weight: what a word the cache does not hold gets
+    shown: np.ndarray  # which slots may be suggested: words, suggestible, not recent
+    recent: np.ndarray  # which word slots were typed among the last `recent` tokens
+
+
+def _ramp(
+    weights: np.ndarray,
+    keys: np.ndarray,
+    layout: Layout,
+    params: AdaptParams,
+    total: np.ndarray | None = None,
+) -> np.ndarray:
+    """(R, 1) how much of its weights the memory of each row gets: 0 until its words weigh
+    `warmup`, growing to 1 at twice that (`total`: the words' weight, when known)."""
+    if total is None:
+        total = np.where(layout.word_keys(keys), weights, np.float32(0.0)).sum(1, keepdims=True)
+    if params.warmup <= 0:
+        return (total > 0).astype(np.float32)
+    return np.clip((total - np.float32(params.warmup)) / np.float32(params.warmup), 0.0, 1.0)
+
+
+def _params(lam: float, params: AdaptParams | None) -> AdaptParams:
+    """The parameters a mixing call uses: `params`, or only a weight (the cache before
+    warm-up, recency, shares and bigrams)."""
+    return params if params is not None else AdaptParams(lam, 1.0, 1, 1, 0)
+
+
+def _mix(
     keys: np.ndarray,
     weights: np.ndarray,
-    probs_flat: np.ndarray,
-    rows: np.ndarray,
-    vocab_size: int,
-    unk_id: int,
-    lam: float,
-    at_keys: np.ndarray | None = None,
-) -> np.ndarray:
-    """The mixture's probability of each cache key of `rows` (R, C) float32.
+    p_model: np.ndarray,
+    p_unk: np.ndarray,
+    last: np.ndarray | None,
+    suggestible: np.ndarray,
+    params: AdaptParams,
+) -> _Mixture:
+    """The mixture of rows (R, C) given the model's probabilities at each slot's key
+    (`p_model`, clipped into the vocabulary) and of `<unk>` (`p_unk` (R, 1)), and each
+    row's last token (`last` (R,), for its bigrams).
 
-    `probs_flat` is the batch's (B, V) model distribution flattened; `rows` index into it.
-    Or `at_keys` (R, C + 1): the model's probabilities at each row's keys (clipped into the
-    vocabulary, `gather_ids`) and at `<unk>`, gathered on the model's device.
-    Empty slots get an unspecified value: callers look only at keys >= 0.
-    """
+        p(w) = (1 - lu - lb) p_model(w) + lu p_words(w) + lb p_bigram(w | last)
+
+    lu = lam * ramp, lb = lam_bigram * ramp * n / (n + 1) with n the row's weight of pairs
+    after `last` (no pair: the model keeps that weight); a typed word's model share is
+    `oov_share` of p(<unk>), split by weight among the typed words; a pair counts for a word
+    the memory still holds."""
+    vocab_size = len(suggestible)
+    layout = Layout.of(vocab_size, params)
+    words = layout.word_keys(keys)
+    w_words = np.where(words, weights, np.float32(0.0))
+    total = w_words.sum(1, keepdims=True)
+    ramp = _ramp(weights, keys, layout, params, total)
+    lu = np.float32(params.lam) * ramp
+    oov = words & (keys >= vocab_size)
+    oov_total = np.where(oov, weights, np.float32(0.0)).sum(1, keepdims=True)
+    share = p_unk * np.float32(params.oov_share) / np.maximum(oov_total, np.float32(1e-30))
+    p_share = np.where(oov, weights * share, p_model)
+    lb = np.zeros_like(lu)
+    pairs = None
+    if layout.bigrams and last is not None:
+        # The pairs after `last` are the keys in [2W + last W, 2W + (last + 1) W).
+        lo = 2 * np.int64(layout.words) + np.asarray(last, dtype=np.int64)[:, None] * layout.words
+        pairs = (keys >= lo) & (keys < lo + layout.words)
+        n = np.where(pairs, weights, np.float32(0.0)).sum(1, keepdims=True)
+        lb = np.float32(params.lam_bigram) * ramp * n / (n + np.float32(1.0))
+    model = np.float32(1.0) - lu - lb
+    base = model * p_share
+    scores = base + lu * w_words / np.maximum(total, np.float32(1e-30))
+    if pairs is not None and pairs.any():
+        r, c = np.divmod(np.flatnonzero(pairs), keys.shape[1])
+        nxt = keys[r, c] - lo[r, 0]
+        part = lb[r, 0] * weights[r, c] / np.maximum(n[r, 0], np.float32(1e-30))
+        # Joined to each word's slot by (row, word) code: a row's pairs after `last` name
+        # distinct words, so the sorted codes of the pairs are looked up once per slot.
+        width = np.int64(layout.words)
+        code = r * width + nxt  # ascending in r; sorted within a row below
+        order = np.argsort(code, kind="stable")
+        code, part = code[order], part[order]
+        slot = np.arange(len(keys), dtype=np.int64)[:, None] * width + np.where(words, keys, 0)
+        found = np.minimum(np.searchsorted(code, slot), len(code) - 1)
+        scores += np.where(words & (code[found] == slot), part[found], np.float32(0.0))
+    recent = np.zeros(keys.shape, dtype=bool)
+    if layout.recent:
+        # The marks hold the first `recent` slots (`_count_token`); -1: no word there.
+        for j in range(min(params.recent, keys.shape[1])):
+            word = keys[:, j : j + 1] - layout.words
+            recent |= (keys == word) & (word >= 0)
+    shown = words & ~recent & (oov | suggestible[np.clip(keys, 0, vocab_size - 1)])
+    return _Mixture(scores, base, model, shown, recent)
+
+
+def _at_keys(
+    keys: np.ndarray, probs_flat: np.ndarray, rows: np.ndarray, vocab_size: int, unk_id: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The model's probabilities at each row's keys (clipped into the vocabulary) and at
+    `<unk>`, from the batch's (B, V) distribution flattened."""
     base = (rows.astype(np.int64) * vocab_size)[:, None]
-    if at_keys is not None:
-        p_model = at_keys[:, :-1]
-    else:
-        p_model = np.take(probs_flat, base + np.clip(keys, 0, vocab_size - 1))
-    total = weights.sum(1, keepdims=True)
-    scale = np.float32(lam) / np.maximum(total, np.float32(1e-30))
-    oov = keys >= vocab_size
-    if oov.any():
-        # A typed word's model share: its part of p(<unk>) among the row's typed words.
-        oov_total = np.where(oov, weights, np.float32(0.0)).sum(1, keepdims=True)
-        p_unk = at_keys[:, -1:] if at_keys is not None else np.take(probs_flat, base + unk_id)
-        share = p_unk / np.maximum(oov_total, np.float32(1e-30))
-        p_model = np.where(oov, weights * share, p_model)
-    return p_model * np.float32(1.0 - lam) + weights * scale
+    return np.take(probs_flat, base + np.clip(keys, 0, vocab_size - 1)), np.take(
+        probs_flat, base + unk_id
+    )
 
 
-def _shown(keys: np.ndarray, vocab_size: int, suggestible: np.ndarray) -> np.ndarray:
-    """Which keys may be shown: typed words, and suggestible vocabulary ids."""
-    return (keys >= vocab_size) | ((keys >= 0) & suggestible[np.clip(keys, 0, vocab_size - 1)])
+def live(keys: np.ndarray, weights: np.ndarray, vocab_size: int, params: AdaptParams) -> np.ndarray:
+    """(B,) bool: which rows' memories mix into their answers (past the warm-up)."""
+    return _ramp(weights, keys, Layout.of(vocab_size, params), params)[:, 0] > 0
 
 
 def probability(
@@ -270,31 +471,42 @@ def probability(
     unk_id: int,
     suggestible: np.ndarray,
     lam: float,
+    params: AdaptParams | None = None,
+    last: np.ndarray | None = None,
 ) -> np.ndarray:
     """The mixture's probability of one key per row (B,) float32, as `top_k` shows it.
 
     `targets` (B,): a vocabulary id (punctuation and `</s>` get the model's share only),
     or V + j for a typed out-of-vocabulary word (0 unless the cache holds it). `<unk>` is
     the class of every out-of-vocabulary word: the model's share of it plus the cache's
-    weight on typed words, so the mixture sums to 1 over the vocabulary, as the model
-    does. A row with an empty cache gives the model's probability, unmixed.
+    weight on typed words. A word among the last `recent` tokens gets its model share only
+    (so what is shown sums to at most 1). A row whose memory is not mixed (empty, or
+    before its warm-up) gives the model's probability, unmixed. `params` (else only `lam`)
+    and `last` (each row's last token, for bigrams) as in `top_k`.
     """
+    params = _params(lam, params)
     batch, vocab_size = probs.shape
     rows = np.arange(batch)
     targets = np.asarray(targets, dtype=np.int64)
     in_vocab = targets < vocab_size
     p_model = np.where(in_vocab, probs[rows, np.where(in_vocab, targets, 0)], np.float32(0.0))
-    scores = _cache_scores(keys, weights, probs.reshape(-1), rows, vocab_size, unk_id, lam)
-    held = (keys == targets[:, None]) & _shown(keys, vocab_size, suggestible)
-    from_cache = np.where(held, scores, np.float32(0.0)).max(1)
-    mixed = np.where(held.any(1), from_cache, np.float32(1.0 - lam) * p_model)
-    total = weights.sum(1)
-    typed = np.where(keys >= vocab_size, weights, np.float32(0.0)).sum(1)
-    unk_class = np.float32(1.0 - lam) * p_model + np.float32(lam) * typed / np.maximum(
-        total, np.float32(1e-30)
+    at, p_unk = _at_keys(keys, probs.reshape(-1), rows, vocab_size, unk_id)
+    mix = _mix(keys, weights, at, p_unk, last, suggestible, params)
+    words = Layout.of(vocab_size, params).word_keys(keys)
+    held = (keys == targets[:, None]) & words
+    held_shown = held & mix.shown
+    from_cache = np.where(held_shown, mix.scores, np.float32(0.0)).max(1)
+    from_base = np.where(held, mix.base, np.float32(0.0)).max(1)
+    model = mix.model[:, 0]
+    mixed = np.where(
+        held_shown.any(1), from_cache, np.where(held.any(1), from_base, model * p_model)
     )
+    oov = words & (keys >= vocab_size)
+    cache_on_typed = np.where(oov, mix.scores - mix.base, np.float32(0.0)).sum(1)
+    unk_class = model * p_model + cache_on_typed
     mixed = np.where(targets == unk_id, unk_class, mixed)
-    return np.where(total > 0, mixed, p_model).astype(np.float32)
+    on = live(keys, weights, vocab_size, params)
+    return np.where(on, mixed, p_model).astype(np.float32)
 
 
 def _best(ids: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -331,32 +543,50 @@ def _best_mixed(
     unk_id: int,
     suggestible: np.ndarray,
     k: int,
-    lam: float,
+    params: AdaptParams,
+    last: np.ndarray | None,
     at_keys: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The best k of rows with a cache and no prefix (arrays already restricted to `rows`).
 
-    Candidates: the model's first k (every word the cache lacks that can win is among
-    them) and the cache keys whose mixture probability reaches (1 - lam) times the model's
-    k-th: the model's first k all reach it, so nothing below it can be among the best k.
+    Candidates: the model's first k (every word the cache does not raise that can win is
+    among them) and the shown cache words whose mixture probability reaches the model's
+    weight times its k-th: the model's first k all reach it, so nothing below can be among
+    the best k.
     """
-    scores = _cache_scores(keys, weights, probs_flat, rows, vocab_size, unk_id, lam, at_keys)
-    floor = np.float32(1.0 - lam) * topk_probs[:, k - 1 : k]
+    if at_keys is not None:
+        at, p_unk = at_keys[:, :-1], at_keys[:, -1:]
+    else:
+        at, p_unk = _at_keys(keys, probs_flat, rows, vocab_size, unk_id)
+    mix = _mix(keys, weights, at, p_unk, last, suggestible, params)
+    scores = mix.scores
+    floor = mix.model * topk_probs[:, k - 1 : k]
     # (np.nonzero of a 2-d mask is ~10x slower than flatnonzero and a division)
-    r, c = np.divmod(np.flatnonzero(scores >= floor), scores.shape[1])
+    r, c = np.divmod(np.flatnonzero((scores >= floor) & mix.shown), scores.shape[1])
     key = keys[r, c]
-    ok = _shown(key, vocab_size, suggestible)
-    r, c, key = r[ok], c[ok], key[ok]
     counts = np.bincount(r, minlength=len(rows))
     width = k + int(counts.max(initial=0))
     ids = np.full((len(rows), width), EMPTY, dtype=np.int64)
     cand = np.full((len(rows), width), np.float32(-1.0), dtype=np.float32)
     ids[:, :k] = topk_ids[:, :k]
-    cand[:, :k] = np.float32(1.0 - lam) * topk_probs[:, :k]
+    cand[:, :k] = mix.model * topk_probs[:, :k]
     column = k + np.arange(len(r)) - (np.cumsum(counts) - counts)[r]
     ids[r, column] = key
     cand[r, column] = scores[r, c]
     return _best(ids, cand, k)
+
+
+def _rank(
+    ids: np.ndarray, score: np.ndarray, k: int, slip: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The best k of one row's candidates by score (times `slip`, each candidate's
+    likelihood of what was typed, when given), best first (ties: lower id)."""
+    rank_by = score if slip is None else score * slip
+    if k < len(ids):
+        part = np.argpartition(-rank_by, k - 1)[:k]
+        ids, score, rank_by = ids[part], score[part], rank_by[part]
+    order = np.lexsort((ids, -rank_by))
+    return ids[order], score[order]
 
 
 def _best_of_prefix(
@@ -367,46 +597,45 @@ def _best_of_prefix(
     unk_id: int,
     suggestible: np.ndarray,
     k: int,
-    lam: float,
+    params: AdaptParams,
+    last: np.ndarray | None,
     candidates: np.ndarray,
     oov_match: np.ndarray | None,
+    slip: np.ndarray | None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """One row's best k among a prefix's vocabulary ids and the matching typed words."""
+    """One row's best k among a prefix's vocabulary ids (`slip`: their likelihoods, ranked
+    by probability times it) and the matching typed words."""
     vocab_size = probs.shape[1]
     candidates = np.asarray(candidates, dtype=np.int64)
-    scores = _cache_scores(
-        keys[None], weights[None], probs.reshape(-1), np.array([row]), vocab_size, unk_id, lam
-    )[0]
-    cached = (keys >= 0) & (keys < vocab_size) & np.isin(keys, candidates)
+    at, p_unk = _at_keys(keys[None], probs.reshape(-1), np.array([row]), vocab_size, unk_id)
+    mix = _mix(keys[None], weights[None], at, p_unk, last, suggestible, params)
+    scores, shown, model = mix.scores[0], mix.shown[0], mix.model[0, 0]
+    in_vocab = (keys >= 0) & (keys < vocab_size)
+    cached = in_vocab & np.isin(keys, candidates) & shown
     slot = keys.astype(np.int64) - vocab_size
     allowed = np.zeros(len(keys), dtype=bool)
     if oov_match is not None:
         match = np.asarray(oov_match, dtype=bool)
-        typed = (slot >= 0) & (slot < len(match))
+        typed = (slot >= 0) & (slot < len(match)) & Layout.of(vocab_size, params).word_keys(keys)
         allowed[typed] = match[slot[typed]]
-    extra = (cached & _shown(keys, vocab_size, suggestible)) | allowed
-    rest = candidates[~np.isin(candidates, keys[cached])]
-    ids = np.concatenate([rest, keys[extra].astype(np.int64)])
-    score = np.concatenate([np.float32(1.0 - lam) * probs[row, rest], scores[extra]])
-    if k < len(ids):
-        part = np.argpartition(-score, k - 1)[:k]
-        ids, score = ids[part], score[part]
-    order = np.lexsort((ids, -score))
-    return ids[order], score[order]
+    allowed &= shown
+    extra = cached | allowed
+    rest = ~np.isin(candidates, keys[cached])
+    ids = np.concatenate([candidates[rest], keys[extra].astype(np.int64)])
+    score = np.concatenate([model * probs[row, candidates[rest]], scores[extra]])
+    if slip is not None:
+        # A cached word keeps its candidate's likelihood; a typed word matched the prefix.
+        by_id = dict(zip(candidates.tolist(), np.asarray(slip, dtype=np.float32).tolist()))
+        slip = np.array([by_id.get(int(i), 1.0) for i in ids], dtype=np.float32)
+    return _rank(ids, score, k, slip)
 
 
 def _model_of_prefix(
-    probs_row: np.ndarray, candidates: np.ndarray, k: int
+    probs_row: np.ndarray, candidates: np.ndarray, k: int, slip: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """The model's own best k among a prefix's ids (as `runtime.top_words`)."""
     candidates = np.asarray(candidates, dtype=np.int64)
-    scores = probs_row[candidates]
-    if k < len(candidates):
-        best = np.argpartition(-scores, k - 1)[:k]
-    else:
-        best = np.arange(len(candidates))
-    best = best[np.lexsort((candidates[best], -scores[best]))]
-    return candidates[best], scores[best]
+    return _rank(candidates, probs_row[candidates], k, slip)
 
 
 def gather_ids(keys: np.ndarray, vocab_size: int, unk_id: int) -> np.ndarray:
@@ -432,6 +661,9 @@ def top_k(
     oov_match: Sequence[np.ndarray | None] | None = None,
     at_keys: np.ndarray | None = None,
     probs_index: np.ndarray | None = None,
+    params: AdaptParams | None = None,
+    last: np.ndarray | None = None,
+    slips: Sequence[np.ndarray | None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Best k (keys, probabilities) per row of the mixture, best first: (B, k) each.
 
@@ -444,14 +676,21 @@ def top_k(
     prefix a row's candidates are the model's top k united with its cache keys (no other
     word can rank higher). With `candidates[b]` (the vocabulary ids of a prefix, any order)
     row b ranks only those ids and the typed words whose slots `oov_match[b]` (bool over
-    the row's table) marks, from the full distribution. A row whose cache is empty gives
-    the model's own ranking and probabilities, unmixed.
+    the row's table) marks, from the full distribution; `slips[b]` (float per candidate),
+    when given, ranks them by probability times it (the probability shown stays the
+    mixture's). A row whose memory does not mix (empty, or before its warm-up) gives the
+    model's own ranking and probabilities, unmixed.
+
+    `params` gives the mixture (else `lam` alone: no warm-up, recency or bigrams); `last`
+    (B,) each row's last token id, for its bigrams. A word among a row's last `recent`
+    tokens is never raised: it ranks as a word the memory does not hold.
 
     Rows without a prefix need only the model's probabilities at their keys: `at_keys`
     (B, C + 1, gathered at `gather_ids`) may stand for `probs`, which may then be None
     unless a row has a prefix, or hold only the rows with a prefix (`probs_index` maps a
     batch row to its row of `probs`; `at_keys` then serves the others).
     """
+    params = _params(lam, params)
     batch, vocab_size = keys.shape[0], len(suggestible)
     if probs is None and at_keys is None:
         raise ValueError("top_k needs probs or at_keys")
@@ -462,23 +701,24 @@ def top_k(
         raise ValueError(f"k must be in 1..{topk_ids.shape[1]}, got {k}")
     out_ids = np.full((batch, k), EMPTY, dtype=np.int64)
     out_probs = np.zeros((batch, k), dtype=np.float32)
-    live = weights.sum(1) > 0
+    on = live(keys, weights, vocab_size, params)
     prefixed = np.zeros(batch, dtype=bool)
     if candidates is not None:
         prefixed[[b for b, c in enumerate(candidates) if c is not None]] = True
-    plain = ~prefixed & ~live
+    plain = ~prefixed & ~on
     out_ids[plain] = topk_ids[plain, :k]
     out_probs[plain] = topk_probs[plain, :k]
-    mixed = np.flatnonzero(~prefixed & live)
+    mixed = np.flatnonzero(~prefixed & on)
     if len(mixed) == batch:  # the common case: no copies of the caches
         out_ids[:], out_probs[:] = _best_mixed(
             keys, weights, flat, mixed, topk_ids, topk_probs,
-            vocab_size, unk_id, suggestible, k, lam, at_keys,
+            vocab_size, unk_id, suggestible, k, params, last, at_keys,
         )  # fmt: skip
     elif len(mixed):
         out_ids[mixed], out_probs[mixed] = _best_mixed(
             keys[mixed], weights[mixed], flat, mixed, topk_ids[mixed],
-            topk_probs[mixed], vocab_size, unk_id, suggestible, k, lam,
+            topk_probs[mixed], vocab_size, unk_id, suggestible, k, params,
+            None if last is None else np.asarray(last)[mixed],
             None if at_keys is None else at_keys[mixed],
         )  # fmt: skip
     for b in map(int, np.flatnonzero(prefixed)):
@@ -487,13 +727,16 @@ def top_k(
         if probs is None or at < 0:
             raise ValueError("a row with a prefix needs the full distribution")
         prefix = np.asarray(candidates[b], dtype=np.int64)
-        if live[b]:
+        slip = slips[b] if slips is not None else None
+        if on[b]:
             match = oov_match[b] if oov_match is not None else None
+            row_last = None if last is None else np.asarray(last)[b : b + 1]
             ids, score = _best_of_prefix(
-                keys[b], weights[b], probs, at, unk_id, suggestible, k, lam, prefix, match
-            )
+                keys[b], weights[b], probs, at, unk_id, suggestible, k, params, row_last,
+                prefix, match, slip,
+            )  # fmt: skip
         else:
-            ids, score = _model_of_prefix(probs[at], prefix, k)
+            ids, score = _model_of_prefix(probs[at], prefix, k, slip)
         out_ids[b, : len(ids)] = ids
         out_probs[b, : len(ids)] = score
     return out_ids, out_probs

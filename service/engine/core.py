@@ -125,6 +125,8 @@ def describe_model(model: OrtModel, pool: StatePool | None = None) -> dict[str, 
         "quantization": (manifest.get("quantization") or {}).get("type", "none"),
         "providers": list(model.providers),
         "metrics": manifest.get("metrics", {}),
+        # As a keyboard user takes the suggestions (`nextword evaluate --keyboard`).
+        "keyboard": manifest.get("keyboard", {}),
         "adaptation": describe_adaptation(model),
         "state_pool": describe_pool(pool),
     }
@@ -304,6 +306,7 @@ class EngineCore:
                     tokens=result.tokens,
                     model=model,
                     words=list(result.words),
+                    last_token=result.last_token,
                 )
             )
 
@@ -321,6 +324,14 @@ class EngineCore:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def _words_remembered(self, model: str, memory: Any) -> int:
+        """Distinct words a memory holds (not its recency marks and pairs)."""
+        loaded = self.models.get(model)
+        if loaded is None:
+            return int((memory.keys >= 0).sum())
+        layout = adapt.Layout.of(len(loaded.vocab), adapt.params_of(loaded.artifact.manifest))
+        return int(layout.word_keys(memory.keys).sum())
+
     async def _query(self, request: InfoRequest | DeleteRequest | PingRequest) -> EngineOutput:
         if isinstance(request, InfoRequest):
             record = await self.store.get(request.session_id)
@@ -332,7 +343,7 @@ class EngineCore:
                 created_at=record.created_at,
                 last_used_at=record.last_used_at,
                 adapt=record.adapt,
-                remembered=0 if memory is None else int((memory.keys >= 0).sum()),
+                remembered=0 if memory is None else self._words_remembered(record.model, memory),
                 memory_bytes=0 if memory is None else memory.nbytes,
             )
         if isinstance(request, DeleteRequest):

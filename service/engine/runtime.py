@@ -266,12 +266,17 @@ class OrtModel:
 
 
 def top_words(
-    output: StepOutput, row: int, k: int, candidates: np.ndarray | None = None
+    output: StepOutput,
+    row: int,
+    k: int,
+    candidates: np.ndarray | None = None,
+    slips: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The best `k` (ids, probabilities) of one row, best first.
 
     Without `candidates` they come from the graph's top-k; with them (the sorted ids of
-    the words matching a prefix) from the full distribution restricted to those ids.
+    the words matching a prefix) from the full distribution restricted to those ids,
+    ranked by probability times `slips` (each candidate's slip likelihood) when given.
     """
     if candidates is None:
         return output.topk_ids[row, :k], output.topk_probs[row, :k]
@@ -282,10 +287,11 @@ def top_words(
         if row < 0:
             raise ValueError("prefix completion of a row whose distribution was not asked for")
     scores = output.probs[row, candidates]
+    rank_by = scores if slips is None else scores * slips
     if k < len(candidates):
-        best = np.argpartition(-scores, k - 1)[:k]
+        best = np.argpartition(-rank_by, k - 1)[:k]
     else:
         best = np.arange(len(candidates))
     # Stable on ties: equal probabilities keep the vocabulary's id order.
-    best = best[np.lexsort((candidates[best], -scores[best]))]
+    best = best[np.lexsort((candidates[best], -rank_by[best]))]
     return candidates[best], scores[best]

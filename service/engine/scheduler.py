@@ -78,6 +78,7 @@ from service.engine.fairness import QueueShares
 from service.engine.pool import PoolExhausted, ResidentOutput, Slot, StatePool
 from service.engine.runtime import State, StepOutput, top_words
 from service.errors import (
+    BadInput,
     Contended,
     NextwordError,
     Overloaded,
@@ -141,6 +142,7 @@ class Step:
     forget: bool = False  # forget the writer's words first
     client: str = ""  # whose share of the queue it takes (service.engine.fairness)
     step_id: str = ""  # its id: the session's last step's id again means a retry
+    prefix_slips: np.ndarray | None = None  # per prefix id: its slip likelihood (ranks by p x it)
     future: asyncio.Future[StepResult] = field(init=False, repr=False)
     attempts: int = field(default=0, repr=False)
     # A long step between its batches: what it has run so far (None: not started).
@@ -149,14 +151,19 @@ class Step:
     @classmethod
     def from_request(cls, request: StepRequest) -> Step:
         """The step a wire request asks for (the one place its fields are read)."""
-        prefix_ids = request.prefix_ids
+        ids = None if request.prefix_ids is None else np.frombuffer(request.prefix_ids, np.int64)
+        slips = None
+        if request.prefix_slips is not None:
+            slips = np.frombuffer(request.prefix_slips, dtype=np.float32)
+            if ids is None or len(slips) != len(ids):
+                raise BadInput("prefix_slips must give one likelihood per prefix id")
         return cls(
             request.tokens,
             session_id=request.session_id,
             fresh=request.fresh,
             create=request.create,
             k=request.k,
-            prefix_ids=None if prefix_ids is None else np.frombuffer(prefix_ids, dtype=np.int64),
+            prefix_ids=ids,
             owner=request.owner,
             adapt=request.adapt,
             typed=request.typed,
@@ -164,6 +171,7 @@ class Step:
             forget=request.forget,
             client=request.client,
             step_id=request.step_id,
+            prefix_slips=slips,
         )
 
 
@@ -176,6 +184,7 @@ class StepResult:
     tokens: int  # tokens in the context now
     record: SessionRecord | None  # None for a stateless step
     words: tuple[str, ...] = ()  # the typed words an id >= V refers to (V + j: words[j])
+    last_token: int = -1  # the context's last token (the end-of-sentence id at its start)
 
 
 # A state during a batch: host arrays (each (L, H)), or a pool row with a resident runner.
@@ -901,11 +910,18 @@ class StepBatcher:
                         )
                         words[i] = tuple(table)
             new = np.full((len(rows), int(lengths.max())), adapt.EMPTY, dtype=np.int32)
+            raw = np.full(new.shape, adapt.EMPTY, dtype=np.int64)
             row_of = np.repeat(np.arange(len(rows)), lengths)
             column = np.arange(len(ids)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
             new[row_of, column] = remembered
-            adapt.update(keys, weights, new, lengths, params)
-        live = (weights.sum(1) > 0).tolist()
+            raw[row_of, column] = ids
+            # The token before each row's first new one (its bigram's first word).
+            before = np.array(
+                [r.step.tokens[a - 1] if a else r.last_token for r, (a, _) in zip(rows, spans)],
+                dtype=np.int64,
+            )
+            adapt.update(keys, weights, new, lengths, params, self._vocab_size, raw, before)
+        live = adapt.live(keys, weights, self._vocab_size, params).tolist()
         for i, (row, (_, end)) in enumerate(zip(rows, spans)):
             row.counted = max(row.counted, end)
             # Views of this batch's arrays: the store copies what it keeps.
@@ -970,6 +986,9 @@ class StepBatcher:
             matches,
             output.probs_at,
             output.probs_index,
+            adaptation.params,
+            np.array([r.step.tokens[-1] if r.step.tokens else r.last_token for r in group]),
+            [r.step.prefix_slips if r.mixed else None for r in group],
         )
         shown = (ids >= 0).sum(1).tolist()  # padding (-1) only ever ends a row
         for i, row in enumerate(group):
@@ -1043,13 +1062,14 @@ class StepBatcher:
         if row.answer is not None:
             ids, probs = row.answer
         else:
-            ids, probs = top_words(output, index, step.k, step.prefix_ids)
+            ids, probs = top_words(output, index, step.k, step.prefix_ids, step.prefix_slips)
         tokens = row.context_tokens + len(step.tokens)
         words: tuple[str, ...] = ()
         if row.memory is not None and row.memory.words and (ids >= self._vocab_size).any():
             words = row.memory.words
+        last_token = step.tokens[-1] if step.tokens else row.last_token
         if step.session_id is None:
-            return StepResult(ids, probs, tokens, None, words)
+            return StepResult(ids, probs, tokens, None, words, last_token)
         current: StateRef
         if step.tokens:
             if slots := _slots(output):
@@ -1085,4 +1105,4 @@ class StepBatcher:
             adapt=self._session_adapt(step, old),
             last_step=step.step_id,
         )
-        return StepResult(ids, probs, tokens, record, words)
+        return StepResult(ids, probs, tokens, record, words, last_token)

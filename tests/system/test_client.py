@@ -115,8 +115,16 @@ async def test_async_rest(server: LiveServer) -> None:
             await client.feed(session.session_id, "home")
 
 
+# A writer's text long enough for the memory to mix at full weight, its last "Zorblax"
+# more than the few words back that are never raised (no echo).
+WRITER = (
+    "hello Zorblax , i am here . Zorblax went home . then Zorblax came to see the house and "
+    "the garden , and Zorblax said that it was a good day for Zorblax and for me . then said"
+)
+
+
 def test_the_writers_words_through_both_clients(server: LiveServer) -> None:
-    text = "hello Zorblax , i am here . Zorblax went home . then Zorblax said"
+    text = WRITER
     with Client(server.url) as client:
         assert "Zorblax" in client.predict(text, k=10).words
         assert "Zorblax" not in client.predict(text, k=10, adapt=False).words
@@ -132,6 +140,20 @@ def test_the_writers_words_through_both_clients(server: LiveServer) -> None:
             assert "Zorblax" in stream.send("", adapt=True).words
 
 
+def test_corrections_and_casing_through_both_clients(server: LiveServer) -> None:
+    with Client(server.url) as client:
+        answer = client.predict("we saw", k=50, prefix="teh", adapt=False)
+        assert any(p.word == "the" and p.corrected for p in answer.predictions)
+        assert all(p.corrected for p in answer.predictions)
+        assert not any(p.corrected for p in client.predict("we saw", prefix="th").predictions)
+        assert all(w[0].isupper() for w in client.predict("", k=5).words)
+        with client.stream(k=50, adapt=False) as stream:
+            streamed = stream.send("we saw", prefix="teh").predictions
+            assert [(p.word, p.corrected) for p in streamed] == [
+                (p.word, p.corrected) for p in answer.predictions
+            ]
+
+
 async def test_the_async_client_forgets_words(server: LiveServer) -> None:
     async with AsyncClient(server.url) as client:
         session = await client.create_session("hello Zorblax , Zorblax")
@@ -139,7 +161,7 @@ async def test_the_async_client_forgets_words(server: LiveServer) -> None:
         await client.forget_words(session.session_id)
         assert (await client.session(session.session_id)).memory_words == 0
         async with client.stream(adapt=True, k=10) as stream:
-            answer = await stream.send("hello Zorblax , i am Zorblax . Zorblax said")
+            answer = await stream.send(WRITER)
             assert "Zorblax" in answer.words
 
 

@@ -133,10 +133,15 @@ def test_session_fed_alternately_on_two_replicas(replicas: tuple[str, str]) -> N
 
 def test_the_writers_words_travel_between_replicas(replicas: tuple[str, str]) -> None:
     a, b = replicas
-    text = "hello Zorblax , i am here . Zorblax went home . then"
+    # Long enough for the memory to mix; the name a few words back (never an echo).
+    text = (
+        "hello Zorblax , i am here . Zorblax went home . then Zorblax came to see the house "
+        "and the garden , and it was a good day for me . then"
+    )
     sid = post(a, "/v1/sessions", {"text": text, "k": 10}, 201)["session_id"]
-    got = post(b, f"/v1/sessions/{sid}/feed", {"text": "Zorblax said", "k": 10})
-    want = reference(a, text + " Zorblax said", k=10)
+    more = "Zorblax came home and said"
+    got = post(b, f"/v1/sessions/{sid}/feed", {"text": more, "k": 10})
+    want = reference(a, text + " " + more, k=10)
     assert "Zorblax" in [p["word"] for p in got["predictions"]]
     assert_same_predictions(got["predictions"], want["predictions"])
     assert httpx.delete(f"{a}/v1/sessions/{sid}/memory", timeout=10).status_code == 204

@@ -6,7 +6,7 @@
 // feeds the text again. One message is in flight at a time; keystrokes typed meanwhile
 // are gathered into the next one.
 
-import { DEFAULT_K, MAX_K, NextwordClient, prefixOf, splitTyping, startsSentence, tokenize, typingDelta } from "./nextword.js";
+import { DEFAULT_K, MAX_K, NextwordClient, prefixOf, splitTyping, tokenize, typingDelta } from "./nextword.js";
 
 const $ = (id) => document.getElementById(id);
 const text = $("text");
@@ -93,7 +93,7 @@ async function sync() {
       fed = complete;
       if (words) answer = await current.send({ text: words, prefix, k, adapt });
     }
-    if (current === stream) showAnswer(answer, complete, partial);
+    if (current === stream) showAnswer(answer, partial);
   } catch (error) {
     fed = null; // unknown after a failed message: the next sync resets
     sent = null;
@@ -138,12 +138,6 @@ function markStale(stale) {
   chips.setAttribute("aria-busy", String(stale));
 }
 
-/** The word as it would be inserted: capitalised at a sentence start or after a capital. */
-function cased(word, complete, partial) {
-  const capital = startsSentence(complete) || /^\p{Lu}/u.test(partial);
-  return capital ? word.charAt(0).toUpperCase() + word.slice(1) : word;
-}
-
 /** A probability as a percentage with two significant digits (0.27%, 4.1%, 18%). */
 function formatPercent(probability) {
   const percent = 100 * probability;
@@ -152,22 +146,26 @@ function formatPercent(probability) {
   return "<0.001%";
 }
 
-function showAnswer(answer, complete, partial) {
+function showAnswer(answer, partial) {
   refused = null;
   if (connection.dataset.state === "error") showConnection({ state: "open" });
   showSession(answer.sessionId, answer.model, answer.tokens);
   $("latency").textContent = `${answer.latencyMs.toFixed(1)} ms`;
-  predictions = answer.predictions.map((p) => ({ ...p, word: cased(p.word, complete, partial) }));
+  // The server writes each word as it would be typed there (sentence starts, names, the
+  // prefix's capitals): shown as it comes.
+  predictions = answer.predictions;
   const top = Math.max(...predictions.map((p) => p.probability), 1e-9);
   chips.replaceChildren(
     ...predictions.map((p, i) => {
       const item = document.createElement("li");
       const button = document.createElement("button");
       button.type = "button";
-      button.className = "chip";
+      button.className = p.corrected ? "chip corrected" : "chip";
       button.dataset.word = p.word;
       const percent = formatPercent(p.probability);
-      button.setAttribute("aria-label", `${p.word}, ${percent}${i === 0 ? ", Tab" : ""}`);
+      const note = p.corrected ? ", corrected" : "";
+      button.setAttribute("aria-label", `${p.word}${note}, ${percent}${i === 0 ? ", Tab" : ""}`);
+      if (p.corrected) button.title = `Corrected: “${partial}” looks like a slip for “${p.word}”`;
       const word = document.createElement("span");
       word.className = "word";
       word.textContent = p.word;

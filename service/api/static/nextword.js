@@ -2,7 +2,7 @@
 //
 //   import { NextwordClient } from "/static/nextword.js";
 //   const client = new NextwordClient();                 // this page's server
-//   (await client.predict("I am coming")).predictions;   // [{word: "to", probability: 0.2}, ...]
+//   (await client.predict("I am coming")).predictions;   // [{word: "to", probability: 0.2, corrected: false}, ...]
 //   const stream = client.stream({ k: 5 });              // one session over /v1/stream
 //   await stream.open();
 //   const answer = await stream.send({ text: "I am", prefix: "co" });

@@ -490,3 +490,165 @@ def test_tune_adapt_records_parameters_that_the_service_reads(tiny_artifacts, tm
     assert len(grid) == len(tune_adapt.LAMS) * len(tune_adapt.DECAYS)
     assert {row["lam"] for row in grid} == set(tune_adapt.LAMS)
     assert tune_adapt.window_for(0.5, 0.01) == 7  # 0.5**7 < 0.01 <= 0.5**6
+
+
+def _typed(tokens, p, vocab=V):
+    """One row's cache after typing `tokens` (vocabulary ids) with recency and bigrams."""
+    keys, weights = adapt.empty_cache(1, p.capacity)
+    ids = np.array([tokens], dtype=np.int64)
+    new = np.where(SUGGESTIBLE[ids], ids, -1).astype(np.int32)
+    adapt.update(keys, weights, new, np.array([len(tokens)]), p, vocab, ids, np.array([2]))
+    return keys, weights
+
+
+def test_recent_words_are_never_raised_above_the_models_rank() -> None:
+    rng = np.random.default_rng(11)
+    probs = model_probs(rng, 1)
+    ids, tp = graph_topk(probs, SUGGESTIBLE, 10)
+    rare = int(np.argsort(probs[0])[3])  # a word the model ranks low
+    rare = rare if SUGGESTIBLE[rare] else 30
+    text = [rare] * 5 + [7, 8, 9] * 3 + [rare]  # typed often, and just now
+    echo = params(capacity=16, decay=0.9, recent=0)
+    keys, weights = _typed(text, echo)
+    got, _ = adapt.top_k(keys, weights, probs, ids, tp, UNK, SUGGESTIBLE, 3, echo.lam, params=echo)
+    assert rare in got[0]  # without the recency rule the memory pushes it up
+    for recent in (1, 3):
+        p = params(capacity=16, decay=0.9, recent=recent)
+        keys, weights = _typed(text, p)
+        got, shown = adapt.top_k(
+            keys, weights, probs, ids, tp, UNK, SUGGESTIBLE, 3, p.lam, params=p
+        )
+        model_rank = int((probs[0][SUGGESTIBLE] > probs[0, rare]).sum())
+        assert rare not in got[0] or list(got[0]).index(rare) >= model_rank
+        # Its probability is the model's share, no more.
+        target = np.array([rare])
+        got_p = adapt.probability(keys, weights, probs, target, UNK, SUGGESTIBLE, p.lam, p)
+        assert got_p[0] == pytest.approx((1 - p.lam) * probs[0, rare], rel=1e-5)
+    # Three tokens later the mark is gone and the memory raises it again.
+    p = params(capacity=16, decay=0.9, recent=3)
+    keys, weights = _typed([*text, 7, 8, 9], p)
+    got, _ = adapt.top_k(keys, weights, probs, ids, tp, UNK, SUGGESTIBLE, 5, p.lam, params=p)
+    assert rare in got[0]
+
+
+def test_mixing_waits_for_enough_text_then_grows() -> None:
+    rng = np.random.default_rng(12)
+    probs = model_probs(rng, 1)
+    ids, tp = graph_topk(probs, SUGGESTIBLE, 10)
+    p = params(capacity=32, decay=1.0, warmup=4.0)
+    for n, mixed in ((3, False), (4, False), (6, True)):
+        keys, weights = _typed([30, 31, 32, 33, 34, 35][:n], p)
+        got_ids, got_p = adapt.top_k(
+            keys, weights, probs, ids, tp, UNK, SUGGESTIBLE, 5, p.lam, params=p
+        )
+        if not mixed:  # the model's own answer, unmixed
+            assert (got_ids[0] == ids[0, :5]).all() and (got_p[0] == tp[0, :5]).all()
+        else:
+            assert not (got_p[0] == tp[0, :5]).all()
+    # Half-way (weight 6 of 4..8): half the weight.
+    keys, weights = _typed([30, 31, 32, 33, 34, 35], p)
+    got = adapt.probability(keys, weights, probs, np.array([5]), UNK, SUGGESTIBLE, p.lam, p)
+    assert got[0] == pytest.approx((1 - p.lam / 2) * probs[0, 5], rel=1e-5)
+
+
+def test_a_pair_the_writer_typed_raises_its_second_word_after_its_first() -> None:
+    rng = np.random.default_rng(13)
+    probs = model_probs(rng, 2)
+    p = params(capacity=64, decay=0.99, window=500, lam=0.1, lam_bigram=0.3, recent=1)
+    text = [10, 20, 11, 12, 10, 20, 13, 14, 15, 16]
+    keys, weights = _typed(text, p)
+    keys, weights = np.repeat(keys, 2, 0), np.repeat(weights, 2, 0)
+    last = np.array([10, 11])  # after 10 the writer typed 20 twice; after 11, never
+    target = np.array([20, 20])
+    got = adapt.probability(keys, weights, probs, target, UNK, SUGGESTIBLE, p.lam, p, last)
+    assert got[0] > got[1]
+    # After 10: pairs weigh n = w(10 20) twice; lb = 0.3 * n / (n + 1); all of it on 20.
+    n = float(weights[0][keys[0] == 2 * (V + p.max_oov) + 10 * (V + p.max_oov) + 20][0])
+    lb = 0.3 * n / (n + 1)
+    total = float(weights[0][(keys[0] >= 0) & (keys[0] < V + p.max_oov)].sum())
+    w20 = float(weights[0][keys[0] == 20][0])
+    want = (1 - 0.1 - lb) * probs[0, 20] + 0.1 * w20 / total + lb
+    assert got[0] == pytest.approx(want, rel=1e-5)
+    # Every word's probability together stays within 1, pairs and all.
+    for row in range(2):
+        every = np.arange(V)
+        k = np.repeat(keys[row : row + 1], V, 0)
+        w = np.repeat(weights[row : row + 1], V, 0)
+        pr = np.repeat(probs[row : row + 1], V, 0)
+        each = adapt.probability(k, w, pr, every, UNK, SUGGESTIBLE, p.lam, p, np.full(V, last[row]))
+        assert each[SUGGESTIBLE | (every == UNK)].sum() <= 1.0 + 1e-5
+
+
+def test_recency_and_pairs_are_counted_the_same_in_any_split() -> None:
+    rng = np.random.default_rng(14)
+    p = params(capacity=24, decay=0.9, window=60, recent=3, lam_bigram=0.2, max_oov=2)
+    tokens = rng.integers(2, 25, size=120)
+    whole_k, whole_w = _typed(list(tokens), p)
+    for trial in range(4):
+        cuts = [0, *sorted(rng.choice(np.arange(1, 120), size=5 + trial, replace=False)), 120]
+        keys, weights = adapt.empty_cache(1, p.capacity)
+        for a, b in zip(cuts, cuts[1:]):
+            ids = np.array([tokens[a:b]], dtype=np.int64)
+            new = np.where(SUGGESTIBLE[ids], ids, -1).astype(np.int32)
+            before = np.array([tokens[a - 1] if a else 2])
+            adapt.update(keys, weights, new, np.array([b - a]), p, V, ids, before)
+        assert (keys == whole_k).all() and (weights == whole_w).all()
+
+
+def test_a_typed_word_takes_only_its_share_of_unk() -> None:
+    rng = np.random.default_rng(15)
+    probs = model_probs(rng, 1)
+    p = params(capacity=8, decay=0.5, oov_share=0.1)
+    keys, weights = adapt.empty_cache(1, p.capacity)
+    table: list[str] = []
+    key = adapt.oov_keys(table, ["Zorblax"], V, keys[0], weights[0], p)[0]
+    adapt.update(keys, weights, np.array([[key, 5]], dtype=np.int32), np.array([2]), p)
+    got = adapt.probability(keys, weights, probs, np.array([V]), UNK, SUGGESTIBLE, p.lam, p)
+    share = weights[0][keys[0] == V][0] / weights[0].sum()
+    want = (1 - p.lam) * 0.1 * probs[0, UNK] + p.lam * share
+    assert got[0] == pytest.approx(want, rel=1e-5)
+
+
+def test_old_manifests_load_with_neutral_new_parameters() -> None:
+    old = {"lam": 0.05, "decay": 0.995, "window": 919, "capacity": 256, "max_oov": 64}
+    p = AdaptParams.from_dict(old)
+    assert (p.warmup, p.recent, p.oov_share, p.lam_bigram) == (0.0, 0, 1.0, 0.0)
+    with pytest.raises(ValueError):
+        params(lam=0.8, lam_bigram=0.3)  # more than all of the mixture
+
+
+def test_gathered_probabilities_serve_recency_and_pairs_as_the_full_distribution() -> None:
+    """The resident (device) path: each row's probabilities at its keys and at <unk> give
+    the same answers as the full distribution, with the no-echo rule and pairs on."""
+    rng = np.random.default_rng(16)
+    p = params(capacity=48, decay=0.95, window=200, lam=0.2, lam_bigram=0.3, recent=2, warmup=3.0)
+    batch = 8
+    keys, weights = adapt.empty_cache(batch, p.capacity)
+    history = rng.integers(3, 15, size=(batch, 40)).astype(np.int64)  # few words: pairs repeat
+    before = np.full(batch, 2)
+    adapt.update(keys, weights, history.astype(np.int32), np.full(batch, 40), p, V, history, before)
+    last = history[:, -1]
+    probs = model_probs(rng, batch)
+    ids, tp = graph_topk(probs, SUGGESTIBLE, 12)
+    at_keys = np.take_along_axis(probs, adapt.gather_ids(keys, V, UNK).astype(np.int64), 1)
+    full = adapt.top_k(
+        keys, weights, probs, ids, tp, UNK, SUGGESTIBLE, 5, p.lam, params=p, last=last
+    )
+    gathered = adapt.top_k(
+        keys, weights, None, ids, tp, UNK, SUGGESTIBLE, 5, p.lam,
+        at_keys=at_keys, params=p, last=last,
+    )  # fmt: skip
+    np.testing.assert_array_equal(gathered[0], full[0])
+    np.testing.assert_allclose(gathered[1], full[1], rtol=1e-6)
+    # And each shown probability is the one `probability` gives that word.
+    for j in range(5):
+        again = adapt.probability(
+            keys, weights, probs, full[0][:, j], UNK, SUGGESTIBLE, p.lam, p, last
+        )
+        np.testing.assert_allclose(full[1][:, j], again, rtol=1e-5)
+    # The last word typed is never shown above the model's own rank for it.
+    for b in range(batch):
+        if last[b] in full[0][b]:
+            model_rank = int((probs[b][SUGGESTIBLE] > probs[b, last[b]]).sum())
+            assert list(full[0][b]).index(last[b]) >= model_rank
+            assert full[1][b][list(full[0][b]).index(last[b])] <= probs[b, last[b]]

@@ -14,7 +14,14 @@ from fastapi.testclient import TestClient
 from service.api import create_app
 from tests.api_support import api_settings, assert_same_predictions
 
-NAMES = "hello Zorblax , i am here . Zorblax and i went home . then Zorblax"
+# Long enough for the memory to mix at full weight (it waits for twice the default
+# `warmup`'s words), and the last "Zorblax" more than `recent` words back (the words just
+# typed are never raised).
+NAMES = (
+    "hello Zorblax , i am here . Zorblax and i went home . then Zorblax came to see the "
+    "house and the garden , and Zorblax said that it was a good day for Zorblax and "
+    "for me . then"
+)
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +53,10 @@ def test_a_name_typed_before_is_suggested_as_typed(client: TestClient, model: st
     answer = feed(client, sid, text="said", k=5)
     assert "Zorblax" in words(answer)  # outside the vocabulary, shown as typed
     completed = feed(client, sid, text="", prefix="zor", k=5)
-    assert words(completed) == ["Zorblax"]  # prefix completion finds it (case-insensitive)
+    # Prefix completion finds it (case-insensitive); other words come as corrections only
+    # ("or": a "z" too many).
+    clean = [p["word"] for p in completed["predictions"] if not p["corrected"]]
+    assert clean == ["Zorblax"]
     assert sum(p["probability"] for p in answer["predictions"]) <= 1.0
     info = client.get(f"/v1/sessions/{sid}").json()
     assert info["adapt"] is True and info["memory"]["words"] >= 5
@@ -96,7 +106,8 @@ def test_a_blocked_word_is_never_suggested_even_when_typed(client: TestClient) -
     text = "bastard bastard , i am bastard and you are bastard"
     sid = create(client, text=text, k=20)["session_id"]
     assert all(w.lower() != "bastard" for w in words(feed(client, sid, text="a", k=20)))
-    assert feed(client, sid, text="", prefix="bas", k=5)["predictions"] == []
+    completed = feed(client, sid, text="", prefix="bas", k=5)["predictions"]
+    assert all(p["corrected"] and p["word"].lower() != "bastard" for p in completed)
 
 
 def test_adapt_must_be_a_boolean(client: TestClient) -> None:
