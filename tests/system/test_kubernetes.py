@@ -714,7 +714,9 @@ def test_redis_cluster_values_start_a_cluster_node(tmp_path: Path) -> None:
     values = yaml.safe_load((K8S / CLUSTER_VALUES).read_text())
     assert values["cluster"] == {"nodes": 6, "replicas": 1}
     config = dict(line.split(" ", 1) for line in values["redis"]["configmap"].splitlines())
-    port = free_port()
+    from benchmarks.lib.redis_cluster import cluster_ports
+
+    [port] = cluster_ports(1)  # its cluster bus (port + 10000) must be free too
     (tmp_path / "redis.conf").write_text(
         values["redis"]["configmap"]
         + f"\ncluster-enabled yes\nport {port}\nbind 127.0.0.1\ndir {tmp_path}\n"
