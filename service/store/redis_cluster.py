@@ -356,24 +356,30 @@ class RedisClusterSessionStore(RedisSessionStore):
                 await self._cluster.initialize()
         except self.unreachable as exc:
             log.debug("session store: no fresh slot map after a failed write: %s", exc)
+        nodes: dict[str, Any] = {}  # name -> the node serving a slot now
         by_node: dict[str, list[int]] = {}
         for i, key in enumerate(keys):
             try:
                 node = self._cluster.nodes_manager.get_node_from_slot(key_slot(key.encode()))
             except (*self.unreachable, KeyError):
                 continue  # a slot no node serves now: not known
+            nodes[node.name] = node
             by_node.setdefault(node.name, []).append(i)
 
-        async def read(members: list[int]) -> list[Any]:
-            async with self._cluster.pipeline() as pipe:
-                for i in members:
-                    pipe.get(keys[i])
-                return await pipe.execute(raise_on_error=False)
+        async def read(node: Any, members: list[int]) -> list[Any]:
+            # Straight to the node, not through the cluster client's pipeline: a pipeline
+            # that fails (the lost node's) closes the client's connections to every node,
+            # failing the other nodes' reads running beside it.
+            return await asyncio.gather(
+                *(node.execute_command("GET", keys[i]) for i in members), return_exceptions=True
+            )
 
         known: list[bool | None] = [None] * len(keys)
-        groups = list(by_node.values())
-        answers = await asyncio.gather(*(read(m) for m in groups), return_exceptions=True)
-        for members, answer in zip(groups, answers, strict=True):
+        groups = list(by_node.items())
+        answers = await asyncio.gather(
+            *(read(nodes[name], m) for name, m in groups), return_exceptions=True
+        )
+        for (_, members), answer in zip(groups, answers, strict=True):
             if isinstance(answer, BaseException):
                 continue
             for i, value in zip(members, answer, strict=True):
