@@ -80,12 +80,16 @@ from benchmarks.lib.results import RESULTS, write_report
 from benchmarks.lib.server import ServerProcess, free_port, http_status
 from benchmarks.lib.wsload import run_loop
 from benchmarks.limits_round2 import (
+    KEYS,
     add_arguments,
+    keys_env,
+    post,
     probe_abandon,
     probe_behind,
     probe_fair,
     probe_headers,
     probe_retry,
+    read_response,
     table_abandon,
     table_behind,
     table_fair,
@@ -109,7 +113,6 @@ PROBES = (
 )
 MB = 1024 * 1024
 WAVE = 100  # connections opened at once (the listen backlog holds 2,048)
-KEYS = {"alice": "alice-key-0123456789abcdef", "bob": "bob-key-0123456789abcdef"}
 WORDS = ("i", "am", "going", "to", "the", "store", "and", "then", "we", "will", "see", "what")
 DEFAULTS = Settings()
 
@@ -589,33 +592,12 @@ def bearer(name: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {KEYS[name]}"}
 
 
-def keys_env() -> dict[str, str]:
-    return {"NEXTWORD_API_KEYS": ",".join(f"{n}:{k}" for n, k in KEYS.items())}
-
-
-def post_request(path: str, body: dict[str, Any], key: str) -> bytes:
-    """A whole HTTP/1.1 POST of JSON, keep-alive."""
-    data = json.dumps(body).encode()
-    return (
-        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {key}\r\n"
-        f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n"
-    ).encode() + data
-
-
 async def exchange(
     reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes
 ) -> tuple[int, dict[str, str], bytes]:
     """Send a request, read its response: status, headers (lower-case names), body."""
     writer.write(request)
-    head = await reader.readuntil(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    headers = {}
-    for line in lines[1:]:
-        name, sep, value = line.partition(":")
-        if sep:
-            headers[name.strip().lower()] = value.strip()
-    body = await reader.readexactly(int(headers.get("content-length", "0")))
-    return int(lines[0].split()[1]), headers, body
+    return await read_response(reader)
 
 
 async def burst(svc: Service, args: argparse.Namespace) -> dict[str, Any]:
@@ -625,7 +607,7 @@ async def burst(svc: Service, args: argparse.Namespace) -> dict[str, Any]:
     retry_after: Counter[str] = Counter()
     without_retry_after = 0
     other_bodies: list[str] = []
-    request = post_request("/v1/predict", {"text": "the"}, KEYS["alice"])
+    request = post("/v1/predict", {"text": "the"}, KEYS["alice"])
     queue = iter(range(args.burst))
     connections = [
         await asyncio.open_connection("127.0.0.1", svc.port) for _ in range(args.concurrency)
@@ -653,7 +635,7 @@ async def burst(svc: Service, args: argparse.Namespace) -> dict[str, Any]:
     elapsed = time.monotonic() - started
     reader, writer = await asyncio.open_connection("127.0.0.1", svc.port)
     other_key, _, _ = await exchange(
-        reader, writer, post_request("/v1/predict", {"text": "the"}, KEYS["bob"])
+        reader, writer, post("/v1/predict", {"text": "the"}, KEYS["bob"])
     )
     writer.close()
     rate = args.rate_limit

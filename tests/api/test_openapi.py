@@ -5,31 +5,13 @@ status listed), and `/docs` loads nothing from outside the package.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-import pytest
 from fastapi.testclient import TestClient
 
 from service.api import create_app
 from tests.api_support import api_settings
 from tests.paths import ROOT as REPO_ROOT
-
-CPU = ["CPUExecutionProvider"]
-# What an error body must never hold: an address, a port, a URL of an internal service.
-ADDRESS = re.compile(r"\d+\.\d+\.\d+\.\d+|localhost|redis://|:\d{2,5}\b|\.sock\b|ipc://")
-
-
-@pytest.fixture(scope="module")
-def client(tiny_artifacts: Path) -> Iterator[TestClient]:
-    with TestClient(create_app(api_settings(tiny_artifacts))) as client:
-        yield client
-
-
-def engine_store(client: TestClient) -> Any:
-    """The session store of the engine running inside the test app."""
-    return client.app.state.predictor.engine.core.store  # type: ignore[attr-defined]
 
 
 def test_allow_lists_every_method_of_the_path(client: TestClient) -> None:

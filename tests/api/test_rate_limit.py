@@ -16,24 +16,22 @@ import pytest
 from service.api.auth import RateLimiter
 from service.api.rate_limit import SharedRateLimiter
 from service.store import redis_client
-from tests.redis_cluster import RedisCluster, needs_redis_cluster, running_cluster
-from tests.redis_server import RedisServer, needs_redis, running_redis
+from tests.redis_cluster import (
+    SINGLE_OR_CLUSTER,
+    RedisCluster,
+    single_or_cluster,
+)
+from tests.redis_server import RedisServer, needs_redis
 
 pytestmark = [needs_redis, pytest.mark.redis]
 SLOW = 0.001  # requests per second: no refill within a test
 
 
-@pytest.fixture(
-    scope="module",
-    params=["single", pytest.param("cluster", marks=needs_redis_cluster)],
-)
+@pytest.fixture(scope="module", params=SINGLE_OR_CLUSTER)
 def redis_server(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[RedisServer | RedisCluster]:
-    if request.param == "single":
-        yield from running_redis()
-    else:
-        yield from running_cluster(tmp_path_factory.mktemp("cluster"))
+    yield from single_or_cluster(request, tmp_path_factory)
 
 
 @pytest.fixture

@@ -21,26 +21,18 @@ import pytest
 from fastapi.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect
 
-from service.api import create_app
 from service.api.errors import close_code
 from service.contract.artifact import ModelArtifact
 from service.engine.runtime import OrtModel
 from service.engine.scheduler import Step, StepBatcher
 from service.errors import Contended, StepFailed, StoreUnavailable, error_from_code
 from service.store import MemorySessionStore, SessionRecord
-from tests.api_support import api_settings
 from tests.live_server import LiveServer
 from tests.redis_server import RedisServer, free_port, needs_redis, running_redis
 
 CPU = ["CPUExecutionProvider"]
 # What an error body must never hold: an address, a port, a URL of an internal service.
 ADDRESS = re.compile(r"\d+\.\d+\.\d+\.\d+|localhost|redis://|:\d{2,5}\b|\.sock\b|ipc://")
-
-
-@pytest.fixture(scope="module")
-def client(tiny_artifacts: Path) -> Iterator[TestClient]:
-    with TestClient(create_app(api_settings(tiny_artifacts))) as client:
-        yield client
 
 
 def engine_store(client: TestClient) -> Any:

@@ -4,7 +4,6 @@ scheduler cuts a hung session batch short or drains it."""
 from __future__ import annotations
 
 import asyncio
-import re
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +16,6 @@ from service.errors import Overloaded, StepFailed
 from service.store import MemorySessionStore, SessionRecord
 
 CPU = ["CPUExecutionProvider"]
-# What an error body must never hold: an address, a port, a URL of an internal service.
-ADDRESS = re.compile(r"\d+\.\d+\.\d+\.\d+|localhost|redis://|:\d{2,5}\b|\.sock\b|ipc://")
 
 
 class HungStore(MemorySessionStore):

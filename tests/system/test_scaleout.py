@@ -26,8 +26,12 @@ from benchmarks.lib.server import ServerProcess
 from tests.api_support import assert_same_predictions
 from tests.live_server import LiveServer
 from tests.paths import ROOT as REPO_ROOT
-from tests.redis_cluster import RedisCluster, needs_redis_cluster, running_cluster
-from tests.redis_server import RedisServer, free_port, needs_redis, running_redis
+from tests.redis_cluster import (
+    SINGLE_OR_CLUSTER,
+    RedisCluster,
+    single_or_cluster,
+)
+from tests.redis_server import RedisServer, free_port, needs_redis
 
 pytestmark = [needs_redis, pytest.mark.redis, pytest.mark.slow]
 
@@ -72,18 +76,11 @@ class Replica(LiveServer):
         ServerProcess.start(self)
 
 
-@pytest.fixture(
-    scope="module",
-    params=["single", pytest.param("cluster", marks=needs_redis_cluster)],
-)
+@pytest.fixture(scope="module", params=SINGLE_OR_CLUSTER)
 def redis_server(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[RedisServer | RedisCluster]:
-    """One redis-server, or a three-primary cluster (its `url` is a redis+cluster:// URL)."""
-    if request.param == "single":
-        yield from running_redis()
-    else:
-        yield from running_cluster(tmp_path_factory.mktemp("cluster"))
+    yield from single_or_cluster(request, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
