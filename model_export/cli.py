@@ -32,6 +32,9 @@ TRAIN_HELP = {
     "weight_decay": "AdamW weight decay (not applied to embeddings and biases)",
     "clip": "gradient norm clipping",
     "eval_interval": "steps between validations (0: once per epoch)",
+    "eval_text": "held-out text file (WikiText recognised by name) whose next-word top-1/3/5 is "
+    "measured at each validation and kept in history.json (as `nextword evaluate` measures it)",
+    "eval_text_tokens": "with --eval-text: only its first N tokens (0: all)",
     "checkpoint_interval": "steps between resumable checkpoints (last.pt)",
     "max_steps": "stop after this many steps (0: no limit)",
     "seed": "random seed (runs are reproducible on the same machine)",

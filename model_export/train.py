@@ -20,7 +20,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from model_export.corpora import load_splits
+from model_export.corpora import load_splits, text_tokens
+from model_export.evaluate import evaluate_stream, torch_stepper
 from model_export.model import RNNLM, ModelConfig
 from model_export.train_config import TrainConfig
 from service.contract.tokenizer import SPECIALS
@@ -61,6 +62,14 @@ def stream_loss(model: RNNLM, data: torch.Tensor, bptt: int) -> float:
         ).item()
         count += y.numel()
     return total / max(count, 1)
+
+
+def held_out_accuracy(model: RNNLM, vocab: Vocabulary, tokens: list[str]) -> dict[str, float]:
+    """Next-word top-k and perplexity of `tokens` through the serving graph, exactly as
+    `nextword evaluate --checkpoint` measures a held-out text (64 rows, one token a step).
+    Leaves the model in eval mode."""
+    step, zero = torch_stepper(model, vocab)
+    return evaluate_stream(step, zero, vocab, tokens, desc="held-out text")
 
 
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
@@ -123,6 +132,9 @@ def train(cfg: TrainConfig) -> dict:
             f"validation split too small; holding out the last {len(streams['valid'])} training tokens"
         )
     vocab = build_vocab(streams["train"], cfg.vocab_size, cfg.min_count)
+    eval_tokens = text_tokens(Path(cfg.eval_text)) if cfg.eval_text else []
+    if cfg.eval_text_tokens:
+        eval_tokens = eval_tokens[: cfg.eval_text_tokens + 1]
     vocab.save(out / "vocab.txt")
     train_data = batchify(vocab.encode_tokens(streams["train"]), cfg.batch_size)
     valid_data = batchify(vocab.encode_tokens(streams["valid"]), 16)
@@ -183,16 +195,20 @@ def train(cfg: TrainConfig) -> dict:
     def validate() -> None:
         nonlocal best_val
         val = stream_loss(model, valid_data, cfg.bptt)
-        history.append(
-            {
-                "kind": "valid",
-                "step": step,
-                "tokens": step * cfg.batch_size * cfg.bptt,
-                "loss": val,
-                "ppl": math.exp(val),
-            }
-        )
-        tqdm.write(f"step {step}: validation loss {val:.4f}, perplexity {math.exp(val):.2f}")
+        entry = {
+            "kind": "valid",
+            "step": step,
+            "tokens": step * cfg.batch_size * cfg.bptt,
+            "loss": val,
+            "ppl": math.exp(val),
+        }
+        message = f"step {step}: validation loss {val:.4f}, perplexity {math.exp(val):.2f}"
+        if eval_tokens:
+            text = held_out_accuracy(model, vocab, eval_tokens)
+            entry["text"] = text
+            message += f"; {Path(cfg.eval_text or '').name} top-3 {text['top3']:.4f}"
+        history.append(entry)
+        tqdm.write(message)
         if val < best_val:
             best_val = val
             save_best(out, model)

@@ -28,6 +28,8 @@ class TrainConfig:
     weight_decay: float = 0.01
     clip: float = 0.5
     eval_interval: int = 0  # steps between validations; 0 = once per epoch
+    eval_text: str | None = None  # held-out text whose top-k is measured at each validation
+    eval_text_tokens: int = 0  # evaluate only its first N tokens (0 = all)
     checkpoint_interval: int = 200  # steps between resumable checkpoints
     max_steps: int = 0  # stop after this many steps (0 = no limit)
     seed: int = 1234

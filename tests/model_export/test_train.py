@@ -102,3 +102,17 @@ def test_vocabulary_cap_and_min_count() -> None:
     vocab = build_vocab(tokens, max_size=5, min_count=2)
     assert vocab.tokens == ["<pad>", "<unk>", "</s>", "a", "b"]
     assert build_vocab(tokens, max_size=4, min_count=1).tokens == ["<pad>", "<unk>", "</s>", "a"]
+
+
+def test_held_out_text_is_measured_at_each_validation(corpus: Path, tmp_path: Path) -> None:
+    held_out = tmp_path / "held_out.txt"
+    held_out.write_text("the cat sat on the mat.\nthe dog sat on the log.\n" * 20)
+    train(_config(corpus, tmp_path / "run", epochs=2, eval_text=str(held_out)))
+    history = json.loads((tmp_path / "run" / "history.json").read_text())
+    valid = [h for h in history if h["kind"] == "valid"]
+    assert len(valid) >= 2
+    for entry in valid:
+        assert set(entry["text"]) >= {"top1", "top3", "perplexity", "oov_rate"}
+    # the tiny corpus holds these sentences: a model that learned them predicts them
+    assert valid[-1]["text"]["top3"] > valid[0]["text"]["top3"]
+    assert valid[-1]["text"]["top3"] > 0.3  # guessing among its ~25 words: ~0.12
