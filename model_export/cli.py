@@ -270,7 +270,8 @@ def _add_export(sub) -> None:
     p.add_argument(
         "--no-display-forms",
         action="store_true",
-        help="do not derive display forms ('i' -> 'I') from the cased training corpora",
+        help="do not derive display forms ('i' -> 'I', 'united' then 'kingdom' -> 'Kingdom') "
+        "from the cased training corpora",
     )
     p.set_defaults(handler=_run_export)
 
@@ -298,12 +299,14 @@ def _run_export(args: argparse.Namespace) -> int:
             "steps": max((h["step"] for h in history), default=0),
         }
     }
-    forms = None
+    forms, pairs = None, None
     if not args.no_display_forms:
-        from model_export.casing import display_forms  # noqa: PLC0415
+        from model_export.casing import casing_tables  # noqa: PLC0415
 
         try:
-            forms = display_forms(train_cfg.get("corpora", []), vocab, train_cfg.get("nltk_data"))
+            forms, pairs = casing_tables(
+                train_cfg.get("corpora", []), vocab, train_cfg.get("nltk_data")
+            )
         except (FileNotFoundError, LookupError) as exc:
             print(f"display forms skipped: training corpora not readable ({exc})", file=sys.stderr)
     manifest = export_artifact(
@@ -314,6 +317,7 @@ def _run_export(args: argparse.Namespace) -> int:
         extra=extra,
         max_k=args.max_k,
         display_forms=forms,
+        pair_forms=pairs,
     )
     print(
         json.dumps(
@@ -329,8 +333,41 @@ def _run_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_casing(sub) -> None:
+    p = sub.add_parser(
+        "casing",
+        help="(re)write an artifact's display forms from cased corpora",
+        description="Count how the artifact's words are written in cased corpora (by default "
+        "the training corpora its manifest names) and (re)write display.tsv (a word's own "
+        "form: 'I', 'Paris', 'NASA') and display_pairs.tsv (its form after a given word: "
+        "'united' then 'kingdom' -> 'Kingdom'), updating the manifest's hashes. "
+        "`nextword export` writes both for a new model.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--artifact", required=True, help="exported model directory to update")
+    p.add_argument(
+        "--corpora", nargs="*", default=None, help="cased corpora (default: the manifest's)"
+    )
+    p.add_argument("--nltk-data", default=None, help="folder holding nltk_data")
+    p.set_defaults(handler=_run_casing)
+
+
+def _run_casing(args: argparse.Namespace) -> int:
+    from model_export.casing import write_casing  # noqa: PLC0415
+    from service.contract.artifact import ArtifactError  # noqa: PLC0415
+
+    try:
+        counts = write_casing(args.artifact, args.corpora, args.nltk_data)
+    except (ArtifactError, FileNotFoundError, LookupError, ValueError) as exc:
+        print(f"nextword casing: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps({"artifact": args.artifact, "forms": counts}, indent=2))
+    return 0
+
+
 def add_subcommands(sub) -> None:
-    """Add train/evaluate/export to the `nextword` argument parser's subparsers."""
+    """Add train/evaluate/export/casing to the `nextword` argument parser's subparsers."""
     _add_train(sub)
     _add_evaluate(sub)
     _add_export(sub)
+    _add_casing(sub)

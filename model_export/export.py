@@ -28,6 +28,7 @@ from service.contract.artifact import (
     DISPLAY_FILE,
     FORMAT_VERSION,
     MODEL_FILE,
+    PAIR_DISPLAY_FILE,
     PROBS,
     TOKENS,
     TOPK_IDS,
@@ -37,6 +38,7 @@ from service.contract.artifact import (
     state_outputs,
     write_display_forms,
     write_manifest,
+    write_pair_forms,
 )
 from service.contract.vocab import Vocabulary
 
@@ -226,8 +228,12 @@ def export_artifact(
     extra: dict[str, Any] | None = None,
     max_k: int = MAX_K,
     display_forms: dict[str, str] | None = None,
+    pair_forms: dict[tuple[str, str], str] | None = None,
 ) -> dict[str, Any]:
     """Export, verify and write an artifact directory; returns its manifest.
+
+    `display_forms` and `pair_forms` (from `model_export.casing`) become display.tsv and
+    display_pairs.tsv when given.
 
     The directory is assembled in a temporary place and moved into `out` only after
     every check passed.
@@ -275,6 +281,9 @@ def export_artifact(
         if display_forms:
             write_display_forms(stage / DISPLAY_FILE, display_forms)
             files[DISPLAY_FILE] = {}
+        if pair_forms:
+            write_pair_forms(stage / PAIR_DISPLAY_FILE, pair_forms)
+            files[PAIR_DISPLAY_FILE] = {}
         cfg = model.config
         manifest: dict[str, Any] = {
             "format_version": FORMAT_VERSION,

@@ -3,7 +3,7 @@ extra installed) train, evaluate and export models.
 
     nextword serve [--host H] [--port P] [--models DIR] [--workers N] [--log-level L]
     nextword predict TEXT [--model NAME] [-k K] [--prefix P] [--models DIR]
-    nextword train|evaluate|export ...        (model_export.cli; needs torch)
+    nextword train|evaluate|export|casing ... (model_export.cli; needs torch)
 
 Every option of `serve` has a `NEXTWORD_*` variable (see service/config.py); an
 option given on the command line wins. Options reach the processes through those same
@@ -29,7 +29,7 @@ from service.config import Settings
 from service.errors import NextwordError
 
 SERVICE_COMMANDS = ("serve", "predict")
-TRAINING_COMMANDS = ("train", "evaluate", "export")
+TRAINING_COMMANDS = ("train", "evaluate", "export", "casing")
 # `serve` option -> the Settings field it overrides.
 SERVE_OPTIONS = {
     "host": "host",

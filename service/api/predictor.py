@@ -21,8 +21,14 @@ import numpy as np
 
 from service.config import Settings
 from service.contract import slips
-from service.contract.artifact import DISPLAY_FILE, VOCAB_FILE, ArtifactError, ModelArtifact
-from service.contract.casing import at_sentence_start, written_form
+from service.contract.artifact import (
+    DISPLAY_FILE,
+    PAIR_DISPLAY_FILE,
+    VOCAB_FILE,
+    ArtifactError,
+    ModelArtifact,
+)
+from service.contract.casing import at_sentence_start, display_form, written_form
 from service.contract.ids import new_session_id
 from service.contract.limits import MAX_K, MAX_PREFIX_CHARS, MAX_SESSION_ID_CHARS
 from service.contract.protocol import DeleteRequest, EngineOutput, InfoRequest, StepRequest
@@ -84,7 +90,9 @@ def load_vocabularies(settings: Settings, engine: EngineClient) -> dict[str, Voc
     root = Path(settings.models_dir)
     # The engine verified every file; this process reads (and hashes) only what it uses.
     return {
-        m["name"]: ModelArtifact.load(root / m["name"], hashed=(VOCAB_FILE, DISPLAY_FILE)).vocab
+        m["name"]: ModelArtifact.load(
+            root / m["name"], hashed=(VOCAB_FILE, DISPLAY_FILE, PAIR_DISPLAY_FILE)
+        ).vocab
         for m in engine.models
     }
 
@@ -220,8 +228,7 @@ class Predictor:
     ) -> list[dict[str, Any]]:
         """Each word as it would be typed there (`service.contract.casing`), and whether it
         is a correction (the prefix does not start it: a slip away)."""
-        words = vocab.display  # how each word is shown ("I", not "i")
-        size = len(words)
+        size = len(vocab)
         start = at_sentence_start(output.last_token, vocab.eos_id, output.tokens)
         corrected = prefix.ids is not None and prefix.slips is not None
         # An id past the vocabulary is one of the writer's own typed words (they match
@@ -229,7 +236,12 @@ class Predictor:
         return [
             {
                 "word": written_form(
-                    words[i] if i < size else output.words[i - size], start, prefix.typed
+                    # how the word is shown there ("I", not "i"; "Kingdom" after "united")
+                    display_form(vocab, i, output.last_token)
+                    if i < size
+                    else output.words[i - size],
+                    start,
+                    prefix.typed,
                 ),
                 "probability": p,
                 "corrected": corrected and i < size and i not in prefix.clean,

@@ -37,6 +37,8 @@ MODEL_FILE = "model.onnx"
 MANIFEST_FILE = "manifest.json"
 VOCAB_FILE = "vocab.txt"
 DISPLAY_FILE = "display.tsv"  # optional: "token<TAB>display form" per line
+# optional: "previous token<TAB>token<TAB>display form" per line: a word's form after a word
+PAIR_DISPLAY_FILE = "display_pairs.tsv"
 CELLS = {"lstm": ("h", "c"), "gru": ("h",)}
 REQUIRED_KEYS = (
     "format_version",
@@ -215,6 +217,8 @@ class ModelArtifact:
             )
         if DISPLAY_FILE in files:
             vocab.set_display_forms(read_display_forms(path / DISPLAY_FILE))
+        if PAIR_DISPLAY_FILE in files:
+            vocab.set_pair_forms(read_pair_forms(path / PAIR_DISPLAY_FILE))
         return cls(path, manifest, vocab)
 
     def check_graph(
@@ -299,6 +303,24 @@ def read_display_forms(path: Path) -> dict[str, str]:
 def write_display_forms(path: Path, forms: dict[str, str]) -> None:
     """Write display.tsv, sorted by token."""
     path.write_text("".join(f"{t}\t{f}\n" for t, f in sorted(forms.items())), encoding="utf-8")
+
+
+def read_pair_forms(path: Path) -> dict[tuple[str, str], str]:
+    """Parse display_pairs.tsv into {(previous token, token): display form}."""
+    forms = {}
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        fields = line.split("\t")
+        if len(fields) != 3:
+            raise ArtifactError(f"{path}: line {number} is not 'previous<TAB>token<TAB>form'")
+        forms[fields[0], fields[1]] = fields[2]
+    return forms
+
+
+def write_pair_forms(path: Path, forms: dict[tuple[str, str], str]) -> None:
+    """Write display_pairs.tsv, sorted by (previous token, token)."""
+    path.write_text(
+        "".join(f"{p}\t{t}\t{f}\n" for (p, t), f in sorted(forms.items())), encoding="utf-8"
+    )
 
 
 def write_manifest(path: Path, manifest: dict[str, Any]) -> None:

@@ -1,13 +1,27 @@
 """How a suggested word is written where it goes: the case a writer would type.
 
 A vocabulary word comes in its display form (`display.tsv`: "I", names, acronyms; the
-token itself otherwise). At the start of a sentence (an empty text, or after `.`, `!`,
+token itself otherwise), or, right after a word it forms a name with, in the form the
+corpora give that pair (`display_pairs.tsv`: "united" then "kingdom" -> "Kingdom";
+`display_form`). At the start of a sentence (an empty text, or after `.`, `!`,
 `?`) its first letter is capitalised. A capital the writer typed in the prefix is kept
 (so "Ap" completes to "Apple", and "USA" typed in capitals stays so): the service never
 lowers a letter the writer raised.
 """
 
 from __future__ import annotations
+
+from service.contract.vocab import Vocabulary
+
+
+def display_form(vocab: Vocabulary, token_id: int, previous_id: int | None = None) -> str:
+    """How the vocabulary word `token_id` is shown right after the token `previous_id`:
+    the pair's form where the artifact has one, else the word's display form."""
+    if previous_id is not None:
+        form = vocab.pair_display.get((previous_id, token_id))
+        if form is not None:
+            return form
+    return vocab.display[token_id]
 
 
 def capitalised(form: str) -> str:

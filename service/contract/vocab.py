@@ -55,12 +55,22 @@ class Vocabulary:
         self.suggestible[self._sorted_ids] = True
         # How each word is shown to a user ("i" -> "I"); the token itself by default.
         self.display: list[str] = list(self.tokens)
+        # How a word is shown right after a given word, where that differs from `display`
+        # ("united" then "kingdom" -> "Kingdom"): {(previous id, id): form}.
+        self.pair_display: dict[tuple[int, int], str] = {}
 
     def set_display_forms(self, forms: dict[str, str]) -> None:
         """Show these tokens as given (each form must lower-case to its token)."""
         for token, form in forms.items():
             if token in self.index and normalize(form) == token:
                 self.display[self.index[token]] = form
+
+    def set_pair_forms(self, forms: dict[tuple[str, str], str]) -> None:
+        """Show a token as given right after a previous token (both in the vocabulary; each
+        form must lower-case to its token); other pairs are ignored."""
+        for (previous, token), form in forms.items():
+            if previous in self.index and token in self.index and normalize(form) == token:
+                self.pair_display[self.index[previous], self.index[token]] = form
 
     def __len__(self) -> int:
         return len(self.tokens)

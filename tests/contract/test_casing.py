@@ -88,3 +88,109 @@ def test_display_forms_count_names_and_acronyms(tmp_path: Path) -> None:
     assert forms["paris"] == "Paris" and forms["i"] == "I"
     assert forms["tv"] == "TV"  # the lines in capitals not counted, the others are
     assert "us" not in forms and "the" not in forms  # mostly lower-case
+
+
+# --- case that depends on the word before ------------------------------------------------
+
+CASED_CORPUS = (
+    "we went to the big House today .\n" * 6  # a name: "House" after "big"
+    + "the house was good and the house was old .\n" * 4  # "house" alone is lower-case
+    + "I said we went to the big House .\n" * 5
+    + "we saw the Big day come .\n"  # a sentence start is not counted ...
+    + "Big house .\n" * 2  # ... but the word after it is: 11 "House" of 13 after "big"
+)
+
+
+def test_pair_forms_count_a_word_after_its_previous_word(tmp_path: Path) -> None:
+    from model_export.casing import count_forms, display_forms, pair_forms
+    from service.contract.vocab import Vocabulary
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(
+        CASED_CORPUS
+        + "the United Kingdom and the Bush .\n" * 5
+        + "the kingdom was old .\n" * 4  # so "kingdom" alone is not shown "Kingdom"
+    )
+    vocab = Vocabulary(
+        ["<pad>", "<unk>", "</s>", "the", "big", "house", "i", "united", "kingdom", "bush"]
+    )
+    counts = count_forms([str(corpus)], vocab)
+    display = display_forms([str(corpus)], vocab, counts=counts)
+    pairs = pair_forms([str(corpus)], vocab, counts=counts, display=display)
+    assert display["i"] == "I" and "house" not in display and "kingdom" not in display
+    assert pairs[("big", "house")] == "House" and pairs[("united", "kingdom")] == "Kingdom"
+    assert ("the", "house") not in pairs  # the word's own (lower) form: no pair needed
+    # "the" then "bush": "Bush" every time here, so the word's own form is already "Bush"
+    assert display["bush"] == "Bush" and ("the", "bush") not in pairs
+    # a pair seen fewer than `min_count` times is not kept (13 times "big" then "house",
+    # 5 times "united" then "kingdom")
+    assert pair_forms([str(corpus)], vocab, counts=counts, display=display, min_count=10) == {
+        ("big", "house"): "House"
+    }
+
+
+def test_display_form_after_a_word() -> None:
+    from service.contract.casing import display_form
+    from service.contract.vocab import Vocabulary
+
+    vocab = Vocabulary(["<pad>", "<unk>", "</s>", "united", "kingdom", "i", "bush"])
+    vocab.set_display_forms({"i": "I", "bush": "Bush"})
+    vocab.set_pair_forms(
+        {
+            ("united", "kingdom"): "Kingdom",
+            ("the", "bush"): "bush",  # "the" is not in this vocabulary: ignored
+            ("united", "bush"): "BOSH",  # not a form of "bush": ignored
+        }
+    )
+    united, kingdom, i, bush = (vocab.index[w] for w in ("united", "kingdom", "i", "bush"))
+    assert display_form(vocab, kingdom, united) == "Kingdom"
+    assert (
+        display_form(vocab, kingdom) == "kingdom" and display_form(vocab, kingdom, i) == "kingdom"
+    )
+    assert display_form(vocab, kingdom, -1) == "kingdom"  # no previous token known
+    assert display_form(vocab, i, united) == "I" and display_form(vocab, bush, united) == "Bush"
+    assert vocab.pair_display == {(united, kingdom): "Kingdom"}
+
+
+@pytest.fixture(scope="module")
+def pair_client(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The API over a tiny artifact whose casing was counted from `CASED_CORPUS`."""
+    from model_export.casing import write_casing
+    from tests.conftest import make_models_dir
+
+    root = make_models_dir(tmp_path_factory.mktemp("pair-models"))
+    corpus = root.parent / "corpus.txt"
+    corpus.write_text(CASED_CORPUS)
+    for name in ("lstm", "gru"):
+        assert write_casing(root / name, [str(corpus)]) == {
+            "display.tsv": 1,  # "I"
+            "display_pairs.tsv": 1,  # ("big", "house") -> "House"
+        }
+    with TestClient(create_app(api_settings(root))) as client:
+        yield client
+
+
+def test_a_word_is_cased_as_after_its_previous_word(pair_client: TestClient) -> None:
+    def first(text: str, prefix: str, model: str = "lstm") -> str:
+        """The completion of `prefix` that is the word it starts (not a slip's correction)."""
+        got = words(pair_client, text=text, prefix=prefix, model=model)
+        return next(w for w in got if w.lower().startswith(prefix.lower()))
+
+    for model in ("lstm", "gru"):
+        assert first("we went to the big", "hou", model) == "House"
+        assert first("we went to the", "hou", model) == "house"
+    assert first("we went to the big", "HOU") == "HOUSE"  # capitals typed: the word so
+    assert first("we went home.", "hou") == "House"  # a sentence start
+    after_big = words(pair_client, text="we went to the big", prefix="i")
+    assert "I" in after_big and "i" not in after_big  # "I" is "I" after any word
+    assert first("we went to the Big", "hou") == "House"  # however the context was typed
+    # a session and the stream case it the same way
+    sid = pair_client.post("/v1/sessions", json={"text": "to the big", "k": 5}).json()
+    feed = pair_client.post(
+        f"/v1/sessions/{sid['session_id']}/feed", json={"text": "", "k": 5, "prefix": "hou"}
+    )
+    assert "House" in [p["word"] for p in feed.json()["predictions"]]
+    with pair_client.websocket_connect("/v1/stream?k=5") as ws:
+        ws.receive_json()
+        ws.send_json({"text": "to the big", "prefix": "hou"})
+        assert "House" in [p["word"] for p in ws.receive_json()["predictions"]]

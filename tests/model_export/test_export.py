@@ -13,7 +13,7 @@ import torch
 
 from model_export.export import ServingGraph, check_parity, export_artifact
 from model_export.model import RNNLM, ModelConfig
-from service.contract.artifact import ArtifactError, ModelArtifact, sha256_of
+from service.contract.artifact import ArtifactError, ModelArtifact, sha256_of, write_manifest
 from service.contract.vocab import Vocabulary
 from tests.conftest import make_models_dir, tiny_vocab_tokens
 
@@ -150,4 +150,26 @@ def test_display_forms_travel_with_the_artifact(tmp_path: Path) -> None:
     assert artifact.vocab.display[artifact.vocab.index["home"]] == "home"
     (tmp_path / "gru" / "display.tsv").write_text("i\tYou\n")
     with pytest.raises(ArtifactError, match=r"display\.tsv"):
+        ModelArtifact.load(tmp_path / "gru")
+
+
+def test_pair_forms_travel_with_the_artifact(tmp_path: Path) -> None:
+    vocab = Vocabulary(tiny_vocab_tokens())
+    model = RNNLM(ModelConfig(len(vocab), "gru", 8, 8, 1, 0.0))
+    manifest = export_artifact(
+        model, vocab, tmp_path / "gru", pair_forms={("big", "house"): "House"}
+    )
+    assert "display_pairs.tsv" in manifest["files"] and "display.tsv" not in manifest["files"]
+    artifact = ModelArtifact.load(tmp_path / "gru")
+    big, house = artifact.vocab.index["big"], artifact.vocab.index["house"]
+    assert artifact.vocab.pair_display == {(big, house): "House"}
+    assert artifact.vocab.display[house] == "house"
+    # a changed table no longer matches its hash; a malformed one (its hash updated) says so
+    pairs = tmp_path / "gru" / "display_pairs.tsv"
+    pairs.write_text("big\thouse\tHOUSE\n")
+    with pytest.raises(ArtifactError, match=r"display_pairs\.tsv"):
+        ModelArtifact.load(tmp_path / "gru")
+    pairs.write_text("big\tHouse\n")
+    write_manifest(tmp_path / "gru", json.loads((tmp_path / "gru" / "manifest.json").read_text()))
+    with pytest.raises(ArtifactError, match=r"display_pairs\.tsv: line 1"):
         ModelArtifact.load(tmp_path / "gru")
