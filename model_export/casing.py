@@ -22,7 +22,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from model_export.corpora import documents
+from model_export.corpora import documents, split_of
 from service.contract.artifact import (
     DISPLAY_FILE,
     MANIFEST_FILE,
@@ -68,8 +68,15 @@ class FormCounts:
     pairs: dict[tuple[str, str], Counter[str]] = field(default_factory=lambda: defaultdict(Counter))
 
 
-def count_forms(corpora: list[str], vocab: Vocabulary, nltk_data: str | None = None) -> FormCounts:
-    """Count the written forms of the vocabulary's words in the cased corpora.
+def count_forms(
+    corpora: list[str],
+    vocab: Vocabulary,
+    nltk_data: str | None = None,
+    split: str | None = "train",
+) -> FormCounts:
+    """Count the written forms of the vocabulary's words in the cased corpora's documents of
+    `split` (by default those `nextword train` trains on, so that validation and test text
+    stays held out for `nextword evaluate --keyboard`; None: every document).
 
     A pair is counted only where the previous token is a vocabulary word right before the
     word (no punctuation between): what the service sees as the last token of a context.
@@ -80,6 +87,8 @@ def count_forms(corpora: list[str], vocab: Vocabulary, nltk_data: str | None = N
         if spec in LOWER_CASED_CORPORA:
             continue
         for doc in tqdm(documents(spec, nltk_data), desc=f"casing {spec}", unit="doc", leave=False):
+            if split is not None and split_of(doc.name) != split:
+                continue
             for line in doc.lines:
                 matches = list(_TOKEN.finditer(unicodedata.normalize("NFKC", line)))
                 words = [m.group() for m in matches if m.lastgroup == "word"]
@@ -172,19 +181,27 @@ def pair_forms(
 
 
 def casing_tables(
-    corpora: list[str], vocab: Vocabulary, nltk_data: str | None = None
+    corpora: list[str],
+    vocab: Vocabulary,
+    nltk_data: str | None = None,
+    split: str | None = "train",
 ) -> tuple[dict[str, str], dict[tuple[str, str], str]]:
-    """`display_forms` and `pair_forms` of a vocabulary, the corpora read once."""
-    counts = count_forms(corpora, vocab, nltk_data)
+    """`display_forms` and `pair_forms` of a vocabulary, the corpora (`split` of them, see
+    `count_forms`) read once."""
+    counts = count_forms(corpora, vocab, nltk_data, split)
     display = display_forms(corpora, vocab, counts=counts)
     return display, pair_forms(corpora, vocab, counts=counts, display=display)
 
 
 def write_casing(
-    artifact_dir: Path | str, corpora: list[str] | None = None, nltk_data: str | None = None
+    artifact_dir: Path | str,
+    corpora: list[str] | None = None,
+    nltk_data: str | None = None,
+    split: str | None = "train",
 ) -> dict[str, int]:
     """(Re)write an artifact's display.tsv and display_pairs.tsv from cased corpora (by
-    default the training corpora its manifest names) and update its manifest's hashes.
+    default the training split of the corpora its manifest names; `split` as in
+    `count_forms`) and update its manifest's hashes.
 
     The artifact is loaded (and so verified) first; returns how many forms each table holds.
     """
@@ -196,7 +213,7 @@ def write_casing(
         corpora = [c["name"] for c in training.get("corpora", [])]
     if not corpora:
         raise ValueError(f"{path}: no corpora given and its manifest names none")
-    display, pairs = casing_tables(corpora, artifact.vocab, nltk_data)
+    display, pairs = casing_tables(corpora, artifact.vocab, nltk_data, split)
     files = dict(manifest["files"])
     for name in (DISPLAY_FILE, PAIR_DISPLAY_FILE):  # an empty table is no file
         files.pop(name, None)
@@ -211,3 +228,35 @@ def write_casing(
     write_manifest(path, manifest)
     ModelArtifact.load(path)  # the manifest agrees with what was written
     return {DISPLAY_FILE: len(display), PAIR_DISPLAY_FILE: len(pairs)}
+
+
+def agreement(documents: list[tuple[str, list[str]]], vocab: Vocabulary) -> dict[str, float]:
+    """How often the vocabulary's display forms write held-out words as their writer did.
+
+    Over the vocabulary words of the documents' lines that are not at a sentence start
+    (where the service capitalises anyway) nor in headlines or lines in capitals: the share
+    written exactly as the word's own display form shows it (`own`), and as the form after
+    its previous word shows it (`with_pairs`: what the service shows), and their count.
+    """
+    own = pairs = words = 0
+    for _, lines in documents:
+        for line in lines:
+            matches = list(_TOKEN.finditer(unicodedata.normalize("NFKC", line)))
+            written = [m.group() for m in matches if m.lastgroup == "word"]
+            if _title_case(written) or _shouting(written):
+                continue
+            sentence_start, previous = True, -1
+            for match in matches:
+                if match.lastgroup != "word":
+                    sentence_start = match.lastgroup == "eos" or match.group() == ":"
+                    previous = -1
+                    continue
+                form = match.group().replace("\u2019", "'")
+                token_id = vocab.index.get(form.lower(), -1)
+                if token_id >= 0 and not sentence_start:
+                    words += 1
+                    own += vocab.display[token_id] == form
+                    shown = vocab.pair_display.get((previous, token_id), vocab.display[token_id])
+                    pairs += shown == form
+                sentence_start, previous = False, token_id
+    return {"words": words, "own": own / max(words, 1), "with_pairs": pairs / max(words, 1)}

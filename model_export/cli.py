@@ -349,6 +349,26 @@ def _add_casing(sub) -> None:
         "--corpora", nargs="*", default=None, help="cased corpora (default: the manifest's)"
     )
     p.add_argument("--nltk-data", default=None, help="folder holding nltk_data")
+    p.add_argument(
+        "--measure",
+        action="store_true",
+        help="write nothing: report how often the artifact's tables write the words of "
+        "--text files and of the --split of --corpora as their writers did, with and "
+        "without the forms after a previous word",
+    )
+    p.add_argument("--text", action="append", default=[], help="with --measure: cased text")
+    p.add_argument(
+        "--split",
+        choices=["train", "valid", "test"],
+        default="test",
+        help="with --measure: which split of --corpora",
+    )
+    p.add_argument(
+        "--all-splits",
+        action="store_true",
+        help="count every document, not only the training split (the held-out documents "
+        "then no longer measure the casing)",
+    )
     p.set_defaults(handler=_run_casing)
 
 
@@ -356,12 +376,36 @@ def _run_casing(args: argparse.Namespace) -> int:
     from model_export.casing import write_casing  # noqa: PLC0415
     from service.contract.artifact import ArtifactError  # noqa: PLC0415
 
+    if args.measure:
+        return _measure_casing(args)
     try:
-        counts = write_casing(args.artifact, args.corpora, args.nltk_data)
+        counts = write_casing(
+            args.artifact, args.corpora, args.nltk_data, None if args.all_splits else "train"
+        )
     except (ArtifactError, FileNotFoundError, LookupError, ValueError) as exc:
         print(f"nextword casing: {exc}", file=sys.stderr)
         return 2
     print(json.dumps({"artifact": args.artifact, "forms": counts}, indent=2))
+    return 0
+
+
+def _measure_casing(args: argparse.Namespace) -> int:
+    from model_export.casing import agreement  # noqa: PLC0415
+    from model_export.keyboard import cased_documents  # noqa: PLC0415
+    from service.contract.artifact import ModelArtifact  # noqa: PLC0415
+
+    if not args.text and not args.corpora:
+        print("nextword casing --measure: give --text and/or --corpora", file=sys.stderr)
+        return 2
+    vocab = ModelArtifact.load(args.artifact).vocab
+    sets = cased_documents(args.text, args.corpora or [], args.split, args.nltk_data)
+    results = {name: agreement(docs, vocab) for name, docs in sets.items()}
+    for name, r in results.items():
+        print(
+            f"{name}: {r['words']:.0f} words outside sentence starts; written as shown: "
+            f"{100 * r['own']:.2f}% by each word's own form, {100 * r['with_pairs']:.2f}% "
+            "with the forms after a previous word"
+        )
     return 0
 
 

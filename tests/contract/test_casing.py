@@ -114,7 +114,7 @@ def test_pair_forms_count_a_word_after_its_previous_word(tmp_path: Path) -> None
     vocab = Vocabulary(
         ["<pad>", "<unk>", "</s>", "the", "big", "house", "i", "united", "kingdom", "bush"]
     )
-    counts = count_forms([str(corpus)], vocab)
+    counts = count_forms([str(corpus)], vocab, split=None)  # every document of the file
     display = display_forms([str(corpus)], vocab, counts=counts)
     pairs = pair_forms([str(corpus)], vocab, counts=counts, display=display)
     assert display["i"] == "I" and "house" not in display and "kingdom" not in display
@@ -162,7 +162,7 @@ def pair_client(tmp_path_factory: pytest.TempPathFactory) -> Any:
     corpus = root.parent / "corpus.txt"
     corpus.write_text(CASED_CORPUS)
     for name in ("lstm", "gru"):
-        assert write_casing(root / name, [str(corpus)]) == {
+        assert write_casing(root / name, [str(corpus)], split=None) == {
             "display.tsv": 1,  # "I"
             "display_pairs.tsv": 1,  # ("big", "house") -> "House"
         }
@@ -194,3 +194,34 @@ def test_a_word_is_cased_as_after_its_previous_word(pair_client: TestClient) -> 
         ws.receive_json()
         ws.send_json({"text": "to the big", "prefix": "hou"})
         assert "House" in [p["word"] for p in ws.receive_json()["predictions"]]
+
+
+def test_casing_is_counted_on_the_training_split_only(tmp_path: Path) -> None:
+    from model_export.casing import count_forms, display_forms
+    from model_export.corpora import split_of
+    from service.contract.vocab import Vocabulary
+
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    names = [f"doc{i}.txt" for i in range(200)]
+    held_out = next(n for n in names if split_of(f"texts/{n}#0") == "test")
+    trained = next(n for n in names if split_of(f"texts/{n}#0") == "train")
+    (folder / held_out).write_text("we met Zed there .\n" * 6)
+    (folder / trained).write_text("we met Paris there .\n" * 6)
+    vocab = Vocabulary(["<pad>", "<unk>", "</s>", "we", "met", "zed", "paris"])
+    assert display_forms([str(folder)], vocab) == {"paris": "Paris"}
+    every = count_forms([str(folder)], vocab, split=None)
+    assert display_forms([], vocab, counts=every) == {"paris": "Paris", "zed": "Zed"}
+
+
+def test_agreement_counts_words_written_as_shown() -> None:
+    from model_export.casing import agreement
+    from service.contract.vocab import Vocabulary
+
+    vocab = Vocabulary(["<pad>", "<unk>", "</s>", "the", "big", "house", "i"])
+    vocab.set_display_forms({"i": "I"})
+    vocab.set_pair_forms({("big", "house"): "House"})
+    docs = [("doc", ["The big House and the house , I said .", "THE BIG HOUSE IS HERE ."])]
+    # counted: big, House, the, house, I (not "The": a sentence start; not the line in
+    # capitals); "House" is shown so only after "big"
+    assert agreement(docs, vocab) == {"words": 5, "own": 4 / 5, "with_pairs": 1.0}
