@@ -7,7 +7,9 @@ runs them. The held-out stream is cut into `rows` parallel rows.
 - perplexity: exp of the mean negative log-likelihood over every target token
   (words, punctuation and end-of-sentence; out-of-vocabulary targets as `<unk>`);
 - top-k accuracy: over word targets only (what a keyboard suggests); a target
-  outside the vocabulary is always a miss, so accuracy compares across vocabularies.
+  outside the vocabulary is always a miss, so accuracy compares across vocabularies;
+- `start_top3`: top-3 over the word targets that open a sentence (0-4 words of their
+  sentence before them; `start_words` of them), where a model has the least context.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from service.contract.vocab import Vocabulary
 # step(tokens (B, 1), state) -> (probs (B, V), topk_ids (B, K), new state)
 Step = Callable[[np.ndarray, Any], tuple[np.ndarray, np.ndarray, Any]]
 KS = (1, 3, 5)
+START_WORDS = 5  # a target with fewer words of its sentence before it opens the sentence
 
 
 def torch_stepper(model, vocab: Vocabulary) -> tuple[Step, Any]:
@@ -80,10 +83,12 @@ def evaluate_stream(
     ids = np.array(vocab.encode_tokens(tokens), dtype=np.int64)
     word = np.array([is_word(t) for t in tokens])
     known = ids != vocab.unk_id
+    opening = sentence_openings(tokens, vocab.eos_id, ids)
     starts = np.arange(rows) * length
     state = zero(rows)
     nll, count, words, oov_words = 0.0, 0, 0, 0
     hits = dict.fromkeys(KS, 0)
+    start_words, start_hits = 0, 0
     for t in tqdm(range(length), desc=desc, unit="step", leave=False):
         x = ids[starts + t][:, None]
         target = starts + t + 1
@@ -97,6 +102,9 @@ def evaluate_stream(
         oov_words += int((is_target_word & ~known[target]).sum())
         for k in KS:
             hits[k] += int(((topk[:, :k] == y[:, None]).any(1) & scorable).sum())
+        opens = is_target_word & opening[target]
+        start_words += int(opens.sum())
+        start_hits += int(((topk[:, :3] == y[:, None]).any(1) & scorable & opens).sum())
     result = {
         "tokens": count,
         "perplexity": math.exp(nll / max(count, 1)),
@@ -104,7 +112,21 @@ def evaluate_stream(
         "oov_rate": oov_words / max(words, 1),
     }
     result.update({f"top{k}": hits[k] / max(words, 1) for k in KS})
+    result.update({"start_words": start_words, "start_top3": start_hits / max(start_words, 1)})
     return result
+
+
+def sentence_openings(tokens: list[str], eos_id: int, ids: np.ndarray) -> np.ndarray:
+    """Per position: whether fewer than `START_WORDS` words of its sentence come before it."""
+    opening = np.zeros(len(tokens), dtype=bool)
+    before = 0
+    for i, token in enumerate(tokens):
+        opening[i] = before < START_WORDS
+        if ids[i] == eos_id:
+            before = 0
+        elif is_word(token):
+            before += 1
+    return opening
 
 
 def held_out_streams(

@@ -212,7 +212,8 @@ def render(
         "Next-word suggestions for English typing. The model sees lower-cased text and "
         "suggests words only (no punctuation); the service writes them as typed there: "
         "names and acronyms from a table (`display.tsv`: `I`, `America`, `NASA`), "
-        "capitals at sentence starts and as typed in the prefix. Trained on ~4M words of mostly 20th-century American and "
+        "the form a word takes after a given word (`display_pairs.tsv`: `Kingdom` after "
+        "`united`), capitals at sentence starts and as typed in the prefix. Trained on ~4M words of mostly 20th-century American and "
         "Australian English (news, fiction, speeches, film reviews, web forums); it knows "
         "no recent vocabulary, reflects the biases of those texts, and is small by design "
         "(a few MB). It is not a source of facts.",

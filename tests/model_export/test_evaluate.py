@@ -55,6 +55,26 @@ def test_oracle_scores_every_known_word_and_misses_unknown_ones() -> None:
     assert result["oov_rate"] == pytest.approx(unknown / len(words))
 
 
+def test_sentence_openings_are_scored_apart() -> None:
+    vocab = Vocabulary(tiny_vocab_tokens())
+    # 7 words, then a sentence of 2: openings are the first 5 words of each sentence
+    stream = ["</s>", *tokenize("the cat and the dog are good. you are.")]
+    ids = vocab.encode_tokens(stream)
+    position = {"t": 0}
+
+    def oracle_late(tokens: np.ndarray, state):
+        # Knows the next token only past the fifth word of a sentence.
+        t = position["t"] = position["t"] + 1
+        probs = np.full((1, len(vocab)), 1e-9, np.float32)
+        best = ids[t] if t in (6, 7) else vocab.index["home"]
+        probs[0, best] = 1.0
+        return probs, np.array([[best, 3, 4]]), state
+
+    result = evaluate_stream(oracle_late, lambda b: None, vocab, stream, rows=1)
+    assert result["start_words"] == 5 + 2
+    assert result["start_top3"] == 0.0 and result["top3"] == pytest.approx(2 / 9)
+
+
 def test_metrics_can_be_recorded_in_another_artifacts_manifest(tmp_path: Path) -> None:
     import json
 
