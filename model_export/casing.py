@@ -7,7 +7,7 @@ word with no such form is written as an acronym ("NASA", "TV") when its capitals
 dominate (lines in capitals not counted).
 
 Some words are written differently after a given word ("united kingdom" -> "Kingdom",
-"new york" -> "York", while "kingdom" alone stays lower-case): `pair_forms` counts the
+"new jersey" -> "Jersey", while "kingdom" alone stays lower-case): `pair_forms` counts the
 forms of each word after each previous word and keeps those frequent pairs whose usual
 form clearly differs from the word's own display form (`display_pairs.tsv`).
 """
@@ -131,7 +131,8 @@ def display_forms(
     outside sentence starts and lines in capitals, are `min_share` of all its forms there.
     `counts` (from `count_forms`) saves reading the corpora again.
     """
-    counts = counts or count_forms(corpora, vocab, nltk_data)
+    if counts is None:
+        counts = count_forms(corpora, vocab, nltk_data)
     result = {}
     for token, forms in counts.forms.items():
         form, n = forms.most_common(1)[0]
@@ -165,7 +166,8 @@ def pair_forms(
     counts): "united kingdom" -> "Kingdom" although "kingdom" is shown lower-case, and
     "the bush" -> "bush" although "Bush" is a name.
     """
-    counts = counts or count_forms(corpora, vocab, nltk_data)
+    if counts is None:
+        counts = count_forms(corpora, vocab, nltk_data)
     if display is None:
         display = display_forms(corpora, vocab, min_share=min_share, counts=counts)
     result = {}
