@@ -225,3 +225,18 @@ def test_agreement_counts_words_written_as_shown() -> None:
     # counted: big, House, the, house, I (not "The": a sentence start; not the line in
     # capitals); "House" is shown so only after "big"
     assert agreement(docs, vocab) == {"words": 5, "own": 4 / 5, "with_pairs": 1.0}
+
+
+@pytest.mark.parametrize("name", ["lstm", "gru"])
+def test_the_bundled_models_write_kingdom_after_united(name: str) -> None:
+    from service.contract.artifact import ModelArtifact
+    from service.contract.casing import display_form
+    from tests.paths import BUNDLED_MODELS
+
+    vocab = ModelArtifact.load(BUNDLED_MODELS / name).vocab
+    ids = {w: vocab.index[w] for w in ("the", "united", "kingdom", "new", "jersey", "i")}
+    assert display_form(vocab, ids["kingdom"], ids["united"]) == "Kingdom"
+    assert display_form(vocab, ids["kingdom"], ids["the"]) == "kingdom"
+    assert display_form(vocab, ids["united"], ids["the"]) == "United"
+    assert display_form(vocab, ids["jersey"], ids["new"]) == "Jersey"
+    assert display_form(vocab, ids["i"], ids["united"]) == "I"
