@@ -25,6 +25,8 @@ TRAIN_HELP = {
     "dropout": "dropout on embeddings, between layers and before the output layer",
     "batch_size": "parallel rows of the training stream",
     "bptt": "truncated backpropagation length (tokens); state is carried across batches",
+    "fresh_rows": "rows added to each batch that start at a random sentence from a zero state, "
+    "as the service starts every text (0: none; the stream's rows carry their state)",
     "epochs": "passes over the training stream",
     "lr": "peak learning rate of AdamW",
     "min_lr_ratio": "final learning rate as a fraction of the peak (cosine decay)",

@@ -9,7 +9,9 @@ runs them. The held-out stream is cut into `rows` parallel rows.
 - top-k accuracy: over word targets only (what a keyboard suggests); a target
   outside the vocabulary is always a miss, so accuracy compares across vocabularies;
 - `start_top3`: top-3 over the word targets that open a sentence (0-4 words of their
-  sentence before them; `start_words` of them), where a model has the least context.
+  sentence before them; `start_words` of them), where a model has the least context;
+- `fresh_start_top3`: the same openings typed from a fresh state (`</s>` first), as the
+  service starts every text: the first `FRESH_SENTENCES` sentences, each on its own.
 """
 
 from __future__ import annotations
@@ -23,13 +25,14 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from service.contract.tokenizer import is_word
+from service.contract.tokenizer import EOS, is_word
 from service.contract.vocab import Vocabulary
 
 # step(tokens (B, 1), state) -> (probs (B, V), topk_ids (B, K), new state)
 Step = Callable[[np.ndarray, Any], tuple[np.ndarray, np.ndarray, Any]]
 KS = (1, 3, 5)
 START_WORDS = 5  # a target with fewer words of its sentence before it opens the sentence
+FRESH_SENTENCES = 2000
 
 
 def torch_stepper(model, vocab: Vocabulary) -> tuple[Step, Any]:
@@ -116,6 +119,51 @@ def evaluate_stream(
     return result
 
 
+def fresh_start_accuracy(
+    step: Step,
+    zero,
+    vocab: Vocabulary,
+    tokens: list[str],
+    max_sentences: int = FRESH_SENTENCES,
+    rows: int = 256,
+) -> dict[str, float]:
+    """Top-3 over the openings (first `START_WORDS` words) of the stream's first
+    `max_sentences` sentences, each typed from a zero state after `</s>`."""
+    sentences: list[list[str]] = []
+    current: list[str] = []
+    for token in tokens:
+        if token == EOS:
+            if any(is_word(t) for t in current):
+                sentences.append(current)
+            current = []
+            if len(sentences) == max_sentences:
+                break
+            continue
+        current.append(token)
+    openings = []
+    for sentence in sentences:
+        words = np.cumsum([is_word(t) for t in sentence])
+        openings.append(sentence[: int(np.searchsorted(words, START_WORDS)) + 1])
+    hits = targets = 0
+    for first in range(0, len(openings), rows):
+        chunk = openings[first : first + rows]
+        length = max(len(o) for o in chunk)
+        inputs = np.full((len(chunk), length), vocab.eos_id, dtype=np.int64)
+        wanted = np.full((len(chunk), length), -1, dtype=np.int64)  # -1: no word target
+        for r, opening in enumerate(chunk):
+            ids = vocab.encode_tokens(opening)
+            inputs[r, 1 : len(ids)] = ids[:-1]
+            for c, (token, token_id) in enumerate(zip(opening, ids)):
+                if is_word(token):
+                    targets += 1
+                    wanted[r, c] = token_id if token_id != vocab.unk_id else -2  # -2: a miss
+        state = zero(len(chunk))
+        for c in range(length):
+            _, topk, state = step(inputs[:, c : c + 1], state)
+            hits += int((topk[:, :3] == wanted[:, c : c + 1]).any(1).sum())
+    return {"fresh_start_words": targets, "fresh_start_top3": hits / max(targets, 1)}
+
+
 def sentence_openings(tokens: list[str], eos_id: int, ids: np.ndarray) -> np.ndarray:
     """Per position: whether fewer than `START_WORDS` words of its sentence come before it."""
     opening = np.zeros(len(tokens), dtype=bool)
@@ -174,6 +222,7 @@ def evaluate(
     results = {}
     for name, stream in held_out_streams(texts, corpora, split, nltk_data).items():
         results[name] = evaluate_stream(step, zero, vocab, stream, rows, max_tokens, desc=name)
+        results[name].update(fresh_start_accuracy(step, zero, vocab, stream))
         print(f"{name}: " + ", ".join(f"{k} {v:.4g}" for k, v in results[name].items()))
     target = record_in or (artifact if record else None)
     if target:

@@ -21,7 +21,7 @@ from torch import nn
 from tqdm import tqdm
 
 from model_export.corpora import load_splits, text_tokens
-from model_export.evaluate import evaluate_stream, torch_stepper
+from model_export.evaluate import evaluate_stream, fresh_start_accuracy, torch_stepper
 from model_export.model import RNNLM, ModelConfig
 from model_export.train_config import TrainConfig
 from service.contract.tokenizer import SPECIALS
@@ -64,12 +64,38 @@ def stream_loss(model: RNNLM, data: torch.Tensor, bptt: int) -> float:
     return total / max(count, 1)
 
 
+def with_fresh_rows(
+    model: RNNLM,
+    ids: torch.Tensor,
+    sentence_starts: torch.Tensor,
+    cfg: TrainConfig,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    state: tuple[torch.Tensor, ...],
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+    """The batch with `cfg.fresh_rows` more rows, each a window of the training stream that
+    starts at a random `</s>` from a zero state: what the service meets at the start of
+    every text, which carried-state training otherwise shows the model once an epoch.
+    Rows (B + F, T); the state (L, B + F, H), fresh rows last."""
+    picks = sentence_starts[torch.randint(len(sentence_starts), (cfg.fresh_rows,))]
+    offsets = picks[:, None] + torch.arange(cfg.bptt + 1)  # (F, T + 1)
+    windows = ids[offsets]
+    zero = model.init_state(cfg.fresh_rows)
+    return (
+        torch.cat([x, windows[:, :-1]]),
+        torch.cat([y, windows[:, 1:]]),
+        tuple(torch.cat([s, z], dim=1) for s, z in zip(state, zero)),
+    )
+
+
 def held_out_accuracy(model: RNNLM, vocab: Vocabulary, tokens: list[str]) -> dict[str, float]:
-    """Next-word top-k and perplexity of `tokens` through the serving graph, exactly as
-    `nextword evaluate --checkpoint` measures a held-out text (64 rows, one token a step).
-    Leaves the model in eval mode."""
+    """Next-word top-k and perplexity of `tokens` through the serving graph, and top-3 of
+    sentence openings from a fresh state, exactly as `nextword evaluate --checkpoint`
+    measures a held-out text. Leaves the model in eval mode."""
     step, zero = torch_stepper(model, vocab)
-    return evaluate_stream(step, zero, vocab, tokens, desc="held-out text")
+    result = evaluate_stream(step, zero, vocab, tokens, desc="held-out text")
+    result.update(fresh_start_accuracy(step, zero, vocab, tokens))
+    return result
 
 
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
@@ -136,7 +162,11 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.eval_text_tokens:
         eval_tokens = eval_tokens[: cfg.eval_text_tokens + 1]
     vocab.save(out / "vocab.txt")
-    train_data = batchify(vocab.encode_tokens(streams["train"]), cfg.batch_size)
+    train_ids = torch.tensor(vocab.encode_tokens(streams["train"]), dtype=torch.long)
+    train_data = batchify(train_ids.tolist(), cfg.batch_size)
+    # Where a sentence starts (the token after each `</s>`, with room for a window): the
+    # fresh rows' windows begin at the `</s>` itself, as the service begins every text.
+    sentence_starts = (train_ids[: -cfg.bptt - 1] == vocab.eos_id).nonzero().flatten()
     valid_data = batchify(vocab.encode_tokens(streams["valid"]), 16)
     mcfg = ModelConfig(
         len(vocab), cfg.cell, cfg.embedding_size, cfg.hidden_size, cfg.layers, cfg.dropout
@@ -206,7 +236,10 @@ def train(cfg: TrainConfig) -> dict:
         if eval_tokens:
             text = held_out_accuracy(model, vocab, eval_tokens)
             entry["text"] = text
-            message += f"; {Path(cfg.eval_text or '').name} top-3 {text['top3']:.4f}"
+            message += (
+                f"; {Path(cfg.eval_text or '').name} top-3 {text['top3']:.4f}, "
+                f"from a fresh state at a sentence start {text['fresh_start_top3']:.4f}"
+            )
         history.append(entry)
         tqdm.write(message)
         if val < best_val:
@@ -230,7 +263,14 @@ def train(cfg: TrainConfig) -> dict:
             x = x[:, : y.size(1)]
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, total_steps, cfg)
-            logits, state = model(x, detach(state))
+            if cfg.fresh_rows and len(sentence_starts) and x.size(1) == cfg.bptt:
+                x, y, run_state = with_fresh_rows(
+                    model, train_ids, sentence_starts, cfg, x, y, detach(state)
+                )
+                logits, new_state = model(x, run_state)
+                state = tuple(s[:, : cfg.batch_size] for s in new_state)  # carried rows only
+            else:
+                logits, state = model(x, detach(state))
             loss = nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -21,6 +21,7 @@ class TrainConfig:
     dropout: float = 0.1
     batch_size: int = 32
     bptt: int = 35
+    fresh_rows: int = 0  # rows a batch adds that start at a sentence from a zero state
     epochs: int = 3
     lr: float = 2e-3
     min_lr_ratio: float = 0.05

@@ -75,6 +75,35 @@ def test_sentence_openings_are_scored_apart() -> None:
     assert result["start_top3"] == 0.0 and result["top3"] == pytest.approx(2 / 9)
 
 
+def test_fresh_start_openings_are_typed_from_a_zero_state() -> None:
+    from model_export.evaluate import fresh_start_accuracy
+
+    vocab = Vocabulary(tiny_vocab_tokens())
+    # three sentences; the openings are their first 5 words ("zebra": out of vocabulary)
+    stream = ["</s>", *tokenize("the cat and the dog are good. you are. the zebra, is home.")]
+    follows = {"</s>": "the", "the": "cat", "and": "the", "you": "are", "is": "home"}
+    zeros: list[int] = []
+
+    def bigram(tokens: np.ndarray, state):
+        # Knows the word after some words; the state counts the steps since a zero state.
+        assert state.shape == (tokens.shape[0],)
+        best = [vocab.index[follows.get(vocab.tokens[t], "dog")] for t in tokens[:, 0]]
+        return None, np.array([[b, 3, 4] for b in best]), state + 1
+
+    def zero(batch: int):
+        zeros.append(batch)
+        return np.zeros(batch)
+
+    result = fresh_start_accuracy(bigram, zero, vocab, stream, rows=2)
+    assert zeros == [2, 1]  # each chunk of sentences starts from a zero state
+    # openings: the cat and the dog | you are | the zebra is home
+    assert result["fresh_start_words"] == 5 + 2 + 4
+    # hits: the (after </s>), cat, the (after "and") | are | the, home
+    assert result["fresh_start_top3"] == pytest.approx((3 + 1 + 2) / 11)
+    one = fresh_start_accuracy(bigram, zero, vocab, stream, max_sentences=1)
+    assert one == {"fresh_start_words": 5, "fresh_start_top3": 3 / 5}
+
+
 def test_metrics_can_be_recorded_in_another_artifacts_manifest(tmp_path: Path) -> None:
     import json
 

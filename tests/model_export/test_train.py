@@ -116,3 +116,52 @@ def test_held_out_text_is_measured_at_each_validation(corpus: Path, tmp_path: Pa
     # the tiny corpus holds these sentences: a model that learned them predicts them
     assert valid[-1]["text"]["top3"] > valid[0]["text"]["top3"]
     assert valid[-1]["text"]["top3"] > 0.3  # guessing among its ~25 words: ~0.12
+
+
+def test_fresh_rows_start_at_a_sentence_from_a_zero_state() -> None:
+    from model_export.model import RNNLM, ModelConfig
+    from model_export.train import with_fresh_rows
+
+    cfg = TrainConfig(batch_size=2, bptt=4, fresh_rows=3)
+    eos = 2
+    ids = torch.tensor([2, 5, 6, 2, 7, 8, 9, 2, 5, 5, 6, 7, 8, 9, 9, 9])
+    starts = (ids[: -cfg.bptt - 1] == eos).nonzero().flatten()
+    model = RNNLM(ModelConfig(10, "lstm", 4, 6, 1, 0.0))
+    x, y = torch.ones(2, 4, dtype=torch.long), torch.ones(2, 4, dtype=torch.long)
+    carried = (torch.ones(1, 2, 6), torch.ones(1, 2, 6))
+    bx, by, state = with_fresh_rows(model, ids, starts, cfg, x, y, carried)
+    assert bx.shape == by.shape == (5, 4)
+    assert torch.equal(bx[:2], x) and torch.equal(by[:2], y)
+    for row_x, row_y in zip(bx[2:], by[2:]):
+        assert row_x[0] == eos  # each fresh row opens at a sentence start
+        start = int(next(p for p in starts if torch.equal(ids[p : p + 4], row_x)))
+        assert torch.equal(row_y, ids[start + 1 : start + 5])  # its targets: the next tokens
+    for s in state:
+        assert s.shape == (1, 5, 6)
+        assert torch.equal(s[:, :2], torch.ones(1, 2, 6)) and not s[:, 2:].any()
+
+
+def test_a_run_with_fresh_rows_learns_and_resumes_where_it_stopped(
+    corpus: Path, tmp_path: Path, monkeypatch
+) -> None:
+    result = train(_config(corpus, tmp_path / "run", cell="gru", epochs=2, fresh_rows=4))
+    assert result["valid_ppl"] < 20
+    cfg = _config(corpus, tmp_path / "ref", max_steps=30, fresh_rows=4)
+    train(cfg)
+    reference = torch.load(tmp_path / "ref" / "last.pt", weights_only=False)["model"]
+    real_lr_at = train_module.lr_at
+
+    def interrupt_at_15(step, total, config):
+        if step == 15:
+            raise KeyboardInterrupt
+        return real_lr_at(step, total, config)
+
+    monkeypatch.setattr(train_module, "lr_at", interrupt_at_15)
+    with pytest.raises(KeyboardInterrupt):
+        train(_config(corpus, tmp_path / "cut", max_steps=30, fresh_rows=4))
+    monkeypatch.setattr(train_module, "lr_at", real_lr_at)
+    train(_config(corpus, tmp_path / "cut", max_steps=30, fresh_rows=4))
+    resumed = torch.load(tmp_path / "cut" / "last.pt", weights_only=False)
+    assert resumed["step"] == 30
+    for name, tensor in reference.items():
+        torch.testing.assert_close(resumed["model"][name], tensor, rtol=1e-5, atol=1e-6)
