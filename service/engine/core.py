@@ -281,12 +281,11 @@ class EngineCore:
         try:
             if scheduler is None:
                 raise UnknownModel(f"no model {request.model!r}; loaded: {sorted(self.models)}")
-            future = scheduler.submit(Step.from_request(request))
+            step = Step.from_request(request)
         except NextwordError as exc:
             reply(_failure(request_id, exc))
             return
         key = (origin, request_id)
-        self._pending[key] = future
         model = request.model
 
         def answer(done: asyncio.Future[StepResult]) -> None:
@@ -310,7 +309,10 @@ class EngineCore:
                 )
             )
 
-        future.add_done_callback(answer)
+        try:
+            self._pending[key] = scheduler.submit(step, answer)
+        except NextwordError as exc:
+            reply(_failure(request_id, exc))
 
     def _spawn(self, coroutine: Any, reply: Reply, request_id: int) -> None:
         async def run() -> None:

@@ -62,9 +62,10 @@ import logging
 import sys
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Protocol
 
 import numpy as np
@@ -125,7 +126,7 @@ class Adaptation:
         return cls(adapt.params_of(manifest), vocab.suggestible, vocab.unk_id)
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Step:
     """One request for a model: add `tokens` to a context and answer its top `k` words."""
 
@@ -175,7 +176,7 @@ class Step:
         )
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: a frozen dataclass's __init__ costs ~2x per row
 class StepResult:
     """The answer of a step: the best words (ids, best first) and the session written."""
 
@@ -191,7 +192,7 @@ class StepResult:
 StateRef = State | Slot
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Row:
     """A step during one batch: where it starts from, what it runs, what comes out."""
 
@@ -201,8 +202,9 @@ class _Row:
     previous: StateRef = ()  # the state before it
     last_token: int = -1
     context_tokens: int = 0
-    first: list[int] = field(default_factory=list)  # phase 1: tokens run for the new `previous`
-    second: list[int] = field(default_factory=list)  # phase 2: tokens whose output answers
+    # Set by `_plan` (empty tuples until then: no two lists made per row and batch).
+    first: Sequence[int] = ()  # phase 1: tokens run for the new `previous`
+    second: Sequence[int] = ()  # phase 2: tokens whose output answers
     planned: bool = False
     done: int = 0  # tokens of `first` run in earlier batches (a chunked step)
     first_from: StateRef = ()  # the state after first[:done]
@@ -414,8 +416,12 @@ class StepBatcher:
 
     # --- requests ----------------------------------------------------------------
 
-    def submit(self, step: Step) -> asyncio.Future[StepResult]:
-        """Queue a step; its future gets a `StepResult` or a `NextwordError`."""
+    def submit(
+        self, step: Step, done: Callable[[asyncio.Future[StepResult]], None] | None = None
+    ) -> asyncio.Future[StepResult]:
+        """Queue a step; its future gets a `StepResult` or a `NextwordError`, and `done` (if
+        given) is called with it once it is done (after the step left its client's share:
+        one callback per step, not two)."""
         if self._closing or self._task is None:
             raise Overloaded(f"model {self.name!r} is not taking steps (shutting down)")
         if self.queue_depth >= self.max_queue:
@@ -425,16 +431,23 @@ class StepBatcher:
             )
         client = step.client
         self.shares.admit(client, self.name)
-        step.future = asyncio.get_running_loop().create_future()
-        step.future.add_done_callback(
-            lambda done: self.shares.release(
-                client, not done.cancelled() and done.exception() is None
-            )
-        )
+        future = step.future = asyncio.get_running_loop().create_future()
+        future.add_done_callback(partial(self._left, client, done))
         # The depth gauge is sampled once per batch, not per step.
         (self._pending if step.session_id is not None else self._stateless).append(step)
         self._wake()
         return step.future
+
+    def _left(
+        self,
+        client: str,
+        then: Callable[[asyncio.Future[StepResult]], None] | None,
+        future: asyncio.Future[StepResult],
+    ) -> None:
+        """A step's future is done: it leaves its client's share; then the caller's callback."""
+        self.shares.release(client, not future.cancelled() and future.exception() is None)
+        if then is not None:
+            then(future)
 
     async def step(self, step: Step) -> StepResult:
         """Queue a step and wait for its result (cancelling the wait cancels the step)."""
@@ -1033,7 +1046,7 @@ class StepBatcher:
     def _run(
         self,
         group: list[_Row],
-        tokens: list[list[int]],
+        tokens: Sequence[Sequence[int]],
         states: list[StateRef],
         want_probs: bool,
         gather: np.ndarray | None = None,

@@ -286,13 +286,14 @@ def _shape(array: Any) -> tuple[int, ...]:
 def _rows_of(records: list[SessionRecord], models: list[int]) -> Rows:
     """Records of one pool shape (and their model ids) as the arrays `write_many` takes;
     their metadata's version and TTL stamp are left 0 for the caller to set."""
-    metas = np.array(
-        [
-            (model, r.tokens, r.created_at, r.last_used_at, 0, r.last_token, 0.0, r.adapt)
-            for r, model in zip(records, models)
-        ],
-        dtype=_META,
-    )
+    # Column by column: a structured array built from a list of tuples costs ~4x this.
+    metas = np.zeros(len(records), dtype=_META)
+    metas["model"] = models
+    metas["tokens"] = [r.tokens for r in records]
+    metas["created_at"] = [r.created_at for r in records]
+    metas["last_used_at"] = [r.last_used_at for r in records]
+    metas["last_token"] = [r.last_token for r in records]
+    metas["adapt"] = [r.adapt for r in records]
     shape = _shape_of(records[0])
     states = np.empty((len(records), *shape[:3]), dtype=np.float32)
     if shape[0]:
