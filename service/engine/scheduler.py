@@ -75,6 +75,7 @@ from service.arrays import stack_rows
 from service.contract.protocol import StepRequest
 from service.contract.tokenizer import normalize
 from service.engine import adapt
+from service.engine.batching import Bounds, Cost, take
 from service.engine.fairness import QueueShares
 from service.engine.pool import PoolExhausted, ResidentOutput, Slot, StatePool
 from service.engine.runtime import State, StepOutput, top_words
@@ -273,6 +274,11 @@ def _as_retry(step: Step) -> None:
     step.tokens, step.typed = [], []
     step.fresh = step.forget = False
     metrics.STEPS_RETRIED.inc()
+
+
+def _gone(step: Step) -> bool:
+    """Whether a queued step's future is done already (its client went away)."""
+    return step.future.done()
 
 
 def _resolve(future: asyncio.Future[Any], outcome: Any) -> bool:
@@ -524,74 +530,31 @@ class StepBatcher:
         self._session_long = 0
         self._wake(force=True)  # the sessions' queued steps can be taken now
 
-    def _cost(self, step: Step) -> tuple[int, bool]:
+    def _cost(self, step: Step) -> Cost:
         """The tokens `step` runs in its next batch, and whether it is a long (chunked) step."""
         row = step.row
         left = row.left if row is not None else max(1, len(step.tokens))
-        return min(left, self.prefill_chunk), row is not None or left > self.prefill_chunk
+        return Cost(min(left, self.prefill_chunk), row is not None or left > self.prefill_chunk)
 
     def _take(self, sessions: bool) -> list[Step]:
-        """Up to `max_batch` steps: sessions' first (when `sessions`: the lane is free), one
-        per session (later steps of a session wait, in order), then stateless ones.
-
-        In queue order, within the batch's token bounds: a step that does not fit waits
-        (and so do its session's later steps); a shorter one behind it may still be taken.
-        Long steps in progress are at the front of their lane."""
-        batch: list[Step] = []
-        held: list[Step] = []
-        taken: set[str] = set()
-        used = long_used = 0
-        # Chunks of long steps in flight stay within `max_prefill_tokens` (plus one chunk
-        # for a stateless batch taken while a session batch runs): a stateless batch runs
-        # after the session batch in flight, before the next.
+        """The next batch (`batching.take`): sessions' steps first when `sessions` (the lane
+        is free), one per session, then stateless ones, within the batch's bounds. Chunks
+        of long steps in flight stay within `max_prefill_tokens` (plus one chunk for a
+        stateless batch taken while a session batch runs: it runs after that batch, before
+        the next)."""
         long_cap = max(self.prefill_chunk, self.max_prefill_tokens - self._session_long)
-
-        def fits(step: Step) -> bool:
-            nonlocal used, long_used
-            cost, long = self._cost(step)
-            if used + cost > self.max_batch_tokens or (long and long_used + cost > long_cap):
-                return False
-            used += cost
-            long_used += cost if long else 0
-            return True
-
-        while (
-            sessions
-            and self._pending
-            and len(batch) < self.max_batch
-            and len(held) < self.max_batch
-            and used < self.max_batch_tokens
-        ):
-            step = self._pending.popleft()
-            if step.future.done():  # cancelled while queued
-                self._steps["cancelled"].inc()
-                continue
-            assert step.session_id is not None
-            if step.session_id in taken or not fits(step):
-                taken.add(step.session_id)  # its later steps wait behind it
-                held.append(step)
-                continue
-            taken.add(step.session_id)
-            batch.append(step)
-        self._pending.extendleft(reversed(held))
-        held = []
-        while (
-            self._stateless
-            and len(batch) < self.max_batch
-            and len(held) < self.max_batch
-            and used < self.max_batch_tokens
-        ):
-            step = self._stateless.popleft()
-            if step.future.done():
-                self._steps["cancelled"].inc()
-                continue
-            if not fits(step):
-                held.append(step)
-                continue
-            batch.append(step)
-        self._stateless.extendleft(reversed(held))
-        self._long_taken = long_used
-        return batch
+        taken = take(
+            self._pending,
+            self._stateless,
+            Bounds(self.max_batch, self.max_batch_tokens, long_cap),
+            self._cost,
+            _gone,
+            sessions,
+        )
+        if taken.dropped:
+            self._steps["cancelled"].inc(taken.dropped)
+        self._long_taken = taken.long_tokens
+        return taken.steps
 
     def _fail(self, steps: list[Step], error: NextwordError) -> None:
         failed = sum(_resolve(step.future, error) for step in steps)
