@@ -30,7 +30,8 @@ from service.contract.protocol import (
 from service.engine import adapt
 from service.engine.pool import StatePool, device_free_bytes, pool_rows, row_bytes
 from service.engine.runtime import CUDA, OrtModel, choose_providers
-from service.engine.scheduler import Adaptation, Step, StepBatcher, StepResult
+from service.engine.scheduler import Adaptation, StepBatcher
+from service.engine.steps import Step, StepResult
 from service.errors import NextwordError, StepFailed, UnknownModel
 from service.store import SessionStore, open_store
 

@@ -33,7 +33,7 @@ grouped by length: one run per distinct length and phase.
 Long steps run in chunks (chunked prefill). A step with more than `prefill_chunk` tokens
 to run takes several batches: each batch runs the next `prefill_chunk` of its first
 tokens (one chunk per batch, interleaved with other steps), and the batch that runs the
-rest answers it. What it has run so far stays in the step (its `_Row`: the record read
+rest answers it. What it has run so far stays in the step (its `StepRun`: the record read
 when it started, the state after the tokens run): a session's store record is read in
 the step's first batch and written once, in its last, with the compare-and-set on the
 version read at the start, so a step is applied whole or not at all; a conflict retries
@@ -64,7 +64,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, Protocol
 
@@ -72,15 +72,14 @@ import numpy as np
 
 from service import metrics
 from service.arrays import stack_rows
-from service.contract.protocol import StepRequest
 from service.contract.tokenizer import normalize
 from service.engine import adapt
 from service.engine.batching import Bounds, Cost, take
 from service.engine.fairness import QueueShares
 from service.engine.pool import PoolExhausted, ResidentOutput, Slot, StatePool
 from service.engine.runtime import State, StepOutput, top_words
+from service.engine.steps import StateRef, Step, StepResult, StepRun, as_retry
 from service.errors import (
-    BadInput,
     Contended,
     NextwordError,
     Overloaded,
@@ -127,108 +126,6 @@ class Adaptation:
         return cls(adapt.params_of(manifest), vocab.suggestible, vocab.unk_id)
 
 
-@dataclass(eq=False, slots=True)
-class Step:
-    """One request for a model: add `tokens` to a context and answer its top `k` words."""
-
-    tokens: list[int]  # ids of the text's tokens (may be empty)
-    session_id: str | None = None  # None: a stateless context (predict)
-    fresh: bool = False  # start the session's context afresh (reset)
-    create: bool = False  # a new session: it must not exist yet
-    k: int = 5
-    prefix_ids: np.ndarray | None = None  # sorted ids of the words matching a prefix
-    owner: str = ""  # a new session's quota owner (`SessionRecord.owner`)
-    adapt: bool | None = None  # use the writer's words (None: the session's default)
-    typed: list[str] = field(default_factory=list)  # typed forms of the `<unk>` tokens
-    prefix: str = ""  # the prefix as typed (normalized where it is matched to typed words)
-    forget: bool = False  # forget the writer's words first
-    client: str = ""  # whose share of the queue it takes (service.engine.fairness)
-    step_id: str = ""  # its id: the session's last step's id again means a retry
-    prefix_slips: np.ndarray | None = None  # per prefix id: its slip likelihood (ranks by p x it)
-    future: asyncio.Future[StepResult] = field(init=False, repr=False)
-    attempts: int = field(default=0, repr=False)
-    # A long step between its batches: what it has run so far (None: not started).
-    row: _Row | None = field(default=None, init=False, repr=False)
-
-    @classmethod
-    def from_request(cls, request: StepRequest) -> Step:
-        """The step a wire request asks for (the one place its fields are read)."""
-        ids = None if request.prefix_ids is None else np.frombuffer(request.prefix_ids, np.int64)
-        slips = None
-        if request.prefix_slips is not None:
-            slips = np.frombuffer(request.prefix_slips, dtype=np.float32)
-            if ids is None or len(slips) != len(ids):
-                raise BadInput("prefix_slips must give one likelihood per prefix id")
-        return cls(
-            request.tokens,
-            session_id=request.session_id,
-            fresh=request.fresh,
-            create=request.create,
-            k=request.k,
-            prefix_ids=ids,
-            owner=request.owner,
-            adapt=request.adapt,
-            typed=request.typed,
-            prefix=request.prefix,
-            forget=request.forget,
-            client=request.client,
-            step_id=request.step_id,
-            prefix_slips=slips,
-        )
-
-
-@dataclass(slots=True)  # not frozen: a frozen dataclass's __init__ costs ~2x per row
-class StepResult:
-    """The answer of a step: the best words (ids, best first) and the session written."""
-
-    ids: np.ndarray
-    probs: np.ndarray
-    tokens: int  # tokens in the context now
-    record: SessionRecord | None  # None for a stateless step
-    words: tuple[str, ...] = ()  # the typed words an id >= V refers to (V + j: words[j])
-    last_token: int = -1  # the context's last token (the end-of-sentence id at its start)
-
-
-# A state during a batch: host arrays (each (L, H)), or a pool row with a resident runner.
-StateRef = State | Slot
-
-
-@dataclass(eq=False, slots=True)
-class _Row:
-    """A step during one batch: where it starts from, what it runs, what comes out."""
-
-    step: Step
-    record: SessionRecord | None
-    current: StateRef = ()  # the state after the context's last token
-    previous: StateRef = ()  # the state before it
-    last_token: int = -1
-    context_tokens: int = 0
-    # Set by `_plan` (empty tuples until then: no two lists made per row and batch).
-    first: Sequence[int] = ()  # phase 1: tokens run for the new `previous`
-    second: Sequence[int] = ()  # phase 2: tokens whose output answers
-    planned: bool = False
-    done: int = 0  # tokens of `first` run in earlier batches (a chunked step)
-    first_from: StateRef = ()  # the state after first[:done]
-    piece: int = 0  # tokens of `first` this batch runs
-    final: bool = False  # this batch runs the rest of the step and answers it
-    second_from: StateRef = ()
-    output: StepOutput | None = None
-    output_row: int = 0
-    result: StepResult | None = None
-    # Adaptation: the writer's words as counted so far (all of the step's after its last
-    # batch), and whether the answer mixes them in.
-    memory: WordMemory | None = None
-    counted: int = 0  # the step's tokens counted into `memory` so far
-    typed_used: int = 0  # ... and of its typed words
-    mixed: bool = False
-    answer: tuple[np.ndarray, np.ndarray] | None = None  # (ids, probs), best first
-
-    @property
-    def left(self) -> int:
-        """Tokens still to run (once planned)."""
-        return len(self.first) - self.done + len(self.second)
-
-
 def _stack(states: list[State]) -> State:
     """Per-row states (each (L, H)) -> batch state (each (L, B, H))."""
     return tuple(np.stack([s[i] for s in states], axis=1) for i in range(len(states[0])))
@@ -250,7 +147,7 @@ def _to_host(records: list[SessionRecord]) -> list[SessionRecord]:
     return out
 
 
-def _brought_back(row: _Row) -> bool:
+def _brought_back(row: StepRun) -> bool:
     """Whether a batch starts `row` from host states (a session spilled to host memory, or
     read from a store that serializes states) that a resident runner uploads first."""
     record, step = row.record, row.step
@@ -265,15 +162,6 @@ def _brought_back(row: _Row) -> bool:
 def _slots(output: StepOutput) -> tuple[Slot, ...]:
     """A resident run's new states (a pool row per batch row); () from a copied run."""
     return output.slots if isinstance(output, ResidentOutput) else ()
-
-
-def _as_retry(step: Step) -> None:
-    """A step whose id is its session's last step's: it was applied (its answer was lost, or
-    its outcome unknown to its client). It runs as a step of no new words (the answer the
-    first one had, for the same `k` and prefix), so the session's context is unchanged."""
-    step.tokens, step.typed = [], []
-    step.fresh = step.forget = False
-    metrics.STEPS_RETRIED.inc()
 
 
 def _gone(step: Step) -> bool:
@@ -594,7 +482,7 @@ class StepBatcher:
             self._fail(batch, StoreUnavailable("the session store answered a different count"))
             return
         found = dict(zip((id(s) for s in reads), records))
-        rows: list[_Row] = []
+        rows: list[StepRun] = []
         for step in batch:
             if step.future.done():  # cancelled during the read
                 continue
@@ -604,27 +492,27 @@ class StepBatcher:
             record = found.get(id(step))
             if id(step) in found:
                 if step.step_id and record is not None and record.last_step == step.step_id:
-                    _as_retry(step)
+                    as_retry(step)
                 problem = self._problem(step, record)
                 if problem is not None:
                     self._fail([step], problem)
                     continue
-            rows.append(_Row(step, record))
+            rows.append(StepRun(step, record))
         if rows and await self._compute_rows(rows):
             await self._write(self._carry_on(rows))
 
     async def _answer(self, steps: list[Step]) -> None:
         """Run and answer stateless steps on their own."""
-        rows = [step.row or _Row(step, None) for step in steps if not step.future.done()]
+        rows = [step.row or StepRun(step, None) for step in steps if not step.future.done()]
         if rows and await self._compute_rows(rows):
             done = self._carry_on(rows)
             self._steps["ok"].inc(sum(_resolve(r.step.future, r.result) for r in done))
 
-    def _carry_on(self, rows: list[_Row]) -> list[_Row]:
+    def _carry_on(self, rows: list[StepRun]) -> list[StepRun]:
         """After a batch's runs: the rows answered now; long steps with tokens left go back
         to the front of their lane (in order), carrying what they have run."""
-        done: list[_Row] = []
-        going: list[_Row] = []
+        done: list[StepRun] = []
+        going: list[StepRun] = []
         for row in rows:
             if row.step.future.done():  # cancelled during the run: dropped, never written
                 self._steps["cancelled"].inc()  # a long step stops here, chunks left unrun
@@ -640,7 +528,7 @@ class StepBatcher:
             self._wake()
         return done
 
-    async def _compute_rows(self, rows: list[_Row]) -> bool:
+    async def _compute_rows(self, rows: list[StepRun]) -> bool:
         """Make the rows' runs in the executor; False (the rows failed) if a run failed."""
         self._batch_size.observe(len(rows))
         loop = asyncio.get_running_loop()
@@ -667,7 +555,7 @@ class StepBatcher:
         self._batch_seconds.observe(time.perf_counter() - started)
         return True
 
-    async def _make_room(self, rows: list[_Row]) -> int:
+    async def _make_room(self, rows: list[StepRun]) -> int:
         """Reserve the pool rows a batch takes (two per step for its states brought back
         from host memory, one per run), the store spilling its least recently used
         sessions to host memory when too few are free; returns the rows reserved (the
@@ -716,7 +604,7 @@ class StepBatcher:
             return StepFailed("this session store cannot answer a step without new words")
         return None
 
-    async def _write(self, rows: list[_Row]) -> None:
+    async def _write(self, rows: list[StepRun]) -> None:
         """One compare-and-set write of the batch's sessions; answer, or retry conflicts.
 
         Stateless rows are answered first: they never wait for the store."""
@@ -773,7 +661,7 @@ class StepBatcher:
 
     # --- the runs (in the executor thread) -----------------------------------------
 
-    def _compute(self, rows: list[_Row]) -> None:
+    def _compute(self, rows: list[StepRun]) -> None:
         """Plan each row, make the runs (grouped by length), then build the results.
 
         A row runs the next chunk of its first tokens, or (its last batch) the rest of
@@ -827,7 +715,7 @@ class StepBatcher:
             row.result = self._result(row)
 
     @staticmethod
-    def _upload(rows: list[_Row], pool: StatePool) -> None:
+    def _upload(rows: list[StepRun], pool: StatePool) -> None:
         """Bring the host states of the records a batch starts from (sessions spilled to host
         memory, or read from a store that serializes states) into pool rows, at once."""
         records = [row.record for row in rows if row.record is not None and _brought_back(row)]
@@ -843,7 +731,7 @@ class StepBatcher:
             if row.record is not None and id(row.record) in uploaded:
                 row.record = uploaded[id(row.record)]
 
-    def _remember(self, rows: list[_Row], adaptation: Adaptation) -> None:
+    def _remember(self, rows: list[StepRun], adaptation: Adaptation) -> None:
         """Count the words each row runs in this batch into its memory (one vectorised
         update for the batch), and decide which of the answers given now mix it in.
 
@@ -915,7 +803,7 @@ class StepBatcher:
             return self.adapt_default if step.adapt is None else step.adapt
         return record.adapt
 
-    def _caches(self, group: list[_Row]) -> tuple[np.ndarray, np.ndarray]:
+    def _caches(self, group: list[StepRun]) -> tuple[np.ndarray, np.ndarray]:
         """The (keys, weights) a run's rows mix in, (B, C) each: their memories, and an
         empty cache for the rows that do not mix."""
         adaptation = self.adaptation
@@ -927,7 +815,7 @@ class StepBatcher:
         return keys, weights
 
     def _answer_mixed(
-        self, group: list[_Row], output: StepOutput, caches: tuple[np.ndarray, np.ndarray]
+        self, group: list[StepRun], output: StepOutput, caches: tuple[np.ndarray, np.ndarray]
     ) -> None:
         """The answers of a run's rows with the writer's words mixed in from `caches`
         (`_caches`; rows that do not mix get the model's own, as `top_words` gives them)."""
@@ -972,7 +860,7 @@ class StepBatcher:
                 n = min(row.step.k, shown[i])
                 row.answer = ids[i, :n], probs[i, :n]
 
-    def _plan(self, row: _Row) -> None:
+    def _plan(self, row: StepRun) -> None:
         step, record = row.step, row.record
         tokens = step.tokens
         row.planned = True
@@ -1000,15 +888,15 @@ class StepBatcher:
         row.second = tokens[-1:]
 
     @staticmethod
-    def _by_length(rows: list[_Row], length: Callable[[_Row], int]) -> list[list[_Row]]:
-        groups: dict[int, list[_Row]] = {}
+    def _by_length(rows: list[StepRun], length: Callable[[StepRun], int]) -> list[list[StepRun]]:
+        groups: dict[int, list[StepRun]] = {}
         for row in rows:
             groups.setdefault(length(row), []).append(row)
         return list(groups.values())
 
     def _run(
         self,
-        group: list[_Row],
+        group: list[StepRun],
         tokens: Sequence[Sequence[int]],
         states: list[StateRef],
         want_probs: bool,
@@ -1032,7 +920,7 @@ class StepBatcher:
             raise RuntimeError(f"the model answered {len(output)} rows for a batch of {len(group)}")
         return output
 
-    def _result(self, row: _Row) -> StepResult:
+    def _result(self, row: StepRun) -> StepResult:
         step = row.step
         output, index = (row.output, row.output_row) if row.output else (self.runner.start, 0)
         if row.answer is not None:
