@@ -711,8 +711,9 @@ class StepBatcher:
                 row.output, row.output_row = output, i
             if caches is not None:
                 self._answer_mixed(group, output, caches)
+        now = self.clock()
         for row in final:
-            row.result = self._result(row)
+            row.result = self._result(row, now)
 
     @staticmethod
     def _upload(rows: list[StepRun], pool: StatePool) -> None:
@@ -920,11 +921,14 @@ class StepBatcher:
             raise RuntimeError(f"the model answered {len(output)} rows for a batch of {len(group)}")
         return output
 
-    def _result(self, row: StepRun) -> StepResult:
+    def _result(self, row: StepRun, now: float) -> StepResult:
+        """A final row's answer, and the record it writes (at `now`, once per batch)."""
         step = row.step
         output, index = (row.output, row.output_row) if row.output else (self.runner.start, 0)
         if row.answer is not None:
             ids, probs = row.answer
+        elif step.prefix_ids is None:  # the common case, as `top_words` answers it
+            ids, probs = output.topk_ids[index, : step.k], output.topk_probs[index, : step.k]
         else:
             ids, probs = top_words(output, index, step.k, step.prefix_ids, step.prefix_slips)
         tokens = row.context_tokens + len(step.tokens)
@@ -944,7 +948,6 @@ class StepBatcher:
             last = step.tokens[-1]
         else:
             current, previous, last = row.current, row.previous, row.last_token
-        now = self.clock()
         old = row.record
         resident = None
         state: State = ()
@@ -954,19 +957,21 @@ class StepBatcher:
         else:
             assert not isinstance(previous, Slot)
             state = (*current, *previous)
-        record = SessionRecord(
-            session_id=step.session_id,
-            model=self.name,
-            state=state,
-            resident=resident,
-            tokens=tokens,
-            created_at=now if old is None or step.create else old.created_at,
-            last_used_at=now,
-            version=0 if old is None else old.version,
-            last_token=last,
-            owner=step.owner if old is None or step.create else old.owner,
-            memory=row.memory,
-            adapt=self._session_adapt(step, old),
-            last_step=step.step_id,
+        anew = old is None or step.create
+        record = SessionRecord(  # by position: session_id, model, state, tokens, created_at,
+            # last_used_at, version, last_token, owner, memory, adapt, last_step, resident
+            step.session_id,
+            self.name,
+            state,
+            tokens,
+            now if anew else old.created_at,  # type: ignore[union-attr]
+            now,
+            0 if old is None else old.version,
+            last,
+            step.owner if anew else old.owner,  # type: ignore[union-attr]
+            row.memory,
+            self._session_adapt(step, old),
+            step.step_id,
+            resident,
         )
         return StepResult(ids, probs, tokens, record, words, last_token)

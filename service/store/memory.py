@@ -610,13 +610,14 @@ class MemorySessionStore:
             row = self._pools[pool_id].alloc()
         else:
             row = handle >> _POOL_BITS
+        # The side tables are empty for most services: no lookup then.
         if record.memory is not None and record.memory.words:
             self._words[record.session_id] = record.memory.words
-        else:
+        elif self._words:
             self._words.pop(record.session_id, None)
         if record.last_step:
             self._last_steps[record.session_id] = record.last_step
-        else:
+        elif self._last_steps:
             self._last_steps.pop(record.session_id, None)
         if record.resident is not None:
             self._resident[record.session_id] = record.resident
@@ -627,7 +628,7 @@ class MemorySessionStore:
         self._index.move_to_end(record.session_id)
         # A session keeps the owner it was first written with; every write moves it to the
         # end of that owner's order, whatever owner the record names.
-        owner = self._owner_of.get(record.session_id)
+        owner = self._owner_of.get(record.session_id) if self._owner_of else None
         if owner is None and self.owner_cap > 0 and record.owner:
             owner = self._owner_of[record.session_id] = record.owner
         if owner is not None:
