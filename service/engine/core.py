@@ -28,9 +28,10 @@ from service.contract.protocol import (
     StepRequest,
 )
 from service.engine import adapt
+from service.engine.adapt_hooks import Adaptation
 from service.engine.pool import StatePool, device_free_bytes, pool_rows, row_bytes
 from service.engine.runtime import CUDA, OrtModel, choose_providers
-from service.engine.scheduler import Adaptation, StepBatcher
+from service.engine.scheduler import StepBatcher
 from service.engine.steps import Step, StepResult
 from service.errors import NextwordError, StepFailed, UnknownModel
 from service.store import SessionStore, open_store

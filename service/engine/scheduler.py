@@ -64,16 +64,13 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from functools import partial
 from typing import Any, Protocol
 
 import numpy as np
 
 from service import metrics
-from service.arrays import stack_rows
-from service.contract.tokenizer import normalize
-from service.engine import adapt
+from service.engine.adapt_hooks import Adaptation
 from service.engine.batching import Bounds, Cost, take
 from service.engine.fairness import QueueShares
 from service.engine.pool import PoolExhausted, ResidentOutput, Slot, StatePool
@@ -89,7 +86,6 @@ from service.errors import (
     UnknownSession,
 )
 from service.store import SessionRecord, SessionStore
-from service.store.base import WordMemory
 
 log = logging.getLogger(__name__)
 
@@ -104,26 +100,6 @@ class StepRunner(Protocol):
     def run(self, tokens: np.ndarray, state: State, want_probs: bool = False) -> StepOutput:
         """Run `tokens` (B, T) from `state` (each (L, B, H))."""
         ...
-
-
-@dataclass(frozen=True)
-class Adaptation:
-    """What the scheduler needs to adapt a model's answers to the writer (`adapt`)."""
-
-    params: adapt.AdaptParams
-    suggestible: np.ndarray  # (V,) bool: the words the cache may remember and suggest
-    unk_id: int
-
-    @classmethod
-    def of(cls, runner: Any) -> Adaptation | None:
-        """A model's adaptation (its vocabulary and its tuned parameters), None without a
-        vocabulary (a fake runner)."""
-        vocab = getattr(runner, "vocab", None)
-        artifact = getattr(runner, "artifact", None)
-        if vocab is None:
-            return None
-        manifest = artifact.manifest if artifact is not None else {}
-        return cls(adapt.params_of(manifest), vocab.suggestible, vocab.unk_id)
 
 
 def _stack(states: list[State]) -> State:
@@ -675,7 +651,14 @@ class StepBatcher:
             row.final = row.left <= chunk
             row.piece = len(row.first) - row.done if row.final else chunk
         if self.adaptation is not None:
-            self._remember(rows, self.adaptation)
+            live = self.adaptation.count(rows)
+            for row, holds in zip(rows, live):
+                use = (
+                    self._session_adapt(row.step, row.record)
+                    if row.step.adapt is None
+                    else row.step.adapt
+                )
+                row.mixed = row.final and use and holds and bool(row.second)
         first = [r for r in rows if r.piece]
         for group in self._by_length(first, lambda r: r.piece):
             output = self._run(
@@ -694,23 +677,24 @@ class StepBatcher:
         second = [r for r in final if r.second]
         for group in self._by_length(second, lambda r: len(r.second)):
             prefixed = [i for i, r in enumerate(group) if r.step.prefix_ids is not None]
-            caches = self._caches(group) if any(r.mixed for r in group) else None
+            mixing = None if self.adaptation is None else self.adaptation.prepare(group)
             tokens, states = [r.second for r in group], [r.second_from for r in group]
             if self.pool is not None:
                 # Only what the answers need comes out of the device: the model's
                 # probabilities at the memories' words, and the distributions of the rows
                 # completing a prefix.
                 gather = None
-                if caches is not None:
+                if mixing is not None:
                     assert self.adaptation is not None
-                    gather = adapt.gather_ids(caches[0], self._vocab_size, self.adaptation.unk_id)
+                    gather = self.adaptation.gather_ids(mixing)
                 output = self._run(group, tokens, states, False, gather, prefixed)
             else:
-                output = self._run(group, tokens, states, bool(prefixed) or caches is not None)
+                output = self._run(group, tokens, states, bool(prefixed) or mixing is not None)
             for i, row in enumerate(group):
                 row.output, row.output_row = output, i
-            if caches is not None:
-                self._answer_mixed(group, output, caches)
+            if mixing is not None:
+                assert self.adaptation is not None
+                self.adaptation.answer(group, output, mixing)
         now = self.clock()
         for row in final:
             row.result = self._result(row, now)
@@ -732,134 +716,11 @@ class StepBatcher:
             if row.record is not None and id(row.record) in uploaded:
                 row.record = uploaded[id(row.record)]
 
-    def _remember(self, rows: list[StepRun], adaptation: Adaptation) -> None:
-        """Count the words each row runs in this batch into its memory (one vectorised
-        update for the batch), and decide which of the answers given now mix it in.
-
-        A long step counts its words chunk by chunk, as its tokens run: the update goes
-        token by token, so counting in pieces gives the same memory as counting at once,
-        and no batch counts more than a chunk of anyone's words beyond its own short ones."""
-        params = adaptation.params
-        spans = []
-        for row in rows:
-            step, record = row.step, row.record
-            if row.memory is None:  # the step's first batch: the memory it starts from
-                starts_afresh = record is None or step.create or step.fresh or step.forget
-                old = None if starts_afresh else record.memory  # type: ignore[union-attr]
-                if old is not None and old.capacity == params.capacity:
-                    row.memory = old
-                else:
-                    row.memory = WordMemory.empty(params.capacity)
-            spans.append((row.counted, len(step.tokens) if row.final else row.done + row.piece))
-        memories = [row.memory for row in rows]
-        keys = stack_rows([m.keys for m in memories])  # type: ignore[union-attr]
-        weights = stack_rows([m.weights for m in memories])  # type: ignore[union-attr]
-        words = [m.words for m in memories]  # type: ignore[union-attr]
-        lengths = np.array([max(0, end - start) for start, end in spans], dtype=np.int64)
-        if lengths.any():
-            # Every row's new tokens as one array: the common step is one word a row.
-            flat = [t for row, (a, b) in zip(rows, spans) for t in row.step.tokens[a:b]]
-            ids = np.array(flat, dtype=np.int64)
-            remembered = np.where(adaptation.suggestible[ids], ids, adapt.EMPTY)
-            if adaptation.unk_id in flat:  # typed words outside the vocabulary
-                offsets = np.concatenate([[0], np.cumsum(lengths)])
-                for i, row in enumerate(rows):
-                    piece = ids[offsets[i] : offsets[i + 1]]
-                    unknown = np.flatnonzero(piece == adaptation.unk_id)
-                    typed = row.step.typed[row.typed_used : row.typed_used + len(unknown)]
-                    row.typed_used += len(unknown)
-                    if typed:
-                        table = list(words[i])
-                        remembered[offsets[i] + unknown[: len(typed)]] = adapt.oov_keys(
-                            table, typed, self._vocab_size, keys[i], weights[i], params
-                        )
-                        words[i] = tuple(table)
-            new = np.full((len(rows), int(lengths.max())), adapt.EMPTY, dtype=np.int32)
-            raw = np.full(new.shape, adapt.EMPTY, dtype=np.int64)
-            row_of = np.repeat(np.arange(len(rows)), lengths)
-            column = np.arange(len(ids)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-            new[row_of, column] = remembered
-            raw[row_of, column] = ids
-            # The token before each row's first new one (its bigram's first word).
-            before = np.array(
-                [r.step.tokens[a - 1] if a else r.last_token for r, (a, _) in zip(rows, spans)],
-                dtype=np.int64,
-            )
-            adapt.update(keys, weights, new, lengths, params, self._vocab_size, raw, before)
-        live = adapt.live(keys, weights, self._vocab_size, params).tolist()
-        for i, (row, (_, end)) in enumerate(zip(rows, spans)):
-            row.counted = max(row.counted, end)
-            # Views of this batch's arrays: the store copies what it keeps.
-            row.memory = WordMemory(keys[i], weights[i], words[i])
-            use = (
-                self._session_adapt(row.step, row.record)
-                if row.step.adapt is None
-                else row.step.adapt
-            )
-            row.mixed = row.final and use and live[i] and bool(row.second)
-
     def _session_adapt(self, step: Step, record: SessionRecord | None) -> bool:
         """A session's default for `adapt`: set when it is created, kept after."""
         if record is None or step.create:
             return self.adapt_default if step.adapt is None else step.adapt
         return record.adapt
-
-    def _caches(self, group: list[StepRun]) -> tuple[np.ndarray, np.ndarray]:
-        """The (keys, weights) a run's rows mix in, (B, C) each: their memories, and an
-        empty cache for the rows that do not mix."""
-        adaptation = self.adaptation
-        assert adaptation is not None
-        none, nothing = adapt.empty_cache(1, adaptation.params.capacity)
-        memories = [r.memory if r.mixed and r.memory is not None else None for r in group]
-        keys = stack_rows([none[0] if m is None else m.keys for m in memories])
-        weights = stack_rows([nothing[0] if m is None else m.weights for m in memories])
-        return keys, weights
-
-    def _answer_mixed(
-        self, group: list[StepRun], output: StepOutput, caches: tuple[np.ndarray, np.ndarray]
-    ) -> None:
-        """The answers of a run's rows with the writer's words mixed in from `caches`
-        (`_caches`; rows that do not mix get the model's own, as `top_words` gives them)."""
-        adaptation = self.adaptation
-        assert adaptation is not None and (output.probs is not None or output.probs_at is not None)
-        keys, weights = caches
-        # Rows that do not mix are answered by `top_words` (exactly as alone): here they
-        # take the cheap path (no memory, no prefix).
-        candidates: list[np.ndarray | None] = [
-            r.step.prefix_ids if r.mixed else None for r in group
-        ]
-        matches: list[np.ndarray | None] = [None] * len(group)
-        for i, row in enumerate(group):
-            memory = row.memory
-            if row.mixed and row.step.prefix_ids is not None and memory and memory.words:
-                prefix = normalize(row.step.prefix)
-                matches[i] = np.array([normalize(w).startswith(prefix) for w in memory.words])
-        # At most the graph's top K (a model exported with a smaller `max_k` than asked
-        # for answers fewer words, as `top_words` does).
-        k = min(max(r.step.k for r in group), output.topk_ids.shape[1])
-        ids, probs = adapt.top_k(
-            keys,
-            weights,
-            output.probs,
-            output.topk_ids,
-            output.topk_probs,
-            adaptation.unk_id,
-            adaptation.suggestible,
-            k,
-            adaptation.params.lam,
-            candidates,
-            matches,
-            output.probs_at,
-            output.probs_index,
-            adaptation.params,
-            np.array([r.step.tokens[-1] if r.step.tokens else r.last_token for r in group]),
-            [r.step.prefix_slips if r.mixed else None for r in group],
-        )
-        shown = (ids >= 0).sum(1).tolist()  # padding (-1) only ever ends a row
-        for i, row in enumerate(group):
-            if row.mixed:
-                n = min(row.step.k, shown[i])
-                row.answer = ids[i, :n], probs[i, :n]
 
     def _plan(self, row: StepRun) -> None:
         step, record = row.step, row.record
