@@ -9,8 +9,8 @@ The rules, in queue order:
 - The sessions' lane first (only when `sessions`: no session batch is in flight), then the
   stateless lane, up to `max_batch` steps.
 - One step per session: a session's later steps wait behind its first, in order.
-- A batch runs at most `max_tokens` tokens (a step counts the tokens it runs in this batch,
-  `Cost.tokens`), of which the chunks of long steps take at most `long_cap`.
+- A batch runs at most `max_tokens` tokens (a step counts the tokens it runs in this batch:
+  its `Cost`), of which the chunks of long steps take at most `long_cap`.
 - A step that does not fit waits, and so do its session's later steps; a shorter step
   behind it may still be taken (the bounds are not a barrier). Every step fits an empty
   batch (the caller keeps `max_tokens` and `long_cap` at least one chunk).
@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Generic, NamedTuple, Protocol, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 
 class Queued(Protocol):
@@ -37,11 +37,10 @@ class Queued(Protocol):
 StepT = TypeVar("StepT", bound=Queued)
 
 
-class Cost(NamedTuple):
-    """What a step costs the batch that takes it."""
-
-    tokens: int  # tokens it runs in this batch (at least 1)
-    long: bool  # a chunk of a long (chunked) step: counts against `long_cap`
+# What a step costs the batch that takes it: the tokens it runs in this batch (at least 1),
+# and whether they are a chunk of a long (chunked) step, counted against `long_cap`. A plain
+# tuple: one is made per step and batch.
+Cost = tuple[int, bool]
 
 
 @dataclass(frozen=True)

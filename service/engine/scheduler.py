@@ -398,7 +398,7 @@ class StepBatcher:
         """The tokens `step` runs in its next batch, and whether it is a long (chunked) step."""
         row = step.row
         left = row.left if row is not None else max(1, len(step.tokens))
-        return Cost(min(left, self.prefill_chunk), row is not None or left > self.prefill_chunk)
+        return min(left, self.prefill_chunk), row is not None or left > self.prefill_chunk
 
     def _take(self, sessions: bool) -> list[Step]:
         """The next batch (`batching.take`): sessions' steps first when `sessions` (the lane

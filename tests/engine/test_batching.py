@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from service.engine.batching import Bounds, Cost, Taken, take
+from service.engine.batching import Bounds, Taken, take
 
 
 @dataclass(eq=False)
@@ -33,7 +33,7 @@ def run(
         lane,
         free,
         Bounds(max_batch, max_tokens, long_cap),
-        lambda s: Cost(s.tokens, s.long),
+        lambda s: (s.tokens, s.long),
         lambda s: s.gone,
         sessions,
     )
