@@ -11,6 +11,14 @@ figure again with `NEXTWORD_STATE_POOL=false` (states copied into and out of eve
 instead of kept in the model's pool), measured right after it.
 
     python -m benchmarks.bench_core --json benchmarks/results/core.json
+
+`--compare DIR` measures another checkout (DIR: e.g. `git worktree add --detach /tmp/base
+main`) against this one instead, alternated round by round in fresh processes (each
+figure a process of its own, old and new taking turns, so that a shared machine's load
+falls on both), with adaptation on and off (`NEXTWORD_ADAPT_MEMORY`), in process and over
+ZeroMQ, on the near-free model:
+
+    python -m benchmarks.bench_core --compare /tmp/base --sessions 256 --seconds 3 --rounds 3
 """
 
 from __future__ import annotations
@@ -18,6 +26,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import multiprocessing
+import os
+import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -114,6 +126,76 @@ async def over_zmq(models: Path, model: str, sessions: int, seconds: float, thre
             engine.join(30)
 
 
+# Run in a checkout's own directory: its `benchmarks.bench_core` and `service` (the old
+# code's functions take the same arguments). Prints the steps/s as the last line.
+_ONE = """
+import asyncio, sys
+from pathlib import Path
+from benchmarks import bench_core
+models, mode, sessions, seconds = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+if mode == "zmq":
+    rate = asyncio.run(bench_core.over_zmq(models, "lstm", sessions, seconds, 0))
+elif mode == "cpu":  # in process, per CPU second of this process (all its threads)
+    import time, types
+    bench_core.time = types.SimpleNamespace(perf_counter=time.process_time)
+    rate = asyncio.run(bench_core.in_process(models, "lstm", sessions, seconds, 0))
+else:
+    rate = asyncio.run(bench_core.in_process(models, "lstm", sessions, seconds, 0))
+print(rate)
+"""
+
+
+PATHS = {
+    "in_process": "in process",
+    # The same, timed by the process's CPU time (the engine's threads and ORT's): what a
+    # step costs, less sensitive than the wall clock to other work on a shared machine.
+    "cpu": "in process, per CPU second",
+    "zmq": "over ZeroMQ",
+}
+
+
+def measure_in(checkout: Path, models: Path, mode: str, sessions: int, seconds: float,
+               adapt: bool) -> float:  # fmt: skip
+    """Steps/s of one figure, measured by `checkout`'s code in a process of its own."""
+    env = {**os.environ, "PYTHONPATH": str(checkout), "NEXTWORD_ADAPT_MEMORY": str(adapt)}
+    done = subprocess.run(
+        [sys.executable, "-c", _ONE, str(models), mode, str(sessions), str(seconds)],
+        cwd=checkout, env=env, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if done.returncode != 0:
+        raise RuntimeError(f"{checkout}: {mode} failed:\n{done.stderr[-2000:]}")
+    return float(done.stdout.strip().splitlines()[-1])
+
+
+def compare(old: Path, sessions: int, seconds: float, rounds: int) -> list[str]:
+    """Old and new code alternated: the table's lines (median steps/s of `rounds` each)."""
+    from benchmarks.lib.models import tiny_models
+
+    new = Path(__file__).resolve().parent.parent
+    lines = [
+        f"old: {old}; new: {new}; near-free model (hidden 32), {sessions} sessions, "
+        f"{seconds:g} s a figure, {rounds} rounds alternated (median)",
+        "",
+        "| path | adaptation | old steps/s | new steps/s | old us/step | new us/step | new/old |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    with tiny_models() as tiny:
+        for mode in ("in_process", "cpu", "zmq"):
+            for adapt in (False, True):
+                rates: dict[str, list[float]] = {"old": [], "new": []}
+                for _ in range(rounds):
+                    for label, checkout in (("old", old), ("new", new)):
+                        rate = measure_in(checkout, tiny, mode, sessions, seconds, adapt)
+                        rates[label].append(rate)
+                        print(f"{mode} adapt={adapt} {label}: {rate:,.0f}", flush=True)
+                a, b = statistics.median(rates["old"]), statistics.median(rates["new"])
+                lines.append(
+                    f"| {PATHS[mode]} | {'on' if adapt else 'off'} | {a:,.0f} | "
+                    f"{b:,.0f} | {1e6 / a:.1f} | {1e6 / b:.1f} | {b / a:.2f}x |"
+                )
+    return lines
+
+
 def main(argv: list[str] | None = None) -> None:
     global PROVIDERS
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -122,8 +204,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=0, help="ORT threads (0: one per core)")
     parser.add_argument("--json", type=Path, help="write the results here (and .txt beside)")
     parser.add_argument("--providers", default=PROVIDERS, help="NEXTWORD_PROVIDERS (auto: CUDA)")
+    parser.add_argument("--compare", type=Path, help="another checkout, measured alternately")
+    parser.add_argument("--rounds", type=int, default=3, help="--compare: rounds of each")
     args = parser.parse_args(argv)
     PROVIDERS = args.providers
+    if args.compare is not None:
+        info = machine(MODULES)
+        text = "\n".join(
+            machine_lines(info, MODULES)
+            + compare(args.compare.resolve(), args.sessions[-1], args.seconds, args.rounds)
+        )
+        print(text)
+        if args.json:
+            write_report(args.json, {"machine": info, "compare": text}, text)
+        return
     from benchmarks.lib.models import models_dir, tiny_models
 
     info = machine(MODULES)

@@ -9,7 +9,7 @@ Names (one meaning each, in this package and the stores):
   owner, timestamps and memory.
 - **state**: the recurrent state of one position: (h,) or (h, c), each (L, H) float32 for a
   session, (L, B, H) for a batch (`runtime.State`).
-- **step** (`scheduler.Step`): one request to advance a session (or a stateless context)
+- **step** (`steps.Step`): one request to advance a session (or a stateless context)
   by some tokens and answer its top-k; a **batch** is the steps taken into one run.
 - **pool** (`pool.StatePool`): a model's resident states on its device, a fixed number of
   **rows**; a **slot** (`pool.Slot`) holds one row of a pool. (The memory store still

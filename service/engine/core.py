@@ -28,9 +28,11 @@ from service.contract.protocol import (
     StepRequest,
 )
 from service.engine import adapt
+from service.engine.adapt_hooks import Adaptation
 from service.engine.pool import StatePool, device_free_bytes, pool_rows, row_bytes
 from service.engine.runtime import CUDA, OrtModel, choose_providers
-from service.engine.scheduler import Adaptation, Step, StepBatcher, StepResult
+from service.engine.scheduler import StepBatcher
+from service.engine.steps import Step, StepResult
 from service.errors import NextwordError, StepFailed, UnknownModel
 from service.store import SessionStore, open_store
 
@@ -281,12 +283,11 @@ class EngineCore:
         try:
             if scheduler is None:
                 raise UnknownModel(f"no model {request.model!r}; loaded: {sorted(self.models)}")
-            future = scheduler.submit(Step.from_request(request))
+            step = Step.from_request(request)
         except NextwordError as exc:
             reply(_failure(request_id, exc))
             return
         key = (origin, request_id)
-        self._pending[key] = future
         model = request.model
 
         def answer(done: asyncio.Future[StepResult]) -> None:
@@ -310,7 +311,10 @@ class EngineCore:
                 )
             )
 
-        future.add_done_callback(answer)
+        try:
+            self._pending[key] = scheduler.submit(step, answer)
+        except NextwordError as exc:
+            reply(_failure(request_id, exc))
 
     def _spawn(self, coroutine: Any, reply: Reply, request_id: int) -> None:
         async def run() -> None:

@@ -33,7 +33,7 @@ grouped by length: one run per distinct length and phase.
 Long steps run in chunks (chunked prefill). A step with more than `prefill_chunk` tokens
 to run takes several batches: each batch runs the next `prefill_chunk` of its first
 tokens (one chunk per batch, interleaved with other steps), and the batch that runs the
-rest answers it. What it has run so far stays in the step (its `_Row`: the record read
+rest answers it. What it has run so far stays in the step (its `StepRun`: the record read
 when it started, the state after the tokens run): a session's store record is read in
 the step's first batch and written once, in its last, with the compare-and-set on the
 version read at the start, so a step is applied whole or not at all; a conflict retries
@@ -62,23 +62,21 @@ import logging
 import sys
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Protocol
 
 import numpy as np
 
 from service import metrics
-from service.arrays import stack_rows
-from service.contract.protocol import StepRequest
-from service.contract.tokenizer import normalize
-from service.engine import adapt
+from service.engine.adapt_hooks import Adaptation
+from service.engine.batching import Bounds, Cost, take
 from service.engine.fairness import QueueShares
 from service.engine.pool import PoolExhausted, ResidentOutput, Slot, StatePool
 from service.engine.runtime import State, StepOutput, top_words
+from service.engine.steps import StateRef, Step, StepResult, StepRun, as_retry
 from service.errors import (
-    BadInput,
     Contended,
     NextwordError,
     Overloaded,
@@ -88,7 +86,6 @@ from service.errors import (
     UnknownSession,
 )
 from service.store import SessionRecord, SessionStore
-from service.store.base import WordMemory
 
 log = logging.getLogger(__name__)
 
@@ -103,127 +100,6 @@ class StepRunner(Protocol):
     def run(self, tokens: np.ndarray, state: State, want_probs: bool = False) -> StepOutput:
         """Run `tokens` (B, T) from `state` (each (L, B, H))."""
         ...
-
-
-@dataclass(frozen=True)
-class Adaptation:
-    """What the scheduler needs to adapt a model's answers to the writer (`adapt`)."""
-
-    params: adapt.AdaptParams
-    suggestible: np.ndarray  # (V,) bool: the words the cache may remember and suggest
-    unk_id: int
-
-    @classmethod
-    def of(cls, runner: Any) -> Adaptation | None:
-        """A model's adaptation (its vocabulary and its tuned parameters), None without a
-        vocabulary (a fake runner)."""
-        vocab = getattr(runner, "vocab", None)
-        artifact = getattr(runner, "artifact", None)
-        if vocab is None:
-            return None
-        manifest = artifact.manifest if artifact is not None else {}
-        return cls(adapt.params_of(manifest), vocab.suggestible, vocab.unk_id)
-
-
-@dataclass(eq=False)
-class Step:
-    """One request for a model: add `tokens` to a context and answer its top `k` words."""
-
-    tokens: list[int]  # ids of the text's tokens (may be empty)
-    session_id: str | None = None  # None: a stateless context (predict)
-    fresh: bool = False  # start the session's context afresh (reset)
-    create: bool = False  # a new session: it must not exist yet
-    k: int = 5
-    prefix_ids: np.ndarray | None = None  # sorted ids of the words matching a prefix
-    owner: str = ""  # a new session's quota owner (`SessionRecord.owner`)
-    adapt: bool | None = None  # use the writer's words (None: the session's default)
-    typed: list[str] = field(default_factory=list)  # typed forms of the `<unk>` tokens
-    prefix: str = ""  # the prefix as typed (normalized where it is matched to typed words)
-    forget: bool = False  # forget the writer's words first
-    client: str = ""  # whose share of the queue it takes (service.engine.fairness)
-    step_id: str = ""  # its id: the session's last step's id again means a retry
-    prefix_slips: np.ndarray | None = None  # per prefix id: its slip likelihood (ranks by p x it)
-    future: asyncio.Future[StepResult] = field(init=False, repr=False)
-    attempts: int = field(default=0, repr=False)
-    # A long step between its batches: what it has run so far (None: not started).
-    row: _Row | None = field(default=None, init=False, repr=False)
-
-    @classmethod
-    def from_request(cls, request: StepRequest) -> Step:
-        """The step a wire request asks for (the one place its fields are read)."""
-        ids = None if request.prefix_ids is None else np.frombuffer(request.prefix_ids, np.int64)
-        slips = None
-        if request.prefix_slips is not None:
-            slips = np.frombuffer(request.prefix_slips, dtype=np.float32)
-            if ids is None or len(slips) != len(ids):
-                raise BadInput("prefix_slips must give one likelihood per prefix id")
-        return cls(
-            request.tokens,
-            session_id=request.session_id,
-            fresh=request.fresh,
-            create=request.create,
-            k=request.k,
-            prefix_ids=ids,
-            owner=request.owner,
-            adapt=request.adapt,
-            typed=request.typed,
-            prefix=request.prefix,
-            forget=request.forget,
-            client=request.client,
-            step_id=request.step_id,
-            prefix_slips=slips,
-        )
-
-
-@dataclass(frozen=True)
-class StepResult:
-    """The answer of a step: the best words (ids, best first) and the session written."""
-
-    ids: np.ndarray
-    probs: np.ndarray
-    tokens: int  # tokens in the context now
-    record: SessionRecord | None  # None for a stateless step
-    words: tuple[str, ...] = ()  # the typed words an id >= V refers to (V + j: words[j])
-    last_token: int = -1  # the context's last token (the end-of-sentence id at its start)
-
-
-# A state during a batch: host arrays (each (L, H)), or a pool row with a resident runner.
-StateRef = State | Slot
-
-
-@dataclass(eq=False)
-class _Row:
-    """A step during one batch: where it starts from, what it runs, what comes out."""
-
-    step: Step
-    record: SessionRecord | None
-    current: StateRef = ()  # the state after the context's last token
-    previous: StateRef = ()  # the state before it
-    last_token: int = -1
-    context_tokens: int = 0
-    first: list[int] = field(default_factory=list)  # phase 1: tokens run for the new `previous`
-    second: list[int] = field(default_factory=list)  # phase 2: tokens whose output answers
-    planned: bool = False
-    done: int = 0  # tokens of `first` run in earlier batches (a chunked step)
-    first_from: StateRef = ()  # the state after first[:done]
-    piece: int = 0  # tokens of `first` this batch runs
-    final: bool = False  # this batch runs the rest of the step and answers it
-    second_from: StateRef = ()
-    output: StepOutput | None = None
-    output_row: int = 0
-    result: StepResult | None = None
-    # Adaptation: the writer's words as counted so far (all of the step's after its last
-    # batch), and whether the answer mixes them in.
-    memory: WordMemory | None = None
-    counted: int = 0  # the step's tokens counted into `memory` so far
-    typed_used: int = 0  # ... and of its typed words
-    mixed: bool = False
-    answer: tuple[np.ndarray, np.ndarray] | None = None  # (ids, probs), best first
-
-    @property
-    def left(self) -> int:
-        """Tokens still to run (once planned)."""
-        return len(self.first) - self.done + len(self.second)
 
 
 def _stack(states: list[State]) -> State:
@@ -247,7 +123,7 @@ def _to_host(records: list[SessionRecord]) -> list[SessionRecord]:
     return out
 
 
-def _brought_back(row: _Row) -> bool:
+def _brought_back(row: StepRun) -> bool:
     """Whether a batch starts `row` from host states (a session spilled to host memory, or
     read from a store that serializes states) that a resident runner uploads first."""
     record, step = row.record, row.step
@@ -264,13 +140,9 @@ def _slots(output: StepOutput) -> tuple[Slot, ...]:
     return output.slots if isinstance(output, ResidentOutput) else ()
 
 
-def _as_retry(step: Step) -> None:
-    """A step whose id is its session's last step's: it was applied (its answer was lost, or
-    its outcome unknown to its client). It runs as a step of no new words (the answer the
-    first one had, for the same `k` and prefix), so the session's context is unchanged."""
-    step.tokens, step.typed = [], []
-    step.fresh = step.forget = False
-    metrics.STEPS_RETRIED.inc()
+def _gone(step: Step) -> bool:
+    """Whether a queued step's future is done already (its client went away)."""
+    return step.future.done()
 
 
 def _resolve(future: asyncio.Future[Any], outcome: Any) -> bool:
@@ -414,8 +286,12 @@ class StepBatcher:
 
     # --- requests ----------------------------------------------------------------
 
-    def submit(self, step: Step) -> asyncio.Future[StepResult]:
-        """Queue a step; its future gets a `StepResult` or a `NextwordError`."""
+    def submit(
+        self, step: Step, done: Callable[[asyncio.Future[StepResult]], None] | None = None
+    ) -> asyncio.Future[StepResult]:
+        """Queue a step; its future gets a `StepResult` or a `NextwordError`, and `done` (if
+        given) is called with it once it is done (after the step left its client's share:
+        one callback per step, not two)."""
         if self._closing or self._task is None:
             raise Overloaded(f"model {self.name!r} is not taking steps (shutting down)")
         if self.queue_depth >= self.max_queue:
@@ -425,16 +301,23 @@ class StepBatcher:
             )
         client = step.client
         self.shares.admit(client, self.name)
-        step.future = asyncio.get_running_loop().create_future()
-        step.future.add_done_callback(
-            lambda done: self.shares.release(
-                client, not done.cancelled() and done.exception() is None
-            )
-        )
+        future = step.future = asyncio.get_running_loop().create_future()
+        future.add_done_callback(partial(self._left, client, done))
         # The depth gauge is sampled once per batch, not per step.
         (self._pending if step.session_id is not None else self._stateless).append(step)
         self._wake()
         return step.future
+
+    def _left(
+        self,
+        client: str,
+        then: Callable[[asyncio.Future[StepResult]], None] | None,
+        future: asyncio.Future[StepResult],
+    ) -> None:
+        """A step's future is done: it leaves its client's share; then the caller's callback."""
+        self.shares.release(client, not future.cancelled() and future.exception() is None)
+        if then is not None:
+            then(future)
 
     async def step(self, step: Step) -> StepResult:
         """Queue a step and wait for its result (cancelling the wait cancels the step)."""
@@ -511,74 +394,31 @@ class StepBatcher:
         self._session_long = 0
         self._wake(force=True)  # the sessions' queued steps can be taken now
 
-    def _cost(self, step: Step) -> tuple[int, bool]:
+    def _cost(self, step: Step) -> Cost:
         """The tokens `step` runs in its next batch, and whether it is a long (chunked) step."""
         row = step.row
         left = row.left if row is not None else max(1, len(step.tokens))
         return min(left, self.prefill_chunk), row is not None or left > self.prefill_chunk
 
     def _take(self, sessions: bool) -> list[Step]:
-        """Up to `max_batch` steps: sessions' first (when `sessions`: the lane is free), one
-        per session (later steps of a session wait, in order), then stateless ones.
-
-        In queue order, within the batch's token bounds: a step that does not fit waits
-        (and so do its session's later steps); a shorter one behind it may still be taken.
-        Long steps in progress are at the front of their lane."""
-        batch: list[Step] = []
-        held: list[Step] = []
-        taken: set[str] = set()
-        used = long_used = 0
-        # Chunks of long steps in flight stay within `max_prefill_tokens` (plus one chunk
-        # for a stateless batch taken while a session batch runs): a stateless batch runs
-        # after the session batch in flight, before the next.
+        """The next batch (`batching.take`): sessions' steps first when `sessions` (the lane
+        is free), one per session, then stateless ones, within the batch's bounds. Chunks
+        of long steps in flight stay within `max_prefill_tokens` (plus one chunk for a
+        stateless batch taken while a session batch runs: it runs after that batch, before
+        the next)."""
         long_cap = max(self.prefill_chunk, self.max_prefill_tokens - self._session_long)
-
-        def fits(step: Step) -> bool:
-            nonlocal used, long_used
-            cost, long = self._cost(step)
-            if used + cost > self.max_batch_tokens or (long and long_used + cost > long_cap):
-                return False
-            used += cost
-            long_used += cost if long else 0
-            return True
-
-        while (
-            sessions
-            and self._pending
-            and len(batch) < self.max_batch
-            and len(held) < self.max_batch
-            and used < self.max_batch_tokens
-        ):
-            step = self._pending.popleft()
-            if step.future.done():  # cancelled while queued
-                self._steps["cancelled"].inc()
-                continue
-            assert step.session_id is not None
-            if step.session_id in taken or not fits(step):
-                taken.add(step.session_id)  # its later steps wait behind it
-                held.append(step)
-                continue
-            taken.add(step.session_id)
-            batch.append(step)
-        self._pending.extendleft(reversed(held))
-        held = []
-        while (
-            self._stateless
-            and len(batch) < self.max_batch
-            and len(held) < self.max_batch
-            and used < self.max_batch_tokens
-        ):
-            step = self._stateless.popleft()
-            if step.future.done():
-                self._steps["cancelled"].inc()
-                continue
-            if not fits(step):
-                held.append(step)
-                continue
-            batch.append(step)
-        self._stateless.extendleft(reversed(held))
-        self._long_taken = long_used
-        return batch
+        taken = take(
+            self._pending,
+            self._stateless,
+            Bounds(self.max_batch, self.max_batch_tokens, long_cap),
+            self._cost,
+            _gone,
+            sessions,
+        )
+        if taken.dropped:
+            self._steps["cancelled"].inc(taken.dropped)
+        self._long_taken = taken.long_tokens
+        return taken.steps
 
     def _fail(self, steps: list[Step], error: NextwordError) -> None:
         failed = sum(_resolve(step.future, error) for step in steps)
@@ -618,7 +458,7 @@ class StepBatcher:
             self._fail(batch, StoreUnavailable("the session store answered a different count"))
             return
         found = dict(zip((id(s) for s in reads), records))
-        rows: list[_Row] = []
+        rows: list[StepRun] = []
         for step in batch:
             if step.future.done():  # cancelled during the read
                 continue
@@ -628,27 +468,27 @@ class StepBatcher:
             record = found.get(id(step))
             if id(step) in found:
                 if step.step_id and record is not None and record.last_step == step.step_id:
-                    _as_retry(step)
+                    as_retry(step)
                 problem = self._problem(step, record)
                 if problem is not None:
                     self._fail([step], problem)
                     continue
-            rows.append(_Row(step, record))
+            rows.append(StepRun(step, record))
         if rows and await self._compute_rows(rows):
             await self._write(self._carry_on(rows))
 
     async def _answer(self, steps: list[Step]) -> None:
         """Run and answer stateless steps on their own."""
-        rows = [step.row or _Row(step, None) for step in steps if not step.future.done()]
+        rows = [step.row or StepRun(step, None) for step in steps if not step.future.done()]
         if rows and await self._compute_rows(rows):
             done = self._carry_on(rows)
             self._steps["ok"].inc(sum(_resolve(r.step.future, r.result) for r in done))
 
-    def _carry_on(self, rows: list[_Row]) -> list[_Row]:
+    def _carry_on(self, rows: list[StepRun]) -> list[StepRun]:
         """After a batch's runs: the rows answered now; long steps with tokens left go back
         to the front of their lane (in order), carrying what they have run."""
-        done: list[_Row] = []
-        going: list[_Row] = []
+        done: list[StepRun] = []
+        going: list[StepRun] = []
         for row in rows:
             if row.step.future.done():  # cancelled during the run: dropped, never written
                 self._steps["cancelled"].inc()  # a long step stops here, chunks left unrun
@@ -664,7 +504,7 @@ class StepBatcher:
             self._wake()
         return done
 
-    async def _compute_rows(self, rows: list[_Row]) -> bool:
+    async def _compute_rows(self, rows: list[StepRun]) -> bool:
         """Make the rows' runs in the executor; False (the rows failed) if a run failed."""
         self._batch_size.observe(len(rows))
         loop = asyncio.get_running_loop()
@@ -691,7 +531,7 @@ class StepBatcher:
         self._batch_seconds.observe(time.perf_counter() - started)
         return True
 
-    async def _make_room(self, rows: list[_Row]) -> int:
+    async def _make_room(self, rows: list[StepRun]) -> int:
         """Reserve the pool rows a batch takes (two per step for its states brought back
         from host memory, one per run), the store spilling its least recently used
         sessions to host memory when too few are free; returns the rows reserved (the
@@ -740,7 +580,7 @@ class StepBatcher:
             return StepFailed("this session store cannot answer a step without new words")
         return None
 
-    async def _write(self, rows: list[_Row]) -> None:
+    async def _write(self, rows: list[StepRun]) -> None:
         """One compare-and-set write of the batch's sessions; answer, or retry conflicts.
 
         Stateless rows are answered first: they never wait for the store."""
@@ -797,7 +637,7 @@ class StepBatcher:
 
     # --- the runs (in the executor thread) -----------------------------------------
 
-    def _compute(self, rows: list[_Row]) -> None:
+    def _compute(self, rows: list[StepRun]) -> None:
         """Plan each row, make the runs (grouped by length), then build the results.
 
         A row runs the next chunk of its first tokens, or (its last batch) the rest of
@@ -811,7 +651,14 @@ class StepBatcher:
             row.final = row.left <= chunk
             row.piece = len(row.first) - row.done if row.final else chunk
         if self.adaptation is not None:
-            self._remember(rows, self.adaptation)
+            live = self.adaptation.count(rows)
+            for row, holds in zip(rows, live):
+                use = (
+                    self._session_adapt(row.step, row.record)
+                    if row.step.adapt is None
+                    else row.step.adapt
+                )
+                row.mixed = row.final and use and holds and bool(row.second)
         first = [r for r in rows if r.piece]
         for group in self._by_length(first, lambda r: r.piece):
             output = self._run(
@@ -830,28 +677,30 @@ class StepBatcher:
         second = [r for r in final if r.second]
         for group in self._by_length(second, lambda r: len(r.second)):
             prefixed = [i for i, r in enumerate(group) if r.step.prefix_ids is not None]
-            caches = self._caches(group) if any(r.mixed for r in group) else None
+            mixing = None if self.adaptation is None else self.adaptation.prepare(group)
             tokens, states = [r.second for r in group], [r.second_from for r in group]
             if self.pool is not None:
                 # Only what the answers need comes out of the device: the model's
                 # probabilities at the memories' words, and the distributions of the rows
                 # completing a prefix.
                 gather = None
-                if caches is not None:
+                if mixing is not None:
                     assert self.adaptation is not None
-                    gather = adapt.gather_ids(caches[0], self._vocab_size, self.adaptation.unk_id)
+                    gather = self.adaptation.gather_ids(mixing)
                 output = self._run(group, tokens, states, False, gather, prefixed)
             else:
-                output = self._run(group, tokens, states, bool(prefixed) or caches is not None)
+                output = self._run(group, tokens, states, bool(prefixed) or mixing is not None)
             for i, row in enumerate(group):
                 row.output, row.output_row = output, i
-            if caches is not None:
-                self._answer_mixed(group, output, caches)
+            if mixing is not None:
+                assert self.adaptation is not None
+                self.adaptation.answer(group, output, mixing)
+        now = self.clock()
         for row in final:
-            row.result = self._result(row)
+            row.result = self._result(row, now)
 
     @staticmethod
-    def _upload(rows: list[_Row], pool: StatePool) -> None:
+    def _upload(rows: list[StepRun], pool: StatePool) -> None:
         """Bring the host states of the records a batch starts from (sessions spilled to host
         memory, or read from a store that serializes states) into pool rows, at once."""
         records = [row.record for row in rows if row.record is not None and _brought_back(row)]
@@ -867,136 +716,13 @@ class StepBatcher:
             if row.record is not None and id(row.record) in uploaded:
                 row.record = uploaded[id(row.record)]
 
-    def _remember(self, rows: list[_Row], adaptation: Adaptation) -> None:
-        """Count the words each row runs in this batch into its memory (one vectorised
-        update for the batch), and decide which of the answers given now mix it in.
-
-        A long step counts its words chunk by chunk, as its tokens run: the update goes
-        token by token, so counting in pieces gives the same memory as counting at once,
-        and no batch counts more than a chunk of anyone's words beyond its own short ones."""
-        params = adaptation.params
-        spans = []
-        for row in rows:
-            step, record = row.step, row.record
-            if row.memory is None:  # the step's first batch: the memory it starts from
-                starts_afresh = record is None or step.create or step.fresh or step.forget
-                old = None if starts_afresh else record.memory  # type: ignore[union-attr]
-                if old is not None and old.capacity == params.capacity:
-                    row.memory = old
-                else:
-                    row.memory = WordMemory.empty(params.capacity)
-            spans.append((row.counted, len(step.tokens) if row.final else row.done + row.piece))
-        memories = [row.memory for row in rows]
-        keys = stack_rows([m.keys for m in memories])  # type: ignore[union-attr]
-        weights = stack_rows([m.weights for m in memories])  # type: ignore[union-attr]
-        words = [m.words for m in memories]  # type: ignore[union-attr]
-        lengths = np.array([max(0, end - start) for start, end in spans], dtype=np.int64)
-        if lengths.any():
-            # Every row's new tokens as one array: the common step is one word a row.
-            flat = [t for row, (a, b) in zip(rows, spans) for t in row.step.tokens[a:b]]
-            ids = np.array(flat, dtype=np.int64)
-            remembered = np.where(adaptation.suggestible[ids], ids, adapt.EMPTY)
-            if adaptation.unk_id in flat:  # typed words outside the vocabulary
-                offsets = np.concatenate([[0], np.cumsum(lengths)])
-                for i, row in enumerate(rows):
-                    piece = ids[offsets[i] : offsets[i + 1]]
-                    unknown = np.flatnonzero(piece == adaptation.unk_id)
-                    typed = row.step.typed[row.typed_used : row.typed_used + len(unknown)]
-                    row.typed_used += len(unknown)
-                    if typed:
-                        table = list(words[i])
-                        remembered[offsets[i] + unknown[: len(typed)]] = adapt.oov_keys(
-                            table, typed, self._vocab_size, keys[i], weights[i], params
-                        )
-                        words[i] = tuple(table)
-            new = np.full((len(rows), int(lengths.max())), adapt.EMPTY, dtype=np.int32)
-            raw = np.full(new.shape, adapt.EMPTY, dtype=np.int64)
-            row_of = np.repeat(np.arange(len(rows)), lengths)
-            column = np.arange(len(ids)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-            new[row_of, column] = remembered
-            raw[row_of, column] = ids
-            # The token before each row's first new one (its bigram's first word).
-            before = np.array(
-                [r.step.tokens[a - 1] if a else r.last_token for r, (a, _) in zip(rows, spans)],
-                dtype=np.int64,
-            )
-            adapt.update(keys, weights, new, lengths, params, self._vocab_size, raw, before)
-        live = adapt.live(keys, weights, self._vocab_size, params).tolist()
-        for i, (row, (_, end)) in enumerate(zip(rows, spans)):
-            row.counted = max(row.counted, end)
-            # Views of this batch's arrays: the store copies what it keeps.
-            row.memory = WordMemory(keys[i], weights[i], words[i])
-            use = (
-                self._session_adapt(row.step, row.record)
-                if row.step.adapt is None
-                else row.step.adapt
-            )
-            row.mixed = row.final and use and live[i] and bool(row.second)
-
     def _session_adapt(self, step: Step, record: SessionRecord | None) -> bool:
         """A session's default for `adapt`: set when it is created, kept after."""
         if record is None or step.create:
             return self.adapt_default if step.adapt is None else step.adapt
         return record.adapt
 
-    def _caches(self, group: list[_Row]) -> tuple[np.ndarray, np.ndarray]:
-        """The (keys, weights) a run's rows mix in, (B, C) each: their memories, and an
-        empty cache for the rows that do not mix."""
-        adaptation = self.adaptation
-        assert adaptation is not None
-        none, nothing = adapt.empty_cache(1, adaptation.params.capacity)
-        memories = [r.memory if r.mixed and r.memory is not None else None for r in group]
-        keys = stack_rows([none[0] if m is None else m.keys for m in memories])
-        weights = stack_rows([nothing[0] if m is None else m.weights for m in memories])
-        return keys, weights
-
-    def _answer_mixed(
-        self, group: list[_Row], output: StepOutput, caches: tuple[np.ndarray, np.ndarray]
-    ) -> None:
-        """The answers of a run's rows with the writer's words mixed in from `caches`
-        (`_caches`; rows that do not mix get the model's own, as `top_words` gives them)."""
-        adaptation = self.adaptation
-        assert adaptation is not None and (output.probs is not None or output.probs_at is not None)
-        keys, weights = caches
-        # Rows that do not mix are answered by `top_words` (exactly as alone): here they
-        # take the cheap path (no memory, no prefix).
-        candidates: list[np.ndarray | None] = [
-            r.step.prefix_ids if r.mixed else None for r in group
-        ]
-        matches: list[np.ndarray | None] = [None] * len(group)
-        for i, row in enumerate(group):
-            memory = row.memory
-            if row.mixed and row.step.prefix_ids is not None and memory and memory.words:
-                prefix = normalize(row.step.prefix)
-                matches[i] = np.array([normalize(w).startswith(prefix) for w in memory.words])
-        # At most the graph's top K (a model exported with a smaller `max_k` than asked
-        # for answers fewer words, as `top_words` does).
-        k = min(max(r.step.k for r in group), output.topk_ids.shape[1])
-        ids, probs = adapt.top_k(
-            keys,
-            weights,
-            output.probs,
-            output.topk_ids,
-            output.topk_probs,
-            adaptation.unk_id,
-            adaptation.suggestible,
-            k,
-            adaptation.params.lam,
-            candidates,
-            matches,
-            output.probs_at,
-            output.probs_index,
-            adaptation.params,
-            np.array([r.step.tokens[-1] if r.step.tokens else r.last_token for r in group]),
-            [r.step.prefix_slips if r.mixed else None for r in group],
-        )
-        shown = (ids >= 0).sum(1).tolist()  # padding (-1) only ever ends a row
-        for i, row in enumerate(group):
-            if row.mixed:
-                n = min(row.step.k, shown[i])
-                row.answer = ids[i, :n], probs[i, :n]
-
-    def _plan(self, row: _Row) -> None:
+    def _plan(self, row: StepRun) -> None:
         step, record = row.step, row.record
         tokens = step.tokens
         row.planned = True
@@ -1024,16 +750,16 @@ class StepBatcher:
         row.second = tokens[-1:]
 
     @staticmethod
-    def _by_length(rows: list[_Row], length: Callable[[_Row], int]) -> list[list[_Row]]:
-        groups: dict[int, list[_Row]] = {}
+    def _by_length(rows: list[StepRun], length: Callable[[StepRun], int]) -> list[list[StepRun]]:
+        groups: dict[int, list[StepRun]] = {}
         for row in rows:
             groups.setdefault(length(row), []).append(row)
         return list(groups.values())
 
     def _run(
         self,
-        group: list[_Row],
-        tokens: list[list[int]],
+        group: list[StepRun],
+        tokens: Sequence[Sequence[int]],
         states: list[StateRef],
         want_probs: bool,
         gather: np.ndarray | None = None,
@@ -1056,11 +782,14 @@ class StepBatcher:
             raise RuntimeError(f"the model answered {len(output)} rows for a batch of {len(group)}")
         return output
 
-    def _result(self, row: _Row) -> StepResult:
+    def _result(self, row: StepRun, now: float) -> StepResult:
+        """A final row's answer, and the record it writes (at `now`, once per batch)."""
         step = row.step
         output, index = (row.output, row.output_row) if row.output else (self.runner.start, 0)
         if row.answer is not None:
             ids, probs = row.answer
+        elif step.prefix_ids is None:  # the common case, as `top_words` answers it
+            ids, probs = output.topk_ids[index, : step.k], output.topk_probs[index, : step.k]
         else:
             ids, probs = top_words(output, index, step.k, step.prefix_ids, step.prefix_slips)
         tokens = row.context_tokens + len(step.tokens)
@@ -1080,7 +809,6 @@ class StepBatcher:
             last = step.tokens[-1]
         else:
             current, previous, last = row.current, row.previous, row.last_token
-        now = self.clock()
         old = row.record
         resident = None
         state: State = ()
@@ -1090,19 +818,21 @@ class StepBatcher:
         else:
             assert not isinstance(previous, Slot)
             state = (*current, *previous)
-        record = SessionRecord(
-            session_id=step.session_id,
-            model=self.name,
-            state=state,
-            resident=resident,
-            tokens=tokens,
-            created_at=now if old is None or step.create else old.created_at,
-            last_used_at=now,
-            version=0 if old is None else old.version,
-            last_token=last,
-            owner=step.owner if old is None or step.create else old.owner,
-            memory=row.memory,
-            adapt=self._session_adapt(step, old),
-            last_step=step.step_id,
+        anew = old is None or step.create
+        record = SessionRecord(  # by position: session_id, model, state, tokens, created_at,
+            # last_used_at, version, last_token, owner, memory, adapt, last_step, resident
+            step.session_id,
+            self.name,
+            state,
+            tokens,
+            now if anew else old.created_at,  # type: ignore[union-attr]
+            now,
+            0 if old is None else old.version,
+            last,
+            step.owner if anew else old.owner,  # type: ignore[union-attr]
+            row.memory,
+            self._session_adapt(step, old),
+            step.step_id,
+            resident,
         )
         return StepResult(ids, probs, tokens, record, words, last_token)

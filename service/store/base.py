@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 State = tuple[np.ndarray, ...]  # (h,) or (h, c); each float32 (L, H)
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class WordMemory:
     """What a session remembers of its writer's words (`service.engine.adapt`): a decayed
     count per word, `capacity` slots, and the typed words outside the vocabulary.
@@ -50,7 +50,7 @@ class WordMemory:
         return int(self.keys.nbytes + self.weights.nbytes) + words
 
 
-@dataclass(eq=False)  # states are arrays: compare fields explicitly
+@dataclass(eq=False, slots=True)  # states are arrays: compare fields explicitly
 class SessionRecord:
     """One session as the batcher sees it.
 

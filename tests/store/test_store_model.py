@@ -13,8 +13,9 @@ session as a plain dict entry in write order and applies the rules the store doc
 - a delete forgets a live session; an unknown or expired one raises `UnknownSession`.
 
 After every operation both must agree on every session's presence and on its record, state
-bytes included. Spilling and bringing back device rows is left to the pool tests (it needs
-a model); this machine covers the host side the engine reads and writes every batch.
+bytes included. Spilling and bringing back device rows needs a model's pool: its machine
+is tests/engine/test_residency_model.py; this one covers the host side the engine reads and
+writes every batch.
 """
 
 from __future__ import annotations
