@@ -71,6 +71,7 @@ _END = object()  # queued by the reader when it stops: answer what came before, 
 OPEN_STREAMS: set[StreamConnection] = set()
 
 _encode = msgspec.json.Encoder().encode
+_SENT: dict[str, Any] = {}  # message type -> its child of WS_MESSAGES (labels() costs a lock)
 _loose = msgspec.json.Decoder()
 
 
@@ -299,7 +300,7 @@ class StreamConnection:
                 )
                 await self.websocket.close(CLOSE_INTERNAL, reason="internal")
                 return
-            metrics.WS_MESSAGE_SECONDS.observe(time.perf_counter() - received_at)
+            metrics.TALLY.observe(metrics.WS_MESSAGE_SECONDS, time.perf_counter() - received_at)
             if not keep_open:
                 return
             if self._draining and self._inbox.empty():
@@ -389,7 +390,11 @@ class StreamConnection:
     async def send(self, payload: dict[str, Any]) -> None:
         """Send one JSON message and count it by type."""
         await self.websocket.send({"type": "websocket.send", "text": _encode(payload).decode()})
-        metrics.WS_MESSAGES.labels(payload["type"]).inc()
+        kind = payload["type"]
+        counter = _SENT.get(kind)
+        if counter is None:
+            counter = _SENT[kind] = metrics.WS_MESSAGES.labels(kind)
+        metrics.TALLY.inc(counter)
 
 
 async def drain_streams(timeout: float) -> None:
