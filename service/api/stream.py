@@ -23,7 +23,7 @@ that is not UTF-8. An `Origin` not in
 
 The hot path is per message: one msgspec decode into a Struct, one `Predictor.feed`, one
 msgspec encode. A connection has two tasks for its whole life (not one per message): the
-answering loop, and a reader that queues frames; when the client leaves, the reader
+answering loop, and a reader that queues frames (`Inbox`); when the client leaves, the reader
 cancels the answering loop, which aborts the pending step in the engine.
 """
 
@@ -42,6 +42,7 @@ from service import metrics
 from service.api.auth import OWNER, Limiter, client_address
 from service.api.deps import get_predictor
 from service.api.errors import close_code
+from service.api.inbox import Inbox
 from service.api.predictor import Predictor
 from service.api.schemas import TEXT_DOC
 from service.config import Settings
@@ -176,7 +177,7 @@ class StreamConnection:
         self.gone = False  # the client left: the answering loop was cancelled for it
         self._draining = False  # the server shuts down (or the client idles): no more reading
         self._closing = (CLOSE_GOING_AWAY, "server shutting down")  # the close after draining
-        self._inbox: asyncio.Queue[Any] = asyncio.Queue(READ_AHEAD)
+        self._inbox: Inbox[Any] = Inbox(asyncio.get_running_loop(), READ_AHEAD)
         self._reader: asyncio.Task[None] | None = None
         self._answering: asyncio.Task[Any] | None = None
 
