@@ -97,6 +97,7 @@ TARGET_PACED_P99_MS = 25.0
 OTHER_LOAD_WARNING = 0.15  # cores used by other processes during a window
 BARE, SERVICE = "bare", "service"
 BARE_LABEL = "bare WS app"
+BASELINE = ", baseline code"  # the row's service runs --baseline's checkout
 LSTM_LABEL = "service, lstm"
 QUICK = {"seconds": 1.5, "warmup": 0.5, "rounds": 1, "retries": 0}
 FULL = {"seconds": 8.0, "warmup": 3.0, "rounds": 2, "retries": 2}
@@ -122,6 +123,8 @@ class Server:
     env: dict[str, str] = field(default_factory=dict)
     deflate: bool = False
     transport: str = SERVICE_TRANSPORT  # the bare app's server (TRANSPORTS)
+    http: str = "httptools"  # the bare app's HTTP parser under uvicorn (httptools, h11)
+    code: Path | None = None  # (service) run another checkout's code (its root)
     redis_pid: int | None = None
     process: ServerProcess | None = None
     roles: dict[str, list[psutil.Process]] = field(default_factory=dict)
@@ -137,6 +140,8 @@ class Server:
             tuple(sorted(self.env.items())),
             self.deflate,
             self.transport if self.kind == BARE else "",
+            self.http if self.kind == BARE else "",
+            self.code,
         )
 
     @property
@@ -150,6 +155,8 @@ class Server:
                 *([self.models.name] if self.models else []),
                 *(["deflate"] if self.deflate else []),
                 *([self.transport] if self.kind == BARE else []),
+                *([self.http] if self.kind == BARE and self.http != "httptools" else []),
+                *(["baseline"] if self.code else []),
                 *extras,
             ]
         )
@@ -169,7 +176,7 @@ class Server:
                 **self.env,
             }
             command = [sys.executable, "-m", "service"]
-            return ServerProcess(self.name, command, env, port=port, log_dir=log_dir)
+            return ServerProcess(self.name, command, env, port=port, log_dir=log_dir, cwd=self.code)
         ready_dir = Path(tempfile.mkdtemp(prefix="ready-", dir=log_dir))
         self.ready_dir = ready_dir
         if self.transport == "granian":
@@ -185,7 +192,7 @@ class Server:
                 *(sys.executable, "-m", "uvicorn", "benchmarks.bare_ws_app:app"),
                 *("--host", "127.0.0.1", "--port", str(port), "--workers", str(self.workers)),
                 *("--log-level", "warning", "--ws-max-size", "65536"),
-                *("--ws-per-message-deflate", deflate, "--ws", ws, "--http", "httptools"),
+                *("--ws-per-message-deflate", deflate, "--ws", ws, "--http", self.http),
             ]
 
         def all_up() -> bool:
@@ -305,15 +312,20 @@ def make_plan(
             bare(workers)
         if "ceiling" in configs:
             assert ceiling_models is not None
-            plan.row(
-                f"ceiling: service, tiny model (hidden {args.ceiling_hidden})",
-                Server(SERVICE, workers, ceiling_models, dict(args.env)),
-                stream_words(ceiling_models),
-                bare=bare(workers),
-                target=TARGET_CEILING,
-            )
+            for code in (None, args.baseline) if args.baseline else (None,):
+                plan.row(
+                    f"ceiling: service, tiny model (hidden {args.ceiling_hidden})"
+                    + (BASELINE if code else ""),
+                    Server(SERVICE, workers, ceiling_models, dict(args.env), code=code),
+                    stream_words(ceiling_models),
+                    bare=bare(workers),
+                    target=TARGET_CEILING,
+                )
         if "lstm" in configs:
             lstm(workers)
+            if args.baseline:
+                server = Server(SERVICE, workers, models, dict(args.env), code=args.baseline)
+                plan.row(LSTM_LABEL + BASELINE, server, words, bare=bare(workers))
         if "transports" in configs:
             default = bare(workers)
             for transport in args.transports:
@@ -845,6 +857,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=transport_list,
         default=list(TRANSPORTS),
         help=f"servers of the bare app in the transports rows, of {', '.join(TRANSPORTS)}",
+    )
+    p.add_argument(
+        "--baseline",
+        type=Path,
+        help="another checkout's root (e.g. `git worktree add /tmp/base main`): the ceiling "
+        "and lstm rows are measured on its code too, alternated with this one's",
     )
     p.add_argument("--models", type=Path, help="models directory (default: the bundled models)")
     p.add_argument(
