@@ -9,6 +9,7 @@ one (dashboards and alerts depend on the names).
 from __future__ import annotations
 
 import asyncio
+import time
 from bisect import bisect_left
 from typing import Any
 
@@ -89,7 +90,7 @@ class Tally:
     def __init__(self) -> None:
         self._counts: dict[Any, float] = {}  # a counter's child -> to add
         self._observed: dict[Any, list[float]] = {}  # a histogram's child -> values
-        self._scheduled = False
+        self._scheduled_at: float | None = None  # when a publish was last scheduled
 
     def inc(self, child: Any, amount: float = 1.0) -> None:
         """Add `amount` to a counter (a child of a labelled one, or one without labels)."""
@@ -106,19 +107,22 @@ class Tally:
         self._schedule()
 
     def _schedule(self) -> None:
-        if self._scheduled:
+        # Once per tick; again if the publish scheduled a second ago never ran (its loop
+        # stopped: tests run apps on several loops), so nothing is held for good.
+        now = time.monotonic()
+        if self._scheduled_at is not None and now - self._scheduled_at < STALE_S:
             return
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # outside a loop (a script, a test): at once
             self.publish()
             return
-        self._scheduled = True
+        self._scheduled_at = now
         loop.call_soon(self.publish)
 
     def publish(self) -> None:
         """Write what was counted since the last call into the metrics."""
-        self._scheduled = False
+        self._scheduled_at = None
         counts, self._counts = self._counts, {}
         observed, self._observed = self._observed, {}
         for counter, amount in counts.items():
@@ -151,6 +155,7 @@ def observe_all(histogram: Any, values: list[float]) -> None:
         buckets[i].inc(count)
 
 
+STALE_S = 1.0
 TALLY = Tally()  # this process's
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -81,3 +82,22 @@ def test_render_publishes_what_this_process_counted_first() -> None:
     after = child._value.get()
     assert after == before + 4
     assert f'nextword_ws_messages_total{{type="error"}} {after}' in text
+
+
+def test_counts_are_not_held_when_the_loop_that_should_publish_them_stops(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    registry = CollectorRegistry()
+    counter = Counter("c", "c", registry=registry)
+    tally = Tally()
+    stopped = asyncio.new_event_loop()  # never runs again: what it was given never runs
+    monkeypatch.setattr(metrics.asyncio, "get_running_loop", lambda: stopped)
+    tally.inc(counter)
+    tally.inc(counter)
+    assert registry.get_sample_value("c_total") == 0
+    monkeypatch.undo()
+    stopped.close()
+    clock = time.monotonic() + 2 * metrics.STALE_S
+    monkeypatch.setattr(metrics.time, "monotonic", lambda: clock)
+    tally.inc(counter)  # outside a loop, a second later: published at once, all three
+    assert registry.get_sample_value("c_total") == 3
