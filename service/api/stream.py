@@ -22,9 +22,10 @@ that is not UTF-8. An `Origin` not in
 `allowed_origins` (same origin by default) is refused with HTTP 403 before the upgrade.
 
 The hot path is per message: one msgspec decode into a Struct, one `Predictor.feed`, one
-msgspec encode. A connection has two tasks for its whole life (not one per message): the
-answering loop, and a reader that queues frames (`Inbox`); when the client leaves, the reader
-cancels the answering loop, which aborts the pending step in the engine.
+msgspec encode. A connection has two tasks for its whole life (not one per message), both
+started by the ASGI app's task, which then waits for the first: the answering loop, and a
+reader that queues frames (`Inbox`); when the client leaves, the reader cancels the answering
+loop, which aborts the pending step in the engine.
 """
 
 from __future__ import annotations
@@ -224,19 +225,22 @@ class StreamConnection:
 
     async def exchange(self) -> None:
         """Read and answer until either side ends the connection."""
-        self._answering = asyncio.current_task()
         loop = asyncio.get_running_loop()
+        # The answering loop is a task of its own rather than this one (the ASGI app's, under
+        # some twenty frames of middleware): it is resumed twice per message, and resuming a
+        # task resumes every coroutine frame on its stack. Cancelling this task cancels it.
+        self._answering = loop.create_task(self.answer())
         self._reader = loop.create_task(self.read())
         if self.idle_timeout_s:
             self.last_message = loop.time()
             self._idle_timer = loop.call_later(self.idle_timeout_s, self.check_idle)
         try:
-            await self.answer()
+            await self._answering
         except asyncio.CancelledError:
-            if not self.gone:
+            current = asyncio.current_task()
+            if not self.gone or (current is not None and current.cancelling()):
                 raise
-            assert self._answering is not None
-            self._answering.uncancel()  # cancelled for the client that left: done
+            # cancelled for the client that left: done
         finally:
             self._reader.cancel()
             if self._idle_timer is not None:
