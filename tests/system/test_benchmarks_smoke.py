@@ -316,3 +316,15 @@ def test_bench_limits_round2_reports_render(probe: str) -> None:
     text = bench.table(report)
     rows = [line for line in text.splitlines() if line.startswith("| ") and "variant" not in line]
     assert f"{probe}:" in text and len(rows) >= 2  # before and now (behind: and through)
+
+
+def test_the_stream_path_benchmark_times_every_piece_and_the_whole_message() -> None:
+    command = [
+        *(sys.executable, "-m", "benchmarks.bench_stream_path", "--messages", "300"),
+        *("--repeat", "1", "--rounds", "1", "--baseline", str(REPO_ROOT)),
+    ]
+    run = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = [line for line in run.stdout.splitlines() if line.startswith("| ")]
+    assert len(rows) == 2 + 9 + 2, run.stdout  # two header rows, nine pieces, two wholes
+    assert "new / old:" in run.stdout
