@@ -86,6 +86,7 @@ docs: $(VENV)/.dev  ## build the documentation site into site/
 bench: $(VENV)/.dev  ## engine, end-to-end, memory, store, limits and adaptation benchmarks
 	$(PY) -m benchmarks.bench_engine --checkpoint runs/lstm runs/gru --int8
 	$(PY) -m benchmarks.bench_e2e
+	$(PY) -m benchmarks.bench_rest
 	$(PY) -m benchmarks.bench_core --json benchmarks/results/core.json
 	$(PY) -m benchmarks.bench_memory
 	$(PY) -m benchmarks.bench_store

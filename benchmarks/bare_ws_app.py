@@ -10,6 +10,10 @@ the service has API processes (uvicorn shares one listening socket among them, a
 
     uvicorn benchmarks.bare_ws_app:app --port 8001 --workers 2
 
+It is also the REST baseline of `benchmarks.bench_rest`: `POST /v1/predict` is a plain
+FastAPI JSON endpoint (a pydantic body, a dict answer through a response model) that
+answers the same five predictions.
+
 `GET /readyz` answers 200 once a process serves; with `BARE_WS_READY_DIR` set, each process
 also writes a file named by its pid there at start, so that a harness can wait for all.
 """
@@ -24,6 +28,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI, WebSocket, WebSocketDisconnect
+from pydantic import BaseModel, Field
 
 PREDICTIONS = [
     {"word": "the", "probability": 0.0521},
@@ -50,6 +55,36 @@ app = FastAPI(title="bare WebSocket baseline", lifespan=lifespan)
 async def readyz() -> dict[str, str]:
     """200 while this process serves."""
     return {"status": "ready"}
+
+
+class PredictBody(BaseModel):
+    """What the service's predict takes (in short)."""
+
+    text: str = Field(max_length=10_000)
+    k: int = Field(5, ge=1, le=50)
+    model: str | None = None
+    prefix: str | None = None
+
+
+class Prediction(BaseModel):
+    """One word and its probability."""
+
+    word: str
+    probability: float
+
+
+class PredictAnswer(BaseModel):
+    """What the service's predict answers."""
+
+    model: str
+    tokens: int
+    predictions: list[Prediction]
+
+
+@app.post("/v1/predict", response_model=PredictAnswer)
+async def predict(body: PredictBody) -> dict[str, object]:
+    """The same five predictions for any text: the cost of FastAPI's JSON endpoint alone."""
+    return {"model": "bare", "tokens": len(body.text.split()), "predictions": PREDICTIONS}
 
 
 def dumps(payload: dict[str, object]) -> str:

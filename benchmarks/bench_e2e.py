@@ -18,6 +18,9 @@ uvicorn with the same number of processes:
               a free port when the binary exists, or --redis-url)
     variants  (--variant NAME:KEY=VALUE,...) the lstm service with more environment: a
               setting tried against the default in the same run
+    transports the bare app on each WebSocket implementation of uvicorn (websockets-sansio,
+              the service's; websockets; wsproto) and on granian, at each --workers: what
+              the server's own per-message work costs (--transports picks them)
 
 deflate, paced and redis run with --base-workers API processes (default: what `nextword
 serve` starts on this machine). Servers with the same settings are started once and shared.
@@ -34,7 +37,9 @@ paced row gives the latency at a realistic load.
 All servers are started first and stay up; the configurations are then driven in turn,
 --rounds times (interleaved, so a change in background load touches all alike). Clients
 and servers share the machine's cores: the table gives the CPU each used during the window
-(the service split into its engine and API processes).
+(the service split into its engine and API processes) and the CPU per answered message by
+process role: API (the processes that hold the connections), engine, supervisor (for the bare
+app: uvicorn's or granian's parent process).
 
     python -m benchmarks.bench_e2e                  # every configuration -> results/e2e.json
     python -m benchmarks.bench_e2e --quick --configs ceiling --workers 1
@@ -77,14 +82,22 @@ MODULES = (
     "zmq",
     "uvloop",
     "numpy",
+    "wsproto",
+    "granian",
 )
-CONFIGS = ("ceiling", "lstm", "deflate", "paced", "redis")
+CONFIGS = ("ceiling", "lstm", "deflate", "paced", "redis", "transports")
+# The bare app's servers: uvicorn with a WebSocket implementation, or granian (ASGI).
+SERVICE_TRANSPORT = "uvicorn/websockets-sansio"  # what `nextword serve` runs (httptools HTTP)
+TRANSPORTS = (SERVICE_TRANSPORT, "uvicorn/websockets", "uvicorn/wsproto", "granian")
+TARGET_API_CPU = 1.2  # API processes' CPU per message / the bare app's whole CPU per message
+TARGET_SERVER_CPU = 1.5  # the whole service's CPU per message / the bare app's
 TARGET_CEILING = 0.6  # service with a near-free model / bare
 TARGET_LSTM = 0.45  # service with the bundled LSTM / bare
 TARGET_PACED_P99_MS = 25.0
 OTHER_LOAD_WARNING = 0.15  # cores used by other processes during a window
 BARE, SERVICE = "bare", "service"
 BARE_LABEL = "bare WS app"
+BASELINE = ", baseline code"  # the row's service runs --baseline's checkout
 LSTM_LABEL = "service, lstm"
 QUICK = {"seconds": 1.5, "warmup": 0.5, "rounds": 1, "retries": 0}
 FULL = {"seconds": 8.0, "warmup": 3.0, "rounds": 2, "retries": 2}
@@ -109,14 +122,27 @@ class Server:
     models: Path | None = None
     env: dict[str, str] = field(default_factory=dict)
     deflate: bool = False
+    transport: str = SERVICE_TRANSPORT  # the bare app's server (TRANSPORTS)
+    http: str = "httptools"  # the bare app's HTTP parser under uvicorn (httptools, h11)
+    code: Path | None = None  # (service) run another checkout's code (its root)
     redis_pid: int | None = None
     process: ServerProcess | None = None
     roles: dict[str, list[psutil.Process]] = field(default_factory=dict)
+    ready_dir: Path | None = None  # (bare) where each serving process writes its pid
 
     @property
     def key(self) -> tuple[Any, ...]:
         """Servers with equal keys are one server."""
-        return (self.kind, self.workers, self.models, tuple(sorted(self.env.items())), self.deflate)
+        return (
+            self.kind,
+            self.workers,
+            self.models,
+            tuple(sorted(self.env.items())),
+            self.deflate,
+            self.transport if self.kind == BARE else "",
+            self.http if self.kind == BARE else "",
+            self.code,
+        )
 
     @property
     def name(self) -> str:
@@ -128,6 +154,9 @@ class Server:
                 f"x{self.workers}",
                 *([self.models.name] if self.models else []),
                 *(["deflate"] if self.deflate else []),
+                *([self.transport] if self.kind == BARE else []),
+                *([self.http] if self.kind == BARE and self.http != "httptools" else []),
+                *(["baseline"] if self.code else []),
                 *extras,
             ]
         )
@@ -147,14 +176,24 @@ class Server:
                 **self.env,
             }
             command = [sys.executable, "-m", "service"]
-            return ServerProcess(self.name, command, env, port=port, log_dir=log_dir)
+            return ServerProcess(self.name, command, env, port=port, log_dir=log_dir, cwd=self.code)
         ready_dir = Path(tempfile.mkdtemp(prefix="ready-", dir=log_dir))
-        command = [
-            *(sys.executable, "-m", "uvicorn", "benchmarks.bare_ws_app:app"),
-            *("--host", "127.0.0.1", "--port", str(port), "--workers", str(self.workers)),
-            *("--log-level", "warning", "--ws-max-size", "65536"),
-            *("--ws-per-message-deflate", deflate),
-        ]
+        self.ready_dir = ready_dir
+        if self.transport == "granian":
+            command = [
+                *(sys.executable, "-m", "granian", "--interface", "asgi", "--loop", "uvloop"),
+                *("--host", "127.0.0.1", "--port", str(port), "--workers", str(self.workers)),
+                *("--log-level", "warning", "--no-access-log"),
+                "benchmarks.bare_ws_app:app",
+            ]
+        else:
+            ws = self.transport.removeprefix("uvicorn/")
+            command = [
+                *(sys.executable, "-m", "uvicorn", "benchmarks.bare_ws_app:app"),
+                *("--host", "127.0.0.1", "--port", str(port), "--workers", str(self.workers)),
+                *("--log-level", "warning", "--ws-max-size", "65536"),
+                *("--ws-per-message-deflate", deflate, "--ws", ws, "--http", self.http),
+            ]
 
         def all_up() -> bool:
             return len(list(ready_dir.iterdir())) >= self.workers
@@ -180,10 +219,14 @@ class Server:
         rest = [c for c in children if c not in forked]
         if self.kind == SERVICE:  # the supervisor starts the engine first, then the APIs
             self.roles = {"engine": forked[:1], "api": forked[1:], "supervisor": [root, *rest]}
-        elif forked:  # uvicorn --workers N: a parent and N workers
-            self.roles = {"api": forked, "supervisor": [root, *rest]}
-        else:
-            self.roles = {"api": [root, *rest]}
+        else:  # the processes that run the app wrote their pids at start (bare_ws_app)
+            assert self.ready_dir is not None
+            serving = {int(p.name) for p in self.ready_dir.iterdir()}
+            everyone = [root, *children]
+            self.roles = {
+                "api": [p for p in everyone if p.pid in serving],
+                "supervisor": [p for p in everyone if p.pid not in serving],
+            }
 
     def cpu_s(self) -> dict[str, float]:
         """CPU seconds by role so far."""
@@ -253,9 +296,12 @@ def make_plan(
     words = stream_words(models)
     configs = set(args.configs)
 
-    def bare(workers: int, deflate: bool = False) -> Row:
+    def bare(workers: int, deflate: bool = False, transport: str = SERVICE_TRANSPORT) -> Row:
         label = BARE_LABEL + (", deflate on" if deflate else "")
-        return plan.row(label, Server(BARE, workers, deflate=deflate), words, compression=deflate)
+        if transport != SERVICE_TRANSPORT:
+            label += f", {transport}"
+        server = Server(BARE, workers, deflate=deflate, transport=transport)
+        return plan.row(label, server, words, compression=deflate)
 
     def lstm(workers: int) -> Row:
         server = Server(SERVICE, workers, models, dict(args.env))
@@ -266,15 +312,25 @@ def make_plan(
             bare(workers)
         if "ceiling" in configs:
             assert ceiling_models is not None
-            plan.row(
-                f"ceiling: service, tiny model (hidden {args.ceiling_hidden})",
-                Server(SERVICE, workers, ceiling_models, dict(args.env)),
-                stream_words(ceiling_models),
-                bare=bare(workers),
-                target=TARGET_CEILING,
-            )
+            for code in (None, args.baseline) if args.baseline else (None,):
+                plan.row(
+                    f"ceiling: service, tiny model (hidden {args.ceiling_hidden})"
+                    + (BASELINE if code else ""),
+                    Server(SERVICE, workers, ceiling_models, dict(args.env), code=code),
+                    stream_words(ceiling_models),
+                    bare=bare(workers),
+                    target=TARGET_CEILING,
+                )
         if "lstm" in configs:
             lstm(workers)
+            if args.baseline:
+                server = Server(SERVICE, workers, models, dict(args.env), code=args.baseline)
+                plan.row(LSTM_LABEL + BASELINE, server, words, bare=bare(workers))
+        if "transports" in configs:
+            default = bare(workers)
+            for transport in args.transports:
+                if transport != SERVICE_TRANSPORT:
+                    bare(workers, transport=transport).bare = default
     base = args.base_workers
     if "deflate" in configs:
         lstm(base)
@@ -425,6 +481,10 @@ def measure(
             "rest_of_machine": busy - total_server - clients_cpu - (redis_cpu or 0.0),
         },
         "server_cpu_ms_per_msg": 1e3 * total_server / msgs_per_s if msgs_per_s else None,
+        "cpu_ms_per_msg": {
+            role: 1e3 * value / msgs_per_s if msgs_per_s else None
+            for role, value in server_cpu.items()
+        },
     }
     if rate:
         result["offered_msgs_per_s"] = rate
@@ -524,6 +584,11 @@ def summarize(plan: Plan, rounds: list[dict[str, Any]]) -> dict[str, dict[str, A
             },
             "deflate_connections": runs[-1]["deflate_connections"],
         }
+        if all(None not in r["cpu_ms_per_msg"].values() for r in runs):
+            summary["cpu_ms_per_msg"] = {
+                role: statistics.mean(r["cpu_ms_per_msg"][role] for r in runs)
+                for role in runs[0]["cpu_ms_per_msg"]
+            }
         for key in (
             "server_cpu_ms_per_msg",
             "mean_batch",
@@ -582,7 +647,8 @@ def table(report: dict[str, Any]) -> str:
     lines += [
         "",
         "| configuration | API procs | msgs/s (median) | by round | / bare | p50 ms | p99 ms "
-        "| errors | CPU server (engine + API + sup.) | server CPU ms/msg | CPU clients "
+        "| errors | CPU server (engine + API + sup.) | CPU ms/msg (engine + API + sup.) "
+        "| CPU clients "
         "| CPU redis | CPU rest | mean batch | run ms/batch |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -594,11 +660,15 @@ def table(report: dict[str, Any]) -> str:
             if cpu.get(k) is not None
         )
         by_round = ", ".join(f"{x:,.0f}" for x in r["msgs_per_s_by_round"])
+        per_msg = r.get("cpu_ms_per_msg") or {}
+        per_role = " + ".join(
+            f"{per_msg[k]:.3f}" for k in ("engine", "api", "supervisor") if k in per_msg
+        )
         lines.append(
             f"| {r['configuration']} | {r['api_processes']} | {r['msgs_per_s']:,.0f} | {by_round} "
             f"| {fmt(r.get('ratio_to_bare'), '.2f')} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} "
             f"| {r['errors']} | {cpu['server']:.2f} ({parts}) "
-            f"| {fmt(r.get('server_cpu_ms_per_msg'), '.3f')} | {cpu['clients']:.2f} "
+            f"| {fmt(r.get('server_cpu_ms_per_msg'), '.3f')} ({per_role}) | {cpu['clients']:.2f} "
             f"| {fmt(cpu['redis'], '.2f')} | {cpu['rest_of_machine']:.2f} "
             f"| {fmt(r.get('mean_batch'), '.1f')} "
             f"| {fmt(r.get('run_ms_per_batch'), '.2f')} |"
@@ -608,7 +678,8 @@ def table(report: dict[str, Any]) -> str:
         "",
         f"CPU: cores used during the measured window (the machine has {nproc}); 'CPU rest' is "
         "everything else that ran meanwhile (other jobs, the idle servers). 'server CPU "
-        "ms/msg' is the server's CPU time per answered message. 'run ms/batch' is the engine's "
+        "ms/msg' is the server's CPU time per answered message, split by process role (the bare "
+        "app's API processes are those that run the app, its 'sup.' the server's parent). 'run ms/batch' is the engine's "
         "ONNX Runtime time per batch; '/ bare' divides by the bare app with the same processes "
         "(deflate on: by the bare app with deflate on).",
         "",
@@ -639,6 +710,23 @@ def notes(report: dict[str, Any]) -> list[str]:
             "the service's response time: see the paced row"
         )
     for r in s.values():
+        bare = s.get(r.get("bare", ""))
+        if (
+            bare is not None
+            and r["configuration"].startswith(("ceiling", LSTM_LABEL))
+            and "cpu_ms_per_msg" in r
+            and bare.get("server_cpu_ms_per_msg")
+        ):
+            whole = bare["server_cpu_ms_per_msg"]
+            api = r["cpu_ms_per_msg"].get("api", 0.0) / whole
+            server = r["server_cpu_ms_per_msg"] / whole
+            lines.append(
+                f"- {r['configuration']}, {r['api_processes']} API process(es): CPU per message "
+                f"of the API processes / the bare app's whole server {api:.2f} (target <= "
+                f"{TARGET_API_CPU:g}: {verdict(api <= TARGET_API_CPU)}); of the whole service "
+                f"{server:.2f} (target <= {TARGET_SERVER_CPU:g}: "
+                f"{verdict(server <= TARGET_SERVER_CPU)})"
+            )
         if "target_ratio" in r and "ratio_to_bare" in r:
             ok = r["ratio_to_bare"] >= r["target_ratio"]
             lines.append(
@@ -716,6 +804,15 @@ def config_list(text: str) -> list[str]:
     return names
 
 
+def transport_list(text: str) -> list[str]:
+    """'granian,uvicorn/wsproto' -> checked names."""
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    unknown = set(names) - set(TRANSPORTS)
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown servers {sorted(unknown)}; of {TRANSPORTS}")
+    return names
+
+
 def env_pair(text: str) -> tuple[str, str]:
     """'KEY=VALUE' -> (KEY, VALUE)."""
     key, sep, value = text.partition("=")
@@ -754,6 +851,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=int,
         default=Settings(workers=0).api_processes(),
         help="API processes of the deflate, paced and redis rows (default: as `nextword serve`)",
+    )
+    p.add_argument(
+        "--transports",
+        type=transport_list,
+        default=list(TRANSPORTS),
+        help=f"servers of the bare app in the transports rows, of {', '.join(TRANSPORTS)}",
+    )
+    p.add_argument(
+        "--baseline",
+        type=Path,
+        help="another checkout's root (e.g. `git worktree add /tmp/base main`): the ceiling "
+        "and lstm rows are measured on its code too, alternated with this one's",
     )
     p.add_argument("--models", type=Path, help="models directory (default: the bundled models)")
     p.add_argument(

@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.openapi.docs import get_swagger_ui_html
@@ -106,6 +107,9 @@ class RequestMetrics:
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
+        # Children by label values: bounded (route templates, known methods, statuses).
+        self._latency: dict[tuple[str, str], Any] = {}
+        self._count: dict[tuple[str, str, int], Any] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -129,8 +133,27 @@ class RequestMetrics:
             if scope.get(ABANDONED):
                 status = 499  # the client closed the connection before the answer
             method = scope["method"] if scope["method"] in KNOWN_METHODS else "OTHER"
-            metrics.HTTP_REQUEST_SECONDS.labels(method, route).observe(time.perf_counter() - start)
-            metrics.HTTP_REQUESTS.labels(method, route, str(status)).inc()
+            tally = metrics.TALLY
+            tally.observe(self.latency(method, route), time.perf_counter() - start)
+            tally.inc(self.count(method, route, status))
+
+    def latency(self, method: str, route: str) -> Any:
+        """The latency histogram's child of a route (labels() takes a lock: looked up once)."""
+        child = self._latency.get((method, route))
+        if child is None:
+            child = self._latency[method, route] = metrics.HTTP_REQUEST_SECONDS.labels(
+                method, route
+            )
+        return child
+
+    def count(self, method: str, route: str, status: int) -> Any:
+        """The request counter's child of a route and status."""
+        child = self._count.get((method, route, status))
+        if child is None:
+            child = self._count[method, route, status] = metrics.HTTP_REQUESTS.labels(
+                method, route, str(status)
+            )
+        return child
 
 
 # --- documentation -----------------------------------------------------------------

@@ -21,6 +21,9 @@ uvicorn's own protocols, with what they lack on an open network:
 - an upgrade request refused by the WebSocket parser (a request line over 8 KB: 414,
   header fields too large: 431) gets its answer and is closed (uvicorn drops it).
 
+Beside the limits, the WebSocket protocol's receive queue is an `Inbox` (no running-loop
+lookup per message: see `WebSocketProtocol.__init__`).
+
 `LimitedConfig` carries the limits to the API processes (it is pickled with the config).
 """
 
@@ -35,6 +38,8 @@ from typing import Any
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+
+from service.api.inbox import Inbox
 
 log = logging.getLogger(__name__)
 
@@ -242,6 +247,14 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
 
     send_timer: asyncio.TimerHandle | None = None
     abort_timer: asyncio.TimerHandle | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # uvicorn queues what it received in an asyncio.Queue, whose `get` looks up the
+        # running loop (a getpid() system call on Python 3.11) for every message. The
+        # protocol only puts without waiting, takes, and asks whether it is empty: an
+        # Inbox does that on the loop given once (its bound applies to `put` only).
+        self.queue = Inbox(self.loop, 1)  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)

@@ -9,9 +9,11 @@ the ids and probabilities it gets back into words in their display form. It rais
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -39,6 +41,24 @@ from service.errors import BadInput, UnknownModel, UnknownSession, error_from_co
 log = logging.getLogger(__name__)
 
 SESSION_MODELS_CACHED = 100_000  # session -> model entries kept per API process
+# Texts of up to this many characters keep their tokenization, per model and API process:
+# the common stream message is a word or two, and a writer's words repeat.
+CACHED_TEXT_CHARS = 48
+CACHED_TEXTS = 16_384
+
+Tokenized = tuple[tuple[int, ...], tuple[str, ...]]
+
+
+def cached_encoder(vocab: Vocabulary) -> Callable[[str], Tokenized]:
+    """`vocab.encode_typed` with its answers for the last `CACHED_TEXTS` texts kept (as
+    tuples: one answer is shared by every caller, so none may change it)."""
+
+    @functools.lru_cache(maxsize=CACHED_TEXTS)
+    def encode(text: str) -> Tokenized:
+        ids, typed = vocab.encode_typed(text)
+        return tuple(ids), tuple(typed)
+
+    return encode
 
 
 def owned_id(session_id: str, owner: str) -> str:
@@ -116,6 +136,7 @@ class Predictor:
         # Which model a session belongs to, so a feed is tokenized with the right
         # vocabulary without asking the engine first; a miss asks it once.
         self._session_models: OrderedDict[str, str] = OrderedDict()
+        self._encoders = {vocab: cached_encoder(vocab) for vocab in vocabularies.values()}
         self.ready = False
 
     @classmethod
@@ -178,7 +199,11 @@ class Predictor:
         limit = self.settings.max_text_chars
         if len(text) > limit:
             raise BadInput(f"text has {len(text)} characters; the limit is {limit}")
-        ids, typed = vocab.encode_typed(text)
+        if len(text) <= CACHED_TEXT_CHARS:
+            cached_ids, cached_typed = self._encoders[vocab](text)
+            ids, typed = list(cached_ids), list(cached_typed)
+        else:
+            ids, typed = vocab.encode_typed(text)
         if len(ids) > self.settings.max_tokens_per_request:
             raise BadInput(
                 f"text has {len(ids)} tokens; the limit is {self.settings.max_tokens_per_request}"

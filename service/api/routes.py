@@ -15,6 +15,7 @@ from pydantic import Field
 
 from service import metrics
 from service.api.deps import PredictorDep, get_predictor
+from service.api.lean import LeanRoute, body_decoders, decoded, json_response, lean
 from service.api.process import all_processes_up
 from service.api.schemas import (
     TEXT_DOC,
@@ -33,10 +34,11 @@ from service.contract.limits import MAX_SESSION_ID_CHARS
 from service.errors import NotReady
 
 SessionId = Annotated[str, Path(max_length=MAX_SESSION_ID_CHARS, description="A session's id.")]
+MAX_IDEMPOTENCY_KEY_CHARS = 128
 IdempotencyKey = Annotated[
     str | None,
     Header(
-        max_length=128,
+        max_length=MAX_IDEMPOTENCY_KEY_CHARS,
         description="The client's id for this feed. Sent again with the same text (a retry "
         "after `outcome_unknown`, a timeout or a lost connection), the feed is answered as "
         "the first was and not applied a second time, if it was the session's last step.",
@@ -112,7 +114,39 @@ def v1_router(settings: Settings) -> APIRouter:
         __doc__ = FeedRequestBase.__doc__
         text: Text
 
-    router = APIRouter(prefix="/v1")
+    # The hot routes try a fast handler first (service.api.lean); what it does not take
+    # exactly, FastAPI's handler answers (every refusal is the documented one).
+    router = APIRouter(prefix="/v1", route_class=LeanRoute)
+    predict_body, feed_body = body_decoders(settings.max_text_chars)
+
+    async def fast_predict(request: Request) -> Response | None:
+        body = await decoded(request, predict_body)
+        if body is None:
+            return None
+        answer = await get_predictor(request).predict(
+            body.text, k=body.k, model=body.model, prefix=body.prefix, adapt=body.adapt
+        )
+        return json_response(answer)
+
+    async def fast_feed(request: Request) -> Response | None:
+        session_id = request.path_params.get("session_id", "")
+        key = request.headers.get("idempotency-key")
+        if len(session_id) > MAX_SESSION_ID_CHARS or (
+            key is not None and len(key) > MAX_IDEMPOTENCY_KEY_CHARS
+        ):
+            return None
+        body = await decoded(request, feed_body)
+        if body is None:
+            return None
+        answer = await get_predictor(request).feed(
+            session_id,
+            body.text,
+            k=body.k,
+            prefix=body.prefix,
+            adapt=body.adapt,
+            request_key=key,
+        )
+        return json_response(answer)
 
     @router.get(
         "/models",
@@ -127,6 +161,7 @@ def v1_router(settings: Settings) -> APIRouter:
     @router.post(
         "/predict", response_model=PredictResponse, tags=["predict"], responses=STEP_ERRORS
     )
+    @lean(fast_predict)
     async def predict(body: PredictRequest, predictor: PredictorDep) -> dict[str, Any]:
         """Predict the next word of a whole text (stateless)."""
         return await predictor.predict(
@@ -157,6 +192,7 @@ def v1_router(settings: Settings) -> APIRouter:
         tags=["sessions"],
         responses=STEP_ERRORS,
     )
+    @lean(fast_feed)
     async def feed(
         session_id: SessionId,
         body: FeedRequest,

@@ -22,9 +22,10 @@ that is not UTF-8. An `Origin` not in
 `allowed_origins` (same origin by default) is refused with HTTP 403 before the upgrade.
 
 The hot path is per message: one msgspec decode into a Struct, one `Predictor.feed`, one
-msgspec encode. A connection has two tasks for its whole life (not one per message): the
-answering loop, and a reader that queues frames; when the client leaves, the reader
-cancels the answering loop, which aborts the pending step in the engine.
+msgspec encode. A connection has two tasks for its whole life (not one per message), both
+started by the ASGI app's task, which then waits for the first: the answering loop, and a
+reader that queues frames (`Inbox`); when the client leaves, the reader cancels the answering
+loop, which aborts the pending step in the engine.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from service import metrics
 from service.api.auth import OWNER, Limiter, client_address
 from service.api.deps import get_predictor
 from service.api.errors import close_code
+from service.api.inbox import Inbox
 from service.api.predictor import Predictor
 from service.api.schemas import TEXT_DOC
 from service.config import Settings
@@ -71,6 +73,7 @@ _END = object()  # queued by the reader when it stops: answer what came before, 
 OPEN_STREAMS: set[StreamConnection] = set()
 
 _encode = msgspec.json.Encoder().encode
+_SENT: dict[str, Any] = {}  # message type -> its child of WS_MESSAGES (labels() costs a lock)
 _loose = msgspec.json.Decoder()
 
 
@@ -175,7 +178,7 @@ class StreamConnection:
         self.gone = False  # the client left: the answering loop was cancelled for it
         self._draining = False  # the server shuts down (or the client idles): no more reading
         self._closing = (CLOSE_GOING_AWAY, "server shutting down")  # the close after draining
-        self._inbox: asyncio.Queue[Any] = asyncio.Queue(READ_AHEAD)
+        self._inbox: Inbox[Any] = Inbox(asyncio.get_running_loop(), READ_AHEAD)
         self._reader: asyncio.Task[None] | None = None
         self._answering: asyncio.Task[Any] | None = None
 
@@ -222,19 +225,22 @@ class StreamConnection:
 
     async def exchange(self) -> None:
         """Read and answer until either side ends the connection."""
-        self._answering = asyncio.current_task()
         loop = asyncio.get_running_loop()
+        # The answering loop is a task of its own rather than this one (the ASGI app's, under
+        # some twenty frames of middleware): it is resumed twice per message, and resuming a
+        # task resumes every coroutine frame on its stack. Cancelling this task cancels it.
+        self._answering = loop.create_task(self.answer())
         self._reader = loop.create_task(self.read())
         if self.idle_timeout_s:
             self.last_message = loop.time()
             self._idle_timer = loop.call_later(self.idle_timeout_s, self.check_idle)
         try:
-            await self.answer()
+            await self._answering
         except asyncio.CancelledError:
-            if not self.gone:
+            current = asyncio.current_task()
+            if not self.gone or (current is not None and current.cancelling()):
                 raise
-            assert self._answering is not None
-            self._answering.uncancel()  # cancelled for the client that left: done
+            # cancelled for the client that left: done
         finally:
             self._reader.cancel()
             if self._idle_timer is not None:
@@ -299,7 +305,7 @@ class StreamConnection:
                 )
                 await self.websocket.close(CLOSE_INTERNAL, reason="internal")
                 return
-            metrics.WS_MESSAGE_SECONDS.observe(time.perf_counter() - received_at)
+            metrics.TALLY.observe(metrics.WS_MESSAGE_SECONDS, time.perf_counter() - received_at)
             if not keep_open:
                 return
             if self._draining and self._inbox.empty():
@@ -389,7 +395,11 @@ class StreamConnection:
     async def send(self, payload: dict[str, Any]) -> None:
         """Send one JSON message and count it by type."""
         await self.websocket.send({"type": "websocket.send", "text": _encode(payload).decode()})
-        metrics.WS_MESSAGES.labels(payload["type"]).inc()
+        kind = payload["type"]
+        counter = _SENT.get(kind)
+        if counter is None:
+            counter = _SENT[kind] = metrics.WS_MESSAGES.labels(kind)
+        metrics.TALLY.inc(counter)
 
 
 async def drain_streams(timeout: float) -> None:

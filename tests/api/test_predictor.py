@@ -337,3 +337,28 @@ async def test_words_are_returned_in_their_display_form(tmp_path: Path) -> None:
         assert clean == ["I'm"]  # (and corrections: "It's", a letter missing)
     finally:
         await p.close()
+
+
+def test_short_texts_tokenize_from_the_cache_exactly_as_uncached(tiny_artifacts: Path) -> None:
+    from service.api.predictor import CACHED_TEXT_CHARS
+    from service.contract.artifact import ModelArtifact
+
+    vocab = ModelArtifact.load(tiny_artifacts / "lstm").vocab
+    p = Predictor(settings(tiny_artifacts), engine=None, vocabularies={"lstm": vocab})  # type: ignore[arg-type]
+    texts = [
+        *TEXTS,
+        "",
+        "the",
+        "The",
+        "Zyzzx qwrtp",
+        "Zyzzx",
+        "well-known",
+        "x" * CACHED_TEXT_CHARS,
+    ]
+    for text in texts + texts:  # the second pass answers from the cache
+        assert p._tokens(vocab, text) == vocab.encode_typed(text), text
+    ids, typed = p._tokens(vocab, "Zyzzx")
+    assert typed == ["Zyzzx"]  # a word outside the vocabulary keeps its typed form
+    ids.append(1)
+    typed.append("changed")  # a caller changing its answer does not change the next one
+    assert p._tokens(vocab, "Zyzzx") == vocab.encode_typed("Zyzzx")

@@ -142,7 +142,33 @@ def test_the_e2e_benchmark_measures_every_row(tiny_artifacts: Path, tmp_path: Pa
     for row in summary.values():
         assert row["msgs_per_s"] > 0, row
         assert row["errors"] == 0, row["error_samples"]
+        # CPU per message by role: the bare app's serving process is an API process too
+        assert row["cpu_ms_per_msg"]["api"] > 0, row
     assert "| bare WS app | 1 |" in out.with_suffix(".txt").read_text()
+
+
+@pytest.mark.slow
+def test_the_rest_benchmark_measures_the_service_against_the_bare_endpoint(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "rest.json"
+    command = [
+        *(sys.executable, "-m", "benchmarks.bench_rest", "--quick", "--parsers", ""),
+        *("--connections", "4", "--clients", "1", "--seconds", "1", "--warmup", "0.5"),
+        *("--json", str(out)),
+    ]
+    run = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    summary = json.loads(out.read_text())["summary"]
+    assert [r["configuration"] for r in summary.values()] == [
+        "bare FastAPI JSON endpoint",
+        "service predict, tiny model",
+        "service feed, tiny model",
+    ]
+    for row in summary.values():
+        assert row["requests_per_s"] > 0 and row["errors"] == 0, row
+        assert row["cpu_ms_per_request"]["api"] > 0, row
+    assert all("ratio_to_bare" in r for r in list(summary.values())[1:])
 
 
 @pytest.mark.slow
@@ -290,3 +316,15 @@ def test_bench_limits_round2_reports_render(probe: str) -> None:
     text = bench.table(report)
     rows = [line for line in text.splitlines() if line.startswith("| ") and "variant" not in line]
     assert f"{probe}:" in text and len(rows) >= 2  # before and now (behind: and through)
+
+
+def test_the_stream_path_benchmark_times_every_piece_and_the_whole_message() -> None:
+    command = [
+        *(sys.executable, "-m", "benchmarks.bench_stream_path", "--messages", "300"),
+        *("--repeat", "1", "--rounds", "1", "--baseline", str(REPO_ROOT)),
+    ]
+    run = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = [line for line in run.stdout.splitlines() if line.startswith("| ")]
+    assert len(rows) == 2 + 9 + 2, run.stdout  # two header rows, nine pieces, two wholes
+    assert "new / old:" in run.stdout
