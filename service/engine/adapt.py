@@ -44,6 +44,7 @@ from service.contract.tokenizer import is_word, normalize
 from service.contract.vocab import BLOCKED
 
 EMPTY = -1  # the key of an empty slot, and of a token that is not remembered
+_CHUNK = 1 << 18  # values a temporary of the key comparisons holds at most
 
 
 @dataclass(frozen=True)
@@ -190,16 +191,28 @@ def empty_cache(batch: int, capacity: int) -> tuple[np.ndarray, np.ndarray]:
 def _insert(keys: np.ndarray, weights: np.ndarray, key: np.ndarray) -> None:
     """Count one key per row of (R, C) `keys`/`weights` (key -1: none), in place: a held key
     gains 1, a new one takes the lowest empty slot, else the smallest weight (ties: lowest
-    slot)."""
-    rows = np.flatnonzero(key >= 0)
+    slot).
+
+    An empty slot weighs 0 (every function here keeps it so) and a held one weighs more
+    unless it decayed to 0, so the first slot of least weight is the slot wanted; a row
+    where it holds a key at weight 0 looks again, as the rule says."""
+    counted = key >= 0
+    rows = np.flatnonzero(counted)
     if not len(rows):
         return
     # -2 matches no slot (an empty slot's key is -1).
-    match = keys == np.where(key >= 0, key, -2)[:, None]
-    found = match.any(1)
-    free = np.where(keys < 0, np.float32(-1.0), weights).argmin(1)
-    slot = np.where(found, match.argmax(1), free)[rows]
-    kept = found[rows]
+    match = keys == np.where(counted, key, -2)[:, None]
+    slot = match.argmax(1)
+    found = match[np.arange(len(keys)), slot]
+    new = np.flatnonzero(counted & ~found)
+    if len(new):
+        free = weights[new].argmin(1) if len(new) < len(keys) // 4 else weights.argmin(1)[new]
+        odd = np.flatnonzero((weights[new, free] == 0) & (keys[new, free] >= 0))
+        if len(odd):
+            held = keys[new[odd]] >= 0
+            free[odd] = np.where(held, weights[new[odd]], np.float32(-1.0)).argmin(1)
+        slot[new] = free
+    slot, kept = slot[rows], found[rows]
     weights[rows, slot] = np.where(kept, weights[rows, slot], np.float32(0.0)) + np.float32(1.0)
     keys[rows, slot] = key[rows]
 
@@ -231,9 +244,12 @@ def _count_token(
         w = np.int64(layout.words)
         pair = 2 * w + prev.astype(np.int64) * w + token
         _insert(keys, weights, np.where((token >= 0) & (prev >= 0), pair, EMPTY).astype(np.int32))
-    stale = weights < np.float32(params.threshold)  # empty slots too: clearing them is harmless
-    np.copyto(keys, EMPTY, where=stale)
-    np.copyto(weights, np.float32(0.0), where=stale)
+    # Few entries fall out a token: they are cleared at their slots (a masked write over
+    # every slot costs tens of times more where the cache has empty slots).
+    stale = (weights < np.float32(params.threshold)) & (keys != EMPTY)
+    r, c = np.divmod(np.flatnonzero(stale), keys.shape[1])
+    keys[r, c] = EMPTY
+    weights[r, c] = np.float32(0.0)
 
 
 def update(
@@ -367,7 +383,7 @@ class _Held:
     def of(cls, keys: np.ndarray, weights: np.ndarray, layout: Layout) -> _Held:
         """The word slots of `keys`/`weights` under `layout`."""
         words = layout.word_keys(keys)
-        w_words = np.where(words, weights, np.float32(0.0))
+        w_words = weights * words  # (np.where is ~10x slower; weights are finite, >= 0)
         return cls(words, w_words, w_words.sum(1, keepdims=True))
 
     def rows(self, index: np.ndarray) -> _Held:
@@ -448,11 +464,19 @@ def _unsigned(keys: np.ndarray) -> np.ndarray:
     return keys.view(keys.dtype.str.replace("i", "u"))
 
 
-def _join(codes: np.ndarray, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Where each of `slots` (codes, any order) is in `codes` (sorted, distinct): its index
-    there, and whether it is there."""
-    found = np.minimum(np.searchsorted(codes, slots), len(codes) - 1)
-    return found, codes[found] == slots
+def _slots_of(keys: np.ndarray, rows: np.ndarray, key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The slot of each `key` in its row `rows` of `keys` (R, C), and whether it is held
+    there: one comparison of the row's C keys a key, `_CHUNK` values at a time (a join by
+    sorted codes searches every slot instead, ~3x slower at a few keys a row)."""
+    slot = np.zeros(len(rows), dtype=np.int64)
+    hit = np.zeros(len(rows), dtype=bool)
+    step = max(1, _CHUNK // max(1, keys.shape[1]))
+    for a in range(0, len(rows), step):
+        match = keys[rows[a : a + step]] == key[a : a + step, None]
+        at = match.argmax(1)
+        slot[a : a + step] = at
+        hit[a : a + step] = match[np.arange(len(at)), at]
+    return slot, hit
 
 
 def _scores(
@@ -484,21 +508,13 @@ def _scores(
     ramp = _ramp(weights, keys, layout, params, held.total)
     lu = np.float32(params.lam) * ramp
     oov = held.words & (keys >= vocab_size)
-    p_share = p_model  # the model's share of each slot's word
-    typed = np.flatnonzero(oov)
-    if len(typed):
-        r, c = np.divmod(typed, columns)
-        rows = np.unique(r)
-        if len(rows) < len(keys) // 2:  # a row's sum is the same alone or in the batch
-            oov_total = np.where(oov[rows], weights[rows], np.float32(0.0)).sum(1, keepdims=True)
-        else:
-            oov_total = np.where(oov, weights, np.float32(0.0)).sum(1, keepdims=True)[rows]
-        part = p_unk[rows] * np.float32(params.oov_share) / np.maximum(oov_total, np.float32(1e-30))
-        share = np.zeros((len(keys), 1), dtype=part.dtype)
-        share[rows] = part
-        value = weights[r, c] * share[r, 0]
-        p_share = p_model.astype(np.result_type(value, p_model), copy=True)
-        p_share[r, c] = value
+    typed = None  # the typed words' slots and model shares: their part of p(<unk>)
+    at = np.flatnonzero(oov)
+    if len(at):
+        r, c = np.divmod(at, columns)
+        oov_total = (weights * oov).sum(1, keepdims=True)
+        share = p_unk * np.float32(params.oov_share) / np.maximum(oov_total, np.float32(1e-30))
+        typed = (r, c, weights[r, c] * share[r, 0])
     lb = np.zeros_like(lu)
     bigram = None
     if layout.bigrams and last is not None:
@@ -507,30 +523,23 @@ def _scores(
         if len(at):
             r, c = np.divmod(at, columns)
             pair_weight = weights[r, c]
-            n = np.where(pairs, weights, np.float32(0.0)).sum(1, keepdims=True)
+            n = (weights * pairs).sum(1, keepdims=True)
             lb = np.float32(params.lam_bigram) * ramp * n / (n + np.float32(1.0))
             bigram = (r, shifted[r, c], pair_weight, n)
     model = np.float32(1.0) - lu - lb
-    base = model * p_share
+    base = model * p_model  # each slot's model part: model * its share of the model
+    if typed is not None:
+        r, c, p_share = typed
+        base = base.astype(np.result_type(base, model * p_share), copy=False)
+        base[r, c] = model[r, 0] * p_share
     scores = base + lu * held.weights / np.maximum(held.total, np.float32(1e-30))
     if bigram is not None:
         r, nxt, pair_weight, n = bigram
         part = lb[r, 0] * pair_weight / np.maximum(n[r, 0], np.float32(1e-30))
-        # Joined to each word's slot by (row, word) code: a row's pairs after `last` name
-        # distinct words (ascending in row already; sorted within a row here). Only the
-        # word slots whose word follows some row's `last` can match: a table over the
-        # words picks them out before the search.
-        width = np.int64(layout.words)
-        code = r * width + nxt
-        order = np.argsort(code, kind="stable")
-        code, part = code[order], part[order]
-        follows = np.zeros(layout.words + 1, dtype=bool)
-        follows[nxt] = True
-        word = np.minimum(_unsigned(keys), layout.words)  # a non-word reads the last entry
-        slot = np.flatnonzero(follows[word])
-        sr, sc = np.divmod(slot, columns)
-        found, hit = _join(code, sr * width + keys[sr, sc])
-        scores[sr[hit], sc[hit]] += part[found[hit]]
+        # Each pair names a word the row may hold: its slot is found by comparing the
+        # row's keys (a row's pairs after `last` name distinct words; a few a row).
+        slot, hit = _slots_of(keys, r, nxt)
+        scores[r[hit], slot[hit]] += part[hit]
     return _Scores(scores, base, model, oov)
 
 
