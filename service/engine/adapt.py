@@ -305,6 +305,48 @@ def update(
         keys[rows], weights[rows] = k, w
 
 
+def count(
+    keys: np.ndarray,
+    weights: np.ndarray,
+    ids: np.ndarray,
+    lengths: np.ndarray,
+    params: AdaptParams,
+    suggestible: np.ndarray,
+    before: np.ndarray | None = None,
+    remembered: np.ndarray | None = None,
+) -> None:
+    """`update` for a batch whose new tokens come flat, as an engine holds them: `ids` (N,)
+    the rows' new token ids one row after another, `lengths` (B,) how many each row has
+    (sum N), `before` (B,) the id before each row's first (-1: none; needed with bigrams).
+
+    `remembered` (N,) the key each token counts as (default: its id where suggestible,
+    else -1); a caller sets a typed out-of-vocabulary word's key (`oov_keys`) there. The
+    memory ends as `update` leaves it given the same tokens padded by row."""
+    ids = np.asarray(ids, dtype=np.int64)
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if ids.ndim != 1 or int(lengths.sum()) != len(ids) or (lengths < 0).any():
+        raise ValueError(f"{len(ids)} flat tokens for lengths summing to {int(lengths.sum())}")
+    if remembered is None:
+        remembered = np.where(suggestible[ids], ids, EMPTY)
+    elif np.shape(remembered) != ids.shape:
+        raise ValueError(f"remembered {np.shape(remembered)} for {len(ids)} tokens")
+    rows = len(lengths)
+    if before is None:
+        before = np.full(rows, EMPTY, dtype=np.int64)
+    width = max(1, int(lengths.max(initial=0)))
+    if bool((lengths == width).all()):  # the common step: as many tokens a row, no padding
+        new = np.asarray(remembered, dtype=np.int32).reshape(rows, width)
+        raw = ids.reshape(rows, width)
+    else:
+        new = np.full((rows, width), EMPTY, dtype=np.int32)
+        raw = np.full((rows, width), EMPTY, dtype=np.int64)
+        row_of = np.repeat(np.arange(rows), lengths)
+        column = np.arange(len(ids)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        new[row_of, column] = remembered
+        raw[row_of, column] = ids
+    update(keys, weights, new, lengths, params, len(suggestible), raw, np.asarray(before))
+
+
 def oov_keys(
     table: list[str],
     words: Sequence[str],

@@ -784,3 +784,29 @@ def test_wide_keys_and_many_pairs_give_the_same_answers(monkeypatch) -> None:
     for got in (answer(keys), answer(keys.astype(np.int64))):
         np.testing.assert_array_equal(got[0], want[0])
         np.testing.assert_array_equal(got[1], want[1])
+
+
+def test_count_of_flat_tokens_is_update_of_the_padded_rows() -> None:
+    rng = np.random.default_rng(25)
+    p = params(capacity=16, decay=0.9, window=60, recent=2, lam_bigram=0.2, max_oov=2)
+    batch = 6
+    want_k, want_w = adapt.empty_cache(batch, p.capacity)
+    got_k, got_w = adapt.empty_cache(batch, p.capacity)
+    last = np.full(batch, 2, dtype=np.int64)
+    for step in range(12):
+        lengths = rng.integers(0, 4, size=batch) if step % 2 else np.ones(batch, dtype=np.int64)
+        flat = rng.integers(0, 20, size=int(lengths.sum())).astype(np.int64)
+        remembered = np.where(SUGGESTIBLE[flat], flat, -1)
+        remembered[flat == UNK] = V  # a typed word's key, as oov_keys gives it
+        padded = np.full((batch, max(1, int(lengths.max()))), -1, dtype=np.int64)
+        for b, (a, n) in enumerate(zip(np.cumsum(lengths) - lengths, lengths)):
+            padded[b, :n] = flat[a : a + n]
+        new = np.where(SUGGESTIBLE[np.maximum(padded, 0)] & (padded >= 0), padded, -1)
+        new[padded == UNK] = V
+        adapt.update(want_k, want_w, new.astype(np.int32), lengths, p, V, padded, last)
+        adapt.count(got_k, got_w, flat, lengths, p, SUGGESTIBLE, last, remembered)
+        np.testing.assert_array_equal(got_k, want_k)
+        np.testing.assert_array_equal(got_w, want_w)
+        last = np.where(lengths > 0, padded[np.arange(batch), np.maximum(lengths - 1, 0)], last)
+    with pytest.raises(ValueError, match="flat tokens"):
+        adapt.count(got_k, got_w, np.arange(3), np.array([1, 1, 0, 0, 0, 0]), p, SUGGESTIBLE)
