@@ -270,7 +270,7 @@ def measure_functions(
             ids[:, :history], np.full(rows, vocab.eos_id),
         )  # fmt: skip
         memories[name] = (module, params, keys, weights)
-    state = model.run(ids[:, history - 32 : history], model.zero_state(rows)).state
+    state = model.run(ids[:, max(0, history - 32) : history], model.zero_state(rows)).state
     parts = ("update", "live", "gather_ids", "top_k")
     times: dict[str, list[list[float]]] = {name: [] for name in versions}
     answers: dict[str, list[np.ndarray]] = {name: [] for name in versions}
