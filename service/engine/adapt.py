@@ -34,6 +34,7 @@ probability by less than `lam` times it. `capacity` bounds the memory (C x 8 byt
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -144,12 +145,7 @@ class Layout:
     @classmethod
     def of(cls, vocab_size: int, params: AdaptParams) -> Layout:
         """The layout of a model's caches (bigrams off where their keys would overflow int32)."""
-        words = vocab_size + params.max_oov
-        fits = 2 * words + vocab_size * words < np.iinfo(np.int32).max
-        recent, bigrams = params.recent > 0, params.lam_bigram > 0 and fits
-        if not (recent or bigrams):  # every key is a word (a cache counted without them)
-            words = int(np.iinfo(np.int32).max)
-        return cls(vocab_size, words, recent, bigrams)
+        return _layout(vocab_size, params)
 
     def word_keys(self, keys: np.ndarray) -> np.ndarray:
         """Which keys are words (vocabulary ids or typed words)."""
@@ -157,6 +153,17 @@ class Layout:
         if keys.dtype.kind == "i":
             return _unsigned(keys) < self.words  # one pass: -1 reads as 2**32 - 1
         return (keys >= 0) & (keys < self.words)
+
+
+@functools.lru_cache(maxsize=64)
+def _layout(vocab_size: int, params: AdaptParams) -> Layout:
+    """`Layout.of`, kept per (vocabulary size, parameters): every call of the mixing asks."""
+    words = vocab_size + params.max_oov
+    fits = 2 * words + vocab_size * words < np.iinfo(np.int32).max
+    recent, bigrams = params.recent > 0, params.lam_bigram > 0 and fits
+    if not (recent or bigrams):  # every key is a word (a cache counted without them)
+        words = int(np.iinfo(np.int32).max)
+    return Layout(vocab_size, words, recent, bigrams)
 
 
 # What a model without tuned parameters uses: near the bundled models' own (tuned on
@@ -468,7 +475,8 @@ def _ramp(
         total = _Held.of(keys, weights, layout).total
     if params.warmup <= 0:
         return (total > 0).astype(np.float32)
-    return np.clip((total - np.float32(params.warmup)) / np.float32(params.warmup), 0.0, 1.0)
+    ramp = (total - np.float32(params.warmup)) / np.float32(params.warmup)
+    return np.minimum(np.maximum(ramp, np.float32(0.0)), np.float32(1.0))  # (np.clip's cost)
 
 
 def _params(lam: float, params: AdaptParams | None) -> AdaptParams:
@@ -574,7 +582,10 @@ def _scores(
         r, c, p_share = typed
         base = base.astype(np.result_type(base, model * p_share), copy=False)
         base[r, c] = model[r, 0] * p_share
-    scores = base + lu * held.weights / np.maximum(held.total, np.float32(1e-30))
+    # base + lu * weight / total, in place (a (R, C) temporary less; the same roundings)
+    scores = lu * held.weights
+    scores /= np.maximum(held.total, np.float32(1e-30))
+    scores = np.add(scores, base, out=scores if scores.dtype == base.dtype else None)
     if bigram is not None:
         r, nxt, pair_weight, n = bigram
         part = lb[r, 0] * pair_weight / np.maximum(n[r, 0], np.float32(1e-30))
