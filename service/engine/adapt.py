@@ -4,7 +4,12 @@ A session's cache is a fixed-capacity sparse decayed count of the words it has t
 `keys (C,) int32` (-1: empty slot) and `weights (C,) float32`. A key is a suggestible
 vocabulary id (0..V-1), or `V + j` for slot j of the session's table of typed
 out-of-vocabulary words (a list of at most `max_oov` typed forms kept beside the arrays).
-The engine holds one row per session and calls these functions once per batch (B rows).
+An empty slot weighs 0 and a held one more (every function here keeps it so). The engine
+holds one row per session and calls these functions once per batch (B rows): `update`
+(or `count`, the same from flat tokens) after each step's tokens, `live`, `gather_ids`
+for the graph, then `top_k`. A batch is 256 rows of 512 slots: each pass over (B, C) costs,
+so the sparse parts (typed words, the pairs after the last word, the candidates' recency)
+are worked on at their slots only, in the same float32 operations.
 
 Weights: an occurrence t tokens back weighs `decay**t` (the last token weighs 1). Tokens
 that are not remembered (punctuation, `</s>`, specials, blocked words, an `<unk>` without a
@@ -46,6 +51,7 @@ from service.contract.vocab import BLOCKED
 
 EMPTY = -1  # the key of an empty slot, and of a token that is not remembered
 _CHUNK = 1 << 18  # values a temporary of the key comparisons holds at most
+_NARROW = int(np.iinfo(np.int16).max)  # word keys up to this are compared as int16
 
 
 @dataclass(frozen=True)
@@ -590,8 +596,14 @@ def _scores(
         r, nxt, pair_weight, n = bigram
         part = lb[r, 0] * pair_weight / np.maximum(n[r, 0], np.float32(1e-30))
         # Each pair names a word the row may hold: its slot is found by comparing the
-        # row's keys (a row's pairs after `last` name distinct words; a few a row).
-        slot, hit = _slots_of(keys, r, nxt)
+        # row's keys (a row's pairs after `last` name distinct words; a few a row), as
+        # int16 where every word fits (half the bytes to copy and compare; a key that is
+        # no word reads as W, which no word is).
+        if layout.words <= _NARROW:
+            narrow = np.minimum(_unsigned(keys), layout.words).astype(np.int16)
+            slot, hit = _slots_of(narrow, r, nxt.astype(np.int16))
+        else:
+            slot, hit = _slots_of(keys, r, nxt)
         scores[r[hit], slot[hit]] += part[hit]
     return _Scores(scores, base, model, oov)
 

@@ -759,8 +759,9 @@ def test_a_held_key_at_weight_zero_is_not_an_empty_slot() -> None:
 
 
 def test_wide_keys_and_many_pairs_give_the_same_answers(monkeypatch) -> None:
-    """int64 keys (the pairs' differences taken in int64) and the pairs' slots found a few
-    rows at a time give what int32 keys and one comparison give."""
+    """int64 keys (the pairs' differences taken in int64), the pairs' slots found a few
+    rows at a time, and among the keys as they are rather than as int16, give what int32
+    keys and one comparison give."""
     rng = np.random.default_rng(24)
     p = params(capacity=48, decay=0.95, window=200, lam=0.2, lam_bigram=0.3, recent=2)
     batch = 10
@@ -781,6 +782,10 @@ def test_wide_keys_and_many_pairs_give_the_same_answers(monkeypatch) -> None:
 
     want = answer(keys)
     monkeypatch.setattr(adapt, "_CHUNK", 2 * p.capacity)  # two pairs a comparison
+    for got in (answer(keys), answer(keys.astype(np.int64))):
+        np.testing.assert_array_equal(got[0], want[0])
+        np.testing.assert_array_equal(got[1], want[1])
+    monkeypatch.setattr(adapt, "_NARROW", 0)  # the keys compared as they are, not as int16
     for got in (answer(keys), answer(keys.astype(np.int64))):
         np.testing.assert_array_equal(got[0], want[0])
         np.testing.assert_array_equal(got[1], want[1])
