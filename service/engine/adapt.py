@@ -4,7 +4,12 @@ A session's cache is a fixed-capacity sparse decayed count of the words it has t
 `keys (C,) int32` (-1: empty slot) and `weights (C,) float32`. A key is a suggestible
 vocabulary id (0..V-1), or `V + j` for slot j of the session's table of typed
 out-of-vocabulary words (a list of at most `max_oov` typed forms kept beside the arrays).
-The engine holds one row per session and calls these functions once per batch (B rows).
+An empty slot weighs 0 and a held one more (every function here keeps it so). The engine
+holds one row per session and calls these functions once per batch (B rows): `update`
+(or `count`, the same from flat tokens) after each step's tokens, `live`, `gather_ids`
+for the graph, then `top_k`. A batch is 256 rows of 512 slots: each pass over (B, C) costs,
+so the sparse parts (typed words, the pairs after the last word, the candidates' recency)
+are worked on at their slots only, in the same float32 operations.
 
 Weights: an occurrence t tokens back weighs `decay**t` (the last token weighs 1). Tokens
 that are not remembered (punctuation, `</s>`, specials, blocked words, an `<unk>` without a
@@ -34,6 +39,7 @@ probability by less than `lam` times it. `capacity` bounds the memory (C x 8 byt
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -44,6 +50,8 @@ from service.contract.tokenizer import is_word, normalize
 from service.contract.vocab import BLOCKED
 
 EMPTY = -1  # the key of an empty slot, and of a token that is not remembered
+_CHUNK = 1 << 18  # values a temporary of the key comparisons holds at most
+_NARROW = int(np.iinfo(np.int16).max)  # word keys up to this are compared as int16
 
 
 @dataclass(frozen=True)
@@ -143,16 +151,25 @@ class Layout:
     @classmethod
     def of(cls, vocab_size: int, params: AdaptParams) -> Layout:
         """The layout of a model's caches (bigrams off where their keys would overflow int32)."""
-        words = vocab_size + params.max_oov
-        fits = 2 * words + vocab_size * words < np.iinfo(np.int32).max
-        recent, bigrams = params.recent > 0, params.lam_bigram > 0 and fits
-        if not (recent or bigrams):  # every key is a word (a cache counted without them)
-            words = int(np.iinfo(np.int32).max)
-        return cls(vocab_size, words, recent, bigrams)
+        return _layout(vocab_size, params)
 
     def word_keys(self, keys: np.ndarray) -> np.ndarray:
         """Which keys are words (vocabulary ids or typed words)."""
+        keys = np.asarray(keys)
+        if keys.dtype.kind == "i":
+            return _unsigned(keys) < self.words  # one pass: -1 reads as 2**32 - 1
         return (keys >= 0) & (keys < self.words)
+
+
+@functools.lru_cache(maxsize=64)
+def _layout(vocab_size: int, params: AdaptParams) -> Layout:
+    """`Layout.of`, kept per (vocabulary size, parameters): every call of the mixing asks."""
+    words = vocab_size + params.max_oov
+    fits = 2 * words + vocab_size * words < np.iinfo(np.int32).max
+    recent, bigrams = params.recent > 0, params.lam_bigram > 0 and fits
+    if not (recent or bigrams):  # every key is a word (a cache counted without them)
+        words = int(np.iinfo(np.int32).max)
+    return Layout(vocab_size, words, recent, bigrams)
 
 
 # What a model without tuned parameters uses: near the bundled models' own (tuned on
@@ -187,16 +204,28 @@ def empty_cache(batch: int, capacity: int) -> tuple[np.ndarray, np.ndarray]:
 def _insert(keys: np.ndarray, weights: np.ndarray, key: np.ndarray) -> None:
     """Count one key per row of (R, C) `keys`/`weights` (key -1: none), in place: a held key
     gains 1, a new one takes the lowest empty slot, else the smallest weight (ties: lowest
-    slot)."""
-    rows = np.flatnonzero(key >= 0)
+    slot).
+
+    An empty slot weighs 0 (every function here keeps it so) and a held one weighs more
+    unless it decayed to 0, so the first slot of least weight is the slot wanted; a row
+    where it holds a key at weight 0 looks again, as the rule says."""
+    counted = key >= 0
+    rows = np.flatnonzero(counted)
     if not len(rows):
         return
     # -2 matches no slot (an empty slot's key is -1).
-    match = keys == np.where(key >= 0, key, -2)[:, None]
-    found = match.any(1)
-    free = np.where(keys < 0, np.float32(-1.0), weights).argmin(1)
-    slot = np.where(found, match.argmax(1), free)[rows]
-    kept = found[rows]
+    match = keys == np.where(counted, key, -2)[:, None]
+    slot = match.argmax(1)
+    found = match[np.arange(len(keys)), slot]
+    new = np.flatnonzero(counted & ~found)
+    if len(new):
+        free = weights[new].argmin(1) if len(new) < len(keys) // 4 else weights.argmin(1)[new]
+        odd = np.flatnonzero((weights[new, free] == 0) & (keys[new, free] >= 0))
+        if len(odd):
+            held = keys[new[odd]] >= 0
+            free[odd] = np.where(held, weights[new[odd]], np.float32(-1.0)).argmin(1)
+        slot[new] = free
+    slot, kept = slot[rows], found[rows]
     weights[rows, slot] = np.where(kept, weights[rows, slot], np.float32(0.0)) + np.float32(1.0)
     keys[rows, slot] = key[rows]
 
@@ -228,9 +257,12 @@ def _count_token(
         w = np.int64(layout.words)
         pair = 2 * w + prev.astype(np.int64) * w + token
         _insert(keys, weights, np.where((token >= 0) & (prev >= 0), pair, EMPTY).astype(np.int32))
-    stale = weights < np.float32(params.threshold)  # empty slots too: clearing them is harmless
-    np.copyto(keys, EMPTY, where=stale)
-    np.copyto(weights, np.float32(0.0), where=stale)
+    # Few entries fall out a token: they are cleared at their slots (a masked write over
+    # every slot costs tens of times more where the cache has empty slots).
+    stale = (weights < np.float32(params.threshold)) & (keys != EMPTY)
+    r, c = np.divmod(np.flatnonzero(stale), keys.shape[1])
+    keys[r, c] = EMPTY
+    weights[r, c] = np.float32(0.0)
 
 
 def update(
@@ -284,6 +316,48 @@ def update(
         k, w = keys[rows], weights[rows]
         _count_token(k, w, new[rows, t], params, layout, None if prev is None else prev[rows])
         keys[rows], weights[rows] = k, w
+
+
+def count(
+    keys: np.ndarray,
+    weights: np.ndarray,
+    ids: np.ndarray,
+    lengths: np.ndarray,
+    params: AdaptParams,
+    suggestible: np.ndarray,
+    before: np.ndarray | None = None,
+    remembered: np.ndarray | None = None,
+) -> None:
+    """`update` for a batch whose new tokens come flat, as an engine holds them: `ids` (N,)
+    the rows' new token ids one row after another, `lengths` (B,) how many each row has
+    (sum N), `before` (B,) the id before each row's first (-1: none; needed with bigrams).
+
+    `remembered` (N,) the key each token counts as (default: its id where suggestible,
+    else -1); a caller sets a typed out-of-vocabulary word's key (`oov_keys`) there. The
+    memory ends as `update` leaves it given the same tokens padded by row."""
+    ids = np.asarray(ids, dtype=np.int64)
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if ids.ndim != 1 or int(lengths.sum()) != len(ids) or (lengths < 0).any():
+        raise ValueError(f"{len(ids)} flat tokens for lengths summing to {int(lengths.sum())}")
+    if remembered is None:
+        remembered = np.where(suggestible[ids], ids, EMPTY)
+    elif np.shape(remembered) != ids.shape:
+        raise ValueError(f"remembered {np.shape(remembered)} for {len(ids)} tokens")
+    rows = len(lengths)
+    if before is None:
+        before = np.full(rows, EMPTY, dtype=np.int64)
+    width = max(1, int(lengths.max(initial=0)))
+    if bool((lengths == width).all()):  # the common step: as many tokens a row, no padding
+        new = np.asarray(remembered, dtype=np.int32).reshape(rows, width)
+        raw = ids.reshape(rows, width)
+    else:
+        new = np.full((rows, width), EMPTY, dtype=np.int32)
+        raw = np.full((rows, width), EMPTY, dtype=np.int64)
+        row_of = np.repeat(np.arange(rows), lengths)
+        column = np.arange(len(ids)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        new[row_of, column] = remembered
+        raw[row_of, column] = ids
+    update(keys, weights, new, lengths, params, len(suggestible), raw, np.asarray(before))
 
 
 def oov_keys(
@@ -351,6 +425,39 @@ def oov_keys(
 
 
 @dataclass(frozen=True)
+class _Held:
+    """A batch's word slots (R, C): which slots hold words, their weights (0 elsewhere) and
+    each row's sum of them (R, 1). Every mixing step starts from these, so they are taken
+    once per call."""
+
+    words: np.ndarray
+    weights: np.ndarray
+    total: np.ndarray
+
+    @classmethod
+    def of(cls, keys: np.ndarray, weights: np.ndarray, layout: Layout) -> _Held:
+        """The word slots of `keys`/`weights` under `layout`."""
+        words = layout.word_keys(keys)
+        w_words = weights * words  # (np.where is ~10x slower; weights are finite, >= 0)
+        return cls(words, w_words, w_words.sum(1, keepdims=True))
+
+    def rows(self, index: np.ndarray) -> _Held:
+        """The same for some rows."""
+        return _Held(self.words[index], self.weights[index], self.total[index])
+
+
+@dataclass(frozen=True)
+class _Scores:
+    """A batch's mixture at its cache slots (R, C), from `_scores` (no recency, no masks
+    beyond what the scores need)."""
+
+    scores: np.ndarray  # each word slot's probability in the mixture (other slots: unspecified)
+    base: np.ndarray  # its model part alone: model * its share of the model
+    model: np.ndarray  # (R, 1) the model's weight: what a word the cache does not hold gets
+    oov: np.ndarray  # which slots hold typed out-of-vocabulary words
+
+
+@dataclass(frozen=True)
 class _Mixture:
     """A batch's mixture at its cache slots (R, C), from `_mix`."""
 
@@ -371,16 +478,164 @@ def _ramp(
     """(R, 1) how much of its weights the memory of each row gets: 0 until its words weigh
     `warmup`, growing to 1 at twice that (`total`: the words' weight, when known)."""
     if total is None:
-        total = np.where(layout.word_keys(keys), weights, np.float32(0.0)).sum(1, keepdims=True)
+        total = _Held.of(keys, weights, layout).total
     if params.warmup <= 0:
         return (total > 0).astype(np.float32)
-    return np.clip((total - np.float32(params.warmup)) / np.float32(params.warmup), 0.0, 1.0)
+    ramp = (total - np.float32(params.warmup)) / np.float32(params.warmup)
+    return np.minimum(np.maximum(ramp, np.float32(0.0)), np.float32(1.0))  # (np.clip's cost)
 
 
 def _params(lam: float, params: AdaptParams | None) -> AdaptParams:
     """The parameters a mixing call uses: `params`, or only a weight (the cache before
     warm-up, recency, shares and bigrams)."""
     return params if params is not None else AdaptParams(lam, 1.0, 1, 1, 0)
+
+
+def _pairs_after(
+    keys: np.ndarray, last: np.ndarray, layout: Layout
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each slot's key less the first pair key after its row's `last` token ((R, C), any
+    signed int), and the slots that hold such a pair (the difference in [0, W): the word
+    that followed). A row whose `last` is negative holds none."""
+    width = layout.words
+    last = np.asarray(last, dtype=np.int64)
+    # A pair after `last` is a key in [2W + last W, 2W + (last + 1) W); -(W + 1) places a
+    # row without a last token where no key (>= -1) falls.
+    lo = np.where(last >= 0, 2 * np.int64(width) + last * width, -np.int64(width) - 1)
+    # Every key is below `top` (`Layout.of`); when the differences fit int32, they are
+    # taken in it (half the bytes of int64).
+    top = 2 * width + layout.vocab_size * width
+    shifted: np.ndarray
+    int32 = np.iinfo(np.int32).max
+    if keys.dtype == np.int32 and top + width < int32 and lo.max(initial=0) + width < int32:
+        shifted = keys - lo.astype(np.int32)[:, None]
+    else:
+        shifted = keys.astype(np.int64) - lo[:, None]
+    return shifted, _unsigned(shifted) < width
+
+
+def _unsigned(keys: np.ndarray) -> np.ndarray:
+    """Signed integer keys read as unsigned (a view): a negative key reads above every
+    key >= 0, so that `0 <= key < n` is one comparison."""
+    return keys.view(keys.dtype.str.replace("i", "u"))
+
+
+def _slots_of(keys: np.ndarray, rows: np.ndarray, key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The slot of each `key` in its row `rows` of `keys` (R, C), and whether it is held
+    there: one comparison of the row's C keys a key, `_CHUNK` values at a time (a join by
+    sorted codes searches every slot instead, ~3x slower at a few keys a row)."""
+    slot = np.zeros(len(rows), dtype=np.int64)
+    hit = np.zeros(len(rows), dtype=bool)
+    step = max(1, _CHUNK // max(1, keys.shape[1]))
+    for a in range(0, len(rows), step):
+        match = keys[rows[a : a + step]] == key[a : a + step, None]
+        at = match.argmax(1)
+        slot[a : a + step] = at
+        hit[a : a + step] = match[np.arange(len(at)), at]
+    return slot, hit
+
+
+def _scores(
+    keys: np.ndarray,
+    weights: np.ndarray,
+    p_model: np.ndarray,
+    p_unk: np.ndarray,
+    last: np.ndarray | None,
+    vocab_size: int,
+    params: AdaptParams,
+    layout: Layout,
+    held: _Held,
+) -> _Scores:
+    """The mixture of rows (R, C) given the model's probabilities at each slot's key
+    (`p_model`, clipped into the vocabulary) and of `<unk>` (`p_unk` (R, 1)), each row's
+    last token (`last` (R,), for its bigrams) and its word slots (`held`).
+
+        p(w) = (1 - lu - lb) p_model(w) + lu p_words(w) + lb p_bigram(w | last)
+
+    lu = lam * ramp, lb = lam_bigram * ramp * n / (n + 1) with n the row's weight of pairs
+    after `last` (no pair: the model keeps that weight); a typed word's model share is
+    `oov_share` of p(<unk>), split by weight among the typed words; a pair counts for a word
+    the memory still holds.
+
+    Every (R, C) pass counts here (a batch of 256 rows of 512 slots is 131,072 values a
+    pass), so what is sparse (typed words, the pairs after `last`) is worked on at its
+    slots only, in the same float32 operations as over the whole array."""
+    columns = keys.shape[1]
+    ramp = _ramp(weights, keys, layout, params, held.total)
+    lu = np.float32(params.lam) * ramp
+    oov = held.words & (keys >= vocab_size)
+    typed = None  # the typed words' slots and model shares: their part of p(<unk>)
+    at = np.flatnonzero(oov)
+    if len(at):
+        r, c = np.divmod(at, columns)
+        oov_total = (weights * oov).sum(1, keepdims=True)
+        share = p_unk * np.float32(params.oov_share) / np.maximum(oov_total, np.float32(1e-30))
+        typed = (r, c, weights[r, c] * share[r, 0])
+    lb = np.zeros_like(lu)
+    bigram = None
+    if layout.bigrams and last is not None:
+        shifted, pairs = _pairs_after(keys, last, layout)
+        at = np.flatnonzero(pairs)
+        if len(at):
+            r, c = np.divmod(at, columns)
+            pair_weight = weights[r, c]
+            n = (weights * pairs).sum(1, keepdims=True)
+            lb = np.float32(params.lam_bigram) * ramp * n / (n + np.float32(1.0))
+            bigram = (r, shifted[r, c], pair_weight, n)
+    model = np.float32(1.0) - lu - lb
+    base = model * p_model  # each slot's model part: model * its share of the model
+    if typed is not None:
+        r, c, p_share = typed
+        base = base.astype(np.result_type(base, model * p_share), copy=False)
+        base[r, c] = model[r, 0] * p_share
+    # base + lu * weight / total, in place (a (R, C) temporary less; the same roundings)
+    scores = lu * held.weights
+    scores /= np.maximum(held.total, np.float32(1e-30))
+    scores = np.add(scores, base, out=scores if scores.dtype == base.dtype else None)
+    if bigram is not None:
+        r, nxt, pair_weight, n = bigram
+        part = lb[r, 0] * pair_weight / np.maximum(n[r, 0], np.float32(1e-30))
+        # Each pair names a word the row may hold: its slot is found by comparing the
+        # row's keys (a row's pairs after `last` name distinct words; a few a row), as
+        # int16 where every word fits (half the bytes to copy and compare; a key that is
+        # no word reads as W, which no word is).
+        if layout.words <= _NARROW:
+            narrow = np.minimum(_unsigned(keys), layout.words).astype(np.int16)
+            slot, hit = _slots_of(narrow, r, nxt.astype(np.int16))
+        else:
+            slot, hit = _slots_of(keys, r, nxt)
+        scores[r[hit], slot[hit]] += part[hit]
+    return _Scores(scores, base, model, oov)
+
+
+def _recent_at(
+    keys: np.ndarray, rows: np.ndarray, key: np.ndarray, layout: Layout, params: AdaptParams
+) -> np.ndarray:
+    """Whether each word `key` (of row `rows`) was among that row's last `recent` tokens:
+    their marks hold the first `recent` slots (`_count_token`), -1 where none."""
+    if not layout.recent:
+        return np.zeros(len(key), dtype=bool)
+    marks = keys[rows, : params.recent].astype(np.int64) - layout.words
+    return ((marks == key[:, None]) & (marks >= 0)).any(1)
+
+
+def _shown_at(
+    keys: np.ndarray,
+    rows: np.ndarray,
+    key: np.ndarray,
+    suggestible: np.ndarray,
+    layout: Layout,
+    params: AdaptParams,
+) -> np.ndarray:
+    """Whether each `key` (held in row `rows`) may be suggested: a word, suggestible or
+    typed, and not recent (`_Mixture.shown` at some slots)."""
+    vocab_size = len(suggestible)
+    word = (key >= 0) & (key < layout.words)
+    oov = word & (key >= vocab_size)
+    shown = word & (oov | suggestible[np.clip(key, 0, vocab_size - 1)])
+    if layout.recent and shown.any():
+        shown &= ~_recent_at(keys, rows, key, layout, params)
+    return shown
 
 
 def _mix(
@@ -392,59 +647,19 @@ def _mix(
     suggestible: np.ndarray,
     params: AdaptParams,
 ) -> _Mixture:
-    """The mixture of rows (R, C) given the model's probabilities at each slot's key
-    (`p_model`, clipped into the vocabulary) and of `<unk>` (`p_unk` (R, 1)), and each
-    row's last token (`last` (R,), for its bigrams).
-
-        p(w) = (1 - lu - lb) p_model(w) + lu p_words(w) + lb p_bigram(w | last)
-
-    lu = lam * ramp, lb = lam_bigram * ramp * n / (n + 1) with n the row's weight of pairs
-    after `last` (no pair: the model keeps that weight); a typed word's model share is
-    `oov_share` of p(<unk>), split by weight among the typed words; a pair counts for a word
-    the memory still holds."""
+    """The mixture of rows (R, C) (`_scores`) with which slots may be shown and which were
+    typed among the last `recent` tokens, over every slot."""
     vocab_size = len(suggestible)
     layout = Layout.of(vocab_size, params)
-    words = layout.word_keys(keys)
-    w_words = np.where(words, weights, np.float32(0.0))
-    total = w_words.sum(1, keepdims=True)
-    ramp = _ramp(weights, keys, layout, params, total)
-    lu = np.float32(params.lam) * ramp
-    oov = words & (keys >= vocab_size)
-    oov_total = np.where(oov, weights, np.float32(0.0)).sum(1, keepdims=True)
-    share = p_unk * np.float32(params.oov_share) / np.maximum(oov_total, np.float32(1e-30))
-    p_share = np.where(oov, weights * share, p_model)
-    lb = np.zeros_like(lu)
-    pairs = None
-    if layout.bigrams and last is not None:
-        # The pairs after `last` are the keys in [2W + last W, 2W + (last + 1) W).
-        lo = 2 * np.int64(layout.words) + np.asarray(last, dtype=np.int64)[:, None] * layout.words
-        pairs = (keys >= lo) & (keys < lo + layout.words)
-        n = np.where(pairs, weights, np.float32(0.0)).sum(1, keepdims=True)
-        lb = np.float32(params.lam_bigram) * ramp * n / (n + np.float32(1.0))
-    model = np.float32(1.0) - lu - lb
-    base = model * p_share
-    scores = base + lu * w_words / np.maximum(total, np.float32(1e-30))
-    if pairs is not None and pairs.any():
-        r, c = np.divmod(np.flatnonzero(pairs), keys.shape[1])
-        nxt = keys[r, c] - lo[r, 0]
-        part = lb[r, 0] * weights[r, c] / np.maximum(n[r, 0], np.float32(1e-30))
-        # Joined to each word's slot by (row, word) code: a row's pairs after `last` name
-        # distinct words, so the sorted codes of the pairs are looked up once per slot.
-        width = np.int64(layout.words)
-        code = r * width + nxt  # ascending in r; sorted within a row below
-        order = np.argsort(code, kind="stable")
-        code, part = code[order], part[order]
-        slot = np.arange(len(keys), dtype=np.int64)[:, None] * width + np.where(words, keys, 0)
-        found = np.minimum(np.searchsorted(code, slot), len(code) - 1)
-        scores += np.where(words & (code[found] == slot), part[found], np.float32(0.0))
+    held = _Held.of(keys, weights, layout)
+    mix = _scores(keys, weights, p_model, p_unk, last, vocab_size, params, layout, held)
     recent = np.zeros(keys.shape, dtype=bool)
     if layout.recent:
-        # The marks hold the first `recent` slots (`_count_token`); -1: no word there.
-        for j in range(min(params.recent, keys.shape[1])):
-            word = keys[:, j : j + 1] - layout.words
-            recent |= (keys == word) & (word >= 0)
-    shown = words & ~recent & (oov | suggestible[np.clip(keys, 0, vocab_size - 1)])
-    return _Mixture(scores, base, model, shown, recent)
+        r, c = np.divmod(np.flatnonzero(held.words), keys.shape[1])
+        recent[r, c] = _recent_at(keys, r, keys[r, c].astype(np.int64), layout, params)
+    typed = mix.oov | suggestible[np.clip(keys, 0, vocab_size - 1)]
+    shown = held.words & ~recent & typed
+    return _Mixture(mix.scores, mix.base, mix.model, shown, recent)
 
 
 def _at_keys(
@@ -546,24 +761,31 @@ def _best_mixed(
     params: AdaptParams,
     last: np.ndarray | None,
     at_keys: np.ndarray | None = None,
+    held: _Held | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The best k of rows with a cache and no prefix (arrays already restricted to `rows`).
+    """The best k of rows with a cache and no prefix (arrays already restricted to `rows`;
+    `held`: their word slots, when known).
 
     Candidates: the model's first k (every word the cache does not raise that can win is
     among them) and the shown cache words whose mixture probability reaches the model's
     weight times its k-th: the model's first k all reach it, so nothing below can be among
-    the best k.
+    the best k. Whether a slot may be shown is asked only of the slots that reach it.
     """
+    layout = Layout.of(vocab_size, params)
+    if held is None:
+        held = _Held.of(keys, weights, layout)
     if at_keys is not None:
         at, p_unk = at_keys[:, :-1], at_keys[:, -1:]
     else:
         at, p_unk = _at_keys(keys, probs_flat, rows, vocab_size, unk_id)
-    mix = _mix(keys, weights, at, p_unk, last, suggestible, params)
+    mix = _scores(keys, weights, at, p_unk, last, vocab_size, params, layout, held)
     scores = mix.scores
     floor = mix.model * topk_probs[:, k - 1 : k]
     # (np.nonzero of a 2-d mask is ~10x slower than flatnonzero and a division)
-    r, c = np.divmod(np.flatnonzero((scores >= floor) & mix.shown), scores.shape[1])
-    key = keys[r, c]
+    r, c = np.divmod(np.flatnonzero(scores >= floor), scores.shape[1])
+    key = keys[r, c].astype(np.int64)
+    shown = _shown_at(keys, r, key, suggestible, layout, params)
+    r, c, key = r[shown], c[shown], key[shown]
     counts = np.bincount(r, minlength=len(rows))
     width = k + int(counts.max(initial=0))
     ids = np.full((len(rows), width), EMPTY, dtype=np.int64)
@@ -701,7 +923,9 @@ def top_k(
         raise ValueError(f"k must be in 1..{topk_ids.shape[1]}, got {k}")
     out_ids = np.full((batch, k), EMPTY, dtype=np.int64)
     out_probs = np.zeros((batch, k), dtype=np.float32)
-    on = live(keys, weights, vocab_size, params)
+    layout = Layout.of(vocab_size, params)
+    held = _Held.of(keys, weights, layout)
+    on = _ramp(weights, keys, layout, params, held.total)[:, 0] > 0
     prefixed = np.zeros(batch, dtype=bool)
     if candidates is not None:
         prefixed[[b for b, c in enumerate(candidates) if c is not None]] = True
@@ -712,14 +936,14 @@ def top_k(
     if len(mixed) == batch:  # the common case: no copies of the caches
         out_ids[:], out_probs[:] = _best_mixed(
             keys, weights, flat, mixed, topk_ids, topk_probs,
-            vocab_size, unk_id, suggestible, k, params, last, at_keys,
+            vocab_size, unk_id, suggestible, k, params, last, at_keys, held,
         )  # fmt: skip
     elif len(mixed):
         out_ids[mixed], out_probs[mixed] = _best_mixed(
             keys[mixed], weights[mixed], flat, mixed, topk_ids[mixed],
             topk_probs[mixed], vocab_size, unk_id, suggestible, k, params,
             None if last is None else np.asarray(last)[mixed],
-            None if at_keys is None else at_keys[mixed],
+            None if at_keys is None else at_keys[mixed], held.rows(mixed),
         )  # fmt: skip
     for b in map(int, np.flatnonzero(prefixed)):
         assert candidates is not None

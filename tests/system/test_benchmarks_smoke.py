@@ -304,6 +304,32 @@ def test_the_adaptation_benchmark_measures_every_mode(tiny_artifacts: Path, tmp_
     assert all(r["memory_bytes"] > 0 and r["remembered"] > 0 for r in remembered)
 
 
+def test_the_adaptation_benchmark_times_a_baseline_beside_this_tree(
+    tiny_artifacts: Path, tmp_path: Path
+) -> None:
+    from benchmarks import bench_adapt
+    from service.engine import adapt
+
+    baseline = str(Path(adapt.__file__))  # a path stands for a git ref too
+    common = ["--models", str(tiny_artifacts), "--sessions", "4", "--rounds", "2"]
+    out = tmp_path / "adapt.json"
+    bench_adapt.main([*common, "--warm-tokens", "30", "--baseline", baseline, "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["mode"] for r in rows if r["model"] == "gru"] == list(
+        bench_adapt.modes_of(bench_adapt.load_baseline(baseline))
+    )
+    assert adapt.top_k is not bench_adapt.load_baseline(baseline).top_k  # restored after
+    out = tmp_path / "functions.json"
+    bench_adapt.main(
+        [*common, "--functions", "--history", "30", "--baseline", baseline, "--json", str(out)]
+    )
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["model"], r["version"]) for r in rows] == [
+        (model, version) for model in ("gru", "lstm") for version in ("baseline", "this tree")
+    ]
+    assert all(r["same_as_baseline"] and r["top_k_us"] > 0 for r in rows)
+
+
 @pytest.mark.parametrize("probe", ["headers", "abandon", "fair", "behind", "retry"])
 def test_bench_limits_round2_reports_render(probe: str) -> None:
     # The probes of hardening round 2 start servers (and Redis) of their own for minutes:

@@ -652,3 +652,166 @@ def test_gathered_probabilities_serve_recency_and_pairs_as_the_full_distribution
             model_rank = int((probs[b][SUGGESTIBLE] > probs[b, last[b]]).sum())
             assert list(full[0][b]).index(last[b]) >= model_rank
             assert full[1][b][list(full[0][b]).index(last[b])] <= probs[b, last[b]]
+
+
+def mixture_reference(keys, weights, probs, last, p: AdaptParams) -> tuple[dict, bool]:
+    """One row's mixture written out from the module's formulas, slot by slot in plain
+    Python: {key: probability} over every suggestible word and every held typed word that
+    may be shown, and whether the memory mixes at all (past its warm-up)."""
+    words = V + p.max_oov
+    held = {int(k): float(w) for k, w in zip(keys, weights) if 0 <= k < words}
+    total = sum(held.values())
+    ramp = min(max((total - p.warmup) / p.warmup, 0.0), 1.0) if p.warmup else float(total > 0)
+    if ramp == 0:
+        return {w: float(probs[w]) for w in range(V) if SUGGESTIBLE[w]}, False
+    lo = 2 * words + int(last) * words
+    pairs = {
+        int(k) - lo: float(w) for k, w in zip(keys, weights) if last >= 0 and lo <= k < lo + words
+    }
+    n = sum(pairs.values())
+    lu, lb = p.lam * ramp, p.lam_bigram * ramp * n / (n + 1)
+    model = 1 - lu - lb
+    oov_total = sum(w for k, w in held.items() if k >= V)
+    recent = {int(k) - words for k in keys[: p.recent] if k >= words}
+
+    def share(k: int) -> float:
+        return float(probs[k]) if k < V else float(probs[UNK]) * p.oov_share * held[k] / oov_total
+
+    out = {}
+    for k in [*range(V), *(k for k in held if k >= V)]:
+        if k < V and not SUGGESTIBLE[k]:
+            continue
+        if k in held and k not in recent:
+            out[k] = (
+                model * share(k) + lu * held[k] / total + lb * pairs.get(k, 0.0) / max(n, 1e-30)
+            )
+        elif k < V:  # not held, or typed just now: the model's share only
+            out[k] = model * float(probs[k])
+    return out, True
+
+
+@pytest.mark.parametrize("seed", [21, 22, 23])
+def test_top_k_and_probability_are_the_written_out_mixture_with_every_feature(seed) -> None:
+    """Recency marks, pairs after the last word, typed words' share of <unk> and the warm-up
+    ramp together, on memories filled by `update` (evictions and window drops included):
+    `top_k` (from the full distribution and from the gathered probabilities) ranks as the
+    plain-Python mixture does, and `probability` gives each key that mixture's value."""
+    rng = np.random.default_rng(seed)
+    p = params(
+        capacity=24, decay=0.9, window=40, max_oov=3, lam=0.2, lam_bigram=0.25, recent=2,
+        warmup=2.0, oov_share=0.4,
+    )  # fmt: skip
+    batch, steps = 12, 60
+    keys, weights = adapt.empty_cache(batch, p.capacity)
+    tables: list[list[str]] = [[] for _ in range(batch)]
+    last = np.full(batch, 2, dtype=np.int64)
+    for t in range(steps):
+        ids = rng.integers(3, 30, size=batch).astype(np.int64)  # few words: pairs repeat
+        ids[rng.random(batch) < 0.15] = UNK
+        new = np.where(SUGGESTIBLE[ids], ids, -1).astype(np.int32)
+        for b in np.flatnonzero(ids == UNK):
+            word = f"name{rng.integers(0, 5)}"
+            new[b] = adapt.oov_keys(tables[b], [word], V, keys[b], weights[b], p)[0]
+        lengths = np.ones(batch, dtype=np.int64)
+        lengths[0] = 1 if t < 2 else 0  # row 0 stops before its warm-up ends
+        adapt.update(keys, weights, new[:, None], lengths, p, V, ids[:, None], last)
+        last = np.where(lengths > 0, ids, last)
+    last[1] = -1  # a row that names no last token: no pairs count
+    probs = model_probs(rng, batch)
+    top, tp = graph_topk(probs, SUGGESTIBLE, 12)
+    at_keys = np.take_along_axis(probs, adapt.gather_ids(keys, V, UNK).astype(np.int64), 1)
+    live = adapt.live(keys, weights, V, p)
+    assert not live[0] and live[1:].all()
+    for k in (1, 4, 12):
+        full = adapt.top_k(
+            keys, weights, probs, top, tp, UNK, SUGGESTIBLE, k, p.lam, params=p, last=last
+        )
+        gathered = adapt.top_k(
+            keys, weights, None, top, tp, UNK, SUGGESTIBLE, k, p.lam, at_keys=at_keys, params=p,
+            last=last,
+        )  # fmt: skip
+        for got_ids, got_p in (full, gathered):
+            for b in range(batch):
+                mixture, mixed = mixture_reference(keys[b], weights[b], probs[b], last[b], p)
+                assert mixed == live[b]
+                ranked = sorted(mixture.items(), key=lambda kv: (-kv[1], kv[0]))[:k]
+                assert got_ids[b].tolist() == [key for key, _ in ranked]
+                np.testing.assert_allclose(got_p[b], [s for _, s in ranked], rtol=1e-5)
+    for b in range(batch):
+        mixture, mixed = mixture_reference(keys[b], weights[b], probs[b], last[b], p)
+        targets = np.array(sorted(mixture))
+        rows = np.full(len(targets), b)
+        got = adapt.probability(
+            keys[rows], weights[rows], probs[rows], targets, UNK, SUGGESTIBLE, p.lam, p, last[rows]
+        )
+        np.testing.assert_allclose(got, [mixture[t] for t in targets], rtol=1e-5)
+
+
+def test_a_held_key_at_weight_zero_is_not_an_empty_slot() -> None:
+    # A new key takes the lowest empty slot, and only then the least weight, even where a
+    # held key weighs 0 before it (a memory kept under other parameters can hold one).
+    p = params(capacity=4, decay=1.0, window=5)
+    keys = np.array([[5, -1, 7, 8]], dtype=np.int32)
+    weights = np.array([[0.0, 0.0, 1.0, 2.0]], dtype=np.float32)
+    adapt.update(keys, weights, np.array([[9]], dtype=np.int32), np.array([1]), p)
+    # 9 took slot 1; key 5 (below the window's weight, 1) was dropped.
+    assert keys[0].tolist() == [-1, 9, 7, 8] and weights[0].tolist() == [0.0, 1.0, 1.0, 2.0]
+
+
+def test_wide_keys_and_many_pairs_give_the_same_answers(monkeypatch) -> None:
+    """int64 keys (the pairs' differences taken in int64), the pairs' slots found a few
+    rows at a time, and among the keys as they are rather than as int16, give what int32
+    keys and one comparison give."""
+    rng = np.random.default_rng(24)
+    p = params(capacity=48, decay=0.95, window=200, lam=0.2, lam_bigram=0.3, recent=2)
+    batch = 10
+    keys, weights = adapt.empty_cache(batch, p.capacity)
+    history = rng.integers(3, 12, size=(batch, 60)).astype(np.int64)
+    adapt.update(
+        keys, weights, history.astype(np.int32), np.full(batch, 60), p, V, history,
+        np.full(batch, 2),
+    )  # fmt: skip
+    last = history[:, -1]
+    probs = model_probs(rng, batch)
+    top, tp = graph_topk(probs, SUGGESTIBLE, 10)
+
+    def answer(k: np.ndarray) -> tuple:
+        return adapt.top_k(
+            k, weights, probs, top, tp, UNK, SUGGESTIBLE, 5, p.lam, params=p, last=last
+        )
+
+    want = answer(keys)
+    monkeypatch.setattr(adapt, "_CHUNK", 2 * p.capacity)  # two pairs a comparison
+    for got in (answer(keys), answer(keys.astype(np.int64))):
+        np.testing.assert_array_equal(got[0], want[0])
+        np.testing.assert_array_equal(got[1], want[1])
+    monkeypatch.setattr(adapt, "_NARROW", 0)  # the keys compared as they are, not as int16
+    for got in (answer(keys), answer(keys.astype(np.int64))):
+        np.testing.assert_array_equal(got[0], want[0])
+        np.testing.assert_array_equal(got[1], want[1])
+
+
+def test_count_of_flat_tokens_is_update_of_the_padded_rows() -> None:
+    rng = np.random.default_rng(25)
+    p = params(capacity=16, decay=0.9, window=60, recent=2, lam_bigram=0.2, max_oov=2)
+    batch = 6
+    want_k, want_w = adapt.empty_cache(batch, p.capacity)
+    got_k, got_w = adapt.empty_cache(batch, p.capacity)
+    last = np.full(batch, 2, dtype=np.int64)
+    for step in range(12):
+        lengths = rng.integers(0, 4, size=batch) if step % 2 else np.ones(batch, dtype=np.int64)
+        flat = rng.integers(0, 20, size=int(lengths.sum())).astype(np.int64)
+        remembered = np.where(SUGGESTIBLE[flat], flat, -1)
+        remembered[flat == UNK] = V  # a typed word's key, as oov_keys gives it
+        padded = np.full((batch, max(1, int(lengths.max()))), -1, dtype=np.int64)
+        for b, (a, n) in enumerate(zip(np.cumsum(lengths) - lengths, lengths)):
+            padded[b, :n] = flat[a : a + n]
+        new = np.where(SUGGESTIBLE[np.maximum(padded, 0)] & (padded >= 0), padded, -1)
+        new[padded == UNK] = V
+        adapt.update(want_k, want_w, new.astype(np.int32), lengths, p, V, padded, last)
+        adapt.count(got_k, got_w, flat, lengths, p, SUGGESTIBLE, last, remembered)
+        np.testing.assert_array_equal(got_k, want_k)
+        np.testing.assert_array_equal(got_w, want_w)
+        last = np.where(lengths > 0, padded[np.arange(batch), np.maximum(lengths - 1, 0)], last)
+    with pytest.raises(ValueError, match="flat tokens"):
+        adapt.count(got_k, got_w, np.arange(3), np.array([1, 1, 0, 0, 0, 0]), p, SUGGESTIBLE)
