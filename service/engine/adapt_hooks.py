@@ -46,6 +46,10 @@ class Adaptation:
     unk_id: int
     vocab_size: int  # V: a memory key >= V is a typed word outside the vocabulary
 
+    def __post_init__(self) -> None:
+        if len(self.suggestible) != self.vocab_size:
+            raise ValueError(f"{len(self.suggestible)} suggestible flags for {self.vocab_size} ids")
+
     @classmethod
     def of(cls, runner: Any) -> Adaptation | None:
         """A model's adaptation (its vocabulary and its tuned parameters), None without a
@@ -64,30 +68,62 @@ class Adaptation:
 
         A long step counts its words chunk by chunk, as its tokens run: the update goes
         token by token, so counting in pieces gives the same memory as counting at once,
-        and no batch counts more than a chunk of anyone's words beyond its own short ones."""
+        and no batch counts more than a chunk of anyone's words beyond its own short ones.
+
+        Every row's memory after it (`StepRun.memory`) is a view of one row of the batch's
+        (B, C) arrays: the store copies what it keeps."""
         params = self.params
-        spans = []
+        capacity = params.capacity
+        none, nothing = adapt.empty_cache(1, capacity)
+        empty_keys, empty_weights = none[0], nothing[0]
+        # One pass over the rows for what only a row knows; the rest is array work.
+        keys_of: list[np.ndarray] = []
+        weights_of: list[np.ndarray] = []
+        words: list[tuple[str, ...]] = []
+        ends: list[int] = []
+        lengths_of: list[int] = []
+        flat: list[int] = []
+        before_of: list[int] = []
         for row in rows:
-            step, record = row.step, row.record
-            if row.memory is None:  # the step's first batch: the memory it starts from
-                starts_afresh = record is None or step.create or step.fresh or step.forget
-                old = None if starts_afresh else record.memory  # type: ignore[union-attr]
-                if old is not None and old.capacity == params.capacity:
-                    row.memory = old
+            step = row.step
+            memory = row.memory
+            if memory is None:  # the step's first batch: the memory it starts from
+                record = row.record
+                if not (record is None or step.create or step.fresh or step.forget):
+                    memory = record.memory
+                    if memory is not None and len(memory.keys) != capacity:
+                        memory = None
+            if memory is None:
+                keys_of.append(empty_keys)
+                weights_of.append(empty_weights)
+                words.append(())
+            else:
+                keys_of.append(memory.keys)
+                weights_of.append(memory.weights)
+                words.append(memory.words)
+            tokens = step.tokens
+            start = row.counted
+            end = len(tokens) if row.final else row.done + row.piece
+            ends.append(end)
+            if end > start:
+                lengths_of.append(end - start)
+                if end - start == 1:  # the common step: one word
+                    flat.append(tokens[start])
                 else:
-                    row.memory = WordMemory.empty(params.capacity)
-            spans.append((row.counted, len(step.tokens) if row.final else row.done + row.piece))
-        memories = [row.memory for row in rows]
-        keys = stack_rows([m.keys for m in memories])  # type: ignore[union-attr]
-        weights = stack_rows([m.weights for m in memories])  # type: ignore[union-attr]
-        words = [m.words for m in memories]  # type: ignore[union-attr]
-        lengths = np.array([max(0, end - start) for start, end in spans], dtype=np.int64)
-        if lengths.any():
-            # Every row's new tokens as one array: the common step is one word a row.
-            flat = [t for row, (a, b) in zip(rows, spans) for t in row.step.tokens[a:b]]
+                    flat.extend(tokens[start:end])
+                # The token before the row's first new one (its bigram's first word).
+                before_of.append(tokens[start - 1] if start else row.last_token)
+            else:
+                lengths_of.append(0)
+                before_of.append(adapt.EMPTY)  # unused: the row counts nothing
+        keys = stack_rows(keys_of)
+        weights = stack_rows(weights_of)
+        if flat:
+            lengths = np.array(lengths_of, dtype=np.int64)
             ids = np.array(flat, dtype=np.int64)
-            remembered = np.where(self.suggestible[ids], ids, adapt.EMPTY)
+            remembered = None
             if self.unk_id in flat:  # typed words outside the vocabulary
+                remembered = np.where(self.suggestible[ids], ids, adapt.EMPTY)
                 offsets = np.concatenate([[0], np.cumsum(lengths)])
                 for i, row in enumerate(rows):
                     piece = ids[offsets[i] : offsets[i + 1]]
@@ -100,33 +136,41 @@ class Adaptation:
                             table, typed, self.vocab_size, keys[i], weights[i], params
                         )
                         words[i] = tuple(table)
-            new = np.full((len(rows), int(lengths.max())), adapt.EMPTY, dtype=np.int32)
-            raw = np.full(new.shape, adapt.EMPTY, dtype=np.int64)
-            row_of = np.repeat(np.arange(len(rows)), lengths)
-            column = np.arange(len(ids)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-            new[row_of, column] = remembered
-            raw[row_of, column] = ids
-            # The token before each row's first new one (its bigram's first word).
-            before = np.array(
-                [r.step.tokens[a - 1] if a else r.last_token for r, (a, _) in zip(rows, spans)],
-                dtype=np.int64,
+            adapt.count(
+                keys,
+                weights,
+                ids,
+                lengths,
+                params,
+                self.suggestible,
+                np.array(before_of, dtype=np.int64),
+                remembered,
             )
-            adapt.update(keys, weights, new, lengths, params, self.vocab_size, raw, before)
         live: list[bool] = adapt.live(keys, weights, self.vocab_size, params).tolist()
-        for i, (row, (_, end)) in enumerate(zip(rows, spans)):
-            row.counted = max(row.counted, end)
+        for i, row in enumerate(rows):
+            if ends[i] > row.counted:
+                row.counted = ends[i]
             # Views of this batch's arrays: the store copies what it keeps.
             row.memory = WordMemory(keys[i], weights[i], words[i])
         return live
 
     def prepare(self, group: list[StepRun]) -> Mixing | None:
-        """What a run's rows mix in (None: no row of it mixes)."""
-        if not any(r.mixed for r in group):
+        """What a run's rows mix in (None: no row of it mixes): each mixing row's memory as
+        `count` left it, an empty one for the others."""
+        mixed = np.array([r.mixed for r in group], dtype=bool)
+        if not mixed.any():
             return None
-        none, nothing = adapt.empty_cache(1, self.params.capacity)
-        memories = [r.memory if r.mixed and r.memory is not None else None for r in group]
-        keys = stack_rows([none[0] if m is None else m.keys for m in memories])
-        weights = stack_rows([nothing[0] if m is None else m.weights for m in memories])
+        if all(r.memory is not None for r in group):  # always, after `count`
+            keys = stack_rows([r.memory.keys for r in group])  # type: ignore[union-attr]
+            weights = stack_rows([r.memory.weights for r in group])  # type: ignore[union-attr]
+        else:
+            keys, weights = adapt.empty_cache(len(group), self.params.capacity)
+            for i, row in enumerate(group):
+                if row.memory is not None:
+                    keys[i], weights[i] = row.memory.keys, row.memory.weights
+        if not mixed.all():
+            keys[~mixed] = adapt.EMPTY
+            weights[~mixed] = np.float32(0.0)
         return Mixing(keys, weights)
 
     def gather_ids(self, mixing: Mixing) -> np.ndarray:
@@ -135,22 +179,31 @@ class Adaptation:
 
     def answer(self, group: list[StepRun], output: StepOutput, mixing: Mixing) -> None:
         """The answers (`StepRun.answer`) of a run's rows that mix, with the writer's words
-        mixed in; the other rows keep the model's own (`top_words` gives them)."""
+        mixed in, and whether each names a typed word (`StepRun.typed_answer`); the other
+        rows keep the model's own (`top_words` gives them)."""
         assert output.probs is not None or output.probs_at is not None
         # Rows that do not mix are answered by `top_words` (exactly as alone): here they
         # take the cheap path (no memory, no prefix).
-        candidates: list[np.ndarray | None] = [
-            r.step.prefix_ids if r.mixed else None for r in group
-        ]
-        matches: list[np.ndarray | None] = [None] * len(group)
+        n = len(group)
+        candidates: list[np.ndarray | None] = [None] * n
+        slips: list[np.ndarray | None] = [None] * n
+        matches: list[np.ndarray | None] = [None] * n
+        last: list[int] = []
+        ks: list[int] = []
         for i, row in enumerate(group):
-            memory = row.memory
-            if row.mixed and row.step.prefix_ids is not None and memory and memory.words:
-                prefix = normalize(row.step.prefix)
-                matches[i] = np.array([normalize(w).startswith(prefix) for w in memory.words])
+            step = row.step
+            tokens = step.tokens
+            last.append(tokens[-1] if tokens else row.last_token)
+            ks.append(step.k)
+            if row.mixed:
+                candidates[i], slips[i] = step.prefix_ids, step.prefix_slips
+                memory = row.memory
+                if step.prefix_ids is not None and memory is not None and memory.words:
+                    prefix = normalize(step.prefix)
+                    matches[i] = np.array([normalize(w).startswith(prefix) for w in memory.words])
         # At most the graph's top K (a model exported with a smaller `max_k` than asked
         # for answers fewer words, as `top_words` does).
-        k = min(max(r.step.k for r in group), output.topk_ids.shape[1])
+        k = min(max(ks), output.topk_ids.shape[1])
         ids, probs = adapt.top_k(
             mixing.keys,
             mixing.weights,
@@ -166,11 +219,14 @@ class Adaptation:
             output.probs_at,
             output.probs_index,
             self.params,
-            np.array([r.step.tokens[-1] if r.step.tokens else r.last_token for r in group]),
-            [r.step.prefix_slips if r.mixed else None for r in group],
+            np.array(last, dtype=np.int64),
+            slips,
         )
-        shown = (ids >= 0).sum(1).tolist()  # padding (-1) only ever ends a row
-        for i, row in enumerate(group):
+        # Each row's words: its own k of them, padding (-1) only ever ending a row.
+        shown = np.minimum(np.array(ks, dtype=np.int64), (ids >= 0).sum(1))
+        inside = np.arange(ids.shape[1]) < shown[:, None]
+        typed = ((ids >= self.vocab_size) & inside).any(1).tolist()
+        for i, (row, size) in enumerate(zip(group, shown.tolist())):
             if row.mixed:
-                n = min(row.step.k, shown[i])
-                row.answer = ids[i, :n], probs[i, :n]
+                row.answer = ids[i, :size], probs[i, :size]
+                row.typed_answer = typed[i]

@@ -793,8 +793,10 @@ class StepBatcher:
         else:
             ids, probs = top_words(output, index, step.k, step.prefix_ids, step.prefix_slips)
         tokens = row.context_tokens + len(step.tokens)
+        # Only a mixed answer can name a typed word (the model's own ids are < V): the
+        # adaptation's `answer` says which do, for the whole run at once.
         words: tuple[str, ...] = ()
-        if row.memory is not None and row.memory.words and (ids >= self._vocab_size).any():
+        if row.typed_answer and row.memory is not None:
             words = row.memory.words
         last_token = step.tokens[-1] if step.tokens else row.last_token
         if step.session_id is None:

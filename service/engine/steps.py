@@ -114,6 +114,7 @@ class StepRun:
     typed_used: int = 0  # ... and of its typed words
     mixed: bool = False
     answer: tuple[np.ndarray, np.ndarray] | None = None  # (ids, probs), best first
+    typed_answer: bool = False  # the answer names a typed word (an id >= V)
 
     @property
     def left(self) -> int:

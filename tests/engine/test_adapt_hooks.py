@@ -8,6 +8,7 @@ import numpy as np
 
 from service.engine import adapt
 from service.engine.adapt_hooks import Adaptation
+from service.engine.runtime import StepOutput
 from service.engine.steps import Step, StepRun
 
 V = 50  # a vocabulary of 50 ids; 0 is the end of sentence
@@ -54,3 +55,41 @@ def test_a_run_mixes_in_only_the_memories_of_the_rows_that_mix() -> None:
     assert mixing.keys.shape == (2, hooks.params.capacity)
     np.testing.assert_array_equal(mixing.keys[0], rows[0].memory.keys)
     assert (mixing.keys[1] == adapt.EMPTY).all() and not mixing.weights[1].any()
+
+
+def test_an_answer_names_its_typed_words_only_where_its_own_k_shows_one() -> None:
+    hooks = adaptation()
+    typed = ["Zorblax"]
+    # Two sessions that typed the same unknown word (id 1) often, then other words (a word
+    # among the last `recent` is never raised): their memories hold it (key V + 0); a
+    # third that did not.
+    rows = [run([1, 5] * 6 + [6, 7, 8, 9]), run([1, 5] * 6 + [6, 7, 8, 9]), run([5, 6] * 6)]
+    for row in rows[:2]:
+        row.step.typed = typed * 6
+    for row in rows:
+        row.final = row.mixed = True
+    rows[1].step.k = 1
+    hooks.count(rows)
+    assert all(r.memory is not None for r in rows)
+    assert rows[0].memory.words == rows[1].memory.words == ("Zorblax",)  # type: ignore[union-attr]
+    mixing = hooks.prepare(rows)
+    assert mixing is not None
+    # A flat model but for the unknown word: the typed word takes a share of its mass.
+    probs = np.full((3, V), 0.5 / V, dtype=np.float32)
+    probs[:, 1] = 0.5
+    order = np.argsort(-probs, axis=1, kind="stable")[:, :5]
+    output = StepOutput(
+        np.take_along_axis(probs, order, 1), order.astype(np.int64), probs, state=()
+    )
+    hooks.answer(rows, output, mixing)
+    for row in rows:
+        assert row.answer is not None
+        ids = row.answer[0]
+        assert len(ids) == row.step.k
+        # The flag says exactly whether the row's own answer names an id >= V.
+        assert row.typed_answer == bool((ids >= V).any())
+    assert rows[0].typed_answer  # the typed word is among the top 5 of its writer
+    # The same memory with k = 1: the run ranked the typed word second, past this row's k.
+    assert rows[1].answer is not None and len(rows[1].answer[0]) == 1
+    assert not rows[1].typed_answer
+    assert not rows[2].typed_answer  # never typed it
