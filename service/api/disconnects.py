@@ -27,7 +27,12 @@ class CancelOnDisconnect:
     """ASGI middleware: cancel an HTTP request's handler when its client disconnects.
 
     Only after the body has been read (by the app): until then the app's own `receive()`
-    sees the disconnect. A request that never reads its body (a GET) is not watched."""
+    sees the disconnect. A request that never reads its body (a GET) is not watched.
+
+    The app runs in the request's own task (no second task per request, the hot path's
+    cost): a watcher task, started once the body is read, cancels that task when the
+    disconnect comes first, and the cancellation it asked for ends here; one from anywhere
+    else (the server's) goes on up."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -36,19 +41,35 @@ class CancelOnDisconnect:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        body_read = asyncio.Event()
-        disconnected = asyncio.Event()
+        task = asyncio.current_task()
+        assert task is not None  # an ASGI app runs in a task
         answered = False
+        abandoned = False  # the watcher cancelled the task
+        watcher: asyncio.Task[None] | None = None
+        gone: asyncio.Future[None] | None = None  # done once the watcher saw the disconnect
 
-        async def receive_body() -> Message:
-            if body_read.is_set():  # the watcher reads from here on: wait for what it sees
-                await disconnected.wait()
-                return {"type": "http.disconnect"}
+        async def watch() -> None:
+            nonlocal abandoned
+            # After the body, the server's receive() returns only once the client is gone
+            # or the response is complete.
             message = await receive()
             if message["type"] == "http.disconnect":
-                disconnected.set()
-            elif not message.get("more_body", False):
-                body_read.set()
+                if gone is not None and not gone.done():
+                    gone.set_result(None)
+                if not answered:
+                    scope[ABANDONED] = abandoned = True
+                    task.cancel()
+
+        async def receive_body() -> Message:
+            nonlocal watcher, gone
+            if watcher is not None:  # the watcher reads from here on: wait for what it sees
+                if gone is None:
+                    gone = asyncio.get_running_loop().create_future()
+                await gone
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] != "http.disconnect" and not message.get("more_body", False):
+                watcher = asyncio.ensure_future(watch())
             return message
 
         async def send_answer(message: Message) -> None:
@@ -57,29 +78,14 @@ class CancelOnDisconnect:
                 answered = True
             await send(message)
 
-        handler = asyncio.ensure_future(self.app(scope, receive_body, send_answer))
-
-        async def watch() -> None:
-            await body_read.wait()
-            # After the body, the server's receive() returns only once the client is gone
-            # or the response is complete.
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                disconnected.set()
-                if not answered and not handler.done():
-                    scope[ABANDONED] = True
-                    handler.cancel()
-
-        watcher = asyncio.ensure_future(watch())
         try:
-            await asyncio.wait([handler])  # never cancels the handler if this wait is
+            await self.app(scope, receive_body, send_answer)
         except asyncio.CancelledError:
-            handler.cancel()
-            raise
+            # Ours alone (not the server's as well): the client is gone, nobody to answer.
+            if not abandoned or task.uncancel() > 0:
+                raise
         finally:
-            watcher.cancel()
-            with suppress(asyncio.CancelledError):
-                await watcher
-        if handler.cancelled() and scope.get(ABANDONED):
-            return  # the client is gone: nobody to answer
-        handler.result()  # the app's own exception, if any, as if it ran here
+            if watcher is not None:
+                watcher.cancel()
+                with suppress(asyncio.CancelledError):
+                    await watcher

@@ -99,6 +99,49 @@ class _Prefix:
 NO_PREFIX = _Prefix()
 
 
+def _has_capital(typed: str) -> bool:
+    """Whether a typed prefix has a capital letter (its answer's words then keep it)."""
+    return bool(typed) and not typed.islower() and any(ch.isupper() for ch in typed)
+
+
+class _DisplayCache:
+    """A vocabulary's words as written after a given word, computed once each.
+
+    One table per sentence-start flag and previous token where the artifact has a pair
+    form after it (`Vocabulary.pair_display`); any other previous token shares one table.
+    Forms are read when first asked for: a vocabulary's display forms are set when its
+    artifact loads, before it answers.
+    """
+
+    def __init__(self, vocab: Vocabulary) -> None:
+        self.vocab = vocab  # held: the caches are found by the vocabulary's id()
+        self.with_pairs = frozenset(previous for previous, _ in vocab.pair_display)
+        self.tables: dict[tuple[int, bool], dict[int, str]] = {}
+        self.plain: tuple[dict[int, str], dict[int, str]] = (
+            {},
+            {},
+        )  # after a token without pair forms: (mid-sentence, start)
+
+    def forms(self, previous: int, start: bool) -> dict[int, str]:
+        """The table for words written after `previous` (at a sentence start or not): id
+        -> written form, filled by the caller."""
+        if previous not in self.with_pairs:
+            return self.plain[start]
+        return self.tables.setdefault((previous, start), {})
+
+
+_display_caches: dict[int, _DisplayCache] = {}
+
+
+def _display_cache(vocab: Vocabulary) -> _DisplayCache:
+    """The vocabulary's `_DisplayCache` (made on first use; the process's vocabularies are
+    few and live as long as it)."""
+    cache = _display_caches.get(id(vocab))
+    if cache is None or cache.vocab is not vocab:
+        cache = _display_caches[id(vocab)] = _DisplayCache(vocab)
+    return cache
+
+
 def _iso(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp, tz=timezone.utc).isoformat()
 
@@ -254,24 +297,37 @@ class Predictor:
         """Each word as it would be typed there (`service.contract.casing`), and whether it
         is a correction (the prefix does not start it: a slip away)."""
         size = len(vocab)
-        start = at_sentence_start(output.last_token, vocab.eos_id, output.tokens)
-        corrected = prefix.ids is not None and prefix.slips is not None
-        # An id past the vocabulary is one of the writer's own typed words (they match
-        # the prefix cleanly).
+        last = output.last_token
+        start = at_sentence_start(last, vocab.eos_id, output.tokens)
+        typed = prefix.typed
+        ids = output.ids
+        # Without a capital typed, a word's written form depends only on the word, the word
+        # before (where a pair form exists) and the sentence start: kept once computed.
+        forms = None if _has_capital(typed) else _display_cache(vocab).forms(last, start)
+        try:
+            words = [forms[i] for i in ids] if forms is not None else None
+        except KeyError:  # a word not written there yet, or one of the writer's own
+            words = None
+        if words is None:
+            words = []
+            for i in ids:
+                # An id past the vocabulary is one of the writer's own typed words (they
+                # match the prefix cleanly); a word is shown as it is there ("I", not "i";
+                # "Kingdom" after "united").
+                form = display_form(vocab, i, last) if i < size else output.words[i - size]
+                word = written_form(form, start, typed)
+                if forms is not None and i < size:
+                    forms[i] = word
+                words.append(word)
+        if prefix.ids is None or prefix.slips is None:  # no prefix, or none with slips
+            return [
+                {"word": word, "probability": p, "corrected": False}
+                for word, p in zip(words, output.probs)
+            ]
+        clean = prefix.clean
         return [
-            {
-                "word": written_form(
-                    # how the word is shown there ("I", not "i"; "Kingdom" after "united")
-                    display_form(vocab, i, output.last_token)
-                    if i < size
-                    else output.words[i - size],
-                    start,
-                    prefix.typed,
-                ),
-                "probability": p,
-                "corrected": corrected and i < size and i not in prefix.clean,
-            }
-            for i, p in zip(output.ids, output.probs)
+            {"word": word, "probability": p, "corrected": i < size and i not in clean}
+            for word, i, p in zip(words, ids, output.probs)
         ]
 
     # --- requests ------------------------------------------------------------------

@@ -111,6 +111,44 @@ async def test_the_app_still_sees_the_disconnect_through_receive() -> None:
     assert seen[-1] == "done"
 
 
+async def test_a_cancellation_from_the_server_goes_on_up() -> None:
+    cancelled = asyncio.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    peer = Peer()
+    scope: dict[str, Any] = {"type": "http"}
+    serving = asyncio.ensure_future(CancelOnDisconnect(app)(scope, peer.receive, peer.send))
+    await asyncio.sleep(0.01)
+    serving.cancel()  # the server's, the client still there
+    with pytest.raises(asyncio.CancelledError):
+        await serving
+    assert cancelled.is_set() and ABANDONED not in scope
+
+
+async def test_an_abandoned_request_leaves_its_task_uncancelled() -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        await asyncio.Event().wait()
+
+    async def serve_then_go_on() -> int:
+        peer = Peer()
+        asyncio.get_running_loop().call_later(0.01, peer.leave.set)
+        await CancelOnDisconnect(app)({"type": "http"}, peer.receive, peer.send)
+        await asyncio.sleep(0)  # the task goes on: no cancellation pending
+        task = asyncio.current_task()
+        assert task is not None
+        return task.cancelling()
+
+    assert await asyncio.wait_for(serve_then_go_on(), 10) == 0
+
+
 # --- end to end ------------------------------------------------------------------------------
 
 

@@ -285,3 +285,19 @@ def test_a_content_length_of_thousands_of_digits_is_refused(server: LiveServer) 
         answer = read_all(sock)
     assert answer.startswith((b"HTTP/1.1 400 ", b"HTTP/1.1 413 ")), answer[:200]
     assert "Traceback" not in server.log()
+
+
+def test_content_length_is_read_as_starlette_reads_it() -> None:
+    from starlette.datastructures import Headers
+
+    from service.api.app import content_length
+
+    for headers in (
+        [],
+        [(b"host", b"x"), (b"content-type", b"application/json")],
+        [(b"content-length", b"12")],
+        [(b"host", b"x"), (b"content-length", b"0012"), (b"content-length", b"7")],
+        [(b"content-length", "\u00e9".encode("latin-1"))],
+    ):
+        scope = {"type": "http", "headers": headers}
+        assert content_length(scope) == Headers(scope=scope).get("content-length"), headers

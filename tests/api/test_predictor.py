@@ -362,3 +362,59 @@ def test_short_texts_tokenize_from_the_cache_exactly_as_uncached(tiny_artifacts:
     ids.append(1)
     typed.append("changed")  # a caller changing its answer does not change the next one
     assert p._tokens(vocab, "Zyzzx") == vocab.encode_typed("Zyzzx")
+
+
+def test_answer_words_from_the_cache_are_written_as_uncached() -> None:
+    from service.contract.casing import at_sentence_start, display_form, written_form
+    from service.contract.protocol import EngineOutput
+    from service.contract.vocab import Vocabulary
+    from tests.conftest import tiny_vocab_tokens
+
+    vocab = Vocabulary(tiny_vocab_tokens())
+    vocab.set_display_forms({"i": "I", "house": "House"})
+    vocab.set_pair_forms({("the", "house"): "house", ("big", "dog"): "Dog"})
+    idx = vocab.index
+    words = [idx[w] for w in ("i", "house", "dog", "the", "if", "in")]
+    size = len(vocab)
+    for last in (idx["the"], idx["big"], idx["well"], vocab.eos_id, -1):
+        for tokens in (0, 7):
+            for typed in ("", "i", "I", "IN", "do", "Do", "ho"):
+                # A prefix's answer: ids past the vocabulary are the writer's own words.
+                prefix = Predictor._prefix(vocab, typed)
+                ids = [*words, size]
+                output = EngineOutput(
+                    1,
+                    ids=ids,
+                    probs=[0.1] * len(ids),
+                    tokens=tokens,
+                    last_token=last,
+                    words=["Zyzzx"],
+                )
+                start = at_sentence_start(last, vocab.eos_id, tokens)
+                expected = [
+                    written_form(
+                        display_form(vocab, i, last) if i < size else "Zyzzx", start, typed
+                    )
+                    for i in ids
+                ]
+                for _ in range(2):  # the second answers from the cache
+                    got = Predictor._predictions(vocab, output, prefix)
+                    assert [w["word"] for w in got] == expected, (last, tokens, typed)
+    # The pair form is the one written after its word, and only there.
+    after = {
+        last: [
+            w["word"]
+            for w in Predictor._predictions(
+                vocab,
+                EngineOutput(
+                    1, ids=[idx["house"], idx["dog"]], probs=[0.5, 0.4], tokens=3, last_token=last
+                ),
+            )
+        ]
+        for last in (idx["the"], idx["big"], idx["well"])
+    }
+    assert after == {
+        idx["the"]: ["house", "dog"],
+        idx["big"]: ["House", "Dog"],
+        idx["well"]: ["House", "dog"],
+    }
