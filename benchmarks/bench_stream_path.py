@@ -160,7 +160,7 @@ def pieces_us(data: SimpleNamespace, repeat: int) -> list[tuple[str, float]]:
         "type": "predictions",
         "session_id": "kq3Zb8M2rXb1yWc0n4LQ5w",
         "tokens": 7,
-        "predictions": Predictor._predictions(vocab, output),
+        "predictions": predictor._predictions(vocab, output),
         "id": None,
     }
     encode = msgspec.json.Encoder().encode
@@ -189,7 +189,7 @@ def pieces_us(data: SimpleNamespace, repeat: int) -> list[tuple[str, float]]:
         ),
         (
             "five words displayed and cased (_predictions)",
-            lambda: Predictor._predictions(vocab, output),
+            lambda: predictor._predictions(vocab, output),
             1,
         ),
         ("answer JSON-encoded, as str for ASGI", lambda: encode(answer).decode(), 1),

@@ -114,7 +114,6 @@ class _DisplayCache:
     """
 
     def __init__(self, vocab: Vocabulary) -> None:
-        self.vocab = vocab  # held: the caches are found by the vocabulary's id()
         self.with_pairs = frozenset(previous for previous, _ in vocab.pair_display)
         self.tables: dict[tuple[int, bool], dict[int, str]] = {}
         self.plain: tuple[dict[int, str], dict[int, str]] = (
@@ -128,18 +127,6 @@ class _DisplayCache:
         if previous not in self.with_pairs:
             return self.plain[start]
         return self.tables.setdefault((previous, start), {})
-
-
-_display_caches: dict[int, _DisplayCache] = {}
-
-
-def _display_cache(vocab: Vocabulary) -> _DisplayCache:
-    """The vocabulary's `_DisplayCache` (made on first use; the process's vocabularies are
-    few and live as long as it)."""
-    cache = _display_caches.get(id(vocab))
-    if cache is None or cache.vocab is not vocab:
-        cache = _display_caches[id(vocab)] = _DisplayCache(vocab)
-    return cache
 
 
 def _iso(timestamp: float) -> str:
@@ -180,6 +167,7 @@ class Predictor:
         # vocabulary without asking the engine first; a miss asks it once.
         self._session_models: OrderedDict[str, str] = OrderedDict()
         self._encoders = {vocab: cached_encoder(vocab) for vocab in vocabularies.values()}
+        self._displays = {vocab: _DisplayCache(vocab) for vocab in vocabularies.values()}
         self.ready = False
 
     @classmethod
@@ -290,9 +278,8 @@ class Predictor:
             raise UnknownSession(f"no session {session_id!r}")
         return session_id
 
-    @staticmethod
     def _predictions(
-        vocab: Vocabulary, output: EngineOutput, prefix: _Prefix = NO_PREFIX
+        self, vocab: Vocabulary, output: EngineOutput, prefix: _Prefix = NO_PREFIX
     ) -> list[dict[str, Any]]:
         """Each word as it would be typed there (`service.contract.casing`), and whether it
         is a correction (the prefix does not start it: a slip away)."""
@@ -303,7 +290,7 @@ class Predictor:
         ids = output.ids
         # Without a capital typed, a word's written form depends only on the word, the word
         # before (where a pair form exists) and the sentence start: kept once computed.
-        forms = None if _has_capital(typed) else _display_cache(vocab).forms(last, start)
+        forms = None if _has_capital(typed) else self._displays[vocab].forms(last, start)
         try:
             words = [forms[i] for i in ids] if forms is not None else None
         except KeyError:  # a word not written there yet, or one of the writer's own

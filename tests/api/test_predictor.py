@@ -374,6 +374,7 @@ def test_answer_words_from_the_cache_are_written_as_uncached() -> None:
     vocab.set_display_forms({"i": "I", "house": "House"})
     vocab.set_pair_forms({("the", "house"): "house", ("big", "dog"): "Dog"})
     idx = vocab.index
+    predictor = Predictor(Settings(default_model="tiny"), None, {"tiny": vocab})  # type: ignore[arg-type]
     words = [idx[w] for w in ("i", "house", "dog", "the", "if", "in")]
     size = len(vocab)
     for last in (idx["the"], idx["big"], idx["well"], vocab.eos_id, -1):
@@ -398,13 +399,13 @@ def test_answer_words_from_the_cache_are_written_as_uncached() -> None:
                     for i in ids
                 ]
                 for _ in range(2):  # the second answers from the cache
-                    got = Predictor._predictions(vocab, output, prefix)
+                    got = predictor._predictions(vocab, output, prefix)
                     assert [w["word"] for w in got] == expected, (last, tokens, typed)
     # The pair form is the one written after its word, and only there.
     after = {
         last: [
             w["word"]
-            for w in Predictor._predictions(
+            for w in predictor._predictions(
                 vocab,
                 EngineOutput(
                     1, ids=[idx["house"], idx["dog"]], probs=[0.5, 0.4], tokens=3, last_token=last
