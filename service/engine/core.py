@@ -177,7 +177,11 @@ class EngineCore:
         models: dict[str, OrtModel],
         store: SessionStore,
         pools: dict[str, StatePool] | None = None,
+        keep_states: bool = False,
     ) -> None:
+        """`keep_states`: `store` is this process's memory store (opened here), so sessions'
+        states may stay on a pool's device between steps, their records written without
+        state (`service.engine.residency`); any other store is given host states."""
         if settings.default_model not in models:
             raise ArtifactError(
                 f"default model {settings.default_model!r} is not in {settings.models_dir} "
@@ -199,6 +203,7 @@ class EngineCore:
                 adaptation=Adaptation.of(model) if settings.adapt_memory else None,
                 adapt_default=settings.adapt,
                 pool=self.pools.get(name),
+                keep_states=keep_states,
             )
             for name, model in models.items()
         }
@@ -221,7 +226,8 @@ class EngineCore:
             timeout_s=settings.session_store_timeout_s,
             behind_window_s=settings.session_store_behind_window_s,
         )
-        core = cls(settings, models, store, pools)
+        # The in-process store keeps the engine's sessions: their states may stay resident.
+        core = cls(settings, models, store, pools, keep_states=settings.session_store == "memory")
         for scheduler in core.schedulers.values():
             await scheduler.start()
         core._housekeeping = asyncio.get_running_loop().create_task(
