@@ -229,7 +229,7 @@ def many_sessions(model: OrtModel, n: int, batch: int, progress: Any) -> dict[st
     taken); a sample stepped again against the copied path."""
     pool = _pool(model, 2 * n + 8 * batch + 16)
     store = MemorySessionStore(cap=n, ttl_s=1e9)
-    residency = Residency(pool, store, keeps=True)
+    residency = Residency(pool, store)
     rng = np.random.default_rng(7)
     (start_current,) = pool.upload([tuple(a[:, 0] for a in model.start.state)])
     words = rng.integers(3, len(model.vocab), size=(n, 2))
@@ -247,7 +247,9 @@ def many_sessions(model: OrtModel, n: int, batch: int, progress: Any) -> dict[st
         first = pool.run(words[lo:hi, :1], [start_current] * (hi - lo), False)
         second = pool.run(words[lo:hi, 1:], first.rows, False)
         records = [
-            SessionRecord(ids[i], model.name, (), 2, 0.0, 0.0, 0, int(words[i, 1]))
+            SessionRecord(
+                ids[i], model.name, (), 2, 0.0, 0.0, 0, int(words[i, 1]), state_on_device=True
+            )
             for i in range(lo, hi)
         ]
         written = loop.run_until_complete(store.put_many(records, [None] * (hi - lo)))

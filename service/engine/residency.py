@@ -4,8 +4,8 @@ With a `StatePool` every state a batch runs from or into is a pool row. A sessio
 *resident* when this engine holds the two rows of its latest version (the state after its
 last token, and the one before) in a `Residency` entry: session id -> entry, whose rows,
 version and created_at are numpy columns, in least recently written order. Its record in
-the store then has an empty `state` (see `SessionRecord`): the store keeps its metadata,
-and the engine its state. A session that is not resident has its state in host arrays in
+the store then says `state_on_device` (its `state` empty; see `SessionRecord`): the store
+keeps its metadata, and the engine its state. A session that is not resident has its state in host arrays in
 its record (spilled to host memory, or kept by a store that serializes states): its next
 step uploads it into fresh rows.
 
@@ -24,24 +24,27 @@ owner):
 - the scheduler, for good: the start and zero states (`StatePool.pin`).
 
 The store decides nothing here and is asked for no capability: the wiring
-(`EngineCore`) says whether the store is the in-process memory store (`keeps=True`:
-records are written with an empty `state` and entries are kept); any other store (Redis,
-tiered) is always given host states, and nothing stays resident between steps.
+(`EngineCore`) says whether the store is the in-process memory store, and only then is a
+`Residency` given it (`keeps`: records are written `state_on_device`, entries are
+kept, and a spill gives the store host states with `MemorySessionStore.restore_states`,
+which changes neither version, nor TTL, nor LRU place). Any other store (Redis, tiered)
+is always given host states, and nothing stays resident between steps: each step
+uploads its session's states and the write downloads the new ones.
 
 A record is matched to an entry by (session id, version, created_at): a record whose
 version and created_at are the entry's runs from its rows; one with host state and no
-match is uploaded; one with an empty state and no match is a lost session
+match is uploaded; one `state_on_device` and no match is a lost session
 (`UnknownSession`, logged once: it must not happen). Deleting, expiring or evicting a
 session in the store does not reach here: its entry is stale, never matched again (a
 session re-created under the same id has another created_at; its versions restart, its
 entry is replaced by its first write), and its rows are reclaimed lazily, by `spill`,
-under pressure. Until then `nextword_state_pool_rows{use="used"}` counts them.
+under pressure (the least recently written first, as any entry). Until then
+`nextword_state_pool_rows{use="used"}` counts them as used: the gauge is honest about
+the rows held, not about the sessions alive.
 """
 
 from __future__ import annotations
 
-import asyncio
-import dataclasses
 import logging
 import threading
 from collections import OrderedDict
@@ -51,7 +54,8 @@ import numpy as np
 
 from service.engine.pool import StatePool
 from service.errors import NextwordError, UnknownSession
-from service.store import SessionRecord, SessionStore
+from service.store import SessionRecord
+from service.store.memory import MemorySessionStore
 
 log = logging.getLogger(__name__)
 
@@ -97,16 +101,16 @@ class Holding:
 class Residency:
     """Which sessions of one model hold pool rows, and moving states in and out of them."""
 
-    def __init__(self, pool: StatePool, store: SessionStore, keeps: bool) -> None:
+    def __init__(self, pool: StatePool, store: MemorySessionStore | None = None) -> None:
         self.pool = pool
+        # With the in-process store: records are written `state_on_device`, entries kept.
         self.store = store
-        self.keeps = keeps  # records are written with an empty state; entries are kept
+        self.keeps = store is not None
         self._entries: OrderedDict[str, int] = OrderedDict()  # id -> entry, LRU first
         self._rows = np.zeros((0, 2), dtype=np.int64)  # per entry: current, previous
         self._version = np.zeros(0, dtype=np.int64)
         self._created = np.zeros(0, dtype=np.float64)
         self._spare: list[int] = []  # entries free for reuse
-        self._spilling = asyncio.Lock()  # one spill at a time (two batches may ask)
         self.lost = 0  # records found with their state nowhere (should stay 0)
 
     def __len__(self) -> int:
@@ -142,7 +146,8 @@ class Residency:
         return out
 
     def lost_session(self, record: SessionRecord) -> NextwordError:
-        """The error for a record whose state is in no entry (logged the first time)."""
+        """The error for a record whose state is on this engine's device but in no entry
+        (logged the first time)."""
         self.lost += 1
         if self.lost == 1:
             log.error(
@@ -216,57 +221,40 @@ class Residency:
             return None
         return int(self._version[entry]), int(self._rows[entry, 0]), float(self._created[entry])
 
-    async def spill(self, want: int, keep: Container[str | None] = ()) -> int:
+    def spill(self, want: int, keep: Container[str | None] = ()) -> int:
         """Free about `want` rows (as many as it can): the least recently written entries
-        not in `keep` (the sessions in flight) whose rows are not all pinned. A victim
-        whose record still says "on the device" (its version and created_at) has its states
-        downloaded (one copy for all) and written to the store as host states, a
-        compare-and-set at its version (the store counts it as a write); an entry whose
-        session is gone from the store or moved on is stale and simply released. Returns
-        the rows freed."""
-        if not self.keeps:
+        not in `keep` (the sessions in flight) whose rows are not all pinned. Their states
+        are downloaded (one copy for all) and given to the store as host states
+        (`MemorySessionStore.restore_states`: version, TTL and LRU place unchanged); an
+        entry whose session the store no longer keeps at that version (deleted, expired,
+        evicted) is stale and simply released. Returns the rows freed."""
+        store = self.store
+        if store is None:
             return 0
-        async with self._spilling:
-            before = self.pool.free
-            victims: dict[str, int] = {}  # id -> the version of its entry now
-            freeing = 0
-            pinned = self.pool.pinned
-            for session_id, entry in self._entries.items():
-                if freeing >= want:
-                    break
-                if session_id in keep:
-                    continue
-                rows = self._rows[entry]
-                gained = len({int(r) for r, p in zip(rows, pinned(rows)) if not p})
-                if gained:  # an empty session holds the pinned start rows only
-                    victims[session_id] = int(self._version[entry])
-                    freeing += gained
-            if not victims:
-                return 0
-            records = await self.store.get_many(list(victims))
-            live = [r for r in records if r is not None]
-            found = self.find(live)
-            stale = [s for s, r in zip(victims, records) if r is None]
-            spilling, at = [], []
-            for record, rows in zip(live, found):
-                if rows[0] == NO_ROW or record.state:  # moved on, or on the host already
-                    stale.append(record.session_id)
-                else:
-                    spilling.append(record)
-                    at.append(rows)
-            done: list[str] = []
-            if spilling:
-                states = self.pool.download(np.concatenate(at))
-                host = [
-                    dataclasses.replace(r, state=(*states[2 * i], *states[2 * i + 1]))
-                    for i, r in enumerate(spilling)
-                ]
-                written = await self.store.put_many(host, [r.version for r in spilling])
-                done = [r.session_id for r, ok in zip(spilling, written) if ok]
-            # Dropped only if no write committed a newer version meanwhile.
-            self.drop([s for s in stale + done if self._version_of(s) == victims[s]])
-            return max(0, self.pool.free - before)
-
-    def _version_of(self, session_id: str) -> int | None:
-        entry = self._entries.get(session_id)
-        return None if entry is None else int(self._version[entry])
+        before = self.pool.free
+        victims: list[str] = []
+        at: list[int] = []
+        freeing = 0
+        pinned = self.pool.pinned
+        for session_id, entry in self._entries.items():
+            if freeing >= want:
+                break
+            if session_id in keep:
+                continue
+            rows = self._rows[entry]
+            gained = len({int(r) for r, p in zip(rows, pinned(rows)) if not p})
+            if gained:  # an empty session holds the pinned start rows only
+                victims.append(session_id)
+                at.append(entry)
+                freeing += gained
+        if not victims:
+            return 0
+        index = np.array(at, dtype=np.int64)
+        states = self.pool.download(self._rows[index].ravel())
+        store.restore_states(
+            victims,
+            self._version[index].tolist(),
+            [(*states[2 * i], *states[2 * i + 1]) for i in range(len(victims))],
+        )
+        self.drop(victims)  # restored, or stale: no record will match them again
+        return max(0, self.pool.free - before)

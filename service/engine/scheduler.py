@@ -86,6 +86,7 @@ from service.errors import (
     UnknownSession,
 )
 from service.store import SessionRecord, SessionStore
+from service.store.memory import MemorySessionStore
 
 log = logging.getLogger(__name__)
 
@@ -220,15 +221,16 @@ class StepBatcher:
         zeros: State = tuple(np.zeros_like(a) for a in start_current)
         self._halves = len(start_current)  # arrays in a state (h, or h and c)
         # A record's state: host arrays, or none when this engine keeps it on its device.
-        keep_states = keep_states and pool is not None
-        self._state_lengths = (2 * self._halves, 0) if keep_states else (2 * self._halves,)
         # With a state pool every state of a batch is a pool row (`StatePool`), and where
         # sessions' states live is `residency`'s to say. `keep_states` (the wiring knows the
         # store is this process's memory store): sessions stay resident between steps,
         # their records written without state. The start and zero states are rows held
         # for the batcher's life.
         self.pool = pool
-        self.residency = None if pool is None else Residency(pool, store, keep_states)
+        if keep_states and not isinstance(store, MemorySessionStore):
+            raise TypeError("keep_states is for the in-process MemorySessionStore")
+        home = store if keep_states and isinstance(store, MemorySessionStore) else None
+        self.residency = None if pool is None else Residency(pool, home)
         self._start_current: StateRef = start_current
         self._zeros: StateRef = zeros
         if self.pool is not None:
@@ -543,7 +545,7 @@ class StepBatcher:
         for row, (current, previous) in zip(new, found.tolist()):
             if current != NO_ROW:
                 row.current, row.previous = current, previous
-            elif not row.record.state:  # type: ignore[union-attr]
+            elif row.record.state_on_device:  # type: ignore[union-attr]
                 self._fail([row.step], self.residency.lost_session(row.record))  # type: ignore[arg-type]
                 lost.add(id(row))
         return [r for r in rows if id(r) not in lost] if lost else rows
@@ -632,7 +634,7 @@ class StepBatcher:
             # A batch's worth at least: spilling is paid per call.
             keep = {s.session_id for s in self._session_batch}
             keep.update(r.step.session_id for r in rows)
-            spilled = await self.residency.spill(max(need - pool.free, 2 * self.max_batch), keep)
+            spilled = self.residency.spill(max(need - pool.free, 2 * self.max_batch), keep)
             self._spills.inc(spilled)
             if pool.free < need:
                 raise PoolExhausted(
@@ -648,7 +650,10 @@ class StepBatcher:
         if (
             record is None
             or record.model != self.name
-            or len(record.state) not in self._state_lengths
+            or (
+                not (record.state_on_device and self.residency and self.residency.keeps)
+                and len(record.state) != 2 * self._halves
+            )
             or record.last_token >= self._vocab_size
         ):
             return UnknownSession(
@@ -943,5 +948,6 @@ class StepBatcher:
             row.memory,
             self._session_adapt(step, old),
             step.step_id,
+            self.residency is not None and self.residency.keeps and bool(row.new_rows),
         )
         return StepResult(ids, probs, tokens, record, words, last_token)

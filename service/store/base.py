@@ -56,12 +56,12 @@ class SessionRecord:
     and `last_token`, a request that adds no word (only a new `prefix`) is answered by
     re-running the last token: the model's distribution is only produced by a run.
 
-    An empty `state` means "the engine that wrote this version keeps its state on its
-    device" (`service.engine.residency`): only an engine told so by its wiring (it opened
-    the in-process memory store itself) writes such records, and only it can step them;
-    it matches them to its rows by (session_id, version, created_at). Every other store
-    is always given host states. A store keeps an empty state as it keeps any other, and
-    returns it as it was written.
+    `state_on_device` (with an empty `state`) means "the engine that wrote this version
+    keeps its state on its device" (`service.engine.residency`): only an engine told so
+    by its wiring (it opened the in-process memory store itself) writes such records, and
+    only it can step them; it matches them to its rows by (session_id, version,
+    created_at). Every other store is always given host states (and refuses such a
+    record). A store never sees a device row: the flag is all it keeps of one.
     """
 
     session_id: str
@@ -82,6 +82,8 @@ class SessionRecord:
     # The id of the last step applied (`StepRequest.step_id`; "" when it had none): a retry
     # of that step is recognised and answered, not applied a second time.
     last_step: str = ""
+    # The state is on the device of the engine that wrote this version (`state` is empty).
+    state_on_device: bool = False
 
 
 @runtime_checkable

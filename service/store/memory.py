@@ -1,6 +1,7 @@
-"""The in-process session store: a slot pool per state shape, idle TTL and an LRU cap.
+"""The in-process session store: a row arena per state shape, idle TTL and an LRU cap.
 
-Where a session's state lives (the only place that decides it). A session's state
+How the store keeps a session's host state (where it lives, host or an engine's device, is
+`service.engine.residency`'s to decide). A session's state
 (current + previous arrays, packed (S, L, H) float32) is one row of the `_StatePool` of
 its shape: one pool per shape, so per model (the bundled LSTM is (4, 2, 512), the GRU
 (2, 1, 512)), in host memory. A pool is a list of chunks that grows geometrically
@@ -30,6 +31,12 @@ a dict of their own for the sessions that have any.
 
 `get`/`get_many` return copies (read-only arrays): a batch may hold its records while
 another batch writes the same rows. `put_many` writes rows in place.
+
+A record written with `state_on_device` (the engine keeps that version's state on its
+device: `SessionRecord`, `service.engine.residency`) takes a row of the state-less shape
+(0, 0, 0, C): its metadata and memory only. When the engine spills it, `restore_states`
+moves it to a row of its host shape, its version, TTL and place unchanged. The store
+never sees a device row: it imports nothing from the engine.
 """
 
 from __future__ import annotations
@@ -253,11 +260,16 @@ class _StatePool:
 
 def _shape_of(record: SessionRecord) -> Shape:
     """The pool shape of a record; ValueError unless its state is S arrays of one (L, H)
-    (none for a state the engine keeps on its device: `SessionRecord`) and its memory two
-    arrays of one length."""
+    (none for a state the engine keeps on its device: `SessionRecord.state_on_device`)
+    and its memory two arrays of one length."""
     state = record.state
     first: tuple[int, ...] = (0, 0)
-    if state:
+    if record.state_on_device:
+        if state:
+            raise ValueError("a state kept on a device has no arrays here")
+    else:
+        if not state:
+            raise ValueError("a session state needs at least one array")
         first = _shape(state[0])
         if len(first) != 2 or any(_shape(a) != first for a in state[1:]):
             raise ValueError(f"state arrays must all be (L, H); got {[_shape(a) for a in state]}")
@@ -466,6 +478,7 @@ class MemorySessionStore:
                     memory,
                     bool(adapt),
                     last_steps.get(session_id, ""),
+                    not pool.shape[0],
                 )
         if expired:
             self._expire()
@@ -662,6 +675,40 @@ class MemorySessionStore:
     def _expired(self, session_id: str, now: float) -> bool:
         pool, row = self._pool(self._index[session_id])
         return pool.touched(row) <= now - self.ttl_s
+
+    # --- states an engine kept on its device ----------------------------------------------
+
+    def restore_states(
+        self, ids: list[str], versions: list[int], states: list[State]
+    ) -> list[bool]:
+        """Give host states to sessions written without one (`state_on_device`: the engine
+        kept them on its device) and still at exactly `versions`: the engine spilling them
+        (`service.engine.residency`). Nothing else changes: not the version, the TTL, the
+        place in the LRU order, the owner or the memory. False where the session is gone,
+        expired, at another version or holds a state already (nothing written)."""
+        now = self.clock()
+        out = []
+        for session_id, version, state in zip(ids, versions, states):
+            handle = self._index.get(session_id)
+            if handle is None:
+                out.append(False)
+                continue
+            old, row = self._pool(handle)
+            if old.shape[0] or old.version(row) != version or self._expired(session_id, now):
+                out.append(False)
+                continue
+            _, meta, arrays = old.read(row)
+            memory = None if arrays is None else WordMemory(*arrays)
+            first = state[0]
+            pool_id = self._pool_id(
+                (len(state), int(first.shape[0]), int(first.shape[1]), old.shape[3])
+            )
+            new_row = self._pools[pool_id].alloc()
+            self._pools[pool_id].write(new_row, state, meta, memory)
+            old.release(row)
+            self._index[session_id] = new_row << _POOL_BITS | pool_id  # keeps its place
+            out.append(True)
+        return out
 
     # --- what it costs ------------------------------------------------------------------
 

@@ -191,16 +191,18 @@ def test_pool_rows_follow_the_cap_the_budget_and_the_batches() -> None:
         pool_rows(100, 10, 16, 8192, None)
 
 
-async def test_a_spill_writes_host_states_at_the_next_version_and_reclaims_stale_rows(
+async def test_a_spilled_session_keeps_its_state_version_and_place_and_stale_rows_go(
     tiny_artifacts: Path,
 ) -> None:
     model = OrtModel(ModelArtifact.load(tiny_artifacts / "lstm"), providers_for("cpu"))
     pool = StatePool(model, 32)
     store = MemorySessionStore(cap=100)
-    residency = Residency(pool, store, keeps=True)
+    residency = Residency(pool, store)
     states = random_states(model, 8, seed=5)
     rows = pool.upload(states).reshape(4, 2)
-    records = [SessionRecord(f"s{i}", "lstm", (), i, 1.0, 2.0) for i in range(4)]
+    records = [
+        SessionRecord(f"s{i}", "lstm", (), i, 1.0, 2.0, state_on_device=True) for i in range(4)
+    ]
     assert await store.put_many(records, [None] * 4) == [True] * 4
     residency.commit([r.session_id for r in records], [1] * 4, [1.0] * 4, rows)
     pool.release(rows.ravel())  # the entries hold them now
@@ -208,21 +210,33 @@ async def test_a_spill_writes_host_states_at_the_next_version_and_reclaims_stale
     assert pool.used == 8 and len(residency) == 4
     await store.delete("s1")  # its rows are reclaimed lazily, by the spill that meets it
     assert pool.used == 8
-    assert await residency.spill(5, keep={"s0"}) == 6  # whole sessions, oldest first
+    assert residency.spill(5, keep={"s0"}) == 6  # whole sessions, oldest first
     assert pool.used == 2 and len(residency) == 1  # s0 kept; s1 stale; s2 and s3 spilled
     pool.check_counts(residency.holders())
     got = await store.get_many(["s0", "s1", "s2", "s3"])
     assert got[1] is None
     for i in (2, 3):
         record = got[i]
-        assert record is not None and record.version == 2  # a spill is a write
+        assert record is not None and record.version == 1
         for array, want in zip(record.state, (*states[2 * i], *states[2 * i + 1])):
             np.testing.assert_array_equal(array, want)
         assert residency.find([record])[0, 0] == -1  # host state: its next step uploads it
-    assert got[0] is not None and got[0].state == ()
+    assert got[0] is not None and got[0].state == () and got[0].state_on_device
+    assert not any(r.state_on_device for r in got[2:])  # type: ignore[union-attr]
     np.testing.assert_array_equal(residency.find([got[0]])[0], rows[0])
     residency.close()
     assert pool.used == 0
+    # The LRU order is the write order still: a new session past the cap evicts s0 first,
+    # then s2 (s1 was deleted).
+    store.cap = 3
+    extra = SessionRecord("s4", "lstm", got[2].state, 1, 1.0, 2.0)  # type: ignore[union-attr]
+    assert await store.put_many([extra], [None]) == [True]
+    assert [r is None for r in await store.get_many(["s0", "s2", "s3", "s4"])] == [
+        True,
+        False,
+        False,
+        False,
+    ]
 
 
 @pytest.mark.parametrize("model_name", ["lstm", "gru"])

@@ -38,7 +38,7 @@ from service.errors import UnknownSession
 from service.store.memory import MemorySessionStore
 
 IDS = [f"s{i}" for i in range(6)]
-ROWS = 20  # 6 sessions x 2 rows, 2 pinned, and a batch of 3 steps (up to 4 rows each)
+ROWS = 18  # 2 pinned, and 3 steps in flight: each its 2 rows, a carried one and 2 new
 TTL = 100.0
 ATOL = 1e-5  # the same kernels; only the batch's layout differs
 
@@ -82,6 +82,7 @@ class ResidencyMachine(RuleBasedStateMachine):
         self.run(self.batcher.start())
         self.run(self.copied.start())
         self.ref: dict[str, list[int]] = {}  # session -> its tokens
+        self.written: dict[str, float] = {}  # session -> when it was last written
         self.vocab = len(self.model.vocab)
 
     def run(self, coroutine: Any) -> Any:
@@ -119,6 +120,7 @@ class ResidencyMachine(RuleBasedStateMachine):
         tokens = [t % self.vocab for t in tokens]
         self.check_answers(self.run(self.both([(session_id, tokens, True)])))
         self.ref[session_id] = list(tokens)
+        self.written[session_id] = self.clock.now
 
     @precondition(lambda self: bool(self.ref))
     @rule(data=st.data())
@@ -134,12 +136,31 @@ class ResidencyMachine(RuleBasedStateMachine):
         self.check_answers(self.run(self.both(steps)))
         for session_id, tokens, _ in steps:
             self.ref[session_id] += tokens
+            self.written[session_id] = self.clock.now
 
-    @rule(rows=st.integers(1, 12))
+    @rule(rows=st.sampled_from([1, 2, 4, 8, ROWS]))
     def spill(self, rows: int) -> None:
         """Free about `rows` rows, as a batch short of rows does."""
         assert self.batcher.residency is not None
-        self.run(self.batcher.residency.spill(rows))
+        self.batcher.residency.spill(rows)
+
+    def spilled(self) -> list[str]:
+        records = self.run(self.store.get_many(sorted(self.ref)))
+        return [r.session_id for r in records if r is not None and r.state]
+
+    @precondition(lambda self: bool(self.ref))
+    @rule(data=st.data())
+    def bring_back(self, data: st.DataObject) -> None:
+        """A step of a spilled session (if any): its host states are uploaded first."""
+        spilled = self.spilled()
+        if not spilled:
+            return
+        session_id = data.draw(st.sampled_from(spilled))
+        tokens = [t % self.vocab for t in data.draw(self.token_lists)]
+        self.check_answers(self.run(self.both([(session_id, tokens, False)])))
+        self.ref[session_id] += tokens
+        self.written[session_id] = self.clock.now
+        assert session_id not in self.spilled()  # resident again
 
     @precondition(lambda self: bool(self.ref))
     @rule(data=st.data())
@@ -147,13 +168,15 @@ class ResidencyMachine(RuleBasedStateMachine):
         session_id = data.draw(st.sampled_from(sorted(self.ref)))
         self.run(self.store.delete(session_id))
         self.run(self.copied_store.delete(session_id))
-        del self.ref[session_id]
+        del self.ref[session_id], self.written[session_id]
 
-    @rule()
-    def expire(self) -> None:
-        """Every session idles past the TTL."""
-        self.clock.now += TTL + 1
-        self.ref.clear()
+    @rule(idle=st.sampled_from([0.4, 0.7, 1.1]))
+    def wait(self, idle: float) -> None:
+        """Time passes: the sessions not written for the TTL expire (a spill is no write)."""
+        self.clock.now += idle * TTL
+        for session_id in [s for s, t in self.written.items() if t <= self.clock.now - TTL]:
+            self.ref.pop(session_id, None)
+            del self.written[session_id]
 
     @rule(session_id=st.sampled_from(IDS))
     def step_an_unknown_session(self, session_id: str) -> None:
