@@ -178,10 +178,13 @@ class EngineCore:
         store: SessionStore,
         pools: dict[str, StatePool] | None = None,
         keep_states: bool = False,
+        cache_states: bool = False,
     ) -> None:
         """`keep_states`: `store` is this process's memory store (opened here), so sessions'
         states may stay on a pool's device between steps, their records written without
-        state (`service.engine.residency`); any other store is given host states."""
+        state (`service.engine.residency`); any other store is given host states, and with
+        `cache_states` (a shared store written through) the engine keeps the rows of what
+        it wrote as well."""
         if settings.default_model not in models:
             raise ArtifactError(
                 f"default model {settings.default_model!r} is not in {settings.models_dir} "
@@ -204,6 +207,7 @@ class EngineCore:
                 adapt_default=settings.adapt,
                 pool=self.pools.get(name),
                 keep_states=keep_states,
+                cache_states=cache_states,
             )
             for name, model in models.items()
         }
@@ -227,7 +231,10 @@ class EngineCore:
             behind_window_s=settings.session_store_behind_window_s,
         )
         # The in-process store keeps the engine's sessions: their states may stay resident.
-        core = cls(settings, models, store, pools, keep_states=settings.session_store == "memory")
+        # Through a shared store, every version answered is in Redis: rows may be kept too.
+        memory = settings.session_store == "memory"
+        through = not memory and settings.session_store_write == "through"
+        core = cls(settings, models, store, pools, keep_states=memory, cache_states=through)
         for scheduler in core.schedulers.values():
             await scheduler.start()
         core._housekeeping = asyncio.get_running_loop().create_task(

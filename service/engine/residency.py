@@ -28,8 +28,14 @@ The store decides nothing here and is asked for no capability: the wiring
 `Residency` given it (`keeps`: records are written `state_on_device`, entries are
 kept, and a spill gives the store host states with `MemorySessionStore.restore_states`,
 which changes neither version, nor TTL, nor LRU place). Any other store (Redis, tiered)
-is always given host states, and nothing stays resident between steps: each step
-uploads its session's states and the write downloads the new ones.
+is always given host states: the write downloads the new ones. With a shared store
+written through (`cache`: Redis holds every version this engine answered, and a
+(session id, version, created_at) names one state cluster-wide, the compare-and-set
+letting one writer make each version) the engine keeps the rows of what it wrote as
+well, so that the next step of a session at the same version needs no upload; a record
+another engine wrote has another version and is uploaded. Not when written behind: a
+failed flush can leave Redis at a version this engine also made locally, with another
+state.
 
 A record is matched to an entry by (session id, version, created_at): a record whose
 version and created_at are the entry's runs from its rows; one with host state and no
@@ -101,11 +107,16 @@ class Holding:
 class Residency:
     """Which sessions of one model hold pool rows, and moving states in and out of them."""
 
-    def __init__(self, pool: StatePool, store: MemorySessionStore | None = None) -> None:
+    def __init__(
+        self, pool: StatePool, store: MemorySessionStore | None = None, cache: bool = False
+    ) -> None:
         self.pool = pool
         # With the in-process store: records are written `state_on_device`, entries kept.
         self.store = store
-        self.keeps = store is not None
+        self.on_device = store is not None
+        # With `cache` (a shared store written through): records carry host states, and
+        # the entries are kept beside them, so that the next step needs no upload.
+        self.keeps = self.on_device or cache
         self._entries: OrderedDict[str, int] = OrderedDict()  # id -> entry, LRU first
         self._rows = np.zeros((0, 2), dtype=np.int64)  # per entry: current, previous
         self._version = np.zeros(0, dtype=np.int64)
@@ -224,12 +235,12 @@ class Residency:
     def spill(self, want: int, keep: Container[str | None] = ()) -> int:
         """Free about `want` rows (as many as it can): the least recently written entries
         not in `keep` (the sessions in flight) whose rows are not all pinned. Their states
-        are downloaded (one copy for all) and given to the store as host states
+        are downloaded (one copy for all) and given to the in-process store as host states
         (`MemorySessionStore.restore_states`: version, TTL and LRU place unchanged); an
         entry whose session the store no longer keeps at that version (deleted, expired,
-        evicted) is stale and simply released. Returns the rows freed."""
-        store = self.store
-        if store is None:
+        evicted) is stale and simply released. A cache's entries are released (the shared
+        store has their host states). Returns the rows freed."""
+        if not self.keeps:
             return 0
         before = self.pool.free
         victims: list[str] = []
@@ -249,12 +260,13 @@ class Residency:
                 freeing += gained
         if not victims:
             return 0
-        index = np.array(at, dtype=np.int64)
-        states = self.pool.download(self._rows[index].ravel())
-        store.restore_states(
-            victims,
-            self._version[index].tolist(),
-            [(*states[2 * i], *states[2 * i + 1]) for i in range(len(victims))],
-        )
+        if self.store is not None:
+            index = np.array(at, dtype=np.int64)
+            states = self.pool.download(self._rows[index].ravel())
+            self.store.restore_states(
+                victims,
+                self._version[index].tolist(),
+                [(*states[2 * i], *states[2 * i + 1]) for i in range(len(victims))],
+            )
         self.drop(victims)  # restored, or stale: no record will match them again
         return max(0, self.pool.free - before)

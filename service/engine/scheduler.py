@@ -179,6 +179,7 @@ class StepBatcher:
         adapt_default: bool = True,
         pool: StatePool | None = None,
         keep_states: bool = False,
+        cache_states: bool = False,
     ) -> None:
         self.runner = runner
         self.store = store
@@ -220,17 +221,17 @@ class StepBatcher:
         start_current: State = tuple(a[:, 0, :] for a in runner.start.state)
         zeros: State = tuple(np.zeros_like(a) for a in start_current)
         self._halves = len(start_current)  # arrays in a state (h, or h and c)
-        # A record's state: host arrays, or none when this engine keeps it on its device.
         # With a state pool every state of a batch is a pool row (`StatePool`), and where
         # sessions' states live is `residency`'s to say. `keep_states` (the wiring knows the
         # store is this process's memory store): sessions stay resident between steps,
-        # their records written without state. The start and zero states are rows held
-        # for the batcher's life.
+        # their records written `state_on_device`. `cache_states` (a shared store written
+        # through): records carry host states, and the rows of what was written are kept
+        # too. The start and zero states are rows held for the batcher's life.
         self.pool = pool
         if keep_states and not isinstance(store, MemorySessionStore):
             raise TypeError("keep_states is for the in-process MemorySessionStore")
         home = store if keep_states and isinstance(store, MemorySessionStore) else None
-        self.residency = None if pool is None else Residency(pool, home)
+        self.residency = None if pool is None else Residency(pool, home, cache_states)
         self._start_current: StateRef = start_current
         self._zeros: StateRef = zeros
         if self.pool is not None:
@@ -651,7 +652,7 @@ class StepBatcher:
             record is None
             or record.model != self.name
             or (
-                not (record.state_on_device and self.residency and self.residency.keeps)
+                not (record.state_on_device and self.residency and self.residency.on_device)
                 and len(record.state) != 2 * self._halves
             )
             or record.last_token >= self._vocab_size
@@ -680,7 +681,7 @@ class StepBatcher:
                 expected.append(None if r.record is None else r.record.version)
             residency = self.residency
             try:
-                if residency is not None and not residency.keeps:
+                if residency is not None and not residency.on_device:
                     records = await asyncio.get_running_loop().run_in_executor(
                         self._executor, _to_host, residency.pool, writes
                     )
@@ -948,6 +949,6 @@ class StepBatcher:
             row.memory,
             self._session_adapt(step, old),
             step.step_id,
-            self.residency is not None and self.residency.keeps and bool(row.new_rows),
+            self.residency is not None and self.residency.on_device and bool(row.new_rows),
         )
         return StepResult(ids, probs, tokens, record, words, last_token)

@@ -23,7 +23,7 @@ from service.engine.pool import StatePool
 from service.engine.runtime import OrtModel
 from service.engine.scheduler import Step, StepBatcher
 from service.errors import StepFailed, StoreUnavailable, UnknownSession
-from service.store import SessionRecord
+from service.store import SessionRecord, TieredSessionStore
 from service.store.memory import MemorySessionStore
 
 ATOL = 1e-5
@@ -318,3 +318,45 @@ async def test_a_session_re_created_under_its_id_never_reads_the_stale_entry(
         settled(engine)
     finally:
         await engine.stop()
+
+
+async def test_through_a_shared_store_the_rows_written_are_kept_and_another_writer_is_seen(
+    lstm: OrtModel, copied: StepBatcher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`cache_states` (a shared store written through): records carry host states, the
+    engine keeps the rows of what it wrote, so a session's next step uploads nothing; a
+    version another engine wrote is uploaded (after the stale local copy loses its
+    compare-and-set), and every answer is the copied path's."""
+    shared = MemorySessionStore(3600.0, 1000)  # stands for Redis
+    pool = StatePool(lstm, 64)
+    engine = StepBatcher(
+        lstm, TieredSessionStore(shared), pool=pool, cache_states=True, max_wait_ms=0
+    )
+    other = StepBatcher(lstm, TieredSessionStore(shared), max_wait_ms=0)  # another replica
+    uploads: list[int] = []
+    real = pool.upload
+
+    def upload(states: Any) -> Any:
+        uploads.append(len(states))
+        return real(states)
+
+    monkeypatch.setattr(pool, "upload", upload)
+    await engine.start()
+    await other.start()
+    try:
+        await same(engine, copied, Step([5, 6, 7], session_id="s", create=True))
+        assert not (await shared.get("s")).state_on_device  # host states in the store
+        await same(engine, copied, Step([8], session_id="s"))
+        await same(engine, copied, Step([9, 10], session_id="s"))
+        assert uploads == []  # each step ran from the rows the last one wrote
+        settled(engine)
+        twin = Step([11], session_id="s")
+        await other.step(Step([11], session_id="s"))
+        await copied.step(twin)
+        await same(engine, copied, Step([12], session_id="s"))
+        assert uploads == [2]  # the other writer's version, brought in once
+        settled(engine)
+    finally:
+        await engine.stop()
+        await other.stop()
+    assert pool.used == 2
