@@ -41,6 +41,17 @@ the whole step. A step in progress goes back to the front of its lane, so a sess
 later steps still wait behind it. Feeding a text in chunks gives the same state, to
 float rounding, as running it whole.
 
+With a state pool (`StatePool`) every state a batch runs from or into is a pool row, and
+the scheduler asks `residency` (never the store) where a session's state is: the rows
+of its entry (held for the batch), or its record's host states, uploaded first. Each
+batch's rows are one `Holding`, released when the batch ends, whatever ended it; the
+rows answered are committed to entries first (with the memory store, after the
+compare-and-set wrote the record `state_on_device`; through any other store the new
+states are copied to the host for the write). A long step holds the row it has run up
+to between its batches (`StepRun.carried`), handed to its next batch or released when
+it is dropped. When a batch needs more rows than are free, `Residency.spill` moves the
+least recently written sessions not in flight to host memory.
+
 A batch runs at most `max_batch_tokens` tokens (summed over its rows; a row counts the
 tokens it runs in this batch; default max(`max_batch`, 8 x `prefill_chunk`)), of which
 chunks of long steps take at most `max_prefill_tokens` (default 4 x `prefill_chunk`: four
