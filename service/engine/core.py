@@ -365,6 +365,9 @@ class EngineCore:
             )
         if isinstance(request, DeleteRequest):
             await self.store.delete(request.session_id)
+            for scheduler in self.schedulers.values():  # its rows go back at once
+                if scheduler.residency is not None:
+                    scheduler.residency.drop([request.session_id])
             return EngineOutput(request.request_id)
         await self.store.ping()
         # The answer to a ping describes the models: what an API process lists.

@@ -40,11 +40,13 @@ state.
 A record is matched to an entry by (session id, version, created_at): a record whose
 version and created_at are the entry's runs from its rows; one with host state and no
 match is uploaded; one `state_on_device` and no match is a lost session
-(`UnknownSession`, logged once: it must not happen). Deleting, expiring or evicting a
-session in the store does not reach here: its entry is stale, never matched again (a
-session re-created under the same id has another created_at; its versions restart, its
-entry is replaced by its first write), and its rows are reclaimed lazily, by `spill`,
-under pressure (the least recently written first, as any entry). Until then
+(`UnknownSession`, logged once: it must not happen). A session deleted through the
+engine has its entry dropped at once (`EngineCore`). Expiring or evicting a session in
+the store (or deleting it there directly) does not reach here: its entry is stale, never
+matched again (a session re-created under the same id has another created_at; its
+versions restart, its entry is replaced by its first write), and its rows are reclaimed
+lazily, by `spill`, under pressure (the least recently written first, as any entry).
+Until then
 `nextword_state_pool_rows{use="used"}` counts them as used: the gauge is honest about
 the rows held, not about the sessions alive.
 """

@@ -427,3 +427,25 @@ def test_a_pool_whose_check_raises_is_not_used(
     settings = api_settings(tiny_artifacts)
     assert attach_pools(settings, load_models(settings)) == {}
     assert "fails its check (RuntimeError: no kernel for GatherElements here)" in caplog.text
+
+
+def test_a_deleted_sessions_rows_go_back_at_once(tiny_artifacts: Path) -> None:
+    """Deleting a session through the engine drops its residency entry: the pool's used
+    rows (the gauge, refreshed by the next batch) are back where they were."""
+
+    def used(client: TestClient) -> float:
+        client.post("/v1/predict", json={"text": "the cat", "model": "gru"})  # a batch
+        for line in client.get("/metrics").text.splitlines():
+            if line.startswith("nextword_state_pool_rows") and 'model="gru"' in line:
+                if 'use="used"' in line:
+                    return float(line.split()[-1])
+        raise AssertionError("no pool gauge")
+
+    settings = api_settings(tiny_artifacts, max_batch=4, state_pool_rows=100)
+    with TestClient(create_app(settings)) as client:
+        before = used(client)
+        r = client.post("/v1/sessions", json={"model": "gru", "text": "the cat sat"})
+        assert r.status_code == 201, r.text
+        assert used(client) == before + 2
+        assert client.delete(f"/v1/sessions/{r.json()['session_id']}").status_code == 204
+        assert used(client) == before
