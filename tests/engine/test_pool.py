@@ -436,9 +436,9 @@ def test_a_deleted_sessions_rows_go_back_at_once(tiny_artifacts: Path) -> None:
     def used(client: TestClient) -> float:
         client.post("/v1/predict", json={"text": "the cat", "model": "gru"})  # a batch
         for line in client.get("/metrics").text.splitlines():
-            if line.startswith("nextword_state_pool_rows") and 'model="gru"' in line:
-                if 'use="used"' in line:
-                    return float(line.split()[-1])
+            gru = line.startswith("nextword_state_pool_rows") and 'model="gru"' in line
+            if gru and 'use="used"' in line:
+                return float(line.split()[-1])
         raise AssertionError("no pool gauge")
 
     settings = api_settings(tiny_artifacts, max_batch=4, state_pool_rows=100)
