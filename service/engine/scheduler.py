@@ -151,11 +151,6 @@ def _new_rows(output: StepOutput) -> np.ndarray | None:
     return output.rows if isinstance(output, ResidentOutput) else None
 
 
-def _gone(step: Step) -> bool:
-    """Whether a queued step's future is done already (its client went away)."""
-    return step.future.done()
-
-
 def _resolve(future: asyncio.Future[Any], outcome: Any) -> bool:
     if future.done():
         return False
