@@ -47,6 +47,7 @@ from benchmarks.lib.results import write_report
 from service.config import BUNDLED_MODELS
 from service.contract.artifact import ModelArtifact
 from service.engine.pool import StatePool, device_free_bytes
+from service.engine.residency import Residency
 from service.engine.runtime import CPU, CUDA, OrtModel
 from service.store import SessionRecord
 from service.store.memory import MemorySessionStore
@@ -151,7 +152,9 @@ def resident_parity(cpu: OrtModel, cuda: OrtModel) -> dict[str, Any]:
         tokens = np.array([[token]], dtype=np.int64)
         a, b = (p.run(tokens, s, False) for p, s in zip(pools, slots))
         topk = max(topk, float(np.abs(a.topk_probs - b.topk_probs).max()))
-        slots = [list(a.slots), list(b.slots)]
+        for pool, rows in zip(pools, slots):
+            pool.release(rows)
+        slots = [a.rows, b.rows]
     return {"max_abs_diff_topk_probs": topk}
 
 
@@ -186,14 +189,16 @@ def steps_per_s(
         pool = _pool(model, max(pool_rows, 2 * batch + 16))
         # Sessions spread over the pool, as after many others came and went.
         held = pool.take(pool.rows - 2 * batch)
-        keep = set(rng.choice(len(held), size=batch, replace=False).tolist())
-        slots = [s for i, s in enumerate(held) if i in keep]
-        del held
-        pool.upload([tuple(a[:, b] for a in state) for b in range(batch)])  # warm the path
+        keep = np.sort(rng.choice(len(held), size=batch, replace=False))
+        slots = held[keep]
+        pool.release(np.delete(held, keep))
+        pool.release(pool.upload([tuple(a[:, b] for a in state) for b in range(batch)]))  # warm
 
         def step(i: int) -> None:
             nonlocal slots
-            slots = list(pool.run(tokens[i % 4], slots, False).slots)
+            out = pool.run(tokens[i % 4], slots, False).rows
+            pool.release(slots)
+            slots = out
     else:
 
         def step(i: int) -> None:
@@ -224,6 +229,7 @@ def many_sessions(model: OrtModel, n: int, batch: int, progress: Any) -> dict[st
     taken); a sample stepped again against the copied path."""
     pool = _pool(model, 2 * n + 8 * batch + 16)
     store = MemorySessionStore(cap=n, ttl_s=1e9)
+    residency = Residency(pool, store)
     rng = np.random.default_rng(7)
     (start_current,) = pool.upload([tuple(a[:, 0] for a in model.start.state)])
     words = rng.integers(3, len(model.vocab), size=(n, 2))
@@ -231,7 +237,7 @@ def many_sessions(model: OrtModel, n: int, batch: int, progress: Any) -> dict[st
     loop = asyncio.new_event_loop()
     # ONNX Runtime's arena grows to a batch's activations once: before the measurement.
     warm = pool.run(words[:batch, :1], [start_current] * min(n, batch), False)
-    pool.run(words[:batch, 1:], warm.slots, False)
+    pool.release(np.concatenate([warm.rows, pool.run(words[:batch, 1:], warm.rows, False).rows]))
     del warm
     gc.collect()
     used_before, rss_before = pool.used, rss_bytes()
@@ -239,15 +245,18 @@ def many_sessions(model: OrtModel, n: int, batch: int, progress: Any) -> dict[st
     for lo in progress(range(0, n, batch)):
         hi = min(n, lo + batch)
         first = pool.run(words[lo:hi, :1], [start_current] * (hi - lo), False)
-        second = pool.run(words[lo:hi, 1:], first.slots, False)
+        second = pool.run(words[lo:hi, 1:], first.rows, False)
         records = [
             SessionRecord(
-                ids[i], model.name, (), 2, 0.0, 0.0, 0, int(words[i, 1]), resident=(now, before)
+                ids[i], model.name, (), 2, 0.0, 0.0, 0, int(words[i, 1]), state_on_device=True
             )
-            for i, now, before in zip(range(lo, hi), second.slots, first.slots)
+            for i in range(lo, hi)
         ]
         written = loop.run_until_complete(store.put_many(records, [None] * (hi - lo)))
         assert all(written)
+        pair = np.stack([second.rows, first.rows], axis=1)
+        residency.commit(ids[lo:hi], [1] * (hi - lo), [0.0] * (hi - lo), pair)
+        pool.release(pair.ravel())  # the entries hold them now
         del first, second, records
     created_s = time.perf_counter() - started
     rows = pool.used - used_before
@@ -256,7 +265,7 @@ def many_sessions(model: OrtModel, n: int, batch: int, progress: Any) -> dict[st
     sample = sorted(rng.choice(n, size=min(n, 256), replace=False).tolist())
     got = loop.run_until_complete(store.get_many([ids[i] for i in sample]))
     third = rng.integers(3, len(model.vocab), size=(len(sample), 1))
-    resident = pool.run(third, [r.resident[0] for r in got], False)  # type: ignore[index,union-attr]
+    resident = pool.run(third, residency.find(got)[:, 0], False)  # type: ignore[arg-type]
     start = tuple(np.repeat(a, len(sample), axis=1) for a in model.start.state)
     copied = model.run(np.concatenate([words[sample], third], axis=1), start)
     diff = float(np.abs(resident.topk_probs - copied.topk_probs).max())

@@ -11,10 +11,16 @@ Names (one meaning each, in this package and the stores):
   session, (L, B, H) for a batch (`runtime.State`).
 - **step** (`steps.Step`): one request to advance a session (or a stateless context)
   by some tokens and answer its top-k; a **batch** is the steps taken into one run.
-- **pool** (`pool.StatePool`): a model's resident states on its device, a fixed number of
-  **rows**; a **slot** (`pool.Slot`) holds one row of a pool. (The memory store still
-  calls its host rows per state shape `_StatePool`: they become the session table's arena
-  in engine v3.)
+- **pool** (`pool.StatePool`): a model's states on its device, a fixed number of
+  **rows**; a row is a plain int (a batch's rows an int64 array), held by explicit
+  reference counts that the pool keeps (`take`, `hold`, `release`, `pin`). (The memory
+  store calls its host rows per state shape `_StatePool`: they become the session
+  table's arena in engine v3.) A **slot** is one place of a writer's-words memory
+  (`WordMemory`, C slots), never a row.
+- **residency** (`residency.Residency`): which sessions hold pool rows (they are
+  **resident**; their records say `state_on_device`), spilling them to host memory and
+  bringing them back, and who holds each row (an entry, a batch's `Holding`, a long
+  step's carried row, the pinned start states).
 - **owner**: who a session counts against for quotas: an API key's name, or a client
   address without keys.
 - **memory** (`store.WordMemory`, `adapt`): the writer's words a session remembers for

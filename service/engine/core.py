@@ -177,7 +177,14 @@ class EngineCore:
         models: dict[str, OrtModel],
         store: SessionStore,
         pools: dict[str, StatePool] | None = None,
+        keep_states: bool = False,
+        cache_states: bool = False,
     ) -> None:
+        """`keep_states`: `store` is this process's memory store (opened here), so sessions'
+        states may stay on a pool's device between steps, their records written without
+        state (`service.engine.residency`); any other store is given host states, and with
+        `cache_states` (a shared store written through) the engine keeps the rows of what
+        it wrote as well."""
         if settings.default_model not in models:
             raise ArtifactError(
                 f"default model {settings.default_model!r} is not in {settings.models_dir} "
@@ -199,6 +206,8 @@ class EngineCore:
                 adaptation=Adaptation.of(model) if settings.adapt_memory else None,
                 adapt_default=settings.adapt,
                 pool=self.pools.get(name),
+                keep_states=keep_states,
+                cache_states=cache_states,
             )
             for name, model in models.items()
         }
@@ -221,7 +230,11 @@ class EngineCore:
             timeout_s=settings.session_store_timeout_s,
             behind_window_s=settings.session_store_behind_window_s,
         )
-        core = cls(settings, models, store, pools)
+        # The in-process store keeps the engine's sessions: their states may stay resident.
+        # Through a shared store, every version answered is in Redis: rows may be kept too.
+        memory = settings.session_store == "memory"
+        through = not memory and settings.session_store_write == "through"
+        core = cls(settings, models, store, pools, keep_states=memory, cache_states=through)
         for scheduler in core.schedulers.values():
             await scheduler.start()
         core._housekeeping = asyncio.get_running_loop().create_task(
@@ -352,6 +365,9 @@ class EngineCore:
             )
         if isinstance(request, DeleteRequest):
             await self.store.delete(request.session_id)
+            for scheduler in self.schedulers.values():  # its rows go back at once
+                if scheduler.residency is not None:
+                    scheduler.residency.drop([request.session_id])
             return EngineOutput(request.request_id)
         await self.store.ping()
         # The answer to a ping describes the models: what an API process lists.

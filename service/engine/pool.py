@@ -3,15 +3,21 @@
 A `StatePool` is a fixed number of rows, each one recurrent state after some token (the
 (L, H) arrays of every state input: h, or h and c), in one (rows, L, H) float32 tensor
 per state input on the session's device: GPU memory on CUDA, host memory on CPU (the
-same code). A session holds two rows: the state after its last token and the state
-before it (`SessionRecord.resident`).
+same code). A resident session holds two rows: the state after its last token and the
+state before it (`service.engine.residency`).
+
+Rows are plain ints (numpy int64 arrays for a batch), and the pool is their one owner:
+it keeps an explicit reference count per row (in the style of vLLM's BlockPool). `take`
+hands out free rows held once each, `hold` and `release` add and drop a hold (vectorised,
+a row may appear several times), `pin` holds rows for good (the start and zero states);
+a row is free again exactly when its count reaches 0. Who holds what is written down in
+`residency` (a session's two rows, a batch's rows in flight, a long step's carried row),
+and every route a step can end by gives its holds back there: nothing rides on the
+garbage collector.
 
 Rows are write-once: a run gathers its batch's input rows on the device, runs the model
 and scatters the new states into rows it has just taken, so a row never changes while
-anyone holds it. A row is held by `Slot` objects (a session's record, a step in
-flight) and goes back to the pool when the last of them is dropped; nothing frees a
-row by hand, so a cancelled, failed or retried step cannot leak one or free one still
-in use.
+anyone holds it.
 
 Per batch only the token ids and the row numbers go in, and only the top-k (and, for
 rows that ask for it, the full distribution) comes out. The gather, the model and the
@@ -22,9 +28,9 @@ place when they are one buffer, so a step costs its rows, not the pool. Two smal
 graphs copy rows from and to host memory (a session spilled to the host, or kept by a
 store that serializes states, such as Redis).
 
-The pool has a fixed size (`rows`): when it runs short, the session store spills its
-least recently used sessions to host memory (`MemorySessionStore.spill`), and they come
-back on their next step.
+The pool has a fixed size (`rows`): when it runs short, the residency spills its least
+recently used sessions to host memory (`Residency.spill`), and they come back on their
+next step.
 """
 
 from __future__ import annotations
@@ -32,9 +38,8 @@ from __future__ import annotations
 import ctypes
 import logging
 import threading
-from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -43,7 +48,7 @@ from onnx import TensorProto, helper
 
 from service.arrays import stack_rows
 from service.contract.artifact import PROBS, TOKENS, TOPK_IDS, TOPK_PROBS
-from service.engine.runtime import OrtModel, StepOutput
+from service.engine.runtime import OrtModel, State, StepOutput
 
 log = logging.getLogger(__name__)
 
@@ -67,30 +72,13 @@ def _pool_out(i: int) -> str:
 @dataclass(frozen=True)
 class ResidentOutput(StepOutput):
     """A resident run's answer: the new states stay on the device, one fresh row per
-    batch row (`slots`), and `state` is empty."""
+    batch row (`rows`, int64, each held once for the caller), and `state` is empty."""
 
-    slots: tuple[Slot, ...] = ()
+    rows: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
 
 
 class PoolExhausted(RuntimeError):
     """No free row: every row holds a live session or a step in flight."""
-
-
-class Slot:
-    """One row of a pool, held: the row is free again once no Slot of it is left."""
-
-    __slots__ = ("index", "pool")
-
-    def __init__(self, pool: StatePool, index: int) -> None:
-        self.pool = pool
-        self.index = index
-
-    def __del__(self) -> None:
-        # From whichever thread drops the last reference: a deque's append is atomic.
-        self.pool._released.append(self.index)
-
-    def __repr__(self) -> str:
-        return f"Slot({self.index})"
 
 
 def _tensor(name: str, elem: int, shape: Sequence[int | str]) -> onnx.ValueInfoProto:
@@ -261,11 +249,13 @@ class StatePool:
         self._step = model.new_session(fused.SerializeToString())
         self._download = model.new_session(download.SerializeToString())
         self._upload = model.new_session(upload.SerializeToString())
-        self._free: list[int] = []  # rows given back, reused first
-        self._high = 0  # rows below this were handed out at least once
-        self._released: deque[int] = deque()  # rows given back by `Slot.__del__`
-        self._lock = threading.Lock()  # taking rows: the engine thread, and spills
-        self._pinned: set[int] = set()  # rows held for good (`pin`)
+        # Reference counts: a row is free exactly when its count is 0. The free rows are
+        # a stack (`_free[:_nfree]`), the most recently freed on top, row 0 first at start.
+        self._counts = np.zeros(rows, dtype=np.int64)
+        self._free = np.arange(rows - 1, -1, -1, dtype=np.int64)
+        self._nfree = rows
+        self._lock = threading.Lock()  # the engine thread takes rows, the event loop releases
+        self._pinned = np.zeros(rows, dtype=bool)  # rows held for good (`pin`)
         self.reserved = 0  # rows promised to batches about to run (`free` leaves them out)
         log.info(
             "model %s: state pool of %d rows on %s (%.1f MiB, %d B a row)",
@@ -293,15 +283,32 @@ class StatePool:
         state = tuple(
             rng.standard_normal(shape).astype(np.float32) * 0.5 for _ in range(self.kinds)
         )
-        slots = self.upload([tuple(a[:, b] for a in state) for b in range(batch)])
+        rows = self.upload([tuple(a[:, b] for a in state) for b in range(batch)])
+        taken = [rows]
+        try:
+            return self._check(rng, state, rows, taken, atol)
+        finally:
+            self.release(np.concatenate(taken))
+
+    def _check(
+        self,
+        rng: np.random.Generator,
+        state: State,
+        rows: np.ndarray,
+        taken: list[np.ndarray],
+        atol: float,
+    ) -> str | None:
+        model = self.model
+        batch = len(rows)
         gather = rng.integers(0, len(model.vocab), size=(batch, 4)).astype(np.int32)
         for length in (2, 1):
             tokens = rng.integers(3, len(model.vocab), size=(batch, length))
             copied = model.run(tokens, state, want_probs=True)
-            resident = self.run(tokens, slots, False, gather, [1])
+            resident = self.run(tokens, rows, False, gather, [1])
+            taken.append(resident.rows)
             if copied.probs is None or resident.probs is None or resident.probs_at is None:
                 return "a run did not return the distribution asked for"
-            back = self.download(resident.slots)
+            back = self.download(resident.rows)
             checks = {
                 "top-k probabilities": float(np.abs(copied.topk_probs - resident.topk_probs).max()),
                 "a prefix row's distribution": float(
@@ -318,28 +325,19 @@ class StatePool:
             for what, diff in checks.items():
                 if not diff <= atol:
                     return f"{what} differ by {diff:.3g} from the copied path"
-            state, slots = copied.state, list(resident.slots)
+            state, rows = copied.state, resident.rows
         return None
 
     # --- rows ---------------------------------------------------------------------
 
     @property
     def free(self) -> int:
-        """Rows free now (those whose last Slot was dropped included), less those reserved."""
-        with self._lock:
-            free = self.rows - self._high + len(self._free) + len(self._released)
-        return free - self.reserved
-
-    def pin(self, slots: Sequence[Slot]) -> None:
-        """Mark rows held for good (the start and zero states): a store does not count on
-        freeing them by spilling the sessions that share them."""
-        self._pinned.update(s.index for s in slots)
-
-    def pinned(self, slot: Slot) -> bool:
-        return slot.index in self._pinned
+        """Rows free now (count 0), less those reserved."""
+        return self._nfree - self.reserved
 
     @property
     def used(self) -> int:
+        """Rows held (by sessions, steps in flight, or for good), and those reserved."""
         return self.rows - self.free
 
     @property
@@ -347,28 +345,88 @@ class StatePool:
         """Bytes of the pool tensors."""
         return self.rows * self.row_bytes
 
-    def take(self, n: int) -> list[Slot]:
-        """`n` free rows; raises `PoolExhausted` (taking none) when fewer are free."""
+    def take(self, n: int) -> np.ndarray:
+        """`n` free rows (int64), each held once; raises `PoolExhausted` (taking none) when
+        fewer are free."""
         with self._lock:
-            released = self._released  # appended to by any thread: popped, not swapped
-            self._free.extend([released.popleft() for _ in range(len(released))])
-            free = len(self._free) + self.rows - self._high
-            if n > free:
+            if n > self._nfree:
                 raise PoolExhausted(
-                    f"model {self.model.name!r}: {n} state rows needed, {free} free of {self.rows}"
+                    f"model {self.model.name!r}: {n} state rows needed, {self._nfree} free "
+                    f"of {self.rows}"
                 )
-            reused = min(n, len(self._free))
-            indices = self._free[len(self._free) - reused :]
-            del self._free[len(self._free) - reused :]
-            indices.extend(range(self._high, self._high + n - reused))
-            self._high += n - reused
-        return [Slot(self, i) for i in indices]
+            self._nfree -= n
+            rows = self._free[self._nfree : self._nfree + n][::-1].copy()
+            self._counts[rows] = 1
+        return rows
 
-    def _rows(self, slots: Sequence[Slot]) -> np.ndarray:
-        for slot in slots:
-            if slot.pool is not self:
-                raise ValueError("a slot of another pool")
-        return np.fromiter((s.index for s in slots), dtype=np.int64, count=len(slots))
+    def hold(self, rows: np.ndarray) -> None:
+        """One more hold on each of `rows` (a row may appear more than once); each must be
+        held already (a free row is taken, never held)."""
+        if len(rows) == 0:
+            return
+        with self._lock:
+            if (self._counts[rows] <= 0).any():
+                raise ValueError("hold of a free state row")
+            np.add.at(self._counts, rows, 1)
+
+    def release(self, rows: np.ndarray) -> None:
+        """Drop one hold on each of `rows` (once per appearance); the rows whose count
+        reaches 0 are free again. Releasing a free row is a bug: ValueError, nothing
+        released."""
+        if len(rows) == 0:
+            return
+        with self._lock:
+            counts = self._counts
+            np.subtract.at(counts, rows, 1)
+            left = counts[rows]
+            if (left < 0).any():
+                np.add.at(counts, rows, 1)
+                raise ValueError("release of a free state row")
+            freed = rows[left == 0]
+            if len(freed) > 1:
+                freed = np.unique(freed)
+            n = len(freed)
+            self._free[self._nfree : self._nfree + n] = freed
+            self._nfree += n
+
+    def pin(self, rows: np.ndarray) -> None:
+        """Make the caller's hold on `rows` (just taken) a hold for good (the start and zero
+        states): never released, so spilling the sessions that share them frees nothing."""
+        if (self._counts[rows] <= 0).any():
+            raise ValueError("pin of a free state row")
+        self._pinned[rows] = True
+
+    def pinned(self, rows: np.ndarray) -> np.ndarray:
+        """Which of `rows` are held for good (bool per row)."""
+        return self._pinned[rows]  # type: ignore[no-any-return]
+
+    def counts(self) -> np.ndarray:
+        """A copy of every row's count (a debugging aid: tests compare it with the holders
+        they know of)."""
+        with self._lock:
+            return self._counts.copy()
+
+    def check_counts(self, holders: np.ndarray) -> None:
+        """Raise AssertionError unless the counts are exactly `holders` (rows, one entry
+        per hold; pinned rows' holds included) and the free rows are those with count 0."""
+        want = np.bincount(np.asarray(holders, dtype=np.int64), minlength=self.rows)
+        counts = self.counts()
+        if not np.array_equal(counts, want):
+            wrong = np.flatnonzero(counts != want)[:8]
+            raise AssertionError(
+                f"state row counts differ at rows {wrong.tolist()}: "
+                f"{counts[wrong].tolist()} held, {want[wrong].tolist()} expected"
+            )
+        with self._lock:
+            free = np.sort(self._free[: self._nfree])
+        if not np.array_equal(free, np.flatnonzero(counts == 0)):
+            raise AssertionError("the free rows are not the rows of count 0")
+
+    def _rows(self, rows: np.ndarray | Sequence[int]) -> np.ndarray:
+        array = np.asarray(rows, dtype=np.int64)
+        if array.ndim != 1 or (len(array) and (array.min() < 0 or array.max() >= self.rows)):
+            raise ValueError(f"state rows out of this pool's {self.rows}")
+        return array
 
     def _bind_pools(self, binding: ort.IOBinding, write: bool) -> None:
         for i, value in enumerate(self.arrays):
@@ -381,13 +439,14 @@ class StatePool:
     def run(
         self,
         tokens: np.ndarray,
-        start: Sequence[Slot],
+        start: np.ndarray | Sequence[int],
         want_probs: bool,
         gather: np.ndarray | None = None,
         probs_rows: Sequence[int] | None = None,
     ) -> ResidentOutput:
         """Run `tokens` (B, T) int64, row b from the state in `start[b]`; the new states
-        go to fresh rows (`ResidentOutput.slots`; its `state` is empty). With `gather` (B, G)
+        go to fresh rows (`ResidentOutput.rows`, each held once for the caller, who releases
+        them; its `state` is empty; on an error they are released here). With `gather` (B, G)
         vocabulary ids, their probabilities come out too (`StepOutput.probs_at`). The full
         distribution comes out for every row with `want_probs`, or for the rows
         `probs_rows` names (`StepOutput.probs`, one row each, `StepOutput.probs_index`
@@ -396,10 +455,26 @@ class StatePool:
         if tokens.ndim != 2 or batch == 0 or tokens.shape[1] == 0 or len(start) != batch:
             raise ValueError(f"tokens {tokens.shape} for {len(start)} start rows")
         out = self.take(batch)
+        try:
+            return self._run(tokens, self._rows(start), out, want_probs, gather, probs_rows)
+        except BaseException:
+            self.release(out)
+            raise
+
+    def _run(
+        self,
+        tokens: np.ndarray,
+        start: np.ndarray,
+        out: np.ndarray,
+        want_probs: bool,
+        gather: np.ndarray | None,
+        probs_rows: Sequence[int] | None,
+    ) -> ResidentOutput:
+        batch = tokens.shape[0]
         binding = self._step.io_binding()
         binding.bind_cpu_input(TOKENS, np.ascontiguousarray(tokens, dtype=np.int64))
-        binding.bind_cpu_input(FROM_ROWS, self._rows(start))
-        binding.bind_cpu_input(TO_ROWS, self._rows(out))
+        binding.bind_cpu_input(FROM_ROWS, start)
+        binding.bind_cpu_input(TO_ROWS, out)
         ids = np.zeros((batch, 1), np.int32) if gather is None else gather.astype(np.int32)
         binding.bind_cpu_input(GATHER_IDS, np.ascontiguousarray(ids))
         some = want_probs or probs_rows is None or len(probs_rows) == 0
@@ -419,15 +494,23 @@ class StatePool:
             index = np.full(batch, -1, dtype=np.int64)
             index[rows] = np.arange(len(rows))
         return ResidentOutput(
-            values[TOPK_PROBS], values[TOPK_IDS], probs, (), values.get(PROBS_AT), index,
-            tuple(out),
+            values[TOPK_PROBS], values[TOPK_IDS], probs, (), values.get(PROBS_AT), index, out,
         )  # fmt: skip
 
-    def upload(self, states: Sequence[Sequence[np.ndarray]]) -> list[Slot]:
-        """Host states (each `kinds` arrays (L, H)) into fresh rows."""
+    def upload(self, states: Sequence[Sequence[np.ndarray]]) -> np.ndarray:
+        """Host states (each `kinds` arrays (L, H)) into fresh rows, each held once for the
+        caller (released here on an error)."""
         if not states:
-            return []
+            return np.empty(0, dtype=np.int64)
         out = self.take(len(states))
+        try:
+            self._upload_into(out, states)
+        except BaseException:
+            self.release(out)
+            raise
+        return out
+
+    def _upload_into(self, out: np.ndarray, states: Sequence[Sequence[np.ndarray]]) -> None:
         binding = self._upload.io_binding()
         binding.bind_cpu_input(FROM_ROWS, self._rows(out))
         for i in range(self.kinds):
@@ -437,18 +520,17 @@ class StatePool:
             binding.bind_cpu_input(f"{_STATES}{i}", stacked)
         self._bind_pools(binding, write=True)
         self._upload.run_with_iobinding(binding)
-        return out
 
-    def download(self, slots: Sequence[Slot]) -> list[tuple[np.ndarray, ...]]:
+    def download(self, rows: np.ndarray | Sequence[int]) -> list[tuple[np.ndarray, ...]]:
         """The states of rows, in host memory (each `kinds` arrays (L, H))."""
-        if not slots:
+        if len(rows) == 0:
             return []
         binding = self._download.io_binding()
-        binding.bind_cpu_input(FROM_ROWS, self._rows(slots))
+        binding.bind_cpu_input(FROM_ROWS, self._rows(rows))
         self._bind_pools(binding, write=False)
         names = [f"{_STATES}{i}" for i in range(self.kinds)]
         for name in names:
             binding.bind_output(name, "cpu")
         self._download.run_with_iobinding(binding)
         arrays = binding.copy_outputs_to_cpu()
-        return [tuple(a[b] for a in arrays) for b in range(len(slots))]
+        return [tuple(a[b] for a in arrays) for b in range(len(rows))]

@@ -41,6 +41,17 @@ the whole step. A step in progress goes back to the front of its lane, so a sess
 later steps still wait behind it. Feeding a text in chunks gives the same state, to
 float rounding, as running it whole.
 
+With a state pool (`StatePool`) every state a batch runs from or into is a pool row, and
+the scheduler asks `residency` (never the store) where a session's state is: the rows
+of its entry (held for the batch), or its record's host states, uploaded first. Each
+batch's rows are one `Holding`, released when the batch ends, whatever ended it; the
+rows answered are committed to entries first (with the memory store, after the
+compare-and-set wrote the record `state_on_device`; through any other store the new
+states are copied to the host for the write). A long step holds the row it has run up
+to between its batches (`StepRun.carried`), handed to its next batch or released when
+it is dropped. When a batch needs more rows than are free, `Residency.spill` moves the
+least recently written sessions not in flight to host memory.
+
 A batch runs at most `max_batch_tokens` tokens (summed over its rows; a row counts the
 tokens it runs in this batch; default max(`max_batch`, 8 x `prefill_chunk`)), of which
 chunks of long steps take at most `max_prefill_tokens` (default 4 x `prefill_chunk`: four
@@ -57,7 +68,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import gc
 import logging
 import sys
 import time
@@ -73,7 +83,8 @@ from service import metrics
 from service.engine.adapt_hooks import Adaptation
 from service.engine.batching import Bounds, Cost, take
 from service.engine.fairness import QueueShares
-from service.engine.pool import PoolExhausted, ResidentOutput, Slot, StatePool
+from service.engine.pool import PoolExhausted, ResidentOutput, StatePool
+from service.engine.residency import NO_ROW, Holding, Residency
 from service.engine.runtime import State, StepOutput, top_words
 from service.engine.steps import StateRef, Step, StepResult, StepRun, as_retry
 from service.errors import (
@@ -86,6 +97,7 @@ from service.errors import (
     UnknownSession,
 )
 from service.store import SessionRecord, SessionStore
+from service.store.memory import MemorySessionStore
 
 log = logging.getLogger(__name__)
 
@@ -107,42 +119,36 @@ def _stack(states: list[State]) -> State:
     return tuple(np.stack([s[i] for s in states], axis=1) for i in range(len(states[0])))
 
 
-def _to_host(records: list[SessionRecord]) -> list[SessionRecord]:
-    """The records with their resident states copied to host arrays (one copy per pool),
-    for a store that serializes states."""
-    slots = [s for r in records if r.resident is not None for s in r.resident]
-    if not slots:
-        return records
-    states = iter(slots[0].pool.download(slots))
+def _to_host(pool: StatePool, rows: list[StepRun]) -> list[SessionRecord]:
+    """The records the rows write, with their states copied from the pool to host arrays
+    (one copy for all), for a store that serializes states."""
+    states = iter(pool.download([i for r in rows for i in r.new_rows or ()]))
     out = []
-    for record in records:
-        if record.resident is not None:
+    for row in rows:
+        record = row.result.record  # type: ignore[union-attr]
+        assert record is not None
+        if row.new_rows is not None:
             current, previous = next(states), next(states)
-            record = dataclasses.replace(record, state=(*current, *previous), resident=None)
+            record = dataclasses.replace(record, state=(*current, *previous))
         out.append(record)
     return out
 
 
-def _brought_back(row: StepRun) -> bool:
-    """Whether a batch starts `row` from host states (a session spilled to host memory, or
-    read from a store that serializes states) that a resident runner uploads first."""
-    record, step = row.record, row.step
+def _to_upload(row: StepRun) -> bool:
+    """Whether a batch starts `row` from the host states of its record (a session spilled
+    to host memory, or read from a store that serializes states), uploaded first."""
+    step = row.step
     return (
         not row.planned
-        and record is not None
-        and record.resident is None
+        and row.record is not None
+        and not isinstance(row.current, int)
         and not (step.fresh or step.create)
     )
 
 
-def _slots(output: StepOutput) -> tuple[Slot, ...]:
-    """A resident run's new states (a pool row per batch row); () from a copied run."""
-    return output.slots if isinstance(output, ResidentOutput) else ()
-
-
-def _gone(step: Step) -> bool:
-    """Whether a queued step's future is done already (its client went away)."""
-    return step.future.done()
+def _new_rows(output: StepOutput) -> np.ndarray | None:
+    """A resident run's new states (a pool row per batch row); None from a copied run."""
+    return output.rows if isinstance(output, ResidentOutput) else None
 
 
 def _resolve(future: asyncio.Future[Any], outcome: Any) -> bool:
@@ -178,6 +184,8 @@ class StepBatcher:
         adaptation: Adaptation | None = None,
         adapt_default: bool = True,
         pool: StatePool | None = None,
+        keep_states: bool = False,
+        cache_states: bool = False,
     ) -> None:
         self.runner = runner
         self.store = store
@@ -219,15 +227,23 @@ class StepBatcher:
         start_current: State = tuple(a[:, 0, :] for a in runner.start.state)
         zeros: State = tuple(np.zeros_like(a) for a in start_current)
         self._halves = len(start_current)  # arrays in a state (h, or h and c)
-        # With a resident runner every state of a batch is a pool row (`StatePool`);
-        # the start and zero states are rows held for the batcher's life.
+        # With a state pool every state of a batch is a pool row (`StatePool`), and where
+        # sessions' states live is `residency`'s to say. `keep_states` (the wiring knows the
+        # store is this process's memory store): sessions stay resident between steps,
+        # their records written `state_on_device`. `cache_states` (a shared store written
+        # through): records carry host states, and the rows of what was written are kept
+        # too. The start and zero states are rows held for the batcher's life.
         self.pool = pool
+        if keep_states and not isinstance(store, MemorySessionStore):
+            raise TypeError("keep_states is for the in-process MemorySessionStore")
+        home = store if keep_states and isinstance(store, MemorySessionStore) else None
+        self.residency = None if pool is None else Residency(pool, home, cache_states)
         self._start_current: StateRef = start_current
         self._zeros: StateRef = zeros
         if self.pool is not None:
             held = self.pool.upload([start_current, zeros])
             self.pool.pin(held)
-            self._start_current, self._zeros = held
+            self._start_current, self._zeros = int(held[0]), int(held[1])
         self._spills = metrics.POOL_SPILLS.labels(self.name)
         self._pool_used = metrics.POOL_ROWS.labels(self.name, "used")
         self._pool_free = metrics.POOL_ROWS.labels(self.name, "free")
@@ -274,6 +290,10 @@ class StepBatcher:
         self._fail(queued, Overloaded(f"model {self.name!r} is shutting down"))
         self._pending.clear()
         self._stateless.clear()
+        for step in queued:
+            self._let_go(step)
+        if self.residency is not None:
+            self.residency.close()  # the sessions' states are not kept past the engine
         self._queue_depth.set(0)
         if self._executor is not None:
             await asyncio.to_thread(self._executor.shutdown, True)  # a cut-short run ends
@@ -412,13 +432,41 @@ class StepBatcher:
             self._stateless,
             Bounds(self.max_batch, self.max_batch_tokens, long_cap),
             self._cost,
-            _gone,
+            self._gone,
             sessions,
         )
         if taken.dropped:
             self._steps["cancelled"].inc(taken.dropped)
         self._long_taken = taken.long_tokens
         return taken.steps
+
+    def _gone(self, step: Step) -> bool:
+        """Whether a queued step's future is done already (its client went away): it is
+        dropped, and lets go of the row it carried, if any."""
+        if step.future.done():
+            self._let_go(step)
+            return True
+        return False
+
+    def _let_go(self, step: Step) -> None:
+        """Release the row a long step held between its batches (if it held one)."""
+        row = step.row
+        if row is not None and row.carried != NO_ROW and self.pool is not None:
+            self.pool.release(np.array([row.carried], dtype=np.int64))
+            row.carried = NO_ROW
+
+    def _adopt(self, steps: list[Step], holding: Holding | None) -> None:
+        """The rows long steps carried into this batch are the batch's to release now."""
+        if holding is None:
+            return
+        carried = []
+        for step in steps:
+            row = step.row
+            if row is not None and row.carried != NO_ROW:
+                carried.append(row.carried)
+                row.carried = NO_ROW
+        if carried:
+            holding.add(np.array(carried, dtype=np.int64))
 
     def _fail(self, steps: list[Step], error: NextwordError) -> None:
         failed = sum(_resolve(step.future, error) for step in steps)
@@ -430,6 +478,15 @@ class StepBatcher:
     # --- one batch ---------------------------------------------------------------
 
     async def _process(self, batch: list[Step]) -> None:
+        holding = None if self.pool is None else Holding(self.pool)
+        try:
+            await self._process_held(batch, holding)
+        finally:
+            if holding is not None:
+                holding.close()  # every route a batch ends by: its rows go back
+
+    async def _process_held(self, batch: list[Step], holding: Holding | None) -> None:
+        self._adopt(batch, holding)
         # A long step in progress read its record in its first batch.
         reads = [s for s in batch if s.session_id is not None and not s.create and s.row is None]
         records: list[SessionRecord | None] = []
@@ -442,7 +499,7 @@ class StepBatcher:
                     await asyncio.wait([read], timeout=self.store_grace_s)
                     if not read.done():  # a slow store: the stateless steps do not wait for it
                         batch = [s for s in batch if s.session_id is not None]
-                        await self._answer(stateless)
+                        await self._answer(stateless, holding)
                 records = await read
             except NextwordError as exc:
                 # Only the sessions' steps need the store: stateless steps still run.
@@ -474,15 +531,48 @@ class StepBatcher:
                     self._fail([step], problem)
                     continue
             rows.append(StepRun(step, record))
-        if rows and await self._compute_rows(rows):
+        if holding is not None:
+            rows = self._locate(rows, holding)
+        if rows and await self._compute_rows(rows, holding):
             await self._write(self._carry_on(rows))
 
-    async def _answer(self, steps: list[Step]) -> None:
-        """Run and answer stateless steps on their own."""
-        rows = [step.row or StepRun(step, None) for step in steps if not step.future.done()]
-        if rows and await self._compute_rows(rows):
-            done = self._carry_on(rows)
-            self._steps["ok"].inc(sum(_resolve(r.step.future, r.result) for r in done))
+    def _locate(self, rows: list[StepRun], holding: Holding) -> list[StepRun]:
+        """Where each new row's session state is: the rows of its resident entry (held for
+        the batch), or its record's host states (uploaded by the run); a record with its
+        state nowhere fails its step (`Residency.lost_session`)."""
+        assert self.residency is not None
+        new = [r for r in rows if _to_upload(r)]
+        if not new:
+            return rows
+        found = self.residency.find([r.record for r in new])  # type: ignore[misc]
+        held = found[found[:, 0] != NO_ROW]
+        if len(held):
+            holding.hold(held.ravel())
+        lost: set[int] = set()
+        for row, (current, previous) in zip(new, found.tolist()):
+            if current != NO_ROW:
+                row.current, row.previous = current, previous
+            elif row.record.state_on_device:  # type: ignore[union-attr]
+                self._fail([row.step], self.residency.lost_session(row.record))  # type: ignore[arg-type]
+                lost.add(id(row))
+        return [r for r in rows if id(r) not in lost] if lost else rows
+
+    async def _answer(self, steps: list[Step], holding: Holding | None = None) -> None:
+        """Run and answer stateless steps on their own (their rows held by `holding`, or
+        by a holding of their own)."""
+        own = holding is None and self.pool is not None
+        if own:
+            assert self.pool is not None
+            holding = Holding(self.pool)
+        try:
+            self._adopt(steps, holding)
+            rows = [step.row or StepRun(step, None) for step in steps if not step.future.done()]
+            if rows and await self._compute_rows(rows, holding):
+                done = self._carry_on(rows)
+                self._steps["ok"].inc(sum(_resolve(r.step.future, r.result) for r in done))
+        finally:
+            if own and holding is not None:
+                holding.close()
 
     def _carry_on(self, rows: list[StepRun]) -> list[StepRun]:
         """After a batch's runs: the rows answered now; long steps with tokens left go back
@@ -496,6 +586,12 @@ class StepBatcher:
             (done if row.final else going).append(row)
         for row in going:
             row.step.row = row
+        if going and self.pool is not None:
+            # Each long step holds the row it has run up to until its next batch.
+            carried = np.array([r.first_from for r in going], dtype=np.int64)
+            self.pool.hold(carried)
+            for row, at in zip(going, carried.tolist()):
+                row.carried = at
         for row in done:
             row.step.row = None  # no cycle left to hold the rows it ran into
         self._pending.extendleft(reversed([r.step for r in going if r.step.session_id is not None]))
@@ -504,7 +600,7 @@ class StepBatcher:
             self._wake()
         return done
 
-    async def _compute_rows(self, rows: list[StepRun]) -> bool:
+    async def _compute_rows(self, rows: list[StepRun], holding: Holding | None) -> bool:
         """Make the rows' runs in the executor; False (the rows failed) if a run failed."""
         self._batch_size.observe(len(rows))
         loop = asyncio.get_running_loop()
@@ -512,7 +608,7 @@ class StepBatcher:
         reserved = 0
         try:
             reserved = await self._make_room(rows)
-            await loop.run_in_executor(self._executor, self._compute, rows)
+            await loop.run_in_executor(self._executor, self._compute, rows, holding)
         except Exception as exc:
             log.exception("model %s: run of a batch of %d failed", self.name, len(rows))
             self._fail(
@@ -533,24 +629,20 @@ class StepBatcher:
 
     async def _make_room(self, rows: list[StepRun]) -> int:
         """Reserve the pool rows a batch takes (two per step for its states brought back
-        from host memory, one per run), the store spilling its least recently used
+        from host memory, one per run), the residency spilling its least recently used
         sessions to host memory when too few are free; returns the rows reserved (the
         caller gives the reservation back once the batch has run)."""
         pool = self.pool
-        if pool is None:
+        if pool is None or self.residency is None:
             return 0
-        need = sum(4 if _brought_back(row) else 2 for row in rows)
+        need = sum(4 if _to_upload(row) else 2 for row in rows)
         if pool.free < need:
-            spill = getattr(self.store, "spill", None)
-            if spill is not None:
-                # Never the sessions in flight: their rows stay held, and their records
-                # are being read. A batch's worth at least: spilling is paid per call.
-                keep = {s.session_id for s in self._session_batch}
-                keep.update(r.step.session_id for r in rows)
-                spilled = await spill(pool, max(need - pool.free, 2 * self.max_batch), keep)
-                self._spills.inc(spilled)
-            if pool.free < need:
-                gc.collect()  # rows held only by reference cycles
+            # Never the sessions in flight: their rows are held, their records being read.
+            # A batch's worth at least: spilling is paid per call.
+            keep = {s.session_id for s in self._session_batch}
+            keep.update(r.step.session_id for r in rows)
+            spilled = self.residency.spill(max(need - pool.free, 2 * self.max_batch), keep)
+            self._spills.inc(spilled)
             if pool.free < need:
                 raise PoolExhausted(
                     f"model {self.name!r}: {pool.free} free state rows for a batch of "
@@ -566,9 +658,8 @@ class StepBatcher:
             record is None
             or record.model != self.name
             or (
-                len(record.state) != 2 * self._halves
-                if record.resident is None
-                else record.resident[0].pool is not self.pool
+                not (record.state_on_device and self.residency and self.residency.on_device)
+                and len(record.state) != 2 * self._halves
             )
             or record.last_token >= self._vocab_size
         ):
@@ -594,13 +685,15 @@ class StepBatcher:
                 assert r.result is not None and r.result.record is not None
                 records.append(r.result.record)
                 expected.append(None if r.record is None else r.record.version)
+            residency = self.residency
             try:
-                if self.pool is not None and not getattr(self.store, "keeps_resident", False):
+                if residency is not None and not residency.on_device:
                     records = await asyncio.get_running_loop().run_in_executor(
-                        self._executor, _to_host, records
+                        self._executor, _to_host, residency.pool, writes
                     )
                 written = await self.store.put_many(records, expected)
             except PartlyWritten as exc:
+                self._commit(writes, [ok is True for ok in exc.written], expected)
                 # The steps known to be written are answered; the others get the error.
                 self._fail([r.step for r, ok in zip(writes, exc.written) if not ok], exc)
                 rows = [r for r, ok in zip(writes, exc.written) if ok]
@@ -615,6 +708,7 @@ class StepBatcher:
                     StoreUnavailable("the session store answered a different count"),
                 )
                 return
+            self._commit(writes, written, expected)
             retry = [r.step for r, ok in zip(writes, written) if not ok]
             for step in retry:
                 step.attempts += 1
@@ -635,16 +729,33 @@ class StepBatcher:
             rows = [r for r in rows if id(r.step) not in lost]
         self._steps["ok"].inc(sum(_resolve(row.step.future, row.result) for row in rows))
 
+    def _commit(
+        self, rows: list[StepRun], written: Sequence[bool], expected: list[int | None]
+    ) -> None:
+        """The rows written stay resident: their sessions' entries hold their new rows."""
+        residency = self.residency
+        if residency is None or not residency.keeps:
+            return
+        ok = [i for i, w in enumerate(written) if w]
+        if not ok:
+            return
+        residency.commit(
+            [rows[i].step.session_id for i in ok],  # type: ignore[misc]
+            [(expected[i] or 0) + 1 for i in ok],
+            [rows[i].result.record.created_at for i in ok],  # type: ignore[union-attr]
+            np.array([rows[i].new_rows for i in ok], dtype=np.int64),
+        )
+
     # --- the runs (in the executor thread) -----------------------------------------
 
-    def _compute(self, rows: list[StepRun]) -> None:
+    def _compute(self, rows: list[StepRun], holding: Holding | None) -> None:
         """Plan each row, make the runs (grouped by length), then build the results.
 
         A row runs the next chunk of its first tokens, or (its last batch) the rest of
         them and then its second tokens, whose output answers."""
         chunk = self.prefill_chunk
-        if self.pool is not None:
-            self._upload(rows, self.pool)
+        if self.pool is not None and holding is not None:
+            self._upload(rows, self.pool, holding)
         for row in rows:
             if not row.planned:
                 self._plan(row)
@@ -666,11 +777,17 @@ class StepBatcher:
                 [r.first[r.done : r.done + r.piece] for r in group],
                 [r.first_from for r in group],
                 False,
+                holding,
             )
-            for i, row in enumerate(group):
-                slots = _slots(output)
-                row.first_from = slots[i] if slots else tuple(a[:, i, :] for a in output.state)
-                row.done += row.piece
+            new = _new_rows(output)
+            if new is not None:
+                for row, at in zip(group, new.tolist()):
+                    row.first_from = at
+                    row.done += row.piece
+            else:
+                for i, row in enumerate(group):
+                    row.first_from = tuple(a[:, i, :] for a in output.state)
+                    row.done += row.piece
         final = [r for r in rows if r.final]
         for row in final:
             row.second_from = row.first_from
@@ -687,9 +804,11 @@ class StepBatcher:
                 if mixing is not None:
                     assert self.adaptation is not None
                     gather = self.adaptation.gather_ids(mixing)
-                output = self._run(group, tokens, states, False, gather, prefixed)
+                output = self._run(group, tokens, states, False, holding, gather, prefixed)
             else:
-                output = self._run(group, tokens, states, bool(prefixed) or mixing is not None)
+                output = self._run(
+                    group, tokens, states, bool(prefixed) or mixing is not None, holding
+                )
             for i, row in enumerate(group):
                 row.output, row.output_row = output, i
             if mixing is not None:
@@ -700,21 +819,19 @@ class StepBatcher:
             row.result = self._result(row, now)
 
     @staticmethod
-    def _upload(rows: list[StepRun], pool: StatePool) -> None:
+    def _upload(rows: list[StepRun], pool: StatePool, holding: Holding) -> None:
         """Bring the host states of the records a batch starts from (sessions spilled to host
-        memory, or read from a store that serializes states) into pool rows, at once."""
-        records = [row.record for row in rows if row.record is not None and _brought_back(row)]
-        if not records:
+        memory, or read from a store that serializes states) into pool rows, at once (the
+        batch holds them)."""
+        up = [row for row in rows if _to_upload(row)]
+        if not up:
             return
-        half = len(records[0].state) // 2
-        slots = pool.upload([s for r in records for s in (r.state[:half], r.state[half:])])
-        uploaded = {
-            id(r): dataclasses.replace(r, state=(), resident=(slots[2 * i], slots[2 * i + 1]))
-            for i, r in enumerate(records)
-        }
-        for row in rows:
-            if row.record is not None and id(row.record) in uploaded:
-                row.record = uploaded[id(row.record)]
+        half = len(up[0].record.state) // 2  # type: ignore[union-attr]
+        states = [s for r in up for s in (r.record.state[:half], r.record.state[half:])]  # type: ignore[union-attr]
+        uploaded = pool.upload(states)
+        holding.add(uploaded)
+        for i, row in enumerate(up):
+            row.current, row.previous = int(uploaded[2 * i]), int(uploaded[2 * i + 1])
 
     def _session_adapt(self, step: Step, record: SessionRecord | None) -> bool:
         """A session's default for `adapt`: set when it is created, kept after."""
@@ -730,9 +847,7 @@ class StepBatcher:
             row.current, row.previous = self._start_current, self._zeros
             row.last_token, row.context_tokens = self.runner.eos_id, 0
         else:
-            if record.resident is not None:
-                row.current, row.previous = record.resident
-            else:
+            if not isinstance(row.current, int):  # a pool row already: located or uploaded
                 half = self._halves
                 row.current, row.previous = record.state[:half], record.state[half:]
             row.last_token, row.context_tokens = record.last_token, record.tokens
@@ -762,22 +877,26 @@ class StepBatcher:
         tokens: Sequence[Sequence[int]],
         states: list[StateRef],
         want_probs: bool,
+        holding: Holding | None,
         gather: np.ndarray | None = None,
         probs_rows: list[int] | None = None,
     ) -> StepOutput:
-        """One run of a group (`gather` and `probs_rows`: resident runs only, `StatePool.run`);
-        checks that it answered one row per row of the group."""
+        """One run of a group (`gather` and `probs_rows`: resident runs only, `StatePool.run`,
+        whose new rows `holding` holds); checks that it answered one row per row of the
+        group."""
         batch = np.array(tokens, dtype=np.int64)  # (B, T)
         output: StepOutput
         if self.pool is not None:
             output = self.pool.run(batch, states, want_probs, gather, probs_rows)  # type: ignore[arg-type]
+            assert holding is not None and isinstance(output, ResidentOutput)
+            holding.add(output.rows)
         else:
             output = self.runner.run(batch, _stack(states), want_probs)  # type: ignore[arg-type]
         self._tokens_run.inc(batch.size)
         if (
             len(output) != len(group)
             or any(a.shape[1] != len(group) for a in output.state)
-            or len(_slots(output)) not in (0, len(group))
+            or len(output.rows if isinstance(output, ResidentOutput) else group) != len(group)
         ):
             raise RuntimeError(f"the model answered {len(output)} rows for a batch of {len(group)}")
         return output
@@ -803,8 +922,9 @@ class StepBatcher:
             return StepResult(ids, probs, tokens, None, words, last_token)
         current: StateRef
         if step.tokens:
-            if slots := _slots(output):
-                current = slots[index]
+            new = _new_rows(output)
+            if new is not None:
+                current = int(new[index])
             else:
                 current = tuple(a[:, index, :] for a in output.state)
             previous = row.second_from
@@ -812,17 +932,17 @@ class StepBatcher:
         else:
             current, previous, last = row.current, row.previous, row.last_token
         old = row.record
-        resident = None
         state: State = ()
-        if isinstance(current, Slot):
-            assert isinstance(previous, Slot)
-            resident = (current, previous)
+        if isinstance(current, int):
+            # On the device: kept resident, or copied to the host just before the write.
+            assert isinstance(previous, int)
+            row.new_rows = (current, previous)
         else:
-            assert not isinstance(previous, Slot)
+            assert not isinstance(previous, int)
             state = (*current, *previous)
         anew = old is None or step.create
         record = SessionRecord(  # by position: session_id, model, state, tokens, created_at,
-            # last_used_at, version, last_token, owner, memory, adapt, last_step, resident
+            # last_used_at, version, last_token, owner, memory, adapt, last_step
             step.session_id,
             self.name,
             state,
@@ -835,6 +955,6 @@ class StepBatcher:
             row.memory,
             self._session_adapt(step, old),
             step.step_id,
-            resident,
+            self.residency is not None and self.residency.on_device and bool(row.new_rows),
         )
         return StepResult(ids, probs, tokens, record, words, last_token)

@@ -11,7 +11,6 @@ import numpy as np
 
 from service import metrics
 from service.contract.protocol import StepRequest
-from service.engine.pool import Slot
 from service.engine.runtime import State, StepOutput
 from service.errors import BadInput
 from service.store import SessionRecord
@@ -80,8 +79,9 @@ class StepResult:
     last_token: int = -1  # the context's last token (the end-of-sentence id at its start)
 
 
-# A state during a batch: host arrays (each (L, H)), or a pool row with a resident runner.
-StateRef = State | Slot
+# A state during a batch: host arrays (each (L, H)), or a pool row (an int) with a state
+# pool (`service.engine.residency` says who holds it).
+StateRef = State | int
 
 
 @dataclass(eq=False, slots=True)
@@ -115,6 +115,10 @@ class StepRun:
     mixed: bool = False
     answer: tuple[np.ndarray, np.ndarray] | None = None  # (ids, probs), best first
     typed_answer: bool = False  # the answer names a typed word (an id >= V)
+    # With a state pool: the row of `first_from` this step holds between its batches (-1:
+    # none), and the rows (current, previous) its answered step leaves the session in.
+    carried: int = -1
+    new_rows: tuple[int, int] | None = None
 
     @property
     def left(self) -> int:

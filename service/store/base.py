@@ -10,14 +10,11 @@ so that a store over the network (Redis) costs one round trip each way per batch
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
 from service.contract.ids import new_session_id  # noqa: F401 (re-exported by service.store)
-
-if TYPE_CHECKING:
-    from service.engine.pool import Slot
 
 State = tuple[np.ndarray, ...]  # (h,) or (h, c); each float32 (L, H)
 
@@ -58,6 +55,13 @@ class SessionRecord:
     (h, h_prev) for a GRU, (h, c, h_prev, c_prev) for an LSTM. With the previous state
     and `last_token`, a request that adds no word (only a new `prefix`) is answered by
     re-running the last token: the model's distribution is only produced by a run.
+
+    `state_on_device` (with an empty `state`) means "the engine that wrote this version
+    keeps its state on its device" (`service.engine.residency`): only an engine told so
+    by its wiring (it opened the in-process memory store itself) writes such records, and
+    only it can step them; it matches them to its rows by (session_id, version,
+    created_at). Every other store is always given host states (and refuses such a
+    record). A store never sees a device row: the flag is all it keeps of one.
     """
 
     session_id: str
@@ -78,10 +82,8 @@ class SessionRecord:
     # The id of the last step applied (`StepRequest.step_id`; "" when it had none): a retry
     # of that step is recognised and answered, not applied a second time.
     last_step: str = ""
-    # The state kept on the model's device instead (`service.engine.pool`): the rows of
-    # the current and the previous state; `state` is then empty. Only a store that says
-    # `keeps_resident` is given such records; the others get `state`.
-    resident: tuple[Slot, Slot] | None = None
+    # The state is on the device of the engine that wrote this version (`state` is empty).
+    state_on_device: bool = False
 
 
 @runtime_checkable

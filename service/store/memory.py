@@ -1,6 +1,7 @@
-"""The in-process session store: a slot pool per state shape, idle TTL and an LRU cap.
+"""The in-process session store: a row arena per state shape, idle TTL and an LRU cap.
 
-Where a session's state lives (the only place that decides it). A session's state
+How the store keeps a session's host state (where it lives, host or an engine's device, is
+`service.engine.residency`'s to decide). A session's state
 (current + previous arrays, packed (S, L, H) float32) is one row of the `_StatePool` of
 its shape: one pool per shape, so per model (the bundled LSTM is (4, 2, 512), the GRU
 (2, 1, 512)), in host memory. A pool is a list of chunks that grows geometrically
@@ -30,6 +31,12 @@ a dict of their own for the sessions that have any.
 
 `get`/`get_many` return copies (read-only arrays): a batch may hold its records while
 another batch writes the same rows. `put_many` writes rows in place.
+
+A record written with `state_on_device` (the engine keeps that version's state on its
+device: `SessionRecord`, `service.engine.residency`) takes a row of the state-less shape
+(0, 0, 0, C): its metadata and memory only. When the engine spills it, `restore_states`
+moves it to a row of its host shape, its version, TTL and place unchanged. The store
+never sees a device row: it imports nothing from the engine.
 """
 
 from __future__ import annotations
@@ -38,7 +45,7 @@ import sys
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Container
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -46,9 +53,6 @@ from service import metrics
 from service.arrays import stack_rows
 from service.errors import UnknownSession
 from service.store.base import SessionRecord, State, WordMemory, new_session_id
-
-if TYPE_CHECKING:
-    from service.engine.pool import Slot, StatePool
 
 Shape = tuple[int, int, int, int]  # (S, L, H, C): arrays per session, layers, hidden, memory
 
@@ -69,7 +73,6 @@ _Meta = tuple[int, int, float, float, int, int, float, int]  # a _META record as
 _POOL_BITS = 8  # a handle is row << _POOL_BITS | pool: 256 shapes per store
 _POOL_MASK = (1 << _POOL_BITS) - 1
 _HANDLE_BYTES = 32  # an int object up to 2**60 (rows < 2**52)
-_RESIDENT_BYTES = 56 + 2 * (48 + 32)  # a pair, and two Slots with their row ints
 
 
 class Rows(NamedTuple):
@@ -257,12 +260,13 @@ class _StatePool:
 
 def _shape_of(record: SessionRecord) -> Shape:
     """The pool shape of a record; ValueError unless its state is S arrays of one (L, H)
-    (none for a resident state) and its memory two arrays of one length."""
+    (none for a state the engine keeps on its device: `SessionRecord.state_on_device`)
+    and its memory two arrays of one length."""
     state = record.state
-    if record.resident is not None:
+    first: tuple[int, ...] = (0, 0)
+    if record.state_on_device:
         if state:
-            raise ValueError("a resident session has no state arrays")
-        first: tuple[int, ...] = (0, 0)
+            raise ValueError("a state kept on a device has no arrays here")
     else:
         if not state:
             raise ValueError("a session state needs at least one array")
@@ -351,8 +355,6 @@ class MemorySessionStore:
         self._owner_of: dict[str, str] = {}  # session -> owner (owned sessions only)
         self._words: dict[str, tuple[str, ...]] = {}  # session -> its typed words (if any)
         self._last_steps: dict[str, str] = {}  # session -> its last step's id (if it had one)
-        # Sessions whose state is resident in a model's pool: their rows, in write order.
-        self._resident: OrderedDict[str, tuple[Slot, Slot]] = OrderedDict()
 
     def new_id(self) -> str:
         """A fresh unguessable id."""
@@ -393,7 +395,6 @@ class MemorySessionStore:
         self._key_bytes -= _block(sys.getsizeof(session_id))
         self._words.pop(session_id, None)
         self._last_steps.pop(session_id, None)
-        self._resident.pop(session_id, None)
         owner = self._owner_of.pop(session_id, None)
         if owner is not None:
             sessions = self._owned[owner]
@@ -440,7 +441,7 @@ class MemorySessionStore:
         horizon = self.clock() - self.ttl_s
         expired = False
         models, owner_of, words_of = self._models, self._owner_of, self._words
-        last_steps, resident = self._last_steps, self._resident
+        last_steps = self._last_steps
         for pool_id, found in self._stored_rows(ids).items():
             pool = self._pools[pool_id]
             data = pool.read_many(np.array([row for _, row in found], dtype=np.int64))
@@ -477,7 +478,7 @@ class MemorySessionStore:
                     memory,
                     bool(adapt),
                     last_steps.get(session_id, ""),
-                    resident.get(session_id),
+                    not pool.shape[0],
                 )
         if expired:
             self._expire()
@@ -600,7 +601,7 @@ class MemorySessionStore:
 
     def _place(self, record: SessionRecord, pool_id: int) -> int:
         """The row a record is written into (its session's own unless its shape changed),
-        with the index, LRU order, typed words, resident rows and owner updated."""
+        with the index, LRU order, typed words and owner updated."""
         handle = self._index.get(record.session_id)
         if handle is None:
             row = self._pools[pool_id].alloc()
@@ -619,11 +620,6 @@ class MemorySessionStore:
             self._last_steps[record.session_id] = record.last_step
         elif self._last_steps:
             self._last_steps.pop(record.session_id, None)
-        if record.resident is not None:
-            self._resident[record.session_id] = record.resident
-            self._resident.move_to_end(record.session_id)
-        else:
-            self._resident.pop(record.session_id, None)
         self._index[record.session_id] = row << _POOL_BITS | pool_id
         self._index.move_to_end(record.session_id)
         # A session keeps the owner it was first written with; every write moves it to the
@@ -673,67 +669,46 @@ class MemorySessionStore:
         self._owner_of.clear()
         self._words.clear()
         self._last_steps.clear()
-        self._resident.clear()
         self._key_bytes = 0
         metrics.ACTIVE_SESSIONS.set(0)
-
-    # --- resident states ----------------------------------------------------------------
-
-    keeps_resident = True  # records may hold pool rows (`SessionRecord.resident`)
-
-    async def spill(self, pool: StatePool, rows: int, keep: Container[str] = ()) -> int:
-        """Free about `rows` rows of `pool` (as many as it can): move the states of its
-        least recently written sessions to host memory, in one copy. Their next step brings
-        them back. Sessions in `keep` (steps in flight: their rows are held anyway, and
-        their records are being read) and rows held for good (`StatePool.pin`: the start
-        state) are left. Returns the rows the pool has free beyond what it had."""
-        before = pool.free
-        victims = []
-        freeing = 0
-        now = self.clock()
-        for session_id, slots in self._resident.items():
-            if freeing >= rows:
-                break
-            if slots[0].pool is not pool or session_id in keep:
-                continue
-            gained = len({s.index for s in slots if not pool.pinned(s)})
-            if gained == 0:
-                continue  # nothing to free: an empty session holds the start rows only
-            if self._expired(session_id, now):
-                continue  # expiry frees it
-            victims.append(session_id)
-            freeing += gained
-        if victims:
-            states = pool.download([s for v in victims for s in self._resident[v]])
-            for i, session_id in enumerate(victims):
-                self._to_host(session_id, (*states[2 * i], *states[2 * i + 1]))
-            del states, slots
-        return max(0, pool.free - before)
 
     def _expired(self, session_id: str, now: float) -> bool:
         pool, row = self._pool(self._index[session_id])
         return pool.touched(row) <= now - self.ttl_s
 
-    def _to_host(self, session_id: str, state: State) -> None:
-        """Move a resident session into a row with its state in host memory, as it was:
-        its metadata, memory, version and place in the LRU order unchanged."""
-        handle = self._index[session_id]
-        old, row = self._pool(handle)
-        _, meta, arrays = old.read(row)
-        memory = None if arrays is None else WordMemory(*arrays)
-        first = state[0]
-        pool_id = self._pool_id(
-            (len(state), int(first.shape[0]), int(first.shape[1]), old.shape[3])
-        )
-        new_row = self._pools[pool_id].alloc()
-        self._pools[pool_id].write(new_row, state, meta, memory)
-        old.release(row)
-        self._index[session_id] = new_row << _POOL_BITS | pool_id  # keeps its place
-        del self._resident[session_id]
+    # --- states an engine kept on its device ----------------------------------------------
 
-    def resident_sessions(self) -> int:
-        """Sessions whose state is in a model's pool."""
-        return len(self._resident)
+    def restore_states(
+        self, ids: list[str], versions: list[int], states: list[State]
+    ) -> list[bool]:
+        """Give host states to sessions written without one (`state_on_device`: the engine
+        kept them on its device) and still at exactly `versions`: the engine spilling them
+        (`service.engine.residency`). Nothing else changes: not the version, the TTL, the
+        place in the LRU order, the owner or the memory. False where the session is gone,
+        expired, at another version or holds a state already (nothing written)."""
+        now = self.clock()
+        out = []
+        for session_id, version, state in zip(ids, versions, states):
+            handle = self._index.get(session_id)
+            if handle is None:
+                out.append(False)
+                continue
+            old, row = self._pool(handle)
+            if old.shape[0] or old.version(row) != version or self._expired(session_id, now):
+                out.append(False)
+                continue
+            _, meta, arrays = old.read(row)
+            memory = None if arrays is None else WordMemory(*arrays)
+            first = state[0]
+            pool_id = self._pool_id(
+                (len(state), int(first.shape[0]), int(first.shape[1]), old.shape[3])
+            )
+            new_row = self._pools[pool_id].alloc()
+            self._pools[pool_id].write(new_row, state, meta, memory)
+            old.release(row)
+            self._index[session_id] = new_row << _POOL_BITS | pool_id  # keeps its place
+            out.append(True)
+        return out
 
     # --- what it costs ------------------------------------------------------------------
 
@@ -748,7 +723,4 @@ class MemorySessionStore:
         strings and one int handle per session.
         """
         index = sys.getsizeof(self._index) + self._key_bytes + _HANDLE_BYTES * len(self._index)
-        # Resident sessions: an ordered dict's entry, a pair and two Slots each (their
-        # states are in the model's pool, counted by `StatePool.nbytes`).
-        resident = sys.getsizeof(self._resident) + _RESIDENT_BYTES * len(self._resident)
-        return sum(p.nbytes for p in self._pools) + index + resident
+        return sum(p.nbytes for p in self._pools) + index

@@ -143,6 +143,8 @@ class TieredSessionStore:
         """Compare-and-set on the versions read; through Redis or behind it (`write`)."""
         if len(records) != len(expected):
             raise ValueError("one expected version per record")
+        if any(r.state_on_device for r in records):
+            raise ValueError("a shared store keeps host states only (state_on_device)")
         if self.write == "behind":
             return self._put_behind(records, expected)
         shared_expected = []

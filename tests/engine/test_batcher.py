@@ -527,9 +527,9 @@ def batch_tokens(b: StepBatcher, runner: FakeRunner) -> list[int]:
     seen: list[int] = []
     compute = b._compute
 
-    def counting(rows: Any) -> None:
+    def counting(rows: Any, holding: Any) -> None:
         before = len(runner.calls)
-        compute(rows)
+        compute(rows, holding)
         seen.append(sum(bt * t for bt, t, _ in runner.calls[before:]))
 
     b._compute = counting  # type: ignore[method-assign]

@@ -1,14 +1,13 @@
 """The resident state pool (service/engine/pool.py): on CPU always, on CUDA where usable.
 
 A resident run (gather, model and scatter in one graph) answers what the copied run
-answers from the same states; rows are write-once and go back when their last Slot is
-dropped; a store spills idle sessions to host memory and they come back on their next
-step, with every answer unchanged.
+answers from the same states; rows are write-once, held by explicit counts and free
+again exactly when their count reaches 0; idle sessions spill to host memory and come
+back on their next step, with every answer unchanged.
 """
 
 from __future__ import annotations
 
-import gc
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,7 @@ from fastapi.testclient import TestClient
 from service.api import create_app
 from service.contract.artifact import ModelArtifact
 from service.engine.pool import PoolExhausted, StatePool, pool_rows
+from service.engine.residency import Residency
 from service.engine.runtime import OrtModel
 from service.store import SessionRecord
 from service.store.memory import MemorySessionStore
@@ -66,28 +66,35 @@ def stacked(states: list[tuple[np.ndarray, ...]]) -> tuple[np.ndarray, ...]:
 def test_a_resident_run_answers_what_the_copied_run_answers(
     model: OrtModel, pool: StatePool
 ) -> None:
+    free = pool.free
     states = random_states(model, 6)
-    slots = pool.upload(states)
+    rows = pool.upload(states)
+    taken = [rows]
     host = stacked(states)
     rng = np.random.default_rng(1)
     for length in (1, 3, 1, 2):  # steps and prefills, each from the last one's states
         tokens = rng.integers(3, len(model.vocab), size=(6, length))
         copied = model.run(tokens, host, want_probs=True)
-        resident = pool.run(tokens, slots, want_probs=True)
-        assert resident.state == () and len(resident.slots) == 6
+        resident = pool.run(tokens, rows, want_probs=True)
+        taken.append(resident.rows)
+        assert resident.state == () and resident.rows.shape == (6,)
         np.testing.assert_array_equal(resident.topk_ids, copied.topk_ids)
         np.testing.assert_allclose(resident.topk_probs, copied.topk_probs, atol=EXACT)
         assert resident.probs is not None and copied.probs is not None
         np.testing.assert_allclose(resident.probs, copied.probs, atol=EXACT)
-        got = stacked([tuple(s) for s in pool.download(resident.slots)])
+        got = stacked([tuple(s) for s in pool.download(resident.rows)])
         for a, b in zip(got, copied.state):
             np.testing.assert_allclose(a, b, atol=EXACT)
-        host, slots = copied.state, list(resident.slots)
-    assert pool.run(tokens, slots, want_probs=False).probs is None
+        host, rows = copied.state, resident.rows
+    last = pool.run(tokens, rows, want_probs=False)
+    assert last.probs is None
+    pool.release(np.concatenate([*taken, last.rows]))
+    assert pool.free == free
 
 
-def test_rows_are_write_once_and_come_back_when_dropped(model: OrtModel, pool: StatePool) -> None:
-    gc.collect()
+def test_rows_are_write_once_and_free_when_their_count_reaches_zero(
+    model: OrtModel, pool: StatePool
+) -> None:
     free = pool.free
     states = random_states(model, 4, seed=2)
     kept = pool.upload(states)
@@ -99,14 +106,39 @@ def test_rows_are_write_once_and_come_back_when_dropped(model: OrtModel, pool: S
     # Runs write only the rows they take: the rows a run started from are unchanged.
     tokens = np.full((4, 2), 5, dtype=np.int64)
     output = pool.run(tokens, kept, want_probs=False)
-    assert {s.index for s in output.slots}.isdisjoint({s.index for s in kept})
+    assert set(output.rows.tolist()).isdisjoint(kept.tolist())
     for a, b in zip(pool.download(kept), before):
         for x, y in zip(a, b):
             np.testing.assert_array_equal(x, y)
-    del output
-    assert pool.free == free - 4  # the run's new rows went back with their Slots
-    del kept
+    pool.release(output.rows)
+    assert pool.free == free - 4  # the run's new rows went back
+    pool.hold(kept[:2])  # two rows held twice (as a session and a step in flight)
+    pool.hold(kept[:1])  # ... and one three times
+    pool.release(np.concatenate([kept, kept[:2]]))
+    assert pool.free == free - 1  # only the row still held once is not free
+    with pytest.raises(ValueError, match="release of a free state row"):
+        pool.release(kept[1:2])
+    with pytest.raises(ValueError, match="hold of a free state row"):
+        pool.hold(kept[1:2])
+    pool.release(kept[:1])
     assert pool.free == free
+
+
+def test_counts_equal_the_holds_and_a_row_shared_is_released_once_per_hold(
+    tiny_artifacts: Path,
+) -> None:
+    model = OrtModel(ModelArtifact.load(tiny_artifacts / "gru"), providers_for("cpu"))
+    pool = StatePool(model, 16)
+    pinned = pool.upload(random_states(model, 2, seed=6))
+    pool.pin(pinned)
+    rows = pool.take(5)
+    pool.hold(np.array([rows[0], rows[0], pinned[0]]))  # repeats counted as many times
+    pool.check_counts(np.concatenate([pinned, rows, [rows[0], rows[0], pinned[0]]]))
+    with pytest.raises(AssertionError, match="counts differ"):
+        pool.check_counts(np.concatenate([pinned, rows]))
+    pool.release(np.array([rows[0], pinned[0], rows[0], *rows]))
+    pool.check_counts(pinned)
+    assert pool.free == 14 and pool.pinned(pinned).all()
 
 
 def test_the_cpu_pool_is_written_in_place(tiny_artifacts: Path) -> None:
@@ -116,9 +148,9 @@ def test_the_cpu_pool_is_written_in_place(tiny_artifacts: Path) -> None:
     pool = StatePool(model, 32)
     start = pool.upload(random_states(model, 2, seed=3))
     output = pool.run(np.array([[7], [9]], dtype=np.int64), start, want_probs=False)
-    downloaded = pool.download(output.slots)
-    for slot, state in zip(output.slots, downloaded):
-        np.testing.assert_array_equal(pool._host[0][slot.index], state[0])
+    downloaded = pool.download(output.rows)
+    for row, state in zip(output.rows, downloaded):
+        np.testing.assert_array_equal(pool._host[0][row], state[0])
     assert np.abs(downloaded[0][0]).sum() > 0
 
 
@@ -129,7 +161,7 @@ def test_a_full_pool_refuses_and_takes_nothing(tiny_artifacts: Path) -> None:
     with pytest.raises(PoolExhausted, match="3 state rows needed, 2 free of 8"):
         pool.take(3)
     assert pool.free == 2
-    held.pop()
+    pool.release(held[-1:])
     assert len(pool.take(3)) == 3
 
 
@@ -139,11 +171,12 @@ def test_cuda_and_cpu_pools_agree(tiny_artifacts: Path, cell: str, cuda: str) ->
     for name in ("cpu", cuda):
         model = OrtModel(ModelArtifact.load(tiny_artifacts / cell), providers_for(name))
         pool = StatePool(model, 32)
-        slots = pool.upload(random_states(model, 3, seed=4))
+        rows = pool.upload(random_states(model, 3, seed=4))
         for _ in range(5):
-            output = pool.run(np.array([[4], [8], [12]], dtype=np.int64), slots, True)
-            slots = list(output.slots)
-        answers[name] = (output.probs, stacked([tuple(s) for s in pool.download(slots)]))
+            output = pool.run(np.array([[4], [8], [12]], dtype=np.int64), rows, True)
+            pool.release(rows)
+            rows = output.rows
+        answers[name] = (output.probs, stacked([tuple(s) for s in pool.download(rows)]))
     np.testing.assert_allclose(answers[cuda][0], answers["cpu"][0], atol=ATOL)
     for a, b in zip(answers[cuda][1], answers["cpu"][1]):
         np.testing.assert_allclose(a, b, atol=ATOL)
@@ -158,35 +191,47 @@ def test_pool_rows_follow_the_cap_the_budget_and_the_batches() -> None:
         pool_rows(100, 10, 16, 8192, None)
 
 
-async def test_a_spilled_session_keeps_its_state_version_and_place(
+async def test_a_spilled_session_keeps_its_state_version_and_place_and_stale_rows_go(
     tiny_artifacts: Path,
 ) -> None:
     model = OrtModel(ModelArtifact.load(tiny_artifacts / "lstm"), providers_for("cpu"))
     pool = StatePool(model, 32)
     store = MemorySessionStore(cap=100)
-    states = random_states(model, 6, seed=5)
-    slots = pool.upload(states)
+    residency = Residency(pool, store)
+    states = random_states(model, 8, seed=5)
+    rows = pool.upload(states).reshape(4, 2)
     records = [
-        SessionRecord(f"s{i}", "lstm", (), i, 1.0, 2.0, resident=(slots[2 * i], slots[2 * i + 1]))
-        for i in range(3)
+        SessionRecord(f"s{i}", "lstm", (), i, 1.0, 2.0, state_on_device=True) for i in range(4)
     ]
-    assert await store.put_many(records, [None] * 3) == [True] * 3
-    del records, slots
-    gc.collect()
-    assert pool.used == 6 and store.resident_sessions() == 3
-    assert await store.spill(pool, 3) == 4  # whole sessions, oldest first: s0 and s1
-    assert pool.used == 2 and store.resident_sessions() == 1
-    got = await store.get_many(["s0", "s1", "s2"])
-    for i, record in enumerate(got[:2]):
-        assert record is not None and record.resident is None and record.version == 1
+    assert await store.put_many(records, [None] * 4) == [True] * 4
+    residency.commit([r.session_id for r in records], [1] * 4, [1.0] * 4, rows)
+    pool.release(rows.ravel())  # the entries hold them now
+    pool.check_counts(residency.holders())
+    assert pool.used == 8 and len(residency) == 4
+    await store.delete("s1")  # its rows are reclaimed lazily, by the spill that meets it
+    assert pool.used == 8
+    assert residency.spill(5, keep={"s0"}) == 6  # whole sessions, oldest first
+    assert pool.used == 2 and len(residency) == 1  # s0 kept; s1 stale; s2 and s3 spilled
+    pool.check_counts(residency.holders())
+    got = await store.get_many(["s0", "s1", "s2", "s3"])
+    assert got[1] is None
+    for i in (2, 3):
+        record = got[i]
+        assert record is not None and record.version == 1
         for array, want in zip(record.state, (*states[2 * i], *states[2 * i + 1])):
             np.testing.assert_array_equal(array, want)
-    assert got[2] is not None and got[2].resident is not None
-    # The LRU order is the write order still: a new session past the cap evicts s0 first.
+        assert residency.find([record])[0, 0] == -1  # host state: its next step uploads it
+    assert got[0] is not None and got[0].state == () and got[0].state_on_device
+    assert not any(r.state_on_device for r in got[2:])  # type: ignore[union-attr]
+    np.testing.assert_array_equal(residency.find([got[0]])[0], rows[0])
+    residency.close()
+    assert pool.used == 0
+    # The LRU order is the write order still: a new session past the cap evicts s0 first,
+    # then s2 (s1 was deleted).
     store.cap = 3
-    extra = SessionRecord("s3", "lstm", got[0].state, 1, 1.0, 2.0)  # type: ignore[union-attr]
+    extra = SessionRecord("s4", "lstm", got[2].state, 1, 1.0, 2.0)  # type: ignore[union-attr]
     assert await store.put_many([extra], [None]) == [True]
-    assert [r is None for r in await store.get_many(["s0", "s1", "s2", "s3"])] == [
+    assert [r is None for r in await store.get_many(["s0", "s2", "s3", "s4"])] == [
         True,
         False,
         False,
@@ -347,7 +392,7 @@ def test_a_pool_that_fails_its_check_is_not_used(
     monkeypatch.setattr(  # a device that loses what was written to it
         StatePool,
         "download",
-        lambda self, slots: [tuple(a * 0 for a in s) for s in real(self, slots)],
+        lambda self, rows: [tuple(a * 0 for a in s) for s in real(self, rows)],
     )
     problem = pool.check()
     assert problem is not None and problem.startswith("states read back differ"), problem
@@ -382,3 +427,25 @@ def test_a_pool_whose_check_raises_is_not_used(
     settings = api_settings(tiny_artifacts)
     assert attach_pools(settings, load_models(settings)) == {}
     assert "fails its check (RuntimeError: no kernel for GatherElements here)" in caplog.text
+
+
+def test_a_deleted_sessions_rows_go_back_at_once(tiny_artifacts: Path) -> None:
+    """Deleting a session through the engine drops its residency entry: the pool's used
+    rows (the gauge, refreshed by the next batch) are back where they were."""
+
+    def used(client: TestClient) -> float:
+        client.post("/v1/predict", json={"text": "the cat", "model": "gru"})  # a batch
+        for line in client.get("/metrics").text.splitlines():
+            gru = line.startswith("nextword_state_pool_rows") and 'model="gru"' in line
+            if gru and 'use="used"' in line:
+                return float(line.split()[-1])
+        raise AssertionError("no pool gauge")
+
+    settings = api_settings(tiny_artifacts, max_batch=4, state_pool_rows=100)
+    with TestClient(create_app(settings)) as client:
+        before = used(client)
+        r = client.post("/v1/sessions", json={"model": "gru", "text": "the cat sat"})
+        assert r.status_code == 201, r.text
+        assert used(client) == before + 2
+        assert client.delete(f"/v1/sessions/{r.json()['session_id']}").status_code == 204
+        assert used(client) == before

@@ -547,3 +547,29 @@ async def test_an_owner_evicts_its_least_recently_written_session_whatever_a_wri
     got = await store.get_many(["a", "b", "c"])
     assert [r is not None for r in got] == [True, False, True]  # b was alice's oldest write
     assert got[0] is not None and got[0].owner == "alice"
+
+
+async def test_a_state_kept_on_a_device_is_a_flag_here_and_comes_back_as_host_arrays(
+    store: MemorySessionStore, clock: Clock
+) -> None:
+    """A record `state_on_device` keeps only its metadata here; `restore_states` gives it
+    host arrays at exactly its version, its version, TTL and LRU place unchanged."""
+    kept = SessionRecord("a", "lstm", (), 3, 1.0, 1.0, state_on_device=True)
+    both = SessionRecord("y", "lstm", record("y").state, 0, 1.0, 1.0, state_on_device=True)
+    with pytest.raises(ValueError):  # arrays and the flag: malformed
+        await store.put_many([both], [None])
+    assert await store.put_many([kept, record("b")], [None, None]) == [True, True]
+    got = await store.get("a")
+    assert got.state == () and got.state_on_device and got.tokens == 3 and got.version == 1
+    assert not (await store.get("b")).state_on_device
+    clock.now += 30.0
+    state = record("a", fill=2.0).state
+    assert store.restore_states(["a", "b", "gone"], [2, 1, 1], [state] * 3) == [False] * 3
+    assert store.restore_states(["a"], [1], [state]) == [True]
+    got = await store.get("a")
+    assert not got.state_on_device and got.version == 1
+    for a, b in zip(got.state, state):
+        np.testing.assert_array_equal(a, b)
+    assert store.restore_states(["a"], [1], [state]) == [False]  # holds a state now
+    clock.now += 35.0  # 65 s after its write: the TTL (60 s) still runs from the write
+    assert await store.get_many(["a", "b"]) == [None, None]

@@ -12,7 +12,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from service.errors import UnknownSession
-from service.store import SessionRecord, SessionStore, TieredSessionStore
+from service.store import MemorySessionStore, SessionRecord, SessionStore, TieredSessionStore
 from tests.redis_server import RedisServer, needs_redis, running_redis
 from tests.store.test_redis_store import record
 
@@ -200,7 +200,6 @@ class Gated(Counting):
 
 
 def behind_over_memory(window_s: float = 1.0) -> tuple[TieredSessionStore, Gated, Clock]:
-    from service.store import MemorySessionStore
 
     clock = Clock()
     shared = Gated(MemorySessionStore(ttl_s=60, cap=100))
@@ -262,3 +261,11 @@ async def test_a_session_written_again_during_a_flush_is_flushed_without_a_confl
     assert (REGISTRY.get_sample_value("nextword_store_conflicts_total") or 0.0) == before
     assert (await shared.inner.get("x")).tokens == 7
     await store.close()
+
+
+async def test_a_shared_store_refuses_a_state_kept_on_a_device() -> None:
+    """Only the in-process store keeps a record whose state is on an engine's device."""
+    store = TieredSessionStore(MemorySessionStore(ttl_s=60.0, cap=10))
+    kept = SessionRecord("a", "lstm", (), 1, 1.0, 1.0, state_on_device=True)
+    with pytest.raises(ValueError, match="host states only"):
+        await store.put_many([kept], [None])
