@@ -27,6 +27,7 @@ from service.api.auth import AccessControl, ApiKeys, Limiter, RateLimiter
 from service.api.deps import PredictorFactory
 from service.api.disconnects import ABANDONED, CancelOnDisconnect
 from service.api.errors import BODY_TOO_LARGE, error_response, install_error_handlers
+from service.api.lean import install_direct_routes
 from service.api.predictor import Predictor
 from service.api.process import api_link, report_up
 from service.api.rate_limit import SharedRateLimiter
@@ -283,7 +284,9 @@ def create_app(
     app.add_middleware(RequestMetrics)  # outermost: refusals are counted too
     install_error_handlers(app)
     app.include_router(ops_router(settings))
-    app.include_router(v1_router(settings))
+    v1 = v1_router(settings)
+    app.include_router(v1)
+    install_direct_routes(app.router, v1.routes)  # predict and feed ahead of the matching
     app.include_router(stream_router(settings))
     app.include_router(page_router())
     install_docs(app)
