@@ -19,6 +19,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.telemetry import TelemetryConfig
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -39,6 +40,7 @@ from service.store import redis_client
 log = logging.getLogger(__name__)
 
 VERSION = "1"
+NO_OPENTELEMETRY: TelemetryConfig = {"tracing": False, "metrics": False, "logs": False}
 # A rate check waits this long for Redis at most, then the process's own bucket answers.
 RATE_LIMIT_TIMEOUT_S = 0.5
 
@@ -267,6 +269,10 @@ def create_app(
         version=VERSION,
         description=DESCRIPTION,
         lifespan=lifespan,
+        # The service's telemetry is its Prometheus metrics and its log; FastAPI's own
+        # OpenTelemetry bridge, on by default, asks the global providers (environment
+        # lookups) on every request and connection to learn that none is configured.
+        telemetry=NO_OPENTELEMETRY,
         # /docs is served from the package's files (install_docs); no ReDoc (a CDN script).
         docs_url=None,
         redoc_url=None,
