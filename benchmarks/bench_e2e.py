@@ -348,12 +348,11 @@ def make_plan(
         plan.row(f"{LSTM_LABEL}, redis store", server, words, bare=bare(base))
     if "paced" in configs:
         capacity = lstm(base)
-        plan.row(
-            f"{LSTM_LABEL}, paced {args.paced_load:.0%} of capacity",
-            capacity.server,
-            words,
-            pace_of=capacity,
-        )
+        label = f"{LSTM_LABEL}, paced {args.paced_load:.0%} of capacity"
+        plan.row(label, capacity.server, words, pace_of=capacity)
+        if args.baseline:  # the same offered rate (this code's capacity), on the old code
+            server = Server(SERVICE, base, models, dict(args.env), code=args.baseline)
+            plan.row(label + BASELINE, server, words, pace_of=capacity)
     for name, env in args.variant:
         lstm(base)
         server = Server(SERVICE, base, models, {**args.env, **env})
@@ -573,6 +572,7 @@ def summarize(plan: Plan, rounds: list[dict[str, Any]]) -> dict[str, dict[str, A
             "msgs_per_s_by_round": [round(r["msgs_per_s"], 1) for r in runs],
             "p50_ms": percentile(lat, 50),
             "p99_ms": percentile(lat, 99),
+            "mean_ms": float(lat.mean()) if lat.size else float("nan"),
             "max_ms": float(lat.max()) if lat.size else float("nan"),
             "errors": sum(r["errors"] for r in runs),
             "error_samples": [s for r in runs for s in r["error_samples"]][:5],
@@ -770,6 +770,17 @@ def notes(report: dict[str, Any]) -> list[str]:
                 f"{r['p99_ms']:.1f} ms, {r['errors']} errors (target p99 <= "
                 f"{TARGET_PACED_P99_MS:g} ms, no errors: {verdict(ok)})"
             )
+            if r.get("api_ms_per_msg") is not None and r.get("run_ms_per_batch") is not None:
+                # Where a message's time goes: the clients' mean against the API process's
+                # own (arrival to answer sent, the engine's round trip included) and the
+                # engine's ONNX Runtime time per batch (a message waits for the batch
+                # running when it comes, then runs in the next).
+                lines.append(
+                    f"  where the time goes: client mean {r['mean_ms']:.1f} ms; in the API "
+                    f"process (arrival to answer sent) {r['api_ms_per_msg']:.1f} ms; the engine "
+                    f"runs batches of {fmt(r.get('mean_batch'), '.1f')} in "
+                    f"{r['run_ms_per_batch']:.1f} ms of ONNX Runtime each"
+                )
         if label.endswith("redis store"):
             memory = next(
                 (
@@ -861,8 +872,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--baseline",
         type=Path,
-        help="another checkout's root (e.g. `git worktree add /tmp/base main`): the ceiling "
-        "and lstm rows are measured on its code too, alternated with this one's",
+        help="another checkout's root (e.g. `git worktree add /tmp/base main`): the ceiling, "
+        "lstm and paced rows are measured on its code too, alternated with this one's (the "
+        "paced one at the same offered rate)",
     )
     p.add_argument("--models", type=Path, help="models directory (default: the bundled models)")
     p.add_argument(

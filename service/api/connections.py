@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -280,7 +281,7 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
         self.frames = []
         if self.close_sent:
             return  # past our close: dropped, while reading on for the client's close
-        now = self.loop.time()
+        now = time.perf_counter()
         message: Message
         if self.curr_msg_data_type == "text":
             try:
@@ -296,7 +297,7 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
         else:
             message = {"type": "websocket.receive", "bytes": data, RECEIVED_AT: now}
         queue: ReceiveQueue = self.queue  # type: ignore[assignment]
-        queue.last_received = now
+        queue.last_received = self.loop.time()
         queue.put_nowait(message)
         if len(queue) >= READ_AHEAD and not self.read_paused:
             self.read_paused = True

@@ -76,7 +76,7 @@ class Inbox(Generic[T]):
 # reading, and TCP flow control slows the client down.
 READ_AHEAD = 32
 LEFT = "websocket.disconnect"
-RECEIVED_AT = "nextword.received_at"  # a received message's key: the loop time it arrived
+RECEIVED_AT = "nextword.received_at"  # a received message's key: `perf_counter()` on arrival
 # The scope extension under which our uvicorn protocol offers itself as the `Receiver`.
 DIRECT_RECEIVE = "nextword.receiver"
 
@@ -91,8 +91,9 @@ class ReceiveQueue(Inbox[Message]):
     `websocket.disconnect` is queued, even behind messages not yet taken: the answering
     task learns that its client left while it waits for the engine, not only when it next
     reads; `left` says a disconnect has been queued (for a callback set afterwards). A
-    received message carries `RECEIVED_AT`, the loop time it arrived (time spent queued
-    counts in the stream's latency); `last_received` is the latest of them."""
+    received message carries `RECEIVED_AT`, the `time.perf_counter()` it arrived at (time
+    spent queued counts in the stream's latency; not the loop's clock: uvloop's counts
+    whole milliseconds); `last_received` is the loop time of the latest."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, size: int = READ_AHEAD) -> None:
         super().__init__(loop, size)

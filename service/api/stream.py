@@ -173,7 +173,8 @@ class ReadAhead:
             if message["type"] == LEFT:
                 queue.put_nowait(message)
                 return
-            queue.last_received = message[RECEIVED_AT] = loop.time()
+            message[RECEIVED_AT] = time.perf_counter()
+            queue.last_received = loop.time()
             await queue.put(message)
 
     def close(self) -> None:
@@ -329,7 +330,7 @@ class StreamConnection:
         leaves."""
         assert self.receiver is not None
         receive = self.receiver.receive
-        now = asyncio.get_running_loop().time
+        now = time.perf_counter
         while True:
             message = await receive()
             kind = message["type"]
