@@ -17,7 +17,8 @@ uvicorn with the same number of processes:
     redis     the service with NEXTWORD_SESSION_STORE=redis://... (a redis-server started on
               a free port when the binary exists, or --redis-url)
     variants  (--variant NAME:KEY=VALUE,...) the lstm service with more environment: a
-              setting tried against the default in the same run
+              setting tried against the default in the same run (closed loop, and paced at
+              the default's rate when paced is chosen)
     transports the bare app on each WebSocket implementation of uvicorn (websockets-sansio,
               the service's; websockets; wsproto) and on granian, at each --workers: what
               the server's own per-message work costs (--transports picks them)
@@ -354,9 +355,12 @@ def make_plan(
             server = Server(SERVICE, base, models, dict(args.env), code=args.baseline)
             plan.row(label + BASELINE, server, words, pace_of=capacity)
     for name, env in args.variant:
-        lstm(base)
+        capacity = lstm(base)
         server = Server(SERVICE, base, models, {**args.env, **env})
         plan.row(f"{LSTM_LABEL}, {name}", server, words, bare=bare(base))
+        if "paced" in configs:  # and paced at the default's rate: latency against the default
+            label = f"{LSTM_LABEL}, paced {args.paced_load:.0%} of capacity, {name}"
+            plan.row(label, server, words, pace_of=capacity)
     return plan
 
 
@@ -939,7 +943,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="NAME:KEY=VALUE,...",
         help="one more row: the lstm service (--base-workers) with this environment, to try "
         "a setting against the default in the same run (repeatable), e.g. "
-        "'max batch 64:NEXTWORD_MAX_BATCH=64'",
+        "'max batch 64:NEXTWORD_MAX_BATCH=64'; with --configs paced, also paced at the "
+        "default's rate",
     )
     p.add_argument("--json", type=Path, help=f"where to write the report ({RESULTS}/e2e.json)")
     p.add_argument("--log-dir", type=Path, help="keep the servers' logs here (default: a temp dir)")
