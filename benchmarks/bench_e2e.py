@@ -17,7 +17,8 @@ uvicorn with the same number of processes:
     redis     the service with NEXTWORD_SESSION_STORE=redis://... (a redis-server started on
               a free port when the binary exists, or --redis-url)
     variants  (--variant NAME:KEY=VALUE,...) the lstm service with more environment: a
-              setting tried against the default in the same run
+              setting tried against the default in the same run (closed loop, and paced at
+              the default's rate when paced is chosen)
     transports the bare app on each WebSocket implementation of uvicorn (websockets-sansio,
               the service's; websockets; wsproto) and on granian, at each --workers: what
               the server's own per-message work costs (--transports picks them)
@@ -348,16 +349,18 @@ def make_plan(
         plan.row(f"{LSTM_LABEL}, redis store", server, words, bare=bare(base))
     if "paced" in configs:
         capacity = lstm(base)
-        plan.row(
-            f"{LSTM_LABEL}, paced {args.paced_load:.0%} of capacity",
-            capacity.server,
-            words,
-            pace_of=capacity,
-        )
+        label = f"{LSTM_LABEL}, paced {args.paced_load:.0%} of capacity"
+        plan.row(label, capacity.server, words, pace_of=capacity)
+        if args.baseline:  # the same offered rate (this code's capacity), on the old code
+            server = Server(SERVICE, base, models, dict(args.env), code=args.baseline)
+            plan.row(label + BASELINE, server, words, pace_of=capacity)
     for name, env in args.variant:
-        lstm(base)
+        capacity = lstm(base)
         server = Server(SERVICE, base, models, {**args.env, **env})
         plan.row(f"{LSTM_LABEL}, {name}", server, words, bare=bare(base))
+        if "paced" in configs:  # and paced at the default's rate: latency against the default
+            label = f"{LSTM_LABEL}, paced {args.paced_load:.0%} of capacity, {name}"
+            plan.row(label, server, words, pace_of=capacity)
     return plan
 
 
@@ -573,6 +576,7 @@ def summarize(plan: Plan, rounds: list[dict[str, Any]]) -> dict[str, dict[str, A
             "msgs_per_s_by_round": [round(r["msgs_per_s"], 1) for r in runs],
             "p50_ms": percentile(lat, 50),
             "p99_ms": percentile(lat, 99),
+            "mean_ms": float(lat.mean()) if lat.size else float("nan"),
             "max_ms": float(lat.max()) if lat.size else float("nan"),
             "errors": sum(r["errors"] for r in runs),
             "error_samples": [s for r in runs for s in r["error_samples"]][:5],
@@ -770,6 +774,17 @@ def notes(report: dict[str, Any]) -> list[str]:
                 f"{r['p99_ms']:.1f} ms, {r['errors']} errors (target p99 <= "
                 f"{TARGET_PACED_P99_MS:g} ms, no errors: {verdict(ok)})"
             )
+            if r.get("api_ms_per_msg") is not None and r.get("run_ms_per_batch") is not None:
+                # Where a message's time goes: the clients' mean against the API process's
+                # own (arrival to answer sent, the engine's round trip included) and the
+                # engine's ONNX Runtime time per batch (a message waits for the batch
+                # running when it comes, then runs in the next).
+                lines.append(
+                    f"  where the time goes: client mean {r['mean_ms']:.1f} ms; in the API "
+                    f"process (arrival to answer sent) {r['api_ms_per_msg']:.1f} ms; the engine "
+                    f"runs batches of {fmt(r.get('mean_batch'), '.1f')} in "
+                    f"{r['run_ms_per_batch']:.1f} ms of ONNX Runtime each"
+                )
         if label.endswith("redis store"):
             memory = next(
                 (
@@ -861,8 +876,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--baseline",
         type=Path,
-        help="another checkout's root (e.g. `git worktree add /tmp/base main`): the ceiling "
-        "and lstm rows are measured on its code too, alternated with this one's",
+        help="another checkout's root (e.g. `git worktree add /tmp/base main`): the ceiling, "
+        "lstm and paced rows are measured on its code too, alternated with this one's (the "
+        "paced one at the same offered rate)",
     )
     p.add_argument("--models", type=Path, help="models directory (default: the bundled models)")
     p.add_argument(
@@ -927,7 +943,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="NAME:KEY=VALUE,...",
         help="one more row: the lstm service (--base-workers) with this environment, to try "
         "a setting against the default in the same run (repeatable), e.g. "
-        "'max batch 64:NEXTWORD_MAX_BATCH=64'",
+        "'max batch 64:NEXTWORD_MAX_BATCH=64'; with --configs paced, also paced at the "
+        "default's rate",
     )
     p.add_argument("--json", type=Path, help=f"where to write the report ({RESULTS}/e2e.json)")
     p.add_argument("--log-dir", type=Path, help="keep the servers' logs here (default: a temp dir)")

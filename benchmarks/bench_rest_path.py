@@ -146,7 +146,7 @@ def run_on(code: Path, requests: int, repeat: int) -> dict[str, float]:
         check=True,
         capture_output=True,
         text=True,
-        cwd=ROOT,
+        cwd=code,  # `-m` puts the working directory first on the path: that checkout's code
     ).stdout
     return dict(json.loads(out.strip().splitlines()[-1]))
 

@@ -19,6 +19,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.telemetry import TelemetryConfig
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -27,6 +28,7 @@ from service.api.auth import AccessControl, ApiKeys, Limiter, RateLimiter
 from service.api.deps import PredictorFactory
 from service.api.disconnects import ABANDONED, CancelOnDisconnect
 from service.api.errors import BODY_TOO_LARGE, error_response, install_error_handlers
+from service.api.lean import install_direct_routes
 from service.api.predictor import Predictor
 from service.api.process import api_link, report_up
 from service.api.rate_limit import SharedRateLimiter
@@ -38,6 +40,7 @@ from service.store import redis_client
 log = logging.getLogger(__name__)
 
 VERSION = "1"
+NO_OPENTELEMETRY: TelemetryConfig = {"tracing": False, "metrics": False, "logs": False}
 # A rate check waits this long for Redis at most, then the process's own bucket answers.
 RATE_LIMIT_TIMEOUT_S = 0.5
 
@@ -266,6 +269,10 @@ def create_app(
         version=VERSION,
         description=DESCRIPTION,
         lifespan=lifespan,
+        # The service's telemetry is its Prometheus metrics and its log; FastAPI's own
+        # OpenTelemetry bridge, on by default, asks the global providers (environment
+        # lookups) on every request and connection to learn that none is configured.
+        telemetry=NO_OPENTELEMETRY,
         # /docs is served from the package's files (install_docs); no ReDoc (a CDN script).
         docs_url=None,
         redoc_url=None,
@@ -283,7 +290,9 @@ def create_app(
     app.add_middleware(RequestMetrics)  # outermost: refusals are counted too
     install_error_handlers(app)
     app.include_router(ops_router(settings))
-    app.include_router(v1_router(settings))
+    v1 = v1_router(settings)
+    app.include_router(v1)
+    install_direct_routes(app.router, v1.routes)  # predict and feed ahead of the matching
     app.include_router(stream_router(settings))
     app.include_router(page_router())
     install_docs(app)

@@ -21,8 +21,10 @@ uvicorn's own protocols, with what they lack on an open network:
 - an upgrade request refused by the WebSocket parser (a request line over 8 KB: 414,
   header fields too large: 431) gets its answer and is closed (uvicorn drops it).
 
-Beside the limits, the WebSocket protocol's receive queue is an `Inbox` (no running-loop
-lookup per message: see `WebSocketProtocol.__init__`).
+Beside the limits, the WebSocket protocol's receive queue is a `ReceiveQueue` that the
+stream's answering task reads directly (scope extension `DIRECT_RECEIVE`): no reader task
+between uvicorn and the app, no running-loop lookup per message, reading paused only when
+`READ_AHEAD` messages wait, and the app told of a disconnect the moment it is queued.
 
 `LimitedConfig` carries the limits to the API processes (it is pickled with the config).
 """
@@ -32,14 +34,15 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
-from service.api.inbox import Inbox
+from service.api.inbox import DIRECT_RECEIVE, READ_AHEAD, RECEIVED_AT, Message, ReceiveQueue
 
 log = logging.getLogger(__name__)
 
@@ -250,11 +253,17 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        # uvicorn queues what it received in an asyncio.Queue, whose `get` looks up the
-        # running loop (a getpid() system call on Python 3.11) for every message. The
-        # protocol only puts without waiting, takes, and asks whether it is empty: an
-        # Inbox does that on the loop given once (its bound applies to `put` only).
-        self.queue = Inbox(self.loop, 1)  # type: ignore[assignment]
+        # uvicorn's asyncio.Queue looks up the running loop (a getpid() system call on
+        # Python 3.11) in every `get`; a ReceiveQueue is bound to the loop given once, and
+        # the stream reads it without a task of its own in between (see `handle_connect`).
+        self.queue = ReceiveQueue(self.loop, READ_AHEAD)  # type: ignore[assignment]
+
+    def handle_connect(self, event: Any) -> None:
+        super().handle_connect(event)
+        if self.handshake_initiated and not self.close_sent:
+            # The app's task has not run yet: it finds this protocol in its scope and takes
+            # messages straight from `self.queue` through `receive` (`service.api.stream`).
+            cast(Any, self.scope)["extensions"][DIRECT_RECEIVE] = self
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
@@ -265,19 +274,34 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
             self.transport.close()
 
     def send_receive_event_to_app(self) -> None:
-        if self.curr_msg_data_type == "text" and self.frames and not self.close_sent:
+        # uvicorn's, but decoding a text frame once, stamping the message with its arrival
+        # time, and pausing reading only when READ_AHEAD messages wait (not after each one).
+        frames = self.frames
+        data = frames[0] if len(frames) == 1 else b"".join(frames)
+        self.frames = []
+        if self.close_sent:
+            return  # past our close: dropped, while reading on for the client's close
+        now = time.perf_counter()
+        message: Message
+        if self.curr_msg_data_type == "text":
             try:
-                b"".join(self.frames).decode()
+                message = {"type": "websocket.receive", "text": data.decode(), RECEIVED_AT: now}
             except UnicodeDecodeError:
                 # uvicorn logs this with a traceback (at ERROR) for every such frame: a
                 # client's mistake, told in one line.
                 client = "%s:%d" % self.client if self.client else "?"  # noqa: UP031
                 log.info("%s - WebSocket closed (1007): a text frame is not UTF-8", client)
-                self.frames = []
                 self.conn.send_close(1007)
                 self.handle_parser_exception()
                 return
-        super().send_receive_event_to_app()
+        else:
+            message = {"type": "websocket.receive", "bytes": data, RECEIVED_AT: now}
+        queue: ReceiveQueue = self.queue  # type: ignore[assignment]
+        queue.last_received = self.loop.time()
+        queue.put_nowait(message)
+        if len(queue) >= READ_AHEAD and not self.read_paused:
+            self.read_paused = True
+            self.transport.pause_reading()
 
     def pause_writing(self) -> None:
         super().pause_writing()

@@ -1,4 +1,9 @@
-"""`Inbox`: the frames a stream has read ahead of the one it answers; one reader, one answerer.
+"""`Inbox`: a bounded FIFO of one producer and one consumer; `ReceiveQueue`: a WebSocket's.
+
+A WebSocket's received messages wait in a `ReceiveQueue`, which the protocol fills (our
+uvicorn protocol, `service.api.connections`, or a read-ahead task on other servers) and
+the stream's answering task empties, and which tells the answering task at once when the
+client leaves (`on_disconnect`), so that it can abort the step it waits for.
 
 Not `asyncio.Queue`: its `get` on an empty queue (every message, on a stream that keeps up)
 looks up the running loop, which on Python 3.11 costs a `getpid()` system call, and its
@@ -10,7 +15,8 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from typing import Generic, TypeVar
+from collections.abc import Callable, MutableMapping
+from typing import Any, Generic, Protocol, TypeVar
 
 T = TypeVar("T")
 
@@ -64,3 +70,54 @@ class Inbox(Generic[T]):
             if not putter.done():
                 putter.set_result(None)
         return item
+
+
+# Messages a WebSocket reads ahead of the one being answered; past this its protocol stops
+# reading, and TCP flow control slows the client down.
+READ_AHEAD = 32
+LEFT = "websocket.disconnect"
+RECEIVED_AT = "nextword.received_at"  # a received message's key: `perf_counter()` on arrival
+# The scope extension under which our uvicorn protocol offers itself as the `Receiver`.
+DIRECT_RECEIVE = "nextword.receiver"
+
+
+Message = MutableMapping[str, Any]  # an ASGI message (starlette's `Message`)
+
+
+class ReceiveQueue(Inbox[Message]):
+    """A WebSocket's received ASGI messages, taken by the app's answering task directly.
+
+    `on_disconnect`, when set, is called (once, then cleared) as soon as a
+    `websocket.disconnect` is queued, even behind messages not yet taken: the answering
+    task learns that its client left while it waits for the engine, not only when it next
+    reads; `left` says a disconnect has been queued (for a callback set afterwards). A
+    received message carries `RECEIVED_AT`, the `time.perf_counter()` it arrived at (time
+    spent queued counts in the stream's latency; not the loop's clock: uvloop's counts
+    whole milliseconds); `last_received` is the loop time of the latest."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, size: int = READ_AHEAD) -> None:
+        super().__init__(loop, size)
+        self.on_disconnect: Callable[[], object] | None = None
+        self.left = False
+        self.last_received = loop.time()
+
+    def put_nowait(self, item: Message) -> None:
+        """Queue `item` (past the bound too); a disconnect also calls `on_disconnect`."""
+        super().put_nowait(item)
+        if item["type"] == LEFT:
+            self.left = True
+            callback, self.on_disconnect = self.on_disconnect, None
+            if callback is not None:
+                callback()
+
+
+class Receiver(Protocol):
+    """Where a stream takes its messages: `receive()` pops `queue` (the server's own queue,
+    or one a read-ahead task fills) and keeps the server reading while there is room."""
+
+    queue: ReceiveQueue
+
+    async def receive(self) -> Message:
+        """The next message: a `websocket.receive`, a `websocket.disconnect`, or one the app
+        queued itself."""
+        ...

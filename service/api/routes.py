@@ -15,7 +15,7 @@ from pydantic import Field
 
 from service import metrics
 from service.api.deps import PredictorDep, get_predictor
-from service.api.lean import LeanRoute, body_decoders, decoded, json_response, lean
+from service.api.lean import body_decoders, decoded, json_response, lean
 from service.api.process import all_processes_up
 from service.api.schemas import (
     TEXT_DOC,
@@ -114,9 +114,10 @@ def v1_router(settings: Settings) -> APIRouter:
         __doc__ = FeedRequestBase.__doc__
         text: Text
 
-    # The hot routes try a fast handler first (service.api.lean); what it does not take
-    # exactly, FastAPI's handler answers (every refusal is the documented one).
-    router = APIRouter(prefix="/v1", route_class=LeanRoute)
+    # The hot routes have a fast handler, tried ahead of the app's routing (service.api.lean,
+    # `install_direct_routes`); what it does not take exactly, FastAPI's handler answers
+    # (every refusal is the documented one).
+    router = APIRouter(prefix="/v1")
     predict_body, feed_body = body_decoders(settings.max_text_chars)
 
     async def fast_predict(request: Request) -> Response | None:

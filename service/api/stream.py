@@ -22,10 +22,13 @@ that is not UTF-8. An `Origin` not in
 `allowed_origins` (same origin by default) is refused with HTTP 403 before the upgrade.
 
 The hot path is per message: one msgspec decode into a Struct, one `Predictor.feed`, one
-msgspec encode. A connection has two tasks for its whole life (not one per message), both
-started by the ASGI app's task, which then waits for the first: the answering loop, and a
-reader that queues frames (`Inbox`); when the client leaves, the reader cancels the answering
-loop, which aborts the pending step in the engine.
+msgspec encode. A connection has one task for its whole life (not one per message), started
+by the ASGI app's task, which then waits for it: the answering loop. It takes messages
+straight from the server's receive queue (`service.api.inbox.ReceiveQueue`, which our
+uvicorn protocol offers in the scope; on another server a read-ahead task fills one), and
+the queue cancels it the moment a disconnect is queued, which aborts the pending step in
+the engine. A drain (or the idle timeout) queues `END` behind what was received: those
+messages are answered, then the stream closes.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, cast
 
 import msgspec
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
@@ -43,7 +46,7 @@ from service import metrics
 from service.api.auth import OWNER, Limiter, client_address
 from service.api.deps import get_predictor
 from service.api.errors import close_code
-from service.api.inbox import Inbox
+from service.api.inbox import DIRECT_RECEIVE, LEFT, RECEIVED_AT, ReceiveQueue, Receiver
 from service.api.predictor import Predictor
 from service.api.schemas import TEXT_DOC
 from service.config import Settings
@@ -64,10 +67,9 @@ CLOSE_POLICY = 1008
 CLOSE_TOO_BIG = 1009
 CLOSE_INTERNAL = 1011
 CLOSE_TRY_AGAIN = 1013
-# Messages read ahead of the one being answered; past this the reader waits, and
-# TCP flow control slows the client down.
-READ_AHEAD = 32
-_END = object()  # queued by the reader when it stops: answer what came before, then end
+RECEIVE = "websocket.receive"
+# Queued by a drain or the idle timeout: answer what came before it, then close.
+END: Message = {"type": "nextword.end"}
 
 # The open connections of this process, so that a shutdown can drain them.
 OPEN_STREAMS: set[StreamConnection] = set()
@@ -151,6 +153,35 @@ def has_lone_surrogate(text: str) -> bool:
     return False
 
 
+class ReadAhead:
+    """A `Receiver` for servers that offer none (`TestClient`, plain uvicorn): a task reads
+    the ASGI `receive` into a `ReceiveQueue`, waiting while `READ_AHEAD` messages wait."""
+
+    def __init__(self, websocket: WebSocket) -> None:
+        loop = asyncio.get_running_loop()
+        self.queue = ReceiveQueue(loop)
+        self._task = loop.create_task(self._read(websocket, loop))
+
+    async def receive(self) -> Message:
+        """The next message."""
+        return await self.queue.get()
+
+    async def _read(self, websocket: WebSocket, loop: asyncio.AbstractEventLoop) -> None:
+        queue = self.queue
+        while True:
+            message = await websocket.receive()
+            if message["type"] == LEFT:
+                queue.put_nowait(message)
+                return
+            message[RECEIVED_AT] = time.perf_counter()
+            queue.last_received = loop.time()
+            await queue.put(message)
+
+    def close(self) -> None:
+        """Stop reading."""
+        self._task.cancel()
+
+
 class StreamConnection:
     """One client of `/v1/stream`: opens or resumes its session, then answers messages."""
 
@@ -164,7 +195,6 @@ class StreamConnection:
     ) -> None:
         self.websocket = websocket
         self.idle_timeout_s = idle_timeout_s
-        self.last_message = 0.0  # loop time of the last client message
         self._idle_timer: asyncio.TimerHandle | None = None
         self.predictor = predictor
         # The rate buckets (Redis's or this process's), and whose this connection's messages take.
@@ -176,10 +206,9 @@ class StreamConnection:
         self.k = DEFAULT_K
         self.adapt: bool | None = None  # the stream's `adapt` (None: the session's default)
         self.gone = False  # the client left: the answering loop was cancelled for it
-        self._draining = False  # the server shuts down (or the client idles): no more reading
+        self._draining = False  # the server shuts down (or the client idles): END is queued
         self._closing = (CLOSE_GOING_AWAY, "server shutting down")  # the close after draining
-        self._inbox: Inbox[Any] = Inbox(asyncio.get_running_loop(), READ_AHEAD)
-        self._reader: asyncio.Task[None] | None = None
+        self.receiver: Receiver | None = None  # where messages come from, once exchanging
         self._answering: asyncio.Task[Any] | None = None
 
     async def serve(self) -> None:
@@ -226,13 +255,22 @@ class StreamConnection:
     async def exchange(self) -> None:
         """Read and answer until either side ends the connection."""
         loop = asyncio.get_running_loop()
+        extensions = self.websocket.scope.get("extensions") or {}
+        direct = extensions.get(DIRECT_RECEIVE)
+        receiver = self.receiver = cast(Receiver, direct) if direct else ReadAhead(self.websocket)
+        queue = receiver.queue
         # The answering loop is a task of its own rather than this one (the ASGI app's, under
         # some twenty frames of middleware): it is resumed twice per message, and resuming a
         # task resumes every coroutine frame on its stack. Cancelling this task cancels it.
         self._answering = loop.create_task(self.answer())
-        self._reader = loop.create_task(self.read())
+        if queue.left:
+            self.client_left()
+        else:
+            queue.on_disconnect = self.client_left
+        if self._draining:
+            queue.put_nowait(END)  # drained while the session opened
         if self.idle_timeout_s:
-            self.last_message = loop.time()
+            queue.last_received = loop.time()
             self._idle_timer = loop.call_later(self.idle_timeout_s, self.check_idle)
         try:
             await self._answering
@@ -242,54 +280,66 @@ class StreamConnection:
                 raise
             # cancelled for the client that left: done
         finally:
-            self._reader.cancel()
+            queue.on_disconnect = None
+            if isinstance(receiver, ReadAhead):
+                receiver.close()
             if self._idle_timer is not None:
                 self._idle_timer.cancel()
+
+    def client_left(self) -> None:
+        """The client is gone: cancel the answering loop, which aborts its pending step."""
+        self.gone = True
+        if self._answering is not None:
+            self._answering.cancel()
 
     def check_idle(self) -> None:
         """Close a stream without a client message for `idle_timeout_s` (timer callback)."""
         loop = asyncio.get_running_loop()
-        left = self.last_message + self.idle_timeout_s - loop.time()
+        assert self.receiver is not None  # the timer starts with the exchange
+        queue = self.receiver.queue
+        left = queue.last_received + self.idle_timeout_s - loop.time()
+        if not queue.empty():
+            # Messages still waiting are not idleness: one read can queue thousands (a
+            # client that pipelines), and answering them may take longer than the timeout.
+            left = self.idle_timeout_s
         if left > 0:
             self._idle_timer = loop.call_later(left, self.check_idle)
             return
         self._idle_timer = None
-        if self._reader is not None and not self._draining:
+        if not self._draining:
             self._closing = (CLOSE_NORMAL, "idle timeout")
-            self._reader.cancel()  # answers what was received, then closes
-
-    async def read(self) -> None:
-        """Queue each frame with the time it arrived, until the client disconnects."""
-        loop = asyncio.get_running_loop()
-        try:
-            while True:
-                message = await self.websocket.receive()
-                if message["type"] == "websocket.disconnect":
-                    self.gone = True
-                    if self._answering is not None:
-                        self._answering.cancel()  # aborts its pending step
-                    return
-                self.last_message = loop.time()
-                await self._inbox.put((time.perf_counter(), message))
-        except asyncio.CancelledError:  # draining: answer what was queued, then close
-            self._draining = True
-            if not self._inbox.full():
-                self._inbox.put_nowait(_END)
-            raise
+            self.drain()  # answers what was received, then closes
 
     def drain(self) -> None:
-        """Stop reading: answer the messages already received, then close with 1001."""
-        if self._reader is not None:
-            self._reader.cancel()
+        """Stop answering: answer the messages already received, then close (1001 unless
+        the idle timeout set another code)."""
+        if self._draining:
+            return
+        self._draining = True
+        if self.receiver is not None:
+            self.receiver.queue.put_nowait(END)
+
+    async def close(self, code: int, reason: str) -> None:
+        """Close the connection from our side (its disconnect is not the client leaving)."""
+        if self.receiver is not None:
+            self.receiver.queue.on_disconnect = None
+        await self.websocket.close(code, reason=reason)
 
     async def answer(self) -> None:
-        """Answer queued frames in order, until one ends the connection or the client leaves."""
+        """Answer received messages in order, until one ends the connection or the client
+        leaves."""
+        assert self.receiver is not None
+        receive = self.receiver.receive
+        now = time.perf_counter
         while True:
-            item = await self._inbox.get()
-            if item is _END:
-                await self.websocket.close(*self._closing)
+            message = await receive()
+            kind = message["type"]
+            if kind != RECEIVE:
+                if kind == LEFT:
+                    self.gone = True
+                else:  # END
+                    await self.close(*self._closing)
                 return
-            received_at, message = item
             try:
                 keep_open = await self.answer_one(message)
             except WebSocketDisconnect:
@@ -303,13 +353,10 @@ class StreamConnection:
                         "error": {"code": "internal", "message": "internal error"},
                     }
                 )
-                await self.websocket.close(CLOSE_INTERNAL, reason="internal")
+                await self.close(CLOSE_INTERNAL, "internal")
                 return
-            metrics.TALLY.observe(metrics.WS_MESSAGE_SECONDS, time.perf_counter() - received_at)
+            metrics.TALLY.observe(metrics.WS_MESSAGE_SECONDS, now() - message[RECEIVED_AT])
             if not keep_open:
-                return
-            if self._draining and self._inbox.empty():
-                await self.websocket.close(*self._closing)
                 return
 
     async def answer_one(self, message: Message) -> bool:
@@ -321,7 +368,7 @@ class StreamConnection:
         if over_size(text, self.max_message_bytes):
             error = BadInput(f"message over the {self.max_message_bytes}-byte limit")
             await self.send_error(error, None)
-            await self.websocket.close(CLOSE_TOO_BIG, reason="message too big")
+            await self.close(CLOSE_TOO_BIG, "message too big")
             return False
         try:
             request = self.decoder.decode(text)
@@ -359,7 +406,7 @@ class StreamConnection:
                 )
         except UnknownSession as exc:  # expired or deleted while connected
             await self.send_error(exc, request.id)
-            await self.websocket.close(close_code(exc), reason=exc.code)
+            await self.close(close_code(exc), exc.code)
             return False
         except NextwordError as exc:
             await self.send_error(exc, request.id)

@@ -1,9 +1,11 @@
 """A REST request whose client leaves is cancelled (service/api/disconnects.py): the
-middleware alone with fake ASGI peers, then a real server whose engine drops the steps."""
+middleware alone with fake ASGI peers, then a real server whose engine drops the steps; so
+is a stream message whose client leaves (service/api/stream.py) on that server."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import time
 from collections.abc import Iterator
@@ -13,6 +15,7 @@ from typing import Any
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from websockets.asyncio.client import connect
 
 from service.api.disconnects import ABANDONED, CancelOnDisconnect
 from tests.live_server import LiveServer
@@ -217,4 +220,36 @@ def test_abandoned_long_predicts_stop_early_and_leave_the_queue_empty(
     assert (
         httpx.post(f"{server.url}/v1/predict", json={"text": "the"}, timeout=30).status_code == 200
     )
+    assert "Traceback" not in server.log()
+
+
+def test_stream_clients_that_leave_during_a_long_step_abort_it(server: LiveServer) -> None:
+    # The stream reads the server's receive queue directly (no reader task): the queue must
+    # still tell the answering loop at once, even with a message waiting behind the step.
+    before = scrape(server)
+    clients = 8
+
+    async def leave() -> None:
+        ws = await connect(f"ws://127.0.0.1:{server.port}/v1/stream", ping_interval=None)
+        assert json.loads(await ws.recv())["type"] == "ready"
+        await ws.send(json.dumps({"text": "the " * 2000, "id": 1}))
+        await ws.send(json.dumps({"text": "cat", "id": 2}))
+        await asyncio.sleep(0.3)
+        ws.transport.abort()  # gone before any answer
+
+    async def run() -> None:
+        await asyncio.gather(*(leave() for _ in range(clients)))
+
+    asyncio.run(run())
+    deadline = time.monotonic() + 120
+    while True:
+        now = scrape(server)
+        settled = now.get("nextword_queue_depth", 0) == 0
+        cancelled = now.get("steps_cancelled", 0) - before.get("steps_cancelled", 0)
+        if settled and cancelled >= 1 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    tokens = now.get("nextword_tokens_total", 0) - before.get("nextword_tokens_total", 0)
+    assert cancelled >= 1, (now, before)
+    assert tokens < clients * 2000, (tokens, now)
     assert "Traceback" not in server.log()

@@ -1,4 +1,5 @@
-"""service.api.inbox.Inbox: a bounded FIFO between one reader task and one answering task."""
+"""service.api.inbox: `Inbox`, a bounded FIFO of one producer and one consumer, and a
+WebSocket's `ReceiveQueue`."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import asyncio
 
 import pytest
 
-from service.api.inbox import Inbox
+from service.api.inbox import Inbox, ReceiveQueue
 
 
 def test_items_come_out_in_order_and_a_waiting_get_wakes_on_put() -> None:
@@ -61,3 +62,21 @@ def test_a_cancelled_get_leaves_the_inbox_usable() -> None:
         return await asyncio.wait_for(inbox.get(), 1.0)
 
     assert asyncio.run(run()) == 7
+
+
+def test_a_queued_disconnect_calls_on_disconnect_once_even_behind_messages() -> None:
+    async def run() -> tuple[list[str], bool, list[str]]:
+        queue = ReceiveQueue(asyncio.get_running_loop())
+        calls: list[str] = []
+        queue.on_disconnect = lambda: calls.append("left")
+        queue.put_nowait({"type": "websocket.receive", "text": "a"})
+        assert calls == [] and not queue.left
+        queue.put_nowait({"type": "websocket.disconnect", "code": 1006})
+        queue.put_nowait({"type": "websocket.disconnect", "code": 1006})
+        taken = [(await queue.get())["type"] for _ in range(3)]
+        return calls, queue.left, taken
+
+    calls, left, taken = asyncio.run(run())
+    assert calls == ["left"]  # at once, and once
+    assert left
+    assert taken == ["websocket.receive", "websocket.disconnect", "websocket.disconnect"]
