@@ -266,7 +266,11 @@ class Settings(BaseSettings):
 
     # Batching.
     max_batch: int = Field(default=256, ge=1, description="most steps in one model run")
-    max_wait_ms: float = Field(default=2.0, ge=0, description="longest wait for a batch to fill")
+    max_wait_ms: float = Field(
+        default=2.0,
+        ge=0,
+        description="longest a step waits for its batch to fill, from its arrival (steps queued during a run go at once after it)",
+    )
     max_queue: int = Field(
         default=10_000,
         ge=1,

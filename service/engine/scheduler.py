@@ -321,7 +321,9 @@ class StepBatcher:
             )
         client = step.client
         self.shares.admit(client, self.name)
-        future = step.future = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future = step.future = loop.create_future()
+        step.queued_at = loop.time()
         future.add_done_callback(partial(self._left, client, done))
         # The depth gauge is sampled once per batch, not per step.
         (self._pending if step.session_id is not None else self._stateless).append(step)
@@ -348,6 +350,16 @@ class StepBatcher:
     def _available(self) -> int:
         """Steps the loop can take now: stateless ones, and sessions' unless the lane is busy."""
         return len(self._stateless) + (len(self._pending) if self._session_task is None else 0)
+
+    def _oldest(self) -> float:
+        """When the oldest step the loop can take now was queued (the lanes' heads: a retried
+        or long step put back at the front keeps its first arrival)."""
+        times = []
+        if self._stateless:
+            times.append(self._stateless[0].queued_at)
+        if self._pending and self._session_task is None:
+            times.append(self._pending[0].queued_at)
+        return min(times) if times else asyncio.get_running_loop().time()
 
     def _idle(self) -> bool:
         return not self._pending and not self._stateless and self._session_task is None
@@ -383,7 +395,11 @@ class StepBatcher:
                 await self._wait(1, None)  # a step, or the session lane free (forced wake)
                 continue
             if self.max_wait_s > 0:
-                await self._wait(self.max_batch, self.max_wait_s)
+                # The wait for a batch to fill is bounded from the oldest step's arrival, not
+                # from now: after a run, the steps that queued during it do not wait again.
+                left = self._oldest() + self.max_wait_s - asyncio.get_running_loop().time()
+                if left > 0:
+                    await self._wait(self.max_batch, left)
             batch = self._take(sessions=self._session_task is None)
             self._queue_depth.set(self.queue_depth)
             if not batch:

@@ -37,6 +37,7 @@ class Step:
     prefix_slips: np.ndarray | None = None  # per prefix id: its slip likelihood (ranks by p x it)
     future: asyncio.Future[StepResult] = field(init=False, repr=False)
     attempts: int = field(default=0, repr=False)
+    queued_at: float = field(default=0.0, init=False, repr=False)  # the loop's clock at submit
     # A long step between its batches: what it has run so far (None: not started).
     row: StepRun | None = field(default=None, init=False, repr=False)
 

@@ -819,3 +819,35 @@ async def test_a_step_with_its_sessions_last_step_id_is_answered_not_applied_aga
     assert plain.tokens == 7 and (await store.get("s")).last_step == ""
     older = await batcher.step(Step([6, 7], session_id="s", step_id="m2"))  # not the last
     assert older.tokens == 9
+
+
+async def test_a_step_queued_during_a_run_does_not_wait_again_for_its_batch(
+    runner: FakeRunner, store: CountingStore
+) -> None:
+    # max_wait_ms bounds a step's wait from its arrival: C queues while A and B run, for
+    # longer than the window, so once they are answered C is taken without a new wait.
+    b = StepBatcher(runner, store, max_batch=2, max_wait_ms=200.0)
+    waits: list[tuple[int, float | None]] = []
+    wait = b._wait
+
+    async def recorded(at_least: int, timeout: float | None) -> None:
+        waits.append((at_least, timeout))
+        await wait(at_least, timeout)
+
+    b._wait = recorded  # type: ignore[method-assign]
+    await b.start()
+    try:
+        runner.gate = threading.Event()
+        first = asyncio.gather(b.step(Step([3])), b.step(Step([4])))
+        await asyncio.to_thread(runner.entered.wait, 10)  # A and B are in their run
+        third = asyncio.ensure_future(b.step(Step([5])))
+        await asyncio.sleep(0.3)  # C has waited past the 200 ms window during the run
+        waits.clear()
+        runner.gate.set()
+        await first
+        same(await third, alone(runner, [5]))
+        assert all(at_least != b.max_batch for at_least, _ in waits), waits
+        assert runner.calls[-1][0] == 1  # C ran alone
+    finally:
+        runner.gate = None
+        await b.stop()
