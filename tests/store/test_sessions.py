@@ -403,7 +403,7 @@ async def test_an_owner_past_its_cap_evicts_its_own_oldest_session(clock: Clock)
     assert await store.get("a1") is not None  # room was left by the delete
     clock.now += 61
     assert await store.count() == 0
-    assert store._owned == {} and store._owner_of == {}
+    assert store._quotas.owned == {} and store._quotas.owner_of == {}
 
 
 async def test_sessions_without_an_owner_are_not_capped_per_owner(clock: Clock) -> None:
