@@ -27,6 +27,7 @@ The arena knows nothing of session ids, TTLs or owners (`service.store.index`,
 
 from __future__ import annotations
 
+from operator import attrgetter
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -50,6 +51,7 @@ META = np.dtype(
     ]
 )
 Meta = tuple[int, int, float, float, int, int, float, int]  # a META record as Python values
+_NOTHING: Shape = (0, 0, 0, 0)  # a record with neither a host state nor a memory
 
 
 class Rows(NamedTuple):
@@ -247,6 +249,8 @@ def shape_of(record: SessionRecord) -> Shape:
     (none for a state the engine keeps on its device: `SessionRecord.state_on_device`)
     and its memory two arrays of one length."""
     state = record.state
+    if record.state_on_device and record.memory is None and not state:
+        return _NOTHING  # the engine's usual record (adaptation off): no array to check
     first: tuple[int, ...] = (0, 0)
     if record.state_on_device:
         if state:
@@ -278,11 +282,8 @@ def pack(records: list[SessionRecord], models: list[int], shape: Shape) -> Rows:
     # Column by column: a structured array built from a list of tuples costs ~4x this.
     metas = np.zeros(len(records), dtype=META)
     metas["model"] = models
-    metas["tokens"] = [r.tokens for r in records]
-    metas["created_at"] = [r.created_at for r in records]
-    metas["last_used_at"] = [r.last_used_at for r in records]
-    metas["last_token"] = [r.last_token for r in records]
-    metas["adapt"] = [r.adapt for r in records]
+    for field in ("tokens", "created_at", "last_used_at", "last_token", "adapt"):
+        metas[field] = list(map(attrgetter(field), records))
     states = np.empty((len(records), *shape[:3]), dtype=np.float32)
     if shape[0]:
         for i, record in enumerate(records):

@@ -17,7 +17,7 @@ arenas kept a numpy array and a Python object per session: 610-680 B over the st
 from __future__ import annotations
 
 import sys
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Container, Iterator
 
 ARENA_BITS = 8  # a handle is row << ARENA_BITS | arena
@@ -66,6 +66,11 @@ class SessionIndex:
             self._key_bytes += _block(sys.getsizeof(session_id))
         handles[session_id] = handle
         handles.move_to_end(session_id)
+
+    def touch_many(self, session_ids: list[str]) -> None:
+        """Make indexed sessions the most recently written, in this order (their handles
+        unchanged; KeyError for one not indexed)."""
+        deque(map(self.handles.move_to_end, session_ids), maxlen=0)  # the loop in C
 
     def moved(self, session_id: str, handle: int) -> None:
         """Give an indexed session another handle, keeping its place in the order."""

@@ -34,7 +34,10 @@ never sees a device row: it imports nothing from the engine.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Container, Iterable, Mapping
+from itertools import repeat
+from operator import attrgetter
+from typing import Any
 
 import numpy as np
 
@@ -52,6 +55,46 @@ from service.store.arena import (
 from service.store.base import SessionRecord, State, WordMemory, new_session_id
 from service.store.index import ARENA_BITS, ARENA_MASK, SessionIndex, handle_of, split
 from service.store.quotas import OwnerQuotas
+
+_ABSENT = -1  # a handle array's entry for an id not in the index
+_NO_VERSION = np.iinfo(np.int64).min  # a version array's entry for "not stored" (None)
+_SESSION_ID = attrgetter("session_id")
+_MODEL = attrgetter("model")
+_MEMORY = attrgetter("memory")
+_LAST_STEP = attrgetter("last_step")
+
+
+def _column(ids: Mapping[Any, int], keys: Iterable[Any], n: int) -> np.ndarray:
+    """`ids[key]` for each of `n` keys, (n,) int64."""
+    if len(ids) == 1:
+        return np.full(n, next(iter(ids.values())), dtype=np.int64)
+    return np.fromiter(map(ids.__getitem__, keys), dtype=np.int64, count=n)
+
+
+def _versions(expected: list[int | None]) -> np.ndarray | None:
+    """Expected versions as (B,) int64 (`_NO_VERSION` for None); None where one is not an
+    int64 (or is `_NO_VERSION` itself): the caller compares them one by one then."""
+    array = np.array([_NO_VERSION if e is None else e for e in expected])
+    if array.dtype != np.int64 or array.shape != (len(expected),):
+        return None
+    if np.count_nonzero(array == _NO_VERSION) != expected.count(None):
+        return None
+    return array
+
+
+def _subset(data: Rows, at: np.ndarray) -> Rows:
+    """The rows `at` of packed arrays (the arrays themselves when `at` is all of them, in
+    order)."""
+    if len(at) == len(data.metas) and (at == np.arange(len(at))).all():
+        return data
+    return Rows(data.states[at], data.metas[at], data.keys[at], data.weights[at])
+
+
+def _own_state(state: np.ndarray) -> State:
+    """A read-only copy of one row's (S, L, H) state, as S arrays."""
+    own = state.copy()
+    own.flags.writeable = False
+    return tuple(own)
 
 
 class MemorySessionStore:
@@ -165,65 +208,93 @@ class MemorySessionStore:
             return None
         return handle
 
-    def _stored_rows(self, ids: list[str]) -> dict[int, list[tuple[int, int]]]:
-        """The stored sessions among `ids`, by arena: (position in `ids`, row) each."""
-        by_arena: dict[int, list[tuple[int, int]]] = {}
-        handles = self._index.handles
-        for i, session_id in enumerate(ids):
-            h = handles.get(session_id)
-            if h is not None:
-                by_arena.setdefault(h & ARENA_MASK, []).append((i, h >> ARENA_BITS))
-        return by_arena
+    def _handles(self, ids: list[str]) -> np.ndarray:
+        """The handle of each id, (B,) int64 (`_ABSENT` where not indexed)."""
+        get = self._index.handles.get
+        return np.fromiter(map(get, ids, repeat(_ABSENT)), dtype=np.int64, count=len(ids))
+
+    def _by_arena(self, arena_ids: np.ndarray) -> list[tuple[int, np.ndarray]]:
+        """Positions grouped by arena: (arena, positions in `arena_ids`, ascending) each."""
+        if len(arena_ids) == 0:
+            return []
+        first = int(arena_ids[0])
+        if (arena_ids == first).all():
+            return [(first, np.arange(len(arena_ids)))]
+        return [(int(a), np.flatnonzero(arena_ids == a)) for a in np.unique(arena_ids)]
 
     def _read(self, ids: list[str]) -> list[SessionRecord | None]:
         """The live records of `ids` (None where unknown or expired), each arena's rows read
         in one gather; an expired session found drops every expired one."""
         out: list[SessionRecord | None] = [None] * len(ids)
+        handles = self._handles(ids)
+        found = np.flatnonzero(handles != _ABSENT)
+        if len(found) == 0:
+            return out
         horizon = self.clock() - self.ttl_s
         expired = False
-        models, owner_of, words_of = self._models, self._quotas.owner_of, self._words
-        last_steps = self._last_steps
-        for arena_id, found in self._stored_rows(ids).items():
+        handles = handles[found]
+        for arena_id, at in self._by_arena(handles & ARENA_MASK):
             arena = self._arenas[arena_id]
-            data = arena.read_many(np.array([row for _, row in found], dtype=np.int64))
-            # Per row only what must be per row: the record (fields given by position).
-            keys = list(data.keys) if arena.shape[3] else None
-            weights = list(data.weights) if arena.shape[3] else None
-            for j, meta in enumerate(data.metas.tolist()):
-                model, tokens, created_at, last_used_at, version, last_token, touched, adapt = meta
-                if touched <= horizon:
-                    expired = True
-                    continue
-                at = found[j][0]
-                session_id = ids[at]
-                memory = None
-                if keys is not None and weights is not None:
-                    memory = WordMemory(keys[j], weights[j], words_of.get(session_id, ()))
-                state: State = ()
-                if arena.shape[0]:
-                    # A copy of its own: a long step holds its record across batches, and a
-                    # view would keep this whole read alive (256 LSTM states: 4 MiB).
-                    own = data.states[j].copy()
-                    own.flags.writeable = False
-                    state = tuple(own)
-                out[at] = SessionRecord(
-                    session_id,
-                    models[model],
-                    state,
-                    tokens,
-                    created_at,
-                    last_used_at,
-                    version,
-                    last_token,
-                    owner_of.get(session_id, ""),
-                    memory,
-                    bool(adapt),
-                    last_steps.get(session_id, ""),
-                    not arena.shape[0],
-                )
+            data = arena.read_many(handles[at] >> ARENA_BITS)
+            live = data.metas["touched"] > horizon
+            places = found[at]
+            if not live.all():
+                expired = True
+                places = places[live]
+                data = Rows(*(array[live] for array in data))
+            records = self._records(arena, data, [ids[i] for i in places.tolist()])
+            if len(records) == len(out):
+                out = records  # type: ignore[assignment]  # every id, in order
+            else:
+                for i, record in zip(places.tolist(), records):
+                    out[i] = record
         if expired:
             self._expire()
         return out
+
+    def _records(self, arena: RowArena, data: Rows, ids: list[str]) -> list[SessionRecord]:
+        """Rows read from an arena as records (of the sessions `ids`), built column by
+        column: per row only the record itself (and the state's own copy)."""
+        metas = data.metas
+        n = len(ids)
+        models = self._models
+        names = (
+            repeat(models[0], n)
+            if len(models) == 1
+            else map(models.__getitem__, metas["model"].tolist())
+        )
+        states: Iterable[State] = repeat((), n)
+        if arena.shape[0]:
+            # A copy of its own per record: a long step holds its record across batches,
+            # and a view would keep this whole read alive (256 LSTM states: 4 MiB).
+            states = map(_own_state, data.states)
+        memories: Iterable[WordMemory | None] = repeat(None, n)
+        if arena.shape[3]:
+            words = self._words
+            typed = map(words.get, ids, repeat(())) if words else repeat((), n)
+            memories = map(WordMemory, list(data.keys), list(data.weights), typed)
+        owner_of = self._quotas.owner_of
+        owners = map(owner_of.get, ids, repeat("")) if owner_of else repeat("", n)
+        last_steps = self._last_steps
+        steps = map(last_steps.get, ids, repeat("")) if last_steps else repeat("", n)
+        return list(
+            map(
+                SessionRecord,
+                ids,
+                names,
+                states,
+                metas["tokens"].tolist(),
+                metas["created_at"].tolist(),
+                metas["last_used_at"].tolist(),
+                metas["version"].tolist(),
+                metas["last_token"].tolist(),
+                owners,
+                memories,
+                metas["adapt"].astype(bool).tolist(),
+                steps,
+                repeat(not arena.shape[0], n),
+            )
+        )
 
     # --- the protocol -------------------------------------------------------------------
 
@@ -236,62 +307,82 @@ class MemorySessionStore:
     ) -> list[bool]:
         """Compare-and-set each record on its version; evict past the cap.
 
-        As if every write were made, then the least recently written sessions dropped
-        down to the cap; but sessions this batch does not write are dropped first, so
-        their rows take the batch's new sessions and the arenas hold at most `cap` rows.
+        As if every write were made in the batch's order, then the least recently written
+        sessions dropped down to the cap; but sessions this batch does not write are
+        dropped first, so their rows take the batch's new sessions and the arenas hold at
+        most `cap` rows.
+
+        The batch's metadata is handled as arrays (handles, stored and expected versions,
+        the compare, the new versions and TTL stamps, one scatter per arena chunk); per
+        record only what the index and the side tables need. A batch naming a session
+        twice, or with a version that is not an int64, takes the same steps record by
+        record.
         """
         if len(records) != len(expected):
             raise ValueError("one expected version per record")
-        # Everything that can refuse a record, before anything is written.
-        places = [(self._arena_id(shape_of(r)), self._model_id(r.model)) for r in records]
+        n = len(records)
+        ids = list(map(_SESSION_ID, records))
+        # Everything that can refuse a record, before anything is written ...
+        shapes = list(map(shape_of, records))
+        arena_of = {shape: self._arena_id(shape) for shape in dict.fromkeys(shapes)}
+        model_of = {model: self._model_id(model) for model in dict.fromkeys(map(_MODEL, records))}
+        arena_ids = _column(arena_of, shapes, n)
+        model_ids = _column(model_of, map(_MODEL, records), n)
         # ... and every record as the arrays its arena is written from: a value out of its
         # field's range or an array that does not convert refuses the whole batch here.
-        by_arena: dict[int, list[int]] = {}  # arena -> the records of its shape
-        for i, (arena_id, _) in enumerate(places):
-            by_arena.setdefault(arena_id, []).append(i)
+        groups = self._by_arena(arena_ids)
         arrays = {
             arena_id: pack(
-                [records[i] for i in at], [places[i][1] for i in at], self._arenas[arena_id].shape
+                [records[i] for i in at.tolist()], model_ids[at], self._arenas[arena_id].shape
             )
-            for arena_id, at in by_arena.items()
+            for arena_id, at in groups
         }
+        positions = dict(groups)  # arena -> the records of its shape, ascending
         self._expire()
-        versions: dict[str, int] = {}  # the version each session written here ends at
-        written = []
-        for record, version, stored in zip(records, expected, self._versions(records)):
-            have = versions.get(record.session_id, stored)
-            fits = have == version  # None == None: a new session
-            if fits:
-                versions[record.session_id] = (version or 0) + 1
-            written.append(fits)
+        handles = self._handles(ids)
+        stored = self._stored_versions(handles)
+        wanted = _versions(expected)
+        distinct = len(set(ids)) == n
         index = self._index
-        new = sum(session_id not in index for session_id in versions)
         owned: dict[str, int] = {}  # new sessions per owner (owners tracked with a cap)
-        if self.owner_cap > 0:
-            for record, ok in zip(records, written):
-                if ok and record.owner and record.session_id not in index:
-                    owned[record.owner] = owned.get(record.owner, 0) + 1
-        evicted = self._drop(self._quotas.victims(owned, keep=versions))
-        evicted += self._drop(index.oldest(len(index) + new - self.cap, keep=versions))
-        # Placed in the batch's order (the LRU order); by row, so that a row freed and taken
-        # again in this batch holds the write made last.
-        placed: dict[int, dict[int, int]] = {}  # arena -> row -> the record written there
-        for i, (record, fits) in enumerate(zip(records, written)):
-            if fits:
-                arena_id = places[i][0]
-                placed.setdefault(arena_id, {})[self._place(record, arena_id)] = i
+        if distinct and wanted is not None:
+            fits = stored == wanted  # _NO_VERSION on both sides: a new session
+            fit = np.flatnonzero(fits)
+            creates = np.flatnonzero(fits & (handles == _ABSENT))
+            new = len(creates)
+            if self.owner_cap > 0:
+                for i in creates.tolist():
+                    owner = records[i].owner
+                    if owner:
+                        owned[owner] = owned.get(owner, 0) + 1
+            written = fits.tolist()
+        else:
+            written, new, owned = self._compare_in_order(records, expected, stored)
+            fit = np.flatnonzero(written)
+        keep: Container[str] = ()
+        if owned or len(index) + new > self.cap:
+            keep = {ids[i] for i in fit.tolist()}
+        evicted = self._drop(self._quotas.victims(owned, keep=keep))
+        evicted += self._drop(index.oldest(len(index) + new - self.cap, keep=keep))
         now = self.clock()
-        for arena_id, rows in placed.items():
-            where = {i: j for j, i in enumerate(by_arena[arena_id])}  # record -> its array row
-            at = np.fromiter((where[i] for i in rows.values()), dtype=np.int64, count=len(rows))
-            data = arrays[arena_id]
-            if len(at) < len(data.metas) or (at != np.arange(len(at))).any():
-                data = Rows(data.states[at], data.metas[at], data.keys[at], data.weights[at])
-            data.metas["version"] = [(expected[i] or 0) + 1 for i in rows.values()]
-            data.metas["touched"] = now
-            self._arenas[arena_id].write_many(
-                np.fromiter(rows, dtype=np.int64, count=len(rows)), data
-            )
+        kept = handles[fit]
+        if (
+            distinct
+            and wanted is not None
+            and new == 0
+            and ((kept & ARENA_MASK) == arena_ids[fit]).all()
+        ):
+            # Every record written is its session's stored one, in the same arena: its row
+            # stays; the index moves them to its end in one pass.
+            self._written_in_place(records, ids, fit)
+            for arena_id, at in self._by_arena(arena_ids[fit]):
+                mine = fit[at]  # the records written into this arena
+                data = _subset(arrays[arena_id], np.searchsorted(positions[arena_id], mine))
+                data.metas["version"] = np.maximum(wanted[mine], 0) + 1
+                data.metas["touched"] = now
+                self._arenas[arena_id].write_many(kept[at] >> ARENA_BITS, data)
+        else:
+            self._write_in_order(records, expected, written, arena_ids, positions, arrays, now)
         evicted += self._drop(index.oldest(len(index) - self.cap))  # a batch over the cap
         evicted += self._drop(self._quotas.victims(dict.fromkeys(owned, 0)))  # ... an owner's
         if evicted:
@@ -300,16 +391,98 @@ class MemorySessionStore:
         metrics.ACTIVE_SESSIONS.set(len(index))
         return written
 
-    def _versions(self, records: list[SessionRecord]) -> list[int | None]:
-        """The stored version of each record's session (None: not stored), each arena's
-        rows read in one gather."""
-        out: list[int | None] = [None] * len(records)
-        for arena_id, found in self._stored_rows([r.session_id for r in records]).items():
-            rows = np.array([row for _, row in found], dtype=np.int64)
-            versions = self._arenas[arena_id].column(rows, "version").tolist()
-            for (i, _), version in zip(found, versions):
-                out[i] = version
+    def _stored_versions(self, handles: np.ndarray) -> np.ndarray:
+        """The stored version at each handle, (B,) int64 (`_NO_VERSION` where absent), each
+        arena's rows read in one gather."""
+        out = np.full(len(handles), _NO_VERSION, dtype=np.int64)
+        found = np.flatnonzero(handles != _ABSENT)
+        for arena_id, at in self._by_arena(handles[found] & ARENA_MASK):
+            rows = handles[found[at]] >> ARENA_BITS
+            out[found[at]] = self._arenas[arena_id].column(rows, "version")
         return out
+
+    def _compare_in_order(
+        self, records: list[SessionRecord], expected: list[int | None], stored: np.ndarray
+    ) -> tuple[list[bool], int, dict[str, int]]:
+        """The compare-and-set record by record, for a batch that names a session twice (a
+        later record compares with the version an earlier one wrote): which records are
+        written, how many sessions are new, and how many new sessions each owner gets."""
+        versions: dict[str, int] = {}  # the version each session written here ends at
+        written = []
+        for record, version, have in zip(records, expected, stored.tolist()):
+            now = versions.get(record.session_id, None if have == _NO_VERSION else have)
+            fits = now == version  # None == None: a new session
+            if fits:
+                versions[record.session_id] = (version or 0) + 1
+            written.append(fits)
+        index = self._index
+        new = sum(session_id not in index for session_id in versions)
+        owned: dict[str, int] = {}
+        if self.owner_cap > 0:
+            for record, ok in zip(records, written):
+                if ok and record.owner and record.session_id not in index:
+                    owned[record.owner] = owned.get(record.owner, 0) + 1
+        return written, new, owned
+
+    def _written_in_place(
+        self, records: list[SessionRecord], ids: list[str], fit: np.ndarray
+    ) -> None:
+        """Index, side tables and owners for records written over their own rows (`fit`,
+        in the batch's order)."""
+        at = fit.tolist()
+        mine = ids if len(at) == len(ids) else [ids[i] for i in at]
+        self._index.touch_many(mine)
+        fitted = records if len(at) == len(records) else [records[i] for i in at]
+        # The side tables are empty for most services: no lookup per record then.
+        words = self._words
+        memories = list(map(_MEMORY, fitted))
+        if words or memories.count(None) < len(memories):
+            for session_id, memory in zip(mine, memories):
+                if memory is not None and memory.words:
+                    words[session_id] = memory.words
+                elif words:
+                    words.pop(session_id, None)
+        steps = list(map(_LAST_STEP, fitted))
+        if all(steps):
+            self._last_steps.update(zip(mine, steps))
+        elif self._last_steps or any(steps):
+            for session_id, step in zip(mine, steps):
+                if step:
+                    self._last_steps[session_id] = step
+                else:
+                    self._last_steps.pop(session_id, None)
+        if self._quotas.owner_of or self.owner_cap > 0:
+            for session_id, record in zip(mine, fitted):
+                self._quotas.written(session_id, record.owner)
+
+    def _write_in_order(
+        self,
+        records: list[SessionRecord],
+        expected: list[int | None],
+        written: list[bool],
+        arena_ids: np.ndarray,
+        positions: dict[int, np.ndarray],
+        arrays: dict[int, Rows],
+        now: float,
+    ) -> None:
+        """Place and write the records that `written` says, record by record (new
+        sessions, a shape that changed, a session named twice)."""
+        # Placed in the batch's order (the LRU order); by row, so that a row freed and taken
+        # again in this batch holds the write made last.
+        placed: dict[int, dict[int, int]] = {}  # arena -> row -> the record written there
+        arena_of = arena_ids.tolist()
+        for i, (record, fits) in enumerate(zip(records, written)):
+            if fits:
+                arena_id = arena_of[i]
+                placed.setdefault(arena_id, {})[self._place(record, arena_id)] = i
+        for arena_id, rows in placed.items():
+            mine = np.fromiter(rows.values(), dtype=np.int64, count=len(rows))
+            data = _subset(arrays[arena_id], np.searchsorted(positions[arena_id], mine))
+            data.metas["version"] = [(expected[i] or 0) + 1 for i in rows.values()]
+            data.metas["touched"] = now
+            self._arenas[arena_id].write_many(
+                np.fromiter(rows, dtype=np.int64, count=len(rows)), data
+            )
 
     def _place(self, record: SessionRecord, arena_id: int) -> int:
         """The row a record is written into (its session's own unless its shape changed),
