@@ -28,8 +28,6 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.lib.machine import machine, machine_lines
-
 KINDS = {  # name -> (state kept on the device, memory slots)
     "device, no memory": (True, 0),
     "device, memory 256": (True, 256),
@@ -107,13 +105,16 @@ def main() -> None:
     figures: dict[str, list[dict[str, list[float]]]] = {name: [] for name in trees}
     for _ in range(args.rounds):
         for name, tree in trees.items():
-            env = {**os.environ, "PYTHONPATH": f"{tree}{os.pathsep}{here}"}
-            child = [sys.executable, "-m", "benchmarks.store_rows", "--child"]
+            # This file run as a script, with only the measured checkout's `service` on the path.
+            env = {**os.environ, "PYTHONPATH": str(tree)}
+            child = [sys.executable, str(Path(__file__).resolve()), "--child"]
             child += ["--sessions", str(args.sessions), "--seconds", str(args.seconds)]
             result = subprocess.run(child, env=env, cwd=tree, capture_output=True, text=True)
             if result.returncode:
                 sys.exit(result.stderr)
             figures[name].append(json.loads(result.stdout.strip().splitlines()[-1]))
+    from benchmarks.lib.machine import machine, machine_lines  # noqa: PLC0415 (parent only)
+
     for line in machine_lines(machine(["numpy"]), ["numpy"]):
         print(line)
     print(f"{args.sessions} sessions per batch, {args.rounds} rounds, us of CPU per row:")

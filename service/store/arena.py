@@ -282,8 +282,10 @@ def pack(records: list[SessionRecord], models: list[int], shape: Shape) -> Rows:
     # Column by column: a structured array built from a list of tuples costs ~4x this.
     metas = np.zeros(len(records), dtype=META)
     metas["model"] = models
+    n = len(records)
     for field in ("tokens", "created_at", "last_used_at", "last_token", "adapt"):
-        metas[field] = list(map(attrgetter(field), records))
+        # np.fromiter checks each value against the field's type: one out of range raises.
+        metas[field] = np.fromiter(map(attrgetter(field), records), META[field], count=n)
     states = np.empty((len(records), *shape[:3]), dtype=np.float32)
     if shape[0]:
         for i, record in enumerate(records):
