@@ -274,7 +274,7 @@ def _shape(array: Any) -> tuple[int, ...]:
     return array.shape if type(array) is np.ndarray else np.shape(array)
 
 
-def pack(records: list[SessionRecord], models: list[int], shape: Shape) -> Rows:
+def pack(records: list[SessionRecord], models: np.ndarray | list[int], shape: Shape) -> Rows:
     """Records of one arena `shape` (and their model ids) as the arrays `write_many` takes;
     their metadata's version and TTL stamp are left 0 for the caller to set. Raises
     ValueError (or OverflowError) for a value out of its field's range or an array that
