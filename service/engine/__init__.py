@@ -14,9 +14,8 @@ Names (one meaning each, in this package and the stores):
 - **pool** (`pool.StatePool`): a model's states on its device, a fixed number of
   **rows**; a row is a plain int (a batch's rows an int64 array), held by explicit
   reference counts that the pool keeps (`take`, `hold`, `release`, `pin`). (The memory
-  store calls its host rows per state shape `_StatePool`: they become the session
-  table's arena in engine v3.) A **slot** is one place of a writer's-words memory
-  (`WordMemory`, C slots), never a row.
+  store keeps its host rows per record shape in a `store.arena.RowArena`.) A **slot**
+  is one place of a writer's-words memory (`WordMemory`, C slots), never a row.
 - **residency** (`residency.Residency`): which sessions hold pool rows (they are
   **resident**; their records say `state_on_device`), spilling them to host memory and
   bringing them back, and who holds each row (an entry, a batch's `Holding`, a long

@@ -403,7 +403,7 @@ async def test_an_owner_past_its_cap_evicts_its_own_oldest_session(clock: Clock)
     assert await store.get("a1") is not None  # room was left by the delete
     clock.now += 61
     assert await store.count() == 0
-    assert store._owned == {} and store._owner_of == {}
+    assert store._quotas.owned == {} and store._quotas.owner_of == {}
 
 
 async def test_sessions_without_an_owner_are_not_capped_per_owner(clock: Clock) -> None:
@@ -573,3 +573,33 @@ async def test_a_state_kept_on_a_device_is_a_flag_here_and_comes_back_as_host_ar
     assert store.restore_states(["a"], [1], [state]) == [False]  # holds a state now
     clock.now += 35.0  # 65 s after its write: the TTL (60 s) still runs from the write
     assert await store.get_many(["a", "b"]) == [None, None]
+
+
+async def test_a_batch_losing_a_compare_leaves_that_session_where_it_was(clock: Clock) -> None:
+    store = MemorySessionStore(ttl_s=60.0, cap=4, clock=clock)
+    await create(store, "a", "b", "c", "d")  # write order a, b, c, d
+    clock.now += 1.0
+    # Every session written again, "a" at a stale version: the others move behind it.
+    batch = [record(i, version=1) for i in "abcd"]
+    assert await store.put_many(batch, [7, 1, 1, 1]) == [False, True, True, True]
+    assert [r.version for r in await store.get_many(list("abcd")) if r] == [1, 2, 2, 2]
+    await create(store, "e")  # past the cap: the least recently written goes
+    assert [r is not None for r in await store.get_many(list("abcde"))] == [
+        False,
+        True,
+        True,
+        True,
+        True,
+    ]
+    clock.now += 59.5  # "b".."d" were written 1 s after "a": "a" would have expired first
+    assert await store.count() == 4
+
+
+async def test_expected_versions_no_int64_holds_are_refused_one_by_one(
+    store: MemorySessionStore,
+) -> None:
+    await create(store, "a", "b")
+    batch = [record("a"), record("b")]
+    assert await store.put_many(batch, [2**70, 1]) == [False, True]
+    assert await store.put_many(batch, [-(2**63), 2]) == [False, True]  # int64's least
+    assert [r.version for r in await store.get_many(["a", "b"]) if r] == [1, 3]

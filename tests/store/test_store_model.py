@@ -121,11 +121,19 @@ class Reference:
 
 
 def make_record(
-    session_id: str, model: str, owner: str, fill: int, with_words: bool, last_step: str
+    session_id: str,
+    model: str,
+    owner: str,
+    fill: int,
+    with_words: bool,
+    last_step: str,
+    on_device: bool = False,
 ) -> SessionRecord:
     arrays, layers, hidden = SHAPES[model]
     rng = np.random.default_rng(fill)
     state = tuple(rng.standard_normal((layers, hidden)).astype(np.float32) for _ in range(arrays))
+    if on_device:  # the engine keeps this version's state: the store gets none
+        state = ()
     memory = None
     if MEMORY_SLOTS[model]:
         slots = MEMORY_SLOTS[model]
@@ -147,6 +155,7 @@ def make_record(
         memory=memory,
         adapt=bool(fill % 2),
         last_step=last_step,
+        state_on_device=on_device,
     )
 
 
@@ -161,6 +170,7 @@ def same(got: SessionRecord, want: SessionRecord, version: int, owner: str) -> N
     )
     assert (got.created_at, got.last_used_at) == (want.created_at, want.last_used_at)
     assert got.version == version and got.owner == owner
+    assert got.state_on_device == want.state_on_device
     assert len(got.state) == len(want.state)
     for a, b in zip(got.state, want.state):
         assert a.dtype == np.float32 and a.tobytes() == b.tobytes()
@@ -182,6 +192,7 @@ writes = st.lists(
         st.booleans(),  # typed words in the memory (the GRU's)
         st.sampled_from(["", "step-a", "step-b"]),
         st.sampled_from(["right", "right", "right", "new", "stale"]),  # the expected version
+        st.sampled_from([False, False, True]),  # the state kept on an engine's device
     ),
     min_size=1,
     max_size=8,
@@ -210,7 +221,7 @@ class StoreMachine(RuleBasedStateMachine):
     def write(self, batch: list[tuple[Any, ...]]) -> None:
         records, expected = [], []
         planned: dict[str, int | None] = {}  # versions as this batch's earlier writes leave them
-        for session_id, model, owner, fill, words, last_step, which in batch:
+        for session_id, model, owner, fill, words, last_step, which, on_device in batch:
             stored = self.ref.live(session_id, self.now)
             current = planned.get(session_id, None if stored is None else stored.version)
             version = {
@@ -226,7 +237,7 @@ class StoreMachine(RuleBasedStateMachine):
             # session takes the request's owner).
             if stored is not None:
                 model, owner = stored.record.model, stored.owner
-            records.append(make_record(session_id, model, owner, fill, words, last_step))
+            records.append(make_record(session_id, model, owner, fill, words, last_step, on_device))
             expected.append(version)
         want = self.ref.put_many(records, expected, self.now)
         got = self.run(self.store.put_many(records, expected))
