@@ -26,15 +26,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import multiprocessing
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks.lib.checkout import last_line
 from benchmarks.lib.machine import machine, machine_lines
 from benchmarks.lib.results import write_report
 from service import heap
@@ -157,14 +155,8 @@ PATHS = {
 def measure_in(checkout: Path, models: Path, mode: str, sessions: int, seconds: float,
                adapt: bool) -> float:  # fmt: skip
     """Steps/s of one figure, measured by `checkout`'s code in a process of its own."""
-    env = {**os.environ, "PYTHONPATH": str(checkout), "NEXTWORD_ADAPT_MEMORY": str(adapt)}
-    done = subprocess.run(
-        [sys.executable, "-c", _ONE, str(models), mode, str(sessions), str(seconds)],
-        cwd=checkout, env=env, capture_output=True, text=True, check=False,
-    )  # fmt: skip
-    if done.returncode != 0:
-        raise RuntimeError(f"{checkout}: {mode} failed:\n{done.stderr[-2000:]}")
-    return float(done.stdout.strip().splitlines()[-1])
+    args = ["-c", _ONE, str(models), mode, str(sessions), str(seconds)]
+    return float(last_line(checkout, args, env={"NEXTWORD_ADAPT_MEMORY": str(adapt)}))
 
 
 def compare(old: Path, sessions: int, seconds: float, rounds: int) -> list[str]:

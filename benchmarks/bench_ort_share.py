@@ -19,12 +19,10 @@ a shared machine's load falls on both; the table gives the medians and their rat
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 
+from benchmarks.lib.checkout import last_line
 from benchmarks.lib.machine import command_line, machine, machine_lines
 from benchmarks.lib.results import write_report
 
@@ -68,17 +66,7 @@ print(steps * batch / (time.perf_counter() - start))
 
 def one(checkout: Path, code: str, args: list[str]) -> float:
     """Steps/s printed by `code` run in `checkout` in a process of its own."""
-    done = subprocess.run(
-        [sys.executable, "-c", code, *args],
-        cwd=checkout,
-        env={**os.environ, "PYTHONPATH": str(checkout)},
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"{checkout}: failed:\n{done.stderr[-2000:]}")
-    return float(done.stdout.strip().splitlines()[-1])
+    return float(last_line(checkout, ["-c", code, *args]))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -21,9 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -138,17 +135,11 @@ def best(fn: Any, requests: int, repeat: int) -> Any:
 
 def run_on(code: Path, requests: int, repeat: int) -> dict[str, float]:
     """The service rows with `code`'s `service` first on the import path."""
-    env = {**os.environ, "PYTHONPATH": f"{code}{os.pathsep}{ROOT}"}
-    out = subprocess.run(
-        [sys.executable, "-m", "benchmarks.bench_rest_path", "--child"]
-        + ["--requests", str(requests), "--repeat", str(repeat)],
-        env=env,
-        check=True,
-        capture_output=True,
-        text=True,
-        cwd=code,  # `-m` puts the working directory first on the path: that checkout's code
-    ).stdout
-    return dict(json.loads(out.strip().splitlines()[-1]))
+    from benchmarks.lib.checkout import last_line  # noqa: PLC0415 (parent only: children may run older code)
+
+    args = ["-m", "benchmarks.bench_rest_path", "--child"]
+    args += ["--requests", str(requests), "--repeat", str(repeat)]
+    return dict(json.loads(last_line(code, args, path=[ROOT])))
 
 
 def main(argv: list[str] | None = None) -> None:

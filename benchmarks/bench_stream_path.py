@@ -22,10 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
-import subprocess
-import sys
 import time
 import timeit
 from pathlib import Path
@@ -214,16 +211,10 @@ def child(messages: int, repeat: int) -> None:
 
 def run_on(code: Path, messages: int, repeat: int) -> float:
     """The whole-message figure with `code`'s `service` first on the import path."""
-    env = {**os.environ, "PYTHONPATH": f"{code}{os.pathsep}{ROOT}"}
-    out = subprocess.run(
-        [sys.executable, __file__, "--child", "--messages", str(messages), "--repeat", str(repeat)],
-        env=env,
-        check=True,
-        capture_output=True,
-        text=True,
-        cwd=code,
-    ).stdout
-    return float(json.loads(out.strip().splitlines()[-1])["us"])
+    from benchmarks.lib.checkout import last_line  # noqa: PLC0415 (parent only: children may run older code)
+
+    args = [__file__, "--child", "--messages", str(messages), "--repeat", str(repeat)]
+    return float(json.loads(last_line(code, args, path=[ROOT]))["us"])
 
 
 def main(argv: list[str] | None = None) -> None:

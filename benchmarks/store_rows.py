@@ -21,10 +21,7 @@ import argparse
 import asyncio
 import dataclasses
 import json
-import os
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -98,6 +95,8 @@ def main() -> None:
     if args.child:
         print(json.dumps(measure(args.sessions, args.seconds)))
         return
+    from benchmarks.lib.checkout import last_line  # noqa: PLC0415 (parent only: children may run older code)
+
     here = Path(__file__).resolve().parent.parent
     trees = {"this": here}
     if args.compare:
@@ -106,13 +105,9 @@ def main() -> None:
     for _ in range(args.rounds):
         for name, tree in trees.items():
             # This file run as a script, with only the measured checkout's `service` on the path.
-            env = {**os.environ, "PYTHONPATH": str(tree)}
-            child = [sys.executable, str(Path(__file__).resolve()), "--child"]
+            child = [str(Path(__file__).resolve()), "--child"]
             child += ["--sessions", str(args.sessions), "--seconds", str(args.seconds)]
-            result = subprocess.run(child, env=env, cwd=tree, capture_output=True, text=True)
-            if result.returncode:
-                sys.exit(result.stderr)
-            figures[name].append(json.loads(result.stdout.strip().splitlines()[-1]))
+            figures[name].append(json.loads(last_line(tree, child)))
     from benchmarks.lib.machine import machine, machine_lines  # noqa: PLC0415 (parent only)
 
     for line in machine_lines(machine(["numpy"]), ["numpy"]):

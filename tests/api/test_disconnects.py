@@ -185,6 +185,19 @@ def scrape(server: LiveServer) -> dict[str, float]:
     return found
 
 
+def settle(server: LiveServer, before: dict[str, float]) -> tuple[dict[str, float], float]:
+    """The metrics once the queue is empty and a step was cancelled since `before` (or after
+    two minutes), and the steps cancelled since."""
+    deadline = time.monotonic() + 120
+    while True:
+        now = scrape(server)
+        settled = now.get("nextword_queue_depth", 0) == 0
+        cancelled = now.get("steps_cancelled", 0) - before.get("steps_cancelled", 0)
+        if settled and cancelled >= 1 or time.monotonic() > deadline:
+            return now, cancelled
+        time.sleep(0.2)
+
+
 def test_abandoned_long_predicts_stop_early_and_leave_the_queue_empty(
     server: LiveServer,
 ) -> None:
@@ -204,14 +217,7 @@ def test_abandoned_long_predicts_stop_early_and_leave_the_queue_empty(
     time.sleep(0.3)
     for sock in socks:
         sock.close()  # gone before any answer
-    deadline = time.monotonic() + 120
-    while True:
-        now = scrape(server)
-        settled = now.get("nextword_queue_depth", 0) == 0
-        cancelled = now.get("steps_cancelled", 0) - before.get("steps_cancelled", 0)
-        if settled and cancelled >= 1 or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
+    now, cancelled = settle(server, before)
     tokens = now.get("nextword_tokens_total", 0) - before.get("nextword_tokens_total", 0)
     ran = now.get("steps_ok", 0) - before.get("steps_ok", 0)
     assert cancelled >= 1, (now, before)
@@ -241,14 +247,7 @@ def test_stream_clients_that_leave_during_a_long_step_abort_it(server: LiveServe
         await asyncio.gather(*(leave() for _ in range(clients)))
 
     asyncio.run(run())
-    deadline = time.monotonic() + 120
-    while True:
-        now = scrape(server)
-        settled = now.get("nextword_queue_depth", 0) == 0
-        cancelled = now.get("steps_cancelled", 0) - before.get("steps_cancelled", 0)
-        if settled and cancelled >= 1 or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
+    now, cancelled = settle(server, before)
     tokens = now.get("nextword_tokens_total", 0) - before.get("nextword_tokens_total", 0)
     assert cancelled >= 1, (now, before)
     assert tokens < clients * 2000, (tokens, now)
