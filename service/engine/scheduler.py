@@ -75,17 +75,18 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
 from service import metrics
 from service.engine.adapt_hooks import Adaptation
 from service.engine.batching import Bounds, Cost, take
+from service.engine.execute import Common, Execution, StepRunner, Work, steps_of, to_upload
 from service.engine.fairness import QueueShares
-from service.engine.pool import PoolExhausted, ResidentOutput, StatePool
+from service.engine.pool import PoolExhausted, StatePool
 from service.engine.residency import NO_ROW, Holding, Residency
-from service.engine.runtime import State, StepOutput, top_words
+from service.engine.runtime import State
 from service.engine.steps import StateRef, Step, StepResult, StepRun, as_retry
 from service.errors import (
     Contended,
@@ -102,53 +103,19 @@ from service.store.memory import MemorySessionStore
 log = logging.getLogger(__name__)
 
 
-class StepRunner(Protocol):
-    """What the batcher runs: an `OrtModel`, or a fake in tests."""
-
-    name: str
-    start: StepOutput  # the run of the implicit start token from a zero state (batch 1)
-    eos_id: int
-
-    def run(self, tokens: np.ndarray, state: State, want_probs: bool = False) -> StepOutput:
-        """Run `tokens` (B, T) from `state` (each (L, B, H))."""
-        ...
-
-
-def _stack(states: list[State]) -> State:
-    """Per-row states (each (L, H)) -> batch state (each (L, B, H))."""
-    return tuple(np.stack([s[i] for s in states], axis=1) for i in range(len(states[0])))
-
-
-def _to_host(pool: StatePool, rows: list[StepRun]) -> list[SessionRecord]:
-    """The records the rows write, with their states copied from the pool to host arrays
-    (one copy for all), for a store that serializes states."""
-    states = iter(pool.download([i for r in rows for i in r.new_rows or ()]))
-    out = []
-    for row in rows:
-        record = row.result.record  # type: ignore[union-attr]
-        assert record is not None
-        if row.new_rows is not None:
-            current, previous = next(states), next(states)
-            record = dataclasses.replace(record, state=(*current, *previous))
-        out.append(record)
-    return out
-
-
-def _to_upload(row: StepRun) -> bool:
-    """Whether a batch starts `row` from the host states of its record (a session spilled
-    to host memory, or read from a store that serializes states), uploaded first."""
-    step = row.step
-    return (
-        not row.planned
-        and row.record is not None
-        and not isinstance(row.current, int)
-        and not (step.fresh or step.create)
-    )
-
-
-def _new_rows(output: StepOutput) -> np.ndarray | None:
-    """A resident run's new states (a pool row per batch row); None from a copied run."""
-    return output.rows if isinstance(output, ResidentOutput) else None
+def _to_host(
+    pool: StatePool, records: list[SessionRecord], rows: np.ndarray | None
+) -> list[SessionRecord]:
+    """The records a batch writes, with their states copied from the pool rows `rows`
+    ((n, 2): current, previous; None: host states already) to host arrays (one copy for
+    all), for a store that serializes states."""
+    if rows is None:
+        return records
+    states = pool.download(rows.ravel())
+    return [
+        dataclasses.replace(record, state=(*states[2 * i], *states[2 * i + 1]))
+        for i, record in enumerate(records)
+    ]
 
 
 def _resolve(future: asyncio.Future[Any], outcome: Any) -> bool:
@@ -244,6 +211,17 @@ class StepBatcher:
             held = self.pool.upload([start_current, zeros])
             self.pool.pin(held)
             self._start_current, self._zeros = int(held[0]), int(held[1])
+        self.execution = Execution(
+            runner,
+            pool,
+            self.residency,
+            adaptation,
+            adapt_default,
+            self.prefill_chunk,
+            clock,
+            self._start_current,
+            self._zeros,
+        )
         self._spills = metrics.POOL_SPILLS.labels(self.name)
         self._pool_used = metrics.POOL_ROWS.labels(self.name, "used")
         self._pool_free = metrics.POOL_ROWS.labels(self.name, "free")
@@ -253,7 +231,6 @@ class StepBatcher:
         self._queue_depth = metrics.QUEUE_DEPTH.labels(self.name)
         self._batch_size = metrics.BATCH_SIZE.labels(self.name)
         self._batch_seconds = metrics.BATCH_SECONDS.labels(self.name)
-        self._tokens_run = metrics.TOKENS.labels(self.name)
         self._steps = {
             outcome: metrics.STEPS.labels(self.name, outcome)
             for outcome in ("ok", "error", "failed", "cancelled")
@@ -530,48 +507,104 @@ class StepBatcher:
         if len(records) != len(reads):
             self._fail(batch, StoreUnavailable("the session store answered a different count"))
             return
-        found = dict(zip((id(s) for s in reads), records))
-        rows: list[StepRun] = []
+        # One pass over the batch: each live step with the record read for it (None: not
+        # read), those that cannot run failed; and whether the batch is a common one.
+        execution = self.execution
+        common = execution.takes_common
+        chunk = self.prefill_chunk
+        read_of = iter(records)  # `reads` is a subsequence of `batch`, in order
+        steps: list[Step] = []
+        found: list[SessionRecord | None] = []
         for step in batch:
+            was_read = step.session_id is not None and not step.create and step.row is None
+            record = next(read_of) if was_read else None
             if step.future.done():  # cancelled during the read
                 continue
-            if step.row is not None:  # a long step's next chunk
-                rows.append(step.row)
-                continue
-            record = found.get(id(step))
-            if id(step) in found:
+            if was_read:
                 if step.step_id and record is not None and record.last_step == step.step_id:
                     as_retry(step)
                 problem = self._problem(step, record)
                 if problem is not None:
                     self._fail([step], problem)
                     continue
-            rows.append(StepRun(step, record))
+            if common and (
+                step.row is not None
+                or step.session_id is None
+                or step.prefix_ids is not None
+                or not 0 < len(step.tokens) <= chunk
+            ):
+                common = False
+            steps.append(step)
+            found.append(record)
+        located = None
         if holding is not None:
-            rows = self._locate(rows, holding)
-        if rows and await self._compute_rows(rows, holding):
+            steps, found, located, uploads = self._locate(steps, found, holding)
+            common = common and not uploads
+        if not steps:
+            return
+        if common and located is not None:
+            # The rows the steps start from: their entries', or the start rows.
+            current, previous = located[:, 0], located[:, 1]
+            anew = current == NO_ROW
+            if anew.any():
+                current = np.where(anew, self._start_current, current)
+                previous = np.where(anew, self._zeros, previous)
+            work = Common(steps, found, current, previous)
+            if await self._compute_rows(work, holding):
+                await self._write_common(work)
+            return
+        rows: list[StepRun] = []
+        for i, (step, record) in enumerate(zip(steps, found)):
+            if step.row is not None:  # a long step's next chunk
+                rows.append(step.row)
+                continue
+            row = StepRun(step, record)
+            if located is not None and located[i, 0] != NO_ROW:
+                row.current, row.previous = int(located[i, 0]), int(located[i, 1])
+            rows.append(row)
+        if await self._compute_rows(rows, holding):
             await self._write(self._carry_on(rows))
 
-    def _locate(self, rows: list[StepRun], holding: Holding) -> list[StepRun]:
-        """Where each new row's session state is: the rows of its resident entry (held for
+    def _locate(
+        self, steps: list[Step], records: list[SessionRecord | None], holding: Holding
+    ) -> tuple[list[Step], list[SessionRecord | None], np.ndarray, bool]:
+        """Where each new step's session state is: the rows of its resident entry (held for
         the batch), or its record's host states (uploaded by the run); a record with its
-        state nowhere fails its step (`Residency.lost_session`)."""
+        state nowhere fails its step (`Residency.lost_session`).
+
+        Returns the steps left and their records, their rows ((n, 2): current, previous;
+        NO_ROW where a step starts afresh, goes on, or uploads its record's states) and
+        whether any uploads."""
         assert self.residency is not None
-        new = [r for r in rows if _to_upload(r)]
-        if not new:
-            return rows
-        found = self.residency.find([r.record for r in new])  # type: ignore[misc]
-        held = found[found[:, 0] != NO_ROW]
-        if len(held):
-            holding.hold(held.ravel())
-        lost: set[int] = set()
-        for row, (current, previous) in zip(new, found.tolist()):
-            if current != NO_ROW:
-                row.current, row.previous = current, previous
-            elif row.record.state_on_device:  # type: ignore[union-attr]
-                self._fail([row.step], self.residency.lost_session(row.record))  # type: ignore[arg-type]
-                lost.add(id(row))
-        return [r for r in rows if id(r) not in lost] if lost else rows
+        rows = np.full((len(steps), 2), NO_ROW, dtype=np.int64)
+        at = [
+            i
+            for i, (step, record) in enumerate(zip(steps, records))
+            if record is not None and not (step.fresh or step.create)
+        ]
+        if not at:
+            return steps, records, rows, False
+        found = self.residency.find([records[i] for i in at])  # type: ignore[misc]
+        missing = found[:, 0] == NO_ROW
+        if not missing.all():
+            holding.hold(found[~missing].ravel())
+        rows[at] = found
+        if not missing.any():
+            return steps, records, rows, False
+        lost = [
+            i
+            for i in np.asarray(at)[missing].tolist()
+            if records[i].state_on_device  # type: ignore[union-attr]
+        ]
+        if lost:
+            for i in lost:
+                self._fail([steps[i]], self.residency.lost_session(records[i]))  # type: ignore[arg-type]
+            keep = np.ones(len(steps), dtype=bool)
+            keep[lost] = False
+            steps = [s for s, k in zip(steps, keep) if k]
+            records = [r for r, k in zip(records, keep) if k]
+            rows = rows[keep]
+        return steps, records, rows, len(lost) < int(missing.sum())
 
     async def _answer(self, steps: list[Step], holding: Holding | None = None) -> None:
         """Run and answer stateless steps on their own (their rows held by `holding`, or
@@ -616,19 +649,19 @@ class StepBatcher:
             self._wake()
         return done
 
-    async def _compute_rows(self, rows: list[StepRun], holding: Holding | None) -> bool:
-        """Make the rows' runs in the executor; False (the rows failed) if a run failed."""
-        self._batch_size.observe(len(rows))
+    async def _compute_rows(self, work: Work, holding: Holding | None) -> bool:
+        """Make a batch's runs in the executor; False (its steps failed) if a run failed."""
+        self._batch_size.observe(len(work))
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
         reserved = 0
         try:
-            reserved = await self._make_room(rows)
-            await loop.run_in_executor(self._executor, self._compute, rows, holding)
+            reserved = await self._make_room(work)
+            await loop.run_in_executor(self._executor, self._compute, work, holding)
         except Exception as exc:
-            log.exception("model %s: run of a batch of %d failed", self.name, len(rows))
+            log.exception("model %s: run of a batch of %d failed", self.name, len(work))
             self._fail(
-                [r.step for r in rows],
+                steps_of(work),
                 StepFailed(
                     f"model {self.name!r} failed to run this batch ({type(exc).__name__}); "
                     "no session was changed"
@@ -643,7 +676,7 @@ class StepBatcher:
         self._batch_seconds.observe(time.perf_counter() - started)
         return True
 
-    async def _make_room(self, rows: list[StepRun]) -> int:
+    async def _make_room(self, work: Work) -> int:
         """Reserve the pool rows a batch takes (two per step for its states brought back
         from host memory, one per run), the residency spilling its least recently used
         sessions to host memory when too few are free; returns the rows reserved (the
@@ -651,18 +684,21 @@ class StepBatcher:
         pool = self.pool
         if pool is None or self.residency is None:
             return 0
-        need = sum(4 if _to_upload(row) else 2 for row in rows)
+        if isinstance(work, Common):  # nothing to upload, two runs at most
+            need = 2 * len(work)
+        else:
+            need = sum(4 if to_upload(row) else 2 for row in work)
         if pool.free < need:
             # Never the sessions in flight: their rows are held, their records being read.
             # A batch's worth at least: spilling is paid per call.
             keep = {s.session_id for s in self._session_batch}
-            keep.update(r.step.session_id for r in rows)
+            keep.update(s.session_id for s in steps_of(work))
             spilled = self.residency.spill(max(need - pool.free, 2 * self.max_batch), keep)
             self._spills.inc(spilled)
             if pool.free < need:
                 raise PoolExhausted(
                     f"model {self.name!r}: {pool.free} free state rows for a batch of "
-                    f"{len(rows)} steps; NEXTWORD_STATE_POOL_ROWS={pool.rows} is too small "
+                    f"{len(work)} steps; NEXTWORD_STATE_POOL_ROWS={pool.rows} is too small "
                     "for the sessions in flight"
                 )
         pool.reserved += need
@@ -692,285 +728,139 @@ class StepBatcher:
 
         Stateless rows are answered first: they never wait for the store."""
         stateless = [r for r in rows if r.step.session_id is None]
-        self._steps["ok"].inc(sum(_resolve(r.step.future, r.result) for r in stateless))
-        rows = writes = [r for r in rows if r.step.session_id is not None]
-        if writes:
-            records: list[SessionRecord] = []
-            expected: list[int | None] = []
-            for r in writes:
-                assert r.result is not None and r.result.record is not None
-                records.append(r.result.record)
-                expected.append(None if r.record is None else r.record.version)
-            residency = self.residency
-            try:
-                if residency is not None and not residency.on_device:
-                    records = await asyncio.get_running_loop().run_in_executor(
-                        self._executor, _to_host, residency.pool, writes
-                    )
-                written = await self.store.put_many(records, expected)
-            except PartlyWritten as exc:
-                self._commit(writes, [ok is True for ok in exc.written], expected)
-                # The steps known to be written are answered; the others get the error.
-                self._fail([r.step for r, ok in zip(writes, exc.written) if not ok], exc)
-                rows = [r for r, ok in zip(writes, exc.written) if ok]
-                self._steps["ok"].inc(sum(_resolve(row.step.future, row.result) for row in rows))
+        self._answer_with([r.step for r in stateless], [r.result for r in stateless])  # type: ignore[misc]
+        writes = [r for r in rows if r.step.session_id is not None]
+        if not writes:
+            return
+        new = None
+        if writes[0].new_rows is not None:  # resident runs: every row has its new rows
+            new = np.array([r.new_rows for r in writes], dtype=np.int64)
+        await self._write_sessions(
+            [r.step for r in writes],
+            [r.result for r in writes],  # type: ignore[misc]
+            [None if r.record is None else r.record.version for r in writes],
+            new,
+        )
+
+    async def _write_common(self, batch: Common) -> None:
+        """A common batch's write: its steps cancelled during the run are dropped (never
+        written), the others written and answered as `_write_sessions` does."""
+        steps, results, rows = batch.steps, batch.results, batch.rows
+        records = batch.records
+        live = [not step.future.done() for step in steps]
+        if not all(live):
+            self._steps["cancelled"].inc(live.count(False))
+            keep = np.array(live, dtype=bool)
+            steps = [s for s, k in zip(steps, live) if k]
+            results = [r for r, k in zip(results, live) if k]
+            records = [r for r, k in zip(records, live) if k]
+            rows = rows[keep]
+            if not steps:
                 return
-            except NextwordError as exc:
-                self._fail([r.step for r in writes], exc)
-                return
-            if len(written) != len(writes):
-                self._fail(
-                    [r.step for r in rows],
-                    StoreUnavailable("the session store answered a different count"),
+        expected = [None if record is None else record.version for record in records]
+        await self._write_sessions(steps, results, expected, rows)
+
+    async def _write_sessions(
+        self,
+        steps: list[Step],
+        results: list[StepResult],
+        expected: list[int | None],
+        rows: np.ndarray | None,
+    ) -> None:
+        """One compare-and-set write of sessions' steps (`results[i].record` at version
+        `expected[i]`; `rows`: their new pool rows, (n, 2), None without a pool); answer
+        them, or retry the conflicts."""
+        records: list[SessionRecord] = [result.record for result in results]  # type: ignore[misc]
+        residency = self.residency
+        try:
+            if residency is not None and not residency.on_device:
+                records = await asyncio.get_running_loop().run_in_executor(
+                    self._executor,
+                    _to_host,
+                    residency.pool,
+                    records,
+                    rows,
                 )
-                return
-            self._commit(writes, written, expected)
-            retry = [r.step for r, ok in zip(writes, written) if not ok]
-            for step in retry:
-                step.attempts += 1
-                step.row = None  # the whole step again, from the record read then
-            exhausted = [s for s in retry if s.attempts > self.max_retries]
-            self._fail(
-                exhausted,
-                Contended(
-                    f"the session kept changing under this step ({self.max_retries} retries): "
-                    "it was not applied; retry"
-                ),
+            written = await self.store.put_many(records, expected)
+        except PartlyWritten as exc:
+            ok = [w is True for w in exc.written]
+            self._commit(steps, results, expected, rows, ok)
+            # The steps known to be written are answered; the others get the error.
+            self._fail([s for s, w in zip(steps, ok) if not w], exc)
+            self._answer_with(
+                [s for s, w in zip(steps, ok) if w], [r for r, w in zip(results, ok) if w]
             )
-            again = [s for s in retry if s.attempts <= self.max_retries]
-            self._pending.extendleft(reversed(again))
-            if again:
-                self._wake()
-            lost = {id(s) for s in retry}
-            rows = [r for r in rows if id(r.step) not in lost]
-        self._steps["ok"].inc(sum(_resolve(row.step.future, row.result) for row in rows))
+            return
+        except NextwordError as exc:
+            self._fail(steps, exc)
+            return
+        if len(written) != len(steps):
+            self._fail(steps, StoreUnavailable("the session store answered a different count"))
+            return
+        self._commit(steps, results, expected, rows, written)
+        if all(written):  # the common case: no conflict
+            self._answer_with(steps, results)
+            return
+        retry = [s for s, ok in zip(steps, written) if not ok]
+        for step in retry:
+            step.attempts += 1
+            step.row = None  # the whole step again, from the record read then
+        exhausted = [s for s in retry if s.attempts > self.max_retries]
+        self._fail(
+            exhausted,
+            Contended(
+                f"the session kept changing under this step ({self.max_retries} retries): "
+                "it was not applied; retry"
+            ),
+        )
+        again = [s for s in retry if s.attempts <= self.max_retries]
+        self._pending.extendleft(reversed(again))
+        if again:
+            self._wake()
+        self._answer_with(
+            [s for s, ok in zip(steps, written) if ok], [r for r, ok in zip(results, written) if ok]
+        )
+
+    def _answer_with(self, steps: list[Step], results: list[StepResult]) -> None:
+        """Resolve each step's future with its result (those not done already)."""
+        answered = 0
+        for step, result in zip(steps, results):
+            future = step.future
+            if not future.done():
+                future.set_result(result)
+                answered += 1
+        if answered:
+            self._steps["ok"].inc(answered)
 
     def _commit(
-        self, rows: list[StepRun], written: Sequence[bool], expected: list[int | None]
+        self,
+        steps: list[Step],
+        results: list[StepResult],
+        expected: list[int | None],
+        rows: np.ndarray | None,
+        written: Sequence[bool],
     ) -> None:
-        """The rows written stay resident: their sessions' entries hold their new rows."""
+        """The steps written stay resident: their sessions' entries hold their new rows."""
         residency = self.residency
-        if residency is None or not residency.keeps:
+        if residency is None or not residency.keeps or rows is None:
             return
-        ok = [i for i, w in enumerate(written) if w]
-        if not ok:
-            return
+        if not all(written):
+            ok = [i for i, w in enumerate(written) if w]
+            if not ok:
+                return
+            steps = [steps[i] for i in ok]
+            results = [results[i] for i in ok]
+            expected = [expected[i] for i in ok]
+            rows = rows[ok]
         residency.commit(
-            [rows[i].step.session_id for i in ok],  # type: ignore[misc]
-            [(expected[i] or 0) + 1 for i in ok],
-            [rows[i].result.record.created_at for i in ok],  # type: ignore[union-attr]
-            np.array([rows[i].new_rows for i in ok], dtype=np.int64),
+            [step.session_id for step in steps],  # type: ignore[misc]
+            [(e or 0) + 1 for e in expected],
+            [result.record.created_at for result in results],  # type: ignore[union-attr]
+            rows,
         )
 
     # --- the runs (in the executor thread) -----------------------------------------
 
-    def _compute(self, rows: list[StepRun], holding: Holding | None) -> None:
-        """Plan each row, make the runs (grouped by length), then build the results.
-
-        A row runs the next chunk of its first tokens, or (its last batch) the rest of
-        them and then its second tokens, whose output answers."""
-        chunk = self.prefill_chunk
-        if self.pool is not None and holding is not None:
-            self._upload(rows, self.pool, holding)
-        for row in rows:
-            if not row.planned:
-                self._plan(row)
-            row.final = row.left <= chunk
-            row.piece = len(row.first) - row.done if row.final else chunk
-        if self.adaptation is not None:
-            live = self.adaptation.count(rows)
-            for row, holds in zip(rows, live):
-                use = (
-                    self._session_adapt(row.step, row.record)
-                    if row.step.adapt is None
-                    else row.step.adapt
-                )
-                row.mixed = row.final and use and holds and bool(row.second)
-        first = [r for r in rows if r.piece]
-        for group in self._by_length(first, lambda r: r.piece):
-            output = self._run(
-                group,
-                [r.first[r.done : r.done + r.piece] for r in group],
-                [r.first_from for r in group],
-                False,
-                holding,
-            )
-            new = _new_rows(output)
-            if new is not None:
-                for row, at in zip(group, new.tolist()):
-                    row.first_from = at
-                    row.done += row.piece
-            else:
-                for i, row in enumerate(group):
-                    row.first_from = tuple(a[:, i, :] for a in output.state)
-                    row.done += row.piece
-        final = [r for r in rows if r.final]
-        for row in final:
-            row.second_from = row.first_from
-        second = [r for r in final if r.second]
-        for group in self._by_length(second, lambda r: len(r.second)):
-            prefixed = [i for i, r in enumerate(group) if r.step.prefix_ids is not None]
-            mixing = None if self.adaptation is None else self.adaptation.prepare(group)
-            tokens, states = [r.second for r in group], [r.second_from for r in group]
-            if self.pool is not None:
-                # Only what the answers need comes out of the device: the model's
-                # probabilities at the memories' words, and the distributions of the rows
-                # completing a prefix.
-                gather = None
-                if mixing is not None:
-                    assert self.adaptation is not None
-                    gather = self.adaptation.gather_ids(mixing)
-                output = self._run(group, tokens, states, False, holding, gather, prefixed)
-            else:
-                output = self._run(
-                    group, tokens, states, bool(prefixed) or mixing is not None, holding
-                )
-            for i, row in enumerate(group):
-                row.output, row.output_row = output, i
-            if mixing is not None:
-                assert self.adaptation is not None
-                self.adaptation.answer(group, output, mixing)
-        now = self.clock()
-        for row in final:
-            row.result = self._result(row, now)
-
-    @staticmethod
-    def _upload(rows: list[StepRun], pool: StatePool, holding: Holding) -> None:
-        """Bring the host states of the records a batch starts from (sessions spilled to host
-        memory, or read from a store that serializes states) into pool rows, at once (the
-        batch holds them)."""
-        up = [row for row in rows if _to_upload(row)]
-        if not up:
-            return
-        half = len(up[0].record.state) // 2  # type: ignore[union-attr]
-        states = [s for r in up for s in (r.record.state[:half], r.record.state[half:])]  # type: ignore[union-attr]
-        uploaded = pool.upload(states)
-        holding.add(uploaded)
-        for i, row in enumerate(up):
-            row.current, row.previous = int(uploaded[2 * i]), int(uploaded[2 * i + 1])
-
-    def _session_adapt(self, step: Step, record: SessionRecord | None) -> bool:
-        """A session's default for `adapt`: set when it is created, kept after."""
-        if record is None or step.create:
-            return self.adapt_default if step.adapt is None else step.adapt
-        return record.adapt
-
-    def _plan(self, row: StepRun) -> None:
-        step, record = row.step, row.record
-        tokens = step.tokens
-        row.planned = True
-        if record is None or step.fresh or step.create:
-            row.current, row.previous = self._start_current, self._zeros
-            row.last_token, row.context_tokens = self.runner.eos_id, 0
-        else:
-            if not isinstance(row.current, int):  # a pool row already: located or uploaded
-                half = self._halves
-                row.current, row.previous = record.state[:half], record.state[half:]
-            row.last_token, row.context_tokens = record.last_token, record.tokens
-        row.first_from = row.current
-        if not tokens:
-            if row.context_tokens > 0:  # no new word: re-run the last token for its output
-                row.second, row.first_from = [row.last_token], row.previous
-            return  # an empty context: the cached start output answers
-        if step.session_id is None:  # stateless: no previous state to keep
-            # Whole chunks first, then the rest (1 to `prefill_chunk` tokens) for the output.
-            last = (len(tokens) - 1) % self.prefill_chunk + 1
-            row.first, row.second = tokens[:-last], tokens[-last:]
-            return
-        row.first = tokens[:-1]
-        row.second = tokens[-1:]
-
-    @staticmethod
-    def _by_length(rows: list[StepRun], length: Callable[[StepRun], int]) -> list[list[StepRun]]:
-        groups: dict[int, list[StepRun]] = {}
-        for row in rows:
-            groups.setdefault(length(row), []).append(row)
-        return list(groups.values())
-
-    def _run(
-        self,
-        group: list[StepRun],
-        tokens: Sequence[Sequence[int]],
-        states: list[StateRef],
-        want_probs: bool,
-        holding: Holding | None,
-        gather: np.ndarray | None = None,
-        probs_rows: list[int] | None = None,
-    ) -> StepOutput:
-        """One run of a group (`gather` and `probs_rows`: resident runs only, `StatePool.run`,
-        whose new rows `holding` holds); checks that it answered one row per row of the
-        group."""
-        batch = np.array(tokens, dtype=np.int64)  # (B, T)
-        output: StepOutput
-        if self.pool is not None:
-            output = self.pool.run(batch, states, want_probs, gather, probs_rows)  # type: ignore[arg-type]
-            assert holding is not None and isinstance(output, ResidentOutput)
-            holding.add(output.rows)
-        else:
-            output = self.runner.run(batch, _stack(states), want_probs)  # type: ignore[arg-type]
-        self._tokens_run.inc(batch.size)
-        if (
-            len(output) != len(group)
-            or any(a.shape[1] != len(group) for a in output.state)
-            or len(output.rows if isinstance(output, ResidentOutput) else group) != len(group)
-        ):
-            raise RuntimeError(f"the model answered {len(output)} rows for a batch of {len(group)}")
-        return output
-
-    def _result(self, row: StepRun, now: float) -> StepResult:
-        """A final row's answer, and the record it writes (at `now`, once per batch)."""
-        step = row.step
-        output, index = (row.output, row.output_row) if row.output else (self.runner.start, 0)
-        if row.answer is not None:
-            ids, probs = row.answer
-        elif step.prefix_ids is None:  # the common case, as `top_words` answers it
-            ids, probs = output.topk_ids[index, : step.k], output.topk_probs[index, : step.k]
-        else:
-            ids, probs = top_words(output, index, step.k, step.prefix_ids, step.prefix_slips)
-        tokens = row.context_tokens + len(step.tokens)
-        # Only a mixed answer can name a typed word (the model's own ids are < V): the
-        # adaptation's `answer` says which do, for the whole run at once.
-        words: tuple[str, ...] = ()
-        if row.typed_answer and row.memory is not None:
-            words = row.memory.words
-        last_token = step.tokens[-1] if step.tokens else row.last_token
-        if step.session_id is None:
-            return StepResult(ids, probs, tokens, None, words, last_token)
-        current: StateRef
-        if step.tokens:
-            new = _new_rows(output)
-            if new is not None:
-                current = int(new[index])
-            else:
-                current = tuple(a[:, index, :] for a in output.state)
-            previous = row.second_from
-            last = step.tokens[-1]
-        else:
-            current, previous, last = row.current, row.previous, row.last_token
-        old = row.record
-        state: State = ()
-        if isinstance(current, int):
-            # On the device: kept resident, or copied to the host just before the write.
-            assert isinstance(previous, int)
-            row.new_rows = (current, previous)
-        else:
-            assert not isinstance(previous, int)
-            state = (*current, *previous)
-        anew = old is None or step.create
-        record = SessionRecord(  # by position: session_id, model, state, tokens, created_at,
-            # last_used_at, version, last_token, owner, memory, adapt, last_step
-            step.session_id,
-            self.name,
-            state,
-            tokens,
-            now if anew else old.created_at,  # type: ignore[union-attr]
-            now,
-            0 if old is None else old.version,
-            last,
-            step.owner if anew else old.owner,  # type: ignore[union-attr]
-            row.memory,
-            self._session_adapt(step, old),
-            step.step_id,
-            self.residency is not None and self.residency.on_device and bool(row.new_rows),
-        )
-        return StepResult(ids, probs, tokens, record, words, last_token)
+    def _compute(self, work: Work, holding: Holding | None) -> None:
+        """Run a batch's work (`Execution.compute`), in the executor thread."""
+        self.execution.compute(work, holding)
