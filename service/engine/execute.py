@@ -128,11 +128,9 @@ class Execution:
         # Records written by a resident run say so only when the store keeps them so.
         self.on_device = residency is not None and residency.on_device
         self._tokens_run = metrics.TOKENS.labels(self.name)
-
-    @property
-    def takes_common(self) -> bool:
-        """Whether `Common` batches run here (a state pool, and no adaptation)."""
-        return self.pool is not None and self.adaptation is None
+        # Whether `Common` batches run here (a state pool, and no adaptation); a test turns
+        # it off to compare with the general path.
+        self.takes_common = pool is not None and adaptation is None
 
     def session_adapt(self, step: Step, record: SessionRecord | None) -> bool:
         """A session's default for `adapt`: set when it is created, kept after."""

@@ -360,3 +360,72 @@ async def test_through_a_shared_store_the_rows_written_are_kept_and_another_writ
         await engine.stop()
         await other.stop()
     assert pool.used == 2
+
+
+async def test_a_common_batch_answers_and_leaves_states_as_the_general_path_bit_for_bit(
+    lstm: OrtModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Batches of sessions' steps of one to `prefill_chunk` words (new sessions, resident
+    ones, mixed lengths and k) run as arrays (`execute.Common`): the same runs as the
+    general path, so the same answers, records and state bytes."""
+    made = []
+    for common in (True, False):
+        b = StepBatcher(
+            lstm, Store(), pool=StatePool(lstm, 64), keep_states=True, max_wait_ms=50,
+            prefill_chunk=3, max_batch=8,
+        )  # fmt: skip
+        b.execution.takes_common = common
+        ran: list[int] = []
+
+        def counted(*a: Any, _real: Any = b.execution.compute_common, _ran: Any = ran) -> None:
+            _ran.append(1)
+            _real(*a)
+
+        monkeypatch.setattr(b.execution, "compute_common", counted)
+        await b.start()
+        made.append((b, ran))
+    rounds = [
+        [Step([5, 6], session_id="a", create=True), Step([], session_id="b", create=True),
+         Step([7], session_id="c", create=True, k=3)],
+        [Step([9], session_id="a"), Step([4, 5, 6], session_id="b", k=2),
+         Step([8, 9], session_id="c"), Step([3], session_id="d", create=True)],
+        [Step([10, 11], session_id="a", fresh=True), Step([12], session_id="b"),
+         Step([13, 14, 15], session_id="c"), Step([16, 17], session_id="d")],
+    ]  # fmt: skip
+    try:
+        for steps in rounds:
+            answers = []
+            for b, _ in made:
+                twins = [
+                    Step(list(s.tokens), session_id=s.session_id, create=s.create,
+                         fresh=s.fresh, k=s.k)
+                    for s in steps
+                ]  # fmt: skip
+                answers.append(await asyncio.gather(*(b.submit(s) for s in twins)))
+            for got, want in zip(*answers):
+                assert got.tokens == want.tokens and got.last_token == want.last_token
+                np.testing.assert_array_equal(got.ids, want.ids)
+                np.testing.assert_array_equal(got.probs, want.probs)
+                g, w = got.record, want.record
+                assert g is not None and w is not None
+                assert (g.tokens, g.version, g.last_token, g.adapt, g.state_on_device) == (
+                    w.tokens, w.version, w.last_token, w.adapt, w.state_on_device
+                )  # fmt: skip
+        for sid in "abcd":
+            states = []
+            for b, _ in made:
+                assert b.residency is not None and b.pool is not None
+                entry = b.residency.entry(sid)
+                assert entry is not None
+                rows = b.residency._rows[b.residency._entries[sid]]
+                states.append(b.pool.download(rows))
+            for g_state, w_state in zip(*states):
+                for g, w in zip(g_state, w_state):
+                    np.testing.assert_array_equal(g, w)
+        # The first engine took the array path (the first round's empty step aside), the
+        # other never did.
+        assert made[0][1] and not made[1][1]
+    finally:
+        for b, _ in made:
+            await b.stop()
+            settled(b)
