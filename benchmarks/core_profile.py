@@ -51,11 +51,21 @@ PHASES = [
     ("service.engine.scheduler", "StepBatcher", "_answer_mixed", "executor:   adaptation: answer"),
     ("service.engine.adapt_hooks", "Adaptation", "count", "executor:   adaptation: count"),
     ("service.engine.adapt_hooks", "Adaptation", "answer", "executor:   adaptation: answer"),
+    ("service.engine.adapt_hooks", "Adaptation", "count_columns", "executor:   adaptation: count"),
+    (
+        "service.engine.adapt_hooks",
+        "Adaptation",
+        "answer_columns",
+        "executor:   adaptation: answer",
+    ),
 ]
 
 
 def instrument(spent: collections.defaultdict[str, float]) -> None:
-    """Wrap every phase found in the code on the path so that it adds its CPU to `spent`."""
+    """Wrap every phase found in the code on the path so that it adds its CPU to `spent`
+    (a phase called within one of the same label, such as `count` calling
+    `count_columns`, is counted once)."""
+    active: set[str] = set()
     for module_name, class_name, method, label in PHASES:
         try:
             owner = getattr(importlib.import_module(module_name), class_name)
@@ -67,21 +77,29 @@ def instrument(spent: collections.defaultdict[str, float]) -> None:
         if inspect.iscoroutinefunction(original):
             # The memory store's coroutines never suspend: the thread's CPU is theirs.
             async def timed_async(*a: Any, _f: Any = original, _l: str = label, **k: Any) -> Any:
+                if _l in active:
+                    return await _f(*a, **k)
+                active.add(_l)
                 start = time.thread_time()
                 try:
                     return await _f(*a, **k)
                 finally:
                     spent[_l] += time.thread_time() - start
+                    active.discard(_l)
 
             setattr(owner, method, functools.wraps(original)(timed_async))
         else:
 
             def timed(*a: Any, _f: Any = original, _l: str = label, **k: Any) -> Any:
+                if _l in active:
+                    return _f(*a, **k)
+                active.add(_l)
                 start = time.thread_time()
                 try:
                     return _f(*a, **k)
                 finally:
                     spent[_l] += time.thread_time() - start
+                    active.discard(_l)
 
             setattr(owner, method, functools.wraps(original)(timed))
 

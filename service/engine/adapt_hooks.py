@@ -14,6 +14,7 @@ this module is where a batch meets it, once per batch or run, never once per row
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,8 +24,8 @@ from service.arrays import stack_rows
 from service.contract.tokenizer import normalize
 from service.engine import adapt
 from service.engine.runtime import StepOutput
-from service.engine.steps import StepRun
-from service.store.base import WordMemory
+from service.engine.steps import Step, StepRun
+from service.store.base import SessionRecord, WordMemory
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,16 @@ class Adaptation:
         vocab_size = int(runner.start.probs.shape[1])
         return cls(adapt.params_of(manifest), vocab.suggestible, vocab.unk_id, vocab_size)
 
+    def memory_of(self, step: Step, record: SessionRecord | None) -> WordMemory | None:
+        """The memory a step starts from (its first batch): its record's, unless the step
+        starts a session or a context afresh, forgets, or the capacity changed."""
+        if record is None or step.create or step.fresh or step.forget:
+            return None
+        memory = record.memory
+        if memory is not None and len(memory.keys) != self.params.capacity:
+            return None
+        return memory
+
     def count(self, rows: list[StepRun]) -> list[bool]:
         """Count the words each row runs in this batch into its memory (one vectorised
         update for the batch); per row, whether its memory now holds anything to mix.
@@ -72,6 +83,43 @@ class Adaptation:
 
         Every row's memory after it (`StepRun.memory`) is a view of one row of the batch's
         (B, C) arrays: the store copies what it keeps."""
+        memories: list[WordMemory | None] = []
+        starts: list[int] = []
+        ends: list[int] = []
+        used: list[int] = []
+        for row in rows:
+            step = row.step
+            memory = row.memory
+            if memory is None:  # the step's first batch: the memory it starts from
+                memory = self.memory_of(step, row.record)
+            memories.append(memory)
+            starts.append(row.counted)
+            ends.append(len(step.tokens) if row.final else row.done + row.piece)
+            used.append(row.typed_used)
+        steps = [row.step for row in rows]
+        lasts = [row.last_token for row in rows]
+        after, live, _ = self.count_columns(steps, memories, starts, ends, lasts, used)
+        for row, end, memory, typed_used in zip(rows, ends, after, used):
+            if end > row.counted:
+                row.counted = end
+            row.memory = memory
+            row.typed_used = typed_used
+        return live
+
+    def count_columns(
+        self,
+        steps: Sequence[Step],
+        memories: Sequence[WordMemory | None],
+        starts: Sequence[int],
+        ends: Sequence[int],
+        lasts: Sequence[int],
+        typed_used: list[int],
+    ) -> tuple[list[WordMemory], list[bool], tuple[np.ndarray, np.ndarray]]:
+        """`count` over columns: each step's `tokens[starts[i]:ends[i]]` into its memory
+        (None: an empty one), `lasts[i]` the token before its first (the context's last);
+        `typed_used[i]` (its typed words counted so far) is updated in place. Returns the
+        memories after (views of rows of the batch's (B, C) arrays), whether each holds
+        anything to mix, and those (B, C) keys and weights (for `prepare_columns`)."""
         params = self.params
         capacity = params.capacity
         none, nothing = adapt.empty_cache(1, capacity)
@@ -80,19 +128,10 @@ class Adaptation:
         keys_of: list[np.ndarray] = []
         weights_of: list[np.ndarray] = []
         words: list[tuple[str, ...]] = []
-        ends: list[int] = []
         lengths_of: list[int] = []
         flat: list[int] = []
         before_of: list[int] = []
-        for row in rows:
-            step = row.step
-            memory = row.memory
-            if memory is None:  # the step's first batch: the memory it starts from
-                record = row.record
-                if not (record is None or step.create or step.fresh or step.forget):
-                    memory = record.memory
-                    if memory is not None and len(memory.keys) != capacity:
-                        memory = None
+        for step, memory, start, end, last in zip(steps, memories, starts, ends, lasts):
             if memory is None:
                 keys_of.append(empty_keys)
                 weights_of.append(empty_weights)
@@ -102,9 +141,6 @@ class Adaptation:
                 weights_of.append(memory.weights)
                 words.append(memory.words)
             tokens = step.tokens
-            start = row.counted
-            end = len(tokens) if row.final else row.done + row.piece
-            ends.append(end)
             if end > start:
                 lengths_of.append(end - start)
                 if end - start == 1:  # the common step: one word
@@ -112,7 +148,7 @@ class Adaptation:
                 else:
                     flat.extend(tokens[start:end])
                 # The token before the row's first new one (its bigram's first word).
-                before_of.append(tokens[start - 1] if start else row.last_token)
+                before_of.append(tokens[start - 1] if start else last)
             else:
                 lengths_of.append(0)
                 before_of.append(adapt.EMPTY)  # unused: the row counts nothing
@@ -125,11 +161,11 @@ class Adaptation:
             if self.unk_id in flat:  # typed words outside the vocabulary
                 remembered = np.where(self.suggestible[ids], ids, adapt.EMPTY)
                 offsets = np.concatenate([[0], np.cumsum(lengths)])
-                for i, row in enumerate(rows):
+                for i, step in enumerate(steps):
                     piece = ids[offsets[i] : offsets[i + 1]]
                     unknown = np.flatnonzero(piece == self.unk_id)
-                    typed = row.step.typed[row.typed_used : row.typed_used + len(unknown)]
-                    row.typed_used += len(unknown)
+                    typed = step.typed[typed_used[i] : typed_used[i] + len(unknown)]
+                    typed_used[i] += len(unknown)
                     if typed:
                         table = list(words[i])
                         remembered[offsets[i] + unknown[: len(typed)]] = adapt.oov_keys(
@@ -147,27 +183,39 @@ class Adaptation:
                 remembered,
             )
         live: list[bool] = adapt.live(keys, weights, self.vocab_size, params).tolist()
-        for i, row in enumerate(rows):
-            if ends[i] > row.counted:
-                row.counted = ends[i]
-            # Views of this batch's arrays: the store copies what it keeps.
-            row.memory = WordMemory(keys[i], weights[i], words[i])
-        return live
+        # Views of this batch's arrays: the store copies what it keeps.
+        after = [WordMemory(keys[i], weights[i], words[i]) for i in range(len(words))]
+        return after, live, (keys, weights)
 
     def prepare(self, group: list[StepRun]) -> Mixing | None:
         """What a run's rows mix in (None: no row of it mixes): each mixing row's memory as
         `count` left it, an empty one for the others."""
-        mixed = np.array([r.mixed for r in group], dtype=bool)
+        return self.prepare_columns([r.mixed for r in group], [r.memory for r in group])
+
+    def prepare_columns(
+        self,
+        mixed_of: Sequence[bool],
+        memories: Sequence[WordMemory | None],
+        stacked: tuple[np.ndarray, np.ndarray] | None = None,
+    ) -> Mixing | None:
+        """`prepare` over columns: whether each row mixes, and its memory (`stacked`: the
+        memories as (B, C) keys and weights already, as `count_columns` made them; they
+        are not written)."""
+        mixed = np.array(mixed_of, dtype=bool)
         if not mixed.any():
             return None
-        if all(r.memory is not None for r in group):  # always, after `count`
-            keys = stack_rows([r.memory.keys for r in group])  # type: ignore[union-attr]
-            weights = stack_rows([r.memory.weights for r in group])  # type: ignore[union-attr]
+        if stacked is not None:
+            keys, weights = stacked
+            if not mixed.all():  # the rows that do not mix are emptied: a copy
+                keys, weights = keys.copy(), weights.copy()
+        elif all(m is not None for m in memories):  # always, after `count`
+            keys = stack_rows([m.keys for m in memories])  # type: ignore[union-attr]
+            weights = stack_rows([m.weights for m in memories])  # type: ignore[union-attr]
         else:
-            keys, weights = adapt.empty_cache(len(group), self.params.capacity)
-            for i, row in enumerate(group):
-                if row.memory is not None:
-                    keys[i], weights[i] = row.memory.keys, row.memory.weights
+            keys, weights = adapt.empty_cache(len(memories), self.params.capacity)
+            for i, memory in enumerate(memories):
+                if memory is not None:
+                    keys[i], weights[i] = memory.keys, memory.weights
         if not mixed.all():
             keys[~mixed] = adapt.EMPTY
             weights[~mixed] = np.float32(0.0)
@@ -181,23 +229,47 @@ class Adaptation:
         """The answers (`StepRun.answer`) of a run's rows that mix, with the writer's words
         mixed in, and whether each names a typed word (`StepRun.typed_answer`); the other
         rows keep the model's own (`top_words` gives them)."""
+        answers, typed = self.answer_columns(
+            [r.step for r in group],
+            [r.last_token for r in group],
+            [r.mixed for r in group],
+            [r.memory for r in group],
+            output,
+            mixing,
+        )
+        for row, answer, names_typed in zip(group, answers, typed):
+            if answer is not None:
+                row.answer = answer
+                row.typed_answer = names_typed
+
+    def answer_columns(
+        self,
+        steps: Sequence[Step],
+        lasts: Sequence[int],
+        mixed: Sequence[bool],
+        memories: Sequence[WordMemory | None],
+        output: StepOutput,
+        mixing: Mixing,
+    ) -> tuple[list[tuple[np.ndarray, np.ndarray] | None], list[bool]]:
+        """`answer` over columns (`lasts[i]`: the context's last token before the step):
+        each mixing row's (ids, probs), best first (None for the others), and whether it
+        names a typed word."""
         assert output.probs is not None or output.probs_at is not None
         # Rows that do not mix are answered by `top_words` (exactly as alone): here they
         # take the cheap path (no memory, no prefix).
-        n = len(group)
+        n = len(steps)
         candidates: list[np.ndarray | None] = [None] * n
         slips: list[np.ndarray | None] = [None] * n
         matches: list[np.ndarray | None] = [None] * n
         last: list[int] = []
         ks: list[int] = []
-        for i, row in enumerate(group):
-            step = row.step
+        for i, step in enumerate(steps):
             tokens = step.tokens
-            last.append(tokens[-1] if tokens else row.last_token)
+            last.append(tokens[-1] if tokens else lasts[i])
             ks.append(step.k)
-            if row.mixed:
+            if mixed[i]:
                 candidates[i], slips[i] = step.prefix_ids, step.prefix_slips
-                memory = row.memory
+                memory = memories[i]
                 if step.prefix_ids is not None and memory is not None and memory.words:
                     prefix = normalize(step.prefix)
                     matches[i] = np.array([normalize(w).startswith(prefix) for w in memory.words])
@@ -226,7 +298,8 @@ class Adaptation:
         shown = np.minimum(np.array(ks, dtype=np.int64), (ids >= 0).sum(1))
         inside = np.arange(ids.shape[1]) < shown[:, None]
         typed = ((ids >= self.vocab_size) & inside).any(1).tolist()
-        for i, (row, size) in enumerate(zip(group, shown.tolist())):
-            if row.mixed:
-                row.answer = ids[i, :size], probs[i, :size]
-                row.typed_answer = typed[i]
+        answers: list[tuple[np.ndarray, np.ndarray] | None] = [None] * n
+        for i, size in enumerate(shown.tolist()):
+            if mixed[i]:
+                answers[i] = ids[i, :size], probs[i, :size]
+        return answers, typed

@@ -8,15 +8,16 @@ Two shapes of work, with the same answers:
 
 - `Common`: the common batch, as arrays. Every row is a session's step of 1 to
   `prefill_chunk` new tokens, without a prefix, whose state is in pool rows (resident,
-  or a new context starting from the pinned start rows), with no adaptation. Its plan is
-  the rows' (current, previous) as int64 arrays, its runs take the tokens as (B, T)
-  arrays (one run of the first T - 1 tokens per distinct T, then one run of every row's
-  last token) and its results are made from the batch's top-k arrays in one pass. The
-  runs, their grouping and their order are the general path's for the same rows, so the
-  answers and the states are the same bit for bit.
+  or a new context starting from the pinned start rows). Its plan is the rows'
+  (current, previous) as int64 arrays, its runs take the tokens as (B, T) arrays (one
+  run of the first T - 1 tokens per distinct T, then one run of every row's last
+  token), the adaptation's hooks take the batch's columns, and its results are made
+  from the batch's top-k arrays in one pass. The runs, their grouping and their order
+  are the general path's for the same rows, so the answers and the states are the same
+  bit for bit.
 - a list of `StepRun`s: everything else (chunked long steps, prefixes, stateless steps,
-  steps of no new token, states uploaded from host records, adaptation, no state pool),
-  one object per row, as the steps need.
+  steps of no new token, states uploaded from host records, no state pool), one object
+  per row, as the steps need.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from service.engine.residency import Holding, Residency
 from service.engine.runtime import State, StepOutput, top_words
 from service.engine.steps import StateRef, Step, StepResult, StepRun
 from service.store import SessionRecord
+from service.store.base import WordMemory
 
 
 class StepRunner(Protocol):
@@ -128,9 +130,9 @@ class Execution:
         # Records written by a resident run say so only when the store keeps them so.
         self.on_device = residency is not None and residency.on_device
         self._tokens_run = metrics.TOKENS.labels(self.name)
-        # Whether `Common` batches run here (a state pool, and no adaptation); a test turns
-        # it off to compare with the general path.
-        self.takes_common = pool is not None and adaptation is None
+        # Whether `Common` batches run here (with a state pool); a test turns it off to
+        # compare with the general path.
+        self.takes_common = pool is not None
 
     def session_adapt(self, step: Step, record: SessionRecord | None) -> bool:
         """A session's default for `adapt`: set when it is created, kept after."""
@@ -168,24 +170,74 @@ class Execution:
                 second_from[at] = self.run_rows(tokens, batch.current[at], holding).rows
         # Phase 2, every row at once: the last token, whose output answers.
         last = np.fromiter((step.tokens[-1] for step in steps), np.int64, n).reshape(n, 1)
-        output = self.run_rows(last, second_from, holding)
+        if self.adaptation is None:
+            output = self.run_rows(last, second_from, holding)
+            batch.rows = np.stack([output.rows, second_from], axis=1)
+            batch.results = self.results(batch, output, lengths)
+            return
+        adaptation = self.adaptation
+        # The adaptation's hooks over the batch's columns, as `compute_rows` calls them
+        # (every step counts all its words now, and answers now).
+        lasts = [
+            self.runner.eos_id if record is None or step.fresh or step.create
+            else record.last_token
+            for step, record in zip(steps, batch.records)
+        ]  # fmt: skip
+        memories, live, stacked = adaptation.count_columns(
+            steps,
+            [adaptation.memory_of(s, r) for s, r in zip(steps, batch.records)],
+            [0] * n,
+            lengths,
+            lasts,
+            [0] * n,
+        )
+        mixed = [
+            holds and (self.session_adapt(step, record) if step.adapt is None else step.adapt)
+            for step, record, holds in zip(steps, batch.records, live)
+        ]
+        mixing = adaptation.prepare_columns(mixed, memories, stacked)
+        gather = None if mixing is None else adaptation.gather_ids(mixing)
+        output = self.run_rows(last, second_from, holding, gather)
+        answers: Sequence[tuple[np.ndarray, np.ndarray] | None] = ()
+        typed: Sequence[bool] = ()
+        if mixing is not None:
+            answers, typed = adaptation.answer_columns(
+                steps, lasts, mixed, memories, output, mixing
+            )
         batch.rows = np.stack([output.rows, second_from], axis=1)
-        batch.results = self.results(batch, output, lengths)
+        batch.results = self.results(batch, output, lengths, memories, answers, typed)
 
-    def run_rows(self, tokens: np.ndarray, start: np.ndarray, holding: Holding) -> ResidentOutput:
+    def run_rows(
+        self,
+        tokens: np.ndarray,
+        start: np.ndarray,
+        holding: Holding,
+        gather: np.ndarray | None = None,
+    ) -> ResidentOutput:
         """One resident run of (B, T) `tokens` from rows `start` (its new rows held by
-        `holding`), checked to answer one row per row."""
+        `holding`; `gather`: the ids whose probabilities come out, `StatePool.run`),
+        checked to answer one row per row."""
         assert self.pool is not None
-        output = self.pool.run(tokens, start, False)
+        output = self.pool.run(tokens, start, False, gather)
         holding.add(output.rows)
         self._tokens_run.inc(tokens.size)
         if len(output) != len(start) or len(output.rows) != len(start):
             raise RuntimeError(f"the model answered {len(output)} rows for a batch of {len(start)}")
         return output
 
-    def results(self, batch: Common, output: StepOutput, lengths: list[int]) -> list[StepResult]:
+    def results(
+        self,
+        batch: Common,
+        output: StepOutput,
+        lengths: list[int],
+        memories: Sequence[WordMemory | None] = (),
+        answers: Sequence[tuple[np.ndarray, np.ndarray] | None] = (),
+        typed: Sequence[bool] = (),
+    ) -> list[StepResult]:
         """Each step's answer and the record it writes (at one `now` for the batch): the
-        top-k rows of the batch's output, one pass over the steps."""
+        top-k rows of the batch's output, one pass over the steps. With adaptation, each
+        step's memory after the batch, and the mixed answers (None: the model's own) and
+        whether each names a typed word."""
         now = self.clock()
         name = self.name
         on_device = self.on_device
@@ -200,10 +252,20 @@ class Execution:
         else:
             ids_of = [output.topk_ids[i, : s.k] for i, s in enumerate(batch.steps)]
             probs_of = [output.topk_probs[i, : s.k] for i, s in enumerate(batch.steps)]
+        n = len(batch.steps)
+        memories = memories or [None] * n
         out = []
-        for step, old, length, ids, probs in zip(
-            batch.steps, batch.records, lengths, ids_of, probs_of
+        for i, (step, old, length, memory) in enumerate(
+            zip(batch.steps, batch.records, lengths, memories)
         ):
+            words: tuple[str, ...] = ()
+            answer = answers[i] if answers else None
+            if answer is None:
+                ids, probs = ids_of[i], probs_of[i]
+            else:
+                ids, probs = answer
+                if typed[i] and memory is not None:
+                    words = memory.words
             last = step.tokens[-1]
             if old is None or step.create:
                 tokens, created, version, owner = length, now, 0, step.owner
@@ -222,12 +284,12 @@ class Execution:
                 version,
                 last,
                 owner,
-                None,
+                memory,
                 adapt,
                 step.step_id,
                 on_device,
             )
-            out.append(StepResult(ids, probs, tokens, record, (), last))
+            out.append(StepResult(ids, probs, tokens, record, words, last))
         return out
 
     # --- every other batch, row by row ---------------------------------------------

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from service.contract.artifact import ModelArtifact
+from service.engine.adapt_hooks import Adaptation
 from service.engine.pool import StatePool
 from service.engine.runtime import OrtModel
 from service.engine.scheduler import Step, StepBatcher
@@ -362,17 +363,27 @@ async def test_through_a_shared_store_the_rows_written_are_kept_and_another_writ
     assert pool.used == 2
 
 
+@pytest.mark.parametrize("adapt", [False, True], ids=["adaptation off", "adaptation on"])
 async def test_a_common_batch_answers_and_leaves_states_as_the_general_path_bit_for_bit(
-    lstm: OrtModel, monkeypatch: pytest.MonkeyPatch
+    lstm: OrtModel, monkeypatch: pytest.MonkeyPatch, adapt: bool
 ) -> None:
     """Batches of sessions' steps of one to `prefill_chunk` words (new sessions, resident
-    ones, mixed lengths and k) run as arrays (`execute.Common`): the same runs as the
-    general path, so the same answers, records and state bytes."""
+    ones, mixed lengths and k, with or without the writer's words) run as arrays
+    (`execute.Common`): the same runs as the general path, so the same answers, records,
+    memories and state bytes."""
+    mixed: list[int] = []  # runs whose answers mixed the writer's words in
+    real_answer = Adaptation.answer_columns
+
+    def answer(self: Adaptation, *a: Any) -> Any:
+        mixed.append(1)
+        return real_answer(self, *a)
+
+    monkeypatch.setattr(Adaptation, "answer_columns", answer)
     made = []
     for common in (True, False):
         b = StepBatcher(
             lstm, Store(), pool=StatePool(lstm, 64), keep_states=True, max_wait_ms=50,
-            prefill_chunk=3, max_batch=8,
+            prefill_chunk=16, max_batch=8, adaptation=Adaptation.of(lstm) if adapt else None,
         )  # fmt: skip
         b.execution.takes_common = common
         ran: list[int] = []
@@ -384,13 +395,17 @@ async def test_a_common_batch_answers_and_leaves_states_as_the_general_path_bit_
         monkeypatch.setattr(b.execution, "compute_common", counted)
         await b.start()
         made.append((b, ran))
+    w = np.flatnonzero(lstm.vocab.suggestible)[:8].tolist()  # words a memory keeps
     rounds = [
-        [Step([5, 6], session_id="a", create=True), Step([], session_id="b", create=True),
-         Step([7], session_id="c", create=True, k=3)],
-        [Step([9], session_id="a"), Step([4, 5, 6], session_id="b", k=2),
-         Step([8, 9], session_id="c"), Step([3], session_id="d", create=True)],
-        [Step([10, 11], session_id="a", fresh=True), Step([12], session_id="b"),
-         Step([13, 14, 15], session_id="c"), Step([16, 17], session_id="d")],
+        # Twelve words: past the tiny model's warm-up (the memory mixes from the next step).
+        [Step(w + w[:4], session_id="a", create=True), Step([], session_id="b", create=True),
+         Step(w[::-1] + w[:4], session_id="c", create=True, k=3)],
+        [Step([w[0]], session_id="a"), Step([w[3], w[4], w[3]], session_id="b", k=2),
+         Step([w[2], w[5]], session_id="c"), Step([w[6]], session_id="d", create=True)],
+        [Step([w[1], w[0]], session_id="a", fresh=True), Step([w[4]], session_id="b"),
+         Step([w[5], w[2], w[7]], session_id="c"), Step([w[6], w[6]], session_id="d")],
+        [Step([w[0]], session_id="a", adapt=False), Step([w[3]], session_id="b"),
+         Step([w[2]], session_id="c", k=7), Step([w[7]], session_id="d")],
     ]  # fmt: skip
     try:
         for steps in rounds:
@@ -398,7 +413,7 @@ async def test_a_common_batch_answers_and_leaves_states_as_the_general_path_bit_
             for b, _ in made:
                 twins = [
                     Step(list(s.tokens), session_id=s.session_id, create=s.create,
-                         fresh=s.fresh, k=s.k)
+                         fresh=s.fresh, k=s.k, adapt=s.adapt)
                     for s in steps
                 ]  # fmt: skip
                 answers.append(await asyncio.gather(*(b.submit(s) for s in twins)))
@@ -411,6 +426,11 @@ async def test_a_common_batch_answers_and_leaves_states_as_the_general_path_bit_
                 assert (g.tokens, g.version, g.last_token, g.adapt, g.state_on_device) == (
                     w.tokens, w.version, w.last_token, w.adapt, w.state_on_device
                 )  # fmt: skip
+                assert (g.memory is None) == (w.memory is None) == (not adapt)
+                if g.memory is not None and w.memory is not None:
+                    np.testing.assert_array_equal(g.memory.keys, w.memory.keys)
+                    np.testing.assert_array_equal(g.memory.weights, w.memory.weights)
+                    assert g.memory.words == w.memory.words
         for sid in "abcd":
             states = []
             for b, _ in made:
@@ -425,6 +445,7 @@ async def test_a_common_batch_answers_and_leaves_states_as_the_general_path_bit_
         # The first engine took the array path (the first round's empty step aside), the
         # other never did.
         assert made[0][1] and not made[1][1]
+        assert bool(mixed) == adapt
     finally:
         for b, _ in made:
             await b.stop()
