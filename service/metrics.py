@@ -233,6 +233,12 @@ POOL_SPILLS = Counter(
     "Pool rows freed by spilling idle sessions' states to host memory, by model.",
     ["model"],
 )
+LOST_SESSIONS = Counter(
+    "nextword_lost_sessions",
+    "Steps failed as unknown sessions because their records say their states are on this "
+    "engine's device and no residency entry has them (a bug: should stay 0), by model.",
+    ["model"],
+)
 POOL_ROWS = Gauge(
     "nextword_state_pool_rows",
     "Rows of a model's resident state pool, by model and use (used, free).",

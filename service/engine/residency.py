@@ -54,12 +54,14 @@ the rows held, not about the sessions alive.
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Container, Sequence
 
 import numpy as np
 
+from service import metrics
 from service.engine.pool import StatePool
 from service.errors import NextwordError, UnknownSession
 from service.store import SessionRecord
@@ -68,6 +70,7 @@ from service.store.memory import MemorySessionStore
 log = logging.getLogger(__name__)
 
 NO_ROW = -1  # `Residency.find`: no entry matches
+_INT_BYTES = 32  # an entry's int in the dict (entries past 256 are objects of their own)
 
 
 class Holding:
@@ -124,7 +127,19 @@ class Residency:
         self._version = np.zeros(0, dtype=np.int64)
         self._created = np.zeros(0, dtype=np.float64)
         self._spare: list[int] = []  # entries free for reuse
+        self._key_bytes = 0  # the entries' id strings, as `nbytes` counts them
         self.lost = 0  # records found with their state nowhere (should stay 0)
+        self._lost = metrics.LOST_SESSIONS.labels(pool.model.name)
+        if store is not None:
+            store.count_beside(lambda: self.nbytes)
+
+    @property
+    def nbytes(self) -> int:
+        """An estimate of the bytes the entries hold in host memory (the device rows aside):
+        the ordered dict with its nodes, the id strings, an int per entry and the columns."""
+        columns = self._rows.nbytes + self._version.nbytes + self._created.nbytes
+        entries = sys.getsizeof(self._entries) + self._key_bytes + _INT_BYTES * len(self._entries)
+        return entries + columns + sys.getsizeof(self._spare)
 
     def __len__(self) -> int:
         """Resident sessions (entries, stale ones included until reclaimed)."""
@@ -162,6 +177,7 @@ class Residency:
         """The error for a record whose state is on this engine's device but in no entry
         (logged the first time)."""
         self.lost += 1
+        self._lost.inc()
         if self.lost == 1:
             log.error(
                 "model %s: session %r has its state nowhere (version %d): answered as unknown",
@@ -194,6 +210,7 @@ class Residency:
                 if not self._spare:
                     self._grow()
                 entry = entries[session_id] = self._spare.pop()
+                self._key_bytes += sys.getsizeof(session_id)
             else:
                 entries.move_to_end(session_id)
                 replaced[i] = True
@@ -208,7 +225,9 @@ class Residency:
 
     def drop(self, ids: Sequence[str]) -> None:
         """Forget the entries of `ids` (those there are) and release their rows."""
-        index = [self._entries.pop(s) for s in ids if s in self._entries]
+        gone = [s for s in ids if s in self._entries]
+        index = [self._entries.pop(s) for s in gone]
+        self._key_bytes -= sum(sys.getsizeof(s) for s in gone)
         if index:
             at = np.array(index, dtype=np.int64)
             rows = self._rows[at].ravel()

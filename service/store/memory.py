@@ -19,7 +19,8 @@ What an idle session costs, all told (`python -m benchmarks.bench_memory --via s
 results in `benchmarks/results/memory.json`, measured before the memory columns existed):
 the resident set grew by 4,350 B per session for 1,000,000 GRU sessions (4,096 B of state)
 and by 16,713 B for 200,000 LSTM sessions (16,384 B of state); the rest is the index's and
-the arena's (see theirs). `memory_bytes` counts every allocated row and estimates the index.
+the arena's (see theirs). `memory_bytes` counts every allocated row and estimates the index,
+and the engine's residency entries when it keeps states resident (`count_beside`).
 
 `get`/`get_many` return copies (read-only arrays): a batch may hold its records while
 another batch writes the same rows. `put_many` writes rows in place.
@@ -130,6 +131,9 @@ class MemorySessionStore:
         self._model_ids: dict[str, int] = {}
         self._words: dict[str, tuple[str, ...]] = {}  # session -> its typed words (if any)
         self._last_steps: dict[str, str] = {}  # session -> its last step's id (if it had one)
+        # What else holds this store's sessions' bytes (`count_beside`): the engine's
+        # residency entries, which the store cannot see.
+        self._beside: list[Callable[[], int]] = []
 
     def new_id(self) -> str:
         """A fresh unguessable id."""
@@ -586,7 +590,13 @@ class MemorySessionStore:
         """Each arena's shape, rows in use, rows allocated and bytes allocated."""
         return [arena.usage() for arena in self._arenas]
 
+    def count_beside(self, nbytes: Callable[[], int]) -> None:
+        """Count what `nbytes()` says in `memory_bytes` too: the bytes something else holds
+        for this store's sessions (the engine's residency entries; not the device rows)."""
+        self._beside.append(nbytes)
+
     def memory_bytes(self) -> int:
         """Bytes this store holds: the arenas (all allocated rows) and an estimate of the
-        index (`SessionIndex.nbytes`)."""
-        return sum(arena.nbytes for arena in self._arenas) + self._index.nbytes
+        index (`SessionIndex.nbytes`), and what is counted beside it (`count_beside`)."""
+        beside = sum(nbytes() for nbytes in self._beside)
+        return sum(arena.nbytes for arena in self._arenas) + self._index.nbytes + beside

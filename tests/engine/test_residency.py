@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from prometheus_client import REGISTRY
 
 from service.contract.artifact import ModelArtifact
 from service.engine.adapt_hooks import Adaptation
@@ -275,11 +276,14 @@ async def test_a_record_whose_state_is_nowhere_is_an_unknown_session_logged_once
             session_id, "lstm", (), 2, 1.0, 1.0, last_token=6, state_on_device=True
         )
         assert await store.put_many([orphan], [None]) == [True]
+    lost = {"model": "lstm"}
+    before = REGISTRY.get_sample_value("nextword_lost_sessions_total", lost) or 0.0
     with caplog.at_level(logging.ERROR, logger="service.engine.residency"):
         for session_id in ("x", "y"):
             with pytest.raises(UnknownSession):
                 await engine.step(Step([7], session_id=session_id))
     assert engine.residency is not None and engine.residency.lost == 2
+    assert REGISTRY.get_sample_value("nextword_lost_sessions_total", lost) == before + 2
     assert caplog.text.count("has its state nowhere") == 1
     assert (await store.get("a")).version == record.version  # the others untouched
     settled(engine)
@@ -450,3 +454,20 @@ async def test_a_common_batch_answers_and_leaves_states_as_the_general_path_bit_
         for b, _ in made:
             await b.stop()
             settled(b)
+
+
+async def test_the_residency_entries_count_in_the_memory_stores_bytes(engine: StepBatcher) -> None:
+    """`MemorySessionStore.memory_bytes` counts the engine's residency entries (their ids
+    and columns) beside its own rows, and stops counting an entry once it is dropped."""
+    store, residency = engine.store, engine.residency
+    assert isinstance(store, MemorySessionStore) and residency is not None
+    empty, entries = store.memory_bytes(), residency.nbytes
+    ids = [f"session-{i:04d}" for i in range(20)]
+    await asyncio.gather(*(engine.step(Step([5], session_id=s, create=True)) for s in ids))
+    assert len(residency) == 20
+    grown = residency.nbytes - entries
+    assert grown >= 20 * len(ids[0])  # at least the ids
+    assert store.memory_bytes() - empty >= grown
+    residency.drop(ids)
+    assert residency.nbytes < entries + grown
+    settled(engine)
