@@ -7,6 +7,11 @@ future in a queue; the loop takes up to `max_batch` steps (waiting at most
     store.get_many (one round trip) -> model runs -> store.put_many (one round trip,
     compare-and-set) -> resolve the futures
 
+The model runs are `service.engine.execute`'s (`Execution`, in the engine's thread):
+this module takes the batch, reads the sessions and locates their states, hands the
+batch over (as the arrays of a `Common` batch in the common case, else one `StepRun`
+per step), then writes and answers.
+
 A session has at most one step in a batch, and its steps are applied in the order
 they arrived. A step that lost a compare-and-set (another replica wrote the session
 meanwhile) is retried, in order, in the next batch; past `max_retries` it fails with
