@@ -261,16 +261,15 @@ class Adaptation:
         candidates: list[np.ndarray | None] = [None] * n
         slips: list[np.ndarray | None] = [None] * n
         matches: list[np.ndarray | None] = [None] * n
-        last: list[int] = []
-        ks: list[int] = []
-        for i, step in enumerate(steps):
-            tokens = step.tokens
-            last.append(tokens[-1] if tokens else lasts[i])
-            ks.append(step.k)
+        last = [step.tokens[-1] if step.tokens else before for step, before in zip(steps, lasts)]
+        ks = [step.k for step in steps]
+        # Only the rows that mix and complete a prefix need more (none, in a `Common` batch).
+        for i in [i for i, step in enumerate(steps) if step.prefix_ids is not None]:
+            step = steps[i]
             if mixed[i]:
                 candidates[i], slips[i] = step.prefix_ids, step.prefix_slips
                 memory = memories[i]
-                if step.prefix_ids is not None and memory is not None and memory.words:
+                if memory is not None and memory.words:
                     prefix = normalize(step.prefix)
                     matches[i] = np.array([normalize(w).startswith(prefix) for w in memory.words])
         # At most the graph's top K (a model exported with a smaller `max_k` than asked
