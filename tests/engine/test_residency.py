@@ -120,8 +120,13 @@ async def test_a_step_cancelled_before_its_run_takes_no_row(engine: StepBatcher)
 
 
 @pytest.mark.parametrize("when", ["during the run", "after the run"])
+@pytest.mark.parametrize("tokens", [[7, 8, 9], [7]], ids=["a long step", "a common batch"])
 async def test_a_step_cancelled_during_or_after_its_run_gives_its_rows_back(
-    engine: StepBatcher, copied: StepBatcher, monkeypatch: pytest.MonkeyPatch, when: str
+    engine: StepBatcher,
+    copied: StepBatcher,
+    monkeypatch: pytest.MonkeyPatch,
+    when: str,
+    tokens: list[int],
 ) -> None:
     pool = engine.pool
     assert pool is not None
@@ -144,7 +149,7 @@ async def test_a_step_cancelled_during_or_after_its_run_gives_its_rows_back(
         monkeypatch.setattr(pool, "run", run)
     else:
         monkeypatch.setattr(engine, "_compute", compute)
-    futures.append(engine.submit(Step([7, 8, 9], session_id="a")))
+    futures.append(engine.submit(Step(tokens, session_id="a")))
     await asyncio.wait([futures[0]])
     assert futures[0].cancelled()
     monkeypatch.undo()
@@ -228,18 +233,20 @@ async def test_a_failed_write_and_a_failed_run_leave_the_session_and_its_rows(
     assert pool is not None and isinstance(store, Store)
     await same(engine, copied, Step([5, 6], session_id="a", create=True))
     free = pool.free
-    store.fail_writes = 1
-    with pytest.raises(StoreUnavailable):
-        await engine.step(Step([7, 8, 9, 10, 11], session_id="a"))
-    assert pool.free == free
-    settled(engine)
+    for tokens in ([7, 8, 9, 10, 11], [7, 8]):  # a long step, a common batch
+        store.fail_writes = 1
+        with pytest.raises(StoreUnavailable):
+            await engine.step(Step(tokens, session_id="a"))
+        assert pool.free == free
+        settled(engine)
 
     def broken(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("the device fell over")
 
     monkeypatch.setattr(pool, "_run", broken)
-    with pytest.raises(StepFailed):
-        await engine.step(Step([7, 8, 9], session_id="a"))
+    for tokens in ([7, 8, 9], [7]):
+        with pytest.raises(StepFailed):
+            await engine.step(Step(tokens, session_id="a"))
     monkeypatch.undo()
     assert pool.free == free
     settled(engine)
