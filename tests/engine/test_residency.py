@@ -407,6 +407,7 @@ async def test_a_common_batch_answers_and_leaves_states_as_the_general_path_bit_
         await b.start()
         made.append((b, ran))
     w = np.flatnonzero(lstm.vocab.suggestible)[:8].tolist()  # words a memory keeps
+    unk = lstm.vocab.unk_id
     rounds = [
         # Twelve words: past the tiny model's warm-up (the memory mixes from the next step).
         [Step(w + w[:4], session_id="a", create=True), Step([], session_id="b", create=True),
@@ -417,19 +418,28 @@ async def test_a_common_batch_answers_and_leaves_states_as_the_general_path_bit_
          Step([w[5], w[2], w[7]], session_id="c"), Step([w[6], w[6]], session_id="d")],
         [Step([w[0]], session_id="a", adapt=False), Step([w[3]], session_id="b"),
          Step([w[2]], session_id="c", k=7), Step([w[7]], session_id="d")],
+        # Typed words outside the vocabulary (`<unk>` tokens), then steps they may answer.
+        [Step([unk, w[1], unk], session_id="a", typed=["Zyzzyva", "Quokka"]),
+         Step([unk], session_id="c", typed=["Zyzzyva"], k=9)],
+        [Step([unk] * 12, session_id="a", typed=["Zyzzyva"] * 12, k=9),
+         Step([w[1]], session_id="c", k=9)],
+        [Step([w[1]], session_id="a", k=9), Step([unk], session_id="c", typed=["Zyzzyva"])],
     ]  # fmt: skip
+    named_typed = 0  # answers that name a typed word
     try:
         for steps in rounds:
             answers = []
             for b, _ in made:
                 twins = [
                     Step(list(s.tokens), session_id=s.session_id, create=s.create,
-                         fresh=s.fresh, k=s.k, adapt=s.adapt)
+                         fresh=s.fresh, k=s.k, adapt=s.adapt, typed=list(s.typed))
                     for s in steps
                 ]  # fmt: skip
                 answers.append(await asyncio.gather(*(b.submit(s) for s in twins)))
             for got, want in zip(*answers):
                 assert got.tokens == want.tokens and got.last_token == want.last_token
+                assert got.words == want.words
+                named_typed += bool(got.words)
                 np.testing.assert_array_equal(got.ids, want.ids)
                 np.testing.assert_array_equal(got.probs, want.probs)
                 g, w = got.record, want.record
@@ -457,6 +467,7 @@ async def test_a_common_batch_answers_and_leaves_states_as_the_general_path_bit_
         # other never did.
         assert made[0][1] and not made[1][1]
         assert bool(mixed) == adapt
+        assert bool(named_typed) == adapt  # a typed word was remembered, then answered
     finally:
         for b, _ in made:
             await b.stop()
