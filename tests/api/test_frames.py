@@ -1,0 +1,212 @@
+"""The WebSocket protocol's own frame reading and writing (`service.api.connections`), over a
+real server and a raw socket: frames cut anywhere, mixed with control frames, fragments and
+binary frames, over the limit or malformed, are answered as the `websockets` parser would."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import struct
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from websockets.frames import Frame, Opcode
+
+from service.api.connections import text_frame
+from tests.live_server import LiveServer
+
+LIMIT = 4096  # NEXTWORD_MAX_WS_MESSAGE_BYTES of the server below
+TEXT, BINARY, CONT, CLOSE, PING, PONG = 0x1, 0x2, 0x0, 0x8, 0x9, 0xA
+
+
+@pytest.fixture(scope="module")
+def server(tiny_artifacts: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    log = tmp_path_factory.mktemp("frames") / "server.log"
+    live = LiveServer(tiny_artifacts, log, NEXTWORD_MAX_WS_MESSAGE_BYTES=str(LIMIT)).start()
+    try:
+        yield live
+    finally:
+        live.stop()
+
+
+def frame(opcode: int, payload: bytes, *, fin: bool = True, masked: bool = True) -> bytes:
+    """A client's frame (masked, as RFC 6455 requires of clients, unless told otherwise)."""
+    n = len(payload)
+    first = (0x80 if fin else 0) | opcode
+    bit = 0x80 if masked else 0
+    if n < 126:
+        head = bytes((first, bit | n))
+    elif n < 65536:
+        head = struct.pack("!BBH", first, bit | 126, n)
+    else:
+        head = struct.pack("!BBQ", first, bit | 127, n)
+    if not masked:
+        return head + payload
+    key = os.urandom(4)
+    return head + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+
+
+def message(**fields: object) -> bytes:
+    return frame(TEXT, json.dumps(fields).encode())
+
+
+class RawClient:
+    """A WebSocket client on a plain socket: it sends bytes as given, and reads frames."""
+
+    def __init__(self, server: LiveServer) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock.sendall(
+            b"GET /v1/stream HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            b"Sec-WebSocket-Version: 13\r\n\r\n"
+        )
+        self.buffer = b""
+        while b"\r\n\r\n" not in self.buffer:
+            self.buffer += self.recv()
+        head, _, self.buffer = self.buffer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 101")
+        opcode, payload = self.read()
+        assert opcode == TEXT and json.loads(payload)["type"] == "ready"
+
+    def recv(self) -> bytes:
+        chunk = self.sock.recv(65536)
+        if not chunk:
+            raise EOFError("the server closed the connection")
+        return chunk
+
+    def take(self, n: int) -> bytes:
+        while len(self.buffer) < n:
+            self.buffer += self.recv()
+        data, self.buffer = self.buffer[:n], self.buffer[n:]
+        return data
+
+    def read(self) -> tuple[int, bytes]:
+        """The next frame from the server (never masked): (opcode, payload)."""
+        first, second = self.take(2)
+        assert first & 0x80 and not first & 0x70 and not second & 0x80
+        n = second & 0x7F
+        if n == 126:
+            n = struct.unpack("!H", self.take(2))[0]
+        elif n == 127:
+            n = struct.unpack("!Q", self.take(8))[0]
+        return first & 0x0F, self.take(n)
+
+    def answers(self, count: int) -> list[dict[str, object]]:
+        """The next `count` data messages (pongs skipped)."""
+        got: list[dict[str, object]] = []
+        while len(got) < count:
+            opcode, payload = self.read()
+            if opcode != PONG:
+                assert opcode == TEXT
+                got.append(json.loads(payload))
+        return got
+
+    def close_code(self) -> int:
+        """The code of the server's close frame, skipping data frames before it."""
+        while True:
+            opcode, payload = self.read()
+            if opcode == CLOSE:
+                return int(struct.unpack("!H", payload[:2])[0])
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def client(server: LiveServer) -> Iterator[RawClient]:
+    raw = RawClient(server)
+    try:
+        yield raw
+    finally:
+        raw.close()
+
+
+def test_the_servers_text_frames_are_those_websockets_writes() -> None:
+    for n in (0, 1, 125, 126, 127, 65535, 65536, 70000):
+        data = b"x" * n
+        expected = Frame(Opcode.TEXT, data).serialize(mask=False, extensions=[])
+        assert text_frame(data) == expected
+
+
+def test_messages_cut_at_every_byte_are_answered_in_order(client: RawClient) -> None:
+    long_text = "the cat sat on the mat " * 10  # over 125 bytes: a 16-bit length
+    stream = b"".join(
+        [message(text="the", id=0), message(text=long_text, id=1), message(text="cat", id=2)]
+    )
+    for i in range(len(stream)):
+        client.sock.sendall(stream[i : i + 1])
+        time.sleep(0.001)  # one read per byte, mostly
+    answers = client.answers(3)
+    assert [a["id"] for a in answers] == [0, 1, 2]
+    assert all(a["type"] == "predictions" for a in answers)
+    assert answers[1]["tokens"] > answers[0]["tokens"] + 10  # type: ignore[operator]
+    assert answers[2]["tokens"] == answers[1]["tokens"] + 1  # type: ignore[operator]
+
+
+def test_control_fragments_and_binary_frames_between_text_frames_keep_their_order(
+    client: RawClient,
+) -> None:
+    part1, part2 = b'{"text": "the', b' cat", "id": 2}'
+    client.sock.sendall(
+        b"".join(
+            [
+                message(text="a", id=1),
+                frame(PING, b"hi"),
+                frame(TEXT, part1, fin=False),
+                frame(PING, b"again"),  # control frames may come between fragments
+                frame(CONT, part2),
+                frame(BINARY, b"\x00\x01"),
+                message(text="dog", id=3),
+            ]
+        )
+    )
+    frames = [client.read() for _ in range(6)]
+    pongs = [payload for opcode, payload in frames if opcode == PONG]
+    assert pongs == [b"hi", b"again"]
+    answers = [json.loads(payload) for opcode, payload in frames if opcode == TEXT]
+    assert [(a["type"], a["id"]) for a in answers] == [
+        ("predictions", 1),
+        ("predictions", 2),
+        ("error", None),
+        ("predictions", 3),
+    ]
+    assert answers[1]["tokens"] == answers[0]["tokens"] + 2  # "the cat": one message
+    assert answers[2]["error"]["code"] == "bad_input"  # type: ignore[index]
+
+
+def test_a_text_frame_inside_a_fragmented_message_closes_with_1002(client: RawClient) -> None:
+    client.sock.sendall(frame(TEXT, b'{"text": ', fin=False) + message(text="the"))
+    assert client.close_code() == 1002
+
+
+def test_an_unmasked_frame_closes_with_1002(client: RawClient) -> None:
+    client.sock.sendall(message(text="the", id=1) + frame(TEXT, b'{"text": "a"}', masked=False))
+    assert client.close_code() == 1002
+
+
+def test_a_frame_over_the_limit_closes_with_1009_as_soon_as_its_header_arrives(
+    client: RawClient,
+) -> None:
+    big = frame(TEXT, json.dumps({"text": "a" * LIMIT}).encode())
+    client.sock.sendall(big[:8])  # the header and the mask key only
+    assert client.close_code() == 1009
+
+
+def test_a_frame_at_the_limit_in_pieces_is_read(client: RawClient) -> None:
+    body = json.dumps({"text": "", "id": 7, "prefix": ""}).encode()
+    body = body[:-1] + b" " * (LIMIT - len(body)) + b"}"  # exactly LIMIT bytes
+    data = frame(TEXT, body)
+    for i in range(0, len(data), 1000):
+        client.sock.sendall(data[i : i + 1000])
+        time.sleep(0.005)
+    (answer,) = client.answers(1)
+    assert (answer["type"], answer["id"]) == ("predictions", 7)
+
+
+def test_a_close_from_the_client_is_echoed(client: RawClient) -> None:
+    client.sock.sendall(message(text="the", id=1) + frame(CLOSE, struct.pack("!H", 1000)))
+    assert client.close_code() == 1000
