@@ -23,12 +23,12 @@ that is not UTF-8. An `Origin` not in
 
 The hot path is per message: one msgspec decode into a Struct, one `Predictor.feed`, one
 msgspec encode, its bytes handed to our uvicorn protocol (`service.api.inbox.Sender`, in the
-scope), which frames and writes them (other servers: Starlette's `WebSocket.send`). A connection has one task for its whole life (not one per message), started
-by the ASGI app's task, which then waits for it: the answering loop. It takes messages
-straight from the server's receive queue (`service.api.inbox.ReceiveQueue`, which our
-uvicorn protocol offers in the scope; on another server a read-ahead task fills one), and
-the queue cancels it the moment a disconnect is queued, which aborts the pending step in
-the engine. A drain (or the idle timeout) queues `END` behind what was received: those
+scope), which frames and writes them (on another server: Starlette's `WebSocket.send`). A
+connection has one task for its whole life (not one per message), started by the ASGI app's
+task, which then waits for it: the answering loop. It takes messages straight from the
+server's receive queue (`service.api.inbox.ReceiveQueue`, which our uvicorn protocol offers
+in the scope; on another server a read-ahead task fills one), and the queue cancels it the
+moment a disconnect is queued, which aborts the pending step in the engine. A drain (or the idle timeout) queues `END` behind what was received: those
 messages are answered, then the stream closes.
 """
 
