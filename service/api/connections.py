@@ -344,7 +344,11 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
         fragments, binary frames, protocol errors, 1009 for a frame over the limit). A text
         frame not received whole waits in `pending`. From the first bytes that are not a
         whole frame for `websockets` (or once its connection is no longer open), it parses
-        everything: the bytes it is given, in order, are always the client's byte stream."""
+        everything: the bytes it is given, in order, are always the client's byte stream.
+
+        One difference: uvicorn handles none of a read's frames when one of them fails the
+        connection; here the text frames before the bad one are queued, then the disconnect
+        (which cancels the stream's answering at once: they are never answered)."""
         if self.pending:
             data = self.pending + data
             self.pending = b""
@@ -380,6 +384,9 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
                     return
                 text = apply_mask(data[head + 4 : end], data[head : head + 4])
                 self.queue_message(text, True)
+                if self.close_sent:
+                    self.framing = False  # not UTF-8: closed (1007), the rest dropped
+                    return
                 at = end
                 continue
             if end > size:
@@ -387,7 +394,12 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
             # One whole frame (unless malformed: then websockets fails the connection).
             super().data_received(data[at:end])
             at = end
-            if conn.state is not State.OPEN or conn.parser_exc is not None:
+            if conn.parser_exc is not None:
+                # Failed and closed (1002, 1009, ...): the rest of the read is dropped, as
+                # the parser would have dropped it.
+                self.framing = False
+                return
+            if conn.state is not State.OPEN:
                 self.framing = False  # closing: websockets reads (or discards) the rest
                 break
         if at < size:
@@ -412,6 +424,9 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
             try:
                 message = {"type": "websocket.receive", "text": data.decode(), RECEIVED_AT: now}
             except UnicodeDecodeError:
+                if self.conn.state is not State.OPEN:
+                    # The client's close, parsed with this frame, is being answered.
+                    return
                 # uvicorn logs this with a traceback (at ERROR) for every such frame: a
                 # client's mistake, told in one line.
                 client = "%s:%d" % self.client if self.client else "?"  # noqa: UP031

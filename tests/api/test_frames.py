@@ -4,13 +4,16 @@ binary frames, over the limit or malformed, are answered as the `websockets` par
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import random
 import socket
 import struct
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from websockets.frames import Frame, Opcode
@@ -210,3 +213,162 @@ def test_a_frame_at_the_limit_in_pieces_is_read(client: RawClient) -> None:
 def test_a_close_from_the_client_is_echoed(client: RawClient) -> None:
     client.sock.sendall(message(text="the", id=1) + frame(CLOSE, struct.pack("!H", 1000)))
     assert client.close_code() == 1000
+
+
+# --- the frame reader against the websockets parser, in process -----------------------
+
+
+class RecordingTransport:
+    """An asyncio transport that keeps what is written and whether it was closed."""
+
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+        self.closed = False
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return {"peername": ("127.0.0.1", 1), "sockname": ("127.0.0.1", 2)}.get(name, default)
+
+    def write(self, data: bytes) -> None:
+        self.written.append(bytes(data))
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def abort(self) -> None:
+        self.closed = True
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def can_write_eof(self) -> bool:
+        return False
+
+
+UPGRADE_REQUEST = (
+    b"GET /v1/stream HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+    b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    b"Sec-WebSocket-Version: 13\r\n\r\n"
+)
+
+
+def replay(chunks: list[bytes], framing: bool) -> tuple[list[tuple[object, ...]], bytes, bool]:
+    """What an accepted `WebSocketProtocol` makes of `chunks` (the client's reads): the
+    messages queued for the app, the bytes written back, and whether it closed."""
+    from uvicorn.server import ServerState
+
+    from service.api.connections import ConnectionLimits, LimitedConfig, WebSocketProtocol
+
+    async def run() -> tuple[list[tuple[object, ...]], bytes, bool]:
+        loop = asyncio.get_running_loop()
+        accepted = loop.create_future()
+        done = loop.create_future()
+
+        async def app(scope: object, receive: Any, send: Any) -> None:
+            await receive()
+            await send({"type": "websocket.accept"})
+            accepted.set_result(None)
+            await done
+
+        config = LimitedConfig(
+            app, ws_max_size=LIMIT, log_level="warning", lifespan="off", limits=ConnectionLimits()
+        )
+        config.load()
+        protocol = WebSocketProtocol(config, ServerState(), {}, loop)  # type: ignore[arg-type]
+        transport = RecordingTransport()
+        protocol.connection_made(transport)  # type: ignore[arg-type]
+        protocol.data_received(UPGRADE_REQUEST)
+        await accepted
+        assert protocol.framing  # the read held exactly the upgrade request
+        protocol.framing = framing
+        start = len(transport.written)
+        for chunk in chunks:
+            if transport.closed:
+                break
+            protocol.data_received(chunk)
+        queued = []
+        while not protocol.queue.empty():
+            message = await protocol.queue.get()
+            queued.append((message["type"], message.get("text"), message.get("bytes")))
+        done.set_result(None)
+        await asyncio.gather(*protocol.tasks)
+        return queued, b"".join(transport.written[start:]), transport.closed
+
+    return asyncio.run(run())
+
+
+def random_frames(rng: random.Random) -> list[bytes]:
+    """A client's frames: mostly texts, with pings, pongs, fragmented texts and binary
+    frames between them, sometimes a mistake, sometimes a close at the end."""
+    frames: list[bytes] = []
+    for _ in range(rng.randint(1, 12)):
+        kind = rng.random()
+        size = rng.choice([0, 5, 20, 125, 126, 300, 2000, LIMIT])
+        text = json.dumps({"text": "é" * (size // 2)})[: max(size, 2)].encode()
+        if kind < 0.5:
+            frames.append(frame(TEXT, text))
+        elif kind < 0.6:
+            frames.append(frame(PING, os.urandom(rng.randint(0, 125))))
+        elif kind < 0.65:
+            frames.append(frame(PONG, os.urandom(rng.randint(0, 10))))
+        elif kind < 0.8:
+            cut = rng.randint(0, len(text))
+            frames.append(frame(TEXT, text[:cut], fin=False))
+            if rng.random() < 0.5:
+                frames.append(frame(PING, b"between"))
+            frames.append(frame(CONT, text[cut:]))
+        elif kind < 0.9:
+            frames.append(frame(BINARY, os.urandom(size)))
+        else:
+            mistake = rng.choice(["unmasked", "too big", "text in fragments", "bad utf-8"])
+            if mistake == "unmasked":
+                frames.append(frame(TEXT, b'{"text": "a"}', masked=False))
+            elif mistake == "too big":
+                frames.append(frame(TEXT, b"x" * (LIMIT + 1)))
+            elif mistake == "text in fragments":
+                frames.append(frame(TEXT, b"{", fin=False) + frame(TEXT, b"{}"))
+            else:
+                # Closed with 1007 at once: what follows does not matter (uvicorn parses a
+                # whole read before it handles its frames: it may answer a ping after it).
+                frames.append(frame(TEXT, b'{"text": "\xff"}'))
+                return frames
+    if rng.random() < 0.3:
+        frames.append(frame(CLOSE, struct.pack("!H", 1000)))
+    return frames
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_the_frame_reader_does_what_the_websockets_parser_does(seed: int) -> None:
+    rng = random.Random(seed)
+    stream = b"".join(random_frames(rng))
+    cuts = sorted(rng.sample(range(1, len(stream)), min(len(stream) - 1, rng.randint(0, 30))))
+    chunks = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)])]
+    framed = replay(chunks, framing=True)
+    parsed = replay(chunks, framing=False)
+    assert framed[1:] == parsed[1:]  # the same pongs and closes written, closed alike
+    disconnect = ("websocket.disconnect", None, None)
+    if disconnect not in parsed[0]:
+        assert framed[0] == parsed[0]  # the same messages, in the same order
+        return
+    # A frame failed the connection: uvicorn handles none of the frames read with it,
+    # the reader queues the texts before it (never answered: the disconnect follows).
+    assert framed[0][-1] == parsed[0][-1] == disconnect
+    assert framed[0].count(disconnect) == parsed[0].count(disconnect) == 1
+    assert framed[0][: len(parsed[0]) - 1] == parsed[0][:-1]
+
+
+@pytest.mark.parametrize("framing", [True, False])
+def test_a_text_that_is_not_utf8_read_with_the_clients_close_ends_the_connection(
+    framing: bool,
+) -> None:
+    # Through the parser the close is parsed (and answered) before the text is handled:
+    # the text is dropped rather than closed with 1007 a second time.
+    read = frame(TEXT, b'{"text": "\xff"}') + frame(CLOSE, struct.pack("!H", 1000))
+    queued, written, closed = replay([read], framing)
+    assert queued == [("websocket.disconnect", None, None)]
+    assert closed and written[:2] == b"\x88\x02"
