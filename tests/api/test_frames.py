@@ -372,3 +372,62 @@ def test_a_text_that_is_not_utf8_read_with_the_clients_close_ends_the_connection
     queued, written, closed = replay([read], framing)
     assert queued == [("websocket.disconnect", None, None)]
     assert closed and written[:2] == b"\x88\x02"
+
+
+def test_with_per_message_deflate_the_answers_are_compressed_frames(
+    tiny_artifacts: Path, tmp_path: Path
+) -> None:
+    from websockets.asyncio.client import connect
+
+    live = LiveServer(
+        tiny_artifacts, tmp_path / "server.log", NEXTWORD_WS_PER_MESSAGE_DEFLATE="true"
+    ).start()
+
+    async def talk() -> list[dict[str, Any]]:
+        url = f"ws://127.0.0.1:{live.port}/v1/stream"
+        async with connect(url, compression="deflate") as ws:
+            assert ws.protocol.extensions  # negotiated: the server's frames are deflated
+            assert json.loads(await ws.recv())["type"] == "ready"
+            answers = []
+            for i, word in enumerate(["the", "cat", "sat"]):
+                await ws.send(json.dumps({"text": word, "id": i}))
+                answers.append(json.loads(await ws.recv()))
+            return answers
+
+    try:
+        answers = asyncio.run(talk())
+    finally:
+        live.stop()
+    assert [(a["type"], a["id"]) for a in answers] == [("predictions", i) for i in range(3)]
+    assert [a["tokens"] for a in answers] == [1, 2, 3]
+
+
+def test_sending_after_the_clients_close_raises_an_os_error() -> None:
+    from uvicorn.server import ServerState
+
+    from service.api.connections import ConnectionLimits, LimitedConfig, WebSocketProtocol
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        accepted = loop.create_future()
+
+        async def app(scope: object, receive: Any, send: Any) -> None:
+            await receive()
+            await send({"type": "websocket.accept"})
+            accepted.set_result(None)
+
+        config = LimitedConfig(app, ws_max_size=LIMIT, lifespan="off", limits=ConnectionLimits())
+        config.load()
+        protocol = WebSocketProtocol(config, ServerState(), {}, loop)  # type: ignore[arg-type]
+        transport = RecordingTransport()
+        protocol.connection_made(transport)  # type: ignore[arg-type]
+        protocol.data_received(UPGRADE_REQUEST)
+        await accepted
+        await protocol.send_text(b'{"a": 1}')
+        assert transport.written[-1] == b'\x81\x08{"a": 1}'
+        protocol.data_received(frame(CLOSE, struct.pack("!H", 1000)))
+        with pytest.raises(OSError):
+            await protocol.send_text(b'{"a": 2}')
+        await asyncio.gather(*protocol.tasks)
+
+    asyncio.run(run())
