@@ -2,11 +2,12 @@
 
 What `/v1/stream` does for one client message besides uvicorn's framing and the engine's
 step: each piece timed alone (best of --repeat, µs per call), then the whole of
-`StreamConnection.answer_one` (decode, checks, `Predictor.feed`, the answer's words, encode)
-over a real `Predictor` with the bundled model's vocabulary, a websocket that only counts
-what it is sent, and an engine stand-in that answers at once (the wire's msgpack encode
-and decode included). The messages are those of `benchmarks.bench_e2e`: one word each,
-the model's 2,000 most frequent words in turn.
+`StreamConnection.answer_one` (decode, checks, `Predictor.feed`, the answer's words, encode,
+send) over a real `Predictor` with the bundled model's vocabulary, a websocket that only
+counts what it is sent, and an engine stand-in that answers at once (the wire's msgpack
+encode and decode included). The messages are those of `benchmarks.bench_e2e`: one word
+each, the model's 2,000 most frequent words in turn. The WebSocket protocol's own part
+(frames read and written) is `benchmarks.bench_ws_protocol`.
 
     python -m benchmarks.bench_stream_path
     python -m benchmarks.bench_stream_path --baseline /tmp/base   # old vs new, alternated
@@ -83,11 +84,16 @@ class AnsweringEngine:
 
 
 class CountingWebSocket:
-    """What `StreamConnection` needs of a starlette `WebSocket`: sends are only counted."""
+    """What `StreamConnection` needs of a starlette `WebSocket`: sends are only counted,
+    whether they come as ASGI messages (`send`) or as bytes (`send_text`, offered in the
+    scope as our uvicorn protocol offers itself; code that does not know it ignores it)."""
 
     def __init__(self) -> None:
         self.app = SimpleNamespace(state=SimpleNamespace())
-        self.scope: dict[str, Any] = {"client": ("127.0.0.1", 1)}
+        self.scope: dict[str, Any] = {
+            "client": ("127.0.0.1", 1),
+            "extensions": {"nextword.sender": self},
+        }
         self.sent = 0
         self.errors = 0
 
@@ -95,6 +101,11 @@ class CountingWebSocket:
         """Count one ASGI message (and the error answers among them)."""
         self.sent += 1
         self.errors += '"type":"error"' in message["text"]
+
+    async def send_text(self, data: bytes) -> None:
+        """Count one answer sent as bytes."""
+        self.sent += 1
+        self.errors += b'"type":"error"' in data
 
 
 def whole_message_us(data: SimpleNamespace, messages: int, repeat: int) -> float:

@@ -24,7 +24,13 @@ uvicorn's own protocols, with what they lack on an open network:
 Beside the limits, the WebSocket protocol's receive queue is a `ReceiveQueue` that the
 stream's answering task reads directly (scope extension `DIRECT_RECEIVE`): no reader task
 between uvicorn and the app, no running-loop lookup per message, reading paused only when
-`READ_AHEAD` messages wait, and the app told of a disconnect the moment it is queued.
+`READ_AHEAD` messages wait, and the app told of a disconnect the moment it is queued. The
+stream's answers go the other way as bytes (`WebSocketProtocol.send_text`, scope extension
+`DIRECT_SEND`): framed here, without an ASGI message, Starlette's state checks or the
+middleware's send wrappers. And the client's frames are split here (`read_frames`): an
+unfragmented text frame is unmasked and queued at once; every other frame (control frames,
+binary, fragments, frames over the size limit, anything malformed) goes whole to the
+`websockets` parser, which answers it as it always did.
 
 `LimitedConfig` carries the limits to the API processes (it is pickled with the config).
 """
@@ -34,15 +40,26 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import struct
 import time
 from dataclasses import dataclass
 from typing import Any, cast
 
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.protocols.utils import ClientDisconnected
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.frames import apply_mask
+from websockets.protocol import State
 
-from service.api.inbox import DIRECT_RECEIVE, READ_AHEAD, RECEIVED_AT, Message, ReceiveQueue
+from service.api.inbox import (
+    DIRECT_RECEIVE,
+    DIRECT_SEND,
+    READ_AHEAD,
+    RECEIVED_AT,
+    Message,
+    ReceiveQueue,
+)
 
 log = logging.getLogger(__name__)
 
@@ -245,11 +262,34 @@ class HttpProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
 
+# The first byte of an unfragmented text frame: FIN, no extension bits, opcode 1 (text).
+TEXT_FIN = 0x81
+MASKED = 0x80  # in the second byte: a client's frame is masked (RFC 6455 5.3)
+SHORT_HEADERS = [bytes((TEXT_FIN, n)) for n in range(126)]  # a server's, by payload length
+END_OF_HEAD = b"\r\n\r\n"
+
+
+def text_frame(data: bytes) -> bytes:
+    """A server's (unmasked) unfragmented text frame of `data`."""
+    n = len(data)
+    if n < 126:
+        return SHORT_HEADERS[n] + data
+    if n < 65536:
+        return struct.pack("!BBH", TEXT_FIN, 126, n) + data
+    return struct.pack("!BBQ", TEXT_FIN, 127, n) + data
+
+
 class WebSocketProtocol(WebSocketsSansIOProtocol):
-    """uvicorn's WebSocket protocol that answers refused upgrades and drops non-readers."""
+    """uvicorn's WebSocket protocol that answers refused upgrades and drops non-readers,
+    splits the client's frames itself (`read_frames`) and sends the stream's answers
+    directly (`send_text`)."""
 
     send_timer: asyncio.TimerHandle | None = None
     abort_timer: asyncio.TimerHandle | None = None
+    # Whether `read_frames` splits what the client sends (from the read after its upgrade
+    # request on, while the `websockets` parser stands between two frames).
+    framing = False
+    pending = b""  # while framing: the start of a frame not received whole yet
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -261,17 +301,110 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
     def handle_connect(self, event: Any) -> None:
         super().handle_connect(event)
         if self.handshake_initiated and not self.close_sent:
-            # The app's task has not run yet: it finds this protocol in its scope and takes
-            # messages straight from `self.queue` through `receive` (`service.api.stream`).
-            cast(Any, self.scope)["extensions"][DIRECT_RECEIVE] = self
+            # The app's task has not run yet: it finds this protocol in its scope, takes
+            # messages straight from `self.queue` through `receive` and sends its answers
+            # through `send_text` (`service.api.stream`).
+            extensions = cast(Any, self.scope)["extensions"]
+            extensions[DIRECT_RECEIVE] = self
+            extensions[DIRECT_SEND] = self
 
     def data_received(self, data: bytes) -> None:
+        if self.framing:
+            self.read_frames(data)
+            return
+        upgrading = not self.handshake_initiated
         super().data_received(data)
-        if not self.handshake_initiated and self.conn.handshake_exc is not None:
-            # The parser refused the request (414, 431, not HTTP) and wrote its answer,
-            # which uvicorn never sends: send it, then close.
-            self.transport.write(b"".join(self.conn.data_to_send()))
-            self.transport.close()
+        if not self.handshake_initiated:
+            if self.conn.handshake_exc is not None:
+                # The parser refused the request (414, 431, not HTTP) and wrote its answer,
+                # which uvicorn never sends: send it, then close.
+                self.transport.write(b"".join(self.conn.data_to_send()))
+                self.transport.close()
+            return
+        # uvicorn hands over the upgrade request alone, in one call: when this read held
+        # exactly the request, the parser now waits for the first frame's first byte, and
+        # from the next read on the frames can be split here. Not with an extension
+        # (per-message deflate: `websockets` inflates) or without a size limit.
+        self.framing = (
+            upgrading
+            and not self.close_sent
+            and data.find(END_OF_HEAD) == len(data) - len(END_OF_HEAD)
+            and not self.conn.reader.buffer
+            and not self.conn.extensions
+            # The parser's state read here (websockets >= 15); a size limit to hold to.
+            and getattr(self.conn, "max_message_size", None) is not None
+            and hasattr(self.conn, "current_size")
+        )
+
+    def read_frames(self, data: bytes) -> None:
+        """Split the client's bytes into frames: an unfragmented, masked text frame within
+        the size limit is unmasked and queued here (what uvicorn would queue, without the
+        `websockets` parser's generators and `Frame` objects); any other frame received
+        whole goes whole to `websockets`, which answers it as before (pings, pongs, closes,
+        fragments, binary frames, protocol errors, 1009 for a frame over the limit). A text
+        frame not received whole waits in `pending`. From the first bytes that are not a
+        whole frame for `websockets` (or once its connection is no longer open), it parses
+        everything: the bytes it is given, in order, are always the client's byte stream.
+
+        One difference: uvicorn handles none of a read's frames when one of them fails the
+        connection; here the text frames before the bad one are queued, then the disconnect
+        (which cancels the stream's answering at once: they are never answered)."""
+        if self.pending:
+            data = self.pending + data
+            self.pending = b""
+        conn = self.conn
+        limit = cast(int, conn.max_message_size)
+        size = len(data)
+        at = 0
+        while at < size:
+            if size - at < 2:
+                self.pending = data[at:]  # a header's first byte
+                return
+            first = data[at]
+            second = data[at + 1]
+            length = second & 0x7F
+            head = at + 2
+            if length >= 126:
+                wide = 2 if length == 126 else 8
+                if size - head < wide:
+                    self.pending = data[at:]
+                    return
+                length = int.from_bytes(data[head : head + wide], "big")
+                head += wide
+            end = head + 4 + length  # a client's frame has a 4-byte mask key
+            # An unfragmented masked text frame, not inside a fragmented message: queued here.
+            if (
+                first == TEXT_FIN
+                and second & MASKED
+                and length <= limit
+                and conn.current_size is None
+            ):
+                if end > size:
+                    self.pending = data[at:]  # bounded by the limit
+                    return
+                text = apply_mask(data[head + 4 : end], data[head : head + 4])
+                self.queue_message(text, True)
+                if self.close_sent:
+                    self.framing = False  # not UTF-8: closed (1007), the rest dropped
+                    return
+                at = end
+                continue
+            if end > size:
+                break
+            # One whole frame (unless malformed: then websockets fails the connection).
+            super().data_received(data[at:end])
+            at = end
+            if conn.parser_exc is not None:
+                # Failed and closed (1002, 1009, ...): the rest of the read is dropped, as
+                # the parser would have dropped it.
+                self.framing = False
+                return
+            if conn.state is not State.OPEN:
+                self.framing = False  # closing: websockets reads (or discards) the rest
+                break
+        if at < size:
+            self.framing = False  # websockets parses from here on
+            super().data_received(data[at:])
 
     def send_receive_event_to_app(self) -> None:
         # uvicorn's, but decoding a text frame once, stamping the message with its arrival
@@ -279,14 +412,21 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
         frames = self.frames
         data = frames[0] if len(frames) == 1 else b"".join(frames)
         self.frames = []
+        self.queue_message(data, self.curr_msg_data_type == "text")
+
+    def queue_message(self, data: bytes, text: bool) -> None:
+        """Queue a received message for the app (dropped once our close is sent)."""
         if self.close_sent:
             return  # past our close: dropped, while reading on for the client's close
         now = time.perf_counter()
         message: Message
-        if self.curr_msg_data_type == "text":
+        if text:
             try:
                 message = {"type": "websocket.receive", "text": data.decode(), RECEIVED_AT: now}
             except UnicodeDecodeError:
+                if self.conn.state is not State.OPEN:
+                    # The client's close, parsed with this frame, is being answered.
+                    return
                 # uvicorn logs this with a traceback (at ERROR) for every such frame: a
                 # client's mistake, told in one line.
                 client = "%s:%d" % self.client if self.client else "?"  # noqa: UP031
@@ -302,6 +442,21 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
         if len(queue) >= READ_AHEAD and not self.read_paused:
             self.read_paused = True
             self.transport.pause_reading()
+
+    async def send_text(self, data: bytes) -> None:
+        """Send `data` (UTF-8) as one text message: what uvicorn's `send` does with a
+        `websocket.send` of text, framed here. Raises `ClientDisconnected` (an `OSError`)
+        when the connection is no longer open (the client left or closed, or we closed)."""
+        if not self.writable.is_set():
+            await self.writable.wait()  # the client reads slowly (`send_timed_out` aborts)
+        conn = self.conn
+        if self.disconnected or self.close_sent or conn.state is not State.OPEN:
+            raise ClientDisconnected
+        if conn.extensions:  # per-message deflate: websockets compresses and frames
+            conn.send_text(data)
+            self.transport.write(b"".join(conn.data_to_send()))
+        else:
+            self.transport.write(text_frame(data))
 
     def pause_writing(self) -> None:
         super().pause_writing()

@@ -77,8 +77,10 @@ class Inbox(Generic[T]):
 READ_AHEAD = 32
 LEFT = "websocket.disconnect"
 RECEIVED_AT = "nextword.received_at"  # a received message's key: `perf_counter()` on arrival
-# The scope extension under which our uvicorn protocol offers itself as the `Receiver`.
+# The scope extensions under which our uvicorn protocol offers itself as the `Receiver`
+# and as the `Sender`.
 DIRECT_RECEIVE = "nextword.receiver"
+DIRECT_SEND = "nextword.sender"
 
 
 Message = MutableMapping[str, Any]  # an ASGI message (starlette's `Message`)
@@ -120,4 +122,14 @@ class Receiver(Protocol):
     async def receive(self) -> Message:
         """The next message: a `websocket.receive`, a `websocket.disconnect`, or one the app
         queued itself."""
+        ...
+
+
+class Sender(Protocol):
+    """Where a stream sends its answers when the server offers it (our uvicorn protocol):
+    encoded text, framed by the protocol itself, without an ASGI message on the way."""
+
+    async def send_text(self, data: bytes) -> None:
+        """Send `data` (UTF-8) as one text message; an `OSError` once the connection is
+        no longer open."""
         ...

@@ -22,12 +22,13 @@ that is not UTF-8. An `Origin` not in
 `allowed_origins` (same origin by default) is refused with HTTP 403 before the upgrade.
 
 The hot path is per message: one msgspec decode into a Struct, one `Predictor.feed`, one
-msgspec encode. A connection has one task for its whole life (not one per message), started
-by the ASGI app's task, which then waits for it: the answering loop. It takes messages
-straight from the server's receive queue (`service.api.inbox.ReceiveQueue`, which our
-uvicorn protocol offers in the scope; on another server a read-ahead task fills one), and
-the queue cancels it the moment a disconnect is queued, which aborts the pending step in
-the engine. A drain (or the idle timeout) queues `END` behind what was received: those
+msgspec encode, its bytes handed to our uvicorn protocol (`service.api.inbox.Sender`, in the
+scope), which frames and writes them (on another server: Starlette's `WebSocket.send`). A
+connection has one task for its whole life (not one per message), started by the ASGI app's
+task, which then waits for it: the answering loop. It takes messages straight from the
+server's receive queue (`service.api.inbox.ReceiveQueue`, which our uvicorn protocol offers
+in the scope; on another server a read-ahead task fills one), and the queue cancels it the
+moment a disconnect is queued, which aborts the pending step in the engine. A drain (or the idle timeout) queues `END` behind what was received: those
 messages are answered, then the stream closes.
 """
 
@@ -46,7 +47,15 @@ from service import metrics
 from service.api.auth import OWNER, Limiter, client_address
 from service.api.deps import get_predictor
 from service.api.errors import close_code
-from service.api.inbox import DIRECT_RECEIVE, LEFT, RECEIVED_AT, ReceiveQueue, Receiver
+from service.api.inbox import (
+    DIRECT_RECEIVE,
+    DIRECT_SEND,
+    LEFT,
+    RECEIVED_AT,
+    ReceiveQueue,
+    Receiver,
+    Sender,
+)
 from service.api.predictor import Predictor
 from service.api.schemas import TEXT_DOC
 from service.config import Settings
@@ -209,6 +218,10 @@ class StreamConnection:
         self._draining = False  # the server shuts down (or the client idles): END is queued
         self._closing = (CLOSE_GOING_AWAY, "server shutting down")  # the close after draining
         self.receiver: Receiver | None = None  # where messages come from, once exchanging
+        # Where answers go when the server offers it (our uvicorn protocol), else None:
+        # through `websocket.send`.
+        extensions = websocket.scope.get("extensions") or {}
+        self.sender: Sender | None = extensions.get(DIRECT_SEND)
         self._answering: asyncio.Task[Any] | None = None
 
     async def serve(self) -> None:
@@ -375,7 +388,7 @@ class StreamConnection:
         except (msgspec.ValidationError, msgspec.DecodeError, RecursionError) as exc:
             await self.send_error(BadInput(str(exc)), message_id(text))
             return True
-        problem = self.problem(request)
+        problem = self.problem(request, "\\u" in text)
         if problem is not None:
             await self.send_error(BadInput(problem), request.id)
             return True
@@ -418,8 +431,10 @@ class StreamConnection:
         return True
 
     @staticmethod
-    def problem(request: Any) -> str | None:
-        """What is wrong with a decoded message beyond its field types, if anything."""
+    def problem(request: Any, escapes: bool = True) -> str | None:
+        """What is wrong with a decoded message beyond its field types, if anything.
+        `escapes`: whether its JSON may hold a `\\u` escape (without one, its strings hold
+        no lone surrogate: a received text frame is valid UTF-8)."""
         if request.type == "text" and request.text is None:
             return 'a message needs "text" (or "type": "reset")'
         if request.type == "reset" and request.text is not None:
@@ -428,6 +443,8 @@ class StreamConnection:
             if not request.k.is_integer():
                 return f"k must be an integer from 1 to {MAX_K}, not {request.k!r}"
             request.k = int(request.k)
+        if not escapes:
+            return None
         for name in ("text", "prefix"):
             value = getattr(request, name)
             if value is not None and has_lone_surrogate(value):
@@ -440,8 +457,17 @@ class StreamConnection:
         await self.send({"type": "error", "error": body, "id": message_id})
 
     async def send(self, payload: dict[str, Any]) -> None:
-        """Send one JSON message and count it by type."""
-        await self.websocket.send({"type": "websocket.send", "text": _encode(payload).decode()})
+        """Send one JSON message and count it by type; `WebSocketDisconnect` when the
+        connection is no longer open."""
+        data = _encode(payload)
+        sender = self.sender
+        if sender is None:
+            await self.websocket.send({"type": "websocket.send", "text": data.decode()})
+        else:
+            try:
+                await sender.send_text(data)
+            except OSError:  # as Starlette's `WebSocket.send` tells it
+                raise WebSocketDisconnect(1006) from None
         kind = payload["type"]
         counter = _SENT.get(kind)
         if counter is None:

@@ -1,0 +1,433 @@
+"""The WebSocket protocol's own frame reading and writing (`service.api.connections`), over a
+real server and a raw socket: frames cut anywhere, mixed with control frames, fragments and
+binary frames, over the limit or malformed, are answered as the `websockets` parser would."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import socket
+import struct
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from websockets.frames import Frame, Opcode
+
+from service.api.connections import text_frame
+from tests.live_server import LiveServer
+
+LIMIT = 4096  # NEXTWORD_MAX_WS_MESSAGE_BYTES of the server below
+TEXT, BINARY, CONT, CLOSE, PING, PONG = 0x1, 0x2, 0x0, 0x8, 0x9, 0xA
+
+
+@pytest.fixture(scope="module")
+def server(tiny_artifacts: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    log = tmp_path_factory.mktemp("frames") / "server.log"
+    live = LiveServer(tiny_artifacts, log, NEXTWORD_MAX_WS_MESSAGE_BYTES=str(LIMIT)).start()
+    try:
+        yield live
+    finally:
+        live.stop()
+
+
+def frame(opcode: int, payload: bytes, *, fin: bool = True, masked: bool = True) -> bytes:
+    """A client's frame (masked, as RFC 6455 requires of clients, unless told otherwise)."""
+    n = len(payload)
+    first = (0x80 if fin else 0) | opcode
+    bit = 0x80 if masked else 0
+    if n < 126:
+        head = bytes((first, bit | n))
+    elif n < 65536:
+        head = struct.pack("!BBH", first, bit | 126, n)
+    else:
+        head = struct.pack("!BBQ", first, bit | 127, n)
+    if not masked:
+        return head + payload
+    key = os.urandom(4)
+    return head + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+
+
+def message(**fields: object) -> bytes:
+    return frame(TEXT, json.dumps(fields).encode())
+
+
+class RawClient:
+    """A WebSocket client on a plain socket: it sends bytes as given, and reads frames."""
+
+    def __init__(self, server: LiveServer) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock.sendall(
+            b"GET /v1/stream HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            b"Sec-WebSocket-Version: 13\r\n\r\n"
+        )
+        self.buffer = b""
+        while b"\r\n\r\n" not in self.buffer:
+            self.buffer += self.recv()
+        head, _, self.buffer = self.buffer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 101")
+        opcode, payload = self.read()
+        assert opcode == TEXT and json.loads(payload)["type"] == "ready"
+
+    def recv(self) -> bytes:
+        chunk = self.sock.recv(65536)
+        if not chunk:
+            raise EOFError("the server closed the connection")
+        return chunk
+
+    def take(self, n: int) -> bytes:
+        while len(self.buffer) < n:
+            self.buffer += self.recv()
+        data, self.buffer = self.buffer[:n], self.buffer[n:]
+        return data
+
+    def read(self) -> tuple[int, bytes]:
+        """The next frame from the server (never masked): (opcode, payload)."""
+        first, second = self.take(2)
+        assert first & 0x80 and not first & 0x70 and not second & 0x80
+        n = second & 0x7F
+        if n == 126:
+            n = struct.unpack("!H", self.take(2))[0]
+        elif n == 127:
+            n = struct.unpack("!Q", self.take(8))[0]
+        return first & 0x0F, self.take(n)
+
+    def answers(self, count: int) -> list[dict[str, object]]:
+        """The next `count` data messages (pongs skipped)."""
+        got: list[dict[str, object]] = []
+        while len(got) < count:
+            opcode, payload = self.read()
+            if opcode != PONG:
+                assert opcode == TEXT
+                got.append(json.loads(payload))
+        return got
+
+    def close_code(self) -> int:
+        """The code of the server's close frame, skipping data frames before it."""
+        while True:
+            opcode, payload = self.read()
+            if opcode == CLOSE:
+                return int(struct.unpack("!H", payload[:2])[0])
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def client(server: LiveServer) -> Iterator[RawClient]:
+    raw = RawClient(server)
+    try:
+        yield raw
+    finally:
+        raw.close()
+
+
+def test_the_servers_text_frames_are_those_websockets_writes() -> None:
+    for n in (0, 1, 125, 126, 127, 65535, 65536, 70000):
+        data = b"x" * n
+        expected = Frame(Opcode.TEXT, data).serialize(mask=False, extensions=[])
+        assert text_frame(data) == expected
+
+
+def test_messages_cut_at_every_byte_are_answered_in_order(client: RawClient) -> None:
+    long_text = "the cat sat on the mat " * 10  # over 125 bytes: a 16-bit length
+    stream = b"".join(
+        [message(text="the", id=0), message(text=long_text, id=1), message(text="cat", id=2)]
+    )
+    for i in range(len(stream)):
+        client.sock.sendall(stream[i : i + 1])
+        time.sleep(0.001)  # one read per byte, mostly
+    answers = client.answers(3)
+    assert [a["id"] for a in answers] == [0, 1, 2]
+    assert all(a["type"] == "predictions" for a in answers)
+    assert answers[1]["tokens"] > answers[0]["tokens"] + 10  # type: ignore[operator]
+    assert answers[2]["tokens"] == answers[1]["tokens"] + 1  # type: ignore[operator]
+
+
+def test_control_fragments_and_binary_frames_between_text_frames_keep_their_order(
+    client: RawClient,
+) -> None:
+    part1, part2 = b'{"text": "the', b' cat", "id": 2}'
+    client.sock.sendall(
+        b"".join(
+            [
+                message(text="a", id=1),
+                frame(PING, b"hi"),
+                frame(TEXT, part1, fin=False),
+                frame(PING, b"again"),  # control frames may come between fragments
+                frame(CONT, part2),
+                frame(BINARY, b"\x00\x01"),
+                message(text="dog", id=3),
+            ]
+        )
+    )
+    frames = [client.read() for _ in range(6)]
+    pongs = [payload for opcode, payload in frames if opcode == PONG]
+    assert pongs == [b"hi", b"again"]
+    answers = [json.loads(payload) for opcode, payload in frames if opcode == TEXT]
+    assert [(a["type"], a["id"]) for a in answers] == [
+        ("predictions", 1),
+        ("predictions", 2),
+        ("error", None),
+        ("predictions", 3),
+    ]
+    assert answers[1]["tokens"] == answers[0]["tokens"] + 2  # "the cat": one message
+    assert answers[2]["error"]["code"] == "bad_input"  # type: ignore[index]
+
+
+def test_a_text_frame_inside_a_fragmented_message_closes_with_1002(client: RawClient) -> None:
+    client.sock.sendall(frame(TEXT, b'{"text": ', fin=False) + message(text="the"))
+    assert client.close_code() == 1002
+
+
+def test_an_unmasked_frame_closes_with_1002(client: RawClient) -> None:
+    client.sock.sendall(message(text="the", id=1) + frame(TEXT, b'{"text": "a"}', masked=False))
+    assert client.close_code() == 1002
+
+
+def test_a_frame_over_the_limit_closes_with_1009_as_soon_as_its_header_arrives(
+    client: RawClient,
+) -> None:
+    big = frame(TEXT, json.dumps({"text": "a" * LIMIT}).encode())
+    client.sock.sendall(big[:8])  # the header and the mask key only
+    assert client.close_code() == 1009
+
+
+def test_a_frame_at_the_limit_in_pieces_is_read(client: RawClient) -> None:
+    body = json.dumps({"text": "", "id": 7, "prefix": ""}).encode()
+    body = body[:-1] + b" " * (LIMIT - len(body)) + b"}"  # exactly LIMIT bytes
+    data = frame(TEXT, body)
+    for i in range(0, len(data), 1000):
+        client.sock.sendall(data[i : i + 1000])
+        time.sleep(0.005)
+    (answer,) = client.answers(1)
+    assert (answer["type"], answer["id"]) == ("predictions", 7)
+
+
+def test_a_close_from_the_client_is_echoed(client: RawClient) -> None:
+    client.sock.sendall(message(text="the", id=1) + frame(CLOSE, struct.pack("!H", 1000)))
+    assert client.close_code() == 1000
+
+
+# --- the frame reader against the websockets parser, in process -----------------------
+
+
+class RecordingTransport:
+    """An asyncio transport that keeps what is written and whether it was closed."""
+
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+        self.closed = False
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return {"peername": ("127.0.0.1", 1), "sockname": ("127.0.0.1", 2)}.get(name, default)
+
+    def write(self, data: bytes) -> None:
+        self.written.append(bytes(data))
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def abort(self) -> None:
+        self.closed = True
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def can_write_eof(self) -> bool:
+        return False
+
+
+UPGRADE_REQUEST = (
+    b"GET /v1/stream HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+    b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    b"Sec-WebSocket-Version: 13\r\n\r\n"
+)
+
+
+def replay(chunks: list[bytes], framing: bool) -> tuple[list[tuple[object, ...]], bytes, bool]:
+    """What an accepted `WebSocketProtocol` makes of `chunks` (the client's reads): the
+    messages queued for the app, the bytes written back, and whether it closed."""
+    from uvicorn.server import ServerState
+
+    from service.api.connections import ConnectionLimits, LimitedConfig, WebSocketProtocol
+
+    async def run() -> tuple[list[tuple[object, ...]], bytes, bool]:
+        loop = asyncio.get_running_loop()
+        accepted = loop.create_future()
+        done = loop.create_future()
+
+        async def app(scope: object, receive: Any, send: Any) -> None:
+            await receive()
+            await send({"type": "websocket.accept"})
+            accepted.set_result(None)
+            await done
+
+        config = LimitedConfig(
+            app, ws_max_size=LIMIT, log_level="warning", lifespan="off", limits=ConnectionLimits()
+        )
+        config.load()
+        protocol = WebSocketProtocol(config, ServerState(), {}, loop)  # type: ignore[arg-type]
+        transport = RecordingTransport()
+        protocol.connection_made(transport)  # type: ignore[arg-type]
+        protocol.data_received(UPGRADE_REQUEST)
+        await accepted
+        assert protocol.framing  # the read held exactly the upgrade request
+        protocol.framing = framing
+        start = len(transport.written)
+        for chunk in chunks:
+            if transport.closed:
+                break
+            protocol.data_received(chunk)
+        queued = []
+        while not protocol.queue.empty():
+            message = await protocol.queue.get()
+            queued.append((message["type"], message.get("text"), message.get("bytes")))
+        done.set_result(None)
+        await asyncio.gather(*protocol.tasks)
+        return queued, b"".join(transport.written[start:]), transport.closed
+
+    return asyncio.run(run())
+
+
+def random_frames(rng: random.Random) -> list[bytes]:
+    """A client's frames: mostly texts, with pings, pongs, fragmented texts and binary
+    frames between them, sometimes a mistake, sometimes a close at the end."""
+    frames: list[bytes] = []
+    for _ in range(rng.randint(1, 12)):
+        kind = rng.random()
+        size = rng.choice([0, 5, 20, 125, 126, 300, 2000, LIMIT])
+        text = json.dumps({"text": "é" * (size // 2)})[: max(size, 2)].encode()
+        if kind < 0.5:
+            frames.append(frame(TEXT, text))
+        elif kind < 0.6:
+            frames.append(frame(PING, os.urandom(rng.randint(0, 125))))
+        elif kind < 0.65:
+            frames.append(frame(PONG, os.urandom(rng.randint(0, 10))))
+        elif kind < 0.8:
+            cut = rng.randint(0, len(text))
+            frames.append(frame(TEXT, text[:cut], fin=False))
+            if rng.random() < 0.5:
+                frames.append(frame(PING, b"between"))
+            frames.append(frame(CONT, text[cut:]))
+        elif kind < 0.9:
+            frames.append(frame(BINARY, os.urandom(size)))
+        else:
+            mistake = rng.choice(["unmasked", "too big", "text in fragments", "bad utf-8"])
+            if mistake == "unmasked":
+                frames.append(frame(TEXT, b'{"text": "a"}', masked=False))
+            elif mistake == "too big":
+                frames.append(frame(TEXT, b"x" * (LIMIT + 1)))
+            elif mistake == "text in fragments":
+                frames.append(frame(TEXT, b"{", fin=False) + frame(TEXT, b"{}"))
+            else:
+                # Closed with 1007 at once: what follows does not matter (uvicorn parses a
+                # whole read before it handles its frames: it may answer a ping after it).
+                frames.append(frame(TEXT, b'{"text": "\xff"}'))
+                return frames
+    if rng.random() < 0.3:
+        frames.append(frame(CLOSE, struct.pack("!H", 1000)))
+    return frames
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_the_frame_reader_does_what_the_websockets_parser_does(seed: int) -> None:
+    rng = random.Random(seed)
+    stream = b"".join(random_frames(rng))
+    cuts = sorted(rng.sample(range(1, len(stream)), min(len(stream) - 1, rng.randint(0, 30))))
+    chunks = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)])]
+    framed = replay(chunks, framing=True)
+    parsed = replay(chunks, framing=False)
+    assert framed[1:] == parsed[1:]  # the same pongs and closes written, closed alike
+    disconnect = ("websocket.disconnect", None, None)
+    if disconnect not in parsed[0]:
+        assert framed[0] == parsed[0]  # the same messages, in the same order
+        return
+    # A frame failed the connection: uvicorn handles none of the frames read with it,
+    # the reader queues the texts before it (never answered: the disconnect follows).
+    assert framed[0][-1] == parsed[0][-1] == disconnect
+    assert framed[0].count(disconnect) == parsed[0].count(disconnect) == 1
+    assert framed[0][: len(parsed[0]) - 1] == parsed[0][:-1]
+
+
+@pytest.mark.parametrize("framing", [True, False])
+def test_a_text_that_is_not_utf8_read_with_the_clients_close_ends_the_connection(
+    framing: bool,
+) -> None:
+    # Through the parser the close is parsed (and answered) before the text is handled:
+    # the text is dropped rather than closed with 1007 a second time.
+    read = frame(TEXT, b'{"text": "\xff"}') + frame(CLOSE, struct.pack("!H", 1000))
+    queued, written, closed = replay([read], framing)
+    assert queued == [("websocket.disconnect", None, None)]
+    assert closed and written[:2] == b"\x88\x02"
+
+
+def test_with_per_message_deflate_the_answers_are_compressed_frames(
+    tiny_artifacts: Path, tmp_path: Path
+) -> None:
+    from websockets.asyncio.client import connect
+
+    live = LiveServer(
+        tiny_artifacts, tmp_path / "server.log", NEXTWORD_WS_PER_MESSAGE_DEFLATE="true"
+    ).start()
+
+    async def talk() -> list[dict[str, Any]]:
+        url = f"ws://127.0.0.1:{live.port}/v1/stream"
+        async with connect(url, compression="deflate") as ws:
+            assert ws.protocol.extensions  # negotiated: the server's frames are deflated
+            assert json.loads(await ws.recv())["type"] == "ready"
+            answers = []
+            for i, word in enumerate(["the", "cat", "sat"]):
+                await ws.send(json.dumps({"text": word, "id": i}))
+                answers.append(json.loads(await ws.recv()))
+            return answers
+
+    try:
+        answers = asyncio.run(talk())
+    finally:
+        live.stop()
+    assert [(a["type"], a["id"]) for a in answers] == [("predictions", i) for i in range(3)]
+    assert [a["tokens"] for a in answers] == [1, 2, 3]
+
+
+def test_sending_after_the_clients_close_raises_an_os_error() -> None:
+    from uvicorn.server import ServerState
+
+    from service.api.connections import ConnectionLimits, LimitedConfig, WebSocketProtocol
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        accepted = loop.create_future()
+
+        async def app(scope: object, receive: Any, send: Any) -> None:
+            await receive()
+            await send({"type": "websocket.accept"})
+            accepted.set_result(None)
+
+        config = LimitedConfig(app, ws_max_size=LIMIT, lifespan="off", limits=ConnectionLimits())
+        config.load()
+        protocol = WebSocketProtocol(config, ServerState(), {}, loop)  # type: ignore[arg-type]
+        transport = RecordingTransport()
+        protocol.connection_made(transport)  # type: ignore[arg-type]
+        protocol.data_received(UPGRADE_REQUEST)
+        await accepted
+        await protocol.send_text(b'{"a": 1}')
+        assert transport.written[-1] == b'\x81\x08{"a": 1}'
+        protocol.data_received(frame(CLOSE, struct.pack("!H", 1000)))
+        with pytest.raises(OSError):
+            await protocol.send_text(b'{"a": 2}')
+        await asyncio.gather(*protocol.tasks)
+
+    asyncio.run(run())
