@@ -403,7 +403,8 @@ class StepBatcher:
                 outs.append(outcome)
         if not ended:
             return 0
-        self.shares.release_many([step.client for step in ended], len(ended) if answered else 0)
+        # A generator: read only where some client holds a share (not in-process use).
+        self.shares.release_many((step.client for step in ended), len(ended) if answered else 0)
         sink = ended[0].sink
         if all(step.sink is sink for step in ended):  # the usual case: one frame's steps
             assert sink is not None
