@@ -32,6 +32,8 @@ PHASES = [
     ("service.store.memory", "MemorySessionStore", "get_many", "loop: store read"),
     ("service.store.memory", "MemorySessionStore", "put_many", "loop: store write"),
     ("service.engine.scheduler", "StepBatcher", "submit", "loop:   queueing a step (submit)"),
+    ("service.engine.scheduler", "StepBatcher", "submit_many", "loop:   queueing a step (submit)"),
+    ("service.engine.scheduler", "StepBatcher", "_end", "loop:   ending steps (_end, sinks)"),
     ("service.engine.scheduler", "StepBatcher", "_take", "loop: taking the batch"),
     ("service.engine.scheduler", "StepBatcher", "_locate", "loop: rows' states (_locate)"),
     ("service.engine.scheduler", "StepBatcher", "_write", "loop: write, commit, answers"),

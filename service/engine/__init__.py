@@ -11,6 +11,10 @@ Names (one meaning each, in this package and the stores):
   session, (L, B, H) for a batch (`runtime.State`).
 - **step** (`steps.Step`): one request to advance a session (or a stateless context)
   by some tokens and answer its top-k; a **batch** is the steps taken into one run.
+- **sink** (`steps.StepSink`): where a step goes when it ends (answered, failed or
+  cancelled), exactly once: its owner's callable, called by the scheduler with the steps
+  that ended together (the core's: one per frame and model; `StepBatcher.submit`'s: a
+  future per step, for in-process callers and tests).
 - **pool** (`pool.StatePool`): a model's states on its device, a fixed number of
   **rows**; a row is a plain int (a batch's rows an int64 array), held by explicit
   reference counts that the pool keeps (`take`, `hold`, `release`, `pin`). (The memory

@@ -32,7 +32,7 @@ from service.engine.adapt_hooks import Adaptation
 from service.engine.pool import StatePool, device_free_bytes, pool_rows, row_bytes
 from service.engine.runtime import CUDA, OrtModel, choose_providers
 from service.engine.scheduler import StepBatcher
-from service.engine.steps import Step, StepResult
+from service.engine.steps import Outcome, Step, StepResult
 from service.errors import NextwordError, StepFailed, UnknownModel
 from service.store import SessionStore, open_store
 
@@ -168,6 +168,51 @@ def _failure(request_id: int, error: BaseException) -> EngineOutput:
     )
 
 
+class _FrameAnswers:
+    """Where a frame's steps for one model end (a `StepSink`): each outcome becomes its
+    request's `EngineOutput` (the step's tag is the request id) passed to the frame's
+    `reply`, and the step leaves its origin's pending table. A cancelled step is owed no
+    answer."""
+
+    __slots__ = ("reply", "model", "pending", "scheduler")
+
+    def __init__(
+        self, reply: Reply, model: str, pending: dict[int, Step], scheduler: StepBatcher
+    ) -> None:
+        self.reply = reply
+        self.model = model
+        self.pending = pending
+        self.scheduler = scheduler  # the steps' scheduler: an abort cancels through it
+
+    def __call__(self, steps: list[Step], outcomes: list[Outcome]) -> None:
+        reply, model, pending = self.reply, self.model, self.pending
+        for step, outcome in zip(steps, outcomes):
+            request_id = step.tag
+            pending.pop(request_id, None)
+            if outcome is None:
+                continue  # cancelled: its client is gone
+            if isinstance(outcome, StepResult):
+                reply(
+                    EngineOutput(
+                        request_id,
+                        ids=outcome.ids.tolist(),
+                        probs=outcome.probs.tolist(),
+                        tokens=outcome.tokens,
+                        model=model,
+                        words=list(outcome.words),
+                        last_token=outcome.last_token,
+                    )
+                )
+            else:
+                reply(_failure(request_id, outcome))
+
+
+def _queue(frame: dict[str, tuple[_FrameAnswers, list[Step]]]) -> None:
+    """Queue a frame's steps, one call per model."""
+    for answers, steps in frame.values():
+        answers.scheduler.submit_many(steps, answers)
+
+
 class EngineCore:
     """Models, schedulers and sessions behind one entry point, `handle`."""
 
@@ -211,8 +256,9 @@ class EngineCore:
             )
             for name, model in models.items()
         }
-        # Steps not answered yet, by (origin, request id): an abort cancels them.
-        self._pending: dict[tuple[Hashable, int], asyncio.Future[StepResult]] = {}
+        # Steps not ended yet, by origin and request id: an abort cancels them. An origin's
+        # table stays (empty) once made: origins are the API processes, a handful.
+        self._pending: dict[Hashable, dict[int, Step]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._housekeeping: asyncio.Task[None] | None = None
 
@@ -276,58 +322,48 @@ class EngineCore:
     def handle(self, requests: list[EngineRequest], reply: Reply, origin: Hashable = None) -> None:
         """Take a frame of requests from `origin`; each answer is passed to `reply` once.
 
-        Runs on the engine's event loop; it never blocks: steps are queued for their
-        model's scheduler, and the rare session queries run as tasks.
+        Runs on the engine's event loop; it never blocks. The frame's steps are made in one
+        pass and queued per model (one `_FrameAnswers` sink per model and frame, no closure
+        per request); an abort or a query queues the steps before it first, so that it sees
+        them. The rare session queries run as tasks.
         """
+        pending = self._pending.get(origin)
+        if pending is None:
+            pending = self._pending[origin] = {}
+        frame: dict[str, tuple[_FrameAnswers, list[Step]]] = {}  # its steps not queued yet
         for request in requests:
             if isinstance(request, StepRequest):
-                self._step(request, reply, origin)
-            elif isinstance(request, AbortRequest):
+                group = frame.get(request.model)
+                if group is None:
+                    scheduler = self.schedulers.get(request.model)
+                    if scheduler is None:
+                        loaded = sorted(self.models)
+                        error = UnknownModel(f"no model {request.model!r}; loaded: {loaded}")
+                        reply(_failure(request.request_id, error))
+                        continue
+                    answers = _FrameAnswers(reply, request.model, pending, scheduler)
+                    group = frame[request.model] = (answers, [])
+                try:
+                    step = Step.from_request(request)
+                except NextwordError as exc:
+                    reply(_failure(request.request_id, exc))
+                    continue
+                pending[request.request_id] = step
+                group[1].append(step)
+                continue
+            if frame:
+                _queue(frame)
+                frame = {}
+            if isinstance(request, AbortRequest):
                 for request_id in request.request_ids:
-                    future = self._pending.pop((origin, request_id), None)
-                    if future is not None:
-                        future.cancel()  # dropped before its run, never written after it
+                    aborted = pending.pop(request_id, None)
+                    if aborted is not None and isinstance(aborted.sink, _FrameAnswers):
+                        # Dropped before its run, never written after it; no answer.
+                        aborted.sink.scheduler.cancel(aborted)
             else:
                 self._spawn(self._query(request), reply, request.request_id)
-
-    def _step(self, request: StepRequest, reply: Reply, origin: Hashable) -> None:
-        request_id = request.request_id
-        scheduler = self.schedulers.get(request.model)
-        try:
-            if scheduler is None:
-                raise UnknownModel(f"no model {request.model!r}; loaded: {sorted(self.models)}")
-            step = Step.from_request(request)
-        except NextwordError as exc:
-            reply(_failure(request_id, exc))
-            return
-        key = (origin, request_id)
-        model = request.model
-
-        def answer(done: asyncio.Future[StepResult]) -> None:
-            self._pending.pop(key, None)
-            if done.cancelled():
-                return  # aborted: its client is gone
-            error = done.exception()
-            if error is not None:
-                reply(_failure(request_id, error))
-                return
-            result = done.result()
-            reply(
-                EngineOutput(
-                    request_id,
-                    ids=result.ids.tolist(),
-                    probs=result.probs.tolist(),
-                    tokens=result.tokens,
-                    model=model,
-                    words=list(result.words),
-                    last_token=result.last_token,
-                )
-            )
-
-        try:
-            self._pending[key] = scheduler.submit(step, answer)
-        except NextwordError as exc:
-            reply(_failure(request_id, exc))
+        if frame:
+            _queue(frame)
 
     def _spawn(self, coroutine: Any, reply: Reply, request_id: int) -> None:
         async def run() -> None:

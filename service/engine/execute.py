@@ -2,7 +2,7 @@
 
 The scheduler (`service.engine.scheduler`) decides which steps make a batch, reads and
 writes their sessions and answers them; this module runs what it hands over, in the
-engine's executor thread, and never touches the store, the queues or a future.
+engine's executor thread, and never touches the store or the queues, nor ends a step.
 
 Two shapes of work, with the same answers:
 

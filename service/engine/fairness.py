@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from service.errors import Overloaded
 
@@ -32,12 +32,13 @@ class DrainRate:
         self.clock = clock
         self._seconds: deque[list[int]] = deque()  # [whole second, steps answered in it]
 
-    def step_done(self) -> None:
+    def step_done(self, steps: int = 1) -> None:
+        """`steps` were answered now (a batch's are counted in one call)."""
         second = int(self.clock())
         if self._seconds and self._seconds[-1][0] == second:
-            self._seconds[-1][1] += 1
+            self._seconds[-1][1] += steps
         else:
-            self._seconds.append([second, 1])
+            self._seconds.append([second, steps])
             self._forget(second)
 
     def _forget(self, now: float) -> None:
@@ -85,6 +86,23 @@ class QueueShares:
                 retry_after_s=self.rate.retry_after(held),
             )
         self.held[client] = held + 1
+
+    def release_many(self, clients: Iterable[str], answered: int) -> None:
+        """Steps of `clients` (one name per step) left the queue together, `answered` of
+        them answered (the others failed or were cancelled): one call per batch."""
+        if answered:
+            self.rate.step_done(answered)
+        if not self.held:  # no client holds a share (in-process use): nothing to count
+            return
+        held = self.held
+        for client, count in Counter(clients).items():
+            if not client:
+                continue
+            left = held[client] - count
+            if left > 0:
+                held[client] = left
+            else:
+                del held[client]
 
     def release(self, client: str, answered: bool) -> None:
         """A step of `client` left the queue: `answered`, or failed or cancelled (which

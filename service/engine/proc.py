@@ -20,6 +20,7 @@ import queue
 import signal
 import threading
 from collections.abc import Hashable
+from functools import partial
 from multiprocessing.connection import Connection
 
 import zmq
@@ -133,16 +134,19 @@ class EngineCoreProc:
         assert self.core is not None
         if not self._taking:
             return  # stopping: the API processes were stopped first; nothing new arrives
-        self.core.handle(requests, lambda output: self._reply(identity, output), identity)
+        self.core.handle(requests, partial(self._reply, identity), identity)
 
     # --- answers, one frame per API process and tick ----------------------------------
 
     def _reply(self, identity: Hashable, output: EngineOutput) -> None:
         assert isinstance(identity, bytes)
-        self._frames.setdefault(identity, []).append(output)
-        if not self._flush_scheduled and self._loop is not None:
-            self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
+        outputs = self._frames.get(identity)
+        if outputs is None:  # this tick's first answer for that API process
+            outputs = self._frames[identity] = []
+            if not self._flush_scheduled and self._loop is not None:
+                self._flush_scheduled = True
+                self._loop.call_soon(self._flush)
+        outputs.append(output)
 
     def _flush(self) -> None:
         self._flush_scheduled = False

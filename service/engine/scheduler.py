@@ -1,11 +1,16 @@
 """Cross-session micro-batching: one background loop per model gathers steps into runs.
 
-In the style of Ray Serve's `serve/batching.py`: every request is a `Step` with its own
-future in a queue; the loop takes up to `max_batch` steps (waiting at most
+In the style of Ray Serve's `serve/batching.py`, without its future per request: every
+request is a `Step` in a queue; the loop takes up to `max_batch` steps (waiting at most
 `max_wait_ms` for the batch to fill), then for the whole batch:
 
     store.get_many (one round trip) -> model runs -> store.put_many (one round trip,
-    compare-and-set) -> resolve the futures
+    compare-and-set) -> the steps end: answered into their sinks
+
+A step ends exactly once (`Step.done`, set by `StepBatcher._end` only): the scheduler
+calls its owner's sink (`StepSink`) synchronously with the steps that ended together and
+their outcomes (as vLLM's engine core collects a step's outputs rather than resolving a
+future per request). `submit` wraps a future around that for in-process callers and tests.
 
 The model runs are `service.engine.execute`'s (`Execution`, in the engine's thread):
 this module takes the batch, reads the sessions and locates their states, hands the
@@ -16,9 +21,9 @@ A session has at most one step in a batch, and its steps are applied in the orde
 they arrived. A step that lost a compare-and-set (another replica wrote the session
 meanwhile) is retried, in order, in the next batch; past `max_retries` it fails with
 `Contended` (a 503 with Retry-After: nothing was applied, the client retries). A failed
-run fails every step of the batch with `StepFailed` and writes nothing. A step whose
-future was cancelled (the client went away) is dropped before the run, and not written
-after it.
+run fails every step of the batch with `StepFailed` and writes nothing. A step
+cancelled (`cancel`: the client went away) ends at once; the loop drops it before the
+run, and does not write it after it.
 
 Stateless steps never wait for the session store. They queue apart from the sessions'
 steps. A batch with sessions' steps (the "session lane": one such batch at a time, so a
@@ -92,7 +97,15 @@ from service.engine.fairness import QueueShares
 from service.engine.pool import PoolExhausted, StatePool
 from service.engine.residency import NO_ROW, Holding, Residency
 from service.engine.runtime import State
-from service.engine.steps import StateRef, Step, StepResult, StepRun, as_retry
+from service.engine.steps import (
+    Outcome,
+    StateRef,
+    Step,
+    StepResult,
+    StepRun,
+    StepSink,
+    as_retry,
+)
 from service.errors import (
     Contended,
     NextwordError,
@@ -131,6 +144,21 @@ def _resolve(future: asyncio.Future[Any], outcome: Any) -> bool:
     else:
         future.set_result(outcome)
     return True
+
+
+def _settle_futures(steps: list[Step], outcomes: list[Outcome]) -> None:
+    """The sink of steps queued by `StepBatcher.submit`: each one's future gets its outcome
+    (a cancelled step's future is cancelled already, or is cancelled now)."""
+    for step, outcome in zip(steps, outcomes):
+        future = step.future
+        if future is None or future.done():
+            continue
+        if outcome is None:
+            future.cancel()
+        elif isinstance(outcome, StepResult):
+            future.set_result(outcome)
+        else:
+            future.set_exception(outcome)
 
 
 class StepBatcher:
@@ -288,40 +316,111 @@ class StepBatcher:
 
     # --- requests ----------------------------------------------------------------
 
-    def submit(
-        self, step: Step, done: Callable[[asyncio.Future[StepResult]], None] | None = None
-    ) -> asyncio.Future[StepResult]:
-        """Queue a step; its future gets a `StepResult` or a `NextwordError`, and `done` (if
-        given) is called with it once it is done (after the step left its client's share:
-        one callback per step, not two)."""
+    def submit_many(self, steps: list[Step], sink: StepSink) -> None:
+        """Queue a frame's steps for this model; each ends once, into `sink` (`StepSink`),
+        with its result, its error or None (cancelled). A step refused (the batcher stopping,
+        the queue full, its client over its share) ends at once, into `sink`, with
+        `Overloaded`. The intake's one pass: the clock read and the loop woken once."""
+        refused: list[Step] = []
+        errors: list[Outcome] = []
+        if self._closing or self._task is None:
+            error = Overloaded(f"model {self.name!r} is not taking steps (shutting down)")
+            refused, errors = steps, [error] * len(steps)
+            steps = []
+        now = asyncio.get_running_loop().time()
+        pending, stateless = self._pending, self._stateless
+        room = self.max_queue - self.queue_depth
+        shares = self.shares
+        for step in steps:
+            if room <= 0:
+                refused.append(step)
+                errors.append(self._full())
+                continue
+            if step.client:  # a step with no client ("": in-process use) takes no share
+                try:
+                    shares.admit(step.client, self.name)
+                except Overloaded as exc:
+                    refused.append(step)
+                    errors.append(exc)
+                    continue
+            room -= 1
+            step.sink = sink
+            step.queued_at = now
+            # The depth gauge is sampled once per batch, not per step.
+            (pending if step.session_id is not None else stateless).append(step)
+        if refused:
+            for step in refused:
+                step.done = True  # it never took a share: nothing to give back
+            sink(refused, errors)
+        self._wake()
+
+    def _full(self) -> Overloaded:
+        return Overloaded(
+            f"too many steps waiting for model {self.name!r}; retry later",
+            retry_after_s=self.shares.rate.retry_after(self.queue_depth),
+        )
+
+    def submit(self, step: Step) -> asyncio.Future[StepResult]:
+        """Queue one step and return a future for its outcome (the awaitable API, for
+        in-process callers and tests); refused, it raises `Overloaded` and queues nothing.
+        Cancelling the future cancels the step (`cancel`)."""
         if self._closing or self._task is None:
             raise Overloaded(f"model {self.name!r} is not taking steps (shutting down)")
         if self.queue_depth >= self.max_queue:
-            raise Overloaded(
-                f"too many steps waiting for model {self.name!r}; retry later",
-                retry_after_s=self.shares.rate.retry_after(self.queue_depth),
-            )
-        client = step.client
-        self.shares.admit(client, self.name)
-        loop = asyncio.get_running_loop()
-        future = step.future = loop.create_future()
-        step.queued_at = loop.time()
-        future.add_done_callback(partial(self._left, client, done))
-        # The depth gauge is sampled once per batch, not per step.
-        (self._pending if step.session_id is not None else self._stateless).append(step)
-        self._wake()
-        return step.future
+            raise self._full()
+        future: asyncio.Future[StepResult] = asyncio.get_running_loop().create_future()
+        step.future = future
+        self.submit_many([step], _settle_futures)
+        if step.done:  # refused (its client's share): `_settle_futures` set the error
+            error = future.exception()  # retrieved: raised here, not reported as lost
+            assert error is not None
+            raise error
+        future.add_done_callback(partial(self._cancelled, step))
+        return future
 
-    def _left(
-        self,
-        client: str,
-        then: Callable[[asyncio.Future[StepResult]], None] | None,
-        future: asyncio.Future[StepResult],
-    ) -> None:
-        """A step's future is done: it leaves its client's share; then the caller's callback."""
-        self.shares.release(client, not future.cancelled() and future.exception() is None)
-        if then is not None:
-            then(future)
+    def _cancelled(self, step: Step, future: asyncio.Future[StepResult]) -> None:
+        if future.cancelled():
+            self.cancel(step)
+
+    def cancel(self, step: Step) -> None:
+        """Cancel a queued or running step (its client went away): it ends now, into its
+        sink with None, unless it ended already. The loop drops it where it finds it: before
+        its run, or after it, never written (`step.done`)."""
+        self._end([step], [None], answered=0)
+
+    def _end(self, steps: list[Step], outcomes: list[Outcome], answered: int) -> int:
+        """End the steps not ended yet with their outcomes (`answered`: whether these are
+        results; a failure's or a cancel's are not): each leaves its client's share and goes
+        to its sink, with the others of its sink in one call. Returns how many ended now.
+
+        The one way a queued step ends: `done` is set here only, so a step ends once."""
+        ended: list[Step] = []
+        outs: list[Outcome] = []
+        for step, outcome in zip(steps, outcomes):
+            if not step.done:
+                step.done = True
+                ended.append(step)
+                outs.append(outcome)
+        if not ended:
+            return 0
+        # A generator: read only where some client holds a share (not in-process use).
+        self.shares.release_many((step.client for step in ended), len(ended) if answered else 0)
+        sink = ended[0].sink
+        if all(step.sink is sink for step in ended):  # the usual case: one frame's steps
+            assert sink is not None
+            sink(ended, outs)
+            return len(ended)
+        groups: dict[StepSink, tuple[list[Step], list[Outcome]]] = {}
+        for step, outcome in zip(ended, outs):
+            assert step.sink is not None
+            group = groups.get(step.sink)
+            if group is None:
+                group = groups[step.sink] = ([], [])
+            group[0].append(step)
+            group[1].append(outcome)
+        for each, (some, theirs) in groups.items():
+            each(some, theirs)
+        return len(ended)
 
     async def step(self, step: Step) -> StepResult:
         """Queue a step and wait for its result (cancelling the wait cancels the step)."""
@@ -439,9 +538,9 @@ class StepBatcher:
         return taken.steps
 
     def _gone(self, step: Step) -> bool:
-        """Whether a queued step's future is done already (its client went away): it is
+        """Whether a queued step ended already (cancelled: its client went away): it is
         dropped, and lets go of the row it carried, if any."""
-        if step.future.done():
+        if step.done:
             self._let_go(step)
             return True
         return False
@@ -467,7 +566,7 @@ class StepBatcher:
             holding.add(np.array(carried, dtype=np.int64))
 
     def _fail(self, steps: list[Step], error: NextwordError) -> None:
-        failed = sum(_resolve(step.future, error) for step in steps)
+        failed = self._end(steps, [error] * len(steps), answered=0)
         if failed:
             # "failed": the run failed; a step that lost to other writers is an "error".
             run_failed = isinstance(error, StepFailed) and not isinstance(error, Contended)
@@ -523,7 +622,7 @@ class StepBatcher:
         for step in batch:
             was_read = step.session_id is not None and not step.create and step.row is None
             record = next(read_of) if was_read else None
-            if step.future.done():  # cancelled during the read
+            if step.done:  # cancelled during the read
                 continue
             if was_read:
                 if step.step_id and record is not None and record.last_step == step.step_id:
@@ -620,10 +719,10 @@ class StepBatcher:
             holding = Holding(self.pool)
         try:
             self._adopt(steps, holding)
-            rows = [step.row or StepRun(step, None) for step in steps if not step.future.done()]
+            rows = [step.row or StepRun(step, None) for step in steps if not step.done]
             if rows and await self._compute_rows(rows, holding):
                 done = self._carry_on(rows)
-                self._steps["ok"].inc(sum(_resolve(r.step.future, r.result) for r in done))
+                self._answer_with([r.step for r in done], [r.result for r in done])  # type: ignore[misc]
         finally:
             if own and holding is not None:
                 holding.close()
@@ -634,7 +733,7 @@ class StepBatcher:
         done: list[StepRun] = []
         going: list[StepRun] = []
         for row in rows:
-            if row.step.future.done():  # cancelled during the run: dropped, never written
+            if row.step.done:  # cancelled during the run: dropped, never written
                 self._steps["cancelled"].inc()  # a long step stops here, chunks left unrun
                 continue
             (done if row.final else going).append(row)
@@ -752,7 +851,7 @@ class StepBatcher:
         written), the others written and answered as `_write_sessions` does."""
         steps, results, rows = batch.steps, batch.results, batch.rows
         records = batch.records
-        live = [not step.future.done() for step in steps]
+        live = [not step.done for step in steps]
         if not all(live):
             self._steps["cancelled"].inc(live.count(False))
             keep = np.array(live, dtype=bool)
@@ -827,13 +926,8 @@ class StepBatcher:
         )
 
     def _answer_with(self, steps: list[Step], results: list[StepResult]) -> None:
-        """Resolve each step's future with its result (those not done already)."""
-        answered = 0
-        for step, result in zip(steps, results):
-            future = step.future
-            if not future.done():
-                future.set_result(result)
-                answered += 1
+        """Answer each step with its result (those not ended already), in one call per sink."""
+        answered = self._end(steps, results, answered=1)  # type: ignore[arg-type]
         if answered:
             self._steps["ok"].inc(answered)
 

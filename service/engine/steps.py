@@ -4,67 +4,128 @@ it carries between its batches (`StepRun`), and its answer (`StepResult`)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
 from service import metrics
 from service.contract.protocol import StepRequest
 from service.engine.runtime import State, StepOutput
-from service.errors import BadInput
+from service.errors import BadInput, NextwordError
 from service.store import SessionRecord
 from service.store.base import WordMemory
 
 
-@dataclass(eq=False, slots=True)
 class Step:
-    """One request for a model: add `tokens` to a context and answer its top `k` words."""
+    """One request for a model: add `tokens` to a context and answer its top `k` words.
 
-    tokens: list[int]  # ids of the text's tokens (may be empty)
-    session_id: str | None = None  # None: a stateless context (predict)
-    fresh: bool = False  # start the session's context afresh (reset)
-    create: bool = False  # a new session: it must not exist yet
-    k: int = 5
-    prefix_ids: np.ndarray | None = None  # sorted ids of the words matching a prefix
-    owner: str = ""  # a new session's quota owner (`SessionRecord.owner`)
-    adapt: bool | None = None  # use the writer's words (None: the session's default)
-    typed: list[str] = field(default_factory=list)  # typed forms of the `<unk>` tokens
-    prefix: str = ""  # the prefix as typed (normalized where it is matched to typed words)
-    forget: bool = False  # forget the writer's words first
-    client: str = ""  # whose share of the queue it takes (service.engine.fairness)
-    step_id: str = ""  # its id: the session's last step's id again means a retry
-    prefix_slips: np.ndarray | None = None  # per prefix id: its slip likelihood (ranks by p x it)
-    future: asyncio.Future[StepResult] = field(init=False, repr=False)
-    attempts: int = field(default=0, repr=False)
-    queued_at: float = field(default=0.0, init=False, repr=False)  # the loop's clock at submit
-    # A long step between its batches: what it has run so far (None: not started).
-    row: StepRun | None = field(default=None, init=False, repr=False)
+    A step ends exactly once (`done`): answered, failed or cancelled, whichever comes first;
+    its scheduler then hands it and its outcome to its `sink` (`StepSink`), with the other
+    steps of the batch that ended with it. A plain class with slots: one is made per request,
+    and a dataclass's `__init__` with defaults costs about twice as much.
+    """
+
+    __slots__ = (
+        "tokens",
+        "session_id",
+        "fresh",
+        "create",
+        "k",
+        "prefix_ids",
+        "owner",
+        "adapt",
+        "typed",
+        "prefix",
+        "forget",
+        "client",
+        "step_id",
+        "prefix_slips",
+        "tag",
+        "sink",
+        "done",
+        "future",
+        "attempts",
+        "queued_at",
+        "row",
+    )
+
+    def __init__(
+        self,
+        tokens: list[int],  # ids of the text's tokens (may be empty)
+        session_id: str | None = None,  # None: a stateless context (predict)
+        fresh: bool = False,  # start the session's context afresh (reset)
+        create: bool = False,  # a new session: it must not exist yet
+        k: int = 5,
+        prefix_ids: np.ndarray | None = None,  # sorted ids of the words matching a prefix
+        owner: str = "",  # a new session's quota owner (`SessionRecord.owner`)
+        adapt: bool | None = None,  # use the writer's words (None: the session's default)
+        typed: list[str] | None = None,  # typed forms of the `<unk>` tokens (None: none)
+        prefix: str = "",  # the prefix as typed (normalized where it is matched to typed words)
+        forget: bool = False,  # forget the writer's words first
+        client: str = "",  # whose share of the queue it takes (service.engine.fairness)
+        step_id: str = "",  # its id: the session's last step's id again means a retry
+        prefix_slips: np.ndarray | None = None,  # per prefix id: its slip likelihood
+        tag: int = 0,  # its owner's name for it (the core: the request id)
+    ) -> None:
+        self.tokens = tokens
+        self.session_id = session_id
+        self.fresh = fresh
+        self.create = create
+        self.k = k
+        self.prefix_ids = prefix_ids
+        self.owner = owner
+        self.adapt = adapt
+        self.typed: list[str] = [] if typed is None else typed
+        self.prefix = prefix
+        self.forget = forget
+        self.client = client
+        self.step_id = step_id
+        self.prefix_slips = prefix_slips  # ranks by p x it
+        self.tag = tag
+        # Set when it is queued (`StepBatcher.submit_many` / `submit`):
+        self.sink: StepSink | None = None  # where it goes once it ends
+        self.done = False  # it ended (answered, failed or cancelled): never ends again
+        # Only for a step queued by `StepBatcher.submit` (the awaitable API): its future.
+        self.future: asyncio.Future[StepResult] | None = None
+        self.attempts = 0  # compare-and-set conflicts lost so far
+        self.queued_at = 0.0  # the loop's clock at submit
+        # A long step between its batches: what it has run so far (None: not started).
+        self.row: StepRun | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"Step(tokens={self.tokens!r}, session_id={self.session_id!r}, k={self.k}, "
+            f"tag={self.tag}, done={self.done})"
+        )
 
     @classmethod
     def from_request(cls, request: StepRequest) -> Step:
-        """The step a wire request asks for (the one place its fields are read)."""
+        """The step a wire request asks for (the one place its fields are read); its `tag`
+        is the request id."""
         ids = None if request.prefix_ids is None else np.frombuffer(request.prefix_ids, np.int64)
         slips = None
         if request.prefix_slips is not None:
             slips = np.frombuffer(request.prefix_slips, dtype=np.float32)
             if ids is None or len(slips) != len(ids):
                 raise BadInput("prefix_slips must give one likelihood per prefix id")
+        # Positional: a call with keywords costs about twice as much, once per request.
         return cls(
             request.tokens,
-            session_id=request.session_id,
-            fresh=request.fresh,
-            create=request.create,
-            k=request.k,
-            prefix_ids=ids,
-            owner=request.owner,
-            adapt=request.adapt,
-            typed=request.typed,
-            prefix=request.prefix,
-            forget=request.forget,
-            client=request.client,
-            step_id=request.step_id,
-            prefix_slips=slips,
+            request.session_id,
+            request.fresh,
+            request.create,
+            request.k,
+            ids,
+            request.owner,
+            request.adapt,
+            request.typed,
+            request.prefix,
+            request.forget,
+            request.client,
+            request.step_id,
+            slips,
+            request.request_id,
         )
 
 
@@ -78,6 +139,16 @@ class StepResult:
     record: SessionRecord | None  # None for a stateless step
     words: tuple[str, ...] = ()  # the typed words an id >= V refers to (V + j: words[j])
     last_token: int = -1  # the context's last token (the end-of-sentence id at its start)
+
+
+# How a step ended: its result, the error it failed with, or None: cancelled (its client
+# went away; nothing is owed to it).
+Outcome = StepResult | NextwordError | None
+
+# Where ended steps go: called by the scheduler, on its event loop, synchronously, with
+# the steps that ended together (a batch's answers, its failures) and their outcomes, each
+# step once in its life. It must not raise.
+StepSink = Callable[[list[Step], list[Outcome]], None]
 
 
 # A state during a batch: host arrays (each (L, H)), or a pool row (an int) with a state

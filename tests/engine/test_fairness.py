@@ -61,3 +61,17 @@ def test_retry_after_comes_from_the_error_when_it_has_one() -> None:
     assert retry_headers(Overloaded("over your share", retry_after_s=7.2)) == {"Retry-After": "8"}
     crossed = error_from_code("overloaded", "over your share", 12.0)  # from the engine
     assert isinstance(crossed, Overloaded) and retry_headers(crossed) == {"Retry-After": "12"}
+
+
+def test_a_batch_leaves_the_shares_in_one_call_as_its_steps_would_one_by_one() -> None:
+    clock = Clock()
+    shares = QueueShares(max_queue=10, share=0.5, rate=DrainRate(clock))
+    for client in ("alice", "alice", "bob", "alice", "bob", ""):
+        shares.admit(client, "lstm")
+    shares.release_many(["alice", "", "bob", "alice"], answered=3)
+    assert shares.held == {"alice": 1, "bob": 1}
+    shares.release_many(["alice", "bob"], answered=0)  # failed or cancelled: not drained
+    assert shares.held == {}
+    shares.release_many(["", ""], answered=2)  # no client holds a share: only the rate
+    clock.now += 1.0
+    assert shares.rate.per_second() == pytest.approx(5.0)
