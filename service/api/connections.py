@@ -353,6 +353,12 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
             data = self.pending + data
             self.pending = b""
         conn = self.conn
+        if self.close_sent or conn.state is not State.OPEN:
+            # Our close is sent (the app's `websocket.close`): `websockets` reads on for the
+            # client's close, and answers its pings meanwhile; a text is dropped either way.
+            self.framing = False
+            super().data_received(data)
+            return
         limit = cast(int, conn.max_message_size)
         size = len(data)
         at = 0

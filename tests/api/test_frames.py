@@ -257,9 +257,12 @@ UPGRADE_REQUEST = (
 )
 
 
-def replay(chunks: list[bytes], framing: bool) -> tuple[list[tuple[object, ...]], bytes, bool]:
+def replay(
+    chunks: list[bytes], framing: bool, close_before: int | None = None
+) -> tuple[list[tuple[object, ...]], bytes, bool]:
     """What an accepted `WebSocketProtocol` makes of `chunks` (the client's reads): the
-    messages queued for the app, the bytes written back, and whether it closed."""
+    messages queued for the app, the bytes written back, and whether it closed. With
+    `close_before`, the app closes the connection (1001) before that read."""
     from uvicorn.server import ServerState
 
     from service.api.connections import ConnectionLimits, LimitedConfig, WebSocketProtocol
@@ -287,17 +290,23 @@ def replay(chunks: list[bytes], framing: bool) -> tuple[list[tuple[object, ...]]
         assert protocol.framing  # the read held exactly the upgrade request
         protocol.framing = framing
         start = len(transport.written)
-        for chunk in chunks:
+        for i, chunk in enumerate(chunks):
+            if i == close_before and not transport.closed:
+                await protocol.send({"type": "websocket.close", "code": 1001})
             if transport.closed:
                 break
             protocol.data_received(chunk)
+        closed = transport.closed  # before the app returns (uvicorn closes then)
         queued = []
         while not protocol.queue.empty():
             message = await protocol.queue.get()
             queued.append((message["type"], message.get("text"), message.get("bytes")))
         done.set_result(None)
         await asyncio.gather(*protocol.tasks)
-        return queued, b"".join(transport.written[start:]), transport.closed
+        for timer in (protocol.close_timer, protocol.abort_timer):
+            if timer is not None:
+                timer.cancel()  # our close's deadlines: not waited for here
+        return queued, b"".join(transport.written[start:]), closed
 
     return asyncio.run(run())
 
@@ -431,3 +440,180 @@ def test_sending_after_the_clients_close_raises_an_os_error() -> None:
         await asyncio.gather(*protocol.tasks)
 
     asyncio.run(run())
+
+
+# --- hostile shapes, against the websockets parser --------------------------------------
+
+
+def raw_frame(
+    first: int,
+    payload: bytes,
+    *,
+    masked: bool = True,
+    width: int = 0,
+    declared: int | None = None,
+) -> bytes:
+    """A frame with every header field given: the first byte as is (FIN, RSV bits, opcode),
+    the length in `width` bytes (0: the shortest form; 2 or 8: a longer one than needed)
+    and `declared` as the length (default: the payload's, which may then be cut short)."""
+    n = len(payload) if declared is None else declared
+    bit = 0x80 if masked else 0
+    if width == 0 and n < 126:
+        head = bytes((first, bit | n))
+    elif width in (0, 2) and n < 65536:
+        head = struct.pack("!BBH", first, bit | 126, n)
+    else:
+        head = struct.pack("!BBQ", first, bit | 127, n)
+    if not masked:
+        return head + payload
+    key = os.urandom(4)
+    return head + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+
+
+def hostile_frames(rng: random.Random) -> list[bytes]:
+    """A client's frames with what RFC 6455 allows at its edges and what it forbids: long
+    length forms, sizes at and over the limit, RSV bits, reserved opcodes, unmasked frames,
+    fragments with control frames between them and UTF-8 cut between them, 2^63 lengths,
+    bad closes, data after a close. A mistake that fails the connection may come anywhere;
+    a text that is not UTF-8 ends the list (see `random_frames`)."""
+    frames: list[bytes] = []
+    fin_text = 0x80 | TEXT
+    for _ in range(rng.randint(1, 10)):
+        size = rng.choice([0, 1, 125, 126, 127, 65535 % LIMIT, LIMIT - 1, LIMIT])
+        text = ("é" * LIMIT).encode()[:size]
+        if len(text) < size:
+            text += b"a" * (size - len(text))
+        if text.endswith(b"\xc3"):
+            text = text[:-1] + b"a"
+        shape = rng.randrange(24)
+        if shape < 6:
+            frames.append(raw_frame(fin_text, text))
+        elif shape == 6:  # a longer length form than needed (allowed)
+            frames.append(raw_frame(fin_text, text, width=rng.choice([2, 8])))
+        elif shape == 7:
+            frames.append(raw_frame(fin_text, b"x" * (LIMIT + 1), width=rng.choice([0, 8])))
+        elif shape == 8:  # an RSV bit without an extension
+            frames.append(raw_frame(fin_text | rng.choice([0x40, 0x20, 0x10]), text))
+        elif shape == 9:  # a reserved opcode
+            frames.append(raw_frame(0x80 | rng.choice([3, 7, 0xB, 0xF]), text[:100]))
+        elif shape == 10:  # unmasked: text, ping or close
+            opcode = rng.choice([TEXT, PING, CLOSE])
+            frames.append(raw_frame(0x80 | opcode, b"\x03\xe8" * 3, masked=False))
+        elif shape == 11:  # a length of 2^63 or more, then a few bytes
+            declared = rng.choice([2**63, 2**64 - 1, 2**63 + 5])
+            frames.append(raw_frame(fin_text, b"abc", declared=declared, width=8))
+        elif shape in (12, 13):  # fragments, control frames between them, UTF-8 cut
+            parts = rng.randint(2, 4)
+            cuts = sorted(rng.randint(0, len(text)) for _ in range(parts - 1))
+            pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
+            for i, piece in enumerate(pieces):
+                last = i == len(pieces) - 1
+                opcode = TEXT if i == 0 else CONT
+                frames.append(raw_frame((0x80 if last else 0) | opcode, piece))
+                if not last and rng.random() < 0.5:
+                    frames.append(raw_frame(0x80 | rng.choice([PING, PONG]), os.urandom(3)))
+        elif shape == 14:  # fragments that are not UTF-8 together (1007)
+            frames.append(raw_frame(TEXT, b'{"text": "\xc3'))
+            frames.append(raw_frame(0x80 | CONT, b'("}'))
+            return frames  # as below: uvicorn may handle what follows in the read first
+        elif shape == 15:  # fragments over the limit together (1009)
+            frames.append(raw_frame(TEXT, b"x" * (LIMIT // 2 + 1)))
+            frames.append(raw_frame(0x80 | CONT, b"x" * (LIMIT // 2)))
+        elif shape == 16:  # a continuation without a start, or a data frame inside one
+            if rng.random() < 0.5:
+                frames.append(raw_frame(0x80 | CONT, b"x"))
+            else:
+                frames.append(raw_frame(TEXT, b"x") + raw_frame(0x80 | BINARY, b"y"))
+        elif shape == 17:  # a control frame too long, or fragmented
+            if rng.random() < 0.5:
+                frames.append(raw_frame(0x80 | PING, b"p" * 126))
+            else:
+                frames.append(raw_frame(PING, b"p"))
+        elif shape == 18:
+            frames.append(raw_frame(0x80 | BINARY, os.urandom(rng.choice([0, 10, LIMIT]))))
+        elif shape == 19:
+            frames.append(
+                raw_frame(0x80 | rng.choice([PING, PONG]), os.urandom(rng.randint(0, 125)))
+            )
+        elif shape == 20:  # a close, good or bad, then more data
+            payload = rng.choice(
+                [b"", struct.pack("!H", 1000), b"\x03", struct.pack("!H", 999), b"\x03\xe8\xff"]
+            )
+            frames.append(raw_frame(0x80 | CLOSE, payload))
+            frames.append(raw_frame(fin_text, b'{"text": "late"}'))
+            frames.append(raw_frame(0x80 | PING, b"late"))
+        elif shape == 21:  # garbage (not even a header that makes sense)
+            frames.append(os.urandom(rng.randint(1, 20)))
+        elif shape == 22:  # not UTF-8 in one frame: closed with 1007, the rest ignored
+            frames.append(raw_frame(fin_text, b'{"text": "\xed\xa0\x80"}'))
+            return frames
+        else:
+            frames.append(raw_frame(fin_text, b'{"text": "the", "id": 1}'))
+    if rng.random() < 0.3:
+        frames.append(raw_frame(0x80 | CLOSE, struct.pack("!H", 1000)))
+    return frames
+
+
+def cut_reads(rng: random.Random, frames: list[bytes]) -> list[bytes]:
+    """The frames' bytes cut into reads: at random places, at every byte, or inside the
+    headers and mask keys (a read that ends after 1 to 14 bytes of a frame)."""
+    stream = b"".join(frames)
+    how = rng.random()
+    if how < 0.2 and len(stream) < 2000:
+        return [stream[i : i + 1] for i in range(len(stream))]
+    if how < 0.6:
+        starts = [0]
+        for data in frames:
+            starts.append(starts[-1] + len(data))
+        places = {s + rng.randint(1, 14) for s in starts}
+    else:
+        places = set(rng.sample(range(1, max(2, len(stream))), min(30, len(stream) // 2)))
+    cuts = sorted(p for p in places if 0 < p < len(stream))
+    return [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)])]
+
+
+def assert_same_handling(chunks: list[bytes], close_before: int | None = None) -> None:
+    """The reader and the websockets parser write the same bytes back, close alike and
+    queue the same messages (but for a failure: the texts read before it may be queued too,
+    never answered, as the disconnect follows them)."""
+    framed = replay(chunks, True, close_before)
+    parsed = replay(chunks, False, close_before)
+    assert framed[1:] == parsed[1:]
+    disconnect = ("websocket.disconnect", None, None)
+    if disconnect not in parsed[0]:
+        assert framed[0] == parsed[0]
+        return
+    at, framed_at = parsed[0].index(disconnect), framed[0].index(disconnect)
+    assert framed[0][framed_at:] == parsed[0][at:]
+    assert framed[0][:at] == parsed[0][:at]
+    assert all(kind == "websocket.receive" for kind, _, _ in framed[0][at:framed_at])
+
+
+@pytest.mark.parametrize("seed", range(150))
+def test_hostile_frames_are_handled_as_the_websockets_parser_handles_them(seed: int) -> None:
+    rng = random.Random(1000 + seed)
+    assert_same_handling(cut_reads(rng, hostile_frames(rng)))
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_frames_after_our_close_are_handled_as_the_websockets_parser_handles_them(
+    seed: int,
+) -> None:
+    rng = random.Random(5000 + seed)
+    chunks = cut_reads(rng, hostile_frames(rng) if seed % 2 else random_frames(rng))
+    assert_same_handling(chunks, close_before=rng.randint(0, len(chunks) - 1))
+
+
+@pytest.mark.parametrize("framing", [True, False])
+def test_after_our_close_the_clients_close_read_with_a_text_ends_the_connection(
+    framing: bool,
+) -> None:
+    # The app closed (a drain: 1001); the client had a message on the way, then echoes the
+    # close. Its close is read (the connection ends now, not at the close timeout) and a
+    # ping read with the text is answered.
+    read = message(text="late") + frame(PING, b"hi") + frame(CLOSE, struct.pack("!H", 1001))
+    queued, written, closed = replay([read], framing, close_before=0)
+    assert queued == [("websocket.disconnect", None, None)]
+    assert written.startswith(b"\x88\x02\x03\xe9")  # our close
+    assert written.endswith(b"\x8a\x02hi")
+    assert closed
