@@ -258,11 +258,12 @@ UPGRADE_REQUEST = (
 
 
 def replay(
-    chunks: list[bytes], framing: bool, close_before: int | None = None
+    chunks: list[bytes], framing: bool, close_before: int | None = None, early: int = 0
 ) -> tuple[list[tuple[object, ...]], bytes, bool]:
     """What an accepted `WebSocketProtocol` makes of `chunks` (the client's reads): the
     messages queued for the app, the bytes written back, and whether it closed. With
-    `close_before`, the app closes the connection (1001) before that read."""
+    `close_before`, the app closes the connection (1001) before that read; the first
+    `early` reads come before the app accepts (the bytes written then include the 101)."""
     from uvicorn.server import ServerState
 
     from service.api.connections import ConnectionLimits, LimitedConfig, WebSocketProtocol
@@ -286,11 +287,20 @@ def replay(
         transport = RecordingTransport()
         protocol.connection_made(transport)  # type: ignore[arg-type]
         protocol.data_received(UPGRADE_REQUEST)
-        await accepted
         assert protocol.framing  # the read held exactly the upgrade request
         protocol.framing = framing
-        start = len(transport.written)
-        for i, chunk in enumerate(chunks):
+        for chunk in chunks[:early]:  # the client did not wait for the handshake's answer
+            if not transport.closed:
+                try:
+                    protocol.data_received(chunk)
+                except AssertionError:
+                    # uvicorn's, on a protocol error before the accept (websockets sent no
+                    # close then); asyncio's transport closes the connection.
+                    transport.written.append(b"<data_received failed>")
+                    transport.closed = True
+        await accepted
+        start = 0 if early else len(transport.written)
+        for i, chunk in enumerate(chunks[early:], early):
             if i == close_before and not transport.closed:
                 await protocol.send({"type": "websocket.close", "code": 1001})
             if transport.closed:
@@ -302,7 +312,9 @@ def replay(
             message = await protocol.queue.get()
             queued.append((message["type"], message.get("text"), message.get("bytes")))
         done.set_result(None)
-        await asyncio.gather(*protocol.tasks)
+        # (Where the client failed the connection before the accept, uvicorn's own handling
+        # may raise in the app's task: alike both ways, seen in what is written.)
+        await asyncio.gather(*protocol.tasks, return_exceptions=bool(early))
         for timer in (protocol.close_timer, protocol.abort_timer):
             if timer is not None:
                 timer.cancel()  # our close's deadlines: not waited for here
@@ -452,6 +464,7 @@ def raw_frame(
     masked: bool = True,
     width: int = 0,
     declared: int | None = None,
+    key: bytes | None = None,
 ) -> bytes:
     """A frame with every header field given: the first byte as is (FIN, RSV bits, opcode),
     the length in `width` bytes (0: the shortest form; 2 or 8: a longer one than needed)
@@ -466,7 +479,7 @@ def raw_frame(
         head = struct.pack("!BBQ", first, bit | 127, n)
     if not masked:
         return head + payload
-    key = os.urandom(4)
+    key = key or os.urandom(4)
     return head + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
 
 
@@ -478,6 +491,10 @@ def hostile_frames(rng: random.Random) -> list[bytes]:
     a text that is not UTF-8 ends the list (see `random_frames`)."""
     frames: list[bytes] = []
     fin_text = 0x80 | TEXT
+
+    def raw(first: int, payload: bytes, **fields: Any) -> bytes:
+        return raw_frame(first, payload, key=rng.randbytes(4), **fields)  # seeded
+
     for _ in range(rng.randint(1, 10)):
         size = rng.choice([0, 1, 125, 126, 127, 65535 % LIMIT, LIMIT - 1, LIMIT])
         text = ("é" * LIMIT).encode()[:size]
@@ -487,21 +504,21 @@ def hostile_frames(rng: random.Random) -> list[bytes]:
             text = text[:-1] + b"a"
         shape = rng.randrange(24)
         if shape < 6:
-            frames.append(raw_frame(fin_text, text))
+            frames.append(raw(fin_text, text))
         elif shape == 6:  # a longer length form than needed (allowed)
-            frames.append(raw_frame(fin_text, text, width=rng.choice([2, 8])))
+            frames.append(raw(fin_text, text, width=rng.choice([2, 8])))
         elif shape == 7:
-            frames.append(raw_frame(fin_text, b"x" * (LIMIT + 1), width=rng.choice([0, 8])))
+            frames.append(raw(fin_text, b"x" * (LIMIT + 1), width=rng.choice([0, 8])))
         elif shape == 8:  # an RSV bit without an extension
-            frames.append(raw_frame(fin_text | rng.choice([0x40, 0x20, 0x10]), text))
+            frames.append(raw(fin_text | rng.choice([0x40, 0x20, 0x10]), text))
         elif shape == 9:  # a reserved opcode
-            frames.append(raw_frame(0x80 | rng.choice([3, 7, 0xB, 0xF]), text[:100]))
+            frames.append(raw(0x80 | rng.choice([3, 7, 0xB, 0xF]), text[:100]))
         elif shape == 10:  # unmasked: text, ping or close
             opcode = rng.choice([TEXT, PING, CLOSE])
-            frames.append(raw_frame(0x80 | opcode, b"\x03\xe8" * 3, masked=False))
+            frames.append(raw(0x80 | opcode, b"\x03\xe8" * 3, masked=False))
         elif shape == 11:  # a length of 2^63 or more, then a few bytes
             declared = rng.choice([2**63, 2**64 - 1, 2**63 + 5])
-            frames.append(raw_frame(fin_text, b"abc", declared=declared, width=8))
+            frames.append(raw(fin_text, b"abc", declared=declared, width=8))
         elif shape in (12, 13):  # fragments, control frames between them, UTF-8 cut
             parts = rng.randint(2, 4)
             cuts = sorted(rng.randint(0, len(text)) for _ in range(parts - 1))
@@ -509,48 +526,46 @@ def hostile_frames(rng: random.Random) -> list[bytes]:
             for i, piece in enumerate(pieces):
                 last = i == len(pieces) - 1
                 opcode = TEXT if i == 0 else CONT
-                frames.append(raw_frame((0x80 if last else 0) | opcode, piece))
+                frames.append(raw((0x80 if last else 0) | opcode, piece))
                 if not last and rng.random() < 0.5:
-                    frames.append(raw_frame(0x80 | rng.choice([PING, PONG]), os.urandom(3)))
+                    frames.append(raw(0x80 | rng.choice([PING, PONG]), rng.randbytes(3)))
         elif shape == 14:  # fragments that are not UTF-8 together (1007)
-            frames.append(raw_frame(TEXT, b'{"text": "\xc3'))
-            frames.append(raw_frame(0x80 | CONT, b'("}'))
+            frames.append(raw(TEXT, b'{"text": "\xc3'))
+            frames.append(raw(0x80 | CONT, b'("}'))
             return frames  # as below: uvicorn may handle what follows in the read first
         elif shape == 15:  # fragments over the limit together (1009)
-            frames.append(raw_frame(TEXT, b"x" * (LIMIT // 2 + 1)))
-            frames.append(raw_frame(0x80 | CONT, b"x" * (LIMIT // 2)))
+            frames.append(raw(TEXT, b"x" * (LIMIT // 2 + 1)))
+            frames.append(raw(0x80 | CONT, b"x" * (LIMIT // 2)))
         elif shape == 16:  # a continuation without a start, or a data frame inside one
             if rng.random() < 0.5:
-                frames.append(raw_frame(0x80 | CONT, b"x"))
+                frames.append(raw(0x80 | CONT, b"x"))
             else:
-                frames.append(raw_frame(TEXT, b"x") + raw_frame(0x80 | BINARY, b"y"))
+                frames.append(raw(TEXT, b"x") + raw(0x80 | BINARY, b"y"))
         elif shape == 17:  # a control frame too long, or fragmented
             if rng.random() < 0.5:
-                frames.append(raw_frame(0x80 | PING, b"p" * 126))
+                frames.append(raw(0x80 | PING, b"p" * 126))
             else:
-                frames.append(raw_frame(PING, b"p"))
+                frames.append(raw(PING, b"p"))
         elif shape == 18:
-            frames.append(raw_frame(0x80 | BINARY, os.urandom(rng.choice([0, 10, LIMIT]))))
+            frames.append(raw(0x80 | BINARY, rng.randbytes(rng.choice([0, 10, LIMIT]))))
         elif shape == 19:
-            frames.append(
-                raw_frame(0x80 | rng.choice([PING, PONG]), os.urandom(rng.randint(0, 125)))
-            )
+            frames.append(raw(0x80 | rng.choice([PING, PONG]), rng.randbytes(rng.randint(0, 125))))
         elif shape == 20:  # a close, good or bad, then more data
             payload = rng.choice(
                 [b"", struct.pack("!H", 1000), b"\x03", struct.pack("!H", 999), b"\x03\xe8\xff"]
             )
-            frames.append(raw_frame(0x80 | CLOSE, payload))
-            frames.append(raw_frame(fin_text, b'{"text": "late"}'))
-            frames.append(raw_frame(0x80 | PING, b"late"))
+            frames.append(raw(0x80 | CLOSE, payload))
+            frames.append(raw(fin_text, b'{"text": "late"}'))
+            frames.append(raw(0x80 | PING, b"late"))
         elif shape == 21:  # garbage (not even a header that makes sense)
-            frames.append(os.urandom(rng.randint(1, 20)))
+            frames.append(rng.randbytes(rng.randint(1, 20)))
         elif shape == 22:  # not UTF-8 in one frame: closed with 1007, the rest ignored
-            frames.append(raw_frame(fin_text, b'{"text": "\xed\xa0\x80"}'))
+            frames.append(raw(fin_text, b'{"text": "\xed\xa0\x80"}'))
             return frames
         else:
-            frames.append(raw_frame(fin_text, b'{"text": "the", "id": 1}'))
+            frames.append(raw(fin_text, b'{"text": "the", "id": 1}'))
     if rng.random() < 0.3:
-        frames.append(raw_frame(0x80 | CLOSE, struct.pack("!H", 1000)))
+        frames.append(raw(0x80 | CLOSE, struct.pack("!H", 1000)))
     return frames
 
 
@@ -572,14 +587,25 @@ def cut_reads(rng: random.Random, frames: list[bytes]) -> list[bytes]:
     return [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)])]
 
 
-def assert_same_handling(chunks: list[bytes], close_before: int | None = None) -> None:
+def assert_same_handling(
+    chunks: list[bytes], close_before: int | None = None, early: int = 0
+) -> None:
     """The reader and the websockets parser write the same bytes back, close alike and
     queue the same messages (but for a failure: the texts read before it may be queued too,
-    never answered, as the disconnect follows them)."""
-    framed = replay(chunks, True, close_before)
-    parsed = replay(chunks, False, close_before)
-    assert framed[1:] == parsed[1:]
+    never answered, as the disconnect follows them). The arguments are `replay`'s."""
+    framed = replay(chunks, True, close_before, early)
+    parsed = replay(chunks, False, close_before, early)
+    if b"<data_received failed>" not in parsed[1]:
+        assert framed[1:] == parsed[1:]
     disconnect = ("websocket.disconnect", None, None)
+    if b"<data_received failed>" in parsed[1]:  # see `replay`: no disconnect queued
+        # uvicorn failed on a frame of the read: the frames before it are handled here
+        # (texts queued, pings answered), not there.
+        assert framed[1].endswith(b"<data_received failed>") and framed[2]
+        at = len(parsed[0])
+        assert framed[0][:at] == parsed[0]
+        assert all(kind == "websocket.receive" for kind, _, _ in framed[0][at:])
+        return
     if disconnect not in parsed[0]:
         assert framed[0] == parsed[0]
         return
@@ -617,3 +643,69 @@ def test_after_our_close_the_clients_close_read_with_a_text_ends_the_connection(
     assert written.startswith(b"\x88\x02\x03\xe9")  # our close
     assert written.endswith(b"\x8a\x02hi")
     assert closed
+
+
+def test_a_frame_read_a_byte_at_a_time_is_parsed_once_whole(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # What is held is not parsed again at each read (the square of a frame's length for
+    # a client that sends it in small pieces): once for its first byte, once for its
+    # header, once whole.
+    from service.api.connections import WebSocketProtocol
+
+    holds: list[int] = []
+    hold = WebSocketProtocol.hold
+
+    def counting(self: WebSocketProtocol, data: bytes, at: int, needed: int) -> None:
+        holds.append(needed)
+        hold(self, data, at, needed)
+
+    monkeypatch.setattr(WebSocketProtocol, "hold", counting)
+    body = json.dumps({"text": "é" * (LIMIT // 2 - 10)}, ensure_ascii=False).encode()
+    data = raw_frame(0x80 | TEXT, body, width=8)  # the longest header form
+    queued, written, closed = replay([data[i : i + 1] for i in range(len(data))], True)
+    assert queued == [("websocket.receive", body.decode(), None)]
+    assert (written, closed) == (b"", False)
+    assert holds == [2, 10, len(data)]
+
+
+@pytest.mark.parametrize("first", [0x80 | TEXT, 0x80 | BINARY, 0x80 | PING, 0x80 | 0x3])
+def test_a_wrong_frame_is_failed_on_its_first_two_bytes(first: int) -> None:
+    # Unmasked (or a reserved opcode), its long length not sent yet: websockets fails it
+    # at once, and so does the reader (it holds back only a text frame's header).
+    head = raw_frame(first, b"", masked=first == 0x83, width=8)[:2]
+    assert_same_handling([head])
+    _, written, closed = replay([head], True)
+    assert closed and written.startswith(b"\x88")
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_frames_sent_before_the_accept_are_handled_as_the_websockets_parser_handles_them(
+    seed: int,
+) -> None:
+    rng = random.Random(7000 + seed)
+    chunks = cut_reads(rng, hostile_frames(rng) if seed % 2 else random_frames(rng))
+    assert_same_handling(chunks, early=rng.randint(1, len(chunks)))
+
+
+def test_texts_sent_before_the_accept_keep_the_frame_reader_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A client that sends its first messages with its upgrade request (before the 101):
+    # the reader queues them and reads on; none of them goes through websockets.
+    from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+
+    parsed: list[bytes] = []
+    parse = WebSocketsSansIOProtocol.data_received
+
+    def counting(self: WebSocketsSansIOProtocol, data: bytes) -> None:
+        parsed.append(data)
+        parse(self, data)
+
+    monkeypatch.setattr(WebSocketsSansIOProtocol, "data_received", counting)
+    reads = [message(text="the", id=1), message(text="cat", id=2)]
+    queued, written, closed = replay(reads, True, early=1)
+    texts = [json.dumps({"text": "the", "id": 1}), json.dumps({"text": "cat", "id": 2})]
+    assert queued == [("websocket.receive", text, None) for text in texts]
+    assert written.startswith(b"HTTP/1.1 101") and not closed
+    assert parsed == [UPGRADE_REQUEST]
