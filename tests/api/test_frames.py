@@ -241,13 +241,17 @@ class RecordingTransport:
         self.closed = True
 
     def pause_reading(self) -> None:
-        pass
+        self.pauses += 1
+        self.paused = True
 
     def resume_reading(self) -> None:
-        pass
+        self.paused = False
 
     def can_write_eof(self) -> bool:
         return False
+
+    pauses = 0  # how many times reading was paused
+    paused = False
 
 
 UPGRADE_REQUEST = (
@@ -709,3 +713,93 @@ def test_texts_sent_before_the_accept_keep_the_frame_reader_on(
     assert queued == [("websocket.receive", text, None) for text in texts]
     assert written.startswith(b"HTTP/1.1 101") and not closed
     assert parsed == [UPGRADE_REQUEST]
+
+
+async def accepted_protocol(limits: Any = None) -> tuple[Any, RecordingTransport, Any]:
+    """A `WebSocketProtocol` over a `RecordingTransport`, its upgrade accepted by an app
+    that then waits (it reads nothing more) until the returned future is set."""
+    from uvicorn.server import ServerState
+
+    from service.api.connections import ConnectionLimits, LimitedConfig, WebSocketProtocol
+
+    loop = asyncio.get_running_loop()
+    accepted = loop.create_future()
+    done = loop.create_future()
+
+    async def app(scope: object, receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "websocket.accept"})
+        accepted.set_result(None)
+        await done
+
+    config = LimitedConfig(
+        app, ws_max_size=LIMIT, lifespan="off", limits=limits or ConnectionLimits()
+    )
+    config.load()
+    protocol = WebSocketProtocol(config, ServerState(), {}, loop)  # type: ignore[arg-type]
+    transport = RecordingTransport()
+    protocol.connection_made(transport)  # type: ignore[arg-type]
+    protocol.data_received(UPGRADE_REQUEST)
+    await accepted
+    return protocol, transport, done
+
+
+@pytest.mark.parametrize("framing", [True, False])
+def test_a_client_that_sends_faster_than_the_app_reads_is_paused(framing: bool) -> None:
+    # Memory stays bounded: reading pauses once READ_AHEAD messages wait (a read's
+    # messages are queued whole, as uvicorn does), and resumes when the app has taken them.
+    from service.api.inbox import READ_AHEAD
+
+    async def run() -> None:
+        protocol, transport, done = await accepted_protocol()
+        protocol.framing = framing
+        texts = [message(text="the", id=i) for i in range(3 * READ_AHEAD)]
+        protocol.data_received(b"".join(texts))  # one read: its messages queued whole
+        assert len(protocol.queue) == 3 * READ_AHEAD
+        assert transport.paused and transport.pauses == 1
+        for _ in range(3 * READ_AHEAD):
+            assert transport.paused
+            await protocol.receive()
+        assert not transport.paused
+        done.set_result(None)
+        await asyncio.gather(*protocol.tasks)
+
+    asyncio.run(run())
+
+
+def test_the_direct_sender_refuses_once_our_close_is_sent() -> None:
+    async def run() -> None:
+        protocol, transport, done = await accepted_protocol()
+        await protocol.send({"type": "websocket.close", "code": 1001})
+        written = len(transport.written)
+        with pytest.raises(OSError):
+            await protocol.send_text(b'{"a": 1}')
+        assert len(transport.written) == written  # nothing after our close frame
+        done.set_result(None)
+        await asyncio.gather(*protocol.tasks)
+        protocol.close_timer.cancel()
+        protocol.abort_timer.cancel()
+
+    asyncio.run(run())
+
+
+def test_a_send_waiting_on_a_client_that_does_not_read_ends_when_the_timeout_aborts() -> None:
+    from service.api.connections import ConnectionLimits
+
+    async def run() -> None:
+        protocol, transport, done = await accepted_protocol(
+            ConnectionLimits(ws_send_timeout_s=0.05)
+        )
+        protocol.pause_writing()  # the send buffer is over its high-water mark
+        sending = asyncio.ensure_future(protocol.send_text(b'{"a": 1}'))
+        while not transport.closed:  # the send timer aborts the connection
+            await asyncio.sleep(0.01)
+        assert not sending.done() and transport.written[-1].startswith(b"HTTP/1.1 101")
+        protocol.connection_lost(None)  # what asyncio's transport calls after its abort
+        with pytest.raises(OSError):
+            await sending
+        assert transport.written[-1].startswith(b"HTTP/1.1 101")  # the answer never framed
+        done.set_result(None)
+        await asyncio.gather(*protocol.tasks)
+
+    asyncio.run(run())
