@@ -803,3 +803,36 @@ def test_a_send_waiting_on_a_client_that_does_not_read_ends_when_the_timeout_abo
         await asyncio.gather(*protocol.tasks)
 
     asyncio.run(run())
+
+
+@pytest.mark.parametrize(
+    ("data", "code"),
+    [
+        (raw_frame(0x80 | 0x40 | TEXT, b'{"text": "a"}'), 1002),  # RSV1 without deflate
+        (raw_frame(0x80 | 0x3, b"x"), 1002),  # a reserved opcode
+        (raw_frame(0x80 | TEXT, b"abc", declared=2**63, width=8), 1009),
+        (raw_frame(0x80 | PING, b"p" * 126), 1002),  # a control frame over 125 bytes
+        (raw_frame(PING, b"p"), 1002),  # a fragmented control frame
+        (raw_frame(0x80 | PING, b"p", masked=False), 1002),
+        (raw_frame(0x80 | CONT, b"x"), 1002),  # a continuation of nothing
+        (raw_frame(0x80 | CLOSE, b"\x03"), 1002),  # a close of one byte
+        (raw_frame(0x80 | CLOSE, struct.pack("!H", 1000) + b"\xff"), 1007),
+    ],
+)
+def test_wrong_frames_close_the_stream_with_their_code(
+    client: RawClient, data: bytes, code: int
+) -> None:
+    client.sock.sendall(message(text="the", id=1))
+    (answer,) = client.answers(1)
+    assert answer["id"] == 1
+    for i in range(len(data)):  # a byte at a time: the reader holds nothing wrong back
+        client.sock.sendall(data[i : i + 1])
+    assert client.close_code() == code
+
+
+def test_a_text_with_a_longer_length_form_than_needed_is_answered(client: RawClient) -> None:
+    body = json.dumps({"text": "the", "id": 4}).encode()
+    client.sock.sendall(
+        raw_frame(0x80 | TEXT, body, width=8) + raw_frame(0x80 | TEXT, body, width=2)
+    )
+    assert [a["id"] for a in client.answers(2)] == [4, 4]
