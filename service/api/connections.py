@@ -432,6 +432,19 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
         self.pending = bytearray(data[at:])
         self.needed = needed
 
+    def handle_parser_exception(self) -> None:
+        if self.conn.close_sent is None:
+            # A frame failed before the app accepted (CONNECTING): `websockets` sends no
+            # close then, and uvicorn's handler asserts that it did (a traceback at ERROR
+            # from asyncio for each such connection, the connection closed all the same).
+            # Closed here (with what websockets wrote before: pongs); `connection_lost`
+            # tells the app (1006), as for a client gone.
+            self.transport.write(b"".join(self.conn.data_to_send()))
+            self.close_sent = True
+            self.transport.close()
+            return
+        super().handle_parser_exception()
+
     def send_receive_event_to_app(self) -> None:
         # uvicorn's, but decoding a text frame once, stamping the message with its arrival
         # time, and pausing reading only when READ_AHEAD messages wait (not after each one).
