@@ -356,7 +356,10 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
 
         One difference: uvicorn handles none of a read's frames when one of them fails the
         connection; here the text frames before the bad one are queued, then the disconnect
-        (which cancels the stream's answering at once: they are never answered)."""
+        (which cancels the stream's answering at once: they are never answered). So a text
+        that is not UTF-8 read with a later bad frame closes with 1007 here, with the bad
+        frame's code (1002, 1009) there; and pings read after a text that is not UTF-8 are
+        answered there (after the 1007), not here: closed either way."""
         conn = self.conn
         if self.close_sent or conn.state in ENDING:
             # Our close is sent (the app's `websocket.close`): `websockets` reads on for the
