@@ -267,6 +267,7 @@ TEXT_FIN = 0x81
 MASKED = 0x80  # in the second byte: a client's frame is masked (RFC 6455 5.3)
 SHORT_HEADERS = [bytes((TEXT_FIN, n)) for n in range(126)]  # a server's, by payload length
 END_OF_HEAD = b"\r\n\r\n"
+ENDING = (State.CLOSING, State.CLOSED)  # a close sent or received: websockets reads on
 
 
 def text_frame(data: bytes) -> bytes:
@@ -289,7 +290,10 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
     # Whether `read_frames` splits what the client sends (from the read after its upgrade
     # request on, while the `websockets` parser stands between two frames).
     framing = False
-    pending = b""  # while framing: the start of a frame not received whole yet
+    # While framing: the start of a text frame not received whole yet, and how many bytes
+    # it needs before it can be read further (its header's, or the whole frame's).
+    pending: bytearray
+    needed = 0
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -297,6 +301,7 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
         # Python 3.11) in every `get`; a ReceiveQueue is bound to the loop given once, and
         # the stream reads it without a task of its own in between (see `handle_connect`).
         self.queue = ReceiveQueue(self.loop, READ_AHEAD)  # type: ignore[assignment]
+        self.pending = bytearray()
 
     def handle_connect(self, event: Any) -> None:
         super().handle_connect(event)
@@ -342,48 +347,65 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
         `websockets` parser's generators and `Frame` objects); any other frame received
         whole goes whole to `websockets`, which answers it as before (pings, pongs, closes,
         fragments, binary frames, protocol errors, 1009 for a frame over the limit). A text
-        frame not received whole waits in `pending`. From the first bytes that are not a
-        whole frame for `websockets` (or once its connection is no longer open), it parses
-        everything: the bytes it is given, in order, are always the client's byte stream.
+        frame not received whole waits in `pending`, which grows by each read without being
+        parsed again until it holds `needed` bytes (parsing it whole at each read would cost
+        a frame sent in small pieces the square of its length). From the first bytes that
+        are not a whole frame for `websockets` (or once our close is sent, or its connection
+        is no longer open), it parses everything: the bytes it is given, in order, are
+        always the client's byte stream.
 
         One difference: uvicorn handles none of a read's frames when one of them fails the
         connection; here the text frames before the bad one are queued, then the disconnect
-        (which cancels the stream's answering at once: they are never answered)."""
-        if self.pending:
-            data = self.pending + data
-            self.pending = b""
+        (which cancels the stream's answering at once: they are never answered). So a text
+        that is not UTF-8 read with a later bad frame closes with 1007 here, with the bad
+        frame's code (1002, 1009) there; and pings read after a text that is not UTF-8 are
+        answered there (after the 1007), not here: closed either way."""
         conn = self.conn
+        if self.close_sent or conn.state in ENDING:
+            # Our close is sent (the app's `websocket.close`): `websockets` reads on for the
+            # client's close, and answers its pings meanwhile; a text is dropped either way.
+            # (Before the app accepts, CONNECTING, frames are read as when OPEN.)
+            self.framing = False
+            if self.pending:
+                data = bytes(self.pending) + data
+                self.pending = bytearray()
+            super().data_received(data)
+            return
+        if self.pending:
+            self.pending += data
+            if len(self.pending) < self.needed:
+                return
+            data = bytes(self.pending)
+            self.pending = bytearray()
         limit = cast(int, conn.max_message_size)
         size = len(data)
         at = 0
         while at < size:
             if size - at < 2:
-                self.pending = data[at:]  # a header's first byte
+                self.hold(data, at, 2)  # a header's first byte
                 return
             first = data[at]
             second = data[at + 1]
+            # An unfragmented masked text frame, not inside a fragmented message.
+            text = first == TEXT_FIN and bool(second & MASKED) and conn.current_size is None
             length = second & 0x7F
             head = at + 2
             if length >= 126:
                 wide = 2 if length == 126 else 8
                 if size - head < wide:
-                    self.pending = data[at:]
+                    if not text:
+                        break  # websockets reads it (and fails it at once if it is wrong)
+                    self.hold(data, at, 2 + wide)
                     return
                 length = int.from_bytes(data[head : head + wide], "big")
                 head += wide
             end = head + 4 + length  # a client's frame has a 4-byte mask key
-            # An unfragmented masked text frame, not inside a fragmented message: queued here.
-            if (
-                first == TEXT_FIN
-                and second & MASKED
-                and length <= limit
-                and conn.current_size is None
-            ):
+            if text and length <= limit:  # queued here
                 if end > size:
-                    self.pending = data[at:]  # bounded by the limit
+                    self.hold(data, at, end - at)  # bounded by the limit
                     return
-                text = apply_mask(data[head + 4 : end], data[head : head + 4])
-                self.queue_message(text, True)
+                payload = apply_mask(data[head + 4 : end], data[head : head + 4])
+                self.queue_message(payload, True)
                 if self.close_sent:
                     self.framing = False  # not UTF-8: closed (1007), the rest dropped
                     return
@@ -400,11 +422,31 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
                 self.framing = False
                 return
             if conn.state is not State.OPEN:
-                self.framing = False  # closing: websockets reads (or discards) the rest
+                # Closing: websockets reads (or discards) the rest. (Before the accept, a
+                # close received leaves it CONNECTING: a control frame then ends framing.)
+                self.framing = False
                 break
         if at < size:
             self.framing = False  # websockets parses from here on
             super().data_received(data[at:])
+
+    def hold(self, data: bytes, at: int, needed: int) -> None:
+        """Keep `data[at:]`, the start of a frame, until it holds `needed` bytes."""
+        self.pending = bytearray(data[at:])
+        self.needed = needed
+
+    def handle_parser_exception(self) -> None:
+        if self.conn.close_sent is None:
+            # A frame failed before the app accepted (CONNECTING): `websockets` sends no
+            # close then, and uvicorn's handler asserts that it did (a traceback at ERROR
+            # from asyncio for each such connection, the connection closed all the same).
+            # Closed here (with what websockets wrote before: pongs); `connection_lost`
+            # tells the app (1006), as for a client gone.
+            self.transport.write(b"".join(self.conn.data_to_send()))
+            self.close_sent = True
+            self.transport.close()
+            return
+        super().handle_parser_exception()
 
     def send_receive_event_to_app(self) -> None:
         # uvicorn's, but decoding a text frame once, stamping the message with its arrival
