@@ -25,7 +25,7 @@ from service.contract.tokenizer import normalize
 from service.engine import adapt
 from service.engine.runtime import StepOutput
 from service.engine.steps import Step, StepRun
-from service.store.base import SessionRecord, WordMemory
+from service.store.base import SessionRecord, WordMemory, columns_of
 
 
 @dataclass(frozen=True)
@@ -121,25 +121,21 @@ class Adaptation:
         memories after (views of rows of the batch's (B, C) arrays), whether each holds
         anything to mix, and those (B, C) keys and weights (for `prepare_columns`)."""
         params = self.params
-        capacity = params.capacity
-        none, nothing = adapt.empty_cache(1, capacity)
-        empty_keys, empty_weights = none[0], nothing[0]
+        # The batch's memories as (B, C) columns, written in place below: one copy of the
+        # columns a store read gave (its rows, in order: the usual batch), else a stack
+        # of the rows (an empty memory where a row has none).
+        columns = columns_of(memories)
+        words: list[tuple[str, ...]]
+        if columns is not None:
+            keys, weights = columns.keys.copy(), columns.weights.copy()
+            words = [memory.words for memory in memories]  # type: ignore[union-attr]
+        else:
+            keys, weights, words = self._stack(memories)
         # One pass over the rows for what only a row knows; the rest is array work.
-        keys_of: list[np.ndarray] = []
-        weights_of: list[np.ndarray] = []
-        words: list[tuple[str, ...]] = []
         lengths_of: list[int] = []
         flat: list[int] = []
         before_of: list[int] = []
-        for step, memory, start, end, last in zip(steps, memories, starts, ends, lasts):
-            if memory is None:
-                keys_of.append(empty_keys)
-                weights_of.append(empty_weights)
-                words.append(())
-            else:
-                keys_of.append(memory.keys)
-                weights_of.append(memory.weights)
-                words.append(memory.words)
+        for step, start, end, last in zip(steps, starts, ends, lasts):
             tokens = step.tokens
             if end > start:
                 lengths_of.append(end - start)
@@ -152,8 +148,6 @@ class Adaptation:
             else:
                 lengths_of.append(0)
                 before_of.append(adapt.EMPTY)  # unused: the row counts nothing
-        keys = stack_rows(keys_of)
-        weights = stack_rows(weights_of)
         if flat:
             lengths = np.array(lengths_of, dtype=np.int64)
             ids = np.array(flat, dtype=np.int64)
@@ -183,9 +177,30 @@ class Adaptation:
                 remembered,
             )
         live: list[bool] = adapt.live(keys, weights, self.vocab_size, params).tolist()
-        # Views of this batch's arrays: the store copies what it keeps.
-        after = [WordMemory(keys[i], weights[i], words[i]) for i in range(len(words))]
+        # Views of this batch's columns: the store copies what it keeps (in one write
+        # of the columns: `columns_of`).
+        after = WordMemory.rows(keys, weights, words)
         return after, live, (keys, weights)
+
+    def _stack(
+        self, memories: Sequence[WordMemory | None]
+    ) -> tuple[np.ndarray, np.ndarray, list[tuple[str, ...]]]:
+        """Memories that are not one read's columns, stacked into new (B, C) arrays (an
+        empty memory for None), and their typed words."""
+        none, nothing = adapt.empty_cache(1, self.params.capacity)
+        keys_of: list[np.ndarray] = []
+        weights_of: list[np.ndarray] = []
+        words: list[tuple[str, ...]] = []
+        for memory in memories:
+            if memory is None:
+                keys_of.append(none[0])
+                weights_of.append(nothing[0])
+                words.append(())
+            else:
+                keys_of.append(memory.keys)
+                weights_of.append(memory.weights)
+                words.append(memory.words)
+        return stack_rows(keys_of), stack_rows(weights_of), words
 
     def prepare(self, group: list[StepRun]) -> Mixing | None:
         """What a run's rows mix in (None: no row of it mixes): each mixing row's memory as

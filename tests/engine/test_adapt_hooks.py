@@ -10,6 +10,7 @@ from service.engine import adapt
 from service.engine.adapt_hooks import Adaptation
 from service.engine.runtime import StepOutput
 from service.engine.steps import Step, StepRun
+from service.store.base import WordMemory, columns_of
 
 V = 50  # a vocabulary of 50 ids; 0 is the end of sentence
 
@@ -93,3 +94,30 @@ def test_an_answer_names_its_typed_words_only_where_its_own_k_shows_one() -> Non
     assert rows[1].answer is not None and len(rows[1].answer[0]) == 1
     assert not rows[1].typed_answer
     assert not rows[2].typed_answer  # never typed it
+
+
+def test_counting_a_reads_memory_columns_equals_counting_the_memories_one_by_one() -> None:
+    hooks = adaptation()
+    steps = [Step([5, 6, 7] * 3, session_id="a"), Step([8, 9] * 3, session_id="b")]
+    first, _, _ = hooks.count_columns(steps, [None, None], [0, 0], [9, 6], [0, 0], [0, 0])
+    # As a store read gives them: rows of one pair of read-only (B, C) columns.
+    keys = np.stack([m.keys for m in first])
+    weights = np.stack([m.weights for m in first])
+    keys.flags.writeable = weights.flags.writeable = False
+    read = WordMemory.rows(keys, weights, [m.words for m in first])
+    alone = [WordMemory(m.keys.copy(), m.weights.copy(), m.words) for m in first]
+    more = [Step([7, 10], session_id="a"), Step([11, 8], session_id="b")]
+    outs = [
+        hooks.count_columns(more, memories, [0, 0], [2, 2], [7, 9], [0, 0])
+        for memories in (read, alone)
+    ]
+    (by_columns, live, stacked), (by_rows, live_alone, _) = outs
+    assert live == live_alone
+    for a, b in zip(by_columns, by_rows):
+        np.testing.assert_array_equal(a.keys, b.keys)
+        np.testing.assert_array_equal(a.weights, b.weights)
+    # The read's columns are left as they were; the memories after are the new columns.
+    np.testing.assert_array_equal(keys, np.stack([m.keys for m in first]))
+    columns = columns_of(by_columns)
+    assert columns is not None and columns.keys is stacked[0] and stacked[0] is not keys
+    assert 10 in by_columns[0].keys.tolist() and 11 in by_columns[1].keys.tolist()
