@@ -65,13 +65,45 @@ class Adaptation:
 
     def memory_of(self, step: Step, record: SessionRecord | None) -> WordMemory | None:
         """The memory a step starts from (its first batch): its record's, unless the step
-        starts a session or a context afresh, forgets, or the capacity changed."""
+        starts a session or a context afresh or forgets; one of another capacity as
+        `resized` gives it (None where it cannot be kept)."""
         if record is None or step.create or step.fresh or step.forget:
             return None
         memory = record.memory
         if memory is not None and len(memory.keys) != self.params.capacity:
-            return None
+            return self.resized(memory, record.last_token)
         return memory
+
+    def resized(self, memory: WordMemory, last_token: int) -> WordMemory | None:
+        """A memory stored under another capacity (the 256 slots before 512), kept in this
+        one's: its entries moved past the recency marks' slots, the rest empty, and the
+        context's last token marked as recent (the tokens before it are not known: they
+        may be raised until the next `recent` tokens are typed). Kept only where it is a
+        plain memory of words that fits (as the 256-slot memories were: no marks, no
+        pairs); None otherwise, and the session starts an empty memory.
+
+        Entries keep their weights and the typed words their slots, so the memory mixes as
+        before from the next step; a pair count starts with the words typed after it."""
+        params = self.params
+        layout = adapt.Layout.of(self.vocab_size, params)
+        keys = np.asarray(memory.keys)
+        held = keys != adapt.EMPTY
+        marks = params.recent
+        if (
+            keys.ndim != 1
+            or np.shape(memory.weights) != keys.shape
+            or not bool(layout.word_keys(keys[held]).all())
+            or int(held.sum()) > params.capacity - marks
+            or len(memory.words) > params.max_oov
+            or bool((keys[held] >= self.vocab_size + len(memory.words)).any())
+        ):
+            return None
+        new_keys, new_weights = adapt.empty_cache(1, params.capacity)
+        new_keys[0, marks : marks + int(held.sum())] = keys[held]
+        new_weights[0, marks : marks + int(held.sum())] = np.asarray(memory.weights)[held]
+        if layout.recent and 0 <= last_token < self.vocab_size and self.suggestible[last_token]:
+            new_keys[0, 0] = layout.words + last_token
+        return WordMemory(new_keys[0], new_weights[0], tuple(memory.words))
 
     def count(self, rows: list[StepRun]) -> list[bool]:
         """Count the words each row runs in this batch into its memory (one vectorised
