@@ -10,6 +10,13 @@ this module is where a batch meets it, once per batch or run, never once per row
                                   in (`Mixing`), and for a resident run the vocabulary ids
                                   whose probabilities must come out of the device
     answer(group, output, mixing) after it: the mixed answers of the rows that mix
+
+A batch's memories travel as (B, C) columns: the in-process store reads them in one gather
+per arena chunk and hands each record a view of one row (`WordMemory.rows`); `count`
+takes the rows back as the columns (`columns_of`, one copy: the read's are the records'),
+counts into them, and gives each row a view of the result, which the store writes back in
+one scatter. Memories that are not one read's rows in order (a store that serializes, a
+long step's across batches) are stacked row by row, as before.
 """
 
 from __future__ import annotations
