@@ -724,34 +724,27 @@ def probability(
     return np.where(on, mixed, p_model).astype(np.float32)
 
 
-_PADDING = np.iinfo(np.int64).max  # the code of a padding candidate: after every other
-
-
 def _best(ids: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Per row of (R, N) candidates, the best k (ids, scores): higher score, then lower id.
 
-    Each id appears at most once a row (`_best_mixed` merges a word that is both a model
-    and a cache candidate first). Padding has id -1 and a negative score; rows short of k
-    are padded so (id -1, score 0); at most N columns come back.
-
-    One int64 code per candidate orders them: the score's bits inverted above the id (a
-    float32 >= 0 orders as its bits do), so that ascending codes are higher scores first,
-    then lower ids; one partition and a sort of k codes a row, no sort by id.
+    An id may appear twice (a model column and a cache column): its higher score counts.
+    Padding has id -1 and a negative score; rows short of k are padded so.
     """
-    width = ids.shape[1]
-    k = min(k, width)
-    bits = (scores + np.float32(0.0)).view(np.int32).astype(np.int64)  # (-0.0 as +0.0)
-    code = ((np.int64(0x7FFFFFFF) - bits) << 32) | ids.astype(np.int64)
-    code[scores < 0] = _PADDING
-    if k < width:
-        code = np.partition(code, k - 1, axis=1)[:, :k]
-    code.sort(axis=1)
-    padding = code == _PADDING
-    best = (np.int64(0x7FFFFFFF) - (code >> 32)).astype(np.int32).view(np.float32)
-    return (
-        np.where(padding, EMPTY, code & 0xFFFFFFFF),
-        np.where(padding, np.float32(0.0), best),
-    )
+    if ids.shape[1] > 2 * k:  # each id at most twice: the best 2k hold k distinct ids
+        part = np.argpartition(-scores, 2 * k - 1, axis=1)[:, : 2 * k]
+        ids = np.take_along_axis(ids, part, 1)
+        scores = np.take_along_axis(scores, part, 1)
+    by_id = np.lexsort((-scores, ids), axis=1)
+    ids = np.take_along_axis(ids, by_id, 1)
+    scores = np.take_along_axis(scores, by_id, 1)
+    repeat = np.zeros(ids.shape, dtype=bool)
+    repeat[:, 1:] = ids[:, 1:] == ids[:, :-1]
+    scores = np.where(repeat, np.float32(-2.0), scores)
+    order = np.lexsort((ids, -scores), axis=1)[:, :k]
+    ids = np.take_along_axis(ids, order, 1)
+    scores = np.take_along_axis(scores, order, 1)
+    shown = scores >= 0
+    return np.where(shown, ids, EMPTY), np.where(shown, scores, np.float32(0.0))
 
 
 def _best_mixed(
@@ -793,25 +786,12 @@ def _best_mixed(
     key = keys[r, c].astype(np.int64)
     shown = _shown_at(keys, r, key, suggestible, layout, params)
     r, c, key = r[shown], c[shown], key[shown]
-    ids = np.full((len(rows), k), EMPTY, dtype=np.int64)
-    ids[:] = topk_ids[:, :k]
-    model_scores = (mix.model * topk_probs[:, :k]).astype(np.float32, copy=False)
-    # A cache word among its row's model candidates is one candidate, at the higher of its
-    # two scores; the others get columns of their own after the model's k.
-    same = ids[r] == key[:, None]
-    twice = np.flatnonzero(same.any(1))
-    if len(twice):
-        at = same[twice].argmax(1)
-        rt = r[twice]
-        model_scores[rt, at] = np.maximum(model_scores[rt, at], scores[rt, c[twice]])
-        alone = np.ones(len(r), dtype=bool)
-        alone[twice] = False
-        r, c, key = r[alone], c[alone], key[alone]
     counts = np.bincount(r, minlength=len(rows))
     width = k + int(counts.max(initial=0))
-    ids = np.concatenate([ids, np.full((len(rows), width - k), EMPTY, dtype=np.int64)], axis=1)
+    ids = np.full((len(rows), width), EMPTY, dtype=np.int64)
     cand = np.full((len(rows), width), np.float32(-1.0), dtype=np.float32)
-    cand[:, :k] = model_scores
+    ids[:, :k] = topk_ids[:, :k]
+    cand[:, :k] = mix.model * topk_probs[:, :k]
     column = k + np.arange(len(r)) - (np.cumsum(counts) - counts)[r]
     ids[r, column] = key
     cand[r, column] = scores[r, c]
