@@ -17,8 +17,8 @@ int64 arrays, read and written with one gather or scatter per chunk.
 What a row costs (`python -m benchmarks.bench_memory --via store`, results in
 `benchmarks/results/memory.json`, measured before the memory columns existed, so the state
 alone): 4,096 B of state for a GRU session (2 x 1 x 512 float32, current + previous),
-16,384 B for an LSTM one (4 x 2 x 512), and the 51 B metadata record. A memory of C = 256
-slots (the bundled models) adds 2,048 B. The rows of a new chunk not yet written are
+16,384 B for an LSTM one (4 x 2 x 512), and the 51 B metadata record. A memory of C = 512
+slots (the bundled models) adds 4,096 B. The rows of a new chunk not yet written are
 allocated but, on Linux, not resident (up to half the arena just after it grew).
 
 The arena knows nothing of session ids, TTLs or owners (`service.store.index`,
