@@ -10,6 +10,13 @@ this module is where a batch meets it, once per batch or run, never once per row
                                   in (`Mixing`), and for a resident run the vocabulary ids
                                   whose probabilities must come out of the device
     answer(group, output, mixing) after it: the mixed answers of the rows that mix
+
+A batch's memories travel as (B, C) columns: the in-process store reads them in one gather
+per arena chunk and hands each record a view of one row (`WordMemory.rows`); `count`
+takes the rows back as the columns (`columns_of`, one copy: the read's are the records'),
+counts into them, and gives each row a view of the result, which the store writes back in
+one scatter. Memories that are not one read's rows in order (a store that serializes, a
+long step's across batches) are stacked row by row, as before.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from service.contract.tokenizer import normalize
 from service.engine import adapt
 from service.engine.runtime import StepOutput
 from service.engine.steps import Step, StepRun
-from service.store.base import SessionRecord, WordMemory
+from service.store.base import SessionRecord, WordMemory, columns_of
 
 
 @dataclass(frozen=True)
@@ -65,13 +72,45 @@ class Adaptation:
 
     def memory_of(self, step: Step, record: SessionRecord | None) -> WordMemory | None:
         """The memory a step starts from (its first batch): its record's, unless the step
-        starts a session or a context afresh, forgets, or the capacity changed."""
+        starts a session or a context afresh or forgets; one of another capacity as
+        `resized` gives it (None where it cannot be kept)."""
         if record is None or step.create or step.fresh or step.forget:
             return None
         memory = record.memory
         if memory is not None and len(memory.keys) != self.params.capacity:
-            return None
+            return self.resized(memory, record.last_token)
         return memory
+
+    def resized(self, memory: WordMemory, last_token: int) -> WordMemory | None:
+        """A memory stored under another capacity (the 256 slots before 512), kept in this
+        one's: its entries moved past the recency marks' slots, the rest empty, and the
+        context's last token marked as recent (the tokens before it are not known: they
+        may be raised until the next `recent` tokens are typed). Kept only where it is a
+        plain memory of words that fits (as the 256-slot memories were: no marks, no
+        pairs); None otherwise, and the session starts an empty memory.
+
+        Entries keep their weights and the typed words their slots, so the memory mixes as
+        before from the next step; a pair count starts with the words typed after it."""
+        params = self.params
+        layout = adapt.Layout.of(self.vocab_size, params)
+        keys = np.asarray(memory.keys)
+        held = keys != adapt.EMPTY
+        marks = params.recent
+        if (
+            keys.ndim != 1
+            or np.shape(memory.weights) != keys.shape
+            or not bool(layout.word_keys(keys[held]).all())
+            or int(held.sum()) > params.capacity - marks
+            or len(memory.words) > params.max_oov
+            or bool((keys[held] >= self.vocab_size + len(memory.words)).any())
+        ):
+            return None
+        new_keys, new_weights = adapt.empty_cache(1, params.capacity)
+        new_keys[0, marks : marks + int(held.sum())] = keys[held]
+        new_weights[0, marks : marks + int(held.sum())] = np.asarray(memory.weights)[held]
+        if layout.recent and 0 <= last_token < self.vocab_size and self.suggestible[last_token]:
+            new_keys[0, 0] = layout.words + last_token
+        return WordMemory(new_keys[0], new_weights[0], tuple(memory.words))
 
     def count(self, rows: list[StepRun]) -> list[bool]:
         """Count the words each row runs in this batch into its memory (one vectorised
@@ -121,25 +160,21 @@ class Adaptation:
         memories after (views of rows of the batch's (B, C) arrays), whether each holds
         anything to mix, and those (B, C) keys and weights (for `prepare_columns`)."""
         params = self.params
-        capacity = params.capacity
-        none, nothing = adapt.empty_cache(1, capacity)
-        empty_keys, empty_weights = none[0], nothing[0]
+        # The batch's memories as (B, C) columns, written in place below: one copy of the
+        # columns a store read gave (its rows, in order: the usual batch), else a stack
+        # of the rows (an empty memory where a row has none).
+        columns = columns_of(memories)
+        words: list[tuple[str, ...]]
+        if columns is not None:
+            keys, weights = columns.keys.copy(), columns.weights.copy()
+            words = [memory.words for memory in memories]  # type: ignore[union-attr]
+        else:
+            keys, weights, words = self._stack(memories)
         # One pass over the rows for what only a row knows; the rest is array work.
-        keys_of: list[np.ndarray] = []
-        weights_of: list[np.ndarray] = []
-        words: list[tuple[str, ...]] = []
         lengths_of: list[int] = []
         flat: list[int] = []
         before_of: list[int] = []
-        for step, memory, start, end, last in zip(steps, memories, starts, ends, lasts):
-            if memory is None:
-                keys_of.append(empty_keys)
-                weights_of.append(empty_weights)
-                words.append(())
-            else:
-                keys_of.append(memory.keys)
-                weights_of.append(memory.weights)
-                words.append(memory.words)
+        for step, start, end, last in zip(steps, starts, ends, lasts):
             tokens = step.tokens
             if end > start:
                 lengths_of.append(end - start)
@@ -152,8 +187,6 @@ class Adaptation:
             else:
                 lengths_of.append(0)
                 before_of.append(adapt.EMPTY)  # unused: the row counts nothing
-        keys = stack_rows(keys_of)
-        weights = stack_rows(weights_of)
         if flat:
             lengths = np.array(lengths_of, dtype=np.int64)
             ids = np.array(flat, dtype=np.int64)
@@ -183,9 +216,30 @@ class Adaptation:
                 remembered,
             )
         live: list[bool] = adapt.live(keys, weights, self.vocab_size, params).tolist()
-        # Views of this batch's arrays: the store copies what it keeps.
-        after = [WordMemory(keys[i], weights[i], words[i]) for i in range(len(words))]
+        # Views of this batch's columns: the store copies what it keeps (in one write
+        # of the columns: `columns_of`).
+        after = WordMemory.rows(keys, weights, words)
         return after, live, (keys, weights)
+
+    def _stack(
+        self, memories: Sequence[WordMemory | None]
+    ) -> tuple[np.ndarray, np.ndarray, list[tuple[str, ...]]]:
+        """Memories that are not one read's columns, stacked into new (B, C) arrays (an
+        empty memory for None), and their typed words."""
+        none, nothing = adapt.empty_cache(1, self.params.capacity)
+        keys_of: list[np.ndarray] = []
+        weights_of: list[np.ndarray] = []
+        words: list[tuple[str, ...]] = []
+        for memory in memories:
+            if memory is None:
+                keys_of.append(none[0])
+                weights_of.append(nothing[0])
+                words.append(())
+            else:
+                keys_of.append(memory.keys)
+                weights_of.append(memory.weights)
+                words.append(memory.words)
+        return stack_rows(keys_of), stack_rows(weights_of), words
 
     def prepare(self, group: list[StepRun]) -> Mixing | None:
         """What a run's rows mix in (None: no row of it mixes): each mixing row's memory as

@@ -17,8 +17,8 @@ int64 arrays, read and written with one gather or scatter per chunk.
 What a row costs (`python -m benchmarks.bench_memory --via store`, results in
 `benchmarks/results/memory.json`, measured before the memory columns existed, so the state
 alone): 4,096 B of state for a GRU session (2 x 1 x 512 float32, current + previous),
-16,384 B for an LSTM one (4 x 2 x 512), and the 51 B metadata record. A memory of C = 256
-slots (the bundled models) adds 2,048 B. The rows of a new chunk not yet written are
+16,384 B for an LSTM one (4 x 2 x 512), and the 51 B metadata record. A memory of C = 512
+slots (the bundled models) adds 4,096 B. The rows of a new chunk not yet written are
 allocated but, on Linux, not resident (up to half the arena just after it grew).
 
 The arena knows nothing of session ids, TTLs or owners (`service.store.index`,
@@ -33,7 +33,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from service.arrays import stack_rows
-from service.store.base import SessionRecord, State, WordMemory
+from service.store.base import SessionRecord, State, WordMemory, columns_of
 
 Shape = tuple[int, int, int, int]  # (S, L, H, C): arrays per session, layers, hidden, memory
 
@@ -292,7 +292,16 @@ def pack(records: list[SessionRecord], models: np.ndarray | list[int], shape: Sh
             for j, array in enumerate(record.state):
                 states[i, j] = array  # cast to float32 in the copy
     keys = weights = np.empty((len(records), 0))
-    if shape[3]:  # a memory's arrays may be any array-like `shape_of` accepts
-        keys = stack_rows([np.asarray(r.memory.keys) for r in records])  # type: ignore[union-attr]
-        weights = stack_rows([np.asarray(r.memory.weights) for r in records])  # type: ignore[union-attr]
+    if shape[3]:
+        memories = [r.memory for r in records]
+        # A batch's memories that are the rows of one (B, C) pair in order (the engine's
+        # usual write) are taken as those arrays: `write_many` copies them once, into the
+        # arena's columns. Others are stacked; their arrays may be any array-like
+        # `shape_of` accepts.
+        columns = columns_of(memories)
+        if columns is not None:
+            keys, weights = columns
+        else:
+            keys = stack_rows([np.asarray(m.keys) for m in memories])  # type: ignore[union-attr]
+            weights = stack_rows([np.asarray(m.weights) for m in memories])  # type: ignore[union-attr]
     return Rows(states, metas, keys, weights)

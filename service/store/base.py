@@ -9,8 +9,10 @@ so that a store over the network (Redis) costs one round trip each way per batch
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from itertools import repeat
+from typing import NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -30,11 +32,25 @@ class WordMemory:
     keys: np.ndarray  # (C,) int32
     weights: np.ndarray  # (C,) float32
     words: tuple[str, ...] = ()  # typed out-of-vocabulary words, as last typed
+    # Where `keys`/`weights` are row `row` of a batch's (B, C) columns (`rows`): those
+    # columns, so that the batch's memories are one pair of arrays again without a copy
+    # per row (`columns_of`). Not part of the value: a store that serializes ignores it.
+    block: MemoryColumns | None = None
+    row: int = -1
 
     @classmethod
     def empty(cls, capacity: int) -> WordMemory:
         """A memory that holds nothing yet."""
         return cls(np.full(capacity, -1, np.int32), np.zeros(capacity, np.float32))
+
+    @classmethod
+    def rows(
+        cls, keys: np.ndarray, weights: np.ndarray, words: Iterable[tuple[str, ...]]
+    ) -> list[WordMemory]:
+        """One memory per row of (B, C) `keys`/`weights` (views of them, not copies), with
+        each row's typed words; `columns_of` gives the two arrays back."""
+        block = MemoryColumns(keys, weights)
+        return list(map(cls, keys, weights, words, repeat(block), range(len(keys))))
 
     @property
     def capacity(self) -> int:
@@ -45,6 +61,31 @@ class WordMemory:
         """Bytes of the arrays and the typed words (UTF-8)."""
         words = sum(len(w.encode()) for w in self.words)
         return int(self.keys.nbytes + self.weights.nbytes) + words
+
+
+class MemoryColumns(NamedTuple):
+    """A batch's memories as columns: row b of each array is the b-th memory."""
+
+    keys: np.ndarray  # (B, C) int32
+    weights: np.ndarray  # (B, C) float32
+
+
+def columns_of(memories: Sequence[WordMemory | None]) -> MemoryColumns | None:
+    """The (B, C) arrays whose rows are `memories` in order, when they are exactly the rows
+    of one `WordMemory.rows` call (no copy: the arrays themselves); else None (a memory
+    missing, made otherwise, or the rows of another batch or order).
+
+    One identity check a memory: the price of taking a batch's memories as columns where a
+    stack would copy each row."""
+    if not memories or memories[0] is None:
+        return None
+    block = memories[0].block
+    if block is None or len(block.keys) != len(memories):
+        return None
+    for i, memory in enumerate(memories):
+        if memory is None or memory.block is not block or memory.row != i:
+            return None
+    return block
 
 
 @dataclass(eq=False, slots=True)  # states are arrays: compare fields explicitly

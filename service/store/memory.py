@@ -276,7 +276,9 @@ class MemorySessionStore:
         if arena.shape[3]:
             words = self._words
             typed = map(words.get, ids, repeat(())) if words else repeat((), n)
-            memories = map(WordMemory, list(data.keys), list(data.weights), typed)
+            # Views of the read's (B, C) columns, which they remember: the engine takes
+            # them as one pair of arrays again (`columns_of`), not row by row.
+            memories = WordMemory.rows(data.keys, data.weights, typed)
         owner_of = self._quotas.owner_of
         owners = map(owner_of.get, ids, repeat("")) if owner_of else repeat("", n)
         last_steps = self._last_steps

@@ -45,7 +45,7 @@ import numpy as np
 
 from service import metrics
 from service.errors import NextwordError, PartlyWritten, StoreUnavailable, UnknownSession
-from service.store.base import SessionRecord, SessionStore
+from service.store.base import SessionRecord, SessionStore, WordMemory
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,8 @@ def _own(record: SessionRecord, version: int) -> SessionRecord:
     would keep a whole batch's output alive)."""
     memory = record.memory
     if memory is not None:
-        memory = replace(memory, keys=np.array(memory.keys), weights=np.array(memory.weights))
+        # Arrays of its own, and so no longer the rows of a batch's columns.
+        memory = WordMemory(np.array(memory.keys), np.array(memory.weights), memory.words)
     return replace(
         record, version=version, state=tuple(np.array(a) for a in record.state), memory=memory
     )

@@ -10,6 +10,7 @@ from service.engine import adapt
 from service.engine.adapt_hooks import Adaptation
 from service.engine.runtime import StepOutput
 from service.engine.steps import Step, StepRun
+from service.store.base import SessionRecord, WordMemory, columns_of
 
 V = 50  # a vocabulary of 50 ids; 0 is the end of sentence
 
@@ -93,3 +94,63 @@ def test_an_answer_names_its_typed_words_only_where_its_own_k_shows_one() -> Non
     assert rows[1].answer is not None and len(rows[1].answer[0]) == 1
     assert not rows[1].typed_answer
     assert not rows[2].typed_answer  # never typed it
+
+
+def test_counting_a_reads_memory_columns_equals_counting_the_memories_one_by_one() -> None:
+    hooks = adaptation()
+    steps = [Step([5, 6, 7] * 3, session_id="a"), Step([8, 9] * 3, session_id="b")]
+    first, _, _ = hooks.count_columns(steps, [None, None], [0, 0], [9, 6], [0, 0], [0, 0])
+    # As a store read gives them: rows of one pair of read-only (B, C) columns.
+    keys = np.stack([m.keys for m in first])
+    weights = np.stack([m.weights for m in first])
+    keys.flags.writeable = weights.flags.writeable = False
+    read = WordMemory.rows(keys, weights, [m.words for m in first])
+    alone = [WordMemory(m.keys.copy(), m.weights.copy(), m.words) for m in first]
+    more = [Step([7, 10], session_id="a"), Step([11, 8], session_id="b")]
+    outs = [
+        hooks.count_columns(more, memories, [0, 0], [2, 2], [7, 9], [0, 0])
+        for memories in (read, alone)
+    ]
+    (by_columns, live, stacked), (by_rows, live_alone, _) = outs
+    assert live == live_alone
+    for a, b in zip(by_columns, by_rows):
+        np.testing.assert_array_equal(a.keys, b.keys)
+        np.testing.assert_array_equal(a.weights, b.weights)
+    # The read's columns are left as they were; the memories after are the new columns.
+    np.testing.assert_array_equal(keys, np.stack([m.keys for m in first]))
+    columns = columns_of(by_columns)
+    assert columns is not None and columns.keys is stacked[0] and stacked[0] is not keys
+    assert 10 in by_columns[0].keys.tolist() and 11 in by_columns[1].keys.tolist()
+
+
+def test_a_memory_stored_under_the_old_capacity_is_kept_in_the_new_one() -> None:
+    hooks = adaptation()  # 512 slots, recency marks and pairs
+    old = adapt.AdaptParams(lam=0.05, decay=0.998, window=1151, capacity=256, max_oov=64)
+    keys, weights = adapt.empty_cache(1, old.capacity)
+    text = np.array([5, 6, 7, 5, 8, 9, 5, 12] * 3, dtype=np.int64)  # past the warm-up
+    adapt.count(keys, weights, text, np.array([len(text)]), old, hooks.suggestible)
+    stored = WordMemory(keys[0].copy(), weights[0].copy(), ("Okonkwo",))
+    record = SessionRecord("s", "m", (), len(text), 0.0, 0.0, 3, last_token=12, memory=stored)
+    memory = hooks.memory_of(Step([13], session_id="s"), record)
+    assert memory is not None and len(memory.keys) == hooks.params.capacity
+    assert memory.words == ("Okonkwo",)
+    layout = adapt.Layout.of(V, hooks.params)
+    recent = hooks.params.recent
+    assert memory.keys[0] == layout.words + 12  # the last token is marked recent
+    assert (memory.keys[1:recent] == adapt.EMPTY).all()
+    held = stored.keys != adapt.EMPTY
+    np.testing.assert_array_equal(memory.keys[recent : recent + held.sum()], stored.keys[held])
+    np.testing.assert_array_equal(
+        memory.weights[recent : recent + held.sum()], stored.weights[held]
+    )
+    assert (memory.keys[recent + held.sum() :] == adapt.EMPTY).all()
+    # It counts on from there as any memory of this capacity does.
+    after, live, _ = hooks.count_columns(
+        [Step([13], session_id="s")], [memory], [0], [1], [12], [0]
+    )
+    assert live == [True] and 13 in after[0].keys.tolist() and 5 in after[0].keys.tolist()
+    # A memory that is not plain words (a pair, a mark) is not kept: an empty one starts.
+    pair = stored.keys.copy()
+    pair[held.sum()] = 2 * layout.words + 5 * layout.words + 6
+    odd = SessionRecord("s", "m", (), 1, 0.0, 0.0, 3, memory=WordMemory(pair, stored.weights))
+    assert hooks.memory_of(Step([13], session_id="s"), odd) is None

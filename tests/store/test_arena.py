@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from service.store.arena import META, RowArena, Rows, pack, shape_of
-from service.store.base import SessionRecord, WordMemory
+from service.store.base import SessionRecord, WordMemory, columns_of
 
 SHAPE = (2, 1, 3, 4)  # (S, L, H, C)
 
@@ -116,3 +116,46 @@ def test_pack_lays_records_out_column_by_column() -> None:
     assert rows.keys[0].tolist() == [0, 1, 2, 3]
     with pytest.raises((ValueError, OverflowError)):
         pack([SessionRecord("c", "m", state, -1, 0.0, 0.0, memory=memory)], [70_000], SHAPE)
+
+
+def test_a_batchs_memories_as_columns_are_taken_back_without_a_copy() -> None:
+    keys = np.arange(12, dtype=np.int32).reshape(3, 4)
+    weights = np.arange(12, dtype=np.float32).reshape(3, 4)
+    memories = WordMemory.rows(keys, weights, [(), ("Okonkwo",), ()])
+    assert [m.words for m in memories] == [(), ("Okonkwo",), ()]
+    assert memories[2].keys.tolist() == [8, 9, 10, 11]
+    assert np.shares_memory(memories[1].keys, keys)  # views, not copies
+    columns = columns_of(memories)
+    assert columns is not None and columns.keys is keys and columns.weights is weights
+    # Anything but those rows, all of them, in order, is not the columns.
+    assert columns_of(memories[::-1]) is None
+    assert columns_of(memories[:2]) is None
+    assert columns_of([*memories[:2], None]) is None
+    assert columns_of([*memories[:2], WordMemory(keys[2].copy(), weights[2].copy())]) is None
+    assert columns_of([]) is None
+
+
+def test_pack_writes_a_batchs_memory_columns_as_they_are() -> None:
+    state = (np.full((1, 3), 1.5), np.full((1, 3), 2.5))
+    keys = np.arange(8, dtype=np.int32).reshape(2, 4)
+    weights = np.ones((2, 4), np.float32)
+    memories = WordMemory.rows(keys, weights, [(), ()])
+    records = [SessionRecord(s, "m", state, 1, 0.0, 0.0, memory=m) for s, m in zip("ab", memories)]
+    rows = pack(records, [0, 0], SHAPE)
+    assert rows.keys is keys and rows.weights is weights
+    # The same values as memories made one by one (stacked).
+    alone = [WordMemory(m.keys.copy(), m.weights.copy()) for m in memories]
+    stacked = pack(
+        [SessionRecord(s, "m", state, 1, 0.0, 0.0, memory=m) for s, m in zip("ab", alone)],
+        [0, 0],
+        SHAPE,
+    )
+    assert stacked.keys is not keys
+    assert np.array_equal(stacked.keys, rows.keys) and np.array_equal(stacked.weights, rows.weights)
+    # Written and read back: the arena's own copy, read as columns again.
+    arena = RowArena(SHAPE, first=2)
+    at = np.array([arena.alloc(), arena.alloc()])
+    arena.write_many(at, rows)
+    keys[...] = -1  # the arena kept a copy
+    back = arena.read_many(at)
+    assert back.keys.tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]]

@@ -815,3 +815,35 @@ def test_count_of_flat_tokens_is_update_of_the_padded_rows() -> None:
         last = np.where(lengths > 0, padded[np.arange(batch), np.maximum(lengths - 1, 0)], last)
     with pytest.raises(ValueError, match="flat tokens"):
         adapt.count(got_k, got_w, np.arange(3), np.array([1, 1, 0, 0, 0, 0]), p, SUGGESTIBLE)
+
+
+def test_the_best_k_rank_by_score_then_id_and_pad_short_rows() -> None:
+    ids = np.array([[7, 3, 9, 5, -1, 4], [2, 8, -1, -1, -1, -1]], dtype=np.int64)
+    scores = np.array(
+        [[0.5, 0.25, 0.5, 0.0, -1.0, 0.25], [0.0, 1e-30, -1.0, -1.0, -1.0, -1.0]],
+        dtype=np.float32,
+    )
+    got_ids, got_scores = adapt._best(ids, scores, 4)
+    # Ties: the lower id first; a score of 0 is still a candidate; padding last, as -1, 0.
+    assert got_ids.tolist() == [[7, 9, 3, 4], [8, 2, -1, -1]]
+    assert got_scores.dtype == np.float32
+    assert got_scores.tolist() == [[0.5, 0.5, 0.25, 0.25], [np.float32(1e-30), 0.0, 0.0, 0.0]]
+    # At most N columns.
+    assert adapt._best(ids[:, :2], scores[:, :2], 5)[0].shape == (2, 2)
+
+
+def test_a_cached_word_among_the_models_first_k_is_one_candidate_at_its_mixed_score() -> None:
+    # Row 0's cache holds word 5, which is also the model's second: it is shown once, at
+    # its mixed probability (above its model share), and the model's third moves up.
+    p = params(lam=0.5)
+    keys, weights = adapt.empty_cache(1, p.capacity)
+    adapt.update(keys, weights, np.array([[5]]), np.array([1]), p)
+    probs = np.zeros((1, V), dtype=np.float32)
+    probs[0, [4, 5, 6, 7]] = [0.4, 0.3, 0.2, 0.1]
+    topk_ids = np.array([[4, 5, 6, 7]])
+    topk_probs = probs[:, [4, 5, 6, 7]]
+    ids, got = adapt.top_k(
+        keys, weights, probs, topk_ids, topk_probs, UNK, SUGGESTIBLE, 3, p.lam, params=p
+    )
+    assert ids.tolist() == [[5, 4, 6]]
+    np.testing.assert_allclose(got[0], [0.5 * 0.3 + 0.5, 0.5 * 0.4, 0.5 * 0.2], rtol=1e-6)
