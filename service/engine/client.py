@@ -1,9 +1,10 @@
 """How an API process reaches the engine: over ZeroMQ, or in its own process.
 
 Both clients have one interface, `EngineClient`: `call(request)` sends one request and
-waits for its `EngineOutput`; cancelling the wait (the HTTP or WebSocket client went away)
-aborts the request. `ZmqClient` gathers the requests of one event-loop tick into one frame
-(`list[EngineRequest]`, msgpack) and reads the engine's frames of outputs in one task.
+returns an awaitable of its `EngineOutput`; cancelling the wait (the HTTP or WebSocket client
+went away) aborts the request. `ZmqClient` gathers the requests of one event-loop tick into
+one frame (`list[EngineRequest]`, msgpack) and reads the engine's frames of outputs in one
+task; a call costs one future (no task, no coroutine), resolved in one pass per frame.
 `InprocClient` runs an `EngineCore` on the caller's loop: for tests and `nextword predict`.
 
 Sockets (the engine binds, API processes connect; `address` is an ipc:// prefix):
@@ -25,6 +26,7 @@ import json
 import logging
 import secrets
 import time
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any, Protocol
 
 import zmq
@@ -65,9 +67,10 @@ class EngineClient(Protocol):
 
     models: list[dict[str, Any]]  # the engine's description of its models
 
-    async def call(self, request: EngineCall) -> EngineOutput:
-        """Send one request and wait for its answer; the caller sets its `request_id`
-        (`next_id`), which an abort of the same request names."""
+    def call(self, request: EngineCall) -> Awaitable[EngineOutput]:
+        """Send one request; its answer is awaited. The caller sets its `request_id`
+        (`next_id`), which an abort of the same request names; cancelling the awaitable
+        (or the task awaiting it) aborts the request."""
         ...
 
     def next_id(self) -> int:
@@ -122,6 +125,29 @@ class InprocClient:
         await self.core.close()
 
 
+class _Answer(asyncio.Future[EngineOutput]):
+    """The one future of a `ZmqClient` call: the API awaits it, the client's reader sets it.
+
+    Cancelling it (the awaiting task was cancelled, or `wait_for` timed out) aborts the
+    request: `cancel` is overridden rather than a done-callback added, so that an answered
+    call schedules nothing more than its waiter's wake-up.
+    """
+
+    __slots__ = ("client", "request_id", "changes")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, client: ZmqClient, request_id: int) -> None:
+        super().__init__(loop=loop)
+        self.client = client
+        self.request_id = request_id
+        self.changes = False  # whether the request changes a session's state
+
+    def cancel(self, msg: Any = None) -> bool:
+        if not super().cancel(msg):
+            return False
+        self.client._abandon(self)
+        return True
+
+
 class ZmqClient:
     """The engine in its own process, over ZeroMQ; requests batched per event-loop tick.
 
@@ -141,8 +167,7 @@ class ZmqClient:
         self.models: list[dict[str, Any]] = []
         self.restarts = 0  # engine restarts this client has seen
         self._ids = itertools.count(1)
-        # request id -> (its answer, whether it changes a session's state)
-        self._waiting: dict[int, tuple[asyncio.Future[EngineOutput], bool]] = {}
+        self._waiting: dict[int, _Answer] = {}  # by request id: sent or queued, unanswered
         self._outbox: list[EngineRequest] = []
         self._aborted: list[int] = []
         self._flush_scheduled = False
@@ -240,37 +265,45 @@ class ZmqClient:
             raise error_from_code(output.error, output.message)
         self.models = json.loads(output.message)
 
-    async def call(self, request: EngineCall) -> EngineOutput:
+    def call(self, request: EngineCall) -> Awaitable[EngineOutput]:
         up = self._up
         if up is not None and not up.is_set():
-            # The engine is restarting: wait for it a bounded time. Nothing was sent.
-            try:
-                await asyncio.wait_for(up.wait(), self.restart_wait_s)
-            except asyncio.TimeoutError:
-                raise EngineRestarting(
-                    f"the engine process is restarting (waited {self.restart_wait_s:g} s); "
-                    "this request was not applied: retry",
-                    retry_after_s=RESTART_RETRY_AFTER_S,
-                ) from None
+            return self._call_when_up(request, up)
+        return self._send(request)
+
+    async def _call_when_up(self, request: EngineCall, up: asyncio.Event) -> EngineOutput:
+        """The engine is restarting: wait for it a bounded time, then send. Nothing was
+        sent if it fails."""
+        try:
+            await asyncio.wait_for(up.wait(), self.restart_wait_s)
+        except asyncio.TimeoutError:
+            raise EngineRestarting(
+                f"the engine process is restarting (waited {self.restart_wait_s:g} s); "
+                "this request was not applied: retry",
+                retry_after_s=RESTART_RETRY_AFTER_S,
+            ) from None
         return await self._send(request)
 
-    async def _send(self, request: EngineCall) -> EngineOutput:
+    def _send(self, request: EngineCall) -> _Answer:
+        """Queue `request` for this tick's frame; its answer is the returned future."""
         loop = self._loop or asyncio.get_running_loop()
-        future: asyncio.Future[EngineOutput] = loop.create_future()
-        request_id = request.request_id
-        changes = isinstance(request, DeleteRequest) or (
-            isinstance(request, StepRequest) and request.session_id is not None
-        )
-        self._waiting[request_id] = (future, changes)
+        future = _Answer(loop, self, request.request_id)
+        if isinstance(request, StepRequest):
+            future.changes = request.session_id is not None
+        else:
+            future.changes = isinstance(request, DeleteRequest)
+        self._waiting[request.request_id] = future
         self._outbox.append(request)
-        self._schedule_flush(loop)
-        try:
-            return await future
-        except asyncio.CancelledError:
-            if self._waiting.pop(request_id, None) is not None:
-                self._aborted.append(request_id)
-                self._schedule_flush(loop)
-            raise
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            loop.call_soon(self._flush)
+        return future
+
+    def _abandon(self, future: _Answer) -> None:
+        """A call's future was cancelled: abort its request, if it is still owed an answer."""
+        if self._waiting.pop(future.request_id, None) is not None:
+            self._aborted.append(future.request_id)
+            self._schedule_flush(future.get_loop())
 
     def _schedule_flush(self, loop: asyncio.AbstractEventLoop) -> None:
         if not self._flush_scheduled:
@@ -295,10 +328,11 @@ class ZmqClient:
         except Exception:
             log.exception("undecodable frame from the engine")
             return
+        pop = self._waiting.pop
         for output in outputs:
-            entry = self._waiting.pop(output.request_id, None)
-            if entry is not None and not entry[0].done():
-                entry[0].set_result(output)
+            future = pop(output.request_id, None)
+            if future is not None:  # not cancelled (that pops it): still pending
+                future.set_result(output)
 
     async def _read(self) -> None:
         while True:
@@ -358,10 +392,10 @@ class ZmqClient:
         self._outbox = []
         self._aborted = []
         waiting, self._waiting = self._waiting, {}
-        for request_id, (future, changes) in waiting.items():
+        for request_id, future in waiting.items():
             if future.done():
                 continue
-            maybe = self.durable and changes and request_id not in unsent
+            maybe = self.durable and future.changes and request_id not in unsent
             future.set_exception(
                 EngineRestarting(
                     "the engine process died while this request was pending; it is being "
@@ -382,7 +416,7 @@ class ZmqClient:
                 task.cancel()
                 await asyncio.wait([task])
         self._reader = self._watcher = None
-        for future, _ in self._waiting.values():
+        for future in self._waiting.values():
             if not future.done():
                 future.set_exception(NotReady("the connection to the engine was closed"))
         self._waiting.clear()

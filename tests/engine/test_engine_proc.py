@@ -143,6 +143,37 @@ async def test_an_aborted_request_is_not_applied(engine: EngineProcess, client: 
     assert info.tokens == 4000
 
 
+async def test_a_call_is_one_future_and_cancelling_its_waiter_aborts_it(
+    engine: EngineProcess, client: ZmqClient
+) -> None:
+    # The API awaits a call inside the request's own task: no task or coroutine per call,
+    # and that task's cancellation (the client went away) reaches the engine as an abort.
+    created = await client.call(StepRequest(client.next_id(), "gru", [], 5, "gone", create=True))
+    assert created.error is None
+    long_text = [int(t) for t in np.random.default_rng(1).integers(10, 100, 2000)]
+    first = [
+        client.call(StepRequest(client.next_id(), "gru", long_text, 5, "gone")) for _ in range(2)
+    ]
+    tasks = len(asyncio.all_tasks())
+    third = client.call(StepRequest(client.next_id(), "gru", [5, 6], 5, "gone"))
+    assert isinstance(third, asyncio.Future)
+    assert len(asyncio.all_tasks()) == tasks
+
+    async def request_task() -> EngineOutput:
+        return await third
+
+    waiter = asyncio.ensure_future(request_task())
+    await asyncio.sleep(0)  # the three requests leave in this tick's frame
+    waiter.cancel()  # the abort follows in the next frame
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert third.cancelled()
+    assert [o.tokens for o in await asyncio.gather(*first)] == [2000, 4000]
+    await asyncio.sleep(0.2)
+    info = await client.call(InfoRequest(client.next_id(), "gone"))
+    assert info.tokens == 4000
+
+
 async def test_errors_travel_as_codes(client: ZmqClient) -> None:
     unknown = await client.call(StepRequest(client.next_id(), "transformer", [1], 5))
     assert unknown.error == "unknown_model" and "transformer" in unknown.message
