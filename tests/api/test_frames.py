@@ -813,7 +813,10 @@ def test_wrong_frames_close_the_stream_with_their_code(
     (answer,) = client.answers(1)
     assert answer["id"] == 1
     for i in range(len(data)):  # a byte at a time: the reader holds nothing wrong back
-        client.sock.sendall(data[i : i + 1])
+        try:
+            client.sock.sendall(data[i : i + 1])
+        except (BrokenPipeError, ConnectionResetError):
+            break  # failed at the bytes sent so far: the server may close before the rest
     assert client.close_code() == code
 
 
