@@ -25,7 +25,7 @@ from service.contract.protocol import (
 )
 from service.engine.client import ZmqClient, socket_addresses
 from service.engine.proc import EngineCoreProc, run_engine
-from service.errors import EngineRestarting, NotReady, OutcomeUnknown
+from service.errors import BadInput, EngineRestarting, NotReady, OutcomeUnknown
 from tests.api_support import TEXTS, assert_same_predictions
 
 
@@ -294,3 +294,33 @@ def test_an_answer_that_cannot_be_encoded_fails_alone_and_no_frame_is_cut() -> N
     assert failed.request_id == 1 and failed.error == OutcomeUnknown.code
     assert answered == good
     assert frames[b"api-2"] == [other]
+
+
+class SentFrames:
+    """The client's request socket as `ZmqClient._flush` uses it: the frames sent."""
+
+    def __init__(self) -> None:
+        self.frames: list[bytes] = []
+
+    def send(self, data: bytes, copy: bool = True) -> None:
+        self.frames.append(bytes(data))
+
+
+async def test_a_request_that_cannot_be_encoded_fails_alone_and_the_others_are_sent() -> None:
+    client = ZmqClient("ipc://" + tempfile.mkdtemp() + "/nowhere")
+    sent = SentFrames()
+    real, client._sender = client._sender, sent  # type: ignore[assignment]
+    try:
+        # A lone surrogate cannot be UTF-8: msgspec refuses to encode that request.
+        bad = client.call(StepRequest(1, "m", [3], 5, typed=["\ud800"]))
+        good = client.call(StepRequest(2, "m", [4], 5))
+        with pytest.raises(BadInput):
+            await asyncio.wait_for(bad, 5.0)
+        assert len(sent.frames) == 1
+        frame = msgspec.msgpack.decode(sent.frames[0], type=list[StepRequest])
+        assert [r.request_id for r in frame] == [2]
+        assert not good.done()  # still owed its answer, by the engine
+        good.cancel()  # type: ignore[attr-defined]
+    finally:
+        client._sender = real
+        await client.close()
