@@ -69,8 +69,8 @@ class EngineClient(Protocol):
 
     def call(self, request: EngineCall) -> Awaitable[EngineOutput]:
         """Send one request; its answer is awaited. The caller sets its `request_id`
-        (`next_id`), which an abort of the same request names; cancelling the awaitable
-        (or the task awaiting it) aborts the request."""
+        (`next_id`), which an abort of the same request names; cancelling the task that
+        awaits it (or the awaitable, where it is a future) aborts the request."""
         ...
 
     def next_id(self) -> int:
