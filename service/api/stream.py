@@ -28,8 +28,9 @@ connection has one task for its whole life (not one per message), started by the
 task, which then waits for it: the answering loop. It takes messages straight from the
 server's receive queue (`service.api.inbox.ReceiveQueue`, which our uvicorn protocol offers
 in the scope; on another server a read-ahead task fills one), and the queue cancels it the
-moment a disconnect is queued, which aborts the pending step in the engine. A drain (or the idle timeout) queues `END` behind what was received: those
-messages are answered, then the stream closes.
+moment a disconnect is queued, which aborts the pending step in the engine. A drain (or the
+idle timeout) queues `END` behind what was received: those messages are answered, then the
+stream closes.
 """
 
 from __future__ import annotations

@@ -45,7 +45,7 @@ from service.contract.protocol import (
     output_decoder,
     request_encoder,
 )
-from service.errors import EngineRestarting, NotReady, error_from_code
+from service.errors import BadInput, EngineRestarting, NotReady, error_from_code
 
 if TYPE_CHECKING:  # the API side never imports onnxruntime
     from service.engine.core import EngineCore
@@ -69,8 +69,8 @@ class EngineClient(Protocol):
 
     def call(self, request: EngineCall) -> Awaitable[EngineOutput]:
         """Send one request; its answer is awaited. The caller sets its `request_id`
-        (`next_id`), which an abort of the same request names; cancelling the awaitable
-        (or the task awaiting it) aborts the request."""
+        (`next_id`), which an abort of the same request names; cancelling the task that
+        awaits it (or the awaitable, where it is a future) aborts the request."""
         ...
 
     def next_id(self) -> int:
@@ -320,7 +320,30 @@ class ZmqClient:
         if not batch:
             return
         self._outbox = []
-        self._sender.send(request_encoder.encode(batch), copy=False)
+        data: bytes | None
+        try:
+            data = request_encoder.encode(batch)
+        except Exception:
+            data = self._encode_apart(batch)
+        if data is not None:
+            self._sender.send(data, copy=False)
+
+    def _encode_apart(self, batch: list[EngineRequest]) -> bytes | None:
+        """A frame that failed to encode: its requests that cannot be encoded (a string
+        that is not UTF-8) fail with `BadInput`, never sent; the others' frame (None: none)."""
+        log.exception("a frame of %d requests could not be encoded", len(batch))
+        kept: list[EngineRequest] = []
+        for request in batch:
+            try:
+                request_encoder.encode([request])
+            except Exception:
+                request_id = getattr(request, "request_id", None)
+                future = None if request_id is None else self._waiting.pop(request_id, None)
+                if future is not None:
+                    future.set_exception(BadInput("this request holds text that is not UTF-8"))
+                continue
+            kept.append(request)
+        return request_encoder.encode(kept) if kept else None
 
     def _deliver(self, frame: bytes | memoryview) -> None:
         try:

@@ -36,6 +36,7 @@ from service.contract.protocol import (
 )
 from service.engine.client import socket_addresses
 from service.engine.core import EngineCore
+from service.errors import OutcomeUnknown
 
 log = logging.getLogger(__name__)
 
@@ -153,11 +154,34 @@ class EngineCoreProc:
         if socket is None:
             return  # not serving (yet, or any more)
         for identity, outputs in frames.items():
+            # Encoded before the first part goes: a failure must not leave a message half
+            # sent (the next frame would be taken as its rest) nor drop the other frames.
+            data = _encode(outputs)
             try:
                 socket.send(identity, zmq.SNDMORE | zmq.NOBLOCK)
-                socket.send(output_encoder.encode(outputs), zmq.NOBLOCK)
+                socket.send(data, zmq.NOBLOCK)
             except zmq.ZMQError as exc:  # that API process is gone (ROUTER_MANDATORY)
                 log.debug("engine: %d answers for a departed peer dropped (%s)", len(outputs), exc)
+
+
+def _encode(outputs: list[EngineOutput]) -> bytes:
+    """A frame of answers; an answer that cannot be encoded (a string that is not UTF-8)
+    is replaced by its request's failure, `OutcomeUnknown` (a step's session was written),
+    so that every request of the frame is still answered."""
+    try:
+        return output_encoder.encode(outputs)
+    except Exception:
+        log.exception("engine: a frame of %d answers could not be encoded", len(outputs))
+    return output_encoder.encode([_encodable(output) for output in outputs])
+
+
+def _encodable(output: EngineOutput) -> EngineOutput:
+    try:
+        output_encoder.encode([output])
+    except Exception:
+        error = OutcomeUnknown("the engine could not send this answer; it may have been applied")
+        return EngineOutput(output.request_id, error=error.code, message=error.message)
+    return output
 
 
 def run_engine(settings: Settings, address: str, control: Connection | None = None) -> None:

@@ -10,7 +10,7 @@ so that a store over the network (Redis) costs one round trip each way per batch
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import repeat
 from typing import NamedTuple, Protocol, runtime_checkable
 
@@ -34,9 +34,10 @@ class WordMemory:
     words: tuple[str, ...] = ()  # typed out-of-vocabulary words, as last typed
     # Where `keys`/`weights` are row `row` of a batch's (B, C) columns (`rows`): those
     # columns, so that the batch's memories are one pair of arrays again without a copy
-    # per row (`columns_of`). Not part of the value: a store that serializes ignores it.
-    block: MemoryColumns | None = None
-    row: int = -1
+    # per row (`columns_of`). Not part of the value: a store that serializes ignores it,
+    # and its repr leaves it out (it holds the other sessions' memories of the batch).
+    block: MemoryColumns | None = field(default=None, repr=False)
+    row: int = field(default=-1, repr=False)
 
     @classmethod
     def empty(cls, capacity: int) -> WordMemory:

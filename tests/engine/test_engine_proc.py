@@ -24,8 +24,8 @@ from service.contract.protocol import (
     request_encoder,
 )
 from service.engine.client import ZmqClient, socket_addresses
-from service.engine.proc import run_engine
-from service.errors import EngineRestarting, NotReady
+from service.engine.proc import EngineCoreProc, run_engine
+from service.errors import BadInput, EngineRestarting, NotReady, OutcomeUnknown
 from tests.api_support import TEXTS, assert_same_predictions
 
 
@@ -258,3 +258,69 @@ async def test_a_client_outlives_its_engine_and_reconnects_to_the_next_one(
         if second is not None:
             assert second.stop() == 0
         first.stop()
+
+
+class RecordingSocket:
+    """The engine's output socket as `EngineCoreProc._flush` uses it: parts sent, by message."""
+
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []  # the message being sent (parts so far)
+        self.messages: list[list[bytes]] = []
+
+    def send(self, data: bytes, flags: int = 0) -> None:
+        self.parts.append(bytes(data))
+        if not flags & zmq.SNDMORE:
+            self.messages.append(self.parts)
+            self.parts = []
+
+
+def test_an_answer_that_cannot_be_encoded_fails_alone_and_no_frame_is_cut() -> None:
+    proc = EngineCoreProc(engine_settings(Path(tempfile.gettempdir())), "ipc:///unused")
+    try:
+        socket = RecordingSocket()
+        proc._outbound = socket  # type: ignore[assignment]
+        # A lone surrogate cannot be UTF-8: msgspec refuses to encode that answer.
+        bad = EngineOutput(1, ids=[3], probs=[0.5], tokens=1, model="m", words=["\ud800"])
+        good = EngineOutput(2, ids=[4], probs=[0.25], tokens=1, model="m")
+        other = EngineOutput(7, ids=[5], probs=[0.125], tokens=1, model="m")
+        proc._frames = {b"api-1": [bad, good], b"api-2": [other]}
+        proc._flush()
+    finally:
+        proc.context.term()
+    assert socket.parts == []  # no message left half sent (the next would follow it)
+    frames = {parts[0]: output_decoder.decode(parts[1]) for parts in socket.messages}
+    assert len(socket.messages) == 2 and set(frames) == {b"api-1", b"api-2"}
+    failed, answered = frames[b"api-1"]
+    assert failed.request_id == 1 and failed.error == OutcomeUnknown.code
+    assert answered == good
+    assert frames[b"api-2"] == [other]
+
+
+class SentFrames:
+    """The client's request socket as `ZmqClient._flush` uses it: the frames sent."""
+
+    def __init__(self) -> None:
+        self.frames: list[bytes] = []
+
+    def send(self, data: bytes, copy: bool = True) -> None:
+        self.frames.append(bytes(data))
+
+
+async def test_a_request_that_cannot_be_encoded_fails_alone_and_the_others_are_sent() -> None:
+    client = ZmqClient("ipc://" + tempfile.mkdtemp() + "/nowhere")
+    sent = SentFrames()
+    real, client._sender = client._sender, sent  # type: ignore[assignment]
+    try:
+        # A lone surrogate cannot be UTF-8: msgspec refuses to encode that request.
+        bad = client.call(StepRequest(1, "m", [3], 5, typed=["\ud800"]))
+        good = client.call(StepRequest(2, "m", [4], 5))
+        with pytest.raises(BadInput):
+            await asyncio.wait_for(bad, 5.0)
+        assert len(sent.frames) == 1
+        frame = msgspec.msgpack.decode(sent.frames[0], type=list[StepRequest])
+        assert [r.request_id for r in frame] == [2]
+        assert not good.done()  # still owed its answer, by the engine
+        good.cancel()  # type: ignore[attr-defined]
+    finally:
+        client._sender = real
+        await client.close()

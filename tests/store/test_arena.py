@@ -159,3 +159,13 @@ def test_pack_writes_a_batchs_memory_columns_as_they_are() -> None:
     keys[...] = -1  # the arena kept a copy
     back = arena.read_many(at)
     assert back.keys.tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]]
+
+
+def test_a_memory_row_shows_only_its_own_memory() -> None:
+    keys = np.array([[1, 2], [70001, 70002]], dtype=np.int32)
+    weights = np.array([[0.5, 0.25], [0.75, 0.125]], dtype=np.float32)
+    first, _ = WordMemory.rows(keys, weights, [(), ("Okonkwo",)])
+    # Its batch's columns are how it is written back, not part of it: another session's
+    # memory never shows in this one's repr (a record in a traceback or a test's output).
+    assert "70001" not in repr(first) and "0.125" not in repr(first)
+    assert columns_of([first]) is None  # a row alone is not its batch
