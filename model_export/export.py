@@ -46,10 +46,12 @@ OPSET = 17
 MAX_K = 50
 PARITY_SHAPES = ((1, 1), (3, 7), (8, 1), (2, 33))
 PARITY_TOLERANCE = 1e-4
-# int8 weights cannot meet the float tolerance; on the random (batch, seq) probes the
-# bundled models differ by 0.01-0.07 in a probability. This bound catches a broken
-# graph; what int8 costs in accuracy is measured by `nextword evaluate`.
-INT8_TOLERANCE = 0.1
+# int8 weights cannot meet the float tolerance; on the random (batch, seq) probes (random
+# words from a random state) the models differ by 0.01-0.07 in a probability or a state
+# value, and the 3,000-step 20k-word GRU by 0.101 after 33 random words. This bound
+# catches a broken graph (off by ~1); what int8 costs in accuracy is measured by
+# `nextword evaluate` (the manifests' `metrics` against `metrics_float32`).
+INT8_TOLERANCE = 0.15
 
 
 class ExportError(RuntimeError):
