@@ -36,8 +36,12 @@ def _adaptation_lines(section: dict[str, Any]) -> list[str]:
         "them into the model's suggestions once it holds enough text; it never raises the "
         "last few words typed (`service/engine/adapt.py`). Parameters: "
         + ", ".join(f"{k} {v}" for k, v in params.items())
-        + f"; tuned on {section.get('tuned_on', '?')} (the points tried: the manifest's "
-        "`adaptation.tuning`).",
+        + f"; tuned on {section.get('tuned_on', '?')}"
+        + (
+            " (the points tried: the manifest's `adaptation.tuning`)."
+            if "tuning" in section
+            else "."
+        ),
     ]
     metrics = section.get("metrics") or {}
     if metrics:
