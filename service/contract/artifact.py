@@ -162,6 +162,16 @@ class ModelArtifact:
     def max_k(self) -> int:
         return int(self.manifest["max_k"])
 
+    @property
+    def revision(self) -> str:
+        """Which weights and vocabulary these are: 16 hex digits of a hash of the graph's and
+        the vocabulary's sha256 (as the manifest lists them, checked by `load`). A session's
+        state is only meaningful to the revision that wrote it: same name, other weights or
+        word ids (a retrained model) give other states."""
+        files = self.manifest["files"]
+        both = f"{files[MODEL_FILE].get('sha256')}:{files[VOCAB_FILE].get('sha256')}"
+        return hashlib.sha256(both.encode()).hexdigest()[:16]
+
     @classmethod
     def load(cls, path: Path | str, hashed: Collection[str] | None = None) -> ModelArtifact:
         """Read and verify an artifact directory; raise `ArtifactError` naming the bad file.

@@ -43,6 +43,7 @@ class StepRunner(Protocol):
     """What the batcher runs: an `OrtModel`, or a fake in tests."""
 
     name: str
+    revision: str  # `ModelArtifact.revision`, kept in every record written ("" in fakes)
     start: StepOutput  # the run of the implicit start token from a zero state (batch 1)
     eos_id: int
 
@@ -118,6 +119,7 @@ class Execution:
     ) -> None:
         self.runner = runner
         self.name = runner.name
+        self.revision = runner.revision
         self.pool = pool
         self.residency = residency
         self.adaptation = adaptation
@@ -239,7 +241,7 @@ class Execution:
         step's memory after the batch, and the mixed answers (None: the model's own) and
         whether each names a typed word."""
         now = self.clock()
-        name = self.name
+        name, revision = self.name, self.revision
         on_device = self.on_device
         default = self.adapt_default
         ks = {step.k for step in batch.steps}
@@ -288,6 +290,7 @@ class Execution:
                 adapt,
                 step.step_id,
                 on_device,
+                revision,
             )
             out.append(StepResult(ids, probs, tokens, record, words, last))
         return out
@@ -485,7 +488,8 @@ class Execution:
             state = (*current, *previous)
         anew = old is None or step.create
         record = SessionRecord(  # by position: session_id, model, state, tokens, created_at,
-            # last_used_at, version, last_token, owner, memory, adapt, last_step
+            # last_used_at, version, last_token, owner, memory, adapt, last_step,
+            # state_on_device, revision
             step.session_id,
             self.name,
             state,
@@ -499,5 +503,6 @@ class Execution:
             self.session_adapt(step, old),
             step.step_id,
             self.on_device and bool(row.new_rows),
+            self.revision,
         )
         return StepResult(ids, probs, tokens, record, words, last_token)

@@ -149,6 +149,7 @@ class OrtModel:
     ) -> None:
         self.artifact = artifact
         self.name = artifact.name
+        self.revision = artifact.revision
         self.cell = artifact.cell
         self.vocab = artifact.vocab
         self.eos_id = artifact.vocab.eos_id

@@ -211,6 +211,7 @@ class StepBatcher:
         self.max_batch_tokens = max(max_batch_tokens, self.max_prefill_tokens)
         self.clock = clock
         self.name = runner.name
+        self.revision = runner.revision
         self._pending: deque[Step] = deque()  # sessions' steps
         self._stateless: deque[Step] = deque()  # steps without a session
         # The batch with sessions' steps in flight (its task), at most one at a time.
@@ -821,6 +822,13 @@ class StepBatcher:
         ):
             return UnknownSession(
                 f"no session {step.session_id!r} (never created, deleted or expired)"
+            )
+        if record.revision and record.revision != self.revision:
+            # Same model name, other weights or word ids: the state means nothing to this
+            # model. The session is gone for it, as if expired; the client starts afresh.
+            return UnknownSession(
+                f"no session {step.session_id!r}: it was written by another revision of "
+                f"model {self.name!r}, which has been replaced since"
             )
         if record.last_token < 0 and not step.tokens and not step.fresh and record.tokens > 0:
             # A store that does not keep `last_token` can serve every step but this one.

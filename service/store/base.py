@@ -126,6 +126,12 @@ class SessionRecord:
     last_step: str = ""
     # The state is on the device of the engine that wrote this version (`state` is empty).
     state_on_device: bool = False
+    # The model revision that wrote the state (`ModelArtifact.revision`): an engine serving
+    # another revision of the same model (retrained weights, another vocabulary) treats the
+    # session as unknown instead of stepping a state its model does not understand. ""
+    # where unknown (records written before revisions were kept, stores that keep none):
+    # accepted by any revision, as before.
+    revision: str = ""
 
 
 @runtime_checkable

@@ -18,7 +18,7 @@ Cluster, `service.store.redis_cluster` writes a batch per hash slot instead.
 Record. One binary string per session, key `nextword:session:<id>`:
 
     offset  size  field
-    0       4     magic b"NWS" + format version (3; 2 had no last step, 1 no owner)
+    0       4     magic b"NWS" + format version (4; 3 had no revision, 2 no last step, 1 no owner)
     4       8     version        u64   (the CAS compares bytes 4..11)
     12      4     tokens         u32
     16      4     last_token     i32   id of the last token run (-1: none yet)
@@ -36,6 +36,7 @@ Record. One binary string per session, key `nextword:session:<id>`:
             2     slots          u16   C: the memory's slots (0: no memory)
             2     words          u16   typed words, then each: u16 length, UTF-8
             1     len(last step) u8    (format 3) then the id of the last step applied, ASCII
+            1     len(revision)  u8    (format 4) then the model revision that wrote it, ASCII
     ...           state          arrays * layers * hidden * 4 bytes, raw little-endian float32
     ...           memory         C keys (i32), then C weights (f32)
 
@@ -47,14 +48,14 @@ owner's least recently written sessions (in the same atomic script as the write)
 Expiry. Every write sets the key's TTL to `ttl_s` (PEXPIRE), so Redis drops idle
 sessions itself. Reading does not refresh it; every step writes.
 
-Memory sizing. Bytes per session = 55 + len(model) + len(owner) + len(last step id: 0
-or 24) + the typed words + arrays * layers * hidden * 4 + 8 * C (the memory's slots), plus
+Memory sizing. Bytes per session = 56 + len(model) + len(owner) + len(last step id: 0
+or 24) + len(revision: 16) + the typed words + arrays * layers * hidden * 4 + 8 * C (the memory's slots), plus
 Redis's per-key overhead (key, dict and expiry entries, allocator rounding). Arrays is 4
 for an LSTM (h and c, now and one token back), 2 for a GRU. The 2 x 512 LSTM without a
-memory: 55 + 4 + 4*2*512*4 = 16,443 bytes of value (16,467 with a step id); `MEMORY
+memory: 56 + 4 + 16 + 4*2*512*4 = 16,460 bytes of value (16,484 with a step id); `MEMORY
 USAGE` reported ~20.5 KB per key for format 2 (jemalloc rounds the value up to its
-20,480-byte size class, which format 3 stays in), so 100,000 live sessions take about
-2 GB. A 1 x 512 GRU: 55 + 3 + 2*1*512*4 = 4,154 bytes of value (~5 KB a key). Bound it with Redis's own `maxmemory` and `maxmemory-policy volatile-lru` (the
+20,480-byte size class, which formats 3 and 4 stay in), so 100,000 live sessions take
+about 2 GB. A 1 x 512 GRU: 56 + 3 + 16 + 2*1*512*4 = 4,171 bytes of value (~5 KB a key). Bound it with Redis's own `maxmemory` and `maxmemory-policy volatile-lru` (the
 store's `cap` is not enforced here: Redis evicts, and counts evictions and expirations
 in `INFO stats`, `evicted_keys` and `expired_keys`).
 `count()` is `DBSIZE`: give the sessions a database of their own.
@@ -94,11 +95,11 @@ from service.store.base import SessionRecord, WordMemory
 
 log = logging.getLogger(__name__)
 
-# 2 added the owner and the memory, 3 the last step's id; formats 1 and 2 are still read
-# (owner "", last step "").
-FORMAT = 3
+# 2 added the owner and the memory, 3 the last step's id, 4 the model revision; formats 1
+# to 3 are still read (owner "", last step "", revision "": accepted by any revision).
+FORMAT = 4
 MAGIC = b"NWS" + bytes([FORMAT])
-_MAGICS = {b"NWS\x01": 1, b"NWS\x02": 2, MAGIC: FORMAT}
+_MAGICS = {b"NWS\x01": 1, b"NWS\x02": 2, b"NWS\x03": 3, MAGIC: FORMAT}
 _STEP_LEN = struct.Struct("<B")
 _OWNER_LEN = struct.Struct("<H")
 _MEMORY_HEAD = struct.Struct("<BHH")  # adapt, memory slots, typed words
@@ -206,6 +207,10 @@ def encode_record(record: SessionRecord, version: int) -> bytes:
     if len(last_step) > 255:
         raise ValueError("step id too long for the record format")
     parts += (_STEP_LEN.pack(len(last_step)), last_step)
+    revision = record.revision.encode()
+    if len(revision) > 255:
+        raise ValueError("model revision too long for the record format")
+    parts += (_STEP_LEN.pack(len(revision)), revision)
     parts.append(state.tobytes())
     if memory is not None:
         parts.append(np.ascontiguousarray(memory.keys, dtype="<i4").tobytes())
@@ -233,7 +238,7 @@ def decode_record(session_id: str, data: bytes) -> SessionRecord:
     ) = _HEAD.unpack_from(data)
     start = _HEAD.size + name_len
     model = data[_HEAD.size : start].decode()
-    owner, adapt, slots, words, last_step = "", True, 0, [], ""
+    owner, adapt, slots, words, last_step, revision = "", True, 0, [], "", ""
     if form >= 2:
         try:
             (owner_len,) = _OWNER_LEN.unpack_from(data, start)
@@ -252,6 +257,11 @@ def decode_record(session_id: str, data: bytes) -> SessionRecord:
                 (size,) = _STEP_LEN.unpack_from(data, start)
                 start += _STEP_LEN.size
                 last_step = data[start : start + size].decode()
+                start += size
+            if form >= 4:
+                (size,) = _STEP_LEN.unpack_from(data, start)
+                start += _STEP_LEN.size
+                revision = data[start : start + size].decode()
                 start += size
         except (struct.error, UnicodeDecodeError) as exc:
             raise ValueError(f"record of {len(data)} bytes does not match its header") from exc
@@ -279,6 +289,7 @@ def decode_record(session_id: str, data: bytes) -> SessionRecord:
         memory=memory,
         adapt=adapt,
         last_step=last_step,
+        revision=revision,
     )
 
 

@@ -173,3 +173,26 @@ def test_the_tiny_and_bundled_models_pass_the_graph_check(tiny_artifacts: Path) 
     for models in (tiny_artifacts, bundled):
         for name in ("lstm", "gru"):
             assert OrtModel(ModelArtifact.load(models / name), CPU).name == name
+
+
+def test_the_revision_names_the_weights_and_the_vocabulary(
+    tiny_artifacts: Path, tmp_path: Path
+) -> None:
+    """Sessions are kept per revision (`SessionRecord.revision`): it must change with the
+    graph or the vocabulary and with nothing else (not the card, not the metrics)."""
+    art = copy_model(tiny_artifacts, tmp_path, "lstm")
+    first = ModelArtifact.load(art).revision
+    assert re.fullmatch(r"[0-9a-f]{16}", first)
+    assert OrtModel(ModelArtifact.load(art), CPU).revision == first
+    edit_manifest(art, metrics={"note": "re-evaluated"})
+    assert ModelArtifact.load(art).revision == first
+    manifest = json.loads((art / "manifest.json").read_text())
+    files = manifest["files"]
+    for name in ("model.onnx", "vocab.txt"):
+        changed = {**files, name: {**files[name], "sha256": "0" * 64}}
+        assert (
+            ModelArtifact(
+                art, {**manifest, "files": changed}, ModelArtifact.load(art).vocab
+            ).revision
+            != first
+        )

@@ -28,6 +28,7 @@ class FakeRunner:
     """
 
     name = "fake"
+    revision = "0123456789abcdef"
     eos_id = EOS
 
     def __init__(self, layers: int = 2, hidden: int = 6, cells: int = 2) -> None:

@@ -239,8 +239,9 @@ async def test_format_1_records_are_still_read(store) -> None:
     rec = record("old")
     data = bytearray(encode_record(rec, 4))
     name_end = 47 + len(rec.model)
-    # Format 1: no owner, no memory header, no last step (all empty here: 2 + 5 + 1 bytes).
-    old = bytes(b"NWS\x01" + data[4:name_end] + data[name_end + 8 :])
+    # Format 1: no owner, no memory header, no last step, no revision (all empty here:
+    # 2 + 5 + 1 + 1 bytes).
+    old = bytes(b"NWS\x01" + data[4:name_end] + data[name_end + 9 :])
     await store._redis.set(store._key("old"), old)
     got = await store.get("old")
     assert (got.version, got.owner, got.tokens) == (4, "", rec.tokens)
@@ -254,8 +255,9 @@ async def test_format_2_records_are_still_read_and_the_last_step_round_trips(sto
     rec = record("two")
     data = bytearray(encode_record(rec, 3))
     name_end = 47 + len(rec.model)
-    # Format 2: no last step (its length byte follows the owner and the memory header).
-    old = bytes(b"NWS\x02" + data[4 : name_end + 7] + data[name_end + 8 :])
+    # Format 2: no last step (its length byte follows the owner and the memory header) and
+    # no revision (the next length byte).
+    old = bytes(b"NWS\x02" + data[4 : name_end + 7] + data[name_end + 9 :])
     await store._redis.set(store._key("two"), old)
     got = await store.get("two")
     assert (got.version, got.last_step, got.tokens) == (3, "", rec.tokens)
@@ -263,6 +265,27 @@ async def test_format_2_records_are_still_read_and_the_last_step_round_trips(sto
     assert await store.put_many([stepped], [3]) == [True]
     again = await store.get("two")
     assert again.last_step == "0123456789abcdef01234567" and again.version == 4
+
+
+async def test_format_3_records_are_still_read_and_the_revision_round_trips(store) -> None:
+    from service.store.redis import encode_record
+
+    rec = replace(record("three"), last_step="0123456789abcdef01234567")
+    data = bytearray(encode_record(rec, 5))
+    step_end = 47 + len(rec.model) + 7 + 1 + len(rec.last_step)
+    # Format 3: no revision (its length byte follows the last step).
+    old = bytes(b"NWS\x03" + data[4:step_end] + data[step_end + 1 :])
+    await store._redis.set(store._key("three"), old)
+    got = await store.get("three")
+    assert (got.version, got.last_step, got.revision) == (5, rec.last_step, "")
+    assert all(np.array_equal(a, b) for a, b in zip(got.state, rec.state))
+    assert await store.put_many([replace(got, revision="3cd041135982f3aa")], [5]) == [True]
+    again = await store.get("three")
+    assert (again.revision, again.last_step, again.version) == (
+        "3cd041135982f3aa",
+        rec.last_step,
+        6,
+    )
 
 
 async def test_the_writers_words_round_trip(store) -> None:
@@ -361,3 +384,36 @@ async def test_a_write_to_no_redis_at_all_is_not_applied() -> None:
 
     assert not isinstance(refused.value, OutcomeUnknown)  # never sent: not applied
     await store.close()
+
+
+async def test_a_session_written_by_another_model_revision_is_unknown(store) -> None:
+    """A retrained model served under the same name (Redis outlives the swap) must not step
+    the states the old weights wrote: the session is unknown to it, the client starts afresh.
+    Records of stores without revisions (written before, revision "") are still accepted."""
+    from service.engine.scheduler import StepBatcher
+    from service.engine.steps import Step
+    from tests.engine.test_batcher import FakeRunner, alone, same
+
+    old, new = FakeRunner(), FakeRunner()
+    old.revision, new.revision = "aaaaaaaaaaaaaaaa", "bbbbbbbbbbbbbbbb"
+    batchers = {}
+    for runner in (old, new):
+        batchers[runner.revision] = StepBatcher(runner, store, max_batch=8, max_wait_ms=1.0)
+        await batchers[runner.revision].start()
+    try:
+        before, after = batchers[old.revision], batchers[new.revision]
+        await before.step(Step([4, 5], session_id="s", create=True))
+        assert (await store.get("s")).revision == old.revision
+        with pytest.raises(UnknownSession, match="another revision of model 'fake'"):
+            await after.step(Step([6], session_id="s"))
+        # The old revision still owns it: nothing was written by the refused step.
+        same(await before.step(Step([6], session_id="s")), alone(old, [4, 5, 6]))
+        # A new session under the new revision, and a record that names no revision.
+        await after.step(Step([4], session_id="t", create=True))
+        legacy = replace(await store.get("s"), revision="")
+        assert await store.put_many([legacy], [legacy.version]) == [True]
+        same(await after.step(Step([7], session_id="s")), alone(new, [4, 5, 6, 7]))
+        assert (await store.get("s")).revision == new.revision
+    finally:
+        for b in batchers.values():
+            await b.stop()

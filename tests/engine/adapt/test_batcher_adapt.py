@@ -72,7 +72,7 @@ class SmallTopK:
 
     def __init__(self, model: OrtModel) -> None:
         self.model = model
-        self.name, self.eos_id = model.name, model.eos_id
+        self.name, self.eos_id, self.revision = model.name, model.eos_id, model.revision
         self.vocab, self.artifact = model.vocab, model.artifact
         self.start = self._cut(model.start)
 
