@@ -17,6 +17,10 @@ main`) to every round, measured between ORT alone and this checkout's engine. `-
 times every path by its process's CPU time (all its threads) instead of the wall clock:
 what a step costs, less sensitive to other work on a shared machine.
 
+`--graph` times the pool's graph alone (this checkout's code, one process), at the
+artifact's top-k width and at the steps' 5, with ONNX Runtime's session options varied,
+against ORT alone.
+
 `--profile` instead splits the engine's time per batch into its parts (each checkout's
 engine in a process of its own, alternated): the ONNX Runtime call of the pool's graph,
 the model runs' Python around it (bindings, outputs), the rest of the batch's execution in
@@ -25,7 +29,8 @@ the engine thread (adaptation, results), and what the event loop does between ba
 
     python -m benchmarks.bench_ort_share --rounds 5 --seconds 3 --json benchmarks/results/ort-share.json
     python -m benchmarks.bench_ort_share --baseline /tmp/base --clock cpu
-    python -m benchmarks.bench_ort_share --baseline /tmp/base --profile
+    python -m benchmarks.bench_ort_share --baseline /tmp/base --profile --clock cpu
+    python -m benchmarks.bench_ort_share --graph --rounds 8
 """
 
 from __future__ import annotations
@@ -88,24 +93,28 @@ print(steps * batch / (clock() - start))
 """
 )
 
-# The engine's batch in parts (wall clock): wraps the methods both checkouts have. The ORT
-# call is timed inside `StatePool._run` by a stand-in for the step session.
-_PROFILE = """
-import asyncio, json, sys, time
+# The engine's batch in parts: wraps the methods both checkouts have. The ORT call is timed
+# inside `StatePool._run` by a stand-in for the step session. By CPU time, each part is
+# what the process's threads spent in it: ORT's while it runs (the event loop waits for
+# it), the engine's Python otherwise (ORT's threads sleep between runs: no spinning).
+_PROFILE = (
+    _CLOCK
+    + """
+import asyncio, json
 from pathlib import Path
 from benchmarks import bench_core
-from service.engine import execute, pool, scheduler
-models, model, batch, seconds = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+from service.engine import pool, scheduler
+models, model, batch, seconds = Path(sys.argv[2]), sys.argv[3], int(sys.argv[4]), float(sys.argv[5])
 spent = {"ort": 0.0, "run": 0.0, "compute": 0.0}
 batches = [0]
 def timed(cls, name, key):
     inner = getattr(cls, name)
     def wrapper(*args, **kwargs):
-        start = time.perf_counter()
+        start = clock()
         try:
             return inner(*args, **kwargs)
         finally:
-            spent[key] += time.perf_counter() - start
+            spent[key] += clock() - start
     setattr(cls, name, wrapper)
 class Timed:
     def __init__(self, session):
@@ -113,11 +122,11 @@ class Timed:
     def __getattr__(self, name):
         return getattr(self.session, name)
     def run_with_iobinding(self, binding):
-        start = time.perf_counter()
+        start = clock()
         try:
             return self.session.run_with_iobinding(binding)
         finally:
-            spent["ort"] += time.perf_counter() - start
+            spent["ort"] += clock() - start
 inner_run = pool.StatePool._run
 def _run(self, *args, **kwargs):
     session, self._step = self._step, Timed(self._step)
@@ -135,12 +144,11 @@ def counted(self, *args, **kwargs):
 scheduler.StepBatcher._compute = counted
 async def measure():
     # The engine's start (the pool's check, the sessions' creation) is left out.
-    real = bench_core.time.perf_counter
     marks = []
     class Clock:
         @staticmethod
         def perf_counter():
-            now = real()
+            now = clock()
             if not marks:  # the timed loop starts: count from here
                 spent.update(dict.fromkeys(spent, 0.0))
                 batches[0] = 0
@@ -158,6 +166,73 @@ parts = {
     "loop": (wall - spent["compute"]) / n, "batch": wall / n, "rate": rate, "batches": n,
 }
 print(json.dumps(parts))
+"""
+)
+
+# The pool's graph alone, in one process: each variant its own session (the same model),
+# `rounds` rounds of `runs` runs each, the variants alternated. Prints a JSON line.
+_GRAPH = """
+import json, sys, time
+from pathlib import Path
+import numpy as np
+import onnxruntime as ort
+from service.contract.artifact import TOPK_IDS, TOPK_PROBS, ModelArtifact
+from service.engine.pool import StatePool
+from service.engine.runtime import OrtModel
+path, batch, rounds, runs = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+artifact = ModelArtifact.load(path)
+def spin(o):
+    o.add_session_config_entry("session.intra_op.allow_spinning", "1")
+    o.add_session_config_entry("session.force_spinning_stop", "1")
+def extended(o):
+    o.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+def no_pattern(o):
+    o.enable_mem_pattern = False
+def blocks(o):
+    o.add_session_config_entry("session.dynamic_block_base", "4")
+# name: (session options changed, intra-op threads (0: the engine's), top-k width)
+VARIANTS = {
+    "ORT alone: the artifact's graph, session.run, top max_k": (None, 0, None),
+    "pool graph, top max_k (the code before)": (None, 0, None),
+    "pool graph, top 5 (the engine's steps ask for 5)": (None, 0, 5),
+    "pool graph, top 5, spinning during runs (force_spinning_stop)": (spin, 0, 5),
+    "pool graph, top 5, session.dynamic_block_base 4": (blocks, 0, 5),
+    "pool graph, top 5, ORT_ENABLE_EXTENDED": (extended, 0, 5),
+    "pool graph, top 5, no memory pattern": (no_pattern, 0, 5),
+    "pool graph, top 5, 1 intra-op thread": (None, 1, 5),
+}
+rng = np.random.default_rng(0)
+tokens = [rng.integers(3, len(artifact.vocab), (batch, 1)) for _ in range(16)]
+steps = {}
+for i, (name, (change, threads, top)) in enumerate(VARIANTS.items()):
+    model = OrtModel(artifact, ["CPUExecutionProvider"], threads)
+    if change is not None:
+        change(model._options)
+    if i == 0:
+        session, outs = model.session, model.state_outputs
+        state = [np.zeros((model.layers, batch, model.hidden_size), np.float32) for _ in outs]
+        def step(j, session=session, outs=outs, state=state, model=model):
+            feeds = {"tokens": tokens[j % 16], **dict(zip(model.state_inputs, state))}
+            state[:] = session.run([*outs, TOPK_PROBS, TOPK_IDS], feeds)[: len(outs)]
+    else:
+        pool = StatePool(model, 2 * batch + 8)
+        rows = [pool.take(batch)]
+        def step(j, pool=pool, rows=rows, top=top):
+            out = pool.run(tokens[j % 16], rows[0], False, top=top)
+            pool.release(rows[0])
+            rows[0] = out.rows
+    for j in range(3):
+        step(j)
+    steps[name] = step
+times = {name: ([], []) for name in steps}
+for r in range(rounds):
+    for name, step in steps.items():
+        wall, cpu = time.perf_counter(), time.process_time()
+        for j in range(runs):
+            step(j)
+        times[name][0].append((time.perf_counter() - wall) / runs)
+        times[name][1].append((time.process_time() - cpu) / runs)
+print(json.dumps(times))
 """
 
 PARTS = {
@@ -178,11 +253,12 @@ def profile(args: argparse.Namespace, argv: list[str] | None) -> str:
     """The engine's batch in parts, for this checkout (and the baseline), alternated."""
     checkouts = {"this": ROOT} | ({"baseline": args.baseline} if args.baseline else {})
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in checkouts}
+    size = [str(args.batch), str(args.seconds)]
     for r in range(args.rounds):
         for name, checkout in reversed(checkouts.items()):
             line = last_line(
                 checkout,
-                ["-c", _PROFILE, str(args.models), args.model, str(args.batch), str(args.seconds)],
+                ["-c", _PROFILE, args.clock, str(args.models), args.model, *size],
             )
             runs[name].append(json.loads(line))
         print(f"round {r + 1}: " + ", ".join(
@@ -191,7 +267,8 @@ def profile(args: argparse.Namespace, argv: list[str] | None) -> str:
     names = list(checkouts)
     lines = [
         f"model {args.model}, batch {args.batch}, one token a row; {args.rounds} rounds of "
-        f"{args.seconds:g} s, alternated; ms per batch (median over rounds), wall clock",
+        f"{args.seconds:g} s, alternated; ms per batch (median over rounds), "
+        + ("wall clock" if args.clock == "wall" else "CPU time (all threads)"),
         "",
         "| part | " + " | ".join(f"{n} ({checkouts[n]})" for n in names) + " |",
         "|---|" + "---|" * len(names),
@@ -211,6 +288,32 @@ def profile(args: argparse.Namespace, argv: list[str] | None) -> str:
     return "\n".join(lines)
 
 
+def graph(args: argparse.Namespace, argv: list[str] | None) -> str:
+    """The pool's graph alone against ORT alone, and ONNX Runtime's session options."""
+    line = last_line(
+        ROOT,
+        ["-c", _GRAPH, str(args.models / args.model), str(args.batch), str(args.rounds), "5"],
+    )
+    times: dict[str, list[list[float]]] = json.loads(line)
+    base = statistics.median(times[next(iter(times))][1])
+    lines = [
+        f"model {args.model}, batch {args.batch}, one token a row; {args.rounds} rounds of 5 "
+        "runs, the variants alternated in one process; ms per run (median over rounds)",
+        "",
+        "| variant | wall ms | CPU ms (all threads) | CPU / ORT alone |",
+        "|---|---|---|---|",
+    ]
+    for name, (wall, cpu) in times.items():
+        w, c = statistics.median(wall), statistics.median(cpu)
+        lines.append(f"| {name} | {w * 1e3:.2f} | {c * 1e3:.2f} | {c / base:.3f} |")
+    lines += [
+        "",
+        *machine_lines(machine(MODULES), MODULES),
+        f"command: {command_line('benchmarks.bench_ort_share', argv)}",
+    ]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", type=Path, default=ROOT / "service" / "models")
@@ -222,11 +325,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--baseline", type=Path, help="another checkout's engine, alternated")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall")
     parser.add_argument("--profile", action="store_true", help="the engine's batch in parts")
+    parser.add_argument("--graph", action="store_true", help="the pool's graph and ORT options")
     parser.add_argument("--json", type=Path, help="write the results here (and .txt beside)")
     args = parser.parse_args(argv)
 
-    if args.profile:
-        table = profile(args, argv)
+    if args.profile or args.graph:
+        table = profile(args, argv) if args.profile else graph(args, argv)
         print(table)
         if args.json:
             write_report(args.json, {"args": vars(args)}, table)
