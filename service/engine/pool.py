@@ -100,7 +100,9 @@ def resident_graph(
     `TOP_K` replaces the graph's constant K (its `max_k`): a batch whose steps ask for 5
     words selects 5, not 50 (TopK over (B, V) costs ~6% of the LSTM's run at K=50, and
     most of that goes with K). ONNX's TopK orders ties by the lower index, a total order,
-    so the best k of any K >= k are the same words with the same probabilities."""
+    so the best k of any K >= k are the same words with the same probabilities. (A graph
+    whose top-k outputs do not come straight from one TopK keeps its K: `TOP_K` is then
+    read by nothing, and the top-k arrays are max_k wide.)"""
     resident = onnx.ModelProto()
     resident.CopyFrom(model)
     graph = resident.graph
@@ -120,9 +122,10 @@ def resident_graph(
     graph.input.extend([_tensor(GATHER_IDS, TensorProto.INT32, ["batch", "gathered"])])
     graph.input.extend([_tensor(PROBS_ROWS, TensorProto.INT64, ["some"])])
     graph.input.extend([_tensor(TOP_K, TensorProto.INT64, [1])])
-    (topk,) = [n for n in graph.node if n.op_type == "TopK" and TOPK_PROBS in n.output]
-    constant_k, topk.input[1] = topk.input[1], TOP_K
-    _drop_unused(graph, constant_k)  # ORT warns of an unused initializer
+    topks = [n for n in graph.node if n.op_type == "TopK" and TOPK_PROBS in n.output]
+    if len(topks) == 1:  # else (not an export of ours) `TOP_K` is unread: max_k wide
+        constant_k, topks[0].input[1] = topks[0].input[1], TOP_K
+        _drop_unused(graph, constant_k)  # ORT warns of an unused initializer
     front, back = [], []
     axes = "nextword_axes1"
     graph.initializer.append(helper.make_tensor(axes, TensorProto.INT64, [1], [1]))
@@ -481,9 +484,9 @@ class StatePool:
         `probs_rows` names (`StepOutput.probs`, one row each, `StepOutput.probs_index`
         mapping a batch row to its row there, -1 for none).
 
-        The top-k arrays are `top` wide (clipped to 1..max_k; None: max_k), the first
-        `top` of what a run at max_k gives: a batch selects only the words its steps ask
-        for, and a run whose answers nobody reads, 1."""
+        The top-k arrays are `top` wide (clipped to 1..max_k; None: max_k; see
+        `resident_graph`), the first `top` of what a run at max_k gives: a batch selects
+        only the words its steps ask for."""
         batch = tokens.shape[0]
         if tokens.ndim != 2 or batch == 0 or tokens.shape[1] == 0 or len(start) != batch:
             raise ValueError(f"tokens {tokens.shape} for {len(start)} start rows")
