@@ -58,6 +58,7 @@ GATHER_IDS = "nextword_gather_ids"  # (B, G) int32: vocabulary ids whose probabi
 PROBS_AT = "nextword_probs_at"  # (B, G) float32: ... come out (the writer's words)
 PROBS_ROWS = "nextword_probs_rows"  # (P,) int64: rows whose whole distribution ...
 PROBS_OF_ROWS = "nextword_probs_of_rows"  # (P, V) float32: ... comes out (prefixes)
+TOP_K = "nextword_top_k"  # (1,) int64: how many of the best words come out (1..max_k)
 _STATES = "nextword_states"  # host states to upload, one per state input
 
 
@@ -90,11 +91,18 @@ def resident_graph(
 ) -> onnx.ModelProto:
     """The model's graph reading its states from pool rows and writing them back.
 
-    Inputs: the tokens, `FROM_ROWS`, `TO_ROWS`, `GATHER_IDS`, `PROBS_ROWS` and one pool
-    (rows, L, H) per state input; outputs: the model's outputs but the states, `PROBS_AT`
-    (the distribution at `GATHER_IDS`, row by row), `PROBS_OF_ROWS` (the distributions of
-    the rows `PROBS_ROWS` names) and each pool (`_pool_out(i)`, to be bound to the input
-    pool's buffer)."""
+    Inputs: the tokens, `FROM_ROWS`, `TO_ROWS`, `GATHER_IDS`, `PROBS_ROWS`, `TOP_K` and
+    one pool (rows, L, H) per state input; outputs: the model's outputs but the states (the
+    top-k ones `TOP_K` wide), `PROBS_AT` (the distribution at `GATHER_IDS`, row by row),
+    `PROBS_OF_ROWS` (the distributions of the rows `PROBS_ROWS` names) and each pool
+    (`_pool_out(i)`, to be bound to the input pool's buffer).
+
+    `TOP_K` replaces the graph's constant K (its `max_k`): a batch whose steps ask for 5
+    words selects 5, not 50 (TopK over (B, V) costs ~6% of the LSTM's run at K=50, and
+    most of that goes with K). ONNX's TopK orders ties by the lower index, a total order,
+    so the best k of any K >= k are the same words with the same probabilities. (A graph
+    whose top-k outputs do not come straight from one TopK keeps its K: `TOP_K` is then
+    read by nothing, and the top-k arrays are max_k wide.)"""
     resident = onnx.ModelProto()
     resident.CopyFrom(model)
     graph = resident.graph
@@ -113,6 +121,11 @@ def resident_graph(
     graph.input.extend([_tensor(TO_ROWS, TensorProto.INT64, ["batch"])])
     graph.input.extend([_tensor(GATHER_IDS, TensorProto.INT32, ["batch", "gathered"])])
     graph.input.extend([_tensor(PROBS_ROWS, TensorProto.INT64, ["some"])])
+    graph.input.extend([_tensor(TOP_K, TensorProto.INT64, [1])])
+    topks = [n for n in graph.node if n.op_type == "TopK" and TOPK_PROBS in n.output]
+    if len(topks) == 1:  # else (not an export of ours) `TOP_K` is unread: max_k wide
+        constant_k, topks[0].input[1] = topks[0].input[1], TOP_K
+        _drop_unused(graph, constant_k)  # ORT warns of an unused initializer
     front, back = [], []
     axes = "nextword_axes1"
     graph.initializer.append(helper.make_tensor(axes, TensorProto.INT64, [1], [1]))
@@ -129,6 +142,9 @@ def resident_graph(
         back.append(helper.make_node("ScatterND", [pool, to_index, moved], [_pool_out(i)]))
         graph.output.extend([_tensor(_pool_out(i), TensorProto.FLOAT, ["rows", layers, hidden])])
     graph.output.extend(kept_outputs)
+    for output in graph.output:
+        if output.name in (TOPK_PROBS, TOPK_IDS):
+            output.type.tensor_type.shape.dim[1].dim_param = "top_k"  # was max_k
     back.append(helper.make_node("GatherElements", [PROBS, GATHER_IDS], [PROBS_AT], axis=1))
     graph.output.extend([_tensor(PROBS_AT, TensorProto.FLOAT, ["batch", "gathered"])])
     back.append(helper.make_node("Gather", [PROBS, PROBS_ROWS], [PROBS_OF_ROWS], axis=0))
@@ -138,6 +154,20 @@ def resident_graph(
     del graph.node[:]
     graph.node.extend(nodes)
     return resident
+
+
+def _drop_unused(graph: onnx.GraphProto, name: str) -> None:
+    """Remove the Constant node or initializer `name` if nothing reads it."""
+    if any(name in n.input for n in graph.node) or name in {o.name for o in graph.output}:
+        return
+    kept = [n for n in graph.node if not (n.op_type == "Constant" and name in n.output)]
+    if len(kept) < len(graph.node):
+        del graph.node[:]
+        graph.node.extend(kept)
+    kept_init = [i for i in graph.initializer if i.name != name]
+    if len(kept_init) < len(graph.initializer):
+        del graph.initializer[:]
+        graph.initializer.extend(kept_init)
 
 
 def _copy_graphs(
@@ -249,6 +279,7 @@ class StatePool:
         self._step = model.new_session(fused.SerializeToString())
         self._download = model.new_session(download.SerializeToString())
         self._upload = model.new_session(upload.SerializeToString())
+        self._top_k = [np.array([k], dtype=np.int64) for k in range(model.max_k + 1)]
         # Reference counts: a row is free exactly when its count is 0. The free rows are
         # a stack (`_free[:_nfree]`), the most recently freed on top, row 0 first at start.
         self._counts = np.zeros(rows, dtype=np.int64)
@@ -443,6 +474,7 @@ class StatePool:
         want_probs: bool,
         gather: np.ndarray | None = None,
         probs_rows: Sequence[int] | None = None,
+        top: int | None = None,
     ) -> ResidentOutput:
         """Run `tokens` (B, T) int64, row b from the state in `start[b]`; the new states
         go to fresh rows (`ResidentOutput.rows`, each held once for the caller, who releases
@@ -450,13 +482,19 @@ class StatePool:
         vocabulary ids, their probabilities come out too (`StepOutput.probs_at`). The full
         distribution comes out for every row with `want_probs`, or for the rows
         `probs_rows` names (`StepOutput.probs`, one row each, `StepOutput.probs_index`
-        mapping a batch row to its row there, -1 for none)."""
+        mapping a batch row to its row there, -1 for none).
+
+        The top-k arrays are `top` wide (clipped to 1..max_k; None: max_k; see
+        `resident_graph`), the first `top` of what a run at max_k gives: a batch selects
+        only the words its steps ask for."""
         batch = tokens.shape[0]
         if tokens.ndim != 2 or batch == 0 or tokens.shape[1] == 0 or len(start) != batch:
             raise ValueError(f"tokens {tokens.shape} for {len(start)} start rows")
+        max_k = self.model.max_k
+        k = max_k if top is None else min(max(top, 1), max_k)
         out = self.take(batch)
         try:
-            return self._run(tokens, self._rows(start), out, want_probs, gather, probs_rows)
+            return self._run(tokens, self._rows(start), out, want_probs, gather, probs_rows, k)
         except BaseException:
             self.release(out)
             raise
@@ -469,9 +507,11 @@ class StatePool:
         want_probs: bool,
         gather: np.ndarray | None,
         probs_rows: Sequence[int] | None,
+        k: int,
     ) -> ResidentOutput:
         batch = tokens.shape[0]
         binding = self._step.io_binding()
+        binding.bind_cpu_input(TOP_K, self._top_k[k])
         binding.bind_cpu_input(TOKENS, np.ascontiguousarray(tokens, dtype=np.int64))
         binding.bind_cpu_input(FROM_ROWS, start)
         binding.bind_cpu_input(TO_ROWS, out)

@@ -92,6 +92,30 @@ def test_a_resident_run_answers_what_the_copied_run_answers(
     assert pool.free == free
 
 
+def test_a_narrower_top_k_is_the_first_words_of_the_full_one(
+    model: OrtModel, pool: StatePool
+) -> None:
+    rows = pool.upload(random_states(model, 5, seed=2))
+    tokens = np.random.default_rng(3).integers(3, len(model.vocab), size=(5, 1))
+    full = pool.run(tokens, rows, want_probs=False)
+    assert full.topk_ids.shape == (5, model.max_k)
+    runs = [full]
+    # A tie at the cut is ordered by id, so any width's words are the full list's first.
+    for top, width in ((1, 1), (2, 2), (5, 5), (model.max_k, model.max_k), (0, 1)):
+        narrow = pool.run(tokens, rows, want_probs=False, top=top)
+        runs.append(narrow)
+        assert narrow.topk_ids.shape == narrow.topk_probs.shape == (5, width)
+        np.testing.assert_array_equal(narrow.topk_ids, full.topk_ids[:, :width])
+        np.testing.assert_array_equal(narrow.topk_probs, full.topk_probs[:, :width])
+        for a, b in zip(pool.download(narrow.rows), pool.download(full.rows)):
+            for x, y in zip(a, b):
+                np.testing.assert_array_equal(x, y)
+    wide = pool.run(tokens, rows, want_probs=False, top=model.max_k + 7)
+    runs.append(wide)
+    assert wide.topk_ids.shape == (5, model.max_k)
+    pool.release(np.concatenate([rows, *(r.rows for r in runs)]))
+
+
 def test_rows_are_write_once_and_free_when_their_count_reaches_zero(
     model: OrtModel, pool: StatePool
 ) -> None:
