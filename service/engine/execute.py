@@ -34,9 +34,9 @@ from service.engine.adapt_hooks import Adaptation
 from service.engine.pool import ResidentOutput, StatePool
 from service.engine.residency import Holding, Residency
 from service.engine.runtime import State, StepOutput, top_words
-from service.engine.steps import StateRef, Step, StepResult, StepRun
+from service.engine.steps import BatchResults, StateRef, Step, StepResult, StepRun
 from service.store import SessionRecord
-from service.store.base import WordMemory
+from service.store.base import SessionColumns, WordMemory
 
 
 class StepRunner(Protocol):
@@ -62,7 +62,7 @@ class Common:
     records: list[SessionRecord | None]  # as read (None: a new session)
     current: np.ndarray  # (B,) int64: the row of the state after the context's last token
     previous: np.ndarray  # (B,) int64: the row of the state before it
-    results: list[StepResult] = dataclasses.field(default_factory=list)
+    results: BatchResults | None = None
     rows: np.ndarray = dataclasses.field(  # (B, 2) int64: new (current, previous)
         default_factory=lambda: np.empty((0, 2), dtype=np.int64)
     )
@@ -233,64 +233,65 @@ class Execution:
         memories: Sequence[WordMemory | None] = (),
         answers: Sequence[tuple[np.ndarray, np.ndarray] | None] = (),
         typed: Sequence[bool] = (),
-    ) -> list[StepResult]:
-        """Each step's answer and the record it writes (at one `now` for the batch): the
-        top-k rows of the batch's output, one pass over the steps. With adaptation, each
-        step's memory after the batch, and the mixed answers (None: the model's own) and
-        whether each names a typed word."""
+    ) -> BatchResults:
+        """The steps' answers and the records they write (at one `now` for the batch), as
+        columns: the batch's top-k arrays as they are, and one pass over the steps for the
+        records' fields. With adaptation, each step's memory after the batch, and the mixed
+        answers (None: the model's own) and whether each names a typed word."""
         now = self.clock()
-        name = self.name
-        on_device = self.on_device
+        steps, records = batch.steps, batch.records
+        n = len(steps)
         default = self.adapt_default
-        ks = {step.k for step in batch.steps}
-        # One slice of the batch's top-k when every step asks for the same k (the rows are
-        # views of it, as `top_words` gives them).
-        if len(ks) == 1:
-            k = ks.pop()
-            ids_of: Sequence[np.ndarray] = list(output.topk_ids[:, :k])
-            probs_of: Sequence[np.ndarray] = list(output.topk_probs[:, :k])
-        else:
-            ids_of = [output.topk_ids[i, : s.k] for i, s in enumerate(batch.steps)]
-            probs_of = [output.topk_probs[i, : s.k] for i, s in enumerate(batch.steps)]
-        n = len(batch.steps)
-        memories = memories or [None] * n
-        out = []
-        for i, (step, old, length, memory) in enumerate(
-            zip(batch.steps, batch.records, lengths, memories)
-        ):
-            words: tuple[str, ...] = ()
-            answer = answers[i] if answers else None
-            if answer is None:
-                ids, probs = ids_of[i], probs_of[i]
-            else:
-                ids, probs = answer
-                if typed[i] and memory is not None:
-                    words = memory.words
-            last = step.tokens[-1]
+        ks = [step.k for step in steps]
+        k = max(ks)
+        # The same fields as `result` writes, a column each.
+        tokens: list[int] = []
+        created: list[float] = []
+        versions: list[int] = []
+        owners: list[str] = []
+        adapts: list[bool] = []
+        for step, old, length in zip(steps, records, lengths):
             if old is None or step.create:
-                tokens, created, version, owner = length, now, 0, step.owner
-                adapt = default if step.adapt is None else step.adapt
+                tokens.append(length)
+                created.append(now)
+                versions.append(0)
+                owners.append(step.owner)
+                adapts.append(default if step.adapt is None else step.adapt)
             else:
-                tokens = length if step.fresh else old.tokens + length
-                created, version, owner = old.created_at, old.version, old.owner
-                adapt = old.adapt
-            record = SessionRecord(  # by position, as `result` makes it
-                step.session_id,  # type: ignore[arg-type]
-                name,
-                (),
-                tokens,
-                created,
-                now,
-                version,
-                last,
-                owner,
-                memory,
-                adapt,
-                step.step_id,
-                on_device,
-            )
-            out.append(StepResult(ids, probs, tokens, record, words, last))
-        return out
+                tokens.append(length if step.fresh else old.tokens + length)
+                created.append(old.created_at)
+                versions.append(old.version)
+                owners.append(old.owner)
+                adapts.append(old.adapt)
+        written = SessionColumns(
+            [step.session_id for step in steps],  # type: ignore[misc]
+            self.name,
+            tokens,
+            created,
+            now,
+            versions,
+            [step.tokens[-1] for step in steps],
+            owners,
+            list(memories) if memories else None,
+            adapts,
+            [step.step_id for step in steps],
+            self.on_device,
+        )
+        words = None
+        if answers and any(typed):
+            # Only a mixed answer can name a typed word (the model's own ids are < V).
+            words = [
+                memory.words if named and answer is not None and memory is not None else ()
+                for named, answer, memory in zip(typed, answers, memories)
+            ]
+        return BatchResults(
+            output.topk_ids[:, :k],
+            output.topk_probs[:, :k],
+            None if ks.count(k) == n else ks,
+            list(answers) if answers else None,
+            words,
+            written,
+        )
 
     # --- every other batch, row by row ---------------------------------------------
 

@@ -85,6 +85,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
+from operator import attrgetter
 from typing import Any
 
 import numpy as np
@@ -98,6 +99,7 @@ from service.engine.pool import PoolExhausted, StatePool
 from service.engine.residency import NO_ROW, Holding, Residency
 from service.engine.runtime import State
 from service.engine.steps import (
+    BatchResults,
     Outcome,
     StateRef,
     Step,
@@ -105,6 +107,7 @@ from service.engine.steps import (
     StepRun,
     StepSink,
     as_retry,
+    pick,
 )
 from service.errors import (
     Contended,
@@ -119,6 +122,8 @@ from service.store import SessionRecord, SessionStore
 from service.store.memory import MemorySessionStore
 
 log = logging.getLogger(__name__)
+
+_DONE = attrgetter("done")
 
 
 def _to_host(
@@ -146,7 +151,7 @@ def _resolve(future: asyncio.Future[Any], outcome: Any) -> bool:
     return True
 
 
-def _settle_futures(steps: list[Step], outcomes: list[Outcome]) -> None:
+def _settle_futures(steps: list[Step], outcomes: Sequence[Outcome]) -> None:
     """The sink of steps queued by `StepBatcher.submit`: each one's future gets its outcome
     (a cancelled step's future is cancelled already, or is cancelled now)."""
     for step, outcome in zip(steps, outcomes):
@@ -238,6 +243,8 @@ class StepBatcher:
             raise TypeError("keep_states is for the in-process MemorySessionStore")
         home = store if keep_states and isinstance(store, MemorySessionStore) else None
         self.residency = None if pool is None else Residency(pool, home, cache_states)
+        # With a pool: the store that takes a common batch's records as columns.
+        self._home = home if pool is not None else None
         self._start_current: StateRef = start_current
         self._zeros: StateRef = zeros
         if self.pool is not None:
@@ -388,21 +395,22 @@ class StepBatcher:
         its run, or after it, never written (`step.done`)."""
         self._end([step], [None], answered=0)
 
-    def _end(self, steps: list[Step], outcomes: list[Outcome], answered: int) -> int:
+    def _end(self, steps: list[Step], outcomes: Sequence[Outcome], answered: int) -> int:
         """End the steps not ended yet with their outcomes (`answered`: whether these are
         results; a failure's or a cancel's are not): each leaves its client's share and goes
-        to its sink, with the others of its sink in one call. Returns how many ended now.
+        to its sink, with the others of its sink in one call (a batch's `BatchResults` stay
+        columns). Returns how many ended now.
 
         The one way a queued step ends: `done` is set here only, so a step ends once."""
-        ended: list[Step] = []
-        outs: list[Outcome] = []
-        for step, outcome in zip(steps, outcomes):
-            if not step.done:
-                step.done = True
-                ended.append(step)
-                outs.append(outcome)
+        ended, outs = steps, outcomes
+        if any(map(_DONE, steps)):
+            keep = [not step.done for step in steps]
+            ended = [step for step, k in zip(steps, keep) if k]
+            outs = pick(outcomes, keep)  # type: ignore[arg-type]
         if not ended:
             return 0
+        for step in ended:
+            step.done = True
         # A generator: read only where some client holds a share (not in-process use).
         self.shares.release_many((step.client for step in ended), len(ended) if answered else 0)
         sink = ended[0].sink
@@ -410,16 +418,15 @@ class StepBatcher:
             assert sink is not None
             sink(ended, outs)
             return len(ended)
-        groups: dict[StepSink, tuple[list[Step], list[Outcome]]] = {}
-        for step, outcome in zip(ended, outs):
+        groups: dict[StepSink, list[int]] = {}
+        for i, step in enumerate(ended):
             assert step.sink is not None
-            group = groups.get(step.sink)
-            if group is None:
-                group = groups[step.sink] = ([], [])
-            group[0].append(step)
-            group[1].append(outcome)
-        for each, (some, theirs) in groups.items():
-            each(some, theirs)
+            groups.setdefault(step.sink, []).append(i)
+        for each, at in groups.items():
+            if isinstance(outs, BatchResults):
+                each([ended[i] for i in at], outs.take(at))
+            else:
+                each([ended[i] for i in at], [outs[i] for i in at])
         return len(ended)
 
     async def step(self, step: Step) -> StepResult:
@@ -848,52 +855,60 @@ class StepBatcher:
 
     async def _write_common(self, batch: Common) -> None:
         """A common batch's write: its steps cancelled during the run are dropped (never
-        written), the others written and answered as `_write_sessions` does."""
+        written), the others written (as columns) and answered as `_write_sessions` does."""
         steps, results, rows = batch.steps, batch.results, batch.rows
         records = batch.records
+        assert results is not None
         live = [not step.done for step in steps]
         if not all(live):
             self._steps["cancelled"].inc(live.count(False))
-            keep = np.array(live, dtype=bool)
-            steps = [s for s, k in zip(steps, live) if k]
-            results = [r for r, k in zip(results, live) if k]
-            records = [r for r, k in zip(records, live) if k]
-            rows = rows[keep]
-            if not steps:
+            at = [i for i, k in enumerate(live) if k]
+            if not at:
                 return
+            steps = [steps[i] for i in at]
+            results = results.take(at)
+            records = [records[i] for i in at]
+            rows = rows[at]
         expected = [None if record is None else record.version for record in records]
         await self._write_sessions(steps, results, expected, rows)
 
     async def _write_sessions(
         self,
         steps: list[Step],
-        results: list[StepResult],
+        results: Sequence[StepResult],
         expected: list[int | None],
         rows: np.ndarray | None,
     ) -> None:
         """One compare-and-set write of sessions' steps (`results[i].record` at version
         `expected[i]`; `rows`: their new pool rows, (n, 2), None without a pool); answer
-        them, or retry the conflicts."""
-        records: list[SessionRecord] = [result.record for result in results]  # type: ignore[misc]
+        them, or retry the conflicts. A common batch's `BatchResults` go to this process's
+        memory store as columns, to any other store as records."""
         residency = self.residency
         try:
-            if residency is not None and not residency.on_device:
-                records = await asyncio.get_running_loop().run_in_executor(
-                    self._executor,
-                    _to_host,
-                    residency.pool,
-                    records,
-                    rows,
+            if isinstance(results, BatchResults) and self._home is not None:
+                # The store itself (`self.store`): columns where it would take records.
+                written = await self._home.put_many(results.written, expected)
+            else:
+                records: list[SessionRecord] = (
+                    results.written.records()
+                    if isinstance(results, BatchResults)
+                    else [result.record for result in results]  # type: ignore[misc]
                 )
-            written = await self.store.put_many(records, expected)
+                if residency is not None and not residency.on_device:
+                    records = await asyncio.get_running_loop().run_in_executor(
+                        self._executor,
+                        _to_host,
+                        residency.pool,
+                        records,
+                        rows,
+                    )
+                written = await self.store.put_many(records, expected)
         except PartlyWritten as exc:
             ok = [w is True for w in exc.written]
             self._commit(steps, results, expected, rows, ok)
             # The steps known to be written are answered; the others get the error.
             self._fail([s for s, w in zip(steps, ok) if not w], exc)
-            self._answer_with(
-                [s for s, w in zip(steps, ok) if w], [r for r, w in zip(results, ok) if w]
-            )
+            self._answer_with([s for s, w in zip(steps, ok) if w], pick(results, ok))
             return
         except NextwordError as exc:
             self._fail(steps, exc)
@@ -921,20 +936,18 @@ class StepBatcher:
         self._pending.extendleft(reversed(again))
         if again:
             self._wake()
-        self._answer_with(
-            [s for s, ok in zip(steps, written) if ok], [r for r, ok in zip(results, written) if ok]
-        )
+        self._answer_with([s for s, ok in zip(steps, written) if ok], pick(results, written))
 
-    def _answer_with(self, steps: list[Step], results: list[StepResult]) -> None:
+    def _answer_with(self, steps: list[Step], results: Sequence[StepResult]) -> None:
         """Answer each step with its result (those not ended already), in one call per sink."""
-        answered = self._end(steps, results, answered=1)  # type: ignore[arg-type]
+        answered = self._end(steps, results, answered=1)
         if answered:
             self._steps["ok"].inc(answered)
 
     def _commit(
         self,
         steps: list[Step],
-        results: list[StepResult],
+        results: Sequence[StepResult],
         expected: list[int | None],
         rows: np.ndarray | None,
         written: Sequence[bool],
@@ -948,13 +961,18 @@ class StepBatcher:
             if not ok:
                 return
             steps = [steps[i] for i in ok]
-            results = [results[i] for i in ok]
+            results = pick(results, written)
             expected = [expected[i] for i in ok]
             rows = rows[ok]
+        created = (
+            results.written.created_at
+            if isinstance(results, BatchResults)
+            else [result.record.created_at for result in results]  # type: ignore[union-attr]
+        )
         residency.commit(
             [step.session_id for step in steps],  # type: ignore[misc]
             [(e or 0) + 1 for e in expected],
-            [result.record.created_at for result in results],  # type: ignore[union-attr]
+            created,
             rows,
         )
 

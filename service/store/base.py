@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from itertools import repeat
-from typing import NamedTuple, Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, overload, runtime_checkable
 
 import numpy as np
 
@@ -126,6 +126,88 @@ class SessionRecord:
     last_step: str = ""
     # The state is on the device of the engine that wrote this version (`state` is empty).
     state_on_device: bool = False
+
+
+@dataclass(eq=False, slots=True)
+class SessionColumns(Sequence[SessionRecord]):
+    """B records of one model as columns, each session's state kept on the device of the
+    engine writing them (`SessionRecord.state_on_device`; no state arrays): what a batch of
+    steps writes, without a `SessionRecord` per session. The in-process store's `put_many`
+    takes them as they are; any other store is given `records()`. As a sequence, its items
+    are the records (made when read).
+
+    Row b of every column is session `session_ids[b]`; `version` is the version each
+    record was read at (0 for a new session), as `SessionRecord.version` of a record
+    handed to `put_many`."""
+
+    session_ids: list[str]
+    model: str
+    tokens: list[int]
+    created_at: list[float]
+    last_used_at: float  # one write time for all
+    version: list[int]
+    last_token: list[int]
+    owner: list[str]
+    memory: list[WordMemory | None] | None  # None: no session has a memory
+    adapt: list[bool]
+    last_step: list[str]
+    state_on_device: bool = True  # False: `records()` need states before a store takes them
+
+    def __len__(self) -> int:
+        return len(self.session_ids)
+
+    @overload
+    def __getitem__(self, i: int) -> SessionRecord: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[SessionRecord]: ...
+
+    def __getitem__(self, i: int | slice) -> SessionRecord | list[SessionRecord]:
+        if isinstance(i, slice):
+            return [self.record(j) for j in range(len(self))[i]]
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        return self.record(i % len(self))
+
+    def record(self, i: int) -> SessionRecord:
+        """Row `i` as a record (state-less)."""
+        return SessionRecord(  # by position, in the field order of `SessionRecord`
+            self.session_ids[i],
+            self.model,
+            (),
+            self.tokens[i],
+            self.created_at[i],
+            self.last_used_at,
+            self.version[i],
+            self.last_token[i],
+            self.owner[i],
+            None if self.memory is None else self.memory[i],
+            self.adapt[i],
+            self.last_step[i],
+            self.state_on_device,
+        )
+
+    def records(self) -> list[SessionRecord]:
+        """Every row as a record, in order."""
+        return list(map(self.record, range(len(self.session_ids))))
+
+    def take(self, at: Sequence[int]) -> SessionColumns:
+        """The rows `at`, in that order."""
+        memory = self.memory
+        return SessionColumns(
+            [self.session_ids[i] for i in at],
+            self.model,
+            [self.tokens[i] for i in at],
+            [self.created_at[i] for i in at],
+            self.last_used_at,
+            [self.version[i] for i in at],
+            [self.last_token[i] for i in at],
+            [self.owner[i] for i in at],
+            None if memory is None else [memory[i] for i in at],
+            [self.adapt[i] for i in at],
+            [self.last_step[i] for i in at],
+            self.state_on_device,
+        )
 
 
 @runtime_checkable
