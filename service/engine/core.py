@@ -16,6 +16,8 @@ from collections.abc import Callable, Hashable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from service.config import Settings
 from service.contract.artifact import ArtifactError, ModelArtifact, model_dirs
 from service.contract.protocol import (
@@ -216,7 +218,9 @@ class _FrameAnswers:
         ids, probs = results.answer_lists()
         written = results.written
         words = results.words
-        for i, (step, tokens, last) in enumerate(zip(steps, written.tokens, written.last_token)):
+        tokens_of = np.asarray(written.tokens).tolist()
+        last_of = np.asarray(written.last_token).tolist()
+        for i, (step, tokens, last) in enumerate(zip(steps, tokens_of, last_of)):
             request_id = step.tag
             pending.pop(request_id, None)
             reply(

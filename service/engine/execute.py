@@ -11,10 +11,11 @@ Two shapes of work, with the same answers:
   or a new context starting from the pinned start rows). Its plan is the rows'
   (current, previous) as int64 arrays, its runs take the tokens as (B, T) arrays (one
   run of the first T - 1 tokens per distinct T, then one run of every row's last
-  token), the adaptation's hooks take the batch's columns, and its results are made
-  from the batch's top-k arrays in one pass. The runs, their grouping and their order
-  are the general path's for the same rows, so the answers and the states are the same
-  bit for bit.
+  token), the adaptation's hooks take the batch's columns, and its results are the
+  batch's top-k arrays and the records' columns (`BatchResults`), computed from the
+  read's columns (`SessionRows`) with array operations. The runs, their grouping and
+  their order are the general path's for the same rows, so the answers and the states
+  are the same bit for bit.
 - a list of `StepRun`s: everything else (chunked long steps, prefixes, stateless steps,
   steps of no new token, states uploaded from host records, no state pool), one object
   per row, as the steps need.
@@ -36,7 +37,7 @@ from service.engine.residency import Holding, Residency
 from service.engine.runtime import State, StepOutput, top_words
 from service.engine.steps import BatchResults, StateRef, Step, StepResult, StepRun
 from service.store import SessionRecord
-from service.store.base import SessionColumns, WordMemory
+from service.store.base import SessionColumns, SessionRows, WordMemory
 
 
 class StepRunner(Protocol):
@@ -55,11 +56,13 @@ class StepRunner(Protocol):
 class Common:
     """A batch in the common case (see the module's docstring), as columns.
 
-    The scheduler fills the inputs; `Execution.compute` sets `results` (one per step, in
-    order) and `rows` (the pool rows each step leaves its session in)."""
+    The scheduler fills the inputs (the records read as columns, row b step b's);
+    `Execution.compute` sets `results` (`BatchResults`: the answers and the records to
+    write, as columns, row b step b's) and `rows` (the pool rows each step leaves its
+    session in)."""
 
     steps: list[Step]
-    records: list[SessionRecord | None]  # as read (None: a new session)
+    records: SessionRows  # as read (not found: a new session)
     current: np.ndarray  # (B,) int64: the row of the state after the context's last token
     previous: np.ndarray  # (B,) int64: the row of the state before it
     results: BatchResults | None = None
@@ -239,30 +242,26 @@ class Execution:
         records' fields. With adaptation, each step's memory after the batch, and the mixed
         answers (None: the model's own) and whether each names a typed word."""
         now = self.clock()
-        steps, records = batch.steps, batch.records
+        steps, old = batch.steps, batch.records
         n = len(steps)
-        default = self.adapt_default
         ks = [step.k for step in steps]
         k = max(ks)
-        # The same fields as `result` writes, a column each.
-        tokens: list[int] = []
-        created: list[float] = []
-        versions: list[int] = []
-        owners: list[str] = []
-        adapts: list[bool] = []
-        for step, old, length in zip(steps, records, lengths):
-            if old is None or step.create:
-                tokens.append(length)
-                created.append(now)
-                versions.append(0)
-                owners.append(step.owner)
-                adapts.append(default if step.adapt is None else step.adapt)
-            else:
-                tokens.append(length if step.fresh else old.tokens + length)
-                created.append(old.created_at)
-                versions.append(old.version)
-                owners.append(old.owner)
-                adapts.append(old.adapt)
+        # The same fields as `result` writes, a column each: a new session's (not read, or
+        # created) from its step, the others' from the record read.
+        lengths_of = np.array(lengths, dtype=np.int64)
+        creates = np.fromiter((step.create for step in steps), bool, n)
+        anew = ~old.found | creates
+        again = anew | np.fromiter((step.fresh for step in steps), bool, n)
+        tokens = np.where(again, lengths_of, old.tokens + lengths_of)
+        created = np.where(anew, now, old.created_at)
+        versions = np.where(anew, 0, old.version)
+        owners, adapts = old.owner, old.adapt
+        if anew.any():
+            default = self.adapt_default
+            news = anew.tolist()
+            owners = [s.owner if a else o for s, a, o in zip(steps, news, owners)]
+            chosen = (default if s.adapt is None else s.adapt for s in steps)
+            adapts = np.where(anew, np.fromiter(chosen, bool, n), adapts)
         written = SessionColumns(
             [step.session_id for step in steps],  # type: ignore[misc]
             self.name,

@@ -119,6 +119,7 @@ from service.errors import (
     UnknownSession,
 )
 from service.store import SessionRecord, SessionStore
+from service.store.base import SessionRows
 from service.store.memory import MemorySessionStore
 
 log = logging.getLogger(__name__)
@@ -593,7 +594,8 @@ class StepBatcher:
         self._adopt(batch, holding)
         # A long step in progress read its record in its first batch.
         reads = [s for s in batch if s.session_id is not None and not s.create and s.row is None]
-        records: list[SessionRecord | None] = []
+        records: Sequence[SessionRecord | None] = []
+        ids: list[str] = []
         if reads:
             ids = [s.session_id for s in reads if s.session_id is not None]
             read = asyncio.ensure_future(self.store.get_many(ids))
@@ -609,7 +611,7 @@ class StepBatcher:
                 # Only the sessions' steps need the store: stateless steps still run.
                 self._fail([s for s in batch if s.session_id is not None], exc)
                 batch = [s for s in batch if s.session_id is None]
-                reads, records = [], []
+                reads, records, ids = [], [], []
             finally:
                 if not read.done():
                     read.cancel()  # this batch was cut short (stop without draining)
@@ -618,26 +620,32 @@ class StepBatcher:
         if len(records) != len(reads):
             self._fail(batch, StoreUnavailable("the session store answered a different count"))
             return
-        # One pass over the batch: each live step with the record read for it (None: not
-        # read), those that cannot run failed; and whether the batch is a common one.
+        # One pass over the batch: each live step with the row read for it (-1: not read),
+        # those that cannot run failed; and whether the batch is a common one. The read's
+        # columns answer the checks: only a row that may have a problem is looked at.
+        got = records if isinstance(records, SessionRows) else SessionRows.of(records, ids)
+        suspect = self._suspects(got)
+        last_steps = got.last_step
         execution = self.execution
         common = execution.takes_common
         chunk = self.prefill_chunk
-        read_of = iter(records)  # `reads` is a subsequence of `batch`, in order
+        j = -1  # the row of `got` (`reads` is a subsequence of `batch`, in order)
         steps: list[Step] = []
-        found: list[SessionRecord | None] = []
+        at: list[int] = []
         for step in batch:
             was_read = step.session_id is not None and not step.create and step.row is None
-            record = next(read_of) if was_read else None
+            if was_read:
+                j += 1
             if step.done:  # cancelled during the read
                 continue
             if was_read:
-                if step.step_id and record is not None and record.last_step == step.step_id:
+                if step.step_id and last_steps[j] == step.step_id:
                     as_retry(step)
-                problem = self._problem(step, record)
-                if problem is not None:
-                    self._fail([step], problem)
-                    continue
+                if suspect[j]:
+                    problem = self._problem(step, got[j])
+                    if problem is not None:
+                        self._fail([step], problem)
+                        continue
             if common and (
                 step.row is not None
                 or step.session_id is None
@@ -646,7 +654,8 @@ class StepBatcher:
             ):
                 common = False
             steps.append(step)
-            found.append(record)
+            at.append(j if was_read else -1)
+        found = got.take(at)
         located = None
         if holding is not None:
             steps, found, located, uploads = self._locate(steps, found, holding)
@@ -665,7 +674,7 @@ class StepBatcher:
                 await self._write_common(work)
             return
         rows: list[StepRun] = []
-        for i, (step, record) in enumerate(zip(steps, found)):
+        for i, (step, record) in enumerate(zip(steps, list(found))):
             if step.row is not None:  # a long step's next chunk
                 rows.append(step.row)
                 continue
@@ -677,8 +686,8 @@ class StepBatcher:
             await self._write(self._carry_on(rows))
 
     def _locate(
-        self, steps: list[Step], records: list[SessionRecord | None], holding: Holding
-    ) -> tuple[list[Step], list[SessionRecord | None], np.ndarray, bool]:
+        self, steps: list[Step], records: SessionRows, holding: Holding
+    ) -> tuple[list[Step], SessionRows, np.ndarray, bool]:
         """Where each new step's session state is: the rows of its resident entry (held for
         the batch), or its record's host states (uploaded by the run); a record with its
         state nowhere fails its step (`Residency.lost_session`).
@@ -687,35 +696,51 @@ class StepBatcher:
         NO_ROW where a step starts afresh, goes on, or uploads its record's states) and
         whether any uploads."""
         assert self.residency is not None
-        rows = np.full((len(steps), 2), NO_ROW, dtype=np.int64)
-        at = [
-            i
-            for i, (step, record) in enumerate(zip(steps, records))
-            if record is not None and not (step.fresh or step.create)
-        ]
-        if not at:
+        n = len(steps)
+        rows = np.full((n, 2), NO_ROW, dtype=np.int64)
+        anew = np.fromiter((step.fresh or step.create for step in steps), bool, n)
+        at = np.flatnonzero(records.found & ~anew)
+        if not len(at):
             return steps, records, rows, False
-        found = self.residency.find([records[i] for i in at])  # type: ignore[misc]
+        ids = records.ids
+        found = self.residency.find_many(
+            [ids[i] for i in at.tolist()], records.version[at], records.created_at[at]
+        )
         missing = found[:, 0] == NO_ROW
         if not missing.all():
             holding.hold(found[~missing].ravel())
         rows[at] = found
         if not missing.any():
             return steps, records, rows, False
-        lost = [
-            i
-            for i in np.asarray(at)[missing].tolist()
-            if records[i].state_on_device  # type: ignore[union-attr]
-        ]
+        lost = at[missing & records.on_device[at]].tolist()
         if lost:
             for i in lost:
                 self._fail([steps[i]], self.residency.lost_session(records[i]))  # type: ignore[arg-type]
-            keep = np.ones(len(steps), dtype=bool)
+            keep = np.ones(n, dtype=bool)
             keep[lost] = False
             steps = [s for s, k in zip(steps, keep) if k]
-            records = [r for r, k in zip(records, keep) if k]
+            records = records.take(np.flatnonzero(keep).tolist())
             rows = rows[keep]
         return steps, records, rows, len(lost) < int(missing.sum())
+
+    def _suspects(self, read: SessionRows) -> list[bool]:
+        """For each row read, whether `_problem` must see its record: every row it could
+        refuse (not found, another model's, a host state of another shape, a last token out
+        of range or unknown) is one; the others run."""
+        bad = ~read.found | (read.last_token >= self._vocab_size) | (read.last_token < 0)
+        name = self.name
+        if any(model != name for model in set(read.model)):
+            bad |= np.fromiter((model != name for model in read.model), bool, len(read))
+        host = ~bad
+        if self.residency is not None and self.residency.on_device:
+            host &= ~read.on_device  # a state the engine keeps: none here to check
+        if host.any():
+            size = 2 * self._halves
+            states = read.states
+            for i in np.flatnonzero(host).tolist():
+                if len(states[i]) != size:
+                    bad[i] = True
+        return bad.tolist()  # type: ignore[no-any-return]
 
     async def _answer(self, steps: list[Step], holding: Holding | None = None) -> None:
         """Run and answer stateless steps on their own (their rows held by `holding`, or
@@ -867,9 +892,10 @@ class StepBatcher:
                 return
             steps = [steps[i] for i in at]
             results = results.take(at)
-            records = [records[i] for i in at]
+            records = records.take(at)
             rows = rows[at]
-        expected = [None if record is None else record.version for record in records]
+        versions = records.version.tolist()
+        expected = [v if f else None for v, f in zip(versions, records.found.tolist())]
         await self._write_sessions(steps, results, expected, rows)
 
     async def _write_sessions(

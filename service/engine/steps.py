@@ -191,9 +191,8 @@ class BatchResults(Sequence[StepResult]):
             ids, probs = self.ids[i, :k], self.probs[i, :k]
         written = self.written
         words = () if self.words is None else self.words[i]
-        return StepResult(
-            ids, probs, written.tokens[i], written.record(i), words, written.last_token[i]
-        )
+        record = written.record(i)
+        return StepResult(ids, probs, record.tokens, record, words, record.last_token)
 
     def answer_lists(self) -> tuple[list[list[int]], list[list[float]]]:
         """Each row's answer ids and probabilities as Python lists (made once)."""

@@ -23,7 +23,10 @@ the arena's (see theirs). `memory_bytes` counts every allocated row and estimate
 and the engine's residency entries when it keeps states resident (`count_beside`).
 
 `get`/`get_many` return copies (read-only arrays): a batch may hold its records while
-another batch writes the same rows. `put_many` writes rows in place.
+another batch writes the same rows. `get_many` answers a batch's read as columns
+(`SessionRows`, a sequence of records made when read) and `put_many` takes a batch's
+write as columns too (`SessionColumns`): an engine's common batch goes from the arenas'
+arrays to its own and back without a record per session. `put_many` writes rows in place.
 
 A record written with `state_on_device` (the engine keeps that version's state on its
 device: `SessionRecord`, `service.engine.residency`) takes a row of the state-less shape
@@ -56,6 +59,7 @@ from service.store.arena import (
 from service.store.base import (
     SessionColumns,
     SessionRecord,
+    SessionRows,
     State,
     WordMemory,
     columns_of,
@@ -244,86 +248,84 @@ class MemorySessionStore:
             return [(first, np.arange(len(arena_ids)))]
         return [(int(a), np.flatnonzero(arena_ids == a)) for a in np.unique(arena_ids)]
 
-    def _read(self, ids: list[str]) -> list[SessionRecord | None]:
-        """The live records of `ids` (None where unknown or expired), each arena's rows read
-        in one gather; an expired session found drops every expired one."""
-        out: list[SessionRecord | None] = [None] * len(ids)
-        handles = self._handles(ids)
-        found = np.flatnonzero(handles != _ABSENT)
-        if len(found) == 0:
-            return out
-        horizon = self.clock() - self.ttl_s
-        expired = False
-        handles = handles[found]
-        for arena_id, at in self._by_arena(handles & ARENA_MASK):
-            arena = self._arenas[arena_id]
-            data = arena.read_many(handles[at] >> ARENA_BITS)
-            live = data.metas["touched"] > horizon
-            places = found[at]
-            if not live.all():
-                expired = True
-                places = places[live]
-                data = Rows(*(array[live] for array in data))
-            records = self._records(arena, data, [ids[i] for i in places.tolist()])
-            if len(records) == len(out):
-                out = records  # type: ignore[assignment]  # every id, in order
-            else:
-                for i, record in zip(places.tolist(), records):
-                    out[i] = record
-        if expired:
-            self._expire()
-        return out
-
-    def _records(self, arena: RowArena, data: Rows, ids: list[str]) -> list[SessionRecord]:
-        """Rows read from an arena as records (of the sessions `ids`), built column by
-        column: per row only the record itself (and the state's own copy)."""
-        metas = data.metas
+    def _read(self, ids: list[str]) -> SessionRows:
+        """The live records of `ids` as columns (not found where unknown or expired), each
+        arena's rows read in one gather; an expired session found drops every expired one."""
         n = len(ids)
+        handles = self._handles(ids)
+        present = np.flatnonzero(handles != _ABSENT)
+        metas = np.zeros(n, dtype=META)
+        found = np.zeros(n, dtype=bool)
+        on_device = np.zeros(n, dtype=bool)
+        states: list[State] = [()] * n
+        memories: list[WordMemory | None] = [None] * n
+        if len(present):
+            horizon = self.clock() - self.ttl_s
+            expired = False
+            handles = handles[present]
+            for arena_id, at in self._by_arena(handles & ARENA_MASK):
+                arena = self._arenas[arena_id]
+                data = arena.read_many(handles[at] >> ARENA_BITS)
+                live = data.metas["touched"] > horizon
+                places = present[at]
+                if not live.all():
+                    expired = True
+                    places = places[live]
+                    data = Rows(*(array[live] for array in data))
+                metas[places] = data.metas
+                found[places] = True
+                spots = places.tolist()
+                if arena.shape[0]:
+                    # A copy of its own per record: a long step holds its record across
+                    # batches, and a view would keep this whole read alive.
+                    for i, state in zip(spots, data.states):
+                        states[i] = _own_state(state)
+                else:
+                    on_device[places] = True
+                if arena.shape[3]:
+                    words = self._words
+                    mine = [ids[i] for i in spots]
+                    typed = map(words.get, mine, repeat(())) if words else repeat((), len(mine))
+                    # Views of the read's (B, C) columns, which they remember: the engine
+                    # takes them as one pair of arrays again (`columns_of`), not row by row.
+                    rows = WordMemory.rows(data.keys, data.weights, typed)
+                    if len(spots) == n:
+                        memories = rows  # type: ignore[assignment]  # every id, in order
+                    else:
+                        for i, memory in zip(spots, rows):
+                            memories[i] = memory
+            if expired:
+                self._expire()
         models = self._models
-        names = (
-            repeat(models[0], n)
-            if len(models) == 1
-            else map(models.__getitem__, metas["model"].tolist())
-        )
-        states: Iterable[State] = repeat((), n)
-        if arena.shape[0]:
-            # A copy of its own per record: a long step holds its record across batches,
-            # and a view would keep this whole read alive (256 LSTM states: 4 MiB).
-            states = map(_own_state, data.states)
-        memories: Iterable[WordMemory | None] = repeat(None, n)
-        if arena.shape[3]:
-            words = self._words
-            typed = map(words.get, ids, repeat(())) if words else repeat((), n)
-            # Views of the read's (B, C) columns, which they remember: the engine takes
-            # them as one pair of arrays again (`columns_of`), not row by row.
-            memories = WordMemory.rows(data.keys, data.weights, typed)
+        if len(models) == 1:
+            names = [models[0]] * n
+        else:
+            names = [models[m] if models else "" for m in metas["model"].tolist()]
         owner_of = self._quotas.owner_of
-        owners = map(owner_of.get, ids, repeat("")) if owner_of else repeat("", n)
+        owners = list(map(owner_of.get, ids, repeat(""))) if owner_of else [""] * n
         last_steps = self._last_steps
-        steps = map(last_steps.get, ids, repeat("")) if last_steps else repeat("", n)
-        return list(
-            map(
-                SessionRecord,
-                ids,
-                names,
-                states,
-                metas["tokens"].tolist(),
-                metas["created_at"].tolist(),
-                metas["last_used_at"].tolist(),
-                metas["version"].tolist(),
-                metas["last_token"].tolist(),
-                owners,
-                memories,
-                metas["adapt"].astype(bool).tolist(),
-                steps,
-                repeat(not arena.shape[0], n),
-            )
+        steps = list(map(last_steps.get, ids, repeat(""))) if last_steps else [""] * n
+        return SessionRows(
+            ids,
+            found,
+            names,
+            metas["tokens"],
+            metas["created_at"],
+            metas["last_used_at"],
+            metas["version"],
+            metas["last_token"],
+            owners,
+            memories,
+            metas["adapt"].astype(bool),
+            steps,
+            on_device,
+            states,
         )
 
     # --- the protocol -------------------------------------------------------------------
 
-    async def get_many(self, ids: list[str]) -> list[SessionRecord | None]:
-        """The live records of `ids` (None where unknown or expired)."""
+    async def get_many(self, ids: list[str]) -> SessionRows:
+        """The live records of `ids` (None where unknown or expired), as columns."""
         return self._read(ids)
 
     async def put_many(

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from service.store import MemorySessionStore, SessionRecord
-from service.store.base import SessionColumns, WordMemory
+from service.store.base import SessionColumns, SessionRows, WordMemory
 
 CAPACITY = 6
 
@@ -117,3 +117,30 @@ async def test_columns_with_host_states_are_refused() -> None:
     batch.state_on_device = False
     with pytest.raises(ValueError):
         await store.put_many(batch, [None])
+
+
+async def test_a_read_is_columns_whose_items_are_the_records() -> None:
+    """`get_many` answers columns (`SessionRows`): as a sequence, the records (None where
+    not found), each made once; `take` picks rows (-1: one not read); records read one by
+    one give the same columns (`SessionRows.of`)."""
+    store = MemorySessionStore(3600.0, cap=10, owner_cap=5)
+    batch = columns(["a", "b", "c"], [0, 0, 0], memory=True)
+    assert await store.put_many(batch, [None] * 3) == [True] * 3
+    read = await store.get_many(["b", "nobody", "a"])
+    assert isinstance(read, SessionRows)
+    assert read.found.tolist() == [True, False, True] and read[1] is None
+    assert read == [read[0], None, read[2]] and read[0] is read[0]
+    same(read[0], replace(batch[1], version=1))
+    same(read[2], replace(batch[0], version=1))
+    assert read.tokens[[0, 2]].tolist() == [4, 3] and read.version[[0, 2]].tolist() == [1, 1]
+    assert read.on_device[[0, 2]].all() and read.last_step == ["step-1", "", ""]
+    picked = read.take([2, -1, 0])
+    assert picked.found.tolist() == [True, False, True] and picked[1] is None
+    assert picked[0] is read[2] and picked.ids[0] == "a"
+    again = SessionRows.of(list(read), ["b", "nobody", "a"])
+    assert again.found.tolist() == read.found.tolist()
+    for name in ("tokens", "version", "last_token", "created_at", "adapt", "on_device"):
+        got, want = getattr(again, name), getattr(read, name)
+        assert got[read.found].tolist() == want[read.found].tolist(), name
+    assert again.owner == read.owner and again.last_step == read.last_step
+    assert SessionRows.of([], []).take([-1, -1]).found.tolist() == [False, False]
