@@ -181,22 +181,35 @@ class Execution:
         adaptation = self.adaptation
         # The adaptation's hooks over the batch's columns, as `compute_rows` calls them
         # (every step counts all its words now, and answers now).
-        lasts = [
-            self.runner.eos_id if record is None or step.fresh or step.create
-            else record.last_token
-            for step, record in zip(steps, batch.records)
-        ]  # fmt: skip
+        # The records' fields they take, from the read's columns (no record made per row):
+        # a step that starts a session or its context afresh starts from the end of a
+        # sentence and (with `forget` too) an empty memory (`Adaptation.memory_of`).
+        read = batch.records
+        anew = ~read.found | np.fromiter((s.fresh or s.create for s in steps), bool, n)
+        lasts = np.where(anew, self.runner.eos_id, read.last_token).tolist()
+        capacity = adaptation.params.capacity
+        starts: list[WordMemory | None] = []
+        for i, (step, afresh, memory) in enumerate(zip(steps, anew.tolist(), read.memory)):
+            if afresh or step.forget or memory is None:
+                starts.append(None)
+            elif len(memory.keys) != capacity:  # another capacity: the hook resizes it
+                starts.append(adaptation.memory_of(step, read[i]))
+            else:
+                starts.append(memory)
         memories, live, stacked = adaptation.count_columns(
-            steps,
-            [adaptation.memory_of(s, r) for s, r in zip(steps, batch.records)],
-            [0] * n,
-            lengths,
-            lasts,
-            [0] * n,
+            steps, starts, [0] * n, lengths, lasts, [0] * n
         )
+        # Each step's `adapt`, else its session's (`session_adapt`: a new one's default).
+        fresh_default = self.adapt_default
+        kept = np.where(read.found, read.adapt, fresh_default).tolist()
         mixed = [
-            holds and (self.session_adapt(step, record) if step.adapt is None else step.adapt)
-            for step, record, holds in zip(steps, batch.records, live)
+            holds
+            and (
+                step.adapt
+                if step.adapt is not None
+                else (fresh_default if step.create else session)
+            )
+            for step, session, holds in zip(steps, kept, live)
         ]
         mixing = adaptation.prepare_columns(mixed, memories, stacked)
         gather = None if mixing is None else adaptation.gather_ids(mixing)
