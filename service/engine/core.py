@@ -12,9 +12,11 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from service.config import Settings
 from service.contract.artifact import ArtifactError, ModelArtifact, model_dirs
@@ -32,7 +34,7 @@ from service.engine.adapt_hooks import Adaptation
 from service.engine.pool import StatePool, device_free_bytes, pool_rows, row_bytes
 from service.engine.runtime import CUDA, OrtModel, choose_providers
 from service.engine.scheduler import StepBatcher
-from service.engine.steps import Outcome, Step, StepResult
+from service.engine.steps import BatchResults, Outcome, Step, StepResult
 from service.errors import NextwordError, StepFailed, UnknownModel
 from service.store import SessionStore, open_store
 
@@ -184,8 +186,11 @@ class _FrameAnswers:
         self.pending = pending
         self.scheduler = scheduler  # the steps' scheduler: an abort cancels through it
 
-    def __call__(self, steps: list[Step], outcomes: list[Outcome]) -> None:
+    def __call__(self, steps: list[Step], outcomes: Sequence[Outcome]) -> None:
         reply, model, pending = self.reply, self.model, self.pending
+        if isinstance(outcomes, BatchResults):
+            self._answer_batch(steps, outcomes)
+            return
         for step, outcome in zip(steps, outcomes):
             request_id = step.tag
             pending.pop(request_id, None)
@@ -205,6 +210,30 @@ class _FrameAnswers:
                 )
             else:
                 reply(_failure(request_id, outcome))
+
+    def _answer_batch(self, steps: list[Step], results: BatchResults) -> None:
+        """Every step answered from one batch's columns: its ids and probabilities as lists
+        made once for the batch, the same `EngineOutput`s (the same bytes on the wire)."""
+        reply, model, pending = self.reply, self.model, self.pending
+        ids, probs = results.answer_lists()
+        written = results.written
+        words = results.words
+        tokens_of = np.asarray(written.tokens).tolist()
+        last_of = np.asarray(written.last_token).tolist()
+        for i, (step, tokens, last) in enumerate(zip(steps, tokens_of, last_of)):
+            request_id = step.tag
+            pending.pop(request_id, None)
+            reply(
+                EngineOutput(
+                    request_id,
+                    ids=ids[i],
+                    probs=probs[i],
+                    tokens=tokens,
+                    model=model,
+                    words=[] if words is None else list(words[i]),
+                    last_token=last,
+                )
+            )
 
 
 def _queue(frame: dict[str, tuple[_FrameAnswers, list[Step]]]) -> None:

@@ -11,10 +11,11 @@ Two shapes of work, with the same answers:
   or a new context starting from the pinned start rows). Its plan is the rows'
   (current, previous) as int64 arrays, its runs take the tokens as (B, T) arrays (one
   run of the first T - 1 tokens per distinct T, then one run of every row's last
-  token), the adaptation's hooks take the batch's columns, and its results are made
-  from the batch's top-k arrays in one pass. The runs, their grouping and their order
-  are the general path's for the same rows, so the answers and the states are the same
-  bit for bit.
+  token), the adaptation's hooks take the batch's columns, and its results are the
+  batch's top-k arrays and the records' columns (`BatchResults`), computed from the
+  read's columns (`SessionRows`) with array operations. The runs, their grouping and
+  their order are the general path's for the same rows, so the answers and the states
+  are the same bit for bit.
 - a list of `StepRun`s: everything else (chunked long steps, prefixes, stateless steps,
   steps of no new token, states uploaded from host records, no state pool), one object
   per row, as the steps need.
@@ -34,9 +35,9 @@ from service.engine.adapt_hooks import Adaptation
 from service.engine.pool import ResidentOutput, StatePool
 from service.engine.residency import Holding, Residency
 from service.engine.runtime import State, StepOutput, top_words
-from service.engine.steps import StateRef, Step, StepResult, StepRun
+from service.engine.steps import BatchResults, StateRef, Step, StepResult, StepRun
 from service.store import SessionRecord
-from service.store.base import WordMemory
+from service.store.base import SessionColumns, SessionRows, WordMemory
 
 # The top-k width of a run whose words no answer reads (a prefill before the last token):
 # ONNX Runtime's TopK has a slower path for K=1 (measured on a (256, 12000) batch of the
@@ -61,14 +62,16 @@ class StepRunner(Protocol):
 class Common:
     """A batch in the common case (see the module's docstring), as columns.
 
-    The scheduler fills the inputs; `Execution.compute` sets `results` (one per step, in
-    order) and `rows` (the pool rows each step leaves its session in)."""
+    The scheduler fills the inputs (the records read as columns, row b step b's);
+    `Execution.compute` sets `results` (`BatchResults`: the answers and the records to
+    write, as columns, row b step b's) and `rows` (the pool rows each step leaves its
+    session in)."""
 
     steps: list[Step]
-    records: list[SessionRecord | None]  # as read (None: a new session)
+    records: SessionRows  # as read (not found: a new session)
     current: np.ndarray  # (B,) int64: the row of the state after the context's last token
     previous: np.ndarray  # (B,) int64: the row of the state before it
-    results: list[StepResult] = dataclasses.field(default_factory=list)
+    results: BatchResults | None = None
     rows: np.ndarray = dataclasses.field(  # (B, 2) int64: new (current, previous)
         default_factory=lambda: np.empty((0, 2), dtype=np.int64)
     )
@@ -188,22 +191,35 @@ class Execution:
         adaptation = self.adaptation
         # The adaptation's hooks over the batch's columns, as `compute_rows` calls them
         # (every step counts all its words now, and answers now).
-        lasts = [
-            self.runner.eos_id if record is None or step.fresh or step.create
-            else record.last_token
-            for step, record in zip(steps, batch.records)
-        ]  # fmt: skip
+        # The records' fields they take, from the read's columns (no record made per row):
+        # a step that starts a session or its context afresh starts from the end of a
+        # sentence and (with `forget` too) an empty memory (`Adaptation.memory_of`).
+        read = batch.records
+        anew = ~read.found | np.fromiter((s.fresh or s.create for s in steps), bool, n)
+        lasts = np.where(anew, self.runner.eos_id, read.last_token).tolist()
+        capacity = adaptation.params.capacity
+        starts: list[WordMemory | None] = []
+        for i, (step, afresh, memory) in enumerate(zip(steps, anew.tolist(), read.memory)):
+            if afresh or step.forget or memory is None:
+                starts.append(None)
+            elif len(memory.keys) != capacity:  # another capacity: the hook resizes it
+                starts.append(adaptation.memory_of(step, read[i]))
+            else:
+                starts.append(memory)
         memories, live, stacked = adaptation.count_columns(
-            steps,
-            [adaptation.memory_of(s, r) for s, r in zip(steps, batch.records)],
-            [0] * n,
-            lengths,
-            lasts,
-            [0] * n,
+            steps, starts, [0] * n, lengths, lasts, [0] * n
         )
+        # Each step's `adapt`, else its session's (`session_adapt`: a new one's default).
+        fresh_default = self.adapt_default
+        kept = np.where(read.found, read.adapt, fresh_default).tolist()
         mixed = [
-            holds and (self.session_adapt(step, record) if step.adapt is None else step.adapt)
-            for step, record, holds in zip(steps, batch.records, live)
+            holds
+            and (
+                step.adapt
+                if step.adapt is not None
+                else (fresh_default if step.create else session)
+            )
+            for step, session, holds in zip(steps, kept, live)
         ]
         mixing = adaptation.prepare_columns(mixed, memories, stacked)
         gather = None if mixing is None else adaptation.gather_ids(mixing)
@@ -244,65 +260,62 @@ class Execution:
         memories: Sequence[WordMemory | None] = (),
         answers: Sequence[tuple[np.ndarray, np.ndarray] | None] = (),
         typed: Sequence[bool] = (),
-    ) -> list[StepResult]:
-        """Each step's answer and the record it writes (at one `now` for the batch): the
-        top-k rows of the batch's output, one pass over the steps. With adaptation, each
-        step's memory after the batch, and the mixed answers (None: the model's own) and
-        whether each names a typed word."""
+    ) -> BatchResults:
+        """The steps' answers and the records they write (at one `now` for the batch), as
+        columns: the batch's top-k arrays as they are, and one pass over the steps for the
+        records' fields. With adaptation, each step's memory after the batch, and the mixed
+        answers (None: the model's own) and whether each names a typed word."""
         now = self.clock()
-        name, revision = self.name, self.revision
-        on_device = self.on_device
-        default = self.adapt_default
-        ks = {step.k for step in batch.steps}
-        # One slice of the batch's top-k when every step asks for the same k (the rows are
-        # views of it, as `top_words` gives them).
-        if len(ks) == 1:
-            k = ks.pop()
-            ids_of: Sequence[np.ndarray] = list(output.topk_ids[:, :k])
-            probs_of: Sequence[np.ndarray] = list(output.topk_probs[:, :k])
-        else:
-            ids_of = [output.topk_ids[i, : s.k] for i, s in enumerate(batch.steps)]
-            probs_of = [output.topk_probs[i, : s.k] for i, s in enumerate(batch.steps)]
-        n = len(batch.steps)
-        memories = memories or [None] * n
-        out = []
-        for i, (step, old, length, memory) in enumerate(
-            zip(batch.steps, batch.records, lengths, memories)
-        ):
-            words: tuple[str, ...] = ()
-            answer = answers[i] if answers else None
-            if answer is None:
-                ids, probs = ids_of[i], probs_of[i]
-            else:
-                ids, probs = answer
-                if typed[i] and memory is not None:
-                    words = memory.words
-            last = step.tokens[-1]
-            if old is None or step.create:
-                tokens, created, version, owner = length, now, 0, step.owner
-                adapt = default if step.adapt is None else step.adapt
-            else:
-                tokens = length if step.fresh else old.tokens + length
-                created, version, owner = old.created_at, old.version, old.owner
-                adapt = old.adapt
-            record = SessionRecord(  # by position, as `result` makes it
-                step.session_id,  # type: ignore[arg-type]
-                name,
-                (),
-                tokens,
-                created,
-                now,
-                version,
-                last,
-                owner,
-                memory,
-                adapt,
-                step.step_id,
-                on_device,
-                revision,
-            )
-            out.append(StepResult(ids, probs, tokens, record, words, last))
-        return out
+        steps, old = batch.steps, batch.records
+        n = len(steps)
+        ks = [step.k for step in steps]
+        k = max(ks)
+        # The same fields as `result` writes, a column each: a new session's (not read, or
+        # created) from its step, the others' from the record read.
+        lengths_of = np.array(lengths, dtype=np.int64)
+        creates = np.fromiter((step.create for step in steps), bool, n)
+        anew = ~old.found | creates
+        again = anew | np.fromiter((step.fresh for step in steps), bool, n)
+        tokens = np.where(again, lengths_of, old.tokens + lengths_of)
+        created = np.where(anew, now, old.created_at)
+        versions = np.where(anew, 0, old.version)
+        owners, adapts = old.owner, old.adapt
+        if anew.any():
+            default = self.adapt_default
+            news = anew.tolist()
+            owners = [s.owner if a else o for s, a, o in zip(steps, news, owners)]
+            chosen = (default if s.adapt is None else s.adapt for s in steps)
+            adapts = np.where(anew, np.fromiter(chosen, bool, n), adapts)
+        written = SessionColumns(
+            [step.session_id for step in steps],  # type: ignore[misc]
+            self.name,
+            tokens,
+            created,
+            now,
+            versions,
+            [step.tokens[-1] for step in steps],
+            owners,
+            list(memories) if memories else None,
+            adapts,
+            [step.step_id for step in steps],
+            self.on_device,
+            self.revision,
+        )
+        words = None
+        if answers and any(typed):
+            # Only a mixed answer can name a typed word (the model's own ids are < V).
+            words = [
+                memory.words if named and answer is not None and memory is not None else ()
+                for named, answer, memory in zip(typed, answers, memories)
+            ]
+        return BatchResults(
+            output.topk_ids[:, :k],
+            output.topk_probs[:, :k],
+            None if ks.count(k) == n else ks,
+            list(answers) if answers else None,
+            words,
+            written,
+        )
 
     # --- every other batch, row by row ---------------------------------------------
 

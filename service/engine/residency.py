@@ -58,6 +58,7 @@ import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Container, Sequence
+from itertools import repeat
 
 import numpy as np
 
@@ -156,21 +157,25 @@ class Residency:
     def find(self, records: Sequence[SessionRecord]) -> np.ndarray:
         """(n, 2) int64: the rows (current, previous) of the entry each record's version and
         created_at match, NO_ROW where none does."""
-        out = np.full((len(records), 2), NO_ROW, dtype=np.int64)
+        n = len(records)
+        return self.find_many(
+            [record.session_id for record in records],
+            np.fromiter((record.version for record in records), np.int64, n),
+            np.fromiter((record.created_at for record in records), np.float64, n),
+        )
+
+    def find_many(self, ids: list[str], versions: np.ndarray, created: np.ndarray) -> np.ndarray:
+        """`find` of records given as columns: session ids, versions and created_at."""
+        out = np.full((len(ids), 2), NO_ROW, dtype=np.int64)
         if not self._entries:
             return out
-        at, entries = [], []
-        for i, record in enumerate(records):
-            entry = self._entries.get(record.session_id)
-            if entry is not None:
-                at.append(i)
-                entries.append(entry)
-        if at:
-            index = np.array(entries, dtype=np.int64)
-            versions = np.fromiter((records[i].version for i in at), np.int64, len(at))
-            created = np.fromiter((records[i].created_at for i in at), np.float64, len(at))
-            match = (self._version[index] == versions) & (self._created[index] == created)
-            out[np.array(at, dtype=np.int64)[match]] = self._rows[index[match]]
+        get = self._entries.get
+        entries = np.fromiter(map(get, ids, repeat(-1)), np.int64, len(ids))
+        at = np.flatnonzero(entries >= 0)
+        if len(at):
+            index = entries[at]
+            match = (self._version[index] == versions[at]) & (self._created[index] == created[at])
+            out[at[match]] = self._rows[index[match]]
         return out
 
     def lost_session(self, record: SessionRecord) -> NextwordError:
@@ -193,7 +198,7 @@ class Residency:
         self,
         ids: Sequence[str],
         versions: Sequence[int],
-        created: Sequence[float],
+        created: Sequence[float] | np.ndarray,
         rows: np.ndarray,
     ) -> None:
         """Sessions written at `versions` with their states in `rows` ((n, 2): current,

@@ -85,6 +85,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
+from operator import attrgetter
 from typing import Any
 
 import numpy as np
@@ -98,6 +99,7 @@ from service.engine.pool import PoolExhausted, StatePool
 from service.engine.residency import NO_ROW, Holding, Residency
 from service.engine.runtime import State
 from service.engine.steps import (
+    BatchResults,
     Outcome,
     StateRef,
     Step,
@@ -105,6 +107,7 @@ from service.engine.steps import (
     StepRun,
     StepSink,
     as_retry,
+    pick,
 )
 from service.errors import (
     Contended,
@@ -116,9 +119,12 @@ from service.errors import (
     UnknownSession,
 )
 from service.store import SessionRecord, SessionStore
+from service.store.base import SessionRows
 from service.store.memory import MemorySessionStore
 
 log = logging.getLogger(__name__)
+
+_DONE = attrgetter("done")
 
 
 def _to_host(
@@ -146,7 +152,7 @@ def _resolve(future: asyncio.Future[Any], outcome: Any) -> bool:
     return True
 
 
-def _settle_futures(steps: list[Step], outcomes: list[Outcome]) -> None:
+def _settle_futures(steps: list[Step], outcomes: Sequence[Outcome]) -> None:
     """The sink of steps queued by `StepBatcher.submit`: each one's future gets its outcome
     (a cancelled step's future is cancelled already, or is cancelled now)."""
     for step, outcome in zip(steps, outcomes):
@@ -239,6 +245,8 @@ class StepBatcher:
             raise TypeError("keep_states is for the in-process MemorySessionStore")
         home = store if keep_states and isinstance(store, MemorySessionStore) else None
         self.residency = None if pool is None else Residency(pool, home, cache_states)
+        # With a pool: the store that takes a common batch's records as columns.
+        self._home = home if pool is not None else None
         self._start_current: StateRef = start_current
         self._zeros: StateRef = zeros
         if self.pool is not None:
@@ -389,21 +397,22 @@ class StepBatcher:
         its run, or after it, never written (`step.done`)."""
         self._end([step], [None], answered=0)
 
-    def _end(self, steps: list[Step], outcomes: list[Outcome], answered: int) -> int:
+    def _end(self, steps: list[Step], outcomes: Sequence[Outcome], answered: int) -> int:
         """End the steps not ended yet with their outcomes (`answered`: whether these are
         results; a failure's or a cancel's are not): each leaves its client's share and goes
-        to its sink, with the others of its sink in one call. Returns how many ended now.
+        to its sink, with the others of its sink in one call (a batch's `BatchResults` stay
+        columns). Returns how many ended now.
 
         The one way a queued step ends: `done` is set here only, so a step ends once."""
-        ended: list[Step] = []
-        outs: list[Outcome] = []
-        for step, outcome in zip(steps, outcomes):
-            if not step.done:
-                step.done = True
-                ended.append(step)
-                outs.append(outcome)
+        ended, outs = steps, outcomes
+        if any(map(_DONE, steps)):
+            keep = [not step.done for step in steps]
+            ended = [step for step, k in zip(steps, keep) if k]
+            outs = pick(outcomes, keep)  # type: ignore[arg-type]
         if not ended:
             return 0
+        for step in ended:
+            step.done = True
         # A generator: read only where some client holds a share (not in-process use).
         self.shares.release_many((step.client for step in ended), len(ended) if answered else 0)
         sink = ended[0].sink
@@ -411,16 +420,15 @@ class StepBatcher:
             assert sink is not None
             sink(ended, outs)
             return len(ended)
-        groups: dict[StepSink, tuple[list[Step], list[Outcome]]] = {}
-        for step, outcome in zip(ended, outs):
+        groups: dict[StepSink, list[int]] = {}
+        for i, step in enumerate(ended):
             assert step.sink is not None
-            group = groups.get(step.sink)
-            if group is None:
-                group = groups[step.sink] = ([], [])
-            group[0].append(step)
-            group[1].append(outcome)
-        for each, (some, theirs) in groups.items():
-            each(some, theirs)
+            groups.setdefault(step.sink, []).append(i)
+        for each, at in groups.items():
+            if isinstance(outs, BatchResults):
+                each([ended[i] for i in at], outs.take(at))
+            else:
+                each([ended[i] for i in at], [outs[i] for i in at])
         return len(ended)
 
     async def step(self, step: Step) -> StepResult:
@@ -587,7 +595,8 @@ class StepBatcher:
         self._adopt(batch, holding)
         # A long step in progress read its record in its first batch.
         reads = [s for s in batch if s.session_id is not None and not s.create and s.row is None]
-        records: list[SessionRecord | None] = []
+        records: Sequence[SessionRecord | None] = []
+        ids: list[str] = []
         if reads:
             ids = [s.session_id for s in reads if s.session_id is not None]
             read = asyncio.ensure_future(self.store.get_many(ids))
@@ -603,7 +612,7 @@ class StepBatcher:
                 # Only the sessions' steps need the store: stateless steps still run.
                 self._fail([s for s in batch if s.session_id is not None], exc)
                 batch = [s for s in batch if s.session_id is None]
-                reads, records = [], []
+                reads, records, ids = [], [], []
             finally:
                 if not read.done():
                     read.cancel()  # this batch was cut short (stop without draining)
@@ -612,26 +621,32 @@ class StepBatcher:
         if len(records) != len(reads):
             self._fail(batch, StoreUnavailable("the session store answered a different count"))
             return
-        # One pass over the batch: each live step with the record read for it (None: not
-        # read), those that cannot run failed; and whether the batch is a common one.
+        # One pass over the batch: each live step with the row read for it (-1: not read),
+        # those that cannot run failed; and whether the batch is a common one. The read's
+        # columns answer the checks: only a row that may have a problem is looked at.
+        got = records if isinstance(records, SessionRows) else SessionRows.of(records, ids)
+        suspect = self._suspects(got)
+        last_steps = got.last_step
         execution = self.execution
         common = execution.takes_common
         chunk = self.prefill_chunk
-        read_of = iter(records)  # `reads` is a subsequence of `batch`, in order
+        j = -1  # the row of `got` (`reads` is a subsequence of `batch`, in order)
         steps: list[Step] = []
-        found: list[SessionRecord | None] = []
+        at: list[int] = []
         for step in batch:
             was_read = step.session_id is not None and not step.create and step.row is None
-            record = next(read_of) if was_read else None
+            if was_read:
+                j += 1
             if step.done:  # cancelled during the read
                 continue
             if was_read:
-                if step.step_id and record is not None and record.last_step == step.step_id:
+                if step.step_id and last_steps[j] == step.step_id:
                     as_retry(step)
-                problem = self._problem(step, record)
-                if problem is not None:
-                    self._fail([step], problem)
-                    continue
+                if suspect[j]:
+                    problem = self._problem(step, got[j])
+                    if problem is not None:
+                        self._fail([step], problem)
+                        continue
             if common and (
                 step.row is not None
                 or step.session_id is None
@@ -640,7 +655,8 @@ class StepBatcher:
             ):
                 common = False
             steps.append(step)
-            found.append(record)
+            at.append(j if was_read else -1)
+        found = got.take(at)
         located = None
         if holding is not None:
             steps, found, located, uploads = self._locate(steps, found, holding)
@@ -659,7 +675,7 @@ class StepBatcher:
                 await self._write_common(work)
             return
         rows: list[StepRun] = []
-        for i, (step, record) in enumerate(zip(steps, found)):
+        for i, (step, record) in enumerate(zip(steps, list(found))):
             if step.row is not None:  # a long step's next chunk
                 rows.append(step.row)
                 continue
@@ -671,8 +687,8 @@ class StepBatcher:
             await self._write(self._carry_on(rows))
 
     def _locate(
-        self, steps: list[Step], records: list[SessionRecord | None], holding: Holding
-    ) -> tuple[list[Step], list[SessionRecord | None], np.ndarray, bool]:
+        self, steps: list[Step], records: SessionRows, holding: Holding
+    ) -> tuple[list[Step], SessionRows, np.ndarray, bool]:
         """Where each new step's session state is: the rows of its resident entry (held for
         the batch), or its record's host states (uploaded by the run); a record with its
         state nowhere fails its step (`Residency.lost_session`).
@@ -681,35 +697,57 @@ class StepBatcher:
         NO_ROW where a step starts afresh, goes on, or uploads its record's states) and
         whether any uploads."""
         assert self.residency is not None
-        rows = np.full((len(steps), 2), NO_ROW, dtype=np.int64)
-        at = [
-            i
-            for i, (step, record) in enumerate(zip(steps, records))
-            if record is not None and not (step.fresh or step.create)
-        ]
-        if not at:
+        n = len(steps)
+        rows = np.full((n, 2), NO_ROW, dtype=np.int64)
+        anew = np.fromiter((step.fresh or step.create for step in steps), bool, n)
+        at = np.flatnonzero(records.found & ~anew)
+        if not len(at):
             return steps, records, rows, False
-        found = self.residency.find([records[i] for i in at])  # type: ignore[misc]
+        ids = records.ids
+        found = self.residency.find_many(
+            [ids[i] for i in at.tolist()], records.version[at], records.created_at[at]
+        )
         missing = found[:, 0] == NO_ROW
         if not missing.all():
             holding.hold(found[~missing].ravel())
         rows[at] = found
         if not missing.any():
             return steps, records, rows, False
-        lost = [
-            i
-            for i in np.asarray(at)[missing].tolist()
-            if records[i].state_on_device  # type: ignore[union-attr]
-        ]
+        lost = at[missing & records.on_device[at]].tolist()
         if lost:
             for i in lost:
                 self._fail([steps[i]], self.residency.lost_session(records[i]))  # type: ignore[arg-type]
-            keep = np.ones(len(steps), dtype=bool)
+            keep = np.ones(n, dtype=bool)
             keep[lost] = False
             steps = [s for s, k in zip(steps, keep) if k]
-            records = [r for r, k in zip(records, keep) if k]
+            records = records.take(np.flatnonzero(keep).tolist())
             rows = rows[keep]
         return steps, records, rows, len(lost) < int(missing.sum())
+
+    def _suspects(self, read: SessionRows) -> list[bool]:
+        """For each row read, whether `_problem` must see its record: every row it could
+        refuse (not found, another model's or revision's, a host state of another shape, a last token out
+        of range or unknown) is one; the others run."""
+        bad = ~read.found | (read.last_token >= self._vocab_size) | (read.last_token < 0)
+        name = self.name
+        if any(model != name for model in set(read.model)):
+            bad |= np.fromiter((model != name for model in read.model), bool, len(read))
+        if read.revision is not None and any(
+            rev and rev != self.revision for rev in set(read.revision)
+        ):
+            mine = self.revision
+            written = (bool(rev) and rev != mine for rev in read.revision)
+            bad |= np.fromiter(written, bool, len(read))
+        host = ~bad
+        if self.residency is not None and self.residency.on_device:
+            host &= ~read.on_device  # a state the engine keeps: none here to check
+        if host.any():
+            size = 2 * self._halves
+            states = read.states
+            for i in np.flatnonzero(host).tolist():
+                if len(states[i]) != size:
+                    bad[i] = True
+        return bad.tolist()  # type: ignore[no-any-return]
 
     async def _answer(self, steps: list[Step], holding: Holding | None = None) -> None:
         """Run and answer stateless steps on their own (their rows held by `holding`, or
@@ -856,52 +894,61 @@ class StepBatcher:
 
     async def _write_common(self, batch: Common) -> None:
         """A common batch's write: its steps cancelled during the run are dropped (never
-        written), the others written and answered as `_write_sessions` does."""
+        written), the others written (as columns) and answered as `_write_sessions` does."""
         steps, results, rows = batch.steps, batch.results, batch.rows
         records = batch.records
+        assert results is not None
         live = [not step.done for step in steps]
         if not all(live):
             self._steps["cancelled"].inc(live.count(False))
-            keep = np.array(live, dtype=bool)
-            steps = [s for s, k in zip(steps, live) if k]
-            results = [r for r, k in zip(results, live) if k]
-            records = [r for r, k in zip(records, live) if k]
-            rows = rows[keep]
-            if not steps:
+            at = [i for i, k in enumerate(live) if k]
+            if not at:
                 return
-        expected = [None if record is None else record.version for record in records]
+            steps = [steps[i] for i in at]
+            results = results.take(at)
+            records = records.take(at)
+            rows = rows[at]
+        versions = records.version.tolist()
+        expected = [v if f else None for v, f in zip(versions, records.found.tolist())]
         await self._write_sessions(steps, results, expected, rows)
 
     async def _write_sessions(
         self,
         steps: list[Step],
-        results: list[StepResult],
+        results: Sequence[StepResult],
         expected: list[int | None],
         rows: np.ndarray | None,
     ) -> None:
         """One compare-and-set write of sessions' steps (`results[i].record` at version
         `expected[i]`; `rows`: their new pool rows, (n, 2), None without a pool); answer
-        them, or retry the conflicts."""
-        records: list[SessionRecord] = [result.record for result in results]  # type: ignore[misc]
+        them, or retry the conflicts. A common batch's `BatchResults` go to this process's
+        memory store as columns, to any other store as records."""
         residency = self.residency
         try:
-            if residency is not None and not residency.on_device:
-                records = await asyncio.get_running_loop().run_in_executor(
-                    self._executor,
-                    _to_host,
-                    residency.pool,
-                    records,
-                    rows,
+            if isinstance(results, BatchResults) and self._home is not None:
+                # The store itself (`self.store`): columns where it would take records.
+                written = await self._home.put_many(results.written, expected)
+            else:
+                records: list[SessionRecord] = (
+                    results.written.records()
+                    if isinstance(results, BatchResults)
+                    else [result.record for result in results]  # type: ignore[misc]
                 )
-            written = await self.store.put_many(records, expected)
+                if residency is not None and not residency.on_device:
+                    records = await asyncio.get_running_loop().run_in_executor(
+                        self._executor,
+                        _to_host,
+                        residency.pool,
+                        records,
+                        rows,
+                    )
+                written = await self.store.put_many(records, expected)
         except PartlyWritten as exc:
             ok = [w is True for w in exc.written]
             self._commit(steps, results, expected, rows, ok)
             # The steps known to be written are answered; the others get the error.
             self._fail([s for s, w in zip(steps, ok) if not w], exc)
-            self._answer_with(
-                [s for s, w in zip(steps, ok) if w], [r for r, w in zip(results, ok) if w]
-            )
+            self._answer_with([s for s, w in zip(steps, ok) if w], pick(results, ok))
             return
         except NextwordError as exc:
             self._fail(steps, exc)
@@ -929,20 +976,18 @@ class StepBatcher:
         self._pending.extendleft(reversed(again))
         if again:
             self._wake()
-        self._answer_with(
-            [s for s, ok in zip(steps, written) if ok], [r for r, ok in zip(results, written) if ok]
-        )
+        self._answer_with([s for s, ok in zip(steps, written) if ok], pick(results, written))
 
-    def _answer_with(self, steps: list[Step], results: list[StepResult]) -> None:
+    def _answer_with(self, steps: list[Step], results: Sequence[StepResult]) -> None:
         """Answer each step with its result (those not ended already), in one call per sink."""
-        answered = self._end(steps, results, answered=1)  # type: ignore[arg-type]
+        answered = self._end(steps, results, answered=1)
         if answered:
             self._steps["ok"].inc(answered)
 
     def _commit(
         self,
         steps: list[Step],
-        results: list[StepResult],
+        results: Sequence[StepResult],
         expected: list[int | None],
         rows: np.ndarray | None,
         written: Sequence[bool],
@@ -956,13 +1001,18 @@ class StepBatcher:
             if not ok:
                 return
             steps = [steps[i] for i in ok]
-            results = [results[i] for i in ok]
+            results = pick(results, written)
             expected = [expected[i] for i in ok]
             rows = rows[ok]
+        created = (
+            results.written.created_at
+            if isinstance(results, BatchResults)
+            else [result.record.created_at for result in results]  # type: ignore[union-attr]
+        )
         residency.commit(
             [step.session_id for step in steps],  # type: ignore[misc]
             [(e or 0) + 1 for e in expected],
-            [result.record.created_at for result in results],  # type: ignore[union-attr]
+            created,
             rows,
         )
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import overload
 
 import numpy as np
 
@@ -14,7 +15,7 @@ from service.contract.protocol import StepRequest
 from service.engine.runtime import State, StepOutput
 from service.errors import BadInput, NextwordError
 from service.store import SessionRecord
-from service.store.base import WordMemory
+from service.store.base import SessionColumns, WordMemory
 
 
 class Step:
@@ -141,6 +142,93 @@ class StepResult:
     last_token: int = -1  # the context's last token (the end-of-sentence id at its start)
 
 
+class BatchResults(Sequence[StepResult]):
+    """A common batch's results as columns (`Execution.results`): its answers' top-k as
+    (B, k) arrays and the records it writes as `SessionColumns`, without an object per
+    step. Indexing it makes that step's `StepResult` (its ids and probabilities views of
+    the arrays, its record from the columns), for a caller that holds one (an in-process
+    future); the engine core's sink takes the answers as lists instead (`answer_lists`:
+    one `tolist()` per array for the whole batch)."""
+
+    __slots__ = ("ids", "probs", "ks", "mixed", "words", "written", "_lists")
+
+    def __init__(
+        self,
+        ids: np.ndarray,
+        probs: np.ndarray,
+        ks: list[int] | None,
+        mixed: Sequence[tuple[np.ndarray, np.ndarray] | None] | None,
+        words: list[tuple[str, ...]] | None,
+        written: SessionColumns,
+    ) -> None:
+        self.ids = ids  # (B, k) the model's best ids, best first
+        self.probs = probs  # (B, k) their probabilities
+        self.ks = ks  # each row's k (None: every row's is the arrays' k)
+        self.mixed = mixed  # per row, an answer mixing the writer's words (None: the model's)
+        self.words = words  # per row, the typed words its answer names (None: none)
+        self.written = written  # the records the batch writes; its tokens, last tokens
+        self._lists: tuple[list[list[int]], list[list[float]]] | None = None
+
+    def __len__(self) -> int:
+        return len(self.written)
+
+    @overload
+    def __getitem__(self, i: int) -> StepResult: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> Sequence[StepResult]: ...
+
+    def __getitem__(self, i: int | slice) -> StepResult | Sequence[StepResult]:
+        if isinstance(i, slice):
+            return [self[j] for j in range(len(self))[i]]
+        if i < 0:
+            i += len(self)
+        mixed = None if self.mixed is None else self.mixed[i]
+        if mixed is not None:
+            ids, probs = mixed
+        else:
+            k = self.ids.shape[1] if self.ks is None else self.ks[i]
+            ids, probs = self.ids[i, :k], self.probs[i, :k]
+        written = self.written
+        words = () if self.words is None else self.words[i]
+        record = written.record(i)
+        return StepResult(ids, probs, record.tokens, record, words, record.last_token)
+
+    def answer_lists(self) -> tuple[list[list[int]], list[list[float]]]:
+        """Each row's answer ids and probabilities as Python lists (made once)."""
+        if self._lists is None:
+            ids, probs = self.ids.tolist(), self.probs.tolist()
+            if self.ks is not None:
+                ks = self.ks
+                ids = [row[:k] for row, k in zip(ids, ks)]
+                probs = [row[:k] for row, k in zip(probs, ks)]
+            if self.mixed is not None:
+                for i, mixed in enumerate(self.mixed):
+                    if mixed is not None:
+                        ids[i], probs[i] = mixed[0].tolist(), mixed[1].tolist()
+            self._lists = ids, probs
+        return self._lists
+
+    def take(self, at: Sequence[int]) -> BatchResults:
+        """The results of rows `at`, in that order."""
+        index = np.asarray(at, dtype=np.int64)
+        return BatchResults(
+            self.ids[index],
+            self.probs[index],
+            None if self.ks is None else [self.ks[i] for i in at],
+            None if self.mixed is None else [self.mixed[i] for i in at],
+            None if self.words is None else [self.words[i] for i in at],
+            self.written.take(at),
+        )
+
+
+def pick(results: Sequence[StepResult], keep: Sequence[bool]) -> Sequence[StepResult]:
+    """The results where `keep` is true, in order (a `BatchResults` stays columns)."""
+    if isinstance(results, BatchResults):
+        return results.take([i for i, k in enumerate(keep) if k])
+    return [r for r, k in zip(results, keep) if k]
+
+
 # How a step ended: its result, the error it failed with, or None: cancelled (its client
 # went away; nothing is owed to it).
 Outcome = StepResult | NextwordError | None
@@ -148,7 +236,8 @@ Outcome = StepResult | NextwordError | None
 # Where ended steps go: called by the scheduler, on its event loop, synchronously, with
 # the steps that ended together (a batch's answers, its failures) and their outcomes, each
 # step once in its life. It must not raise.
-StepSink = Callable[[list[Step], list[Outcome]], None]
+# `outcomes` may be a `BatchResults` (every step answered, from one batch's columns).
+StepSink = Callable[[list[Step], Sequence[Outcome]], None]
 
 
 # A state during a batch: host arrays (each (L, H)), or a pool row (an int) with a state

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from itertools import repeat
-from typing import NamedTuple, Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, overload, runtime_checkable
 
 import numpy as np
 
@@ -134,6 +134,259 @@ class SessionRecord:
     revision: str = ""
 
 
+@dataclass(eq=False, slots=True)
+class SessionColumns(Sequence[SessionRecord]):
+    """B records of one model as columns, each session's state kept on the device of the
+    engine writing them (`SessionRecord.state_on_device`; no state arrays): what a batch of
+    steps writes, without a `SessionRecord` per session. The in-process store's `put_many`
+    takes them as they are; any other store is given `records()`. As a sequence, its items
+    are the records (made when read).
+
+    Row b of every column is session `session_ids[b]`; `version` is the version each
+    record was read at (0 for a new session), as `SessionRecord.version` of a record
+    handed to `put_many`."""
+
+    session_ids: list[str]
+    model: str
+    tokens: np.ndarray | list[int]  # (B,) int64
+    created_at: np.ndarray | list[float]  # (B,) float64
+    last_used_at: float  # one write time for all
+    version: np.ndarray | list[int]  # (B,) int64
+    last_token: np.ndarray | list[int]  # (B,) int64
+    owner: list[str]
+    memory: list[WordMemory | None] | None  # None: no session has a memory
+    adapt: np.ndarray | list[bool]  # (B,) bool
+    last_step: list[str]
+    state_on_device: bool = True  # False: `records()` need states before a store takes them
+    revision: str = ""  # the model revision writing them (`SessionRecord.revision`)
+
+    def __len__(self) -> int:
+        return len(self.session_ids)
+
+    @overload
+    def __getitem__(self, i: int) -> SessionRecord: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[SessionRecord]: ...
+
+    def __getitem__(self, i: int | slice) -> SessionRecord | list[SessionRecord]:
+        if isinstance(i, slice):
+            return [self.record(j) for j in range(len(self))[i]]
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        return self.record(i % len(self))
+
+    def record(self, i: int) -> SessionRecord:
+        """Row `i` as a record (state-less)."""
+        return SessionRecord(  # by position, in the field order of `SessionRecord`
+            self.session_ids[i],
+            self.model,
+            (),
+            int(self.tokens[i]),
+            float(self.created_at[i]),
+            self.last_used_at,
+            int(self.version[i]),
+            int(self.last_token[i]),
+            self.owner[i],
+            None if self.memory is None else self.memory[i],
+            bool(self.adapt[i]),
+            self.last_step[i],
+            self.state_on_device,
+            self.revision,
+        )
+
+    def records(self) -> list[SessionRecord]:
+        """Every row as a record, in order."""
+        return list(map(self.record, range(len(self.session_ids))))
+
+    def take(self, at: Sequence[int]) -> SessionColumns:
+        """The rows `at`, in that order."""
+        memory = self.memory
+        index = np.asarray(at, dtype=np.int64)
+        return SessionColumns(
+            [self.session_ids[i] for i in at],
+            self.model,
+            np.asarray(self.tokens, dtype=np.int64)[index],
+            np.asarray(self.created_at, dtype=np.float64)[index],
+            self.last_used_at,
+            np.asarray(self.version, dtype=np.int64)[index],
+            np.asarray(self.last_token, dtype=np.int64)[index],
+            [self.owner[i] for i in at],
+            None if memory is None else [memory[i] for i in at],
+            np.asarray(self.adapt, dtype=bool)[index],
+            [self.last_step[i] for i in at],
+            self.state_on_device,
+        )
+
+
+class SessionRows(Sequence[SessionRecord | None]):
+    """A read of B sessions as columns (the in-process store's `get_many`): row b is the
+    record of `ids[b]` where `found[b]`, else None. As a sequence its items are records,
+    made the first time each is read; a batch of steps reads the columns instead.
+
+    Numeric fields are (B,) arrays (meaningless where not found); `on_device[b]`: the row
+    has no host state (`SessionRecord.state_on_device`); `states[b]`: its host state
+    (empty where none)."""
+
+    __slots__ = (
+        "ids",
+        "found",
+        "model",
+        "tokens",
+        "created_at",
+        "last_used_at",
+        "version",
+        "last_token",
+        "owner",
+        "memory",
+        "adapt",
+        "last_step",
+        "on_device",
+        "states",
+        "revision",
+        "_made",
+    )
+
+    def __init__(
+        self,
+        ids: list[str],
+        found: np.ndarray,
+        model: list[str],
+        tokens: np.ndarray,
+        created_at: np.ndarray,
+        last_used_at: np.ndarray,
+        version: np.ndarray,
+        last_token: np.ndarray,
+        owner: list[str],
+        memory: list[WordMemory | None],
+        adapt: np.ndarray,
+        last_step: list[str],
+        on_device: np.ndarray,
+        states: list[State],
+        revision: list[str] | None = None,
+    ) -> None:
+        self.ids = ids
+        self.found = found  # (B,) bool
+        self.model = model
+        self.tokens = tokens  # (B,) int64
+        self.created_at = created_at  # (B,) float64
+        self.last_used_at = last_used_at  # (B,) float64
+        self.version = version  # (B,) int64
+        self.last_token = last_token  # (B,) int64
+        self.owner = owner
+        self.memory = memory
+        self.adapt = adapt  # (B,) bool
+        self.last_step = last_step
+        self.on_device = on_device  # (B,) bool
+        self.states = states
+        self.revision = revision  # None: every row's is "" (a store that keeps none)
+        self._made: list[SessionRecord | None] | None = None
+
+    @classmethod
+    def of(cls, records: Sequence[SessionRecord | None], ids: list[str]) -> SessionRows:
+        """Records read one by one (`ids[b]`'s or None), as columns."""
+        n = len(records)
+
+        def column(name: str, dtype: type, empty: object) -> np.ndarray:
+            values = (empty if r is None else getattr(r, name) for r in records)
+            return np.fromiter(values, dtype, n)
+
+        rows = cls(
+            ids,
+            np.fromiter((r is not None for r in records), bool, n),
+            ["" if r is None else r.model for r in records],
+            column("tokens", np.int64, 0),
+            column("created_at", np.float64, 0.0),
+            column("last_used_at", np.float64, 0.0),
+            column("version", np.int64, 0),
+            column("last_token", np.int64, -1),
+            ["" if r is None else r.owner for r in records],
+            [None if r is None else r.memory for r in records],
+            column("adapt", bool, False),
+            ["" if r is None else r.last_step for r in records],
+            column("state_on_device", bool, False),
+            [() if r is None else r.state for r in records],
+            ["" if r is None else r.revision for r in records],
+        )
+        rows._made = list(records)
+        return rows
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @overload
+    def __getitem__(self, i: int) -> SessionRecord | None: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[SessionRecord | None]: ...
+
+    def __getitem__(self, i: int | slice) -> SessionRecord | None | list[SessionRecord | None]:
+        if isinstance(i, slice):
+            return [self[j] for j in range(len(self))[i]]
+        n = len(self.ids)
+        if not -n <= i < n:
+            raise IndexError(i)
+        i %= n
+        made = self._made
+        if made is None:
+            made = self._made = [None] * n
+        record = made[i]
+        if record is None and self.found[i]:
+            record = made[i] = SessionRecord(
+                self.ids[i],
+                self.model[i],
+                self.states[i],
+                int(self.tokens[i]),
+                float(self.created_at[i]),
+                float(self.last_used_at[i]),
+                int(self.version[i]),
+                int(self.last_token[i]),
+                self.owner[i],
+                self.memory[i],
+                bool(self.adapt[i]),
+                self.last_step[i],
+                bool(self.on_device[i]),
+                "" if self.revision is None else self.revision[i],
+            )
+        return record
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, (list, SessionRows)):
+            return list(self) == list(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def take(self, at: Sequence[int]) -> SessionRows:
+        """The rows `at` in that order (-1: a row not found)."""
+        if not len(self.found):  # nothing was read: every row is one not found
+            return SessionRows.of([None] * len(at), [""] * len(at))
+        index = np.asarray(at, dtype=np.int64)
+        missing = index < 0
+        found = self.found[index] & ~missing
+        picked = SessionRows(
+            [self.ids[i] if i >= 0 else "" for i in at],
+            found,
+            [self.model[i] if i >= 0 else "" for i in at],
+            self.tokens[index],
+            self.created_at[index],
+            self.last_used_at[index],
+            self.version[index],
+            self.last_token[index],
+            [self.owner[i] if i >= 0 else "" for i in at],
+            [self.memory[i] if i >= 0 else None for i in at],
+            self.adapt[index],
+            [self.last_step[i] if i >= 0 else "" for i in at],
+            self.on_device[index],
+            [self.states[i] if i >= 0 else () for i in at],
+            None if self.revision is None else [self.revision[i] if i >= 0 else "" for i in at],
+        )
+        if self._made is not None:
+            made = self._made
+            picked._made = [made[i] if i >= 0 else None for i in at]
+        return picked
+
+
 @runtime_checkable
 class SessionStore(Protocol):
     """Where sessions live; every method may raise `StoreUnavailable`."""
@@ -152,7 +405,7 @@ class SessionStore(Protocol):
         """A fresh unguessable id."""
         ...
 
-    async def get_many(self, ids: list[str]) -> list[SessionRecord | None]:
+    async def get_many(self, ids: list[str]) -> Sequence[SessionRecord | None]:
         """The live records of `ids` (None where unknown or expired), in one round trip."""
         ...
 

@@ -23,7 +23,10 @@ the arena's (see theirs). `memory_bytes` counts every allocated row and estimate
 and the engine's residency entries when it keeps states resident (`count_beside`).
 
 `get`/`get_many` return copies (read-only arrays): a batch may hold its records while
-another batch writes the same rows. `put_many` writes rows in place.
+another batch writes the same rows. `get_many` answers a batch's read as columns
+(`SessionRows`, a sequence of records made when read) and `put_many` takes a batch's
+write as columns too (`SessionColumns`): an engine's common batch goes from the arenas'
+arrays to its own and back without a record per session. `put_many` writes rows in place.
 
 A record written with `state_on_device` (the engine keeps that version's state on its
 device: `SessionRecord`, `service.engine.residency`) takes a row of the state-less shape
@@ -38,7 +41,7 @@ import time
 from collections.abc import Callable, Container, Iterable, Mapping
 from itertools import repeat
 from operator import attrgetter
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -53,7 +56,15 @@ from service.store.arena import (
     pack,
     shape_of,
 )
-from service.store.base import SessionRecord, State, WordMemory, new_session_id
+from service.store.base import (
+    SessionColumns,
+    SessionRecord,
+    SessionRows,
+    State,
+    WordMemory,
+    columns_of,
+    new_session_id,
+)
 from service.store.index import ARENA_BITS, ARENA_MASK, SessionIndex, handle_of, split
 from service.store.quotas import OwnerQuotas
 
@@ -63,6 +74,17 @@ _SESSION_ID = attrgetter("session_id")
 _MODEL = attrgetter("model")
 _MEMORY = attrgetter("memory")
 _LAST_STEP = attrgetter("last_step")
+_OWNER = attrgetter("owner")
+
+
+class _Sides(NamedTuple):
+    """What a write needs of each record besides its packed arrays: the index's key, the
+    quota's owner and the side tables' entries (typed words, last step's id)."""
+
+    ids: list[str]
+    owners: list[str]
+    words: list[tuple[str, ...]]
+    last_steps: list[str]
 
 
 def _column(ids: Mapping[Any, int], keys: Iterable[Any], n: int) -> np.ndarray:
@@ -226,92 +248,92 @@ class MemorySessionStore:
             return [(first, np.arange(len(arena_ids)))]
         return [(int(a), np.flatnonzero(arena_ids == a)) for a in np.unique(arena_ids)]
 
-    def _read(self, ids: list[str]) -> list[SessionRecord | None]:
-        """The live records of `ids` (None where unknown or expired), each arena's rows read
-        in one gather; an expired session found drops every expired one."""
-        out: list[SessionRecord | None] = [None] * len(ids)
-        handles = self._handles(ids)
-        found = np.flatnonzero(handles != _ABSENT)
-        if len(found) == 0:
-            return out
-        horizon = self.clock() - self.ttl_s
-        expired = False
-        handles = handles[found]
-        for arena_id, at in self._by_arena(handles & ARENA_MASK):
-            arena = self._arenas[arena_id]
-            data = arena.read_many(handles[at] >> ARENA_BITS)
-            live = data.metas["touched"] > horizon
-            places = found[at]
-            if not live.all():
-                expired = True
-                places = places[live]
-                data = Rows(*(array[live] for array in data))
-            records = self._records(arena, data, [ids[i] for i in places.tolist()])
-            if len(records) == len(out):
-                out = records  # type: ignore[assignment]  # every id, in order
-            else:
-                for i, record in zip(places.tolist(), records):
-                    out[i] = record
-        if expired:
-            self._expire()
-        return out
-
-    def _records(self, arena: RowArena, data: Rows, ids: list[str]) -> list[SessionRecord]:
-        """Rows read from an arena as records (of the sessions `ids`), built column by
-        column: per row only the record itself (and the state's own copy)."""
-        metas = data.metas
+    def _read(self, ids: list[str]) -> SessionRows:
+        """The live records of `ids` as columns (not found where unknown or expired), each
+        arena's rows read in one gather; an expired session found drops every expired one."""
         n = len(ids)
+        handles = self._handles(ids)
+        present = np.flatnonzero(handles != _ABSENT)
+        metas = np.zeros(n, dtype=META)
+        found = np.zeros(n, dtype=bool)
+        on_device = np.zeros(n, dtype=bool)
+        states: list[State] = [()] * n
+        memories: list[WordMemory | None] = [None] * n
+        if len(present):
+            horizon = self.clock() - self.ttl_s
+            expired = False
+            handles = handles[present]
+            for arena_id, at in self._by_arena(handles & ARENA_MASK):
+                arena = self._arenas[arena_id]
+                data = arena.read_many(handles[at] >> ARENA_BITS)
+                live = data.metas["touched"] > horizon
+                places = present[at]
+                if not live.all():
+                    expired = True
+                    places = places[live]
+                    data = Rows(*(array[live] for array in data))
+                metas[places] = data.metas
+                found[places] = True
+                spots = places.tolist()
+                if arena.shape[0]:
+                    # A copy of its own per record: a long step holds its record across
+                    # batches, and a view would keep this whole read alive.
+                    for i, state in zip(spots, data.states):
+                        states[i] = _own_state(state)
+                else:
+                    on_device[places] = True
+                if arena.shape[3]:
+                    words = self._words
+                    mine = [ids[i] for i in spots]
+                    typed = map(words.get, mine, repeat(())) if words else repeat((), len(mine))
+                    # Views of the read's (B, C) columns, which they remember: the engine
+                    # takes them as one pair of arrays again (`columns_of`), not row by row.
+                    rows = WordMemory.rows(data.keys, data.weights, typed)
+                    if len(spots) == n:
+                        memories = rows  # type: ignore[assignment]  # every id, in order
+                    else:
+                        for i, memory in zip(spots, rows):
+                            memories[i] = memory
+            if expired:
+                self._expire()
         models = self._models
-        names = (
-            repeat(models[0], n)
-            if len(models) == 1
-            else map(models.__getitem__, metas["model"].tolist())
-        )
-        states: Iterable[State] = repeat((), n)
-        if arena.shape[0]:
-            # A copy of its own per record: a long step holds its record across batches,
-            # and a view would keep this whole read alive (256 LSTM states: 4 MiB).
-            states = map(_own_state, data.states)
-        memories: Iterable[WordMemory | None] = repeat(None, n)
-        if arena.shape[3]:
-            words = self._words
-            typed = map(words.get, ids, repeat(())) if words else repeat((), n)
-            # Views of the read's (B, C) columns, which they remember: the engine takes
-            # them as one pair of arrays again (`columns_of`), not row by row.
-            memories = WordMemory.rows(data.keys, data.weights, typed)
+        if len(models) == 1:
+            names = [models[0]] * n
+        else:
+            names = [models[m] if models else "" for m in metas["model"].tolist()]
         owner_of = self._quotas.owner_of
-        owners = map(owner_of.get, ids, repeat("")) if owner_of else repeat("", n)
+        owners = list(map(owner_of.get, ids, repeat(""))) if owner_of else [""] * n
         last_steps = self._last_steps
-        steps = map(last_steps.get, ids, repeat("")) if last_steps else repeat("", n)
-        return list(
-            map(
-                SessionRecord,
-                ids,
-                names,
-                states,
-                metas["tokens"].tolist(),
-                metas["created_at"].tolist(),
-                metas["last_used_at"].tolist(),
-                metas["version"].tolist(),
-                metas["last_token"].tolist(),
-                owners,
-                memories,
-                metas["adapt"].astype(bool).tolist(),
-                steps,
-                repeat(not arena.shape[0], n),
-            )
+        steps = list(map(last_steps.get, ids, repeat(""))) if last_steps else [""] * n
+        return SessionRows(
+            ids,
+            found,
+            names,
+            metas["tokens"],
+            metas["created_at"],
+            metas["last_used_at"],
+            metas["version"],
+            metas["last_token"],
+            owners,
+            memories,
+            metas["adapt"].astype(bool),
+            steps,
+            on_device,
+            states,
         )
 
     # --- the protocol -------------------------------------------------------------------
 
-    async def get_many(self, ids: list[str]) -> list[SessionRecord | None]:
-        """The live records of `ids` (None where unknown or expired)."""
+    async def get_many(self, ids: list[str]) -> SessionRows:
+        """The live records of `ids` (None where unknown or expired), as columns."""
         return self._read(ids)
 
     async def put_many(
-        self, records: list[SessionRecord], expected: list[int | None]
+        self, records: list[SessionRecord] | SessionColumns, expected: list[int | None]
     ) -> list[bool]:
-        """Compare-and-set each record on its version; evict past the cap.
+        """Compare-and-set each record on its version; evict past the cap. The records may
+        come as `SessionColumns` (an engine's batch, states on its device): the same
+        write, without a record per session (`_put_columns`).
 
         As if every write were made in the batch's order, then the least recently written
         sessions dropped down to the cap; but sessions this batch does not write are
@@ -326,8 +348,13 @@ class MemorySessionStore:
         """
         if len(records) != len(expected):
             raise ValueError("one expected version per record")
+        if isinstance(records, SessionColumns):
+            return self._put_columns(records, expected)
+        return self._put_records(records, expected)
+
+    def _put_records(self, records: list[SessionRecord], expected: list[int | None]) -> list[bool]:
+        """`put_many` of records: each one packed into its arena's arrays."""
         n = len(records)
-        ids = list(map(_SESSION_ID, records))
         # Everything that can refuse a record, before anything is written ...
         shapes = list(map(shape_of, records))
         arena_of = {shape: self._arena_id(shape) for shape in dict.fromkeys(shapes)}
@@ -343,7 +370,63 @@ class MemorySessionStore:
             )
             for arena_id, at in groups
         }
-        positions = dict(groups)  # arena -> the records of its shape, ascending
+        memories = list(map(_MEMORY, records))
+        words = [() if m is None else m.words for m in memories]
+        sides = _Sides(
+            list(map(_SESSION_ID, records)),
+            list(map(_OWNER, records)),
+            words,
+            list(map(_LAST_STEP, records)),
+        )
+        return self._put(sides, expected, arena_ids, dict(groups), arrays)
+
+    def _put_columns(self, columns: SessionColumns, expected: list[int | None]) -> list[bool]:
+        """`put_many` of `columns.records()`, without a record per session: the columns go
+        into the arena's arrays as they are (one arena: every row is state-less, and its
+        memory has the batch's capacity). The same compare-and-set, eviction and errors."""
+        n = len(columns)
+        if not columns.state_on_device:
+            raise ValueError("columns are written only for states an engine keeps")
+        memories = columns.memory
+        keys = weights = np.empty((n, 0))
+        words: list[tuple[str, ...]] = [()] * n
+        if memories is not None and memories.count(None) < n:
+            block = columns_of(memories)
+            if block is None:  # not one batch's columns: the record path checks each
+                return self._put_records(columns.records(), expected)
+            keys, weights = block
+            words = [m.words for m in memories]  # type: ignore[union-attr]
+        arena_id = self._arena_id((0, 0, 0, int(keys.shape[1])))
+        metas = np.zeros(n, dtype=META)
+        metas["model"] = self._model_id(columns.model)
+        metas["tokens"] = columns.tokens  # a value out of its field's range raises here
+        metas["created_at"] = columns.created_at
+        metas["last_used_at"] = columns.last_used_at
+        metas["last_token"] = columns.last_token
+        metas["adapt"] = columns.adapt
+        states = np.empty((n, 0, 0, 0), dtype=np.float32)
+        sides = _Sides(columns.session_ids, columns.owner, words, columns.last_step)
+        return self._put(
+            sides,
+            expected,
+            np.full(n, arena_id, dtype=np.int64),
+            {arena_id: np.arange(n)},
+            {arena_id: Rows(states, metas, keys, weights)},
+        )
+
+    def _put(
+        self,
+        sides: _Sides,
+        expected: list[int | None],
+        arena_ids: np.ndarray,
+        positions: dict[int, np.ndarray],
+        arrays: dict[int, Rows],
+    ) -> list[bool]:
+        """The compare-and-set of a batch whose records are packed (`arrays`, one `Rows`
+        per arena, for the records `positions[arena]`, ascending; `arena_ids`: each
+        record's arena) and whose other fields are `sides`."""
+        ids = sides.ids
+        n = len(ids)
         self._expire()
         handles = self._handles(ids)
         stored = self._stored_versions(handles)
@@ -358,12 +441,12 @@ class MemorySessionStore:
             new = len(creates)
             if self.owner_cap > 0:
                 for i in creates.tolist():
-                    owner = records[i].owner
+                    owner = sides.owners[i]
                     if owner:
                         owned[owner] = owned.get(owner, 0) + 1
             written = fits.tolist()
         else:
-            written, new, owned = self._compare_in_order(records, expected, stored)
+            written, new, owned = self._compare_in_order(sides, expected, stored)
             fit = np.flatnonzero(written)
         keep: Container[str] = ()
         if owned or len(index) + new > self.cap:
@@ -380,7 +463,7 @@ class MemorySessionStore:
         ):
             # Every record written is its session's stored one, in the same arena: its row
             # stays; the index moves them to its end in one pass.
-            self._written_in_place(records, ids, fit)
+            self._written_in_place(sides, fit)
             for arena_id, at in self._by_arena(arena_ids[fit]):
                 mine = fit[at]  # the records written into this arena
                 data = _subset(arrays[arena_id], np.searchsorted(positions[arena_id], mine))
@@ -388,7 +471,7 @@ class MemorySessionStore:
                 data.metas["touched"] = now
                 self._arenas[arena_id].write_many(kept[at] >> ARENA_BITS, data)
         else:
-            self._write_in_order(records, expected, written, arena_ids, positions, arrays, now)
+            self._write_in_order(sides, expected, written, arena_ids, positions, arrays, now)
         evicted += self._drop(index.oldest(len(index) - self.cap))  # a batch over the cap
         evicted += self._drop(self._quotas.victims(dict.fromkeys(owned, 0)))  # ... an owner's
         if evicted:
@@ -408,47 +491,45 @@ class MemorySessionStore:
         return out
 
     def _compare_in_order(
-        self, records: list[SessionRecord], expected: list[int | None], stored: np.ndarray
+        self, sides: _Sides, expected: list[int | None], stored: np.ndarray
     ) -> tuple[list[bool], int, dict[str, int]]:
         """The compare-and-set record by record, for a batch that names a session twice (a
         later record compares with the version an earlier one wrote): which records are
         written, how many sessions are new, and how many new sessions each owner gets."""
         versions: dict[str, int] = {}  # the version each session written here ends at
         written = []
-        for record, version, have in zip(records, expected, stored.tolist()):
-            now = versions.get(record.session_id, None if have == _NO_VERSION else have)
+        for session_id, version, have in zip(sides.ids, expected, stored.tolist()):
+            now = versions.get(session_id, None if have == _NO_VERSION else have)
             fits = now == version  # None == None: a new session
             if fits:
-                versions[record.session_id] = (version or 0) + 1
+                versions[session_id] = (version or 0) + 1
             written.append(fits)
         index = self._index
         new = sum(session_id not in index for session_id in versions)
         owned: dict[str, int] = {}
         if self.owner_cap > 0:
-            for record, ok in zip(records, written):
-                if ok and record.owner and record.session_id not in index:
-                    owned[record.owner] = owned.get(record.owner, 0) + 1
+            for session_id, owner, ok in zip(sides.ids, sides.owners, written):
+                if ok and owner and session_id not in index:
+                    owned[owner] = owned.get(owner, 0) + 1
         return written, new, owned
 
-    def _written_in_place(
-        self, records: list[SessionRecord], ids: list[str], fit: np.ndarray
-    ) -> None:
+    def _written_in_place(self, sides: _Sides, fit: np.ndarray) -> None:
         """Index, side tables and owners for records written over their own rows (`fit`,
         in the batch's order)."""
         at = fit.tolist()
-        mine = ids if len(at) == len(ids) else [ids[i] for i in at]
+        every = len(at) == len(sides.ids)
+        mine = sides.ids if every else [sides.ids[i] for i in at]
         self._index.touch_many(mine)
-        fitted = records if len(at) == len(records) else [records[i] for i in at]
         # The side tables are empty for most services: no lookup per record then.
-        words = self._words
-        memories = list(map(_MEMORY, fitted))
-        if words or memories.count(None) < len(memories):
-            for session_id, memory in zip(mine, memories):
-                if memory is not None and memory.words:
-                    words[session_id] = memory.words
-                elif words:
-                    words.pop(session_id, None)
-        steps = list(map(_LAST_STEP, fitted))
+        table = self._words
+        typed = sides.words if every else [sides.words[i] for i in at]
+        if table or any(typed):
+            for session_id, words in zip(mine, typed):
+                if words:
+                    table[session_id] = words
+                elif table:
+                    table.pop(session_id, None)
+        steps = sides.last_steps if every else [sides.last_steps[i] for i in at]
         if all(steps):
             self._last_steps.update(zip(mine, steps))
         elif self._last_steps or any(steps):
@@ -458,12 +539,13 @@ class MemorySessionStore:
                 else:
                     self._last_steps.pop(session_id, None)
         if self._quotas.owner_of or self.owner_cap > 0:
-            for session_id, record in zip(mine, fitted):
-                self._quotas.written(session_id, record.owner)
+            owners = sides.owners if every else [sides.owners[i] for i in at]
+            for session_id, owner in zip(mine, owners):
+                self._quotas.written(session_id, owner)
 
     def _write_in_order(
         self,
-        records: list[SessionRecord],
+        sides: _Sides,
         expected: list[int | None],
         written: list[bool],
         arena_ids: np.ndarray,
@@ -477,10 +559,10 @@ class MemorySessionStore:
         # again in this batch holds the write made last.
         placed: dict[int, dict[int, int]] = {}  # arena -> row -> the record written there
         arena_of = arena_ids.tolist()
-        for i, (record, fits) in enumerate(zip(records, written)):
+        for i, fits in enumerate(written):
             if fits:
                 arena_id = arena_of[i]
-                placed.setdefault(arena_id, {})[self._place(record, arena_id)] = i
+                placed.setdefault(arena_id, {})[self._place(sides, i, arena_id)] = i
         for arena_id, rows in placed.items():
             mine = np.fromiter(rows.values(), dtype=np.int64, count=len(rows))
             data = _subset(arrays[arena_id], np.searchsorted(positions[arena_id], mine))
@@ -490,10 +572,10 @@ class MemorySessionStore:
                 np.fromiter(rows, dtype=np.int64, count=len(rows)), data
             )
 
-    def _place(self, record: SessionRecord, arena_id: int) -> int:
-        """The row a record is written into (its session's own unless its shape changed),
+    def _place(self, sides: _Sides, i: int, arena_id: int) -> int:
+        """The row record `i` is written into (its session's own unless its shape changed),
         with the index, LRU order, typed words and owner updated."""
-        session_id = record.session_id
+        session_id = sides.ids[i]
         stored = self._index.get(session_id)
         if stored is None:
             row = self._arenas[arena_id].alloc()
@@ -504,16 +586,17 @@ class MemorySessionStore:
         else:
             row = stored >> ARENA_BITS
         # The side tables are empty for most services: no lookup then.
-        if record.memory is not None and record.memory.words:
-            self._words[session_id] = record.memory.words
+        words, last_step = sides.words[i], sides.last_steps[i]
+        if words:
+            self._words[session_id] = words
         elif self._words:
             self._words.pop(session_id, None)
-        if record.last_step:
-            self._last_steps[session_id] = record.last_step
+        if last_step:
+            self._last_steps[session_id] = last_step
         elif self._last_steps:
             self._last_steps.pop(session_id, None)
         self._index.written(session_id, handle_of(arena_id, row))
-        self._quotas.written(session_id, record.owner)
+        self._quotas.written(session_id, sides.owners[i])
         return row
 
     async def get(self, session_id: str) -> SessionRecord:
