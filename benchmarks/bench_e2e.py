@@ -95,6 +95,7 @@ TARGET_SERVER_CPU = 1.5  # the whole service's CPU per message / the bare app's
 TARGET_CEILING = 0.6  # service with a near-free model / bare
 TARGET_LSTM = 0.45  # service with the bundled LSTM / bare
 TARGET_PACED_P99_MS = 25.0
+TARGET_ENGINE_MS = 0.020  # the engine process's CPU per message, near-free model (issue 19)
 OTHER_LOAD_WARNING = 0.15  # cores used by other processes during a window
 BARE, SERVICE = "bare", "service"
 BARE_LABEL = "bare WS app"
@@ -108,7 +109,15 @@ METRICS = (
     "nextword_batch_run_duration_seconds_sum",
     "nextword_ws_message_duration_seconds_sum",
     "nextword_ws_message_duration_seconds_count",
+    "nextword_engine_frames_total",
+    "nextword_engine_requests_total",
+    "nextword_engine_handoffs_total",
 )
+# The engine process's threads by what they do, from their OS names (service.engine.threads;
+# a checkout that does not name them shows its threads under "other"): a name's prefix ->
+# its part. The thread whose id is the process's is the event loop.
+ENGINE_THREADS = (("nw-run-", "runs"), ("nw-input", "input"), ("ZMQbg", "zmq"))
+ENGINE_PARTS = ("loop", "runs", "input", "zmq", "other")
 
 
 # --- servers -------------------------------------------------------------------------------
@@ -232,6 +241,31 @@ class Server:
     def cpu_s(self) -> dict[str, float]:
         """CPU seconds by role so far."""
         return {role: sum(process_cpu_s(p) for p in procs) for role, procs in self.roles.items()}
+
+    def engine_threads_s(self) -> dict[str, float]:
+        """The engine process's CPU seconds so far by part (ENGINE_PARTS; "other": ONNX
+        Runtime's pool threads and whatever else is not named); empty without an engine."""
+        engines = self.roles.get("engine") or []
+        if not engines:
+            return {}
+        parts = dict.fromkeys(ENGINE_PARTS, 0.0)
+        engine = engines[0]
+        try:
+            threads = engine.threads()
+        except psutil.Error:
+            return {}
+        for thread in threads:
+            part = "other"
+            if thread.id == engine.pid:
+                part = "loop"
+            else:
+                try:
+                    name = Path(f"/proc/{engine.pid}/task/{thread.id}/comm").read_text().strip()
+                except OSError:  # it ended meanwhile
+                    continue
+                part = next((p for prefix, p in ENGINE_THREADS if name.startswith(prefix)), part)
+            parts[part] += thread.user_time + thread.system_time
+        return parts
 
     def describe(self) -> str:
         """Its pids by role (for a profiler)."""
@@ -408,6 +442,7 @@ class Snapshot:
 
     at: float
     server: dict[str, float]
+    engine_threads: dict[str, float]
     clients: float
     redis: float | None
     machine: float
@@ -420,6 +455,7 @@ def snapshot(
     return Snapshot(
         time.monotonic(),
         server.cpu_s(),
+        server.engine_threads_s(),
         sum(process_cpu_s(p) for p in clients),
         process_cpu_s(redis) if redis is not None else None,
         machine_busy_s(),
@@ -491,6 +527,14 @@ def measure(
     }
     if rate:
         result["offered_msgs_per_s"] = rate
+    if msgs_per_s and after.engine_threads and before.engine_threads:
+        result["engine_ms_per_msg_by_thread"] = {
+            part: 1e3
+            * (after.engine_threads[part] - before.engine_threads[part])
+            / wall
+            / msgs_per_s
+            for part in ENGINE_PARTS
+        }
     delta = {k: metrics_after.get(k, 0.0) - metrics_before.get(k, 0.0) for k in metrics_after}
     if delta.get("nextword_batch_size_count"):
         batches = delta["nextword_batch_size_count"]
@@ -499,6 +543,15 @@ def measure(
         result["run_ms_per_batch"] = (
             1e3 * delta["nextword_batch_run_duration_seconds_sum"] / batches
         )
+        if delta.get("nextword_engine_frames_total"):
+            result["frames_per_s"] = delta["nextword_engine_frames_total"] / wall
+            result["frames_per_batch"] = delta["nextword_engine_frames_total"] / batches
+            result["requests_per_frame"] = (
+                delta["nextword_engine_requests_total"] / delta["nextword_engine_frames_total"]
+            )
+            result["frames_per_handoff"] = delta["nextword_engine_frames_total"] / max(
+                1.0, delta["nextword_engine_handoffs_total"]
+            )
     if delta.get("nextword_ws_message_duration_seconds_count"):
         result["api_ms_per_msg"] = (
             1e3
@@ -600,9 +653,18 @@ def summarize(plan: Plan, rounds: list[dict[str, Any]]) -> dict[str, dict[str, A
             "run_ms_per_batch",
             "api_ms_per_msg",
             "offered_msgs_per_s",
+            "frames_per_s",
+            "frames_per_batch",
+            "requests_per_frame",
+            "frames_per_handoff",
         ):
             if all(r.get(key) is not None for r in runs):
                 summary[key] = statistics.mean(r[key] for r in runs)
+        if all("engine_ms_per_msg_by_thread" in r for r in runs):
+            summary["engine_ms_per_msg_by_thread"] = {
+                part: statistics.mean(r["engine_ms_per_msg_by_thread"][part] for r in runs)
+                for part in ENGINE_PARTS
+            }
         if row.bare is not None:
             summary["bare"] = row.bare.key
             summary["ratio_to_bare_by_round"] = [
@@ -692,6 +754,39 @@ def table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def engine_lines(r: dict[str, Any]) -> list[str]:
+    """Where a service row's engine CPU per message went, by thread, and how its requests
+    arrived (frames per batch, requests per frame); the engine target on the ceiling rows."""
+    lines = []
+    engine = (r.get("cpu_ms_per_msg") or {}).get("engine")
+    if engine is not None and r["configuration"].startswith("ceiling"):
+        lines.append(
+            f"- {r['configuration']}, {r['api_processes']} API process(es): engine CPU per "
+            f"message {engine:.4f} ms (target <= {TARGET_ENGINE_MS:g}: "
+            f"{verdict(engine <= TARGET_ENGINE_MS)})"
+        )
+    threads = r.get("engine_ms_per_msg_by_thread")
+    if threads is None:
+        return lines
+    names = {"loop": "event loop", "runs": "model runs", "input": "input", "zmq": "ZeroMQ I/O"}
+    parts = ", ".join(
+        f"{names.get(part, 'other (ONNX Runtime pool)')} {threads[part]:.4f}"
+        for part in ENGINE_PARTS
+    )
+    intake = ""
+    if "frames_per_s" in r:
+        intake = (
+            f"; intake {r['frames_per_s']:,.0f} frames/s of {r['requests_per_frame']:.1f} "
+            f"requests, {r['frames_per_batch']:.1f} frames per batch, "
+            f"{r['frames_per_handoff']:.2f} frames per hand-off to the loop"
+        )
+    lines.append(
+        f"  engine CPU ms per message by thread ({r['configuration']}, "
+        f"x{r['api_processes']}): {parts}{intake}"
+    )
+    return lines
+
+
 def notes(report: dict[str, Any]) -> list[str]:
     """The targets, the scaling and the comparisons, one line each."""
     s: dict[str, dict[str, Any]] = report["summary"]
@@ -738,6 +833,7 @@ def notes(report: dict[str, Any]) -> list[str]:
                 f"{r['ratio_to_bare']:.2f} (by round {r['ratio_to_bare_by_round']}; target >= "
                 f"{r['target_ratio']:g}: {verdict(ok)})"
             )
+        lines += engine_lines(r)
     by_label: dict[str, dict[int, float]] = {}
     for r in s.values():
         if "offered_msgs_per_s" not in r:

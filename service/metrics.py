@@ -178,6 +178,20 @@ ENGINE_RESTARTS = Counter(
     "Engine processes started by `nextword serve` to replace one that died.",
 )
 
+ENGINE_FRAMES = Counter(
+    "nextword_engine_frames",
+    "Frames of requests the engine process received from the API processes.",
+)
+ENGINE_REQUESTS = Counter(
+    "nextword_engine_requests",
+    "Requests the engine process received in those frames.",
+)
+ENGINE_HANDOFFS = Counter(
+    "nextword_engine_handoffs",
+    "Hand-offs of received frames from the engine's input thread to its event loop "
+    "(each carries the frames that queued meanwhile).",
+)
+
 STEPS = Counter(
     "nextword_steps",
     "Steps answered (one per request: a single word or a prefill), by model and outcome.",

@@ -109,6 +109,7 @@ from service.engine.steps import (
     as_retry,
     pick,
 )
+from service.engine.threads import name_os_thread
 from service.errors import (
     Contended,
     NextwordError,
@@ -283,7 +284,12 @@ class StepBatcher:
     async def start(self) -> None:
         """Start the background loop (owned by the lifespan)."""
         if self._task is None:
-            self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"nextword-{self.name}")
+            self._executor = ThreadPoolExecutor(
+                1,
+                thread_name_prefix=f"nextword-{self.name}",
+                initializer=name_os_thread,  # its CPU told apart from the loop's (threads.py)
+                initargs=(f"nw-run-{self.name}",),
+            )
             self._task = asyncio.get_running_loop().create_task(
                 self._loop(), name=f"batcher-{self.name}"
             )

@@ -195,6 +195,49 @@ async def test_a_bad_frame_is_dropped_and_the_engine_goes_on(
     assert answer.error is None and len(answer.ids) == 3
 
 
+def test_frames_that_arrive_together_keep_their_order_and_a_bad_one_drops_alone(
+    engine: EngineProcess,
+) -> None:
+    """A burst of frames reaches the engine's loop in one hand-off: one session's steps,
+    one frame each and sent back to back, still apply in the order sent, and an undecodable
+    frame among them is the only one lost."""
+    context = zmq.Context()
+    requests_at, outputs_at = socket_addresses(engine.address)
+    identity = b"burst-01"
+    answers = context.socket(zmq.DEALER)
+    answers.setsockopt(zmq.IDENTITY, identity)
+    answers.connect(outputs_at)
+    sender = context.socket(zmq.DEALER)
+    sender.setsockopt(zmq.IDENTITY, identity)
+    sender.connect(requests_at)
+    try:
+        got: dict[int, EngineOutput] = {}
+        # The engine's output socket answers only a peer it knows: ask until it does.
+        for attempt in range(100):
+            sender.send(request_encoder.encode([StepRequest(1000 + attempt, "lstm", [], 3)]))
+            if answers.poll(200):
+                break
+        while answers.poll(200):
+            answers.recv()
+        sender.send(request_encoder.encode([StepRequest(1, "lstm", [], 3, "burst", create=True)]))
+        words = list(range(10, 30))
+        for i, word in enumerate(words, start=2):
+            sender.send(request_encoder.encode([StepRequest(i, "lstm", [word], 3, "burst")]))
+            if i == 10:
+                sender.send(b"\x00not msgpack")
+        while len(got) < len(words) + 1:
+            assert answers.poll(30_000), f"answers missing: got {sorted(got)}"
+            for output in output_decoder.decode(answers.recv()):
+                got[output.request_id] = output
+        assert all(got[i].error is None for i in got)
+        # Each step saw the one before it: the session's token count grew by one per frame.
+        assert [got[i].tokens for i in range(1, len(words) + 2)] == list(range(len(words) + 1))
+    finally:
+        sender.close(linger=0)
+        answers.close(linger=0)
+        context.term()
+
+
 def test_wire_format_is_compact() -> None:
     frame = request_encoder.encode([StepRequest(7, "lstm", [1, 2, 3], 5, "sid")])
     assert len(frame) < 40  # array-like: no field names on the wire
