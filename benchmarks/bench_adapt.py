@@ -16,8 +16,8 @@ of each round's ratio to the "no memory" round beside it), and the memory's byte
 session (its slots and typed words; `GET /v1/sessions/{id}` reports the same).
 
 `--baseline REF` (a git ref, or the path of an `adapt.py`) adds a fourth mode, "adapted,
-baseline": adapted, with the functions of that `service/engine/adapt.py` standing in for
-this tree's during its rounds, so that old and new adaptation code are timed alternated in
+baseline": adapted, with the functions of that `service/engine/adapt.py` and the batch
+hooks of its `adapt_hooks.py` (`Adaptation`) standing in for this tree's during its rounds, so that old and new adaptation code are timed alternated in
 one run, against the same "no memory". `--tiny` also measures the tiny random-weight
 models (a model that costs almost nothing: what is left is the engine's own work).
 
@@ -59,13 +59,21 @@ from service.contract.artifact import ModelArtifact
 from service.contract.protocol import EngineOutput, InfoRequest, StepRequest
 from service.contract.vocab import Vocabulary
 from service.engine import adapt
+from service.engine.adapt_hooks import Adaptation
 from service.engine.core import EngineCore
 
 MODULES = ("onnxruntime", "numpy")
 MODES = ("no memory", "remembered", "adapted")
 BASELINE = "adapted, baseline"
 # What the engine calls: these stand in for this tree's during a baseline's rounds.
-FUNCTIONS = ("empty_cache", "update", "oov_keys", "live", "probability", "gather_ids", "top_k")
+FUNCTIONS = (
+    "empty_cache", "update", "count", "oov_keys", "live", "probability", "gather_ids", "top_k",
+)  # fmt: skip
+# The batch hooks the engine calls (`Adaptation`): the baseline's stand in for these too.
+HOOK_METHODS = (
+    "memory_of", "resized", "count", "count_columns", "_stack", "prepare",
+    "prepare_columns", "gather_ids", "answer", "answer_columns",
+)  # fmt: skip
 WIKITEXT = Path("/work/shared/data/wikitext-2-valid.txt")
 # A writer's text: names outside the vocabulary come back, as they do in real writing.
 TEXT = (
@@ -88,26 +96,50 @@ def settings(models: Path, model: str, memory: bool) -> Settings:
     )
 
 
-def load_baseline(ref: str) -> ModuleType:
-    """Another version of `service/engine/adapt.py`: a file's path, or a git ref of this
-    repository, imported under its own name (its functions call its own helpers)."""
+def _source(ref: str, name: str) -> Path:
+    """The path of `service/engine/<name>` of another version: beside `ref` where `ref` is
+    an `adapt.py` file's path (None there: the file missing), else of the git ref `ref`."""
     path = Path(ref)
-    if not path.is_file():
-        root = Path(__file__).resolve().parent.parent
-        source = subprocess.run(
-            ["git", "show", f"{ref}:service/engine/adapt.py"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-        path = Path(tempfile.mkdtemp(prefix="nextword-baseline-")) / "adapt.py"
-        path.write_text(source)
-    spec = importlib.util.spec_from_file_location("nextword_baseline_adapt", path)
+    if path.is_file():
+        return path.with_name(name)
+    root = Path(__file__).resolve().parent.parent
+    source = subprocess.run(
+        ["git", "show", f"{ref}:service/engine/{name}"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    path = Path(tempfile.mkdtemp(prefix="nextword-baseline-")) / name
+    path.write_text(source)
+    return path
+
+
+def _load(path: Path, name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
+    return module
+
+
+def load_baseline(ref: str) -> ModuleType:
+    """Another version of `service/engine/adapt.py`: a file's path, or a git ref of this
+    repository, imported under its own name (its functions call its own helpers).
+
+    Its `adapt_hooks.py` (beside the file, or of the ref), where there is one, comes as the
+    module's `HOOKS`: the engine's batch hooks of that version, which `using` puts in place
+    of this tree's beside its functions (its hooks call `adapt.<function>` through this
+    tree's module, which then holds the baseline's), so that a change to the hooks is timed
+    against the old hooks, not against old functions called by new hooks."""
+    module = _load(_source(ref, "adapt.py"), "nextword_baseline_adapt")
+    try:
+        hooks_path = _source(ref, "adapt_hooks.py")
+    except subprocess.CalledProcessError:  # a version before the hooks
+        hooks_path = Path()
+    if hooks_path.is_file():
+        module.HOOKS = _load(hooks_path, "nextword_baseline_adapt_hooks")  # type: ignore[attr-defined]
     return module
 
 
@@ -120,13 +152,21 @@ def using(baseline: ModuleType | None) -> Iterator[None]:
         yield
         return
     saved = {name: getattr(adapt, name) for name in FUNCTIONS}
+    hooks = getattr(baseline, "HOOKS", None)
+    methods = [m for m in HOOK_METHODS if hooks is not None and hasattr(hooks.Adaptation, m)]
+    saved_methods = {name: Adaptation.__dict__[name] for name in methods}
     try:
         for name in FUNCTIONS:
             setattr(adapt, name, getattr(baseline, name))
+        for name in methods:
+            assert hooks is not None
+            setattr(Adaptation, name, hooks.Adaptation.__dict__[name])
         yield
     finally:
         for name, function in saved.items():
             setattr(adapt, name, function)
+        for name, method in saved_methods.items():
+            setattr(Adaptation, name, method)
 
 
 class Engine:
@@ -429,7 +469,11 @@ def main(argv: list[str] | None = None) -> None:
         f"{args.sessions} sessions, one word each per round (a batch of {args.sessions}); "
         f"each session first fed {args.warm_tokens} tokens; the {len(modes)} modes' rounds "
         f"interleaved, median of {args.rounds} rounds each",
-        *([f"baseline: the adaptation functions of {args.baseline}"] if baseline else []),
+        *(
+            [f"baseline: the adaptation functions and batch hooks of {args.baseline}"]
+            if baseline
+            else []
+        ),
         "",
         "| model | mode | us/step | vs no memory (paired) | ratio of medians | "
         "memory bytes/session | words remembered |",

@@ -201,6 +201,26 @@ def empty_cache(batch: int, capacity: int) -> tuple[np.ndarray, np.ndarray]:
     )
 
 
+def active_width(keys: np.ndarray) -> int:
+    """How many leading columns of (B, C) `keys` hold every row's keys: past it every slot
+    of every row is empty (0: none held).
+
+    A key takes the lowest empty slot (`_insert`), so a young memory holds its entries in
+    its first columns and the rest of its C slots are empty: the passes of counting and
+    mixing need only these columns. Found from the last column back, in blocks that double
+    (a full memory answers at its first block; an empty tail is read once or twice)."""
+    hi = keys.shape[1]
+    block = 16
+    while hi > 0:
+        lo = max(0, hi - block)
+        part = keys[:, lo:hi]
+        if part.size and int(part.max()) > EMPTY:
+            held = np.flatnonzero(part.max(0) > EMPTY)
+            return lo + int(held[-1]) + 1
+        hi, block = lo, 2 * block
+    return 0
+
+
 def _insert(keys: np.ndarray, weights: np.ndarray, key: np.ndarray) -> None:
     """Count one key per row of (R, C) `keys`/`weights` (key -1: none), in place: a held key
     gains 1, a new one takes the lowest empty slot, else the smallest weight (ties: lowest
@@ -304,6 +324,14 @@ def update(
         layout = Layout.of(vocab_size, params)
         if layout.bigrams and (ids is None or before is None):
             raise ValueError("bigrams need the tokens' ids and the id before them")
+    # Only the columns the memories use, and the slots this step's keys may take (a word
+    # and a pair a token): every slot past them is empty in every row, so a new key finds
+    # the same lowest empty slot within them, an eviction (no empty slot) only happens
+    # where they are all C, and decay and drops leave an empty slot as it is. The same
+    # operations on the same values: the memory ends bit for bit as over all C.
+    width = min(keys.shape[1], max(active_width(keys), params.recent) + 2 * steps)
+    if width < keys.shape[1]:
+        keys, weights = keys[:, :width], weights[:, :width]  # views: written in place
     for t in range(steps):
         prev = None
         if layout is not None and layout.bigrams:
@@ -675,6 +703,8 @@ def _at_keys(
 
 def live(keys: np.ndarray, weights: np.ndarray, vocab_size: int, params: AdaptParams) -> np.ndarray:
     """(B,) bool: which rows' memories mix into their answers (past the warm-up)."""
+    width = active_width(keys)  # (the slots past it are empty: they weigh nothing)
+    keys, weights = keys[:, :width], weights[:, :width]
     return _ramp(weights, keys, Layout.of(vocab_size, params), params)[:, 0] > 0
 
 
@@ -923,6 +953,14 @@ def top_k(
         raise ValueError(f"k must be in 1..{topk_ids.shape[1]}, got {k}")
     out_ids = np.full((batch, k), EMPTY, dtype=np.int64)
     out_probs = np.zeros((batch, k), dtype=np.float32)
+    # Every slot past the active width is empty in every row and mixes nothing in: the
+    # passes below read only the columns before it (the engine's `Mixing.used` are so
+    # already; then this finds it at once).
+    width = max(1, active_width(keys))
+    if width < keys.shape[1]:
+        keys, weights = keys[:, :width], weights[:, :width]
+        if at_keys is not None:
+            at_keys = np.concatenate([at_keys[:, :width], at_keys[:, -1:]], axis=1)
     layout = Layout.of(vocab_size, params)
     held = _Held.of(keys, weights, layout)
     on = _ramp(weights, keys, layout, params, held.total)[:, 0] > 0
