@@ -279,8 +279,11 @@ def _count_token(
         _insert(keys, weights, np.where((token >= 0) & (prev >= 0), pair, EMPTY).astype(np.int32))
     # Few entries fall out a token: they are cleared at their slots (a masked write over
     # every slot costs tens of times more where the cache has empty slots).
-    stale = (weights < np.float32(params.threshold)) & (keys != EMPTY)
-    r, c = np.divmod(np.flatnonzero(stale), keys.shape[1])
+    # Within the active width (`update`) most slots are held: the slots below the window
+    # are found by weight alone, and the empty ones among them left out at their slots.
+    r, c = np.divmod(np.flatnonzero(weights < np.float32(params.threshold)), keys.shape[1])
+    held = keys[r, c] != EMPTY
+    r, c = r[held], c[held]
     keys[r, c] = EMPTY
     weights[r, c] = np.float32(0.0)
 
