@@ -101,7 +101,7 @@ def _source(ref: str, name: str) -> Path:
     an `adapt.py` file's path (None there: the file missing), else of the git ref `ref`."""
     path = Path(ref)
     if path.is_file():
-        return path.with_name(name)
+        return path if name == "adapt.py" else path.with_name(name)
     root = Path(__file__).resolve().parent.parent
     source = subprocess.run(
         ["git", "show", f"{ref}:service/engine/{name}"],
