@@ -12,7 +12,8 @@ that a drift in the machine's speed slows each alike; the median round is report
 - "adapted": remembered and mixed into every answer (the default).
 
 Reported: microseconds per step (the median round), the ratio to "no memory" (the median
-of each round's ratio to the "no memory" round beside it), and the memory's bytes per
+of each round's ratio to the "no memory" round beside it), the same two by the process's
+CPU time (steadier than the wall clock on a shared machine), and the memory's bytes per
 session (its slots and typed words; `GET /v1/sessions/{id}` reports the same).
 
 `--baseline REF` (a git ref, or the path of an `adapt.py`) adds a fourth mode, "adapted,
@@ -211,15 +212,16 @@ class Engine:
             ]
         )
 
-    async def step(self, word: int) -> float:
-        """One round of one-word steps; its wall time in seconds."""
+    async def step(self, word: int) -> tuple[float, float]:
+        """One round of one-word steps; its wall time and the process's CPU time (every
+        thread: the loop, the executor, ONNX Runtime's), in seconds."""
         requests = [
             StepRequest(i, self.model, [word], 5, sid, adapt=self.adapt)
             for i, sid in enumerate(self.names)
         ]
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         await self.round(requests)
-        return time.perf_counter() - start
+        return time.perf_counter() - start, time.process_time() - cpu
 
     async def memory(self) -> tuple[float, float]:
         """Mean bytes of the sessions' memories, and mean distinct words remembered."""
@@ -254,9 +256,12 @@ async def measure(
             await engine.warm(ids, typed)
         words = [i for i in ids if i != vocab.unk_id]
         times: dict[str, list[float]] = {mode: [] for mode in modes}
+        cpu: dict[str, list[float]] = {mode: [] for mode in modes}
         for n in tqdm(range(rounds), desc=f"{model}: rounds", unit="round", leave=False):
             for mode, engine in engines.items():
-                times[mode].append(await engine.step(words[n % len(words)]))
+                wall, used = await engine.step(words[n % len(words)])
+                times[mode].append(wall)
+                cpu[mode].append(used)
         out = {}
         for mode, engine in engines.items():
             memory_bytes, remembered = await engine.memory()
@@ -266,6 +271,12 @@ async def measure(
                 # steadier than a ratio of medians where the machine's load swings.
                 "paired_ratio": statistics.median(
                     t / base for t, base in zip(times[mode], times[MODES[0]])
+                ),
+                # The same by the process's CPU time: on a shared machine the other work
+                # stretches the wall clock far more than it moves this process's CPU.
+                "cpu_us_per_step": 1e6 * statistics.median(cpu[mode]) / sessions,
+                "cpu_paired_ratio": statistics.median(
+                    t / base for t, base in zip(cpu[mode], cpu[MODES[0]])
                 ),
                 "memory_bytes": memory_bytes,
                 "remembered": remembered,
@@ -476,13 +487,14 @@ def main(argv: list[str] | None = None) -> None:
         ),
         "",
         "| model | mode | us/step | vs no memory (paired) | ratio of medians | "
-        "memory bytes/session | words remembered |",
-        "|---|---|---|---|---|---|---|",
+        "CPU us/step | vs no memory (paired, CPU) | memory bytes/session | words remembered |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         table.append(
             f"| {r['model']} | {r['mode']} | {r['us_per_step']:.1f} | {r['ratio']:.3f} | "
-            f"{r['ratio_of_medians']:.3f} | {r['memory_bytes']:,.0f} | {r['remembered']:.0f} |"
+            f"{r['ratio_of_medians']:.3f} | {r['cpu_us_per_step']:.1f} | "
+            f"{r['cpu_paired_ratio']:.3f} | {r['memory_bytes']:,.0f} | {r['remembered']:.0f} |"
         )
     text = "\n".join([*lines, command_line("benchmarks.bench_adapt", argv), "", *table])
     print(text)
