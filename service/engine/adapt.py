@@ -599,7 +599,8 @@ def _scores(
     at = np.flatnonzero(oov)
     if len(at):
         r, c = np.divmod(at, columns)
-        oov_total = (weights * oov).sum(1, keepdims=True)
+        # (a sum of the few typed words' weights, at their slots: not a pass over (R, C))
+        oov_total = np.bincount(r, weights[r, c], len(keys)).astype(np.float32)[:, None]
         share = p_unk * np.float32(params.oov_share) / np.maximum(oov_total, np.float32(1e-30))
         typed = (r, c, weights[r, c] * share[r, 0])
     lb = np.zeros_like(lu)
@@ -610,7 +611,7 @@ def _scores(
         if len(at):
             r, c = np.divmod(at, columns)
             pair_weight = weights[r, c]
-            n = (weights * pairs).sum(1, keepdims=True)
+            n = np.bincount(r, pair_weight, len(keys)).astype(np.float32)[:, None]
             lb = np.float32(params.lam_bigram) * ramp * n / (n + np.float32(1.0))
             bigram = (r, shifted[r, c], pair_weight, n)
     model = np.float32(1.0) - lu - lb
