@@ -618,7 +618,8 @@ def _scores(
     base = model * p_model  # each slot's model part: model * its share of the model
     if typed is not None:
         r, c, p_share = typed
-        base = base.astype(np.result_type(base, model * p_share), copy=False)
+        # (the dtypes alone: `model * p_share` would broadcast to (R, typed words))
+        base = base.astype(np.result_type(base, model.dtype, p_share.dtype), copy=False)
         base[r, c] = model[r, 0] * p_share
     # base + lu * weight / total, in place (a (R, C) temporary less; the same roundings)
     scores = lu * held.weights
