@@ -9,7 +9,9 @@ holds one row per session and calls these functions once per batch (B rows): `up
 (or `count`, the same from flat tokens) after each step's tokens, `live`, `gather_ids`
 for the graph, then `top_k`. A batch is 256 rows of 512 slots: each pass over (B, C) costs,
 so the sparse parts (typed words, the pairs after the last word, the candidates' recency)
-are worked on at their slots only, in the same float32 operations.
+are worked on at their slots only (a row's sum of them in float64, rounded once), and every
+pass reads only the batch's active width (`active_width`: a young memory's entries sit in
+its first columns, the rest empty).
 
 Weights: an occurrence t tokens back weighs `decay**t` (the last token weighs 1). Tokens
 that are not remembered (punctuation, `</s>`, specials, blocked words, an `<unk>` without a
@@ -590,7 +592,8 @@ def _scores(
 
     Every (R, C) pass counts here (a batch of 256 rows of 512 slots is 131,072 values a
     pass), so what is sparse (typed words, the pairs after `last`) is worked on at its
-    slots only, in the same float32 operations as over the whole array."""
+    slots only: the same float32 operations as over the whole array, but for a row's sums
+    of them (float64, rounded once to float32: the same to float32 rounding)."""
     columns = keys.shape[1]
     ramp = _ramp(weights, keys, layout, params, held.total)
     lu = np.float32(params.lam) * ramp

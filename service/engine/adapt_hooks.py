@@ -225,11 +225,7 @@ class Adaptation:
                 np.array(before_of, dtype=np.int64),
                 remembered,
             )
-        # Past its active width every row's slots are empty: the weights are read there only.
-        width = adapt.active_width(keys)
-        live: list[bool] = adapt.live(
-            keys[:, :width], weights[:, :width], self.vocab_size, params
-        ).tolist()
+        live: list[bool] = adapt.live(keys, weights, self.vocab_size, params).tolist()
         # Views of this batch's columns: the store copies what it keeps (in one write
         # of the columns: `columns_of`).
         after = WordMemory.rows(keys, weights, words)
