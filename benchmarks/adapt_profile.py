@@ -8,7 +8,9 @@ word slots (`_Held.of`), the mixture (`_scores`, and inside it the slot of each 
 the last word, `_slots_of`) and the best k of the candidates (`_best`). Each is timed
 alone on the step's inputs by the thread's CPU time (`time.thread_time`: on a shared
 machine it moves less with the other work than the wall clock), the median over the steps;
-the parts of a function are not subtracted from it.
+the parts of a function are not subtracted from it. The mixing is timed on the memories'
+active width (`adapt.active_width`: the columns before every row's empty tail), as the
+engine mixes them.
 
     python -m benchmarks.adapt_profile [--model lstm] [--steps 40] [--history 1000]
 
@@ -99,11 +101,15 @@ class Batch:
         memory = (keys.copy(), weights.copy())
 
         def update() -> None:
-            keys[:], weights[:] = memory  # each call from the step's memory (copy timed too)
+            # each call from the step's memory (copy timed too)
+            self.keys[:], self.weights[:] = memory
             self.count(t, t + 1)
 
         parts: dict[str, Callable[[], Any]] = {"update (and a copy of the memory)": update}
         update()  # the memory the answer mixes in
+        # What the engine mixes in (`Mixing.used`): the columns before every row's empty tail.
+        active = adapt.active_width(keys)
+        keys, weights = keys[:, :active], weights[:, :active]
         gather = adapt.gather_ids(keys, size, vocab.unk_id)
         at_keys = np.take_along_axis(out.probs, gather.astype(np.int64), 1)
         last = self.ids[:, t]
@@ -146,6 +152,7 @@ class Batch:
         cand[r, column] = mix.scores[r, c]
         parts["  _best (the best k)"] = lambda: adapt._best(cand_ids, cand, 5)
         times = {name: cpu_us(fn) / ROWS for name, fn in parts.items()}
+        times["(active width: columns mixed)"] = active
         times["(candidates a row)"] = len(r) / ROWS
         times["(pairs after the last word a row)"] = len(pr) / ROWS
         return times

@@ -12,12 +12,13 @@ that a drift in the machine's speed slows each alike; the median round is report
 - "adapted": remembered and mixed into every answer (the default).
 
 Reported: microseconds per step (the median round), the ratio to "no memory" (the median
-of each round's ratio to the "no memory" round beside it), and the memory's bytes per
+of each round's ratio to the "no memory" round beside it), the same two by the process's
+CPU time (steadier than the wall clock on a shared machine), and the memory's bytes per
 session (its slots and typed words; `GET /v1/sessions/{id}` reports the same).
 
 `--baseline REF` (a git ref, or the path of an `adapt.py`) adds a fourth mode, "adapted,
-baseline": adapted, with the functions of that `service/engine/adapt.py` standing in for
-this tree's during its rounds, so that old and new adaptation code are timed alternated in
+baseline": adapted, with the functions of that `service/engine/adapt.py` and the batch
+hooks of its `adapt_hooks.py` (`Adaptation`) standing in for this tree's during its rounds, so that old and new adaptation code are timed alternated in
 one run, against the same "no memory". `--tiny` also measures the tiny random-weight
 models (a model that costs almost nothing: what is left is the engine's own work).
 
@@ -59,13 +60,21 @@ from service.contract.artifact import ModelArtifact
 from service.contract.protocol import EngineOutput, InfoRequest, StepRequest
 from service.contract.vocab import Vocabulary
 from service.engine import adapt
+from service.engine.adapt_hooks import Adaptation
 from service.engine.core import EngineCore
 
 MODULES = ("onnxruntime", "numpy")
 MODES = ("no memory", "remembered", "adapted")
 BASELINE = "adapted, baseline"
 # What the engine calls: these stand in for this tree's during a baseline's rounds.
-FUNCTIONS = ("empty_cache", "update", "oov_keys", "live", "probability", "gather_ids", "top_k")
+FUNCTIONS = (
+    "empty_cache", "update", "count", "oov_keys", "live", "probability", "gather_ids", "top_k",
+)  # fmt: skip
+# The batch hooks the engine calls (`Adaptation`): the baseline's stand in for these too.
+HOOK_METHODS = (
+    "memory_of", "resized", "count", "count_columns", "_stack", "prepare",
+    "prepare_columns", "gather_ids", "answer", "answer_columns",
+)  # fmt: skip
 WIKITEXT = Path("/work/shared/data/wikitext-2-valid.txt")
 # A writer's text: names outside the vocabulary come back, as they do in real writing.
 TEXT = (
@@ -88,26 +97,50 @@ def settings(models: Path, model: str, memory: bool) -> Settings:
     )
 
 
-def load_baseline(ref: str) -> ModuleType:
-    """Another version of `service/engine/adapt.py`: a file's path, or a git ref of this
-    repository, imported under its own name (its functions call its own helpers)."""
+def _source(ref: str, name: str) -> Path:
+    """The path of `service/engine/<name>` of another version: beside `ref` where `ref` is
+    an `adapt.py` file's path (None there: the file missing), else of the git ref `ref`."""
     path = Path(ref)
-    if not path.is_file():
-        root = Path(__file__).resolve().parent.parent
-        source = subprocess.run(
-            ["git", "show", f"{ref}:service/engine/adapt.py"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-        path = Path(tempfile.mkdtemp(prefix="nextword-baseline-")) / "adapt.py"
-        path.write_text(source)
-    spec = importlib.util.spec_from_file_location("nextword_baseline_adapt", path)
+    if path.is_file():
+        return path if name == "adapt.py" else path.with_name(name)
+    root = Path(__file__).resolve().parent.parent
+    source = subprocess.run(
+        ["git", "show", f"{ref}:service/engine/{name}"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    path = Path(tempfile.mkdtemp(prefix="nextword-baseline-")) / name
+    path.write_text(source)
+    return path
+
+
+def _load(path: Path, name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
+    return module
+
+
+def load_baseline(ref: str) -> ModuleType:
+    """Another version of `service/engine/adapt.py`: a file's path, or a git ref of this
+    repository, imported under its own name (its functions call its own helpers).
+
+    Its `adapt_hooks.py` (beside the file, or of the ref), where there is one, comes as the
+    module's `HOOKS`: the engine's batch hooks of that version, which `using` puts in place
+    of this tree's beside its functions (its hooks call `adapt.<function>` through this
+    tree's module, which then holds the baseline's), so that a change to the hooks is timed
+    against the old hooks, not against old functions called by new hooks."""
+    module = _load(_source(ref, "adapt.py"), "nextword_baseline_adapt")
+    try:
+        hooks_path = _source(ref, "adapt_hooks.py")
+    except subprocess.CalledProcessError:  # a version before the hooks
+        hooks_path = Path()
+    if hooks_path.is_file():
+        module.HOOKS = _load(hooks_path, "nextword_baseline_adapt_hooks")  # type: ignore[attr-defined]
     return module
 
 
@@ -120,13 +153,21 @@ def using(baseline: ModuleType | None) -> Iterator[None]:
         yield
         return
     saved = {name: getattr(adapt, name) for name in FUNCTIONS}
+    hooks = getattr(baseline, "HOOKS", None)
+    methods = [m for m in HOOK_METHODS if hooks is not None and hasattr(hooks.Adaptation, m)]
+    saved_methods = {name: Adaptation.__dict__[name] for name in methods}
     try:
         for name in FUNCTIONS:
             setattr(adapt, name, getattr(baseline, name))
+        for name in methods:
+            assert hooks is not None
+            setattr(Adaptation, name, hooks.Adaptation.__dict__[name])
         yield
     finally:
         for name, function in saved.items():
             setattr(adapt, name, function)
+        for name, method in saved_methods.items():
+            setattr(Adaptation, name, method)
 
 
 class Engine:
@@ -171,15 +212,16 @@ class Engine:
             ]
         )
 
-    async def step(self, word: int) -> float:
-        """One round of one-word steps; its wall time in seconds."""
+    async def step(self, word: int) -> tuple[float, float]:
+        """One round of one-word steps; its wall time and the process's CPU time (every
+        thread: the loop, the executor, ONNX Runtime's), in seconds."""
         requests = [
             StepRequest(i, self.model, [word], 5, sid, adapt=self.adapt)
             for i, sid in enumerate(self.names)
         ]
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         await self.round(requests)
-        return time.perf_counter() - start
+        return time.perf_counter() - start, time.process_time() - cpu
 
     async def memory(self) -> tuple[float, float]:
         """Mean bytes of the sessions' memories, and mean distinct words remembered."""
@@ -214,9 +256,12 @@ async def measure(
             await engine.warm(ids, typed)
         words = [i for i in ids if i != vocab.unk_id]
         times: dict[str, list[float]] = {mode: [] for mode in modes}
+        cpu: dict[str, list[float]] = {mode: [] for mode in modes}
         for n in tqdm(range(rounds), desc=f"{model}: rounds", unit="round", leave=False):
             for mode, engine in engines.items():
-                times[mode].append(await engine.step(words[n % len(words)]))
+                wall, used = await engine.step(words[n % len(words)])
+                times[mode].append(wall)
+                cpu[mode].append(used)
         out = {}
         for mode, engine in engines.items():
             memory_bytes, remembered = await engine.memory()
@@ -226,6 +271,12 @@ async def measure(
                 # steadier than a ratio of medians where the machine's load swings.
                 "paired_ratio": statistics.median(
                     t / base for t, base in zip(times[mode], times[MODES[0]])
+                ),
+                # The same by the process's CPU time: on a shared machine the other work
+                # stretches the wall clock far more than it moves this process's CPU.
+                "cpu_us_per_step": 1e6 * statistics.median(cpu[mode]) / sessions,
+                "cpu_paired_ratio": statistics.median(
+                    t / base for t, base in zip(cpu[mode], cpu[MODES[0]])
                 ),
                 "memory_bytes": memory_bytes,
                 "remembered": remembered,
@@ -307,9 +358,18 @@ def measure_functions(
             t5 = time.perf_counter()
             times[name].append([t1 - t0, t2 - t1, t3 - t2, t5 - t4])
             answers[name] = [*got, keys, weights]
+    # The same answers: the same words and memories (bit for bit), the probabilities to
+    # float32 rounding (a sum over other slots, or in another order, may round otherwise).
     first = next(iter(answers.values()))
     same = all(
-        all(np.array_equal(a, b) for a, b in zip(first, other)) for other in answers.values()
+        np.array_equal(first[0], other[0])
+        and np.allclose(first[1], other[1], rtol=1e-6, atol=0)
+        and all(np.array_equal(a, b) for a, b in zip(first[2:], other[2:]))
+        for other in answers.values()
+    )
+    differ = max(
+        float(np.max(np.abs(other[1] - first[1]) / np.maximum(first[1], 1e-30), initial=0))
+        for other in answers.values()
     )
     out = []
     for name, samples in times.items():
@@ -322,6 +382,7 @@ def measure_functions(
                 "total_us": float(us.sum()),
                 "filled_slots_mean": float((memories[name][2] >= 0).sum(1).mean()),
                 "same_as_baseline": same,
+                "probs_max_rel_diff": differ,
             }
         )
     return out, source
@@ -345,8 +406,8 @@ def functions_main(args: argparse.Namespace, argv: list[str] | None) -> None:
         "the versions alternated round by round; microseconds per row",
         "",
         "| model | version | update | live | gather_ids | top_k | total | vs baseline | "
-        "filled slots | same answers |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "filled slots | same answers | probabilities' largest relative difference |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         base = next(b for b in rows if b["model"] == r["model"])["total_us"]
@@ -354,7 +415,7 @@ def functions_main(args: argparse.Namespace, argv: list[str] | None) -> None:
             f"| {r['model']} | {r['version']} | {r['update_us']:.2f} | {r['live_us']:.2f} | "
             f"{r['gather_ids_us']:.2f} | {r['top_k_us']:.2f} | {r['total_us']:.2f} | "
             f"{r['total_us'] / base:.3f} | {r['filled_slots_mean']:.0f} | "
-            f"{'yes' if r['same_as_baseline'] else 'NO'} |"
+            f"{'yes' if r['same_as_baseline'] else 'NO'} | {r['probs_max_rel_diff']:.1e} |"
         )
     lines = [*machine_lines(info, MODULES), label]
     text = "\n".join([*lines, command_line("benchmarks.bench_adapt", argv), "", *table])
@@ -429,16 +490,21 @@ def main(argv: list[str] | None = None) -> None:
         f"{args.sessions} sessions, one word each per round (a batch of {args.sessions}); "
         f"each session first fed {args.warm_tokens} tokens; the {len(modes)} modes' rounds "
         f"interleaved, median of {args.rounds} rounds each",
-        *([f"baseline: the adaptation functions of {args.baseline}"] if baseline else []),
+        *(
+            [f"baseline: the adaptation functions and batch hooks of {args.baseline}"]
+            if baseline
+            else []
+        ),
         "",
         "| model | mode | us/step | vs no memory (paired) | ratio of medians | "
-        "memory bytes/session | words remembered |",
-        "|---|---|---|---|---|---|---|",
+        "CPU us/step | vs no memory (paired, CPU) | memory bytes/session | words remembered |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         table.append(
             f"| {r['model']} | {r['mode']} | {r['us_per_step']:.1f} | {r['ratio']:.3f} | "
-            f"{r['ratio_of_medians']:.3f} | {r['memory_bytes']:,.0f} | {r['remembered']:.0f} |"
+            f"{r['ratio_of_medians']:.3f} | {r['cpu_us_per_step']:.1f} | "
+            f"{r['cpu_paired_ratio']:.3f} | {r['memory_bytes']:,.0f} | {r['remembered']:.0f} |"
         )
     text = "\n".join([*lines, command_line("benchmarks.bench_adapt", argv), "", *table])
     print(text)

@@ -9,7 +9,9 @@ holds one row per session and calls these functions once per batch (B rows): `up
 (or `count`, the same from flat tokens) after each step's tokens, `live`, `gather_ids`
 for the graph, then `top_k`. A batch is 256 rows of 512 slots: each pass over (B, C) costs,
 so the sparse parts (typed words, the pairs after the last word, the candidates' recency)
-are worked on at their slots only, in the same float32 operations.
+are worked on at their slots only (a row's sum of them in float64, rounded once), and every
+pass reads only the batch's active width (`active_width`: a young memory's entries sit in
+its first columns, the rest empty).
 
 Weights: an occurrence t tokens back weighs `decay**t` (the last token weighs 1). Tokens
 that are not remembered (punctuation, `</s>`, specials, blocked words, an `<unk>` without a
@@ -201,6 +203,26 @@ def empty_cache(batch: int, capacity: int) -> tuple[np.ndarray, np.ndarray]:
     )
 
 
+def active_width(keys: np.ndarray) -> int:
+    """How many leading columns of (B, C) `keys` hold every row's keys: past it every slot
+    of every row is empty (0: none held).
+
+    A key takes the lowest empty slot (`_insert`), so a young memory holds its entries in
+    its first columns and the rest of its C slots are empty: the passes of counting and
+    mixing need only these columns. Found from the last column back, in blocks that double
+    (a full memory answers at its first block; an empty tail is read once or twice)."""
+    hi = keys.shape[1]
+    block = 16
+    while hi > 0:
+        lo = max(0, hi - block)
+        part = keys[:, lo:hi]
+        if part.size and int(part.max()) > EMPTY:
+            held = np.flatnonzero(part.max(0) > EMPTY)
+            return lo + int(held[-1]) + 1
+        hi, block = lo, 2 * block
+    return 0
+
+
 def _insert(keys: np.ndarray, weights: np.ndarray, key: np.ndarray) -> None:
     """Count one key per row of (R, C) `keys`/`weights` (key -1: none), in place: a held key
     gains 1, a new one takes the lowest empty slot, else the smallest weight (ties: lowest
@@ -259,8 +281,11 @@ def _count_token(
         _insert(keys, weights, np.where((token >= 0) & (prev >= 0), pair, EMPTY).astype(np.int32))
     # Few entries fall out a token: they are cleared at their slots (a masked write over
     # every slot costs tens of times more where the cache has empty slots).
-    stale = (weights < np.float32(params.threshold)) & (keys != EMPTY)
-    r, c = np.divmod(np.flatnonzero(stale), keys.shape[1])
+    # Within the active width (`update`) most slots are held: the slots below the window
+    # are found by weight alone, and the empty ones among them left out at their slots.
+    r, c = np.divmod(np.flatnonzero(weights < np.float32(params.threshold)), keys.shape[1])
+    held = keys[r, c] != EMPTY
+    r, c = r[held], c[held]
     keys[r, c] = EMPTY
     weights[r, c] = np.float32(0.0)
 
@@ -304,6 +329,14 @@ def update(
         layout = Layout.of(vocab_size, params)
         if layout.bigrams and (ids is None or before is None):
             raise ValueError("bigrams need the tokens' ids and the id before them")
+    # Only the columns the memories use, and the slots this step's keys may take (a word
+    # and a pair a token): every slot past them is empty in every row, so a new key finds
+    # the same lowest empty slot within them, an eviction (no empty slot) only happens
+    # where they are all C, and decay and drops leave an empty slot as it is. The same
+    # operations on the same values: the memory ends bit for bit as over all C.
+    width = min(keys.shape[1], max(active_width(keys), params.recent) + 2 * steps)
+    if width < keys.shape[1]:
+        keys, weights = keys[:, :width], weights[:, :width]  # views: written in place
     for t in range(steps):
         prev = None
         if layout is not None and layout.bigrams:
@@ -559,7 +592,8 @@ def _scores(
 
     Every (R, C) pass counts here (a batch of 256 rows of 512 slots is 131,072 values a
     pass), so what is sparse (typed words, the pairs after `last`) is worked on at its
-    slots only, in the same float32 operations as over the whole array."""
+    slots only: the same float32 operations as over the whole array, but for a row's sums
+    of them (float64, rounded once to float32: the same to float32 rounding)."""
     columns = keys.shape[1]
     ramp = _ramp(weights, keys, layout, params, held.total)
     lu = np.float32(params.lam) * ramp
@@ -568,7 +602,8 @@ def _scores(
     at = np.flatnonzero(oov)
     if len(at):
         r, c = np.divmod(at, columns)
-        oov_total = (weights * oov).sum(1, keepdims=True)
+        # (a sum of the few typed words' weights, at their slots: not a pass over (R, C))
+        oov_total = np.bincount(r, weights[r, c], len(keys)).astype(np.float32)[:, None]
         share = p_unk * np.float32(params.oov_share) / np.maximum(oov_total, np.float32(1e-30))
         typed = (r, c, weights[r, c] * share[r, 0])
     lb = np.zeros_like(lu)
@@ -579,14 +614,15 @@ def _scores(
         if len(at):
             r, c = np.divmod(at, columns)
             pair_weight = weights[r, c]
-            n = (weights * pairs).sum(1, keepdims=True)
+            n = np.bincount(r, pair_weight, len(keys)).astype(np.float32)[:, None]
             lb = np.float32(params.lam_bigram) * ramp * n / (n + np.float32(1.0))
             bigram = (r, shifted[r, c], pair_weight, n)
     model = np.float32(1.0) - lu - lb
     base = model * p_model  # each slot's model part: model * its share of the model
     if typed is not None:
         r, c, p_share = typed
-        base = base.astype(np.result_type(base, model * p_share), copy=False)
+        # (the dtypes alone: `model * p_share` would broadcast to (R, typed words))
+        base = base.astype(np.result_type(base, model.dtype, p_share.dtype), copy=False)
         base[r, c] = model[r, 0] * p_share
     # base + lu * weight / total, in place (a (R, C) temporary less; the same roundings)
     scores = lu * held.weights
@@ -675,6 +711,8 @@ def _at_keys(
 
 def live(keys: np.ndarray, weights: np.ndarray, vocab_size: int, params: AdaptParams) -> np.ndarray:
     """(B,) bool: which rows' memories mix into their answers (past the warm-up)."""
+    width = active_width(keys)  # (the slots past it are empty: they weigh nothing)
+    keys, weights = keys[:, :width], weights[:, :width]
     return _ramp(weights, keys, Layout.of(vocab_size, params), params)[:, 0] > 0
 
 
@@ -923,6 +961,14 @@ def top_k(
         raise ValueError(f"k must be in 1..{topk_ids.shape[1]}, got {k}")
     out_ids = np.full((batch, k), EMPTY, dtype=np.int64)
     out_probs = np.zeros((batch, k), dtype=np.float32)
+    # Every slot past the active width is empty in every row and mixes nothing in: the
+    # passes below read only the columns before it (the engine's `Mixing.used` are so
+    # already; then this finds it at once).
+    width = max(1, active_width(keys))
+    if width < keys.shape[1]:
+        keys, weights = keys[:, :width], weights[:, :width]
+        if at_keys is not None:
+            at_keys = np.concatenate([at_keys[:, :width], at_keys[:, -1:]], axis=1)
     layout = Layout.of(vocab_size, params)
     held = _Held.of(keys, weights, layout)
     on = _ramp(weights, keys, layout, params, held.total)[:, 0] > 0

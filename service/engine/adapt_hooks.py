@@ -38,10 +38,20 @@ from service.store.base import SessionRecord, WordMemory, columns_of
 @dataclass(frozen=True)
 class Mixing:
     """What one run's answers mix in: each row's memory, (B, C) each (an empty one for the
-    rows that do not mix)."""
+    rows that do not mix), and how many of its first columns hold them all (`width`: past
+    it every row's slots are empty, `adapt.active_width`)."""
 
     keys: np.ndarray  # (B, C) int32
     weights: np.ndarray  # (B, C) float32
+    width: int = -1  # -1: all C
+
+    @property
+    def used(self) -> tuple[np.ndarray, np.ndarray]:
+        """The keys and weights in the first `width` columns (views): the gather and
+        every pass of the mixing read these only (the slots past them mix nothing in)."""
+        if 0 <= self.width < self.keys.shape[1]:
+            return self.keys[:, : self.width], self.weights[:, : self.width]
+        return self.keys, self.weights
 
 
 @dataclass(frozen=True)
@@ -273,11 +283,11 @@ class Adaptation:
         if not mixed.all():
             keys[~mixed] = adapt.EMPTY
             weights[~mixed] = np.float32(0.0)
-        return Mixing(keys, weights)
+        return Mixing(keys, weights, adapt.active_width(keys))
 
     def gather_ids(self, mixing: Mixing) -> np.ndarray:
         """The vocabulary ids whose probabilities a resident run sends out for `mixing`."""
-        return adapt.gather_ids(mixing.keys, self.vocab_size, self.unk_id)
+        return adapt.gather_ids(mixing.used[0], self.vocab_size, self.unk_id)
 
     def answer(self, group: list[StepRun], output: StepOutput, mixing: Mixing) -> None:
         """The answers (`StepRun.answer`) of a run's rows that mix, with the writer's words
@@ -330,8 +340,7 @@ class Adaptation:
         # for answers fewer words, as `top_words` does).
         k = min(max(ks), output.topk_ids.shape[1])
         ids, probs = adapt.top_k(
-            mixing.keys,
-            mixing.weights,
+            *mixing.used,
             output.probs,
             output.topk_ids,
             output.topk_probs,

@@ -154,3 +154,40 @@ def test_a_memory_stored_under_the_old_capacity_is_kept_in_the_new_one() -> None
     pair[held.sum()] = 2 * layout.words + 5 * layout.words + 6
     odd = SessionRecord("s", "m", (), 1, 0.0, 0.0, 3, memory=WordMemory(pair, stored.weights))
     assert hooks.memory_of(Step([13], session_id="s"), odd) is None
+
+
+def test_a_run_mixes_in_its_memories_active_width_with_the_answers_of_every_slot(
+    monkeypatch,
+) -> None:
+    hooks = adaptation()
+    rng = np.random.default_rng(3)
+    rows = [run(rng.integers(2, V, size=n).tolist()) for n in (40, 12, 25)]
+    for row in rows:
+        row.final = row.mixed = True
+    hooks.count(rows)
+    mixing = hooks.prepare(rows)
+    assert mixing is not None
+    # The longest memory's last held slot ends the width; every slot past it is empty.
+    held = [int(np.flatnonzero(r.memory.keys != adapt.EMPTY)[-1]) for r in rows]  # type: ignore[union-attr]
+    assert mixing.width == max(held) + 1 < hooks.params.capacity
+    keys, weights = mixing.used
+    assert keys.shape == (3, mixing.width) and (mixing.keys[:, mixing.width :] == -1).all()
+    assert hooks.gather_ids(mixing).shape == (3, mixing.width + 1)
+    logits = rng.normal(0, 2.0, size=(3, V))
+    probs = (np.exp(logits) / np.exp(logits).sum(1, keepdims=True)).astype(np.float32)
+    order = np.argsort(-probs, axis=1, kind="stable")[:, :5]
+    topk = np.take_along_axis(probs, order, 1)
+
+    def answers(mixing) -> list:
+        gathered = np.take_along_axis(probs, hooks.gather_ids(mixing).astype(np.int64), 1)
+        output = StepOutput(topk, order.astype(np.int64), None, (), gathered)
+        hooks.answer(rows, output, mixing)
+        return [r.answer for r in rows]
+
+    narrow = answers(mixing)
+    monkeypatch.setattr(adapt, "active_width", lambda keys: keys.shape[1])
+    wide = hooks.prepare(rows)
+    assert wide is not None and wide.width == hooks.params.capacity
+    for (a_ids, a_probs), (b_ids, b_probs) in zip(narrow, answers(wide)):
+        np.testing.assert_array_equal(a_ids, b_ids)
+        np.testing.assert_allclose(a_probs, b_probs, rtol=1e-6)
