@@ -5,10 +5,19 @@ rows full of ties, for every k from 1 to a max_k wider than some rows' distinct 
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 from onnx import TensorProto, helper
+
+from service.contract.artifact import TOPK_PROBS, ModelArtifact
+from service.engine.pool import StatePool
+from service.engine.runtime import OrtModel
+from tests.engine.test_pool import random_states
 
 
 def _topk_session() -> ort.InferenceSession:
@@ -53,3 +62,35 @@ def test_any_k_is_the_first_k_of_a_wider_one_with_ties_by_lower_id() -> None:
         values, ids = session.run(None, {"x": x, "k": np.array([k], np.int64)})
         np.testing.assert_array_equal(ids, wide_ids[:, :k])
         np.testing.assert_array_equal(values, wide_values[:, :k])
+
+
+def test_a_graph_whose_top_k_is_not_one_topk_keeps_its_k_in_the_pool(
+    tiny_artifacts: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model whose top-k probabilities pass through another node after TopK (not an
+    export of ours): the pool still builds, its top-k arrays are max_k wide whatever
+    `top` asks, and their first words are what the copied run answers."""
+    model = OrtModel(ModelArtifact.load(tiny_artifacts / "gru"), ["CPUExecutionProvider"])
+    real_load = onnx.load
+
+    def load(path: str, *a: Any, **kw: Any) -> onnx.ModelProto:
+        proto = real_load(path, *a, **kw)
+        (topk,) = [n for n in proto.graph.node if n.op_type == "TopK"]
+        at = list(topk.output).index(TOPK_PROBS)
+        topk.output[at] = "topk_probs_raw"
+        proto.graph.node.append(helper.make_node("Identity", ["topk_probs_raw"], [TOPK_PROBS]))
+        return proto
+
+    monkeypatch.setattr(onnx, "load", load)
+    pool = StatePool(model, 16)
+    monkeypatch.undo()
+    rng = np.random.default_rng(4)
+    states = random_states(model, 3, seed=4)
+    rows = pool.upload(states)
+    tokens = rng.integers(3, len(model.vocab), size=(3, 1))
+    out = pool.run(tokens, rows, want_probs=False, top=3)
+    assert out.topk_ids.shape == (3, model.max_k)
+    host = tuple(np.stack([s[i] for s in states], axis=1) for i in range(len(states[0])))
+    copied = model.run(tokens, host, want_probs=False)
+    np.testing.assert_array_equal(out.topk_ids, copied.topk_ids)
+    pool.release(np.concatenate([rows, out.rows]))
