@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from service.contract.artifact import ModelArtifact
+from service.engine.adapt_hooks import Adaptation
 from service.engine.pool import StatePool
 from service.engine.runtime import OrtModel
 from service.engine.scheduler import Step, StepBatcher
@@ -97,7 +98,10 @@ def _outcome(o: Any) -> Any:
     if isinstance(o, BaseException):
         return type(o).__name__
     r = o.record
+    memory = None if r.memory is None else (r.memory.keys.tolist(), r.memory.weights.tolist())
     return (
+        memory,
+        o.words,
         o.ids.tolist(),
         o.probs.tolist(),
         o.tokens,
@@ -107,9 +111,10 @@ def _outcome(o: Any) -> Any:
     )
 
 
-@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("adapt", [False, True], ids=["adaptation off", "adaptation on"])
+@pytest.mark.parametrize("seed", range(3))
 async def test_random_batches_end_alike_by_columns_and_by_records(
-    lstm: OrtModel, seed: int
+    lstm: OrtModel, seed: int, adapt: bool
 ) -> None:
     """Random rounds of concurrent steps (a session twice in a round, retries by step id,
     fresh contexts, k from 1 to max_k side by side, owners past their cap and sessions
@@ -121,7 +126,7 @@ async def test_random_batches_end_alike_by_columns_and_by_records(
         store = MemorySessionStore(3600.0, cap=5, owner_cap=2)
         b = StepBatcher(
             lstm, store, pool=StatePool(lstm, 64), keep_states=True, max_wait_ms=50,
-            prefill_chunk=16, max_batch=8,
+            prefill_chunk=16, max_batch=8, adaptation=Adaptation.of(lstm) if adapt else None,
         )  # fmt: skip
         b.execution.takes_common = common
         await b.start()
@@ -136,10 +141,11 @@ async def test_random_batches_end_alike_by_columns_and_by_records(
     made[0][0].execution.compute_common = counted  # type: ignore[method-assign]
     seen: list[Any] = []
     names = "abcdefg"
+    words = np.flatnonzero(lstm.vocab.suggestible)[:10]  # words a memory keeps
     last_ids: dict[str, str] = {}
     created: set[str] = set()
     try:
-        for n in range(12):
+        for n in range(16):
             steps = []
             for i in range(int(rng.integers(1, 7))):
                 sid = names[int(rng.integers(0, len(names)))]
@@ -148,13 +154,14 @@ async def test_random_batches_end_alike_by_columns_and_by_records(
                 last_ids[sid] = step_id
                 steps.append(
                     Step(
-                        rng.integers(3, 40, size=int(rng.integers(1, 4))).tolist(),
+                        rng.choice(words, size=int(rng.integers(1, 5))).tolist(),
                         session_id=sid,
                         create=sid not in created,
                         fresh=bool(rng.random() < 0.15),
                         k=int(rng.choice([1, 3, 5, lstm.max_k])),
                         owner=["", "alice", "bob"][int(rng.integers(0, 3))],
                         step_id=step_id,
+                        adapt=[None, True, False][int(rng.integers(0, 3))],
                     )
                 )
                 created.add(sid)
@@ -178,6 +185,8 @@ async def test_random_batches_end_alike_by_columns_and_by_records(
         assert sum(ran) > 10  # the columns path ran most steps
         assert any(isinstance(o, str) for o in seen)  # some steps failed (evicted sessions)
         assert made[0][1].evictions > 0
+        # With adaptation, the sessions' memories (the outcome's first field) were written.
+        assert any(not isinstance(o, str) and o[0] is not None for o in seen) == adapt
     finally:
         for b, _ in made:
             await b.stop()
