@@ -135,7 +135,11 @@ class EngineCoreProc:
                     except zmq.Again:
                         break
                 received: Received = []
-                for identity, frame in frames:
+                for parts in frames:
+                    if len(parts) != 2:  # (identity, frame) from a peer of ours; else none
+                        log.warning("engine: message of %d parts dropped", len(parts))
+                        continue
+                    identity, frame = parts
                     try:
                         requests = request_decoder.decode(frame.buffer)
                     except Exception as exc:  # a peer that speaks another protocol

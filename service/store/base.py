@@ -216,6 +216,7 @@ class SessionColumns(Sequence[SessionRecord]):
             np.asarray(self.adapt, dtype=bool)[index],
             [self.last_step[i] for i in at],
             self.state_on_device,
+            self.revision,
         )
 
 
