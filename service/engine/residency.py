@@ -197,7 +197,7 @@ class Residency:
     def commit(
         self,
         ids: Sequence[str],
-        versions: Sequence[int],
+        versions: Sequence[int] | np.ndarray,
         created: Sequence[float] | np.ndarray,
         rows: np.ndarray,
     ) -> None:

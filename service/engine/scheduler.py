@@ -965,8 +965,8 @@ class StepBatcher:
         steps, results, rows = batch.steps, batch.results, batch.rows
         records = batch.records
         assert results is not None
-        live = [not step.done for step in steps]
-        if not all(live):
+        if any(map(_DONE, steps)):
+            live = [not step.done for step in steps]
             self._steps["cancelled"].inc(live.count(False))
             at = [i for i, k in enumerate(live) if k]
             if not at:
@@ -975,8 +975,9 @@ class StepBatcher:
             results = results.take(at)
             records = records.take(at)
             rows = rows[at]
-        versions = records.version.tolist()
-        expected = [v if f else None for v, f in zip(versions, records.found.tolist())]
+        expected: list[int | None] = records.version.tolist()
+        if not records.found.all():  # a new session's write expects none
+            expected = [v if f else None for v, f in zip(expected, records.found.tolist())]
         await self._write_sessions(steps, results, expected, rows)
 
     async def _write_sessions(
@@ -1076,12 +1077,13 @@ class StepBatcher:
             if isinstance(results, BatchResults)
             else [result.record.created_at for result in results]  # type: ignore[union-attr]
         )
-        residency.commit(
-            [step.session_id for step in steps],  # type: ignore[misc]
-            [(e or 0) + 1 for e in expected],
-            created,
-            rows,
+        # The versions written: one past those expected (1 for a new session).
+        versions: np.ndarray | list[int] = (
+            np.array(expected, dtype=np.int64) + 1
+            if None not in expected
+            else [(e or 0) + 1 for e in expected]
         )
+        residency.commit(list(map(_SESSION, steps)), versions, created, rows)
 
     # --- the runs (in the executor thread) -----------------------------------------
 

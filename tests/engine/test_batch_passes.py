@@ -4,21 +4,25 @@ stands in for, which still serves every other case."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from service.contract.artifact import ModelArtifact
+from service.contract.protocol import EngineOutput, output_encoder
 from service.engine.batching import Bounds, take
+from service.engine.core import _FrameAnswers
 from service.engine.pool import StatePool
 from service.engine.residency import Residency
 from service.engine.runtime import OrtModel
 from service.engine.scheduler import Step, StepBatcher
-from service.engine.steps import StepRun
+from service.engine.steps import BatchResults, Outcome, StepRun
 from service.store.memory import MemorySessionStore
 from tests.engine.test_batcher import FakeRunner
 
@@ -126,3 +130,42 @@ def test_commit_of_resident_sessions_keeps_the_entries_order_and_rows(lstm: OrtM
     # The caller still holds every row it took; the entries hold theirs once more each.
     held = np.concatenate([residency.holders(), rows.ravel()])
     pool.check_counts(held)
+
+
+def encode_into(frames: list[bytes], output: EngineOutput) -> None:
+    frames.append(output_encoder.encode(output))
+
+
+async def test_a_common_batchs_answers_are_the_bytes_of_its_steps_answered_one_by_one(
+    pooled: StepBatcher,
+) -> None:
+    """`_FrameAnswers` answers a batch's columns with the frames it makes step by step,
+    with typed words named or none."""
+    for i in range(3):
+        await pooled.step(Step([5], session_id=f"w{i}", create=True))
+    ended: list[tuple[list[Step], Sequence[Outcome]]] = []
+    done = asyncio.Event()
+
+    def sink(steps: list[Step], outcomes: Sequence[Outcome]) -> None:
+        ended.append((steps, outcomes))
+        done.set()
+
+    steps = [Step([6 + i], session_id=f"w{i}", k=3 + i) for i in range(3)]
+    for i, step in enumerate(steps):
+        step.tag = 40 + i
+    pooled.submit_many(steps, sink)
+    await done.wait()
+    [(answered, results)] = ended
+    assert isinstance(results, BatchResults) and len(results) == 3
+    named = BatchResults(
+        results.ids, results.probs, results.ks, results.mixed, [("a",), (), ("b", "c")],
+        results.written,
+    )  # fmt: skip
+    for batch in (results, named):
+        frames: dict[str, list[bytes]] = {"columns": [], "steps": []}
+        for how, outcomes in (("columns", batch), ("steps", list(batch))):
+            pending = {step.tag: step for step in answered}
+            reply = partial(encode_into, frames[how])
+            _FrameAnswers(reply, pooled.name, pending, pooled)(answered, outcomes)
+            assert not pending  # every step answered left the table
+        assert frames["columns"] == frames["steps"] and len(frames["steps"]) == 3
