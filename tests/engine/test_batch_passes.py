@@ -18,7 +18,7 @@ from service.contract.artifact import ModelArtifact
 from service.contract.protocol import EngineOutput, output_encoder
 from service.engine.batching import Bounds, take
 from service.engine.core import _FrameAnswers
-from service.engine.pool import StatePool
+from service.engine.pool import StatePool, _distinct
 from service.engine.residency import Residency
 from service.engine.runtime import OrtModel
 from service.engine.scheduler import Step, StepBatcher
@@ -169,3 +169,10 @@ async def test_a_common_batchs_answers_are_the_bytes_of_its_steps_answered_one_b
             _FrameAnswers(reply, pooled.name, pending, pooled)(answered, outcomes)
             assert not pending  # every step answered left the table
         assert frames["columns"] == frames["steps"] and len(frames["steps"]) == 3
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_the_rows_freed_are_listed_once_each_in_order(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    rows = rng.integers(0, 50 if seed else 2, size=rng.integers(2, 300))
+    np.testing.assert_array_equal(_distinct(rows), np.unique(rows))
