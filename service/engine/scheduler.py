@@ -86,7 +86,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from itertools import compress, islice, repeat
-from operator import attrgetter, eq, is_
+from operator import attrgetter, eq, is_, or_
 from typing import Any
 
 import numpy as np
@@ -132,6 +132,8 @@ _SESSION = attrgetter("session_id")
 _TOKENS = attrgetter("tokens")
 _PREFIX_IDS = attrgetter("prefix_ids")
 _STEP_ID = attrgetter("step_id")
+_FRESH = attrgetter("fresh")
+_CREATE = attrgetter("create")
 
 
 def _to_host(
@@ -766,7 +768,7 @@ class StepBatcher:
         assert self.residency is not None
         n = len(steps)
         rows = np.full((n, 2), NO_ROW, dtype=np.int64)
-        anew = np.fromiter((step.fresh or step.create for step in steps), bool, n)
+        anew = np.fromiter(map(or_, map(_FRESH, steps), map(_CREATE, steps)), bool, n)
         at = np.flatnonzero(records.found & ~anew)
         if not len(at):
             return steps, records, rows, False
