@@ -12,7 +12,10 @@ import asyncio
 import contextlib
 import json
 import logging
+from collections import deque
 from collections.abc import Callable, Hashable, Sequence
+from itertools import repeat
+from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +40,8 @@ from service.engine.scheduler import StepBatcher
 from service.engine.steps import BatchResults, Outcome, Step, StepResult
 from service.errors import NextwordError, StepFailed, UnknownModel
 from service.store import SessionStore, open_store
+
+_TAG = attrgetter("tag")  # a step's request id
 
 log = logging.getLogger(__name__)
 
@@ -220,17 +225,34 @@ class _FrameAnswers:
         words = results.words
         tokens_of = np.asarray(written.tokens).tolist()
         last_of = np.asarray(written.last_token).tolist()
-        for i, (step, tokens, last) in enumerate(zip(steps, tokens_of, last_of)):
-            request_id = step.tag
-            pending.pop(request_id, None)
+        tags = list(map(_TAG, steps))
+        deque(map(pending.pop, tags, repeat(None)), maxlen=0)  # ended: no abort finds them
+        if words is None:  # no typed words: `words` left at its default, [] (same bytes)
+            for request_id, ids_i, probs_i, tokens, last in zip(
+                tags, ids, probs, tokens_of, last_of
+            ):
+                reply(
+                    EngineOutput(
+                        request_id,
+                        ids=ids_i,
+                        probs=probs_i,
+                        tokens=tokens,
+                        model=model,
+                        last_token=last,
+                    )
+                )
+            return
+        for request_id, ids_i, probs_i, tokens, last, typed in zip(
+            tags, ids, probs, tokens_of, last_of, words
+        ):
             reply(
                 EngineOutput(
                     request_id,
-                    ids=ids[i],
-                    probs=probs[i],
+                    ids=ids_i,
+                    probs=probs_i,
                     tokens=tokens,
                     model=model,
-                    words=[] if words is None else list(words[i]),
+                    words=list(typed),
                     last_token=last,
                 )
             )

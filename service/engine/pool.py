@@ -248,6 +248,16 @@ def pool_rows(
     return max(rows, least)
 
 
+def _distinct(rows: np.ndarray) -> np.ndarray:
+    """`np.unique(rows)` (sorted, each row once) for a batch's rows: a sort and a compare,
+    a third of `np.unique`'s time on a few hundred rows (numpy 2.4)."""
+    ordered = np.sort(rows)
+    first = np.empty(len(ordered), dtype=bool)
+    first[0] = True
+    np.not_equal(ordered[1:], ordered[:-1], out=first[1:])
+    return ordered[first]
+
+
 class StatePool:
     """A model's rows of resident states and the three graphs that use them."""
 
@@ -415,7 +425,7 @@ class StatePool:
                 raise ValueError("release of a free state row")
             freed = rows[left == 0]
             if len(freed) > 1:
-                freed = np.unique(freed)
+                freed = _distinct(freed)
             n = len(freed)
             self._free[self._nfree : self._nfree + n] = freed
             self._nfree += n

@@ -56,7 +56,7 @@ from __future__ import annotations
 import logging
 import sys
 import threading
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Container, Sequence
 from itertools import repeat
 
@@ -197,7 +197,7 @@ class Residency:
     def commit(
         self,
         ids: Sequence[str],
-        versions: Sequence[int],
+        versions: Sequence[int] | np.ndarray,
         created: Sequence[float] | np.ndarray,
         rows: np.ndarray,
     ) -> None:
@@ -206,6 +206,27 @@ class Residency:
         the version it replaces are released. Each one becomes the most recently written."""
         if not self.keeps or not len(ids):
             return
+        entries = self._entries
+        known = list(map(entries.get, ids))
+        if None not in known:
+            # The common case, every session resident already: its entry becomes the most
+            # recently written, in order (C-level passes, not a Python loop per session).
+            deque(map(entries.move_to_end, ids), maxlen=0)
+            index = np.array(known, dtype=np.int64)
+            replaced = np.ones(len(ids), dtype=bool)
+        else:
+            index, replaced = self._enter(ids)
+        rows = np.asarray(rows, dtype=np.int64).reshape(len(ids), 2)
+        self.pool.hold(rows.ravel())  # before the release: a step may keep its rows
+        old = self._rows[index[replaced]].ravel()
+        self._rows[index] = rows
+        self._version[index] = versions
+        self._created[index] = created
+        self.pool.release(old)
+
+    def _enter(self, ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """`commit`'s entries of `ids` (new ones made), each moved to the most recent end;
+        returns their indices and whether each replaced an entry there already."""
         entries = self._entries
         index = np.empty(len(ids), dtype=np.int64)
         replaced = np.zeros(len(ids), dtype=bool)
@@ -220,13 +241,7 @@ class Residency:
                 entries.move_to_end(session_id)
                 replaced[i] = True
             index[i] = entry
-        rows = np.asarray(rows, dtype=np.int64).reshape(len(ids), 2)
-        self.pool.hold(rows.ravel())  # before the release: a step may keep its rows
-        old = self._rows[index[replaced]].ravel()
-        self._rows[index] = rows
-        self._version[index] = versions
-        self._created[index] = created
-        self.pool.release(old)
+        return index, replaced
 
     def drop(self, ids: Sequence[str]) -> None:
         """Forget the entries of `ids` (those there are) and release their rows."""

@@ -85,7 +85,8 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
-from operator import attrgetter
+from itertools import compress, islice, repeat
+from operator import attrgetter, eq, is_, or_
 from typing import Any
 
 import numpy as np
@@ -126,6 +127,13 @@ from service.store.memory import MemorySessionStore
 log = logging.getLogger(__name__)
 
 _DONE = attrgetter("done")
+_ROW = attrgetter("row")
+_SESSION = attrgetter("session_id")
+_TOKENS = attrgetter("tokens")
+_PREFIX_IDS = attrgetter("prefix_ids")
+_STEP_ID = attrgetter("step_id")
+_FRESH = attrgetter("fresh")
+_CREATE = attrgetter("create")
 
 
 def _to_host(
@@ -538,6 +546,11 @@ class StepBatcher:
         of long steps in flight stay within `max_prefill_tokens` (plus one chunk for a
         stateless batch taken while a session batch runs: it runs after that batch, before
         the next)."""
+        if sessions:
+            quick = self._take_common()
+            if quick is not None:
+                self._long_taken = 0
+                return quick
         long_cap = max(self.prefill_chunk, self.max_prefill_tokens - self._session_long)
         taken = take(
             self._pending,
@@ -551,6 +564,35 @@ class StepBatcher:
             self._steps["cancelled"].inc(taken.dropped)
         self._long_taken = taken.long_tokens
         return taken.steps
+
+    def _take_common(self) -> list[Step] | None:
+        """`_take`'s batch in the common case, checked per batch with C-level passes
+        rather than `take`'s per-step calls; None where it is not that case (`take` then
+        forms the batch). The common case: the session lane's first min(queue, max_batch)
+        steps are all taken by `take`'s rules, because none was cancelled, none is a long
+        step (in progress or to chunk), their sessions are distinct and their tokens fit
+        `max_batch_tokens`; and the batch is full, or no stateless step waits to fill it.
+        `take` would then take exactly these, in order, and nothing else."""
+        pending = self._pending
+        n = min(len(pending), self.max_batch)
+        if not n or (n < self.max_batch and self._stateless):
+            return None
+        steps = list(pending) if n == len(pending) else list(islice(pending, n))
+        if any(map(_DONE, steps)) or any(map(_ROW, steps)):
+            return None
+        if len(set(map(_SESSION, steps))) != n:
+            return None
+        sizes = list(map(len, map(_TOKENS, steps)))
+        # A step of no token costs one (`_cost`); none is chunked if none exceeds a chunk.
+        if max(sizes) > self.prefill_chunk or sum(sizes) + sizes.count(0) > self.max_batch_tokens:
+            return None
+        if n == len(pending):
+            pending.clear()
+        else:
+            popleft = pending.popleft
+            for _ in range(n):
+                popleft()
+        return steps
 
     def _gone(self, step: Step) -> bool:
         """Whether a queued step ended already (cancelled: its client went away): it is
@@ -639,7 +681,9 @@ class StepBatcher:
         j = -1  # the row of `got` (`reads` is a subsequence of `batch`, in order)
         steps: list[Step] = []
         at: list[int] = []
-        for step in batch:
+        # The common case, checked per batch: the loop would keep every step, in order.
+        plain = common and len(reads) == len(batch) > 0 and self._plain(batch, got, suspect)
+        for step in [] if plain else batch:
             was_read = step.session_id is not None and not step.create and step.row is None
             if was_read:
                 j += 1
@@ -662,7 +706,9 @@ class StepBatcher:
                 common = False
             steps.append(step)
             at.append(j if was_read else -1)
-        found = got.take(at)
+        if plain:
+            steps = batch
+        found = got if plain else got.take(at)
         located = None
         if holding is not None:
             steps, found, located, uploads = self._locate(steps, found, holding)
@@ -692,6 +738,23 @@ class StepBatcher:
         if await self._compute_rows(rows, holding):
             await self._write(self._carry_on(rows))
 
+    def _plain(self, batch: list[Step], got: SessionRows, suspect: list[bool]) -> bool:
+        """Whether every step of `batch` (each one read, `got[i]` its row) is a plain step
+        of a common batch, checked with C-level passes: not cancelled, no record to check
+        (`_suspects`), not a retry of the session's last step, no prefix, and 1 to
+        `prefill_chunk` new tokens. `_process_held`'s loop would then keep every step, in
+        order, and the batch stay a common one."""
+        if any(suspect) or any(map(_DONE, batch)):
+            return False
+        if not all(map(is_, map(_PREFIX_IDS, batch), repeat(None))):
+            return False
+        sizes = list(map(len, map(_TOKENS, batch)))
+        if 0 in sizes or max(sizes) > self.prefill_chunk:
+            return False
+        # A step whose id is the session's last step's is a retry (`as_retry`); an empty id
+        # matching an empty last id is none.
+        return not any(compress(got.last_step, map(eq, map(_STEP_ID, batch), got.last_step)))
+
     def _locate(
         self, steps: list[Step], records: SessionRows, holding: Holding
     ) -> tuple[list[Step], SessionRows, np.ndarray, bool]:
@@ -705,7 +768,7 @@ class StepBatcher:
         assert self.residency is not None
         n = len(steps)
         rows = np.full((n, 2), NO_ROW, dtype=np.int64)
-        anew = np.fromiter((step.fresh or step.create for step in steps), bool, n)
+        anew = np.fromiter(map(or_, map(_FRESH, steps), map(_CREATE, steps)), bool, n)
         at = np.flatnonzero(records.found & ~anew)
         if not len(at):
             return steps, records, rows, False
@@ -904,8 +967,8 @@ class StepBatcher:
         steps, results, rows = batch.steps, batch.results, batch.rows
         records = batch.records
         assert results is not None
-        live = [not step.done for step in steps]
-        if not all(live):
+        if any(map(_DONE, steps)):
+            live = [not step.done for step in steps]
             self._steps["cancelled"].inc(live.count(False))
             at = [i for i, k in enumerate(live) if k]
             if not at:
@@ -914,8 +977,9 @@ class StepBatcher:
             results = results.take(at)
             records = records.take(at)
             rows = rows[at]
-        versions = records.version.tolist()
-        expected = [v if f else None for v, f in zip(versions, records.found.tolist())]
+        expected: list[int | None] = records.version.tolist()
+        if not records.found.all():  # a new session's write expects none
+            expected = [v if f else None for v, f in zip(expected, records.found.tolist())]
         await self._write_sessions(steps, results, expected, rows)
 
     async def _write_sessions(
@@ -1015,12 +1079,13 @@ class StepBatcher:
             if isinstance(results, BatchResults)
             else [result.record.created_at for result in results]  # type: ignore[union-attr]
         )
-        residency.commit(
-            [step.session_id for step in steps],  # type: ignore[misc]
-            [(e or 0) + 1 for e in expected],
-            created,
-            rows,
+        # The versions written: one past those expected (1 for a new session).
+        versions: np.ndarray | list[int] = (
+            np.array(expected, dtype=np.int64) + 1
+            if None not in expected
+            else [(e or 0) + 1 for e in expected]
         )
+        residency.commit(list(map(_SESSION, steps)), versions, created, rows)
 
     # --- the runs (in the executor thread) -----------------------------------------
 
